@@ -1,0 +1,6 @@
+"""Code shared by the toolkit's scripts (train_text_to_image.py, metrics.py, gradio_app.py).
+
+- fixtures: offline Stable Diffusion and CLIP folders with random weights and the real CLIP tokenizer.
+- demo_dataset: the small bundled image-caption dataset in the pokemon-blip-captions schema.
+- errors: the one-line error that every script prints for bad input.
+"""

@@ -1,0 +1,262 @@
+"""Offline Stable Diffusion and CLIP folders with random weights, in the real diffusers/transformers formats.
+
+Nothing here touches the model hub. The tokenizer is the real SD v1-4 CLIP tokenizer: its vocabulary and
+merges are rebuilt from the BPE merges file that open_clip_torch ships, the same file OpenAI's CLIP and
+SD v1-4 were tokenized with. The weights are random, so images look like noise, but every file, shape and
+code path is the real one.
+
+    python -m sdtoolkit.fixtures --preset tiny --out fixtures/tiny-sd        # for tests and the demo
+    python -m sdtoolkit.fixtures --preset sd-v1-4 --out fixtures/sd-v1-4     # the full architecture (~4.3 GB)
+    python -m sdtoolkit.fixtures --preset tiny-clip --out fixtures/tiny-clip # a CLIP model for metrics.py
+"""
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
+
+# CLIP's BPE: 49,152 merges-file entries minus 256 byte tokens and 2 specials, plus the header line.
+NUM_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_LENGTH = 77
+
+# The model architectures. "sd-v1-4" is CompVis/stable-diffusion-v1-4's own config; "tiny" keeps SD's block
+# types (cross-attention down/up blocks, an 8x VAE) at a size that builds and runs in seconds on a CPU.
+PRESETS = {
+    "sd-v1-4": {
+        "unet": dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        "vae": dict(
+            sample_size=512,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+        ),
+        "text_encoder": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+        ),
+    },
+    "tiny": {
+        "unet": dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        ),
+        "vae": dict(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            latent_channels=4,
+        ),
+        "text_encoder": dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        ),
+    },
+}
+
+
+def write_clip_tokenizer_files(folder):
+    """Write SD v1-4's CLIP tokenizer (vocab.json, merges.txt and transformers' own files) into `folder`."""
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : NUM_MERGES + 1]  # line 0 is a version header
+    # The vocabulary order CLIP uses: 256 byte symbols, the same with an end-of-word mark, one token per
+    # merge, then the two special tokens (ids 49406 and 49407).
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE, f"unexpected CLIP vocabulary size {len(vocab)}"
+
+    os.makedirs(folder, exist_ok=True)
+    vocab_file = os.path.join(folder, "vocab.json")
+    merges_file = os.path.join(folder, "merges.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(merges_file, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+    # SD v1-4 pads with the end-of-text token; model_max_length makes padding="max_length" work.
+    tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=CLIP_MAX_LENGTH, pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def text_encoder_config(preset):
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **PRESETS[preset]["text_encoder"],
+    )
+
+
+def build_models(preset, seed=0):
+    """Instantiate (unet, vae, text_encoder) of a preset with seeded random weights."""
+    config = PRESETS[preset]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**config["vae"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_encoder_config(preset))
+    return unet, vae, text_encoder
+
+
+def sd_scheduler():
+    """SD v1-4's scheduler: PNDM with the scaled-linear betas Stable Diffusion was trained with."""
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+def _write_atomically(out, write):
+    """Call write(tmp_folder), then move the finished folder to `out`, so `out` is never half-written."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_sd_pipeline(out, preset="tiny", seed=0):
+    """Write a complete StableDiffusionPipeline folder (safetensors) that from_pretrained(out) loads offline."""
+
+    def write(folder):
+        unet, vae, text_encoder = build_models(preset, seed)
+        tokenizer_dir = os.path.join(folder, "tokenizer")
+        tokenizer = write_clip_tokenizer_files(tokenizer_dir)
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=sd_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        # save_pretrained rewrote tokenizer/ with transformers' files; put the BPE files back beside them,
+        # as in the hub's SD v1-4 folder.
+        write_clip_tokenizer_files(tokenizer_dir)
+
+    return _write_atomically(out, write)
+
+
+def build_tiny_clip(out, seed=0, image_size=32):
+    """Write a tiny CLIPModel + CLIPProcessor folder (random weights, real tokenizer) for metrics tests."""
+
+    def write(folder):
+        text_config = dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+        vision_config = dict(
+            image_size=image_size,
+            patch_size=4,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32))
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer = write_clip_tokenizer_files(os.path.join(folder, "bpe"))
+        shutil.rmtree(os.path.join(folder, "bpe"))
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+    return _write_atomically(out, write)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Build an offline model folder with random weights.")
+    parser.add_argument("--preset", choices=[*PRESETS, "tiny-clip"], default="tiny")
+    parser.add_argument("--out", required=True, help="Folder to create (must not exist).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.preset == "tiny-clip":
+        out = build_tiny_clip(args.out, seed=args.seed)
+    else:
+        out = build_sd_pipeline(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.preset} to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The seed's recipe: fine-tune Stable Diffusion v1-4 on pokemon-blip-captions on one 24 GB GPU
+# (fp16 mixed precision, gradient checkpointing, EMA; 512 px, batch 1 x 4 accumulation steps, lr 1e-5).
+#
+#   bash train.sh                                   # the recipe as is (needs a GPU, the hub and a login)
+#   MODEL_NAME=... DATASET_NAME=... OUTPUT_DIR=... bash train.sh
+#   bash train.sh --max_train_steps=1000 --seed=0   # extra arguments win over the ones below
+#
+# LAUNCH_ARGS go to `accelerate launch` (e.g. "--num_processes=2" or "--config_file=..."); without them the
+# accelerate config of this machine applies (`accelerate config`).
+# DATASET_NAME may also be a local folder of images with a metadata.jsonl (file_name, text).
+# lambdalabs/pokemon-blip-captions was taken down from the hub in 2024; lambdalabs/naruto-blip-captions has
+# the same columns.
+set -euo pipefail
+
+MODEL_NAME="${MODEL_NAME:-CompVis/stable-diffusion-v1-4}"
+DATASET_NAME="${DATASET_NAME:-lambdalabs/pokemon-blip-captions}"
+OUTPUT_DIR="${OUTPUT_DIR:-sd-pokemon-model}"
+
+cd "$(dirname "$0")"
+
+# shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
+accelerate launch ${LAUNCH_ARGS:-} train_text_to_image.py \
+  --pretrained_model_name_or_path="$MODEL_NAME" \
+  --dataset_name="$DATASET_NAME" \
+  --use_ema \
+  --resolution=512 --center_crop --random_flip \
+  --train_batch_size=1 \
+  --gradient_accumulation_steps=4 \
+  --gradient_checkpointing \
+  --mixed_precision=fp16 \
+  --max_train_steps=15000 \
+  --learning_rate=1e-05 \
+  --max_grad_norm=1 \
+  --lr_scheduler=constant --lr_warmup_steps=0 \
+  --output_dir="$OUTPUT_DIR" \
+  "$@"

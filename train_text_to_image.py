@@ -1,0 +1,1125 @@
+#!/usr/bin/env python
+"""Fine-tune a Stable Diffusion UNet on image-caption pairs.
+
+The command line is the one of diffusers' examples/text_to_image/train_text_to_image.py: same flags, same
+defaults, same checkpoint layout. The VAE and the CLIP text encoder stay frozen; only the UNet trains
+(859,520,964 parameters for SD v1-4). Run it with `python` or `accelerate launch`:
+
+    accelerate launch train_text_to_image.py \
+        --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+        --dataset_name lambdalabs/pokemon-blip-captions --use_ema --output_dir sd-pokemon-model
+
+`bash train.sh` runs the seed's full recipe; `make demo` runs the same script offline on a tiny model.
+"""
+
+import argparse
+import logging
+import math
+import os
+import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import accelerate
+import datasets
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration, set_seed
+from datasets import load_dataset
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_dream_and_update_latents, compute_snr
+from diffusers.utils import make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
+from huggingface_hub import create_repo, upload_folder
+from torchvision import transforms
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import ContextManagers
+
+from sdtoolkit.errors import UserError, first_line, run_main
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Hub datasets whose (image, caption) columns we know. The seed's dataset was taken down in 2024; its
+# successor upstream has the same columns.
+DATASET_NAME_MAPPING = {
+    "lambdalabs/pokemon-blip-captions": ("image", "text"),
+    "lambdalabs/naruto-blip-captions": ("image", "text"),
+}
+
+INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMode]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Fine-tune a Stable Diffusion UNet on image-caption pairs.")
+    parser.add_argument(
+        "--input_perturbation", type=float, default=0, help="The scale of input perturbation. Recommended 0.1."
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        required=True,
+        help="Path to pretrained model or model identifier from huggingface.co/models.",
+    )
+    parser.add_argument(
+        "--revision",
+        type=str,
+        default=None,
+        required=False,
+        help="Revision of pretrained model identifier from huggingface.co/models.",
+    )
+    parser.add_argument(
+        "--variant",
+        type=str,
+        default=None,
+        help="Variant of the model files of the pretrained model identifier from huggingface.co/models, 'e.g.' fp16",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help=(
+            "The name of the Dataset (from the HuggingFace hub) to train on (could be your own, possibly private,"
+            " dataset). It can also be a path pointing to a local copy of a dataset in your filesystem,"
+            " or to a folder containing files that 🤗 Datasets can understand."
+        ),
+    )
+    parser.add_argument(
+        "--dataset_config_name",
+        type=str,
+        default=None,
+        help="The config of the Dataset, leave as None if there's only one config.",
+    )
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help=(
+            "A folder containing the training data. Folder contents must follow the structure described in"
+            " https://huggingface.co/docs/datasets/image_dataset#imagefolder. In particular, a `metadata.jsonl` file"
+            " must exist to provide the captions for the images. Ignored if `dataset_name` is specified."
+        ),
+    )
+    parser.add_argument(
+        "--image_column", type=str, default="image", help="The column of the dataset containing an image."
+    )
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="The column of the dataset containing a caption or a list of captions.",
+    )
+    parser.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help=(
+            "For debugging purposes or quicker training, truncate the number of training examples to this "
+            "value if set."
+        ),
+    )
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        default=None,
+        nargs="+",
+        help="A set of prompts evaluated every `--validation_epochs` and logged to `--report_to`.",
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="sd-model-finetuned",
+        help="The output directory where the model predictions and checkpoints will be written.",
+    )
+    parser.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="The directory where the downloaded models and datasets will be stored.",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help=(
+            "The resolution for input images, all the images in the train/validation dataset will be resized to this"
+            " resolution"
+        ),
+    )
+    parser.add_argument(
+        "--center_crop",
+        default=False,
+        action="store_true",
+        help=(
+            "Whether to center crop the input images to the resolution. If not set, the images will be randomly"
+            " cropped. The images will be resized to the resolution first before cropping."
+        ),
+    )
+    parser.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="whether to randomly flip images horizontally",
+    )
+    parser.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=INTERPOLATION_MODES,
+        help="The image interpolation method to use for resizing images.",
+    )
+    parser.add_argument(
+        "--train_batch_size", type=int, default=16, help="Batch size (per device) for the training dataloader."
+    )
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total number of training steps to perform.  If provided, overrides num_train_epochs.",
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Number of updates steps to accumulate before performing a backward/update pass.",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass.",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=1e-4,
+        help="Initial learning rate (after the potential warmup period) to use.",
+    )
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        default=False,
+        help="Scale the learning rate by the number of GPUs, gradient accumulation steps, and batch size.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help=(
+            'The scheduler type to use. Choose between ["linear", "cosine", "cosine_with_restarts", "polynomial",'
+            ' "constant", "constant_with_warmup"]'
+        ),
+    )
+    parser.add_argument(
+        "--lr_warmup_steps", type=int, default=500, help="Number of steps for the warmup in the lr scheduler."
+    )
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="SNR weighting gamma to be used if rebalancing the loss. Recommended value is 5.0. "
+        "More details here: https://arxiv.org/abs/2303.09556.",
+    )
+    parser.add_argument(
+        "--dream_training",
+        action="store_true",
+        help=(
+            "Use the DREAM training method, which makes training more efficient and accurate at the "
+            "expense of doing an extra forward pass. See: https://arxiv.org/abs/2312.00210"
+        ),
+    )
+    parser.add_argument(
+        "--dream_detail_preservation",
+        type=float,
+        default=1.0,
+        help="Dream detail preservation factor p (should be greater than 0; default=1.0, as suggested in the paper)",
+    )
+    parser.add_argument(
+        "--use_8bit_adam", action="store_true", help="Whether or not to use 8-bit Adam from bitsandbytes."
+    )
+    parser.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help=(
+            "Whether or not to allow TF32 on Ampere GPUs. Can be used to speed up training. For more information, see"
+            " https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices"
+        ),
+    )
+    parser.add_argument("--use_ema", action="store_true", help="Whether to use EMA model.")
+    parser.add_argument("--offload_ema", action="store_true", help="Offload EMA model to CPU during training step.")
+    parser.add_argument("--foreach_ema", action="store_true", help="Use faster foreach implementation of EMAModel.")
+    parser.add_argument(
+        "--non_ema_revision",
+        type=str,
+        default=None,
+        required=False,
+        help=(
+            "Revision of pretrained non-ema model identifier. Must be a branch, tag or git identifier of the local or"
+            " remote repository specified with --pretrained_model_name_or_path."
+        ),
+    )
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Number of subprocesses to use for data loading. 0 means that the data will be loaded in the main process.",
+    )
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        help=(
+            "The prediction_type that shall be used for training. Choose between 'epsilon' or 'v_prediction' or leave"
+            " `None`. If left to `None` the default prediction type of the scheduler:"
+            " `noise_scheduler.config.prediction_type` is chosen."
+        ),
+    )
+    parser.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="The name of the repository to keep in sync with the local `output_dir`.",
+    )
+    parser.add_argument(
+        "--logging_dir",
+        type=str,
+        default="logs",
+        help=(
+            "[TensorBoard](https://www.tensorflow.org/tensorboard) log directory. Will default to"
+            " *output_dir/runs/**CURRENT_DATETIME_HOSTNAME***."
+        ),
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help=(
+            "Whether to use mixed precision. Choose between fp16 and bf16 (bfloat16). Bf16 requires PyTorch >="
+            " 1.10.and an Nvidia Ampere GPU.  Default to the value of accelerate config of the current system or the"
+            " flag passed with the `accelerate.launch` command. Use this argument to override the accelerate config."
+        ),
+    )
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help=(
+            'The integration to report the results and logs to. Supported platforms are `"tensorboard"`'
+            ' (default), `"wandb"` and `"comet_ml"`. Use `"all"` to report to all integrations.'
+        ),
+    )
+    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help=(
+            "Save a checkpoint of the training state every X updates. These checkpoints are only suitable for resuming"
+            " training using `--resume_from_checkpoint`."
+        ),
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Max number of checkpoints to store.",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help=(
+            "Whether training should be resumed from a previous checkpoint. Use a path saved by"
+            ' `--checkpointing_steps`, or `"latest"` to automatically select the last available checkpoint.'
+        ),
+    )
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers."
+    )
+    parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    parser.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=5,
+        help="Run validation every X epochs.",
+    )
+    parser.add_argument(
+        "--tracker_project_name",
+        type=str,
+        default="text2image-fine-tune",
+        help=(
+            "The `project_name` argument passed to Accelerator.init_trackers for"
+            " more information see https://huggingface.co/docs/accelerate/v0.17.0/en/package_reference/accelerator#accelerate.Accelerator"
+        ),
+    )
+
+    args = parser.parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+
+    # Sanity checks: one line each, before anything is loaded.
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise UserError("need either --dataset_name (a hub dataset) or --train_data_dir (a local imagefolder)")
+    if args.resolution <= 0 or args.resolution % 8 != 0:
+        raise UserError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+        )
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise UserError(
+            "--report_to wandb and --hub_token together would expose your token in the run's config;"
+            " log in with `hf auth login` instead of passing --hub_token"
+        )
+
+    # default to using the same revision for the non-ema model if not specified
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
+
+    return args
+
+
+def load_models(args):
+    """Load the noise scheduler, tokenizer, text encoder, VAE and UNet, or fail with one clear line."""
+
+    def deepspeed_zero_init_disabled_context_manager():
+        """Under DeepSpeed ZeRO-3, keep the frozen models whole instead of partitioning them at load time."""
+        deepspeed_plugin = AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
+        if deepspeed_plugin is None:
+            return []
+        return [deepspeed_plugin.zero3_init_context_manager(enable=False)]
+
+    name = args.pretrained_model_name_or_path
+    common = dict(revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common)
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+        # Only the UNet is sharded by ZeRO-3: accelerate prepares one model per optimizer, so the frozen VAE and
+        # text encoder are loaded outside zero.Init.
+        with ContextManagers(deepspeed_zero_init_disabled_context_manager()):
+            text_encoder = CLIPTextModel.from_pretrained(
+                name, subfolder="text_encoder", variant=args.variant, **common
+            )
+            vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(
+            name, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir
+        )
+    except (OSError, ValueError) as err:
+        hint = (
+            "pass a local pipeline folder (`python -m sdtoolkit.fixtures --preset tiny --out DIR` builds one offline)"
+        )
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = "HF_HUB_OFFLINE=1 is set, so only local folders and the local cache work; " + hint
+        raise UserError(
+            f"could not load the model '{name}': {first_line(err)} -- check the name, log in with"
+            f" `hf auth login` and accept the model's license if it is gated, or {hint}"
+        ) from err
+    return noise_scheduler, tokenizer, text_encoder, vae, unet
+
+
+def load_training_dataset(args):
+    """Load the hub dataset or local imagefolder and check its columns, or fail with one clear line."""
+    try:
+        if args.dataset_name is not None:
+            # Downloading and loading a dataset from the hub (or a local copy of one).
+            dataset = load_dataset(
+                args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
+            )
+        else:
+            if not os.path.isdir(args.train_data_dir):
+                raise UserError(f"--train_data_dir {args.train_data_dir} is not a folder")
+            # A folder of images with a metadata.jsonl holding the captions, see
+            # https://huggingface.co/docs/datasets/image_dataset#imagefolder
+            data_files = {"train": os.path.join(args.train_data_dir, "**")}
+            dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=args.cache_dir)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types (connection, not found, gated, bad files)
+        source = args.dataset_name or args.train_data_dir
+        raise UserError(
+            f"could not load the dataset '{source}': {first_line(err)} -- lambdalabs/pokemon-blip-captions was"
+            " taken down from the hub in 2024; try --dataset_name lambdalabs/naruto-blip-captions (same columns),"
+            " or --train_data_dir with your own folder of images and a metadata.jsonl (file_name, text)"
+        ) from err
+    if "train" not in dataset:
+        raise UserError(f"the dataset has no 'train' split (it has: {', '.join(dataset)})")
+
+    column_names = dataset["train"].column_names
+    dataset_columns = DATASET_NAME_MAPPING.get(args.dataset_name, None)
+    image_column = args.image_column or (dataset_columns[0] if dataset_columns else column_names[0])
+    caption_column = args.caption_column or (dataset_columns[1] if dataset_columns else column_names[1])
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in column_names:
+            raise UserError(f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}")
+    if len(dataset["train"]) == 0:
+        raise UserError("the training dataset is empty")
+    return dataset, image_column, caption_column
+
+
+def checkpoint_dirs(output_dir):
+    """The checkpoint-N folders in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def generate_validation_images(pipeline, args, accelerator):
+    """One image per validation prompt, 20 inference steps as upstream, seeded by --seed."""
+    pipeline = pipeline.to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    if args.enable_xformers_memory_efficient_attention:
+        pipeline.enable_xformers_memory_efficient_attention()
+
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    # Autocast only where it helps: on CUDA. On a CPU it would switch to bfloat16 and slow things down.
+    autocast_ctx = torch.autocast("cuda") if accelerator.device.type == "cuda" else nullcontext()
+
+    images = []
+    for prompt in args.validation_prompts:
+        with autocast_ctx:
+            image = pipeline(
+                prompt,
+                num_inference_steps=20,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generator,
+            ).images[0]
+        images.append(image)
+    return images
+
+
+def save_validation_images(images, args, folder_name):
+    """Write the images as output_dir/validation/<folder_name>/<i>.png and return the folder."""
+    folder = os.path.join(args.output_dir, "validation", folder_name)
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(os.path.join(folder, f"{i:02d}.png"))
+    return folder
+
+
+def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step):
+    logger.info("Running validation... ")
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        vae=accelerator.unwrap_model(vae),
+        text_encoder=accelerator.unwrap_model(text_encoder),
+        tokenizer=tokenizer,
+        unet=accelerator.unwrap_model(unet),
+        safety_checker=None,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=weight_dtype,
+        cache_dir=args.cache_dir,
+    )
+    images = generate_validation_images(pipeline, args, accelerator)
+    folder = save_validation_images(images, args, f"step-{global_step}")
+    logger.info(f"Saved validation images to {folder}")
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            np_images = np.stack([np.asarray(img) for img in images])
+            tracker.writer.add_images("validation", np_images, global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {
+                    "validation": [
+                        wandb.Image(image, caption=f"{i}: {args.validation_prompts[i]}")
+                        for i, image in enumerate(images)
+                    ]
+                }
+            )
+        else:
+            logger.warning(f"image logging not implemented for {tracker.name}")
+
+    del pipeline
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return images
+
+
+def save_model_card(args, repo_id, images):
+    """Write output_dir/README.md: base model, data, hyperparameters and the final validation images."""
+    img_str = ""
+    if images:
+        image_grid = make_image_grid(images, 1, len(images))
+        image_grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
+        img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
+    dataset = args.dataset_name or args.train_data_dir
+    prompt = args.validation_prompts[0] if args.validation_prompts else "a cartoon creature"
+
+    yaml = f"""---
+license: creativeml-openrail-m
+base_model: {args.pretrained_model_name_or_path}
+datasets:
+- {dataset}
+tags:
+- stable-diffusion
+- stable-diffusion-diffusers
+- text-to-image
+- diffusers
+inference: true
+---
+"""
+    card = f"""
+# Text-to-image fine-tuning - {repo_id}
+
+This pipeline was fine-tuned from **{args.pretrained_model_name_or_path}** on **{dataset}**.
+Images generated by the fine-tuned pipeline for the prompts {args.validation_prompts}:
+
+{img_str}
+## Usage
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
+image = pipeline("{prompt}").images[0]
+image.save("my_image.png")
+```
+
+## Training
+
+* Steps: {args.max_train_steps}
+* Epochs: {args.num_train_epochs}
+* Learning rate: {args.learning_rate} ({args.lr_scheduler} schedule, {args.lr_warmup_steps} warmup steps)
+* Batch size per device: {args.train_batch_size}
+* Gradient accumulation steps: {args.gradient_accumulation_steps}
+* Image resolution: {args.resolution} (center crop: {args.center_crop}, random flip: {args.random_flip})
+* Mixed precision: {args.mixed_precision}
+* EMA: {args.use_ema}
+* Seed: {args.seed}
+"""
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write(yaml + card)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=accelerator_project_config,
+    )
+
+    # Disable AMP for MPS.
+    if torch.backends.mps.is_available():
+        accelerator.native_amp = False
+
+    # Make one log on every process with the configuration for debugging.
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+    if args.non_ema_revision != args.revision:
+        logger.warning("Loading 'non_ema' weights from a revision branch is deprecated; prefer --variant non_ema.")
+
+    # If passed along, set the training seed now.
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    # Handle the output folder and the hub repository.
+    repo_id = Path(args.output_dir).name
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create --output_dir {args.output_dir}: {first_line(err)}") from err
+        if args.push_to_hub:
+            repo_id = create_repo(
+                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
+
+    # A named checkpoint that does not exist is an error, not a silent fresh start.
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        path = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint.rstrip("/")))
+        if not os.path.isdir(path):
+            available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
+            raise UserError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint in {args.output_dir}"
+                f" (available: {available}); use 'latest' to resume from the newest one"
+            )
+
+    # Load the data first: a bad dataset should fail before minutes of model loading.
+    with accelerator.main_process_first():
+        dataset, image_column, caption_column = load_training_dataset(args)
+
+    # Load scheduler, tokenizer and models.
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+
+    # Freeze vae and text_encoder and set unet to trainable
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+    logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet.parameters() if p.requires_grad):,}")
+
+    # Create EMA for the unet: a second copy of the weights, updated as an exponential moving average.
+    if args.use_ema:
+        ema_unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="unet",
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+        ema_unet = EMAModel(
+            ema_unet.parameters(),
+            model_cls=UNet2DConditionModel,
+            model_config=ema_unet.config,
+            foreach=args.foreach_ema,
+        )
+
+    if args.enable_xformers_memory_efficient_attention:
+        if not is_xformers_available():
+            raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
+        unet.enable_xformers_memory_efficient_attention()
+
+    # Save and load checkpoints in diffusers format: checkpoint-N/unet (and checkpoint-N/unet_ema) are folders
+    # that UNet2DConditionModel.from_pretrained reads, next to accelerate's optimizer, scheduler and RNG state.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if args.use_ema:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+                # make sure to pop weight so that corresponding model is not saved again
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if args.use_ema:
+            load_model = EMAModel.from_pretrained(
+                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+            )
+            ema_unet.load_state_dict(load_model.state_dict())
+            if args.offload_ema:
+                ema_unet.pin_memory() if accelerator.device.type == "cuda" else None
+            else:
+                ema_unet.to(accelerator.device)
+            del load_model
+
+        for _ in range(len(models)):
+            # pop models so that they are not loaded again
+            model = models.pop()
+            # load diffusers style into model
+            load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**load_model.config)
+            model.load_state_dict(load_model.state_dict())
+            del load_model
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # Enable TF32 for faster training on Ampere GPUs,
+    # cf https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    if args.scale_lr:
+        args.learning_rate = (
+            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
+
+    # Initialize the optimizer
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise UserError(
+                "--use_8bit_adam needs bitsandbytes, which runs on CUDA GPUs: pip install bitsandbytes"
+            ) from err
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+
+    optimizer = optimizer_cls(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # Preprocessing the datasets: tokenize the captions and transform the images.
+    def tokenize_captions(examples, is_train=True):
+        captions = []
+        for caption in examples[caption_column]:
+            if isinstance(caption, str):
+                captions.append(caption)
+            elif isinstance(caption, (list, np.ndarray)):
+                # take a random caption if there are multiple
+                captions.append(random.choice(caption) if is_train else caption[0])
+            else:
+                raise UserError(
+                    f"caption column '{caption_column}' should contain strings or lists of strings,"
+                    f" found {type(caption).__name__}"
+                )
+        inputs = tokenizer(
+            captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        return inputs.input_ids
+
+    interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
+    image_transforms = [
+        transforms.Resize(args.resolution, interpolation=interpolation),
+        transforms.CenterCrop(args.resolution) if args.center_crop else transforms.RandomCrop(args.resolution),
+    ]
+    if args.random_flip:
+        image_transforms.append(transforms.RandomHorizontalFlip())
+    image_transforms += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    train_transforms = transforms.Compose(image_transforms)
+
+    def preprocess_train(examples):
+        images = [image.convert("RGB") for image in examples[image_column]]
+        examples["pixel_values"] = [train_transforms(image) for image in images]
+        examples["input_ids"] = tokenize_captions(examples)
+        return examples
+
+    with accelerator.main_process_first():
+        if args.max_train_samples is not None:
+            dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+        # Set the training transforms
+        train_dataset = dataset["train"].with_transform(preprocess_train)
+
+    def collate_fn(examples):
+        pixel_values = torch.stack([example["pixel_values"] for example in examples])
+        pixel_values = pixel_values.to(memory_format=torch.contiguous_format).float()
+        input_ids = torch.stack([example["input_ids"] for example in examples])
+        return {"pixel_values": pixel_values, "input_ids": input_ids}
+
+    # DataLoaders creation:
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        shuffle=True,
+        collate_fn=collate_fn,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # Scheduler and math around the number of training steps.
+    # The LR scheduler is stepped on every process, so its warmup and length are counted in process-steps.
+    num_warmup_steps_for_scheduler = args.lr_warmup_steps * accelerator.num_processes
+    if args.max_train_steps is None:
+        len_train_dataloader_after_sharding = math.ceil(len(train_dataloader) / accelerator.num_processes)
+        num_update_steps_per_epoch = math.ceil(len_train_dataloader_after_sharding / args.gradient_accumulation_steps)
+        num_training_steps_for_scheduler = (
+            args.num_train_epochs * num_update_steps_per_epoch * accelerator.num_processes
+        )
+    else:
+        num_training_steps_for_scheduler = args.max_train_steps * accelerator.num_processes
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps_for_scheduler,
+        num_training_steps=num_training_steps_for_scheduler,
+    )
+
+    # Prepare everything with our `accelerator`.
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+
+    if args.use_ema:
+        if args.offload_ema and accelerator.device.type == "cuda":
+            ema_unet.pin_memory()
+        else:
+            ema_unet.to(accelerator.device)
+
+    # For mixed precision training we cast the frozen text_encoder and vae weights to half-precision:
+    # they are only used for inference, so full precision is not required.
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+        args.mixed_precision = accelerator.mixed_precision
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+        args.mixed_precision = accelerator.mixed_precision
+
+    # Move text_encode and vae to gpu and cast to weight_dtype
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+
+    # We need to recalculate our total training steps as the size of the training dataloader may have changed.
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    # Afterwards we recalculate our number of training epochs
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    # We need to initialize the trackers we use, and also store our configuration.
+    # The trackers initializes automatically on the main process. The hub token is never logged.
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if k not in ("validation_prompts", "hub_token")}
+        tracker_config = {k: ("" if v is None else v) for k, v in tracker_config.items()}
+        accelerator.init_trackers(args.tracker_project_name, tracker_config)
+
+    # Train!
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    global_step = 0
+    first_epoch = 0
+
+    # Potentially load in the weights and states from a previous save
+    initial_global_step = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = os.path.basename(args.resume_from_checkpoint.rstrip("/"))
+        else:
+            # Get the most recent checkpoint
+            dirs = checkpoint_dirs(args.output_dir)
+            path = dirs[-1] if len(dirs) > 0 else None
+
+        if path is None:
+            accelerator.print(f"No checkpoint found in {args.output_dir}. Starting a new training run.")
+            args.resume_from_checkpoint = None
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(os.path.join(args.output_dir, path))
+            global_step = int(path.split("-")[1])
+            initial_global_step = global_step
+            first_epoch = global_step // num_update_steps_per_epoch
+
+    progress_bar = tqdm(
+        range(0, args.max_train_steps),
+        initial=initial_global_step,
+        desc="Steps",
+        # Only show the progress bar once on each machine.
+        disable=not accelerator.is_local_main_process,
+    )
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        train_loss = 0.0
+        for step, batch in enumerate(train_dataloader):
+            with accelerator.accumulate(unet):
+                # Convert images to latent space
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+
+                # Sample noise that we'll add to the latents
+                noise = torch.randn_like(latents)
+                if args.noise_offset:
+                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+                    noise += args.noise_offset * torch.randn(
+                        (latents.shape[0], latents.shape[1], 1, 1), device=latents.device
+                    )
+                if args.input_perturbation:
+                    # https://arxiv.org/abs/2301.11706
+                    new_noise = noise + args.input_perturbation * torch.randn_like(noise)
+                bsz = latents.shape[0]
+                # Sample a random timestep for each image
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+                timesteps = timesteps.long()
+
+                # Add noise to the latents according to the noise magnitude at each timestep
+                # (this is the forward diffusion process)
+                if args.input_perturbation:
+                    noisy_latents = noise_scheduler.add_noise(latents, new_noise, timesteps)
+                else:
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                # Get the text embedding for conditioning
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+
+                # Get the target for loss depending on the prediction type
+                if args.prediction_type is not None:
+                    # set prediction_type of scheduler if defined
+                    noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                elif noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    raise UserError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
+
+                if args.dream_training:
+                    # DREAM: https://arxiv.org/abs/2312.00210 -- one extra gradient-free UNet pass
+                    noisy_latents, target = compute_dream_and_update_latents(
+                        unet,
+                        noise_scheduler,
+                        timesteps,
+                        noise,
+                        noisy_latents,
+                        target,
+                        encoder_hidden_states,
+                        args.dream_detail_preservation,
+                    )
+
+                # Predict the noise residual and compute loss
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+                if args.snr_gamma is None:
+                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                else:
+                    # Compute loss-weights as per Section 3.4 of https://arxiv.org/abs/2303.09556.
+                    # Since we predict the noise instead of x_0, the original formulation is slightly changed.
+                    # This is discussed in Section 4.2 of the same paper.
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
+                        dim=1
+                    )[0]
+                    if noise_scheduler.config.prediction_type == "epsilon":
+                        mse_loss_weights = mse_loss_weights / snr
+                    elif noise_scheduler.config.prediction_type == "v_prediction":
+                        mse_loss_weights = mse_loss_weights / (snr + 1)
+
+                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+                    loss = loss.mean()
+
+                # Gather the losses across all processes for logging (if we use distributed training).
+                avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
+                train_loss += avg_loss.item() / args.gradient_accumulation_steps
+
+                # Backpropagate
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            # Checks if the accelerator has performed an optimization step behind the scenes
+            if accelerator.sync_gradients:
+                if args.use_ema:
+                    if args.offload_ema:
+                        ema_unet.to(device=accelerator.device, non_blocking=True)
+                    ema_unet.step(unet.parameters())
+                    if args.offload_ema:
+                        ema_unet.to(device="cpu", non_blocking=True)
+                progress_bar.update(1)
+                global_step += 1
+                accelerator.log({"train_loss": train_loss}, step=global_step)
+                train_loss = 0.0
+
+                if global_step % args.checkpointing_steps == 0:
+                    if accelerator.is_main_process:
+                        # _before_ saving state, check if this save would set us over the `checkpoints_total_limit`
+                        if args.checkpoints_total_limit is not None:
+                            checkpoints = checkpoint_dirs(args.output_dir)
+                            # before we save the new checkpoint, we need to have at _most_
+                            # `checkpoints_total_limit - 1` checkpoints
+                            if len(checkpoints) >= args.checkpoints_total_limit:
+                                num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
+                                removing_checkpoints = checkpoints[0:num_to_remove]
+                                logger.info(f"removing checkpoints: {', '.join(removing_checkpoints)}")
+                                for removing_checkpoint in removing_checkpoints:
+                                    shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
+
+                        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                        accelerator.save_state(save_path)
+                        logger.info(f"Saved state to {save_path}")
+
+            logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress_bar.set_postfix(**logs)
+
+            if global_step >= args.max_train_steps:
+                break
+
+        if accelerator.is_main_process:
+            if args.validation_prompts is not None and epoch % args.validation_epochs == 0:
+                if args.use_ema:
+                    # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+                    ema_unet.store(unet.parameters())
+                    ema_unet.copy_to(unet.parameters())
+                log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
+                if args.use_ema:
+                    # Switch back to the original UNet parameters.
+                    ema_unet.restore(unet.parameters())
+
+    # Create the pipeline using the trained modules and save it.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        if args.use_ema:
+            ema_unet.copy_to(unet.parameters())
+
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path,
+            text_encoder=text_encoder,
+            vae=vae,
+            unet=unet,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+        logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")
+
+        # Run a final round of inference.
+        images = []
+        if args.validation_prompts is not None:
+            logger.info("Running inference for collecting generated images...")
+            pipeline.torch_dtype = weight_dtype
+            images = generate_validation_images(pipeline, args, accelerator)
+            folder = save_validation_images(images, args, "final")
+            logger.info(f"Saved final validation images to {folder}")
+
+        save_model_card(args, repo_id, images)
+
+        if args.push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["step_*", "epoch_*"],
+                token=args.hub_token,
+            )
+
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_main(main)
