@@ -942,6 +942,8 @@ def main(argv=None):
     for epoch in range(first_epoch, args.num_train_epochs):
         train_loss = 0.0
         for step, batch in enumerate(train_dataloader):
+            if global_step >= args.max_train_steps:
+                break  # resumed from a checkpoint at (or past) the last step: nothing left to train
             with accelerator.accumulate(unet):
                 # Convert images to latent space
                 latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()

@@ -1,0 +1,279 @@
+"""train_text_to_image.py end to end on the tiny offline pipeline and the bundled data."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train_text_to_image
+from sdtoolkit.errors import UserError
+from tests.conftest import DEMO_DATA, REPO
+
+
+def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
+    """Run the training script in-process with small, fast settings; extra flags win."""
+    argv = [
+        "--pretrained_model_name_or_path", str(tiny_sd),
+        "--train_data_dir", str(data),
+        "--output_dir", str(output_dir),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--seed", "0",
+        "--mixed_precision", "no",
+        *extra,
+    ]  # fmt: skip
+    train_text_to_image.main(argv)
+
+
+def logged_losses(output_dir):
+    """(step, train_loss) pairs from the newest TensorBoard event file of a run."""
+    folder = Path(output_dir) / "logs" / "text2image-fine-tune"
+    newest = max(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(newest))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train_loss")]
+
+
+def unet_weights(folder):
+    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_step_run_writes_a_pipeline_that_loads_and_generates(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--max_train_steps", "2", "--validation_prompts", "a green creature", "a red creature")
+
+    pipeline = StableDiffusionPipeline.from_pretrained(out)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a green creature", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    # The trained UNet is what was saved, not the base one.
+    base, tuned = unet_weights(Path(tiny_sd) / "unet"), unet_weights(out / "unet")
+    assert not torch.equal(base["conv_in.weight"], tuned["conv_in.weight"])
+
+    # Validation images as files (during training and at the end), the grid, the model card.
+    assert sorted(p.name for p in (out / "validation" / "final").iterdir()) == ["00.png", "01.png"]
+    assert (out / "validation" / "step-2" / "00.png").exists()
+    assert (out / "val_imgs_grid.png").exists()
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_sd}" in card and "Learning rate: 0.0001" in card
+    assert [step for step, _ in logged_losses(out)] == [1, 2]
+
+
+def test_model_card_is_written_without_validation_prompts(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "1")
+    assert "This pipeline was fine-tuned from" in (tmp_path / "README.md").read_text()
+    assert not (tmp_path / "validation").exists()
+
+
+def test_checkpoints_in_the_upstream_layout(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        assert (tmp_path / "checkpoint-4" / name).exists()
+    unet = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="checkpoint-2/unet")
+    assert unet.config.cross_attention_dim == 32
+    assert not (tmp_path / "checkpoint-2" / "unet_ema").exists()
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_use_ema_writes_unet_ema_and_saves_the_ema_weights(tiny_sd, tmp_path):
+    train(
+        tiny_sd,
+        tmp_path,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--use_ema",
+        "--learning_rate",
+        "1e-3",
+    )
+    ema = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="checkpoint-2/unet_ema")
+    raw = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="checkpoint-2/unet")
+    final = unet_weights(tmp_path / "unet")
+    # The final pipeline carries the EMA weights, which differ from the raw trained ones.
+    assert torch.equal(final["conv_in.weight"], ema.conv_in.weight.detach())
+    assert not torch.equal(ema.conv_in.weight, raw.conv_in.weight)
+
+
+def test_resume_from_a_named_checkpoint_loads_its_weights(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    shutil.rmtree(tmp_path / "unet")
+    # Resuming at step 4 of 4 trains no further, so the saved UNet is exactly checkpoint-4's.
+    train(tiny_sd, tmp_path, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-4")
+    saved, checkpoint = unet_weights(tmp_path / "unet"), unet_weights(tmp_path / "checkpoint-4" / "unet")
+    assert all(torch.equal(saved[k], checkpoint[k]) for k in checkpoint)
+
+
+def test_resume_from_latest_continues_the_step_count(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    train(
+        tiny_sd, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"
+    )
+    assert [step for step, _ in logged_losses(tmp_path)] == [5, 6]
+    assert (tmp_path / "checkpoint-6").exists()
+
+
+def test_resume_from_latest_with_no_checkpoint_starts_fresh(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "1", "--resume_from_checkpoint", "latest")
+    assert [step for step, _ in logged_losses(tmp_path)] == [1]
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    with pytest.raises(UserError, match="no such checkpoint.*available: checkpoint-2"):
+        train(tiny_sd, tmp_path, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3")
+
+
+def test_training_on_one_image_lowers_the_loss(tiny_sd, tmp_path):
+    data = tmp_path / "one"
+    data.mkdir()
+    shutil.copy(DEMO_DATA / "0000.png", data / "0000.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "0000.png", "text": "a pink creature"}) + "\n")
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--max_train_steps", "100", "--train_batch_size", "1", "--learning_rate", "1e-3",
+          "--center_crop", data=data)  # fmt: skip
+    # Single-step losses are noisy (random timesteps), so compare medians of the first and last 10 steps.
+    losses = torch.tensor([loss for _, loss in logged_losses(out)])
+    first, last = losses[:10].median().item(), losses[-10:].median().item()
+    assert last < 0.5 * first, f"loss did not fall: median of first 10 steps {first:.3f}, of last 10 {last:.3f}"
+
+
+def test_caption_lists_pick_one_caption(tiny_sd, tmp_path):
+    data = tmp_path / "lists"
+    data.mkdir()
+    for i in range(2):
+        shutil.copy(DEMO_DATA / f"000{i}.png", data / f"000{i}.png")
+    rows = [{"file_name": f"000{i}.png", "text": [f"caption {i}a", f"caption {i}b"]} for i in range(2)]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+    assert (tmp_path / "out" / "unet").exists()
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_text_to_image.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_missing_dataset_is_one_clear_line(tiny_sd, tmp_path):
+    result = run_cli("--pretrained_model_name_or_path", tiny_sd, "--dataset_name", "lambdalabs/pokemon-blip-captions",
+                     "--output_dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: could not load the dataset 'lambdalabs/pokemon-blip-captions'")
+    assert "lambdalabs/naruto-blip-captions" in error and "--train_data_dir" in error
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_is_one_clear_line(tmp_path):
+    result = run_cli("--pretrained_model_name_or_path", "CompVis/stable-diffusion-v1-4",
+                     "--train_data_dir", str(DEMO_DATA), "--output_dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: could not load the model 'CompVis/stable-diffusion-v1-4'")
+    assert "HF_HUB_OFFLINE=1" in error and "sdtoolkit.fixtures" in error
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--resolution", "100"], "--resolution must be a positive multiple of 8"),
+        ([], "need either --dataset_name"),
+        (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+    ],
+)
+def test_bad_flags_fail_before_loading_anything(flags, message):
+    argv = ["--pretrained_model_name_or_path", "x", *flags]
+    if "--resolution" in flags or "--train_batch_size" in flags:
+        argv += ["--train_data_dir", "x"]
+    with pytest.raises(UserError, match=message):
+        train_text_to_image.parse_args(argv)
+
+
+def test_missing_data_folder_is_an_error(tiny_sd, tmp_path):
+    with pytest.raises(UserError, match="is not a folder"):
+        train(tiny_sd, tmp_path, data=tmp_path / "nope")
+
+
+def test_wrong_caption_column_lists_the_columns(tiny_sd, tmp_path):
+    with pytest.raises(UserError, match="--caption_column 'caption' is not a column.*image, text"):
+        train(tiny_sd, tmp_path, "--caption_column", "caption")
+
+
+UPSTREAM_FLAGS = """--pretrained_model_name_or_path --revision --variant --non_ema_revision --dataset_name
+--dataset_config_name --train_data_dir --image_column --caption_column --max_train_samples --validation_prompts
+--validation_epochs --output_dir --cache_dir --seed --resolution --center_crop --random_flip
+--image_interpolation_mode --train_batch_size --num_train_epochs --max_train_steps --gradient_accumulation_steps
+--gradient_checkpointing --learning_rate --scale_lr --lr_scheduler --lr_warmup_steps --snr_gamma --dream_training
+--dream_detail_preservation --use_8bit_adam --allow_tf32 --use_ema --offload_ema --foreach_ema
+--dataloader_num_workers --adam_beta1 --adam_beta2 --adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub
+--hub_token --hub_model_id --prediction_type --logging_dir --mixed_precision --report_to --local_rank
+--checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint --enable_xformers_memory_efficient_attention
+--noise_offset --input_perturbation --tracker_project_name""".split()
+
+
+def test_every_upstream_flag_with_its_default():
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
+    for flag in UPSTREAM_FLAGS:
+        assert hasattr(args, flag[2:]), flag
+    defaults = dict(
+        image_column="image", caption_column="text", validation_epochs=5, output_dir="sd-model-finetuned",
+        resolution=512, image_interpolation_mode="lanczos", train_batch_size=16, num_train_epochs=100,
+        gradient_accumulation_steps=1, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500,
+        dream_detail_preservation=1.0, dataloader_num_workers=0, adam_beta1=0.9, adam_beta2=0.999,
+        adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0, logging_dir="logs", report_to="tensorboard",
+        checkpointing_steps=500, noise_offset=0, input_perturbation=0, tracker_project_name="text2image-fine-tune",
+        mixed_precision=None, seed=None, max_train_steps=None, snr_gamma=None, use_ema=False,
+    )  # fmt: skip
+    for name, value in defaults.items():
+        assert getattr(args, name) == value, name
+
+
+def test_hub_token_is_never_logged(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "1", "--hub_token", "hf_secret_do_not_log")
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".png"):
+            assert b"hf_secret_do_not_log" not in path.read_bytes(), path
+
+
+def test_snr_gamma_dream_and_noise_tricks_run(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--snr_gamma", "5.0", "--dream_training",
+          "--noise_offset", "0.1", "--input_perturbation", "0.1", "--gradient_checkpointing",
+          "--gradient_accumulation_steps", "2", "--use_ema", "--foreach_ema")  # fmt: skip
+    assert [step for step, _ in logged_losses(tmp_path)] == [1, 2]
+
+
+def test_accelerate_launch_runs_the_script(tiny_sd, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
+         "--mixed_precision=no", "--dynamo_backend=no", str(REPO / "train_text_to_image.py"),
+         "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", str(DEMO_DATA), "--output_dir", str(tmp_path),
+         "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--seed", "0"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "model_index.json").exists()
+
+
+@pytest.mark.gpu
+def test_fp16_mixed_precision_on_gpu(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--gradient_checkpointing",
+          "--use_ema", "--allow_tf32", "--validation_prompts", "a creature")  # fmt: skip
+    assert (tmp_path / "validation" / "final" / "00.png").exists()
