@@ -25,22 +25,28 @@ $(STAMP): requirements.txt
 $(DEMO)/tiny-sd: $(STAMP)
 	$(BIN)/python -m sdtoolkit.fixtures --preset tiny --out $(DEMO)/tiny-sd
 
-demo: $(STAMP) $(DEMO)/tiny-sd
-	rm -rf $(DEMO)/sd-demo-model
+$(DEMO)/tiny-clip: $(STAMP)
+	$(BIN)/python -m sdtoolkit.fixtures --preset tiny-clip --out $(DEMO)/tiny-clip
+
+demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
+	rm -rf $(DEMO)/sd-demo-model $(DEMO)/clip-scores
 	LAUNCH_ARGS="--num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no" \
 	MODEL_NAME=$(DEMO)/tiny-sd DATASET_NAME=data/creatures OUTPUT_DIR=$(DEMO)/sd-demo-model \
 	bash train.sh --mixed_precision=no --resolution=64 --train_batch_size=4 \
 		--max_train_steps=40 --checkpointing_steps=20 --learning_rate=1e-4 --seed=0 \
 		--validation_epochs=2 --validation_prompts "a round green creature with two eyes" \
 		"a tall red creature with pointy ears and a long tail"
+	$(BIN)/python metrics.py --model_path $(DEMO)/tiny-sd $(DEMO)/sd-demo-model --clip_model $(DEMO)/tiny-clip \
+		--seeds 0 1 --num_inference_steps 10 --resolution 64 --output_dir $(DEMO)/clip-scores
 	@echo
 	@echo "Demo done. Everything is under $(DEMO)/:"
 	@echo "  fine-tuned pipeline:  $(DEMO)/sd-demo-model  (StableDiffusionPipeline.from_pretrained loads it)"
 	@echo "  checkpoints:          $(DEMO)/sd-demo-model/checkpoint-20, checkpoint-40"
 	@echo "  validation images:    $(DEMO)/sd-demo-model/validation/  and val_imgs_grid.png"
 	@echo "  model card:           $(DEMO)/sd-demo-model/README.md"
+	@echo "  CLIP scores:          $(DEMO)/clip-scores/scores.json, scores.csv, grid-*.png (base vs fine-tuned)"
 	@echo "  TensorBoard logs:     $(DEMO)/sd-demo-model/logs  (tensorboard --logdir $(DEMO)/sd-demo-model/logs)"
-	@echo "  base (random) model:  $(DEMO)/tiny-sd"
+	@echo "  base (random) model:  $(DEMO)/tiny-sd, scored with the random CLIP model $(DEMO)/tiny-clip"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ code path is the real one.
     python -m sdtoolkit.fixtures --preset tiny --out fixtures/tiny-sd        # for tests and the demo
     python -m sdtoolkit.fixtures --preset sd-v1-4 --out fixtures/sd-v1-4     # the full architecture (~4.3 GB)
     python -m sdtoolkit.fixtures --preset tiny-clip --out fixtures/tiny-clip # a CLIP model for metrics.py
+    python -m sdtoolkit.fixtures --preset tiny-open-clip --out fixtures/tiny-oc # the same for open_clip
 """
 
 import argparse
@@ -230,6 +231,13 @@ def build_tiny_clip(out, seed=0, image_size=32):
         )
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32))
+        with torch.no_grad():
+            # Random CLIP weights give image-text cosines around 0, which clip_score floors at 0. A shared offset
+            # in both final norms and a shared projection move scores into a positive range that still varies
+            # from image to image, so tests of the score compare real numbers.
+            model.text_projection.weight.copy_(model.visual_projection.weight)
+            model.vision_model.post_layernorm.bias.fill_(1.0)
+            model.text_model.final_layer_norm.bias.fill_(1.0)
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer = write_clip_tokenizer_files(os.path.join(folder, "bpe"))
         shutil.rmtree(os.path.join(folder, "bpe"))
@@ -241,9 +249,43 @@ def build_tiny_clip(out, seed=0, image_size=32):
     return _write_atomically(out, write)
 
 
+def build_tiny_open_clip(out, seed=0, image_size=32):
+    """Write a tiny open_clip model as a local-dir folder (open_clip_config.json + safetensors weights)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    def write(folder):
+        model_cfg = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "head_width": 16, "patch_size": 4},
+            "text_cfg": {
+                "context_length": CLIP_MAX_LENGTH,
+                "vocab_size": CLIP_VOCAB_SIZE,
+                "width": 32,
+                "heads": 4,
+                "layers": 2,
+            },
+        }
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**model_cfg)
+        with torch.no_grad():  # positive, varying scores, as in build_tiny_clip
+            model.text_projection.copy_(model.visual.proj)
+            model.visual.ln_post.bias.fill_(1.0)
+            model.ln_final.bias.fill_(1.0)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": model_cfg, "preprocess_cfg": {}}, f, indent=2)
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            os.path.join(folder, "open_clip_model.safetensors"),
+        )
+
+    return _write_atomically(out, write)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Build an offline model folder with random weights.")
-    parser.add_argument("--preset", choices=[*PRESETS, "tiny-clip"], default="tiny")
+    parser.add_argument("--preset", choices=[*PRESETS, "tiny-clip", "tiny-open-clip"], default="tiny")
     parser.add_argument("--out", required=True, help="Folder to create (must not exist).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights.")
     return parser.parse_args(argv)
@@ -253,6 +295,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.preset == "tiny-clip":
         out = build_tiny_clip(args.out, seed=args.seed)
+    elif args.preset == "tiny-open-clip":
+        out = build_tiny_open_clip(args.out, seed=args.seed)
     else:
         out = build_sd_pipeline(args.out, preset=args.preset, seed=args.seed)
     print(f"wrote {args.preset} to {out}")

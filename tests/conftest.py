@@ -13,7 +13,7 @@ import pathlib
 import pytest
 import torch
 
-from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip
+from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip, build_tiny_open_clip
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "creatures"
@@ -36,6 +36,11 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    return build_tiny_open_clip(tmp_path_factory.mktemp("models") / "tiny-open-clip", seed=0)
 
 
 @pytest.fixture(autouse=True)
