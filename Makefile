@@ -47,6 +47,7 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "  CLIP scores:          $(DEMO)/clip-scores/scores.json, scores.csv, grid-*.png (base vs fine-tuned)"
 	@echo "  TensorBoard logs:     $(DEMO)/sd-demo-model/logs  (tensorboard --logdir $(DEMO)/sd-demo-model/logs)"
 	@echo "  base (random) model:  $(DEMO)/tiny-sd, scored with the random CLIP model $(DEMO)/tiny-clip"
+	@echo "  try it in a browser:  $(BIN)/python gradio_app.py --model_path $(DEMO)/sd-demo-model"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,5 +2,6 @@
 
 - fixtures: offline Stable Diffusion and CLIP folders with random weights and the real CLIP tokenizer.
 - demo_dataset: the small bundled image-caption dataset in the pokemon-blip-captions schema.
+- inference: picking a device and dtype, and loading a pipeline with clear errors (metrics.py, gradio_app.py).
 - errors: the one-line error that every script prints for bad input.
 """

@@ -1,0 +1,213 @@
+"""gradio_app.py: the UI builds without side effects, the API answers, bad input is refused, the server holds."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError, AuthenticationError
+from PIL import Image
+
+import gradio_app
+from sdtoolkit.inference import load_pipeline
+from tests.conftest import REPO
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(tiny_sd, *extra):
+    args = gradio_app.parse_args(["--model_path", tiny_sd, "--port", str(free_port()), "--device", "cpu", *extra])
+    return gradio_app.launch(args, block=False)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd):
+    app = start(tiny_sd)
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.local_url, verbose=False)
+
+
+def generate(client, prompt="pikachu", negative="", steps=3, guidance=7.5, seed="7", scheduler="DPM-Solver++",
+             width=64, height=64, num_images=1):  # fmt: skip
+    gallery, info = client.predict(
+        prompt, negative, steps, guidance, seed, scheduler, width, height, num_images, api_name="/generate"
+    )
+    return [Image.open(item["image"]) for item in gallery], info
+
+
+def test_build_app_builds_without_launching(tiny_sd):
+    pipeline = load_pipeline(tiny_sd, torch.device("cpu"), torch.float32)
+    app = gradio_app.build_app(pipeline)
+    api_names = [dep.get("api_name") for dep in app.config["dependencies"]]
+    assert "generate" in api_names
+    assert not app.is_running
+
+
+def test_defaults_listen_on_localhost_without_a_public_link(server):
+    args = gradio_app.parse_args([])
+    assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
+    assert args.model_path == "sd-pokemon-model"
+    assert server.server_name == "127.0.0.1" and server.local_url.startswith("http://127.0.0.1:")
+    assert server.share_url is None
+
+
+def test_api_returns_images_of_the_requested_size(client):
+    images, info = generate(client, width=64, height=96, num_images=2)
+    assert [image.size for image in images] == [(64, 96), (64, 96)]
+    assert info.startswith("Seed: 7")
+
+
+def test_api_needs_only_a_prompt(client):
+    # The README's client snippet: everything but the prompt has a default (25 DPM-Solver++ steps, random seed).
+    gallery, info = client.predict(prompt="pikachu", api_name="/generate")
+    assert len(gallery) == 1 and Image.open(gallery[0]["image"]).size == (64, 64)
+    assert info.startswith("Seed: ")
+
+
+@pytest.mark.parametrize("scheduler", list(gradio_app.SCHEDULERS))
+def test_same_seed_gives_the_same_image(client, scheduler):
+    first, _ = generate(client, seed="7", scheduler=scheduler)
+    again, _ = generate(client, seed="7", scheduler=scheduler)
+    other, _ = generate(client, seed="8", scheduler=scheduler)
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
+
+
+def test_blank_seed_is_random_and_shown_so_it_can_be_reused(client):
+    image, info = generate(client, seed="")
+    seed = info.splitlines()[0].removeprefix("Seed: ")
+    _, info_again = generate(client, seed="")
+    assert info_again != info
+    reused, _ = generate(client, seed=seed)
+    assert np.array_equal(np.asarray(image[0]), np.asarray(reused[0]))
+
+
+def test_eight_concurrent_calls_all_complete(client):
+    args = ("creature", "", 3, 7.5, "1", "DPM-Solver++", 64, 64, 1)
+    jobs = [client.submit(*args, api_name="/generate") for _ in range(8)]
+    results = [job.result(timeout=120) for job in jobs]
+    assert len(results) == 8 and all(len(gallery) == 1 for gallery, _ in results)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt="  "), "Please type a prompt"),
+        # Gradio's sliders check their own range first, with their own clear message.
+        (dict(steps=0), "Value 0 is less than minimum value 1"),
+        (dict(steps=1000), "Value 1000 is greater than maximum value 150"),
+        (dict(steps=2.5), "Steps must be a whole number"),
+        (dict(guidance=-1), "Value -1 is less than minimum value 0"),
+        (dict(seed="abc"), "The seed must be a whole number or blank"),
+        (dict(seed="1.5"), "The seed must be a whole number or blank"),
+        (dict(width=100), "Width must be divisible by 8"),
+        (dict(height=2048), "Value 2048 is greater than maximum value 1024"),
+        (dict(scheduler="Nope"), "Nope is not in the list of choices"),
+    ],
+)
+def test_bad_input_is_refused_and_the_server_keeps_serving(client, change, message):
+    with pytest.raises(AppError, match=message):
+        generate(client, **change)
+    images, _ = generate(client)
+    assert len(images) == 1
+
+
+def test_prompt_longer_than_clip_is_truncated_and_says_so(client):
+    long_prompt = " ".join(["a very detailed and colourful pokemon"] * 20)
+    images, info = generate(client, prompt=long_prompt)
+    assert len(images) == 1
+    assert "longer than CLIP's 77 tokens" in info
+
+
+def test_full_queue_is_refused_with_a_message(tiny_sd):
+    # One request runs and one may wait; the other two arrive at a full queue. 150 PNDM steps at 128 px take a
+    # few seconds on the tiny model, far longer than submitting four jobs.
+    app = start(tiny_sd, "--max_queue", "1", "--concurrency", "1")
+    try:
+        client = Client(app.local_url, verbose=False)
+        slow = ("creature", "", 150, 7.5, "1", "PNDM", 128, 128, 1)
+        jobs = [client.submit(*slow, api_name="/generate") for _ in range(4)]
+        finished, refused = [], []
+        for job in jobs:
+            try:
+                finished.append(job.result(timeout=120))
+            except Exception as err:  # gradio_client reports a refused job as an exception
+                refused.append(str(err))
+        assert len(finished) == 2 and all(len(gallery) == 1 for gallery, _ in finished)
+        assert len(refused) == 2 and all("Queue is full" in e for e in refused), refused
+        assert len(generate(client)[0]) == 1  # still serving
+    finally:
+        app.close()
+
+
+def test_auth_requires_the_login(tiny_sd):
+    app = start(tiny_sd, "--auth", "ash:pikachu")
+    try:
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
+            Client(app.local_url, verbose=False)
+        images, _ = generate(Client(app.local_url, auth=("ash", "pikachu"), verbose=False))
+        assert len(images) == 1
+    finally:
+        app.close()
+
+
+def test_missing_model_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "gradio_app.py"), "--model_path", str(tmp_path / "nope")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no model folder") and "make demo" in last and "bash train.sh" in last
+
+
+def test_incomplete_model_folder_is_one_clear_line(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(gradio_app.UserError, match="not a complete diffusers pipeline folder"):
+        gradio_app.main(["--model_path", str(tmp_path)])
+
+
+def test_bad_auth_format():
+    with pytest.raises(gradio_app.UserError, match="user:password"):
+        gradio_app.parse_args(["--auth", "nocolon"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package 'chromium'); .ci/run installs it")
+def test_a_person_generates_an_image_in_a_real_browser(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    screenshot = os.environ.get("DEMO_SCREENSHOT") or str(tmp_path / "screenshot.png")
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.local_url, wait_until="domcontentloaded")
+        page.get_by_label("Prompt", exact=True).fill("pikachu")
+        page.get_by_label("Seed (blank = random)").fill("42")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_label("Details")).to_have_value("Seed: 42", timeout=60_000)
+        thumbnail = page.get_by_role("button", name="Thumbnail 1 of 1").locator("img")
+        expect(thumbnail).to_be_visible()
+        assert thumbnail.evaluate("img => img.complete && img.naturalWidth") == 64  # the image itself arrived
+        page.screenshot(path=screenshot, full_page=True)
+        browser.close()
+    assert Image.open(screenshot).size[0] == 1280
