@@ -17,7 +17,8 @@ import logging
 import math
 import os
 import random
-import shutil
+import signal
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from datasets import load_dataset
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -44,7 +45,15 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
-from sdtoolkit.errors import UserError, first_line, run_main
+from sdtoolkit.checkpoints import (
+    checkpoint_dirs,
+    read_training_state,
+    remove_partial_saves,
+    save_checkpoint,
+    save_pipeline,
+)
+from sdtoolkit.data import TrainingExamples, check_captions, collate, count_long_captions, unreadable_images
+from sdtoolkit.errors import TrainingStopped, UserError, first_line, run_main
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -117,6 +126,14 @@ def parse_args(argv=None):
         type=str,
         default="text",
         help="The column of the dataset containing a caption or a list of captions.",
+    )
+    parser.add_argument(
+        "--skip_invalid_images",
+        action="store_true",
+        help=(
+            "Drop (and count) the images that can't be decoded instead of stopping before training. Not upstream:"
+            " without it, unreadable files are listed by name and training does not start."
+        ),
     )
     parser.add_argument(
         "--max_train_samples",
@@ -385,8 +402,29 @@ def parse_args(argv=None):
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise UserError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    for flag in ("checkpoints_total_limit", "max_train_steps", "max_train_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_train_epochs < 1:
+        raise UserError(f"--num_train_epochs must be at least 1, got {args.num_train_epochs}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    for flag in ("noise_offset", "input_perturbation", "max_grad_norm"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise UserError(f"--{flag} must be a number >= 0, got {getattr(args, flag)}")
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
+        raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    if args.offload_ema and not args.use_ema:
+        raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
+    if args.use_8bit_adam and not torch.cuda.is_available():
+        raise UserError("--use_8bit_adam uses bitsandbytes, which needs a CUDA GPU; drop the flag on this machine")
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise UserError(
+            "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers, CUDA only);"
+            " without it PyTorch's own scaled-dot-product attention is used, which is as memory-efficient"
+        )
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use --mixed_precision no (or bf16) on a CPU")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise UserError(
             "--report_to wandb and --hub_token together would expose your token in the run's config;"
@@ -438,8 +476,20 @@ def load_models(args):
     return noise_scheduler, tokenizer, text_encoder, vae, unet
 
 
+def has_images(folder):
+    """Whether a --train_data_dir holds any file other than metadata files."""
+    for _, _, files in os.walk(folder):
+        if any(not name.startswith("metadata.") for name in files):
+            return True
+    return False
+
+
 def load_training_dataset(args):
-    """Load the hub dataset or local imagefolder and check its columns, or fail with one clear line."""
+    """Load the hub dataset or local imagefolder and check every row, or fail with one clear line.
+
+    Returns the train split (after --max_train_samples and, with --skip_invalid_images, without the images
+    that can't be decoded) and the image and caption column names.
+    """
     try:
         if args.dataset_name is not None:
             # Downloading and loading a dataset from the hub (or a local copy of one).
@@ -457,6 +507,8 @@ def load_training_dataset(args):
         raise
     except Exception as err:  # datasets raises many types (connection, not found, gated, bad files)
         source = args.dataset_name or args.train_data_dir
+        if "corresponds to no data" in str(err) or (args.dataset_name is None and not has_images(source)):
+            raise UserError(f"the training dataset is empty: '{source}' holds no training rows") from err
         raise UserError(
             f"could not load the dataset '{source}': {first_line(err)} -- lambdalabs/pokemon-blip-captions was"
             " taken down from the hub in 2024; try --dataset_name lambdalabs/naruto-blip-captions (same columns),"
@@ -464,25 +516,70 @@ def load_training_dataset(args):
         ) from err
     if "train" not in dataset:
         raise UserError(f"the dataset has no 'train' split (it has: {', '.join(dataset)})")
+    train = dataset["train"]
 
-    column_names = dataset["train"].column_names
+    column_names = train.column_names
     dataset_columns = DATASET_NAME_MAPPING.get(args.dataset_name, None)
     image_column = args.image_column or (dataset_columns[0] if dataset_columns else column_names[0])
     caption_column = args.caption_column or (dataset_columns[1] if dataset_columns else column_names[1])
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in column_names:
             raise UserError(f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}")
-    if len(dataset["train"]) == 0:
+    if len(train) == 0:
         raise UserError("the training dataset is empty")
-    return dataset, image_column, caption_column
+
+    if args.max_train_samples is not None:
+        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+
+    # Decode every image once now, so a broken file stops the run here and not hours in.
+    bad = unreadable_images(train, image_column)
+    if bad and not args.skip_invalid_images:
+        listed = "; ".join(f"{name} ({reason})" for _, name, reason in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(
+            f"{len(bad)} of {len(train)} images can't be read: {listed}{more} -- fix or remove them, or pass"
+            " --skip_invalid_images to train without them"
+        )
+    if bad:
+        names = ", ".join(name for _, name, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        logger.warning(f"--skip_invalid_images: dropped {len(bad)} of {len(train)} images that can't be read: {names}")
+        bad_rows = {row for row, _, _ in bad}
+        train = train.select([i for i in range(len(train)) if i not in bad_rows])
+        if len(train) == 0:
+            raise UserError("none of the dataset's images can be read")
+    check_captions(train, caption_column)
+    return train, image_column, caption_column, len(bad)
 
 
-def checkpoint_dirs(output_dir):
-    """The checkpoint-N folders in output_dir, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
+def check_output_dir(output_dir):
+    """Create output_dir if needed and make sure files can be written in it."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to --output_dir {output_dir}: {first_line(err)}") from err
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint folder --resume_from_checkpoint asks for, or None to start fresh."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        dirs = checkpoint_dirs(args.output_dir)
+        if not dirs:
+            print(f"No checkpoint found in {args.output_dir}. Starting a new training run.")
+            return None
+        return os.path.join(args.output_dir, dirs[-1])
+    # A named checkpoint that does not exist is an error, not a silent fresh start.
+    path = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint.rstrip("/")))
+    if not os.path.isdir(path) or os.path.basename(path) not in checkpoint_dirs(args.output_dir):
+        available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
+        raise UserError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint in {args.output_dir}"
+            f" (available: {available}); use 'latest' to resume from the newest one"
+        )
+    return path
 
 
 def generate_validation_images(pipeline, args, accelerator):
@@ -621,17 +718,62 @@ image.save("my_image.png")
         f.write(yaml + card)
 
 
+def nonfinite_loss_message(loss, step, output_dir):
+    """What to say when the loss of `step` is NaN or Inf: the weights after step - 1 produced it."""
+    steps = [int(name.split("-")[1]) for name in checkpoint_dirs(output_dir)]
+    good = [s for s in steps if s <= step - 2]
+    message = f"the loss became {loss} at step {step}; no pipeline was saved from these weights. "
+    if good:
+        message += (
+            f"The last good checkpoint is {os.path.join(output_dir, f'checkpoint-{max(good)}')}: resume from it"
+            " with a lower --learning_rate (or --max_grad_norm, or --mixed_precision bf16/no)"
+        )
+    else:
+        message += "No checkpoint was saved before the weights went bad; start again with a lower --learning_rate"
+    if step - 1 in steps:
+        message += f" (checkpoint-{step - 1} holds the weights that gave this loss)"
+    return message
+
+
+class StopRequest:
+    """Remembers a SIGTERM or Ctrl-C, so training can stop after the current step with a checkpoint.
+
+    A second Ctrl-C while the checkpoint is being written is left to Python (KeyboardInterrupt).
+    """
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def uninstall(self):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv=None):
     args = parse_args(argv)
 
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=accelerator_project_config,
-    )
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=args.report_to,
+            project_config=accelerator_project_config,
+            # The data order of an epoch depends on the seed and the epoch only, so a resumed run can skip
+            # exactly the batches already seen.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+    except ValueError as err:  # e.g. fp16 from an accelerate config on a machine without a GPU
+        raise UserError(f"accelerate could not start: {first_line(err)}") from err
 
     # Disable AMP for MPS.
     if torch.backends.mps.is_available():
@@ -656,38 +798,43 @@ def main(argv=None):
     if args.non_ema_revision != args.revision:
         logger.warning("Loading 'non_ema' weights from a revision branch is deprecated; prefer --variant non_ema.")
 
-    # If passed along, set the training seed now.
-    if args.seed is not None:
-        set_seed(args.seed)
-
-    # Handle the output folder and the hub repository.
-    repo_id = Path(args.output_dir).name
+    # Preflight: everything that can be checked before a model is loaded or a step is taken.
     if accelerator.is_main_process:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create --output_dir {args.output_dir}: {first_line(err)}") from err
-        if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
+        check_output_dir(args.output_dir)
+        remove_partial_saves(args.output_dir)
+    accelerator.wait_for_everyone()
+    resume_path = find_resume_checkpoint(args)
+    resumed_state = read_training_state(resume_path) if resume_path else {}
 
-    # A named checkpoint that does not exist is an error, not a silent fresh start.
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        path = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint.rstrip("/")))
-        if not os.path.isdir(path):
-            available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
-            raise UserError(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint in {args.output_dir}"
-                f" (available: {available}); use 'latest' to resume from the newest one"
-            )
+    # The seed decides the data order, augmentations and noise. Without --seed one is drawn (the same on every
+    # process) and stored in each checkpoint, so a resumed run continues with it.
+    if args.seed is None:
+        seed = resumed_state.get("seed", random.SystemRandom().randrange(2**32))
+        args.seed = broadcast_object_list([seed])[0]
+        logger.info(f"No --seed given: using {args.seed}")
+    set_seed(args.seed)
+    accelerator.dataloader_config.data_seed = args.seed
 
-    # Load the data first: a bad dataset should fail before minutes of model loading.
+    # Handle the hub repository.
+    repo_id = Path(args.output_dir).name
+    if accelerator.is_main_process and args.push_to_hub:
+        repo_id = create_repo(
+            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+        ).repo_id
+
+    # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
-        dataset, image_column, caption_column = load_training_dataset(args)
+        train_rows, image_column, caption_column, num_skipped = load_training_dataset(args)
 
     # Load scheduler, tokenizer and models.
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+
+    num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer)
+    if num_long:
+        logger.warning(
+            f"{num_long} of {num_captions} captions are longer than CLIP's {tokenizer.model_max_length} tokens;"
+            " they are truncated to their first tokens, as the text encoder requires"
+        )
 
     # Freeze vae and text_encoder and set unet to trainable
     vae.requires_grad_(False)
@@ -712,8 +859,6 @@ def main(argv=None):
         )
 
     if args.enable_xformers_memory_efficient_attention:
-        if not is_xformers_available():
-            raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
         unet.enable_xformers_memory_efficient_attention()
 
     # Save and load checkpoints in diffusers format: checkpoint-N/unet (and checkpoint-N/unet_ema) are folders
@@ -784,60 +929,29 @@ def main(argv=None):
         eps=args.adam_epsilon,
     )
 
-    # Preprocessing the datasets: tokenize the captions and transform the images.
-    def tokenize_captions(examples, is_train=True):
-        captions = []
-        for caption in examples[caption_column]:
-            if isinstance(caption, str):
-                captions.append(caption)
-            elif isinstance(caption, (list, np.ndarray)):
-                # take a random caption if there are multiple
-                captions.append(random.choice(caption) if is_train else caption[0])
-            else:
-                raise UserError(
-                    f"caption column '{caption_column}' should contain strings or lists of strings,"
-                    f" found {type(caption).__name__}"
-                )
-        inputs = tokenizer(
-            captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-        )
-        return inputs.input_ids
+    # The training examples: transformed images, token ids, and every random draw of the diffusion step,
+    # all from a generator seeded by (seed, epoch, row). See sdtoolkit/data.py.
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = args.resolution // vae_scale_factor
+    train_dataset = TrainingExamples(
+        train_rows,
+        image_column,
+        caption_column,
+        tokenizer,
+        args,
+        latent_shape=(vae.config.latent_channels, latent_size, latent_size),
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+    )
 
-    interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
-    image_transforms = [
-        transforms.Resize(args.resolution, interpolation=interpolation),
-        transforms.CenterCrop(args.resolution) if args.center_crop else transforms.RandomCrop(args.resolution),
-    ]
-    if args.random_flip:
-        image_transforms.append(transforms.RandomHorizontalFlip())
-    image_transforms += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
-    train_transforms = transforms.Compose(image_transforms)
-
-    def preprocess_train(examples):
-        images = [image.convert("RGB") for image in examples[image_column]]
-        examples["pixel_values"] = [train_transforms(image) for image in images]
-        examples["input_ids"] = tokenize_captions(examples)
-        return examples
-
-    with accelerator.main_process_first():
-        if args.max_train_samples is not None:
-            dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
-        # Set the training transforms
-        train_dataset = dataset["train"].with_transform(preprocess_train)
-
-    def collate_fn(examples):
-        pixel_values = torch.stack([example["pixel_values"] for example in examples])
-        pixel_values = pixel_values.to(memory_format=torch.contiguous_format).float()
-        input_ids = torch.stack([example["input_ids"] for example in examples])
-        return {"pixel_values": pixel_values, "input_ids": input_ids}
-
-    # DataLoaders creation:
+    # DataLoaders creation. The loader gets its own generator, so creating an iterator (at the start of an
+    # epoch, or when resuming in the middle of one) never draws from the global random state.
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         shuffle=True,
-        collate_fn=collate_fn,
+        collate_fn=collate,
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # Scheduler and math around the number of training steps.
@@ -902,7 +1016,9 @@ def main(argv=None):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(
+        f"  Num examples = {len(train_dataset)}" + (f" ({num_skipped} unreadable skipped)" if num_skipped else "")
+    )
     logger.info(f"  Num Epochs = {args.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
@@ -910,26 +1026,41 @@ def main(argv=None):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     global_step = 0
     first_epoch = 0
+    resume_batches = 0  # batches of the first epoch that were already trained on before the checkpoint
 
     # Potentially load in the weights and states from a previous save
-    initial_global_step = 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = os.path.basename(args.resume_from_checkpoint.rstrip("/"))
-        else:
-            # Get the most recent checkpoint
-            dirs = checkpoint_dirs(args.output_dir)
-            path = dirs[-1] if len(dirs) > 0 else None
+    if resume_path is not None:
+        accelerator.print(f"Resuming from checkpoint {os.path.basename(resume_path)}")
+        accelerator.load_state(resume_path)
+        global_step = int(os.path.basename(resume_path).split("-")[1])
+        first_epoch = global_step // num_update_steps_per_epoch
+        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+        saved_batch_size = resumed_state.get("total_batch_size", total_batch_size)
+        if saved_batch_size != total_batch_size:
+            logger.warning(
+                f"The checkpoint was written with a total batch size of {saved_batch_size}, this run has"
+                f" {total_batch_size}: training continues from step {global_step}, but not on the same data"
+                " order as the original run would have"
+            )
+    initial_global_step = global_step
 
-        if path is None:
-            accelerator.print(f"No checkpoint found in {args.output_dir}. Starting a new training run.")
-            args.resume_from_checkpoint = None
-        else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(os.path.join(args.output_dir, path))
-            global_step = int(path.split("-")[1])
-            initial_global_step = global_step
-            first_epoch = global_step // num_update_steps_per_epoch
+    def training_state(epoch):
+        return {
+            "global_step": global_step,
+            "epoch": epoch,
+            "seed": args.seed,
+            "num_processes": accelerator.num_processes,
+            "total_batch_size": total_batch_size,
+        }
+
+    def checkpoint(epoch):
+        return save_checkpoint(
+            accelerator, args.output_dir, global_step, training_state(epoch), args.checkpoints_total_limit
+        )
+
+    def last_checkpoint():
+        dirs = checkpoint_dirs(args.output_dir)
+        return os.path.join(args.output_dir, dirs[-1]) if dirs else None
 
     progress_bar = tqdm(
         range(0, args.max_train_steps),
@@ -939,147 +1070,165 @@ def main(argv=None):
         disable=not accelerator.is_local_main_process,
     )
 
-    for epoch in range(first_epoch, args.num_train_epochs):
-        train_loss = 0.0
-        for step, batch in enumerate(train_dataloader):
-            if global_step >= args.max_train_steps:
-                break  # resumed from a checkpoint at (or past) the last step: nothing left to train
-            with accelerator.accumulate(unet):
-                # Convert images to latent space
-                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-                latents = latents * vae.config.scaling_factor
+    saved_at_step = None
+    stop = StopRequest()
+    stop.install()
+    try:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            train_dataset.epoch = epoch
+            epoch_dataloader = train_dataloader
+            if epoch == first_epoch and resume_batches > 0:
+                # Skip the batches this epoch already trained on (their indices only: nothing is loaded).
+                epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            epoch_dataloader.set_epoch(epoch)
 
-                # Sample noise that we'll add to the latents
-                noise = torch.randn_like(latents)
-                if args.noise_offset:
-                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-                    noise += args.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), device=latents.device
-                    )
-                if args.input_perturbation:
-                    # https://arxiv.org/abs/2301.11706
-                    new_noise = noise + args.input_perturbation * torch.randn_like(noise)
-                bsz = latents.shape[0]
-                # Sample a random timestep for each image
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
-                timesteps = timesteps.long()
+            train_loss = 0.0
+            for step, batch in enumerate(epoch_dataloader):
+                if global_step >= args.max_train_steps:
+                    break  # resumed from a checkpoint at (or past) the last step: nothing left to train
+                with accelerator.accumulate(unet):
+                    # Convert images to latent space: a sample of the VAE's latent distribution.
+                    latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+                    latents = latent_dist.mean + latent_dist.std * batch["latent_noise"].to(weight_dtype)
+                    latents = latents * vae.config.scaling_factor
 
-                # Add noise to the latents according to the noise magnitude at each timestep
-                # (this is the forward diffusion process)
-                if args.input_perturbation:
-                    noisy_latents = noise_scheduler.add_noise(latents, new_noise, timesteps)
-                else:
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    # The noise to add to the latents, and a timestep per image: drawn with the example.
+                    noise = batch["noise"]
+                    if args.noise_offset:
+                        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+                        noise = noise + args.noise_offset * batch["offset_noise"]
+                    if args.input_perturbation:
+                        # https://arxiv.org/abs/2301.11706
+                        new_noise = noise + args.input_perturbation * batch["perturbation"]
+                    timesteps = batch["timestep"].long()
 
-                # Get the text embedding for conditioning
-                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                    # Add noise to the latents according to the noise magnitude at each timestep
+                    # (this is the forward diffusion process)
+                    if args.input_perturbation:
+                        noisy_latents = noise_scheduler.add_noise(latents, new_noise, timesteps)
+                    else:
+                        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-                # Get the target for loss depending on the prediction type
-                if args.prediction_type is not None:
-                    # set prediction_type of scheduler if defined
-                    noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+                    # Get the text embedding for conditioning
+                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
 
-                if noise_scheduler.config.prediction_type == "epsilon":
-                    target = noise
-                elif noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    raise UserError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
+                    # Get the target for loss depending on the prediction type
+                    if args.prediction_type is not None:
+                        # set prediction_type of scheduler if defined
+                        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
 
-                if args.dream_training:
-                    # DREAM: https://arxiv.org/abs/2312.00210 -- one extra gradient-free UNet pass
-                    noisy_latents, target = compute_dream_and_update_latents(
-                        unet,
-                        noise_scheduler,
-                        timesteps,
-                        noise,
-                        noisy_latents,
-                        target,
-                        encoder_hidden_states,
-                        args.dream_detail_preservation,
-                    )
-
-                # Predict the noise residual and compute loss
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-
-                if args.snr_gamma is None:
-                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-                else:
-                    # Compute loss-weights as per Section 3.4 of https://arxiv.org/abs/2303.09556.
-                    # Since we predict the noise instead of x_0, the original formulation is slightly changed.
-                    # This is discussed in Section 4.2 of the same paper.
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
-                        dim=1
-                    )[0]
                     if noise_scheduler.config.prediction_type == "epsilon":
-                        mse_loss_weights = mse_loss_weights / snr
+                        target = noise
                     elif noise_scheduler.config.prediction_type == "v_prediction":
-                        mse_loss_weights = mse_loss_weights / (snr + 1)
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    else:
+                        raise UserError(f"unknown prediction type {noise_scheduler.config.prediction_type}")
 
-                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-                    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
-                    loss = loss.mean()
+                    if args.dream_training:
+                        # DREAM: https://arxiv.org/abs/2312.00210 -- one extra gradient-free UNet pass
+                        noisy_latents, target = compute_dream_and_update_latents(
+                            unet,
+                            noise_scheduler,
+                            timesteps,
+                            noise,
+                            noisy_latents,
+                            target,
+                            encoder_hidden_states,
+                            args.dream_detail_preservation,
+                        )
 
-                # Gather the losses across all processes for logging (if we use distributed training).
-                avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
-                train_loss += avg_loss.item() / args.gradient_accumulation_steps
+                    # Predict the noise residual and compute loss
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
-                # Backpropagate
-                accelerator.backward(loss)
+                    if args.snr_gamma is None:
+                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                    else:
+                        # Compute loss-weights as per Section 3.4 of https://arxiv.org/abs/2303.09556.
+                        # Since we predict the noise instead of x_0, the original formulation is slightly changed.
+                        # This is discussed in Section 4.2 of the same paper.
+                        snr = compute_snr(noise_scheduler, timesteps)
+                        mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
+                            dim=1
+                        )[0]
+                        if noise_scheduler.config.prediction_type == "epsilon":
+                            mse_loss_weights = mse_loss_weights / snr
+                        elif noise_scheduler.config.prediction_type == "v_prediction":
+                            mse_loss_weights = mse_loss_weights / (snr + 1)
+
+                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                        loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+                        loss = loss.mean()
+
+                    # Gather the losses across all processes for logging (if we use distributed training).
+                    avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean().item()
+                    # A NaN or Inf loss would poison the weights: stop before it is backpropagated.
+                    if not math.isfinite(avg_loss):
+                        accelerator.end_training()
+                        raise TrainingStopped(nonfinite_loss_message(avg_loss, global_step + 1, args.output_dir), 1)
+                    train_loss += avg_loss / args.gradient_accumulation_steps
+
+                    # Backpropagate
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+
+                # Checks if the accelerator has performed an optimization step behind the scenes
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                    if args.use_ema:
+                        if args.offload_ema:
+                            ema_unet.to(device=accelerator.device, non_blocking=True)
+                        ema_unet.step(unet.parameters())
+                        if args.offload_ema:
+                            ema_unet.to(device="cpu", non_blocking=True)
+                    progress_bar.update(1)
+                    global_step += 1
+                    accelerator.log({"train_loss": train_loss}, step=global_step)
+                    train_loss = 0.0
 
-            # Checks if the accelerator has performed an optimization step behind the scenes
-            if accelerator.sync_gradients:
-                if args.use_ema:
-                    if args.offload_ema:
-                        ema_unet.to(device=accelerator.device, non_blocking=True)
-                    ema_unet.step(unet.parameters())
-                    if args.offload_ema:
-                        ema_unet.to(device="cpu", non_blocking=True)
-                progress_bar.update(1)
-                global_step += 1
-                accelerator.log({"train_loss": train_loss}, step=global_step)
-                train_loss = 0.0
-
-                if global_step % args.checkpointing_steps == 0:
-                    if accelerator.is_main_process:
-                        # _before_ saving state, check if this save would set us over the `checkpoints_total_limit`
-                        if args.checkpoints_total_limit is not None:
-                            checkpoints = checkpoint_dirs(args.output_dir)
-                            # before we save the new checkpoint, we need to have at _most_
-                            # `checkpoints_total_limit - 1` checkpoints
-                            if len(checkpoints) >= args.checkpoints_total_limit:
-                                num_to_remove = len(checkpoints) - args.checkpoints_total_limit + 1
-                                removing_checkpoints = checkpoints[0:num_to_remove]
-                                logger.info(f"removing checkpoints: {', '.join(removing_checkpoints)}")
-                                for removing_checkpoint in removing_checkpoints:
-                                    shutil.rmtree(os.path.join(args.output_dir, removing_checkpoint))
-
-                        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                        accelerator.save_state(save_path)
+                    if global_step % args.checkpointing_steps == 0:
+                        save_path = checkpoint(epoch)
+                        saved_at_step = global_step
                         logger.info(f"Saved state to {save_path}")
 
-            logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress_bar.set_postfix(**logs)
+                    # A SIGTERM or Ctrl-C on any process stops all of them after this same step.
+                    stop_now = stop.signal is not None
+                    if accelerator.num_processes > 1:
+                        flag = torch.tensor(float(stop_now), device=accelerator.device)
+                        stop_now = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+                    if stop_now and global_step < args.max_train_steps:
+                        if saved_at_step != global_step:
+                            save_path = checkpoint(epoch)
+                        accelerator.end_training()
+                        signum = stop.signal or signal.SIGTERM
+                        raise TrainingStopped(
+                            f"{signal.Signals(signum).name} at step {global_step} of {args.max_train_steps}; the"
+                            f" state is saved in {save_path}. Resume with the same command and"
+                            " --resume_from_checkpoint latest",
+                            exit_code=128 + signum,
+                        )
 
-            if global_step >= args.max_train_steps:
-                break
+                logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress_bar.set_postfix(**logs)
 
-        if accelerator.is_main_process:
-            if args.validation_prompts is not None and epoch % args.validation_epochs == 0:
-                if args.use_ema:
-                    # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-                    ema_unet.store(unet.parameters())
-                    ema_unet.copy_to(unet.parameters())
-                log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
-                if args.use_ema:
-                    # Switch back to the original UNet parameters.
-                    ema_unet.restore(unet.parameters())
+                if global_step >= args.max_train_steps:
+                    break
+
+            if accelerator.is_main_process:
+                if args.validation_prompts is not None and epoch % args.validation_epochs == 0:
+                    if args.use_ema:
+                        # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+                        ema_unet.store(unet.parameters())
+                        ema_unet.copy_to(unet.parameters())
+                    log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
+                    if args.use_ema:
+                        # Switch back to the original UNet parameters.
+                        ema_unet.restore(unet.parameters())
+    finally:
+        progress_bar.close()  # ends the bar's line, so a message after it starts on its own
+        stop.uninstall()
 
     # Create the pipeline using the trained modules and save it.
     accelerator.wait_for_everyone()
@@ -1097,7 +1246,7 @@ def main(argv=None):
             variant=args.variant,
             cache_dir=args.cache_dir,
         )
-        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+        save_pipeline(pipeline, args.output_dir)
         logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")
 
         # Run a final round of inference.

@@ -1,0 +1,163 @@
+"""Training examples: checking a dataset before training, and turning rows into what the UNet trains on.
+
+Every random choice made for an example -- its crop, its flip, which of its captions is used, the VAE
+sample, the noise and the timestep -- comes from a generator seeded by (seed, epoch, row index), not from
+the process's global random state. So an example looks the same whichever process, worker or batch loads
+it, and a run resumed in the middle of an epoch sees exactly what the uninterrupted run saw.
+"""
+
+import io
+
+import numpy as np
+import torch
+from datasets import Image as ImageFeature
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from sdtoolkit.errors import UserError
+
+# Transparent pixels are laid on white: the pokemon-blip-captions images are drawings on white.
+BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(image):
+    """Any PIL image (RGBA, LA, palette, greyscale, 16-bit, float, CMYK, ...) as 8-bit RGB."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # 16- and 32-bit greyscale: scale to 0..255 instead of clipping (which would turn most pixels white).
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        elif image.mode != "F":
+            array = array / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def unreadable_images(dataset, image_column):
+    """[(row, name, reason)] for the rows whose image can't be decoded; name is the file's path or 'row N'."""
+    raw = dataset.cast_column(image_column, ImageFeature(decode=False))
+    bad = []
+    for index, value in enumerate(raw[image_column]):
+        name = (value or {}).get("path") or f"row {index}"
+        try:
+            if value is None:
+                raise ValueError("no image")
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with Image.open(source) as image:
+                image.load()  # decodes every pixel: catches truncated files that Image.open alone accepts
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            bad.append((index, name, str(err).splitlines()[0] if str(err) else type(err).__name__))
+    return bad
+
+
+def check_captions(dataset, caption_column):
+    """Raise UserError at the first caption that is not a string or a non-empty list of strings."""
+    for index, caption in enumerate(dataset[caption_column]):
+        if isinstance(caption, str):
+            continue
+        if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+            continue
+        shown = repr(caption)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise UserError(
+            f"caption column '{caption_column}' must hold strings or lists of strings; row {index} holds"
+            f" {type(caption).__name__} {shown}"
+        )
+
+
+def count_long_captions(dataset, caption_column, tokenizer):
+    """(captions longer than the tokenizer's model_max_length, all captions), start and end tokens included."""
+    captions = []
+    for caption in dataset[caption_column]:
+        captions.extend([caption] if isinstance(caption, str) else caption)
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
+    return sum(n > tokenizer.model_max_length for n in lengths), len(captions)
+
+
+def example_seed(seed, epoch, index):
+    """A well-mixed 64-bit seed for one example in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+class TrainingExamples(torch.utils.data.Dataset):
+    """Rows of a datasets.Dataset as training examples, with all per-example randomness drawn here.
+
+    Each item holds `pixel_values` (3 x resolution x resolution, in [-1, 1]), `input_ids` (77 token ids),
+    and the random draws the training step needs for it: `latent_noise` (to sample the VAE's latent
+    distribution), `noise`, `timestep`, and, when asked for, `offset_noise` and `perturbation`.
+    Set `.epoch` before each epoch.
+    """
+
+    def __init__(self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.tokenizer = tokenizer
+        self.resolution = args.resolution
+        self.center_crop = args.center_crop
+        self.random_flip = args.random_flip
+        self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
+        self.noise_offset = args.noise_offset
+        self.input_perturbation = args.input_perturbation
+        self.seed = args.seed
+        self.latent_shape = latent_shape
+        self.num_train_timesteps = num_train_timesteps
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        row = self.dataset[index]
+        generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index))
+
+        # The image: shorter side to `resolution`, then a center or random square crop, maybe a flip.
+        image = to_rgb(row[self.image_column])
+        image = TF.resize(image, self.resolution, interpolation=self.interpolation)
+        width, height = image.size
+        if self.center_crop:
+            image = TF.center_crop(image, self.resolution)
+        else:
+            top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
+            image = TF.crop(image, top, left, self.resolution, self.resolution)
+        if self.random_flip and torch.rand(1, generator=generator) < 0.5:
+            image = TF.hflip(image)
+        pixel_values = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+
+        # The caption: a random one of several, if the row has a list.
+        caption = row[self.caption_column]
+        if not isinstance(caption, str):
+            caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
+        input_ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]  # fmt: skip
+
+        # The diffusion draws for this example.
+        example = {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "latent_noise": torch.randn(self.latent_shape, generator=generator),
+            "noise": torch.randn(self.latent_shape, generator=generator),
+            "timestep": torch.randint(0, self.num_train_timesteps, (), generator=generator),
+        }
+        if self.noise_offset:
+            example["offset_noise"] = torch.randn((self.latent_shape[0], 1, 1), generator=generator)
+        if self.input_perturbation:
+            example["perturbation"] = torch.randn(self.latent_shape, generator=generator)
+        return example
+
+
+def collate(examples):
+    """Stack a list of examples into a batch of tensors."""
+    batch = {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+    batch["pixel_values"] = batch["pixel_values"].to(memory_format=torch.contiguous_format).float()
+    return batch

@@ -1,0 +1,402 @@
+"""Training survives crashes, preemption and bad data: exact resume, atomic saves, preflight checks, NaN stops.
+
+The crash tests run the script in a subprocess and kill it for real (SIGKILL, SIGTERM, SIGINT).
+"""
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_text_to_image
+from sdtoolkit import checkpoints
+from sdtoolkit.data import to_rgb
+from sdtoolkit.errors import TrainingStopped, UserError
+from tests.conftest import DEMO_DATA, REPO
+from tests.test_train import logged_losses, train
+
+NO_MODEL = "/nonexistent/model"  # preflight errors must come before any model is loaded
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_bitwise_equal(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+def script_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
+    return [
+        "--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(data),
+        "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "2", "--seed", "0",
+        "--mixed_precision", "no", *extra,
+    ]  # fmt: skip
+
+
+def start_script(argv, wrapper=None):
+    """The training script in its own process; `wrapper` is Python run before it (to patch in a crash)."""
+    code = (wrapper or "") + "\nimport sys, train_text_to_image as t\nsys.argv[1:] = %r\nt.run_main(t.main)\n" % argv
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def collect(stream, lines):
+    for line in stream:
+        lines.append(line)
+
+
+def kill_after(process, path, timeout=120):
+    """SIGKILL the process as soon as `path` exists; True if it was still running then."""
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    running = process.poll() is None
+    process.kill()
+    process.wait()
+    return running and path.exists()
+
+
+# Exact resume ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, kill_at, last",
+    [
+        # EMA, gradient accumulation 2: 32 images / batch 2 / accumulation 2 = 8 steps an epoch; killed at step 3.
+        (["--use_ema", "--gradient_accumulation_steps", "2", "--random_flip"], 3, 12),
+        # No EMA, no accumulation: 16 steps an epoch; killed at step 5, resumed into the second epoch.
+        (["--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"], 5, 20),
+    ],
+    ids=["ema-accumulation", "no-ema"],
+)
+def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tiny_sd, tmp_path, flags, kill_at, last):
+    common = ["--max_train_steps", str(last), "--checkpointing_steps", str(kill_at), "--learning_rate", "1e-3", *flags]
+    whole, broken = tmp_path / "uninterrupted", tmp_path / "killed"
+    train_text_to_image.main(script_args(tiny_sd, whole, *common))
+
+    process = start_script(script_args(tiny_sd, broken, *common))
+    assert kill_after(process, broken / f"checkpoint-{kill_at}"), "the run ended before it could be killed"
+    assert not (broken / "model_index.json").exists()
+    latest = checkpoints.checkpoint_dirs(broken)[-1]
+    assert int(latest.split("-")[1]) < last
+
+    train_text_to_image.main(script_args(tiny_sd, broken, *common, "--resume_from_checkpoint", "latest"))
+
+    assert_bitwise_equal(whole / "unet", broken / "unet")
+    assert_bitwise_equal(whole / f"checkpoint-{last}" / "unet", broken / f"checkpoint-{last}" / "unet")
+    if "--use_ema" in flags:
+        assert_bitwise_equal(whole / f"checkpoint-{last}" / "unet_ema", broken / f"checkpoint-{last}" / "unet_ema")
+    # The resumed run logged only the steps after its checkpoint.
+    assert [step for step, _ in logged_losses(broken)][0] == int(latest.split("-")[1]) + 1
+
+
+def test_without_skipping_seen_batches_the_runs_would_differ(tiny_sd, tmp_path, monkeypatch):
+    # The equality above is not luck: resuming at the start of the epoch (no skipping) gives other weights.
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "1e-3", "--random_flip"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train_text_to_image.main(script_args(tiny_sd, whole, *common))
+    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    monkeypatch.setattr(train_text_to_image.Accelerator, "skip_first_batches", lambda self, loader, n: loader)
+    train_text_to_image.main(script_args(tiny_sd, resumed, *common, "--resume_from_checkpoint", "latest"))
+    assert not torch.equal(weights(whole / "unet")["conv_in.weight"], weights(resumed / "unet")["conv_in.weight"])
+
+
+# Atomic saves ---------------------------------------------------------------------------------------------------
+
+CRASH_DURING_SAVE = """
+import os, signal, accelerate
+_save_state = accelerate.Accelerator.save_state
+def save_state(self, output_dir=None, **kwargs):
+    _save_state(self, output_dir, **kwargs)
+    if "checkpoint-4" in output_dir:  # everything written, not yet renamed: the power goes out
+        os.kill(os.getpid(), signal.SIGKILL)
+accelerate.Accelerator.save_state = save_state
+"""
+
+
+def test_a_crash_while_saving_a_checkpoint_keeps_the_previous_one(tiny_sd, tmp_path):
+    argv = script_args(tiny_sd, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                       "--checkpoints_total_limit", "1")  # fmt: skip
+    process = start_script(argv, wrapper=CRASH_DURING_SAVE)
+    assert process.wait(timeout=120) == -signal.SIGKILL
+    # checkpoint-2 survives even with a total limit of 1: old ones go only after the new one is complete.
+    assert checkpoints.checkpoint_dirs(tmp_path) == ["checkpoint-2"]
+    assert (tmp_path / ".checkpoint-4.partial").exists()
+
+    train_text_to_image.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert [step for step, _ in logged_losses(tmp_path)] == [3, 4, 5, 6]
+    assert checkpoints.checkpoint_dirs(tmp_path) == ["checkpoint-6"]
+    assert not list(tmp_path.glob(".*.partial"))
+    StableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_a_crash_while_saving_the_pipeline_never_leaves_a_loadable_mix(tiny_sd, tmp_path, monkeypatch):
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    checkpoints.save_pipeline(pipeline, tmp_path)
+    StableDiffusionPipeline.from_pretrained(tmp_path)  # a first, complete save
+
+    real_replace = os.replace
+
+    def replace_then_crash(source, destination):
+        real_replace(source, destination)
+        if os.path.basename(destination) == "unet":
+            raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_pipeline(pipeline, tmp_path)
+    # The new UNet is in, the rest is old: the folder has no model_index.json, so nothing loads it as a pipeline.
+    assert not (tmp_path / "model_index.json").exists()
+    with pytest.raises(Exception):
+        StableDiffusionPipeline.from_pretrained(tmp_path)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    checkpoints.save_pipeline(pipeline, tmp_path)
+    StableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+# Preemption -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, signum):
+    base = script_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
+    process = start_script(base + ["--max_train_steps", "100000"])
+    lines = []
+    reader = threading.Thread(target=collect, args=(process.stderr, lines), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while not any("Total optimization steps" in line for line in lines) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # a few steps in (one takes ~0.1 s here)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum
+    reader.join(timeout=10)
+
+    last = "".join(lines).strip().splitlines()[-1]
+    assert last.startswith(f"stopped: {signal.Signals(signum).name} at step ")
+    assert "--resume_from_checkpoint latest" in last
+    step = int(last.split(" at step ")[1].split()[0])
+    assert step >= 1 and checkpoints.checkpoint_dirs(tmp_path) == [f"checkpoint-{step}"]
+    assert not (tmp_path / "model_index.json").exists()
+
+    train_text_to_image.main(base + ["--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"])
+    assert [s for s, _ in logged_losses(tmp_path)] == [step + 1]
+    StableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+# Non-finite loss ------------------------------------------------------------------------------------------------
+
+
+def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_sd, tmp_path):
+    # Warming up to a learning rate of 1e30: step 1 has lr 0, step 2 throws the weights to ~1e29, and the
+    # forward pass of step 3 overflows. Checkpoint 2 holds those weights; checkpoint 1 is the last good one.
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "1", "--learning_rate", "1e30",
+             "--lr_scheduler", "linear", "--lr_warmup_steps", "4"]  # fmt: skip
+    with pytest.raises(TrainingStopped, match=r"the loss became nan at step 3; .*good checkpoint is .*checkpoint-1:"):
+        train(tiny_sd, tmp_path, *flags)
+    assert checkpoints.checkpoint_dirs(tmp_path) == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "model_index.json").exists() and not (tmp_path / "unet").exists()
+
+
+def test_a_nan_loss_exits_with_code_1_and_one_line(tiny_sd, tmp_path):
+    flags = ["--max_train_steps", "3", "--learning_rate", "1e30", "--lr_scheduler", "linear", "--lr_warmup_steps", "4"]
+    process = start_script(script_args(tiny_sd, tmp_path, *flags))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: the loss became nan at step 3;") and "No checkpoint was saved" in last
+
+
+# Preflight ------------------------------------------------------------------------------------------------------
+
+
+def image_folder(folder, rows):
+    """A --train_data_dir from (file name, PIL image or raw bytes, caption) rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for name, image, caption in rows:
+            if isinstance(image, bytes):
+                (folder / name).write_bytes(image)
+            else:
+                image.save(folder / name)
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return folder
+
+
+def demo_image(i=0):
+    return Image.open(DEMO_DATA / f"{i:04d}.png")
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def preflight(tmp_path, *extra, data=DEMO_DATA, output_dir=None):
+    argv = ["--pretrained_model_name_or_path", NO_MODEL, "--train_data_dir", str(data),
+            "--output_dir", str(output_dir or tmp_path / "out"), "--resolution", "32", *extra]  # fmt: skip
+    train_text_to_image.main(argv)
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot write to --output_dir"):
+        preflight(tmp_path, output_dir=tmp_path / "a_file" / "out")
+
+
+def test_missing_image_column_lists_the_columns(tmp_path):
+    with pytest.raises(
+        UserError, match="--image_column 'picture' is not a column of the dataset; it has: image, text"
+    ):
+        preflight(tmp_path, "--image_column", "picture")
+
+
+@pytest.mark.parametrize("caption, shown", [(5, "int 5"), ([1, 2], "list [1, 2]"), ([], "list []")])
+def test_captions_that_are_not_strings(tmp_path, caption, shown):
+    data = image_folder(tmp_path / "data", [("a.png", demo_image(0), caption), ("b.png", demo_image(1), caption)])
+    with pytest.raises(UserError, match=re.escape(f"strings or lists of strings; row 0 holds {shown}")):
+        preflight(tmp_path, data=data)
+
+
+def test_an_empty_dataset(tmp_path):
+    import datasets
+
+    # A hub-style dataset with no rows, and an image folder with no images.
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_dict({"image": [], "text": []}).to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    argv = ["--pretrained_model_name_or_path", NO_MODEL, "--dataset_name", str(tmp_path / "hub"),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match="the training dataset is empty"):
+        train_text_to_image.main(argv)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "metadata.jsonl").write_text("")
+    with pytest.raises(UserError, match="the training dataset is empty"):
+        preflight(tmp_path, data=tmp_path / "folder")
+
+
+def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint in .* \\(available: none\\)"):
+        preflight(tmp_path, "--resume_from_checkpoint", "checkpoint-500")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--offload_ema"], "--offload_ema moves the EMA weights to the CPU, so it needs --use_ema"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+        (["--noise_offset", "-1"], "--noise_offset must be a number >= 0"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+        (["--snr_gamma", "0"], "--snr_gamma must be a positive number"),
+        (["--resolution", "0"], "--resolution must be a positive multiple of 8"),
+        (["--resolution", "60"], "--resolution must be a positive multiple of 8"),
+        pytest.param(["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="fp16 is fine where there is a GPU")),
+        pytest.param(["--use_8bit_adam"], "needs a CUDA GPU", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="bitsandbytes runs where there is a GPU")),
+    ],
+)  # fmt: skip
+def test_incompatible_or_impossible_flags(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        preflight(tmp_path, *flags)
+
+
+def test_preflight_errors_are_one_line_with_exit_code_2(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path", NO_MODEL,
+         "--train_data_dir", str(DEMO_DATA), "--output_dir", str(tmp_path / "a_file" / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write to --output_dir")
+    assert "Traceback" not in result.stderr
+
+
+def broken_files_folder(tmp_path):
+    good = [(f"{i}.png", demo_image(i), f"creature {i}") for i in range(3)]
+    whole = png_bytes(demo_image(3))
+    broken = [("garbage.png", b"not an image at all", "x"), ("truncated.png", whole[: len(whole) // 2], "y")]
+    return image_folder(tmp_path / "data", good + broken)
+
+
+def test_unreadable_images_are_reported_by_name(tmp_path):
+    with pytest.raises(
+        UserError, match=r"2 of 5 images can't be read: .*garbage\.png.*truncated\.png.*--skip_invalid"
+    ):
+        preflight(tmp_path, data=broken_files_folder(tmp_path))
+
+
+def test_skip_invalid_images_drops_and_counts_them(tiny_sd, tmp_path, caplog):
+    data = broken_files_folder(tmp_path)
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--skip_invalid_images", data=data)
+    assert "dropped 2 of 5 images that can't be read" in caplog.text
+    assert "Num examples = 3 (2 unreadable skipped)" in caplog.text
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
+# Images of any mode and size ------------------------------------------------------------------------------------
+
+
+def test_to_rgb_handles_every_mode():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red: shows the white background
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
+    sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+    assert [to_rgb(sixteen).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+    palette = demo_image(0).convert("P")
+    assert to_rgb(palette).mode == "RGB"
+    transparent_palette = Image.new("P", (2, 2), 0)
+    transparent_palette.info["transparency"] = 0
+    assert to_rgb(transparent_palette).getpixel((0, 0)) == (255, 255, 255)
+    for mode in ("L", "1", "CMYK", "LA", "F"):
+        assert to_rgb(demo_image(0).convert(mode)).mode == "RGB"
+
+
+def test_training_on_images_of_every_mode_and_size(tiny_sd, tmp_path):
+    base = demo_image(0)
+    rows = [
+        ("rgba.png", base.convert("RGBA"), "an rgba creature"),
+        ("palette.png", base.convert("P"), "a palette creature"),
+        ("grey.png", base.convert("L"), "a grey creature"),
+        ("deep.png", Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257)), "a 16-bit creature"),
+        ("tiny.png", base.resize((5, 3)), "a creature smaller than the resolution"),
+        ("tall.jpg", base.resize((20, 300)).convert("CMYK"), "a tall cmyk creature"),
+    ]
+    data = image_folder(tmp_path / "data", rows)
+    train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--train_batch_size", "6", "--resolution", "64",
+          data=data)  # fmt: skip
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
+# Long captions --------------------------------------------------------------------------------------------------
+
+
+def test_captions_longer_than_77_tokens_are_counted(tiny_sd, tmp_path, caplog):
+    rows = [("a.png", demo_image(0), "a creature " * 60), ("b.png", demo_image(1), "a short caption")]
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=image_folder(tmp_path / "data", rows))
+    assert "1 of 2 captions are longer than CLIP's 77 tokens" in caplog.text
