@@ -32,7 +32,13 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from datasets import load_dataset
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -760,6 +766,14 @@ class StopRequest:
 def main(argv=None):
     args = parse_args(argv)
 
+    # `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP for the processes it starts.
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if args.use_ema and fsdp:
+        raise UserError(
+            "--use_ema is not supported with FSDP (the EMA copy would need the same sharding); use DDP or"
+            " DeepSpeed ZeRO-2/3 (configs/accelerate/) for EMA, or drop --use_ema"
+        )
+
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     try:
@@ -861,16 +875,31 @@ def main(argv=None):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
+    def unet_for_saving(model):
+        """The whole UNet on the main process (None elsewhere). Under DeepSpeed and FSDP its weights are spread
+        over the processes and are gathered first: every process must call this."""
+        unwrapped = accelerator.unwrap_model(model)
+        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return unwrapped if accelerator.is_main_process else None
+        state_dict = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return None
+        whole = UNet2DConditionModel.from_config(unwrapped.config)
+        whole.load_state_dict(state_dict)
+        return whole
+
     # Save and load checkpoints in diffusers format: checkpoint-N/unet (and checkpoint-N/unet_ema) are folders
     # that UNet2DConditionModel.from_pretrained reads, next to accelerate's optimizer, scheduler and RNG state.
+    # Every process calls the save hook; only the main process writes. DeepSpeed and FSDP also save their own
+    # (sharded) model files, which accelerate's load_state reads back.
     def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if args.use_ema:
-                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for model in models:
-                model.save_pretrained(os.path.join(output_dir, "unet"))
-                # make sure to pop weight so that corresponding model is not saved again
-                weights.pop()
+        for model in models:
+            unet_to_save = unet_for_saving(model)
+            if accelerator.is_main_process:
+                unet_to_save.save_pretrained(os.path.join(output_dir, "unet"))
+        if accelerator.is_main_process and args.use_ema:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        weights.clear()  # so that accelerate does not save the UNet a second time as model.safetensors
 
     def load_model_hook(models, input_dir):
         if args.use_ema:
@@ -889,6 +918,7 @@ def main(argv=None):
             model = models.pop()
             # load diffusers style into model
             load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model = accelerator.unwrap_model(model)
             model.register_to_config(**load_model.config)
             model.load_state_dict(load_model.state_dict())
             del load_model
@@ -1030,9 +1060,18 @@ def main(argv=None):
 
     # Potentially load in the weights and states from a previous save
     if resume_path is not None:
-        accelerator.print(f"Resuming from checkpoint {os.path.basename(resume_path)}")
+        logger.info(f"Resuming from checkpoint {os.path.basename(resume_path)}", main_process_only=False)
         accelerator.load_state(resume_path)
         global_step = int(os.path.basename(resume_path).split("-")[1])
+        # The LR scheduler counts process-steps (global_step x processes), and the saved count is the one of the
+        # run that wrote the checkpoint: recount it for this run's number of processes. All of diffusers'
+        # schedules are LambdaLRs, whose learning rate is a function of that count.
+        schedule = lr_scheduler.scheduler
+        schedule.last_epoch = global_step * accelerator.num_processes
+        lrs = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
         saved_batch_size = resumed_state.get("total_batch_size", total_batch_size)
@@ -1185,7 +1224,7 @@ def main(argv=None):
                             ema_unet.to(device="cpu", non_blocking=True)
                     progress_bar.update(1)
                     global_step += 1
-                    accelerator.log({"train_loss": train_loss}, step=global_step)
+                    accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                     train_loss = 0.0
 
                     if global_step % args.checkpointing_steps == 0:
@@ -1232,8 +1271,8 @@ def main(argv=None):
 
     # Create the pipeline using the trained modules and save it.
     accelerator.wait_for_everyone()
+    unet = unet_for_saving(unet)
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet)
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
 

@@ -1,0 +1,279 @@
+"""Two processes through `accelerate launch` (DDP over gloo on the CPU) against one process.
+
+One two-process run is shared by the tests: 2 processes x batch 2 against 1 process x batch 4, with EMA,
+gradient checkpointing and a warmup schedule. Its second process runs under a recorder of every file it
+writes, to show that only the main process writes.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+from safetensors.torch import load_file
+
+import train_text_to_image
+from tests.conftest import DEMO_DATA, REPO
+from tests.test_train import logged_losses
+
+FLAGS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema",
+         "--gradient_checkpointing", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--random_flip",
+         "--resolution", "32", "--seed", "0", "--mixed_precision", "no", "--train_data_dir", str(DEMO_DATA)]  # fmt: skip
+
+# Run in every process before the script: on processes other than the main one, note every file written.
+RECORDER = """
+import builtins, os, sys
+import PIL.Image, safetensors.torch, torch
+import diffusers
+sys.path.insert(0, {repo!r})
+
+if os.environ.get("RANK", "0") != "0":
+    log_path = {log!r} + ".rank" + os.environ["RANK"]
+    real_open = builtins.open
+
+    def note(kind, path):
+        with real_open(log_path, "a") as f:
+            f.write(f"{{kind}} {{path}}\\n")
+
+    def wrap(owner, name, kind, path_of):
+        real = getattr(owner, name)
+        def wrapped(*args, **kwargs):
+            note(kind, path_of(*args, **kwargs))
+            return real(*args, **kwargs)
+        setattr(owner, name, wrapped)
+
+    def open_for_writing(file, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            note("open", file)
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = open_for_writing
+    wrap(torch, "save", "torch.save", lambda obj, f, *a, **k: f)
+    wrap(safetensors.torch, "save_file", "save_file", lambda tensors, filename, *a, **k: filename)
+    wrap(PIL.Image.Image, "save", "image", lambda self, fp, *a, **k: fp)
+    wrap(diffusers.ModelMixin, "save_pretrained", "save_pretrained", lambda self, d, *a, **k: d)
+    wrap(diffusers.DiffusionPipeline, "save_pretrained", "save_pretrained", lambda self, d, *a, **k: d)
+    wrap(os, "replace", "replace", lambda src, dst, *a, **k: dst)
+
+import train_text_to_image
+train_text_to_image.run_main(train_text_to_image.main)
+"""
+
+
+def launch(tiny_sd, output_dir, *extra, num_processes=2, script=None):
+    """accelerate launch with `num_processes` CPU processes (DDP over gloo)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(script or REPO / "train_text_to_image.py"),
+        "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_sd, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    script = folder / "recorded_train.py"
+    script.write_text(RECORDER.format(repo=str(REPO), log=str(folder / "writes")))
+    result = launch(tiny_sd, folder / "out", *FLAGS, "--train_batch_size", "2", script=script)
+    return folder, result
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *FLAGS,
+                              "--train_batch_size", "4"])  # fmt: skip
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return out
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
+def max_difference(a, b):
+    a, b = weights(a), weights(b)
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def relative_difference_of_updates(base, a, b):
+    """|(a - base) - (b - base)| / |a - base| over all UNet weights: how differently two runs moved them."""
+    base, a, b = weights(base), weights(a), weights(b)
+    delta_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    delta_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    return ((delta_a - delta_b).norm() / delta_a.norm()).item()
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, two_process_run, one_process_run):
+    folder, result = two_process_run
+    ddp = folder / "out"
+    assert "Num processes: 2" in result.stderr and "MULTI_CPU" in result.stderr
+    # Same samples, augmentations and noise in each step; only the order of float sums differs (gradients are
+    # averaged over two processes instead of over one batch). The first losses agree to float precision.
+    (step, loss_ddp), (_, loss_one) = logged_losses(ddp)[0], logged_losses(one_process_run)[0]
+    assert step == 1 and loss_ddp == pytest.approx(loss_one, rel=1e-5)
+    # Adam turns gradients near zero into +-lr steps, so float noise moves a few weights by up to lr: compare
+    # the updates as a whole. Measured: 0.12% apart; the same run with --seed 1 instead is 137% apart.
+    base = Path(tiny_sd) / "unet"
+    for sub in ("checkpoint-2/unet", "checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"):
+        assert relative_difference_of_updates(base, ddp / sub, one_process_run / sub) < 0.01, sub
+
+
+def test_warmup_and_total_steps_count_optimizer_steps_whatever_the_processes(two_process_run, one_process_run):
+    ddp = two_process_run[0] / "out"
+    steps = [step for step, _ in logged_losses(ddp)]
+    assert steps == [1, 2, 3, 4]  # not 8: the 4 steps are optimizer steps of the whole group
+
+    def lrs(out):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        folder = Path(out) / "logs" / "text2image-fine-tune"
+        events = EventAccumulator(str(max(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)))
+        events.Reload()
+        return [round(e.value, 10) for e in events.Scalars("lr")]
+
+    # Warmup over 2 steps to 1e-3, then linear decay to 0 at step 4: the same per step as one process.
+    assert lrs(ddp) == lrs(one_process_run) == [0.0005, 0.001, 0.0005, 0.0]
+
+
+def test_only_the_main_process_writes(two_process_run):
+    folder, _ = two_process_run
+    out = folder / "out"
+    # The main process wrote everything a run leaves behind ...
+    for path in ("model_index.json", "unet", "README.md", "checkpoint-2/unet", "checkpoint-4/unet_ema",
+                 "checkpoint-4/optimizer.bin", "logs"):  # fmt: skip
+        assert (out / path).exists(), path
+    # ... and the second process wrote its own random state into each checkpoint, nothing else.
+    log = folder / "writes.rank1"
+    written = log.read_text().splitlines() if log.exists() else []
+    assert written, "the recorder saw no write at all on process 1; it is not working"
+    others = [line for line in written if not line.endswith("random_states_1.pkl")]
+    assert others == [], others
+    assert (out / "checkpoint-4" / "random_states_1.pkl").exists()
+
+
+def test_every_process_resumes_from_the_same_checkpoint(tiny_sd, two_process_run, tmp_path):
+    whole = two_process_run[0] / "out"
+    resumed = tmp_path / "out"
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch(tiny_sd, resumed, *FLAGS, "--train_batch_size", "2", "--resume_from_checkpoint", "latest")
+    for rank in (0, 1):
+        assert f"[RANK {rank}] Resuming from checkpoint checkpoint-2" in result.stderr
+    assert max_difference(whole / "unet", resumed / "unet") == 0.0
+    assert max_difference(whole / "checkpoint-4" / "unet", resumed / "checkpoint-4" / "unet") == 0.0
+
+
+# The configs in configs/accelerate/ ---------------------------------------------------------------------------
+
+CONFIGS = REPO / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type, num_processes",
+    [
+        ("single_gpu_fp16.yaml", "NO", 1),
+        ("multi_gpu_ddp.yaml", "MULTI_GPU", 2),
+        ("deepspeed_zero2_offload.yaml", "DEEPSPEED", 2),
+        ("fsdp.yaml", "FSDP", 2),
+        ("multi_node.yaml", "MULTI_GPU", 16),
+    ],
+)
+def test_each_config_loads_with_accelerates_own_loader(name, distributed_type, num_processes):
+    config = load_config_from_file(str(CONFIGS / name))
+    assert config.distributed_type.name == distributed_type
+    assert config.num_processes == num_processes
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    if distributed_type == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["offload_optimizer_device"] == "cpu"
+        # Must match train.sh, or accelerate refuses to start.
+        assert config.deepspeed_config["gradient_accumulation_steps"] == 4
+    if distributed_type == "FSDP":
+        assert raw["fsdp_config"]["fsdp_sharding_strategy"] in ("FULL_SHARD", 1)
+    if name == "multi_node.yaml":
+        assert config.num_machines == 2 and "main_process_ip" in raw and "machine_rank" in raw
+
+
+def test_fsdp_with_ema_is_refused_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(train_text_to_image.UserError, match="--use_ema is not supported with FSDP"):
+        train_text_to_image.main(["--pretrained_model_name_or_path", "/nonexistent", "--train_data_dir",
+                                  str(DEMO_DATA), "--output_dir", str(tmp_path), "--use_ema"])  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_two_gpu_ddp_fp16_config_trains(tiny_sd, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_gpu_ddp.yaml"),
+               str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path", str(tiny_sd),
+               "--output_dir", str(tmp_path), *FLAGS]  # fmt: skip
+    subprocess.run(command, check=True, cwd=REPO)
+    assert (tmp_path / "model_index.json").exists()
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_sd, one_process_run, two_process_run, tmp_path):
+    # Same total batch (1 x 4 and 2 x 2), so the data position carries over and the runs stay together.
+    resumed = tmp_path / "out"
+    shutil.copytree(one_process_run / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch(tiny_sd, resumed, *FLAGS, "--train_batch_size", "2", "--resume_from_checkpoint", "latest")
+    assert "not on the same data order" not in result.stderr
+    base = Path(tiny_sd) / "unet"
+    ddp = two_process_run[0] / "out"
+    assert relative_difference_of_updates(base, ddp / "unet", resumed / "unet") < 0.01
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_sd, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path", str(tiny_sd),
+        "--output_dir", str(tmp_path), "--train_data_dir", str(DEMO_DATA), "--resolution", "32",
+        "--train_batch_size", "1", "--seed", "0", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    events = tmp_path / "logs" / "text2image-fine-tune"
+    deadline = time.time() + 120
+    while not list(events.glob("events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # training steps are being taken
+    workers = [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "train_text_to_image" in " ".join(p.cmdline())
+    ]
+    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1, [p.cmdline() for p in workers]
+    rank1[0].send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM at step ")]
+    assert len(stopped) == 2, stderr[-3000:]  # both processes, each with its line
+    steps = {int(line.split(" at step ")[1].split()[0]) for line in stopped}
+    assert len(steps) == 1
+    (step,) = steps
+    checkpoint = tmp_path / f"checkpoint-{step}"
+    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    assert not (tmp_path / "model_index.json").exists()
