@@ -13,12 +13,15 @@ defaults, same checkpoint layout. The VAE and the CLIP text encoder stay frozen;
 """
 
 import argparse
+import gc
+import importlib.util
 import logging
 import math
 import os
 import random
 import signal
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -58,7 +61,15 @@ from sdtoolkit.checkpoints import (
     save_checkpoint,
     save_pipeline,
 )
-from sdtoolkit.data import TrainingExamples, check_captions, collate, count_long_captions, unreadable_images
+from sdtoolkit.data import (
+    TrainingExamples,
+    check_captions,
+    collate,
+    count_long_captions,
+    encode_cache,
+    unreadable_images,
+)
+from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import TrainingStopped, UserError, first_line, run_main
 
 logger = get_logger(__name__, log_level="INFO")
@@ -132,6 +143,32 @@ def parse_args(argv=None):
         type=str,
         default="text",
         help="The column of the dataset containing a caption or a list of captions.",
+    )
+    # Speed and memory options of this toolkit (not upstream). See BENCHMARKS.md for what each one buys.
+    parser.add_argument(
+        "--cache_latents",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "Encode every caption with the text encoder once, and, with --center_crop, every image (and its mirror"
+            " image with --random_flip) with the VAE once, then free the encoders. Each step still draws its own"
+            " latent sample. Random crops can't be cached: their images are encoded at every step."
+        ),
+    )
+    parser.add_argument(
+        "--fused_adam",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Use torch's fused AdamW kernel (one kernel for all weights; CPU and CUDA) instead of the per-tensor loop.",
+    )
+    parser.add_argument(
+        "--inplace_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Update the EMA weights with one in-place multi-tensor lerp (no temporary copy) instead of diffusers' loop.",
+    )
+    parser.add_argument(
+        "--channels_last", action="store_true", help="Keep the UNet's weights and activations in channels-last layout."
     )
     parser.add_argument(
         "--skip_invalid_images",
@@ -422,8 +459,11 @@ def parse_args(argv=None):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
     if args.offload_ema and not args.use_ema:
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
-    if args.use_8bit_adam and not torch.cuda.is_available():
-        raise UserError("--use_8bit_adam uses bitsandbytes, which needs a CUDA GPU; drop the flag on this machine")
+    if args.use_8bit_adam and not torch.cuda.is_available() and importlib.util.find_spec("torchao") is None:
+        raise UserError(
+            "--use_8bit_adam without a CUDA GPU needs torchao's 8-bit AdamW (pip install torchao); on a GPU it uses"
+            " bitsandbytes"
+        )
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise UserError(
             "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers, CUDA only);"
@@ -627,10 +667,11 @@ def save_validation_images(images, args, folder_name):
 def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step):
     logger.info("Running validation... ")
 
+    # Encoders freed after caching (--cache_latents) are loaded again from the base model.
+    frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
-        vae=accelerator.unwrap_model(vae),
-        text_encoder=accelerator.unwrap_model(text_encoder),
+        **frozen,
         tokenizer=tokenizer,
         unet=accelerator.unwrap_model(unet),
         safety_checker=None,
@@ -865,7 +906,8 @@ def main(argv=None):
             variant=args.variant,
             cache_dir=args.cache_dir,
         )
-        ema_unet = EMAModel(
+        ema_cls = InPlaceEMAModel if args.inplace_ema else EMAModel
+        ema_unet = ema_cls(
             ema_unet.parameters(),
             model_cls=UNet2DConditionModel,
             model_config=ema_unet.config,
@@ -903,7 +945,7 @@ def main(argv=None):
 
     def load_model_hook(models, input_dir):
         if args.use_ema:
-            load_model = EMAModel.from_pretrained(
+            load_model = ema_cls.from_pretrained(
                 os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
             )
             ema_unet.load_state_dict(load_model.state_dict())
@@ -928,6 +970,8 @@ def main(argv=None):
 
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
 
     # Enable TF32 for faster training on Ampere GPUs,
     # cf https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices
@@ -941,15 +985,19 @@ def main(argv=None):
 
     # Initialize the optimizer
     if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise UserError(
-                "--use_8bit_adam needs bitsandbytes, which runs on CUDA GPUs: pip install bitsandbytes"
-            ) from err
-        optimizer_cls = bnb.optim.AdamW8bit
+        if accelerator.device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise UserError("--use_8bit_adam needs bitsandbytes on a GPU: pip install bitsandbytes") from err
+            optimizer_cls, extra = bnb.optim.AdamW8bit, {}
+        else:
+            from torchao.optim import AdamW8bit  # runs on CPUs too
+
+            optimizer_cls, extra = AdamW8bit, {}
     else:
-        optimizer_cls = torch.optim.AdamW
+        # The fused kernel updates all weights at once (upstream's default on a CPU is one tensor at a time).
+        optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if args.fused_adam else {})
 
     optimizer = optimizer_cls(
         unet.parameters(),
@@ -957,6 +1005,7 @@ def main(argv=None):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        **extra,
     )
 
     # The training examples: transformed images, token ids, and every random draw of the diffusion step,
@@ -1027,6 +1076,29 @@ def main(argv=None):
     # Move text_encode and vae to gpu and cast to weight_dtype
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
+    vae_scaling_factor = vae.config.scaling_factor
+
+    # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
+    # cached only for center crops, where they are exact; random crops are encoded at every step.
+    if args.cache_latents:
+        cache_images = args.center_crop
+        if not cache_images:
+            logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
+        started = time.perf_counter()
+        latents_cache, text_cache = encode_cache(
+            train_dataset, vae, text_encoder, accelerator.device, weight_dtype, latents=cache_images
+        )
+        train_dataset.use_cache(latents_cache, text_cache)
+        logger.info(
+            f"Cached {'latents and ' if cache_images else ''}text embeddings of {len(train_dataset)} rows in"
+            f" {time.perf_counter() - started:.1f} s; freeing the {'VAE and ' if cache_images else ''}text encoder"
+        )
+        text_encoder = None
+        if cache_images:
+            vae = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # We need to recalculate our total training steps as the size of the training dataloader may have changed.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1110,6 +1182,8 @@ def main(argv=None):
     )
 
     saved_at_step = None
+    on = dict(device=accelerator.device, dtype=torch.float32)
+    loss_sum, micro_steps, last = torch.zeros((), **on), 0, time.perf_counter()
     stop = StopRequest()
     stop.install()
     try:
@@ -1121,15 +1195,17 @@ def main(argv=None):
                 epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
             epoch_dataloader.set_epoch(epoch)
 
-            train_loss = 0.0
             for step, batch in enumerate(epoch_dataloader):
                 if global_step >= args.max_train_steps:
                     break  # resumed from a checkpoint at (or past) the last step: nothing left to train
                 with accelerator.accumulate(unet):
-                    # Convert images to latent space: a sample of the VAE's latent distribution.
-                    latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-                    latents = latent_dist.mean + latent_dist.std * batch["latent_noise"].to(weight_dtype)
-                    latents = latents * vae.config.scaling_factor
+                    # Convert images to latent space: a sample of the VAE's latent distribution (cached or not).
+                    if "latent_mean" in batch:
+                        mean, std = batch["latent_mean"], batch["latent_std"]
+                    else:
+                        latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+                        mean, std = latent_dist.mean, latent_dist.std
+                    latents = (mean + std * batch["latent_noise"].to(weight_dtype)) * vae_scaling_factor
 
                     # The noise to add to the latents, and a timestep per image: drawn with the example.
                     noise = batch["noise"]
@@ -1149,7 +1225,10 @@ def main(argv=None):
                         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
                     # Get the text embedding for conditioning
-                    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                    if "encoder_hidden_states" in batch:
+                        encoder_hidden_states = batch["encoder_hidden_states"]
+                    else:
+                        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
 
                     # Get the target for loss depending on the prediction type
                     if args.prediction_type is not None:
@@ -1198,17 +1277,24 @@ def main(argv=None):
                         loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
                         loss = loss.mean()
 
-                    # Gather the losses across all processes for logging (if we use distributed training).
-                    avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean().item()
-                    # A NaN or Inf loss would poison the weights: stop before it is backpropagated.
-                    if not math.isfinite(avg_loss):
-                        accelerator.end_training()
-                        raise TrainingStopped(nonfinite_loss_message(avg_loss, global_step + 1, args.output_dir), 1)
-                    train_loss += avg_loss / args.gradient_accumulation_steps
-
                     # Backpropagate
+                    loss_sum += loss.detach()
+                    micro_steps += 1
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        # The one host-device sync of a step: the mean loss over the accumulated micro-batches and
+                        # all processes (for the log), and whether any process was asked to stop.
+                        stats = torch.stack([loss_sum / micro_steps, torch.tensor(stop.signal is not None, **on)])
+                        stats = accelerator.gather(stats[None]).cpu()
+                        train_loss, stop_now = stats[:, 0].mean().item(), bool(stats[:, 1].max() > 0)
+                        loss_sum.zero_()
+                        micro_steps = 0
+                        # A NaN or Inf loss would poison the weights: stop before the optimizer applies it.
+                        if not math.isfinite(train_loss):
+                            accelerator.end_training()
+                            raise TrainingStopped(
+                                nonfinite_loss_message(train_loss, global_step + 1, args.output_dir), 1
+                            )
                         accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
@@ -1224,8 +1310,11 @@ def main(argv=None):
                             ema_unet.to(device="cpu", non_blocking=True)
                     progress_bar.update(1)
                     global_step += 1
-                    accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-                    train_loss = 0.0
+                    now = time.perf_counter()
+                    logs = {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], "step_seconds": now - last}
+                    last = now
+                    accelerator.log(logs, step=global_step)
+                    progress_bar.set_postfix(step_loss=train_loss, lr=logs["lr"])
 
                     if global_step % args.checkpointing_steps == 0:
                         save_path = checkpoint(epoch)
@@ -1233,10 +1322,6 @@ def main(argv=None):
                         logger.info(f"Saved state to {save_path}")
 
                     # A SIGTERM or Ctrl-C on any process stops all of them after this same step.
-                    stop_now = stop.signal is not None
-                    if accelerator.num_processes > 1:
-                        flag = torch.tensor(float(stop_now), device=accelerator.device)
-                        stop_now = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
                     if stop_now and global_step < args.max_train_steps:
                         if saved_at_step != global_step:
                             save_path = checkpoint(epoch)
@@ -1248,9 +1333,6 @@ def main(argv=None):
                             " --resume_from_checkpoint latest",
                             exit_code=128 + signum,
                         )
-
-                logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-                progress_bar.set_postfix(**logs)
 
                 if global_step >= args.max_train_steps:
                     break
@@ -1276,10 +1358,10 @@ def main(argv=None):
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
 
+        frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
         pipeline = StableDiffusionPipeline.from_pretrained(
             args.pretrained_model_name_or_path,
-            text_encoder=text_encoder,
-            vae=vae,
+            **frozen,  # those freed after caching are loaded again from the base model
             unet=unet,
             revision=args.revision,
             variant=args.variant,

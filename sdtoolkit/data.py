@@ -4,6 +4,10 @@ Every random choice made for an example -- its crop, its flip, which of its capt
 sample, the noise and the timestep -- comes from a generator seeded by (seed, epoch, row index), not from
 the process's global random state. So an example looks the same whichever process, worker or batch loads
 it, and a run resumed in the middle of an epoch sees exactly what the uninterrupted run saw.
+
+With a cache (see `encode_cache`), an example carries the VAE's latent mean and std and the text encoder's
+output instead of pixels and token ids; the random draws are the same, in the same order, so a cached run
+trains on the same samples as an uncached one.
 """
 
 import io
@@ -97,6 +101,8 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def __init__(self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps):
         self.dataset = dataset
+        self.latents = None  # set by use_cache: (mean, std), each [rows, orientations, C, h, w]
+        self.text = None  # set by use_cache: (embeddings [captions, 77, dim], and per row: first, count, is_list)
         self.image_column = image_column
         self.caption_column = caption_column
         self.tokenizer = tokenizer
@@ -114,41 +120,54 @@ class TrainingExamples(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def use_cache(self, latents, text):
+        """Serve cached latent distributions and/or text embeddings (either may be None) instead of encoding."""
+        self.latents, self.text = latents, text
+
     def __getitem__(self, index):
-        row = self.dataset[index]
         generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index))
+        example = {}
+        row = self.dataset[index] if self.latents is None or self.text is None else None
 
         # The image: shorter side to `resolution`, then a center or random square crop, maybe a flip.
-        image = to_rgb(row[self.image_column])
-        image = TF.resize(image, self.resolution, interpolation=self.interpolation)
-        width, height = image.size
-        if self.center_crop:
-            image = TF.center_crop(image, self.resolution)
+        if self.latents is None:
+            image = to_rgb(row[self.image_column])
+            image = TF.resize(image, self.resolution, interpolation=self.interpolation)
+            width, height = image.size
+            if self.center_crop:
+                image = TF.center_crop(image, self.resolution)
+            else:
+                top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
+                image = TF.crop(image, top, left, self.resolution, self.resolution)
+            if self.random_flip and torch.rand(1, generator=generator) < 0.5:
+                image = TF.hflip(image)
+            example["pixel_values"] = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
         else:
-            top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
-            image = TF.crop(image, top, left, self.resolution, self.resolution)
-        if self.random_flip and torch.rand(1, generator=generator) < 0.5:
-            image = TF.hflip(image)
-        pixel_values = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+            # Cached latents exist only for center crops; orientation 1 is the flipped image.
+            flipped = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
+            mean, std = self.latents
+            example["latent_mean"] = mean[index, int(flipped)]
+            example["latent_std"] = std[index, int(flipped)]
 
         # The caption: a random one of several, if the row has a list.
-        caption = row[self.caption_column]
-        if not isinstance(caption, str):
-            caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
-        input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]  # fmt: skip
+        if self.text is None:
+            caption = row[self.caption_column]
+            if not isinstance(caption, str):
+                caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
+            example["input_ids"] = self.tokenizer(
+                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]  # fmt: skip
+        else:
+            embeddings, first, count, is_list = self.text
+            choice = int(torch.randint(0, count[index], (1,), generator=generator)) if is_list[index] else 0
+            example["encoder_hidden_states"] = embeddings[first[index] + choice]
 
         # The diffusion draws for this example.
-        example = {
-            "pixel_values": pixel_values,
-            "input_ids": input_ids,
-            "latent_noise": torch.randn(self.latent_shape, generator=generator),
-            "noise": torch.randn(self.latent_shape, generator=generator),
-            "timestep": torch.randint(0, self.num_train_timesteps, (), generator=generator),
-        }
+        example["latent_noise"] = torch.randn(self.latent_shape, generator=generator)
+        example["noise"] = torch.randn(self.latent_shape, generator=generator)
+        example["timestep"] = torch.randint(0, self.num_train_timesteps, (), generator=generator)
         if self.noise_offset:
             example["offset_noise"] = torch.randn((self.latent_shape[0], 1, 1), generator=generator)
         if self.input_perturbation:
@@ -156,8 +175,67 @@ class TrainingExamples(torch.utils.data.Dataset):
         return example
 
 
+def cached_image(image, resolution, interpolation, flip):
+    """The image as the uncached path makes it with a center crop: resized, cropped, maybe flipped, in [-1, 1]."""
+    image = TF.center_crop(TF.resize(to_rgb(image), resolution, interpolation=interpolation), resolution)
+    if flip:
+        image = TF.hflip(image)
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+
+
+@torch.no_grad()
+def encode_cache(examples, vae, text_encoder, device, dtype, batch_size=8, latents=True, text=True):
+    """Encode every row once with the frozen VAE and text encoder, on `device` in `dtype`.
+
+    Latents: the mean and std of the VAE's latent distribution of each row's center crop, and of its mirror
+    image with --random_flip (each step still draws its own sample from them). Text: the text encoder's output
+    for every caption of every row. Returns (latents, text) in the form TrainingExamples.use_cache takes;
+    either is None when not asked for.
+    """
+    dataset, rows = examples.dataset, len(examples)
+    latent_cache = text_cache = None
+
+    if latents:
+        orientations = [False, True] if examples.random_flip else [False]
+        means, stds = [], []
+        for start in range(0, rows, batch_size):
+            batch = dataset[start : start + batch_size][examples.image_column]
+            per_orientation_mean, per_orientation_std = [], []
+            for flip in orientations:
+                pixels = torch.stack(
+                    [cached_image(image, examples.resolution, examples.interpolation, flip) for image in batch]
+                )
+                dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
+                per_orientation_mean.append(dist.mean.cpu())
+                per_orientation_std.append(dist.std.cpu())
+            means.append(torch.stack(per_orientation_mean, dim=1))
+            stds.append(torch.stack(per_orientation_std, dim=1))
+        latent_cache = (torch.cat(means), torch.cat(stds))
+
+    if text:
+        captions, first, count, is_list = [], [], [], []
+        for caption in dataset[examples.caption_column]:
+            options = [caption] if isinstance(caption, str) else list(caption)
+            first.append(len(captions))
+            count.append(len(options))
+            is_list.append(not isinstance(caption, str))
+            captions.extend(options)
+        tokenizer = examples.tokenizer
+        embeddings = []
+        for start in range(0, len(captions), batch_size):
+            ids = tokenizer(
+                captions[start : start + batch_size], max_length=tokenizer.model_max_length, padding="max_length",
+                truncation=True, return_tensors="pt",
+            ).input_ids  # fmt: skip
+            embeddings.append(text_encoder(ids.to(device), return_dict=False)[0].cpu())
+        text_cache = (torch.cat(embeddings), first, count, is_list)
+
+    return latent_cache, text_cache
+
+
 def collate(examples):
     """Stack a list of examples into a batch of tensors."""
     batch = {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
-    batch["pixel_values"] = batch["pixel_values"].to(memory_format=torch.contiguous_format).float()
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(memory_format=torch.contiguous_format).float()
     return batch

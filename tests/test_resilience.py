@@ -3,6 +3,7 @@
 The crash tests run the script in a subprocess and kill it for real (SIGKILL, SIGTERM, SIGINT).
 """
 
+import importlib.util
 import io
 import json
 import logging
@@ -313,8 +314,9 @@ def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),
         pytest.param(["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU", marks=pytest.mark.skipif(
             torch.cuda.is_available(), reason="fp16 is fine where there is a GPU")),
-        pytest.param(["--use_8bit_adam"], "needs a CUDA GPU", marks=pytest.mark.skipif(
-            torch.cuda.is_available(), reason="bitsandbytes runs where there is a GPU")),
+        pytest.param(["--use_8bit_adam"], "needs torchao's 8-bit AdamW", marks=pytest.mark.skipif(
+            torch.cuda.is_available() or importlib.util.find_spec("torchao") is not None,
+            reason="8-bit AdamW runs here (bitsandbytes on a GPU, or torchao)")),
     ],
 )  # fmt: skip
 def test_incompatible_or_impossible_flags(tmp_path, flags, message):

@@ -1,0 +1,126 @@
+"""The speed and memory options: cached latents and text embeddings, fused AdamW, in-place EMA, 8-bit AdamW."""
+
+import importlib.util
+import json
+import logging
+
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+
+import train_text_to_image
+from sdtoolkit.ema import InPlaceEMAModel
+from tests.conftest import DEMO_DATA
+from tests.test_distributed import relative_difference_of_updates as relative_update
+from tests.test_resilience import demo_image, image_folder
+from tests.test_train import logged_losses, train
+
+
+def caption_list_folder(tmp_path):
+    rows = [(f"{i}.png", demo_image(i), [f"creature number {i}", f"a drawing of creature {i}"]) for i in range(8)]
+    return image_folder(tmp_path / "data", rows)
+
+
+def test_training_on_the_cache_gives_the_same_losses_as_encoding_every_step(tiny_sd, tmp_path):
+    # Center crops, random flips and lists of captions: both orientations and every caption are cached, and
+    # each step draws the same flip, caption, latent sample, noise and timestep with or without the cache.
+    data = caption_list_folder(tmp_path)
+    flags = ["--max_train_steps", "4", "--center_crop", "--random_flip", "--learning_rate", "1e-3"]
+    train(tiny_sd, tmp_path / "cached", *flags, data=data)
+    train(tiny_sd, tmp_path / "online", *flags, "--no-cache_latents", data=data)
+    cached, online = logged_losses(tmp_path / "cached"), logged_losses(tmp_path / "online")
+    assert [s for s, _ in cached] == [s for s, _ in online] == [1, 2, 3, 4]
+    # The VAE encodes a batch of 8 when caching and of 2 per step when not: float sums in another order.
+    for (_, a), (_, b) in zip(cached, online):
+        assert a == pytest.approx(b, rel=1e-5)
+    # Adam turns float noise in near-zero gradients into +-lr steps: measured 0.12% apart after 4 steps (another
+    # seed: over 100%, see test_distributed.py).
+    base = tiny_sd + "/unet"
+    assert relative_update(base, tmp_path / "cached" / "unet", tmp_path / "online" / "unet") < 0.01
+
+
+def test_cached_losses_differ_with_another_seed(tiny_sd, tmp_path):
+    # So the equality above is not the losses being insensitive to what was drawn.
+    data = caption_list_folder(tmp_path)
+    flags = ["--max_train_steps", "2", "--center_crop", "--random_flip"]
+    train(tiny_sd, tmp_path / "a", *flags, data=data)
+    train(tiny_sd, tmp_path / "b", *flags, "--seed", "1", data=data)
+    assert logged_losses(tmp_path / "a")[0][1] != pytest.approx(logged_losses(tmp_path / "b")[0][1], rel=1e-3)
+
+
+def test_the_cache_frees_the_encoders_and_the_pipeline_still_has_them(tiny_sd, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path, "--max_train_steps", "1", "--center_crop", "--validation_prompts", "a creature")
+    assert "Cached latents and text embeddings of 32 rows" in caplog.text
+    assert "freeing the VAE and text encoder" in caplog.text
+    # Validation and the final pipeline load the frozen encoders again from the base model.
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "validation" / "final" / "00.png").exists()
+
+
+def test_random_crops_cache_only_the_captions(tiny_sd, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path, "--max_train_steps", "1")
+    assert "caching captions only; without --center_crop each step crops anew" in caplog.text
+    assert "Cached text embeddings of 32 rows" in caplog.text
+
+
+def test_fused_adamw_by_default_and_the_upstream_loop_on_request(tiny_sd, tmp_path, monkeypatch):
+    made = []
+    real = torch.optim.AdamW
+
+    class Recording(real):
+        def __init__(self, params, **kwargs):
+            made.append(kwargs.get("fused"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    train(tiny_sd, tmp_path / "a", "--max_train_steps", "1")
+    train(tiny_sd, tmp_path / "b", "--max_train_steps", "1", "--no-fused_adam")
+    assert made == [True, None]
+
+
+def test_in_place_ema_matches_diffusers_ema():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+    model[1].weight.requires_grad_(False)  # a frozen tensor is copied, not averaged
+    reference, in_place = EMAModel(model.parameters(), foreach=True), InPlaceEMAModel(model.parameters())
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        reference.step(model.parameters())
+        in_place.step(model.parameters())
+    assert in_place.optimization_step == reference.optimization_step == 6
+    for a, b in zip(reference.shadow_params, in_place.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_trains(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--channels_last")
+    assert (tmp_path / "model_index.json").exists()
+
+
+def test_step_times_are_logged(tiny_sd, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_sd, tmp_path, "--max_train_steps", "3")
+    events = EventAccumulator(str(next((tmp_path / "logs" / "text2image-fine-tune").glob("events.out.tfevents.*"))))
+    events.Reload()
+    seconds = [e.value for e in events.Scalars("step_seconds")]
+    assert len(seconds) == 3 and all(0 < s < 60 for s in seconds)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao (make bench installs it)")
+def test_8bit_adamw_runs_on_cpu_and_resumes(tiny_sd, tmp_path):
+    flags = ["--checkpointing_steps", "2", "--use_8bit_adam"]
+    train(tiny_sd, tmp_path, "--max_train_steps", "2", *flags)
+    train(tiny_sd, tmp_path, "--max_train_steps", "3", *flags, "--resume_from_checkpoint", "latest")
+    assert [s for s, _ in logged_losses(tmp_path)] == [3]
+    state = torch.load(tmp_path / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    assert "exp_avg" in json.dumps({k: list(v) for k, v in state["state"].items()}, default=str)
+
+
+def test_cache_flag_is_on_by_default():
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(DEMO_DATA)])
+    assert (args.cache_latents, args.fused_adam, args.inplace_ema, args.channels_last) == (True, True, True, False)
