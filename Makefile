@@ -2,6 +2,7 @@
 # make demo   - fine-tune the tiny offline pipeline on the bundled data, score it, say where things are
 # make test   - the offline test suite (HF_HUB_OFFLINE=1)
 # make lint   - ruff lint and format check
+# make bench  - measure the speed and memory options, write BENCHMARKS.md (about 22 minutes on 2 CPU cores)
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ DEMO := demo
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench
 
 setup: $(STAMP)
 
@@ -55,3 +56,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# 8-bit AdamW on a CPU comes from torchao, which only the benchmark needs (GPU users get bitsandbytes).
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet torchao==0.18.0
+	$(BIN)/python benchmark.py

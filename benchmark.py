@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Measure what the speed and memory options of train_text_to_image.py buy, and write BENCHMARKS.md.
+
+    python benchmark.py                       # both workloads, as `make bench` runs it (about 22 minutes on 2 cores)
+    python benchmark.py --workloads tiny --steps 5 --out /tmp/bench.md   # a quick look
+
+It builds the offline fixture pipelines itself (random weights, real architectures) under --models. Each
+configuration trains in a fresh process, so its peak resident memory is its own. For each workload:
+
+- all off: the upstream-equivalent path (encoders run every step, per-tensor AdamW, diffusers' EMA loop);
+- each option alone on top of that, and all on (the toolkit's defaults);
+- all on with 8-bit AdamW (torchao on a CPU, bitsandbytes on a GPU), for memory;
+- the limit: the same number of bare UNet forward+backward passes and fused AdamW steps on pre-made latents
+  and text embeddings, with nothing else.
+
+Seconds per optimizer step are the median over --steps steps after --warmup steps, read from the
+`step_seconds` the training script logs. For sd-v1-4 it also times inference at 256 px: 25 DPM-Solver++ steps
+against 50 PNDM steps.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+DATA = REPO / "data" / "creatures"
+
+# The seed's recipe, at a resolution a CPU can train.
+RECIPE = ["--center_crop", "--random_flip", "--train_batch_size", "1", "--gradient_accumulation_steps", "4",
+          "--use_ema", "--gradient_checkpointing", "--learning_rate", "1e-5", "--max_grad_norm", "1",
+          "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]  # fmt: skip
+WORKLOADS = {
+    "tiny": {"preset": "tiny", "resolution": 64},
+    "sd-v1-4": {"preset": "sd-v1-4", "resolution": 128},
+}
+OFF = ["--no-cache_latents", "--no-fused_adam", "--no-inplace_ema"]
+CONFIGS = [
+    ("all off (upstream path)", OFF),
+    ("+ cached latents and text", ["--no-fused_adam", "--no-inplace_ema"]),
+    ("+ fused AdamW", ["--no-cache_latents", "--no-inplace_ema"]),
+    ("+ in-place EMA", ["--no-cache_latents", "--no-fused_adam"]),
+    ("all on (defaults)", []),
+    ("all on + 8-bit AdamW", ["--use_8bit_adam"]),
+]
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def peak_cuda_gb():
+    return torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
+
+
+def child_train(model, resolution, flags, steps, warmup):
+    """One training run in this (fresh) process; returns its step times and peak memory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train_text_to_image
+
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", str(DATA), "--output_dir", out,
+                "--resolution", str(resolution), "--seed", "0", "--mixed_precision", "no",
+                "--max_train_steps", str(warmup + steps), "--checkpointing_steps", "1000000", *RECIPE, *flags]  # fmt: skip
+        started = time.perf_counter()
+        train_text_to_image.main(argv)
+        total = time.perf_counter() - started
+        events = EventAccumulator(str(next(Path(out, "logs", "text2image-fine-tune").glob("events.out.tfevents.*"))))
+        events.Reload()
+        seconds = [e.value for e in events.Scalars("step_seconds")]
+    return {"step_seconds": seconds[warmup:], "total_seconds": total, "peak_rss_gb": peak_rss_gb(),
+            "peak_cuda_gb": peak_cuda_gb()}  # fmt: skip
+
+
+def child_limit(model, resolution, steps, warmup):
+    """The bare minimum of a step: 4 UNet forward+backward passes on pre-made inputs and one fused AdamW step."""
+    from diffusers import UNet2DConditionModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    vae_config = json.loads(Path(model, "vae", "config.json").read_text())
+    size = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    latents = torch.randn(1, unet.config.in_channels, size, size, generator=generator).to(device)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(device)
+    timestep = torch.tensor([500], device=device)
+    seconds = []
+    for _ in range(warmup + steps):
+        started = time.perf_counter()
+        for _ in range(4):  # gradient accumulation 4, batch 1
+            prediction = unet(latents, timestep, text, return_dict=False)[0]
+            (prediction.float().pow(2).mean() / 4).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return {"step_seconds": seconds[warmup:], "peak_rss_gb": peak_rss_gb(), "peak_cuda_gb": peak_cuda_gb()}
+
+
+def child_breakdown(model, resolution, repeats=3):
+    """Seconds per call of each part of a training step, timed alone (median of `repeats` after one warm-up)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel
+
+    from sdtoolkit.ema import InPlaceEMAModel
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    result = {}
+    with torch.no_grad():
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+        pixels = torch.randn(1, 3, resolution, resolution)
+        result["VAE encode, 1 image"] = timed(lambda: vae.encode(pixels))
+        vae = None  # free it before the next model
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        ids = torch.randint(0, 49408, (1, 77))
+        result["text encoder, 1 caption"] = timed(lambda: text_encoder(ids))
+        text_encoder = None
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    size = resolution // 8
+    latents, text = torch.randn(1, 4, size, size), torch.randn(1, 77, unet.config.cross_attention_dim)
+
+    def forward_backward():
+        unet(latents, torch.tensor([500]), text, return_dict=False)[0].pow(2).mean().backward()
+
+    result["UNet forward+backward, 1 micro-batch"] = timed(forward_backward)
+    unet.to(memory_format=torch.channels_last)
+    result["UNet forward+backward, 1 micro-batch, --channels_last"] = timed(forward_backward)
+    unet.to(memory_format=torch.contiguous_format)
+    result["clip_grad_norm_"] = timed(lambda: torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0))
+    parameters = list(unet.parameters())
+    for name, kwargs in (("AdamW per-tensor (upstream on CPU)", {"foreach": False}),
+                         ("AdamW foreach", {"foreach": True}), ("AdamW fused", {"fused": True})):  # fmt: skip
+        optimizer = torch.optim.AdamW(parameters, lr=1e-5, **kwargs)
+        result[name] = timed(optimizer.step)
+        del optimizer
+    for p in parameters:
+        p.grad = None
+    for name, make in (("EMA diffusers loop (upstream)", lambda: EMAModel(parameters)),
+                       ("EMA diffusers foreach", lambda: EMAModel(parameters, foreach=True)),
+                       ("EMA in-place lerp", lambda: InPlaceEMAModel(parameters))):  # fmt: skip
+        ema = make()
+        result[name] = timed(lambda: ema.step(parameters))
+        ema = None
+    return result
+
+
+def child_inference(model, resolution):
+    """Seconds per image: 25 DPM-Solver++ steps against 50 PNDM steps."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+    from sdtoolkit.inference import load_pipeline, pick_device_and_dtype
+
+    device, dtype = pick_device_and_dtype()
+    pipeline = load_pipeline(model, device, dtype)
+    pipeline("warm up", num_inference_steps=1, height=resolution, width=resolution)
+    result = {}
+    for name, scheduler_cls, steps in (("DPM-Solver++ 25", DPMSolverMultistepScheduler, 25),
+                                       ("PNDM 50", PNDMScheduler, 50)):  # fmt: skip
+        pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+        generator = torch.Generator(device).manual_seed(0)
+        started = time.perf_counter()
+        pipeline("a cartoon creature", num_inference_steps=steps, height=resolution, width=resolution,
+                 generator=generator)  # fmt: skip
+        result[name] = time.perf_counter() - started
+    return result
+
+
+def run_child(kind, **kwargs):
+    """Run child_<kind>(**kwargs) in a fresh Python process and return what it returns."""
+    code = (
+        "import json, sys; sys.path.insert(0, %r); import benchmark; "
+        "result = benchmark.child_%s(**json.loads(sys.argv[1])); print('RESULT ' + json.dumps(result))"
+    ) % (str(REPO), kind)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark child {kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def has_torchao():
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+def build_model(preset, models):
+    folder = Path(models) / preset
+    if not (folder / "model_index.json").exists():
+        print(f"building the {preset} fixture pipeline in {folder} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "sdtoolkit.fixtures", "--preset", preset, "--out", str(folder)],
+                       check=True, cwd=REPO)  # fmt: skip
+    return str(folder)
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GB RAM, GPU: {gpu}; Python {platform.python_version()},"
+            f" torch {torch.__version__}")  # fmt: skip
+
+
+def table(rows, baseline, limit):
+    lines = ["| configuration | s / optimizer step (median) | speed-up vs all off | vs limit | samples / s |"
+             " peak RSS (GB) | peak CUDA (GB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name, result in rows:
+        median = statistics.median(result["step_seconds"])
+        cuda = f"{result['peak_cuda_gb']:.2f}" if result.get("peak_cuda_gb") is not None else "–"
+        lines.append(
+            f"| {name} | {median:.3f} | {baseline / median:.2f}x | {median / limit:.2f}x | {4 / median:.2f} |"
+            f" {result['peak_rss_gb']:.2f} | {cuda} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=None, help="Measured steps (default: 20 tiny, 3 sd-v1-4).")
+    parser.add_argument("--warmup", type=int, default=None, help="Steps not measured (default: 3 tiny, 1 sd-v1-4).")
+    parser.add_argument("--models", default="build/bench", help="Where the fixture pipelines are built.")
+    parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--skip_inference", action="store_true")
+    args = parser.parse_args(argv)
+
+    command = "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections = []
+    for workload in args.workloads:
+        preset, resolution = WORKLOADS[workload]["preset"], WORKLOADS[workload]["resolution"]
+        steps = args.steps or (20 if workload == "tiny" else 3)
+        warmup = args.warmup if args.warmup is not None else (3 if workload == "tiny" else 1)
+        model = build_model(preset, args.models)
+
+        rows = []
+        for name, flags in CONFIGS:
+            if "--use_8bit_adam" in flags and not torch.cuda.is_available() and not has_torchao():
+                print(f"[{workload}] {name}: skipped, torchao is not installed (make bench installs it)")
+                continue
+            print(f"[{workload}] {name} ...", flush=True)
+            rows.append((name, run_child("train", model=model, resolution=resolution, flags=flags, steps=steps,
+                                         warmup=warmup)))  # fmt: skip
+            print(f"    {statistics.median(rows[-1][1]['step_seconds']):.3f} s/step,"
+                  f" peak RSS {rows[-1][1]['peak_rss_gb']:.2f} GB", flush=True)  # fmt: skip
+        print(f"[{workload}] limit ...", flush=True)
+        limit = run_child("limit", model=model, resolution=resolution, steps=steps, warmup=warmup)
+        rows.append(("limit (bare UNet fwd+bwd x4 + fused AdamW)", limit))
+        baseline = statistics.median(rows[0][1]["step_seconds"])
+        limit_median = statistics.median(limit["step_seconds"])
+
+        section = [f"### {workload}: `{preset}` preset at {resolution} px, the seed's recipe",
+                   f"Batch 1, gradient accumulation 4 (4 samples per optimizer step), EMA, gradient checkpointing,"
+                   f" lr 1e-5, float32; median over {steps} steps after {warmup} warm-up steps.", "",
+                   table(rows, baseline, limit_median)]  # fmt: skip
+        if workload == "sd-v1-4":
+            print("[sd-v1-4] breakdown ...", flush=True)
+            parts = run_child("breakdown", model=model, resolution=resolution)
+            section += ["", "Where a step's time goes: each part timed alone (median of 3), same model and size:", "",
+                        "| part | seconds |", "| --- | ---: |"]  # fmt: skip
+            section += [f"| {name} | {seconds:.3f} |" for name, seconds in parts.items()]
+        if workload == "sd-v1-4" and not args.skip_inference:
+            print("[sd-v1-4] inference ...", flush=True)
+            inference = run_child("inference", model=model, resolution=256)
+            section += ["", "Inference, one 256 px image, guidance 7.5, float32:", "",
+                        "| scheduler and steps | seconds per image |", "| --- | ---: |"]  # fmt: skip
+            section += [f"| {name} | {seconds:.1f} |" for name, seconds in inference.items()]
+        sections.append("\n".join(section))
+        raw = {name: result for name, result in rows}
+        Path(args.models, f"{workload}-results.json").write_text(json.dumps(raw, indent=2))
+
+    text = "\n\n".join(
+        [
+            "# Benchmarks",
+            f"Machine: {machine()}.",
+            f"Command: `{command.strip()}` (what `make bench` runs).",
+            "Made by `benchmark.py`; every number below is from that run. Each configuration trains in its own"
+            " process on the bundled `data/creatures` images.",
+            *sections,
+        ]  # fmt: skip
+    )
+    Path(args.out).write_text(text + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

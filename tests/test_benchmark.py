@@ -1,0 +1,19 @@
+"""benchmark.py runs end to end on the tiny workload and writes its table (the sd-v1-4 workload is `make bench`)."""
+
+import benchmark
+
+
+def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
+    # All off and all on only, to keep it short; every configuration runs in `make bench`.
+    monkeypatch.setattr(benchmark, "CONFIGS", [benchmark.CONFIGS[0], benchmark.CONFIGS[4]])
+    out = tmp_path / "BENCHMARKS.md"
+    benchmark.main(["--workloads", "tiny", "--steps", "1", "--warmup", "1", "--models", str(tmp_path / "models"),
+                    "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert "### tiny: `tiny` preset at 64 px" in text
+    for name, _ in benchmark.CONFIGS:
+        assert f"| {name} |" in text
+    assert "| limit (bare UNet fwd+bwd x4 + fused AdamW) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| all off"))
+    seconds = float(row.split("|")[2])
+    assert 0 < seconds < 30
