@@ -2,6 +2,9 @@
 
 - fixtures: offline Stable Diffusion and CLIP folders with random weights and the real CLIP tokenizer.
 - demo_dataset: the small bundled image-caption dataset in the pokemon-blip-captions schema.
+- data: checking a dataset before training; training examples with per-example randomness; the encoder cache.
+- checkpoints: atomic checkpoints and final pipeline saves.
+- ema: an in-place, multi-tensor EMA of the UNet weights.
 - inference: picking a device and dtype, and loading a pipeline with clear errors (metrics.py, gradio_app.py).
 - errors: the one-line error that every script prints for bad input.
 """
