@@ -619,7 +619,7 @@ def find_resume_checkpoint(args):
         return os.path.join(args.output_dir, dirs[-1])
     # A named checkpoint that does not exist is an error, not a silent fresh start.
     path = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint.rstrip("/")))
-    if not os.path.isdir(path) or os.path.basename(path) not in checkpoint_dirs(args.output_dir):
+    if os.path.basename(path) not in checkpoint_dirs(args.output_dir):
         available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
         raise UserError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint in {args.output_dir}"
@@ -1168,10 +1168,6 @@ def main(argv=None):
         return save_checkpoint(
             accelerator, args.output_dir, global_step, training_state(epoch), args.checkpoints_total_limit
         )
-
-    def last_checkpoint():
-        dirs = checkpoint_dirs(args.output_dir)
-        return os.path.join(args.output_dir, dirs[-1]) if dirs else None
 
     progress_bar = tqdm(
         range(0, args.max_train_steps),

@@ -3,8 +3,6 @@
 import os
 import shutil
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from PIL import Image
 
 import gradio_app
 from sdtoolkit.inference import load_pipeline
-from tests.conftest import REPO
+from tests.conftest import run_script
 
 
 def free_port():
@@ -166,10 +164,7 @@ def test_auth_requires_the_login(tiny_sd):
 
 
 def test_missing_model_is_one_clear_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "gradio_app.py"), "--model_path", str(tmp_path / "nope")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    result = run_script("gradio_app.py", "--model_path", tmp_path / "nope")
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no model folder") and "make demo" in last and "bash train.sh" in last

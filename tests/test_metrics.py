@@ -1,9 +1,6 @@
 """metrics.py: torchmetrics' CLIP score, reproducible, side by side, with its images and reports."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from transformers import CLIPModel, CLIPProcessor
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
-from tests.conftest import REPO
+from tests.conftest import run_script
 
 FAST = ["--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"]
 TWO_PROMPTS = ["a round green creature", "a tall red creature with a long tail"]
@@ -142,13 +139,7 @@ def test_single_model_prints_the_seeds_line(tiny_sd, tiny_clip, prompts_file, tm
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "metrics.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    return run_script("metrics.py", *args)
 
 
 def assert_one_line_error(result, *fragments):

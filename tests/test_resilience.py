@@ -5,7 +5,6 @@ The crash tests run the script in a subprocess and kill it for real (SIGKILL, SI
 
 import importlib.util
 import io
-import json
 import logging
 import os
 import re
@@ -15,42 +14,28 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file
 
 import train_text_to_image
 from sdtoolkit import checkpoints
 from sdtoolkit.data import to_rgb
 from sdtoolkit.errors import TrainingStopped, UserError
-from tests.conftest import DEMO_DATA, REPO
-from tests.test_train import logged_losses, train
+from tests.conftest import DEMO_DATA, REPO, image_folder, run_script
+from tests.test_train import logged_losses, train, train_args, unet_weights
 
 NO_MODEL = "/nonexistent/model"  # preflight errors must come before any model is loaded
 
 
-def weights(folder):
-    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
-
-
 def assert_bitwise_equal(a, b):
-    a, b = weights(a), weights(b)
+    a, b = unet_weights(a), unet_weights(b)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
-
-
-def script_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
-    return [
-        "--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(data),
-        "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "2", "--seed", "0",
-        "--mixed_precision", "no", *extra,
-    ]  # fmt: skip
 
 
 def start_script(argv, wrapper=None):
@@ -94,15 +79,15 @@ def kill_after(process, path, timeout=120):
 def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tiny_sd, tmp_path, flags, kill_at, last):
     common = ["--max_train_steps", str(last), "--checkpointing_steps", str(kill_at), "--learning_rate", "1e-3", *flags]
     whole, broken = tmp_path / "uninterrupted", tmp_path / "killed"
-    train_text_to_image.main(script_args(tiny_sd, whole, *common))
+    train(tiny_sd, whole, *common)
 
-    process = start_script(script_args(tiny_sd, broken, *common))
+    process = start_script(train_args(tiny_sd, broken, *common))
     assert kill_after(process, broken / f"checkpoint-{kill_at}"), "the run ended before it could be killed"
     assert not (broken / "model_index.json").exists()
     latest = checkpoints.checkpoint_dirs(broken)[-1]
     assert int(latest.split("-")[1]) < last
 
-    train_text_to_image.main(script_args(tiny_sd, broken, *common, "--resume_from_checkpoint", "latest"))
+    train(tiny_sd, broken, *common, "--resume_from_checkpoint", "latest")
 
     assert_bitwise_equal(whole / "unet", broken / "unet")
     assert_bitwise_equal(whole / f"checkpoint-{last}" / "unet", broken / f"checkpoint-{last}" / "unet")
@@ -116,11 +101,13 @@ def test_without_skipping_seen_batches_the_runs_would_differ(tiny_sd, tmp_path, 
     # The equality above is not luck: resuming at the start of the epoch (no skipping) gives other weights.
     common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "1e-3", "--random_flip"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train_text_to_image.main(script_args(tiny_sd, whole, *common))
+    train(tiny_sd, whole, *common)
     shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
     monkeypatch.setattr(train_text_to_image.Accelerator, "skip_first_batches", lambda self, loader, n: loader)
-    train_text_to_image.main(script_args(tiny_sd, resumed, *common, "--resume_from_checkpoint", "latest"))
-    assert not torch.equal(weights(whole / "unet")["conv_in.weight"], weights(resumed / "unet")["conv_in.weight"])
+    train(tiny_sd, resumed, *common, "--resume_from_checkpoint", "latest")
+    assert not torch.equal(
+        unet_weights(whole / "unet")["conv_in.weight"], unet_weights(resumed / "unet")["conv_in.weight"]
+    )
 
 
 # Atomic saves ---------------------------------------------------------------------------------------------------
@@ -137,7 +124,7 @@ accelerate.Accelerator.save_state = save_state
 
 
 def test_a_crash_while_saving_a_checkpoint_keeps_the_previous_one(tiny_sd, tmp_path):
-    argv = script_args(tiny_sd, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2",
+    argv = train_args(tiny_sd, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2",
                        "--checkpoints_total_limit", "1")  # fmt: skip
     process = start_script(argv, wrapper=CRASH_DURING_SAVE)
     assert process.wait(timeout=120) == -signal.SIGKILL
@@ -181,7 +168,7 @@ def test_a_crash_while_saving_the_pipeline_never_leaves_a_loadable_mix(tiny_sd, 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, signum):
-    base = script_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
+    base = train_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
     process = start_script(base + ["--max_train_steps", "100000"])
     lines = []
     reader = threading.Thread(target=collect, args=(process.stderr, lines), daemon=True)
@@ -222,7 +209,7 @@ def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_sd, tm
 
 def test_a_nan_loss_exits_with_code_1_and_one_line(tiny_sd, tmp_path):
     flags = ["--max_train_steps", "3", "--learning_rate", "1e30", "--lr_scheduler", "linear", "--lr_warmup_steps", "4"]
-    process = start_script(script_args(tiny_sd, tmp_path, *flags))
+    process = start_script(train_args(tiny_sd, tmp_path, *flags))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]
@@ -230,19 +217,6 @@ def test_a_nan_loss_exits_with_code_1_and_one_line(tiny_sd, tmp_path):
 
 
 # Preflight ------------------------------------------------------------------------------------------------------
-
-
-def image_folder(folder, rows):
-    """A --train_data_dir from (file name, PIL image or raw bytes, caption) rows."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for name, image, caption in rows:
-            if isinstance(image, bytes):
-                (folder / name).write_bytes(image)
-            else:
-                image.save(folder / name)
-            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
-    return folder
 
 
 def demo_image(i=0):
@@ -326,11 +300,8 @@ def test_incompatible_or_impossible_flags(tmp_path, flags, message):
 
 def test_preflight_errors_are_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "a_file").write_text("")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path", NO_MODEL,
-         "--train_data_dir", str(DEMO_DATA), "--output_dir", str(tmp_path / "a_file" / "out")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    result = run_script("train_text_to_image.py", "--pretrained_model_name_or_path", NO_MODEL,
+                        "--train_data_dir", DEMO_DATA, "--output_dir", tmp_path / "a_file" / "out")  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write to --output_dir")
     assert "Traceback" not in result.stderr

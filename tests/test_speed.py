@@ -33,8 +33,8 @@ def test_training_on_the_cache_gives_the_same_losses_as_encoding_every_step(tiny
     # The VAE encodes a batch of 8 when caching and of 2 per step when not: float sums in another order.
     for (_, a), (_, b) in zip(cached, online):
         assert a == pytest.approx(b, rel=1e-5)
-    # Adam turns float noise in near-zero gradients into +-lr steps: measured 0.12% apart after 4 steps (another
-    # seed: over 100%, see test_distributed.py).
+    # Adam turns float noise in near-zero gradients into +-lr steps, so compare the updates as a whole (another
+    # seed is over 50% apart, see test_distributed.py).
     base = tiny_sd + "/unet"
     assert relative_update(base, tmp_path / "cached" / "unet", tmp_path / "online" / "unet") < 0.01
 
@@ -102,12 +102,8 @@ def test_channels_last_trains(tiny_sd, tmp_path):
 
 
 def test_step_times_are_logged(tiny_sd, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     train(tiny_sd, tmp_path, "--max_train_steps", "3")
-    events = EventAccumulator(str(next((tmp_path / "logs" / "text2image-fine-tune").glob("events.out.tfevents.*"))))
-    events.Reload()
-    seconds = [e.value for e in events.Scalars("step_seconds")]
+    seconds = [value for _, value in logged_losses(tmp_path, tag="step_seconds")]
     assert len(seconds) == 3 and all(0 < s < 60 for s in seconds)
 
 

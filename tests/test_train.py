@@ -1,6 +1,5 @@
 """train_text_to_image.py end to end on the tiny offline pipeline and the bundled data."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -9,17 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import DEMO_DATA, REPO, image_folder, run_script
 
 
-def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
-    """Run the training script in-process with small, fast settings; extra flags win."""
-    argv = [
+def train_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
+    """The training script's arguments with small, fast settings; extra flags win."""
+    return [
         "--pretrained_model_name_or_path", str(tiny_sd),
         "--train_data_dir", str(data),
         "--output_dir", str(output_dir),
@@ -29,16 +29,20 @@ def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
         "--mixed_precision", "no",
         *extra,
     ]  # fmt: skip
-    train_text_to_image.main(argv)
 
 
-def logged_losses(output_dir):
-    """(step, train_loss) pairs from the newest TensorBoard event file of a run."""
+def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
+    """Run the training script in-process with train_args."""
+    train_text_to_image.main(train_args(tiny_sd, output_dir, *extra, data=data))
+
+
+def logged_losses(output_dir, tag="train_loss"):
+    """(step, value) pairs of a logged scalar (train_loss unless told) from a run's newest TensorBoard file."""
     folder = Path(output_dir) / "logs" / "text2image-fine-tune"
     newest = max(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     events = EventAccumulator(str(newest))
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("train_loss")]
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def unet_weights(folder):
@@ -137,10 +141,7 @@ def test_resume_from_a_missing_checkpoint_is_an_error(tiny_sd, tmp_path):
 
 
 def test_training_on_one_image_lowers_the_loss(tiny_sd, tmp_path):
-    data = tmp_path / "one"
-    data.mkdir()
-    shutil.copy(DEMO_DATA / "0000.png", data / "0000.png")
-    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "0000.png", "text": "a pink creature"}) + "\n")
+    data = image_folder(tmp_path / "one", [("0000.png", Image.open(DEMO_DATA / "0000.png"), "a pink creature")])
     out = tmp_path / "out"
     train(tiny_sd, out, "--max_train_steps", "100", "--train_batch_size", "1", "--learning_rate", "1e-3",
           "--center_crop", data=data)  # fmt: skip
@@ -151,24 +152,16 @@ def test_training_on_one_image_lowers_the_loss(tiny_sd, tmp_path):
 
 
 def test_caption_lists_pick_one_caption(tiny_sd, tmp_path):
-    data = tmp_path / "lists"
-    data.mkdir()
-    for i in range(2):
-        shutil.copy(DEMO_DATA / f"000{i}.png", data / f"000{i}.png")
-    rows = [{"file_name": f"000{i}.png", "text": [f"caption {i}a", f"caption {i}b"]} for i in range(2)]
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [
+        (f"000{i}.png", Image.open(DEMO_DATA / f"000{i}.png"), [f"caption {i}a", f"caption {i}b"]) for i in range(2)
+    ]
+    data = image_folder(tmp_path / "lists", rows)
     train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
     assert (tmp_path / "out" / "unet").exists()
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "train_text_to_image.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
+    return run_script("train_text_to_image.py", *args)
 
 
 def test_missing_dataset_is_one_clear_line(tiny_sd, tmp_path):
