@@ -62,12 +62,25 @@ def parse_args(argv=None):
     )
     parser.add_argument("--max_queue", type=int, default=16, help="Requests that may wait; more are refused.")
     parser.add_argument("--concurrency", type=int, default=1, help="Requests generated at the same time.")
+    parser.add_argument(
+        "--cache_max_age",
+        type=int,
+        default=3600,
+        help=(
+            "Seconds an image Gradio served stays in its file cache (GRADIO_TEMP_DIR) before it is deleted; the"
+            " cache is checked every min(age, 10 minutes) and emptied when the server stops."
+        ),
+    )
     args = parser.parse_args(argv)
 
     if args.auth is not None and (":" not in args.auth or args.auth.startswith(":") or args.auth.endswith(":")):
         raise UserError("--auth must be user:password")
     if args.max_queue < 1 or args.concurrency < 1:
         raise UserError("--max_queue and --concurrency must be at least 1")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.cache_max_age < 1:
+        raise UserError(f"--cache_max_age must be at least 1 second, got {args.cache_max_age}")
     return args
 
 
@@ -152,12 +165,14 @@ def make_generate(pipeline):
     return generate
 
 
-def build_app(pipeline, *, title=TITLE, description=DESCRIPTION, examples=EXAMPLES, concurrency=1):
+def build_app(pipeline, *, title=TITLE, description=DESCRIPTION, examples=EXAMPLES, concurrency=1, cache_max_age=3600):
     """The demo's gr.Blocks for a loaded pipeline. Nothing is launched."""
     default_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     generate = make_generate(pipeline)
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    # Gradio keeps every image it serves as a file in its cache; delete_cache bounds how long they stay.
+    delete_cache = (min(cache_max_age, 600), cache_max_age)
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown(f"# {title}\n{description}")
         with gr.Row():
             with gr.Column():
@@ -191,7 +206,7 @@ def launch(args, block=True):
     """Load the model, build the app and serve it as args say; returns the running app when block=False."""
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     pipeline = load_pipeline(args.model_path, device, dtype)
-    app = build_app(pipeline, concurrency=args.concurrency)
+    app = build_app(pipeline, concurrency=args.concurrency, cache_max_age=args.cache_max_age)
     app.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:

@@ -30,6 +30,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from sdtoolkit.errors import UserError, first_line, run_main
 from sdtoolkit.inference import load_pipeline, pick_device_and_dtype
+from sdtoolkit.output_dir import check_output_dir
 
 # The seed's validation prompts.
 PROMPTS = [
@@ -96,9 +97,9 @@ def load_prompts(prompts_file):
     if not os.path.isfile(prompts_file):
         raise UserError(f"--prompts_file {prompts_file} does not exist")
     with open(prompts_file, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise UserError(f"--prompts_file {prompts_file} has no prompts (one prompt a line)")
+        raise UserError(f"--prompts_file {prompts_file} has no prompts (one prompt a line; # starts a comment)")
     return prompts
 
 
@@ -203,8 +204,19 @@ def load_clip(backend, name):
     return OpenCLIPFeatures(model).eval(), OpenCLIPProcessor(preprocess, tokenizer)
 
 
-def model_label(model_path):
-    return os.path.basename(os.path.normpath(model_path)) if os.path.isdir(model_path) else model_path
+def model_labels(model_paths):
+    """A short, distinct name for each model: its folder's name, with as many parent folders as it takes to tell
+    two apart (exp1/model, exp2/model), and a number for the same model given twice."""
+    parts = [os.path.normpath(path).split(os.sep) for path in model_paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{label} ({i + 1})" for i, label in enumerate(labels)]
+
+
+def file_label(label):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
 def generate_images(pipeline, prompts, args):
@@ -282,11 +294,13 @@ def write_reports(results, prompts, args):
             {
                 "model_path": result["model_path"],
                 "clip_score": result["overall"],
+                "label": result["label"],
                 "per_prompt": [
                     {
                         "prompt": prompt,
                         "mean": statistics.fmean(scores),
-                        "std": statistics.pstdev(scores),
+                        # The spread of one score is no spread: n/a rather than a misleading 0.
+                        "std": statistics.pstdev(scores) if len(scores) > 1 else None,
                         "scores": scores,
                     }
                     for prompt, scores in zip(prompts, result["per_prompt"])
@@ -312,9 +326,8 @@ def write_reports(results, prompts, args):
         writer.writerow(["model_path", "prompt", "mean", "std", "n"])
         for model in report["models"]:
             for row in model["per_prompt"]:
-                writer.writerow(
-                    [model["model_path"], row["prompt"], f"{row['mean']:.4f}", f"{row['std']:.4f}", len(row["scores"])]
-                )
+                std = "" if row["std"] is None else f"{row['std']:.4f}"
+                writer.writerow([model["model_path"], row["prompt"], f"{row['mean']:.4f}", std, len(row["scores"])])
             writer.writerow(
                 [
                     model["model_path"],
@@ -327,8 +340,7 @@ def write_reports(results, prompts, args):
     paths.append(csv_path)
 
     for result in results:
-        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_label(result["model_path"])).strip("_")
-        grid_path = os.path.join(args.output_dir, f"grid-{safe_name}.png")
+        grid_path = os.path.join(args.output_dir, f"grid-{file_label(result['label'])}.png")
         columns = len(result["images"][0])
         flat = [image for row in result["images"] for image in row]
         make_image_grid(flat, rows=len(prompts), cols=columns).save(grid_path)
@@ -339,12 +351,16 @@ def write_reports(results, prompts, args):
 def print_table(report, prompts):
     models = report["models"]
     width = min(max(len(p) for p in prompts), 60)
-    header = f"{'prompt':<{width}}" + "".join(f" | {model_label(m['model_path'])[:20]:>20}" for m in models)
+    header = f"{'prompt':<{width}}" + "".join(f" | {m['label'][-20:]:>20}" for m in models)
     print(header)
     print("-" * len(header))
     for i, prompt in enumerate(prompts):
         short = prompt if len(prompt) <= width else prompt[: width - 3] + "..."
-        cells = "".join(f" | {m['per_prompt'][i]['mean']:>10.4f} ± {m['per_prompt'][i]['std']:<7.4f}" for m in models)
+        cells = ""
+        for m in models:
+            row = m["per_prompt"][i]
+            std = "n/a" if row["std"] is None else f"{row['std']:.4f}"
+            cells += f" | {row['mean']:>10.4f} ± {std:<7}"
         print(f"{short:<{width}}{cells}")
     print()
 
@@ -353,19 +369,25 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = load_prompts(args.prompts_file)
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    # Load the CLIP model first: a bad name should fail before minutes of generation.
+    # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
+    check_output_dir(args.output_dir)
     clip = load_clip(args.clip_backend, args.clip_model)
 
     results = []
-    for model_path in args.model_path:
+    for model_path, label in zip(args.model_path, model_labels(args.model_path)):
         pipeline = load_pipeline(model_path, device, dtype)
         print(f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ...")
         images = generate_images(pipeline, prompts, args)
         del pipeline
         per_prompt, overall = score_model(images, prompts, clip, device)
-        results.append({"model_path": model_path, "images": images, "per_prompt": per_prompt, "overall": overall})
+        results.append(
+            {"model_path": model_path, "label": label, "images": images, "per_prompt": per_prompt, "overall": overall}
+        )
 
-    report, paths = write_reports(results, prompts, args)
+    try:
+        report, paths = write_reports(results, prompts, args)
+    except OSError as err:
+        raise UserError(f"could not write the reports to --output_dir {args.output_dir}: {first_line(err)}") from err
     print()
     print_table(report, prompts)
     if len(results) == 1:

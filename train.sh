@@ -6,9 +6,12 @@
 #   MODEL_NAME=... DATASET_NAME=... OUTPUT_DIR=... bash train.sh
 #   bash train.sh --max_train_steps=1000 --seed=0   # extra arguments win over the ones below
 #
+# Run it from any folder: relative paths in MODEL_NAME, DATASET_NAME and OUTPUT_DIR mean that folder.
 # LAUNCH_ARGS go to `accelerate launch` (e.g. "--num_processes=2" or "--config_file=..."); without them the
-# accelerate config of this machine applies (`accelerate config`).
-# DATASET_NAME may also be a local folder of images with a metadata.jsonl (file_name, text).
+# accelerate config of this machine applies (`accelerate config`). The launch goes through sdtoolkit/launch.py,
+# which is `accelerate launch` with the script's own `error:` line last and its exit code (2 for bad input).
+# PYTHON is the interpreter to launch with (default: python).
+# DATASET_NAME may also be a local folder of images with a metadata.jsonl (file_name, text), or a .parquet file.
 # lambdalabs/pokemon-blip-captions was taken down from the hub in 2024; lambdalabs/naruto-blip-captions has
 # the same columns.
 set -euo pipefail
@@ -17,10 +20,12 @@ MODEL_NAME="${MODEL_NAME:-CompVis/stable-diffusion-v1-4}"
 DATASET_NAME="${DATASET_NAME:-lambdalabs/pokemon-blip-captions}"
 OUTPUT_DIR="${OUTPUT_DIR:-sd-pokemon-model}"
 
-cd "$(dirname "$0")"
+# The toolkit's folder, for its script and its package; the current folder stays the user's.
+TOOLKIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
-accelerate launch ${LAUNCH_ARGS:-} train_text_to_image.py \
+PYTHONPATH="$TOOLKIT${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m sdtoolkit.launch ${LAUNCH_ARGS:-} \
+  "$TOOLKIT/train_text_to_image.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --dataset_name="$DATASET_NAME" \
   --use_ema \

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -63,14 +62,27 @@ from sdtoolkit.checkpoints import (
 )
 from sdtoolkit.data import (
     TrainingExamples,
+    as_image_column,
     check_captions,
     collate,
     count_long_captions,
     encode_cache,
-    unreadable_images,
+    fingerprint,
+    has_caption_files,
+    scan_images,
+    unlisted_images,
 )
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import TrainingStopped, UserError, first_line, run_main
+from sdtoolkit.inference import looks_like_local_path
+from sdtoolkit.output_dir import (
+    check_fresh_run,
+    check_output_dir,
+    identity_changes,
+    lock_output_dir,
+    run_identity,
+    unlock_output_dir,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -199,6 +211,15 @@ def parse_args(argv=None):
         type=str,
         default="sd-model-finetuned",
         help="The output directory where the model predictions and checkpoints will be written.",
+    )
+    # One run per output folder (not upstream): see sdtoolkit/output_dir.py.
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help=(
+            "Start a new run in an --output_dir that holds an earlier run's checkpoints or model, deleting what that"
+            " run wrote there. Without it such a folder is refused: resume it, or choose another --output_dir."
+        ),
     )
     parser.add_argument(
         "--cache_dir",
@@ -530,14 +551,29 @@ def has_images(folder):
     return False
 
 
+# A --dataset_name that is one local file is read by the `datasets` builder for its type.
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
 def load_training_dataset(args):
     """Load the hub dataset or local imagefolder and check every row, or fail with one clear line.
 
     Returns the train split (after --max_train_samples and, with --skip_invalid_images, without the images
-    that can't be decoded) and the image and caption column names.
+    that can't be decoded), the image and caption column names, the number of rows skipped, and the data's
+    fingerprint (see sdtoolkit/data.py).
     """
+    source = args.dataset_name or args.train_data_dir
     try:
-        if args.dataset_name is not None:
+        if args.dataset_name is not None and os.path.isfile(args.dataset_name):
+            # One local file, e.g. a parquet copy of a hub dataset.
+            builder = DATA_FILE_BUILDERS.get(os.path.splitext(args.dataset_name)[1].lower())
+            if builder is None:
+                raise UserError(
+                    f"--dataset_name {args.dataset_name} is a file of a type this script can't read; give a"
+                    f" {' or '.join(DATA_FILE_BUILDERS)} file, or the folder that holds the dataset"
+                )
+            dataset = load_dataset(builder, data_files={"train": args.dataset_name}, cache_dir=args.cache_dir)
+        elif args.dataset_name is not None:
             # Downloading and loading a dataset from the hub (or a local copy of one).
             dataset = load_dataset(
                 args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
@@ -552,7 +588,6 @@ def load_training_dataset(args):
     except UserError:
         raise
     except Exception as err:  # datasets raises many types (connection, not found, gated, bad files)
-        source = args.dataset_name or args.train_data_dir
         if "corresponds to no data" in str(err) or (args.dataset_name is None and not has_images(source)):
             raise UserError(f"the training dataset is empty: '{source}' holds no training rows") from err
         raise UserError(
@@ -563,6 +598,7 @@ def load_training_dataset(args):
     if "train" not in dataset:
         raise UserError(f"the dataset has no 'train' split (it has: {', '.join(dataset)})")
     train = dataset["train"]
+    folder = source if os.path.isdir(source) else None
 
     column_names = train.column_names
     dataset_columns = DATASET_NAME_MAPPING.get(args.dataset_name, None)
@@ -570,15 +606,30 @@ def load_training_dataset(args):
     caption_column = args.caption_column or (dataset_columns[1] if dataset_columns else column_names[1])
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in column_names:
-            raise UserError(f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}")
+            hint = ""
+            if folder is not None and has_caption_files(folder):
+                hint = (
+                    f" -- {folder} holds images with .txt caption files, which this script does not read yet:"
+                    ' write a metadata.jsonl beside the images with one {"file_name": ..., "text": ...} line each'
+                )
+            raise UserError(
+                f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}{hint}"
+            )
     if len(train) == 0:
         raise UserError("the training dataset is empty")
+
+    # An imagefolder leaves out the images its metadata does not name: say so instead.
+    unlisted = unlisted_images(folder) if folder is not None else []
+    if unlisted:
+        names = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        logger.warning(f"{len(unlisted)} images in {folder} have no line in its metadata and are not used: {names}")
 
     if args.max_train_samples is not None:
         train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
 
-    # Decode every image once now, so a broken file stops the run here and not hours in.
-    bad = unreadable_images(train, image_column)
+    # Decode every image once now, as training will, so a broken file stops the run here and not hours in.
+    train = as_image_column(train, image_column)
+    bad, digests = scan_images(train, image_column)
     if bad and not args.skip_invalid_images:
         listed = "; ".join(f"{name} ({reason})" for _, name, reason in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -590,42 +641,66 @@ def load_training_dataset(args):
         names = ", ".join(name for _, name, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
         logger.warning(f"--skip_invalid_images: dropped {len(bad)} of {len(train)} images that can't be read: {names}")
         bad_rows = {row for row, _, _ in bad}
-        train = train.select([i for i in range(len(train)) if i not in bad_rows])
+        kept = [i for i in range(len(train)) if i not in bad_rows]
+        train, digests = train.select(kept), [digests[i] for i in kept]
         if len(train) == 0:
             raise UserError("none of the dataset's images can be read")
-    check_captions(train, caption_column)
-    return train, image_column, caption_column, len(bad)
-
-
-def check_output_dir(output_dir):
-    """Create output_dir if needed and make sure files can be written in it."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to --output_dir {output_dir}: {first_line(err)}") from err
+    num_empty = check_captions(train, caption_column)
+    if num_empty:
+        logger.warning(f"{num_empty} of {len(train)} captions are empty; those images train without a caption")
+    return train, image_column, caption_column, len(bad), fingerprint(digests, train[caption_column])
 
 
 def find_resume_checkpoint(args):
-    """The checkpoint folder --resume_from_checkpoint asks for, or None to start fresh."""
-    if not args.resume_from_checkpoint:
+    """The checkpoint folder --resume_from_checkpoint asks for, or None to start fresh.
+
+    'latest' is the newest checkpoint in --output_dir, a bare name (checkpoint-N) one in --output_dir, and
+    anything with a folder in it is a path, loaded from where it points.
+    """
+    value = args.resume_from_checkpoint
+    if not value:
         return None
-    if args.resume_from_checkpoint == "latest":
+    if value == "latest":
         dirs = checkpoint_dirs(args.output_dir)
         if not dirs:
             print(f"No checkpoint found in {args.output_dir}. Starting a new training run.")
             return None
         return os.path.join(args.output_dir, dirs[-1])
-    # A named checkpoint that does not exist is an error, not a silent fresh start.
-    path = os.path.join(args.output_dir, os.path.basename(args.resume_from_checkpoint.rstrip("/")))
-    if os.path.basename(path) not in checkpoint_dirs(args.output_dir):
-        available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
-        raise UserError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint in {args.output_dir}"
-            f" (available: {available}); use 'latest' to resume from the newest one"
-        )
+    path = value.rstrip("/" + os.sep) or value
+    if os.path.dirname(path):
+        name = os.path.basename(path)
+        if not os.path.isdir(path):
+            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
+        if not (name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()):
+            raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder written by this script")
+    else:
+        # A named checkpoint that does not exist is an error, not a silent fresh start.
+        path = os.path.join(args.output_dir, value)
+        if value not in checkpoint_dirs(args.output_dir):
+            available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
+            raise UserError(
+                f"--resume_from_checkpoint {value}: no such checkpoint in {args.output_dir}"
+                f" (available: {available}); use 'latest' to resume from the newest one, or give its path"
+            )
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
+        raise UserError(f"--resume_from_checkpoint {value}: the folder has no unet/ (not a complete checkpoint)")
     return path
+
+
+def check_same_architecture(unet, resume_path, resumed_state):
+    """A checkpoint resumes only into the UNet architecture it was saved from; say so instead of 100 lines of
+    size mismatches."""
+    saved = UNet2DConditionModel.load_config(os.path.join(resume_path, "unet"))
+    different = [
+        key for key in saved if not key.startswith("_") and key in unet.config and saved[key] != unet.config[key]
+    ]
+    if different:
+        shown = "; ".join(f"{key} {saved[key]} vs {unet.config[key]}" for key in different[:3])
+        trained_from = resumed_state.get("model", "the model it was trained from")
+        raise UserError(
+            f"{resume_path} holds a UNet of another architecture than --pretrained_model_name_or_path ({shown}):"
+            f" resume it with {trained_from}, or start a new run"
+        )
 
 
 def generate_validation_images(pipeline, args, accelerator):
@@ -709,21 +784,31 @@ def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight
 
 
 def save_model_card(args, repo_id, images):
-    """Write output_dir/README.md: base model, data, hyperparameters and the final validation images."""
+    """Write output_dir/README.md: base model, data, hyperparameters and the final validation images.
+
+    Hub ids go into the card's metadata; local paths don't (they mean nothing elsewhere): the text names
+    their folder instead.
+    """
     img_str = ""
     if images:
         image_grid = make_image_grid(images, 1, len(images))
         image_grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
         img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
-    dataset = args.dataset_name or args.train_data_dir
+    model, dataset = args.pretrained_model_name_or_path, args.dataset_name or args.train_data_dir
     prompt = args.validation_prompts[0] if args.validation_prompts else "a cartoon creature"
+    # Pushed to the hub, the card loads the repository; kept locally, the folder it is in.
+    load_from = repo_id if args.push_to_hub else args.output_dir
 
-    yaml = f"""---
-license: creativeml-openrail-m
-base_model: {args.pretrained_model_name_or_path}
-datasets:
-- {dataset}
-tags:
+    def shown(name):
+        return f"a local folder `{Path(name).name}`" if looks_like_local_path(name) else f"**{name}**"
+
+    metadata = []
+    if not looks_like_local_path(model):
+        metadata.append(f"base_model: {model}")
+    if not looks_like_local_path(dataset):
+        metadata.append(f"datasets:\n- {dataset}")
+    yaml = "---\nlicense: creativeml-openrail-m\n" + "".join(line + "\n" for line in metadata)
+    yaml += """tags:
 - stable-diffusion
 - stable-diffusion-diffusers
 - text-to-image
@@ -731,20 +816,22 @@ tags:
 inference: true
 ---
 """
+    samples = ""
+    if images:
+        listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
+        samples = f"Images generated by the fine-tuned pipeline for the prompts {listed}:\n\n{img_str}"
     card = f"""
 # Text-to-image fine-tuning - {repo_id}
 
-This pipeline was fine-tuned from **{args.pretrained_model_name_or_path}** on **{dataset}**.
-Images generated by the fine-tuned pipeline for the prompts {args.validation_prompts}:
-
-{img_str}
+This pipeline was fine-tuned from {shown(model)} on {shown(dataset)}.
+{samples}
 ## Usage
 
 ```python
 import torch
 from diffusers import StableDiffusionPipeline
 
-pipeline = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
+pipeline = StableDiffusionPipeline.from_pretrained("{load_from}", torch_dtype=torch.float16).to("cuda")
 image = pipeline("{prompt}").images[0]
 image.save("my_image.png")
 ```
@@ -854,12 +941,33 @@ def main(argv=None):
         logger.warning("Loading 'non_ema' weights from a revision branch is deprecated; prefer --variant non_ema.")
 
     # Preflight: everything that can be checked before a model is loaded or a step is taken.
+    # One run per output folder: the main process holds a lock on it until the run ends (sdtoolkit/output_dir.py).
     if accelerator.is_main_process:
         check_output_dir(args.output_dir)
+        took_over = lock_output_dir(args.output_dir)
+        if took_over:
+            logger.warning(took_over)
         remove_partial_saves(args.output_dir)
     accelerator.wait_for_everyone()
     resume_path = find_resume_checkpoint(args)
     resumed_state = read_training_state(resume_path) if resume_path else {}
+    # A new run, or a resume of another folder's checkpoint, must not mix with an earlier run in this folder.
+    resuming_here = resume_path is not None and os.path.samefile(os.path.dirname(resume_path), args.output_dir)
+    if accelerator.is_main_process and not resuming_here:
+        check_fresh_run(args.output_dir, overwrite=args.overwrite_output_dir, logging_dir=args.logging_dir)
+    accelerator.wait_for_everyone()
+    if resume_path is not None:
+        has_ema = os.path.isdir(os.path.join(resume_path, "unet_ema"))
+        if args.use_ema and not has_ema:
+            raise UserError(
+                f"--use_ema, but {resume_path} was saved without EMA (no unet_ema/): resume it without --use_ema,"
+                " as it was trained"
+            )
+        if has_ema and not args.use_ema:
+            logger.warning(
+                f"{resume_path} holds EMA weights (unet_ema/), but --use_ema is not set: they are not loaded, and"
+                " this run's checkpoints and model have no EMA; add --use_ema to keep them"
+            )
 
     # The seed decides the data order, augmentations and noise. Without --seed one is drawn (the same on every
     # process) and stored in each checkpoint, so a resumed run continues with it.
@@ -879,10 +987,12 @@ def main(argv=None):
 
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
-        train_rows, image_column, caption_column, num_skipped = load_training_dataset(args)
+        train_rows, image_column, caption_column, num_skipped, data_fingerprint = load_training_dataset(args)
 
     # Load scheduler, tokenizer and models.
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    if resume_path is not None:
+        check_same_architecture(unet, resume_path, resumed_state)
 
     num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer)
     if num_long:
@@ -1116,6 +1226,8 @@ def main(argv=None):
 
     # Train!
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # What this run is (seed, batch size, model, data), written into every checkpoint.
+    identity = run_identity(args, total_batch_size, data_fingerprint, len(train_dataset))
 
     logger.info("***** Running training *****")
     logger.info(
@@ -1146,23 +1258,16 @@ def main(argv=None):
         schedule._last_lr = lrs
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-        saved_batch_size = resumed_state.get("total_batch_size", total_batch_size)
-        if saved_batch_size != total_batch_size:
+        changes = identity_changes(resumed_state, identity)
+        if changes:
             logger.warning(
-                f"The checkpoint was written with a total batch size of {saved_batch_size}, this run has"
-                f" {total_batch_size}: training continues from step {global_step}, but not on the same data"
-                " order as the original run would have"
+                f"{resume_path} was written by a run with other settings ({'; '.join(changes)}): training continues"
+                f" from step {global_step}, but not on the same data order as the original run would have"
             )
     initial_global_step = global_step
 
     def training_state(epoch):
-        return {
-            "global_step": global_step,
-            "epoch": epoch,
-            "seed": args.seed,
-            "num_processes": accelerator.num_processes,
-            "total_batch_size": total_batch_size,
-        }
+        return {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, **identity}
 
     def checkpoint(epoch):
         return save_checkpoint(
@@ -1382,11 +1487,13 @@ def main(argv=None):
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*"],
+                ignore_patterns=["step_*", "epoch_*", ".lock*"],
                 token=args.hub_token,
             )
 
     accelerator.end_training()
+    if accelerator.is_main_process:
+        unlock_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,34 @@ when every process has finished writing it; `latest` and `--checkpoints_total_li
 checkpoints, and old ones are deleted only after the new one is in place. The final pipeline is written to
 a scratch folder and moved into `--output_dir` with `model_index.json` last, so a crash mid-save leaves a
 folder that `from_pretrained` refuses, never a mix of old and new weights that loads.
+
+A save that fails (a full disk, most often) removes its scratch folder and raises a UserError that says
+what is still intact and how to go on.
 """
 
 import json
 import os
 import shutil
+
+from safetensors import SafetensorError
+
+from sdtoolkit.errors import UserError, first_line
+
+# What torch.save, safetensors and plain file writes raise when a write fails.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def save_failed(what, folder, err, intact):
+    """The UserError for a save that failed: the library's reason, the free space, what is intact."""
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    return UserError(
+        f"could not write {what} in {folder}: {first_line(err)}{free} -- {intact}: free some space (or fix the"
+        " folder), then run the same command with --resume_from_checkpoint latest"
+    )
+
 
 TRAINING_STATE = "training_state.json"
 
@@ -50,12 +73,17 @@ def save_checkpoint(accelerator, output_dir, global_step, training_state, total_
     accelerator.wait_for_everyone()
 
     # Every process writes its own random state; the main process writes the models, optimizer and scheduler.
-    accelerator.save_state(partial)
+    try:
+        accelerator.save_state(partial)
+        if accelerator.is_main_process:
+            with open(os.path.join(partial, TRAINING_STATE), "w") as f:
+                json.dump(training_state, f, indent=2)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise save_failed(f"checkpoint-{global_step}", output_dir, err, "the earlier checkpoints are intact") from err
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        with open(os.path.join(partial, TRAINING_STATE), "w") as f:
-            json.dump(training_state, f, indent=2)
         replace_folder(partial, final)
         if total_limit is not None:
             for name in checkpoint_dirs(output_dir)[:-total_limit]:
@@ -77,7 +105,11 @@ def save_pipeline(pipeline, output_dir):
     """pipeline.save_pretrained(output_dir) such that output_dir never holds a loadable mix of two saves."""
     scratch = os.path.join(output_dir, ".pipeline.partial")
     shutil.rmtree(scratch, ignore_errors=True)
-    pipeline.save_pretrained(scratch, safe_serialization=True)
+    try:
+        pipeline.save_pretrained(scratch, safe_serialization=True)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise save_failed("the fine-tuned pipeline", output_dir, err, "the checkpoints are intact") from err
 
     # Without model_index.json the folder is not a pipeline: remove it first, put the new one back last.
     index = os.path.join(output_dir, "model_index.json")

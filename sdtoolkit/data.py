@@ -10,7 +10,10 @@ output instead of pixels and token ids; the random draws are the same, in the sa
 trains on the same samples as an uncached one.
 """
 
-import io
+import csv
+import hashlib
+import json
+import os
 
 import numpy as np
 import torch
@@ -44,29 +47,72 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def unreadable_images(dataset, image_column):
-    """[(row, name, reason)] for the rows whose image can't be decoded; name is the file's path or 'row N'."""
+def as_image_column(dataset, image_column):
+    """The dataset with its image column decoded as images, as training reads it.
+
+    A parquet file written by pyarrow or pandas (the usual way to keep a local copy of a hub dataset) stores
+    images as plain {bytes, path} records, without the `datasets` feature that says they are images; they are
+    cast to images here, so the check below and training decode them the same way.
+    """
+    feature = dataset.features[image_column]
+    if isinstance(feature, ImageFeature):
+        return dataset
+    if isinstance(feature, dict) and {"bytes", "path"} <= set(feature):
+        return dataset.cast_column(image_column, ImageFeature())
+    raise UserError(
+        f"--image_column '{image_column}' holds {feature}, not images; pass the column that holds the images"
+        " (an Image feature, or {bytes, path} records as pyarrow and pandas write them)"
+    )
+
+
+def scan_images(dataset, image_column):
+    """Decode every image once, as training does. Returns (unreadable, digests).
+
+    unreadable: [(row, name, reason)] for the rows whose image can't be decoded; name is the file's path or
+    'row N'. digests: one sha256 of each row's image bytes, for the data's fingerprint (see `fingerprint`).
+    """
+    feature = dataset.features[image_column]
     raw = dataset.cast_column(image_column, ImageFeature(decode=False))
-    bad = []
-    for index, value in enumerate(raw[image_column]):
+    bad, digests = [], []
+    values = (value for start in range(0, len(raw), 256) for value in raw[start : start + 256][image_column])
+    for index, value in enumerate(values):
         name = (value or {}).get("path") or f"row {index}"
+        data = b""
         try:
             if value is None:
                 raise ValueError("no image")
-            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-            with Image.open(source) as image:
-                image.load()  # decodes every pixel: catches truncated files that Image.open alone accepts
+            data = value.get("bytes")
+            if not data:
+                with open(value["path"], "rb") as f:
+                    data = f.read()
+            feature.decode_example({"path": None, "bytes": data})  # decodes every pixel, as training will
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
             bad.append((index, name, str(err).splitlines()[0] if str(err) else type(err).__name__))
-    return bad
+        digests.append(hashlib.sha256(data or b"").digest())
+    return bad, digests
+
+
+def fingerprint(image_digests, captions):
+    """One hex digest of the training data: every row's image bytes and caption(s), in order."""
+    total = hashlib.sha256()
+    for digest, caption in zip(image_digests, captions):
+        total.update(digest)
+        total.update(json.dumps(caption).encode())
+    return total.hexdigest()
 
 
 def check_captions(dataset, caption_column):
-    """Raise UserError at the first caption that is not a string or a non-empty list of strings."""
+    """Raise UserError at the first caption that is not a string or a non-empty list of strings.
+
+    Returns the number of rows whose caption is empty or only whitespace (they train unconditioned).
+    """
+    empty = 0
     for index, caption in enumerate(dataset[caption_column]):
         if isinstance(caption, str):
+            empty += not caption.strip()
             continue
         if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+            empty += not any(c.strip() for c in caption)
             continue
         shown = repr(caption)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
@@ -74,6 +120,7 @@ def check_captions(dataset, caption_column):
             f"caption column '{caption_column}' must hold strings or lists of strings; row {index} holds"
             f" {type(caption).__name__} {shown}"
         )
+    return empty
 
 
 def count_long_captions(dataset, caption_column, tokenizer):
@@ -239,3 +286,48 @@ def collate(examples):
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(memory_format=torch.contiguous_format).float()
     return batch
+
+
+def unlisted_images(folder):
+    """Images in an imagefolder that no metadata file names: `datasets` leaves them out without a word.
+
+    Returns their paths relative to folder, sorted; [] when the folder has no metadata file at all.
+    """
+    from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+    listed, images, has_metadata = set(), [], False
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if name in ("metadata.jsonl", "metadata.csv", "metadata.parquet"):
+                has_metadata = True
+                listed.update(os.path.normpath(os.path.join(root, n)) for n in metadata_file_names(path))
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                images.append(os.path.normpath(path))
+    if not has_metadata:
+        return []
+    return sorted(os.path.relpath(path, folder) for path in images if path not in listed)
+
+
+def metadata_file_names(path):
+    """The file_name entries of an imagefolder metadata file (.jsonl, .csv or .parquet)."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path, columns=["file_name"]).to_pylist()
+    return [str(row["file_name"]) for row in rows if isinstance(row, dict) and row.get("file_name")]
+
+
+def has_caption_files(folder, extension=".txt"):
+    """Whether a folder (searched recursively) holds images with same-named caption text files."""
+    for root, _, files in os.walk(folder):
+        stems = {os.path.splitext(name)[0] for name in files if name.endswith(extension)}
+        if any(os.path.splitext(name)[0] in stems for name in files if not name.endswith(extension)):
+            return True
+    return False

@@ -6,9 +6,17 @@ directly and see the exception.
 
 Training that stops before its end on purpose (SIGTERM, Ctrl-C, a NaN loss) raises `TrainingStopped` with
 the exit code to use; `run_main` prints `stopped: ...` and exits with it.
+
+Under `python -m sdtoolkit.launch` (what train.sh runs), that last line and its exit code are also appended
+to the file named by SDTOOLKIT_LAST_LINE_FILE, so that the launcher can repeat them after the launch's own
+report of the failure: the user's last line is the script's, and so is the exit code.
 """
 
+import json
+import os
 import sys
+
+LAST_LINE_FILE = "SDTOOLKIT_LAST_LINE_FILE"
 
 
 class UserError(Exception):
@@ -27,14 +35,21 @@ def run_main(main):
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        last_words(f"error: {err}", 2)
     except TrainingStopped as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        last_words(f"stopped: {err}", err.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        last_words("error: interrupted", 130)
+
+
+def last_words(line, exit_code):
+    """Print the script's last line, record it for the launcher if there is one, and exit."""
+    print(line, file=sys.stderr)
+    record = os.environ.get(LAST_LINE_FILE)
+    if record:
+        with open(record, "a") as f:
+            f.write(json.dumps({"line": line, "exit_code": exit_code}) + "\n")
+    sys.exit(exit_code)
 
 
 def first_line(err):

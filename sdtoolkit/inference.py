@@ -5,6 +5,7 @@
 every way that can fail into one line saying what to do.
 """
 
+import json
 import os
 
 import torch
@@ -34,6 +35,17 @@ def looks_like_local_path(name):
     return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
+def missing_components(folder):
+    """The components a pipeline folder's model_index.json lists (unet, vae, ...) whose sub-folder is missing."""
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+    except ValueError as err:
+        raise UserError(f"{folder}/model_index.json is not valid JSON ({err}); save the pipeline again") from err
+    listed = [name for name, value in index.items() if isinstance(value, list) and None not in value]
+    return [name for name in listed if not os.path.isdir(os.path.join(folder, name))]
+
+
 def load_pipeline(model_path, device, dtype):
     """A StableDiffusionPipeline from a folder or hub id, on `device` in `dtype`, progress bars off."""
     if looks_like_local_path(model_path):
@@ -46,6 +58,12 @@ def load_pipeline(model_path, device, dtype):
             raise UserError(
                 f"'{model_path}' is not a complete diffusers pipeline folder (no model_index.json);"
                 " point to the folder that training wrote with save_pretrained (its --output_dir)"
+            )
+        missing = missing_components(model_path)
+        if missing:
+            raise UserError(
+                f"the pipeline folder '{model_path}' lacks {', '.join(f'{name}/' for name in missing)}, which its"
+                " model_index.json lists; copy the whole folder that training wrote, not only some of its parts"
             )
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, use_safetensors=True)

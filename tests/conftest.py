@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip, build_tiny_open_clip
 
@@ -80,3 +82,52 @@ def image_folder(folder, rows):
                 image.save(folder / name)
             f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return folder
+
+
+def demo_image(i=0):
+    """Image i of the bundled data set."""
+    return Image.open(DEMO_DATA / f"{i:04d}.png")
+
+
+def train_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
+    """The training script's arguments with small, fast settings; extra flags win."""
+    return [
+        "--pretrained_model_name_or_path", str(tiny_sd),
+        "--train_data_dir", str(data),
+        "--output_dir", str(output_dir),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--seed", "0",
+        "--mixed_precision", "no",
+        *extra,
+    ]  # fmt: skip
+
+
+def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
+    """Run the training script in-process with train_args."""
+    import train_text_to_image
+
+    train_text_to_image.main(train_args(tiny_sd, output_dir, *extra, data=data))
+
+
+def logged_losses(output_dir, tag="train_loss"):
+    """(step, value) pairs of a logged scalar (train_loss unless told) from a run's newest TensorBoard file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = pathlib.Path(output_dir) / "logs" / "text2image-fine-tune"
+    newest = max(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(newest))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def unet_weights(folder):
+    return load_file(str(pathlib.Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
+def relative_difference_of_updates(base, a, b):
+    """|(a - base) - (b - base)| / |a - base| over all UNet weights: how differently two runs moved them."""
+    base, a, b = unet_weights(base), unet_weights(a), unet_weights(b)
+    delta_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    delta_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    return ((delta_a - delta_b).norm() / delta_a.norm()).item()

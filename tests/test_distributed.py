@@ -17,8 +17,14 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 import train_text_to_image
-from tests.conftest import DEMO_DATA, REPO, reset_accelerate_state
-from tests.test_train import logged_losses, unet_weights
+from tests.conftest import (
+    DEMO_DATA,
+    REPO,
+    logged_losses,
+    relative_difference_of_updates,
+    reset_accelerate_state,
+    unet_weights,
+)
 
 FLAGS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema",
          "--gradient_checkpointing", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--random_flip",
@@ -100,14 +106,6 @@ def max_difference(a, b):
     a, b = unet_weights(a), unet_weights(b)
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def relative_difference_of_updates(base, a, b):
-    """|(a - base) - (b - base)| / |a - base| over all UNet weights: how differently two runs moved them."""
-    base, a, b = unet_weights(base), unet_weights(a), unet_weights(b)
-    delta_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
-    delta_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
-    return ((delta_a - delta_b).norm() / delta_a.norm()).item()
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, two_process_run, one_process_run, tmp_path):

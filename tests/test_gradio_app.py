@@ -206,3 +206,34 @@ def test_a_person_generates_an_image_in_a_real_browser(server, tmp_path):
         page.screenshot(path=screenshot, full_page=True)
         browser.close()
     assert Image.open(screenshot).size[0] == 1280
+
+
+def test_a_port_out_of_range_is_one_line():
+    result = run_script("gradio_app.py", "--port", "99999")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --port must be between 1 and 65535, got 99999"
+
+
+def test_a_model_folder_missing_a_part_names_it(tiny_sd, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_sd, broken)
+    shutil.rmtree(broken / "unet")
+    result = run_script("gradio_app.py", "--model_path", broken, "--port", str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: the pipeline folder '{broken}' lacks unet/")
+
+
+def test_served_images_leave_gradios_cache_after_cache_max_age(tiny_sd):
+    import time
+
+    app = start(tiny_sd, "--cache_max_age", "2")
+    try:
+        generate(Client(app.local_url, verbose=False))
+        cached = [path for files in app.temp_file_sets for path in files]
+        assert cached and all(os.path.exists(path) for path in cached)
+        deadline = time.time() + 20
+        while any(os.path.exists(path) for path in cached) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(os.path.exists(path) for path in cached)
+    finally:
+        app.close()

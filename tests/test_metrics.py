@@ -1,6 +1,7 @@
 """metrics.py: torchmetrics' CLIP score, reproducible, side by side, with its images and reports."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -176,3 +177,46 @@ def test_empty_prompts_file(tiny_sd, tiny_clip, tmp_path):
 def test_resolution_not_divisible_by_8():
     with pytest.raises(UserError, match="multiple of 8"):
         metrics.parse_args(["--resolution", "100"])
+
+
+def test_two_models_with_the_same_folder_name_get_their_own_grids(tiny_sd, tiny_clip, prompts_file, tmp_path, capsys):
+    for run in ("exp1", "exp2"):
+        shutil.copytree(tiny_sd, tmp_path / run / "model")
+    out = tmp_path / "scores"
+    report = metrics.main(["--model_path", str(tmp_path / "exp1" / "model"), str(tmp_path / "exp2" / "model"),
+                           "--clip_model", tiny_clip, "--prompts_file", prompts_file, "--output_dir", str(out),
+                           *FAST])  # fmt: skip
+    assert [m["label"] for m in report["models"]] == ["exp1/model", "exp2/model"]
+    assert sorted(p.name for p in out.glob("grid-*.png")) == ["grid-exp1_model.png", "grid-exp2_model.png"]
+    assert "exp1/model" in capsys.readouterr().out
+
+
+def test_labels_stay_distinct_for_the_same_model_given_twice():
+    assert metrics.model_labels(["a/m", "b/m", "c"]) == ["a/m", "b/m", "c"]
+    assert metrics.model_labels(["x/m", "x/m"]) == ["x/m (1)", "x/m (2)"]
+
+
+def test_an_unusable_output_dir_fails_before_generating(tiny_sd, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    # The CLIP model named here does not exist either: the output folder is checked first, before anything loads.
+    result = run_cli("--model_path", tiny_sd, "--clip_model", str(tmp_path / "no-clip"), "--output_dir",
+                     str(tmp_path / "a_file" / "scores"), *FAST)  # fmt: skip
+    assert_one_line_error(result, "cannot write to --output_dir")
+
+
+def test_one_seed_has_no_spread_and_comments_are_not_prompts(tiny_sd, tiny_clip, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my prompts\na round green creature\n  # not this one either\n")
+    report = score(tiny_sd, tiny_clip, tmp_path, prompts_file=str(prompts))
+    assert [row["prompt"] for row in report["models"][0]["per_prompt"]] == ["a round green creature"]
+    assert report["models"][0]["per_prompt"][0]["std"] is None
+    printed = capsys.readouterr().out
+    assert "± n/a" in printed and "± 0.0000" not in printed
+
+
+def test_a_model_folder_missing_a_part_names_it(tiny_sd, tiny_clip, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_sd, broken)
+    shutil.rmtree(broken / "unet")
+    result = run_cli("--model_path", str(broken), "--clip_model", tiny_clip, *FAST)
+    assert_one_line_error(result, f"the pipeline folder '{broken}' lacks unet/")

@@ -25,8 +25,17 @@ import train_text_to_image
 from sdtoolkit import checkpoints
 from sdtoolkit.data import to_rgb
 from sdtoolkit.errors import TrainingStopped, UserError
-from tests.conftest import DEMO_DATA, REPO, image_folder, run_script
-from tests.test_train import logged_losses, train, train_args, unet_weights
+from tests.conftest import (
+    DEMO_DATA,
+    REPO,
+    demo_image,
+    image_folder,
+    logged_losses,
+    run_script,
+    train,
+    train_args,
+    unet_weights,
+)
 
 NO_MODEL = "/nonexistent/model"  # preflight errors must come before any model is loaded
 
@@ -219,10 +228,6 @@ def test_a_nan_loss_exits_with_code_1_and_one_line(tiny_sd, tmp_path):
 # Preflight ------------------------------------------------------------------------------------------------------
 
 
-def demo_image(i=0):
-    return Image.open(DEMO_DATA / f"{i:04d}.png")
-
-
 def png_bytes(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -373,3 +378,69 @@ def test_captions_longer_than_77_tokens_are_counted(tiny_sd, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=image_folder(tmp_path / "data", rows))
     assert "1 of 2 captions are longer than CLIP's 77 tokens" in caplog.text
+
+
+# Data as people keep it -----------------------------------------------------------------------------------------
+
+
+def pyarrow_parquet(path, images, captions):
+    """A parquet file as pyarrow or pandas write it: the image column a plain {bytes, path} struct, no `datasets`
+    feature metadata saying it holds images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)]
+    pq.write_table(pa.table({"image": records, "text": captions}), str(path))
+    return path
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["folder", "single-file"])
+def test_a_parquet_file_written_by_pyarrow_trains(tiny_sd, tmp_path, as_file):
+    (tmp_path / "data").mkdir()
+    path = pyarrow_parquet(tmp_path / "data" / "train.parquet", [png_bytes(demo_image(i)) for i in range(4)],
+                           [f"creature {i}" for i in range(4)])  # fmt: skip
+    argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "2")
+    argv[argv.index("--train_data_dir") : argv.index("--train_data_dir") + 2] = ["--dataset_name", str(
+        path if as_file else path.parent)]  # fmt: skip
+    train_text_to_image.main(argv)
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_a_broken_image_in_a_pyarrow_parquet_is_found_before_training(tmp_path):
+    path = pyarrow_parquet(tmp_path / "train.parquet", [png_bytes(demo_image(0)), b"not an image"], ["a", "b"])
+    argv = ["--pretrained_model_name_or_path", NO_MODEL, "--dataset_name", str(path), "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match=r"1 of 2 images can't be read: 1\.png"):
+        train_text_to_image.main(argv)
+
+
+def test_an_image_column_that_holds_no_images_is_named(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [1, 2], "text": ["a", "b"]}).to_parquet(str(tmp_path / "t.parquet"))
+    argv = ["--pretrained_model_name_or_path", NO_MODEL, "--dataset_name", str(tmp_path / "t.parquet"),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match=r"--image_column 'image' holds Value\('int64'\), not images"):
+        train_text_to_image.main(argv)
+
+
+def test_images_without_a_metadata_line_and_empty_captions_are_counted(tiny_sd, tmp_path, caplog):
+    rows = [("a.png", demo_image(0), "a creature"), ("b.png", demo_image(1), "  "), ("c.png", demo_image(2), "")]
+    data = image_folder(tmp_path / "data", rows)
+    demo_image(3).save(data / "forgotten.png")
+    (data / "sub").mkdir()
+    demo_image(4).save(data / "sub" / "also-forgotten.jpg")
+    with caplog.at_level(logging.WARNING):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+    assert "2 images in" in caplog.text and "forgotten.png, sub/also-forgotten.jpg" in caplog.text
+    assert "2 of 3 captions are empty" in caplog.text
+
+
+def test_a_folder_with_txt_captions_gets_a_hint(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        demo_image(i).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"creature {i}")
+    with pytest.raises(UserError, match=r"'text' is not a column.*holds images with \.txt caption files.*metadata"):
+        preflight(tmp_path, data=data)

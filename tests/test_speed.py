@@ -10,10 +10,8 @@ from diffusers.training_utils import EMAModel
 
 import train_text_to_image
 from sdtoolkit.ema import InPlaceEMAModel
-from tests.conftest import DEMO_DATA
-from tests.test_distributed import relative_difference_of_updates as relative_update
-from tests.test_resilience import demo_image, image_folder
-from tests.test_train import logged_losses, train
+from tests.conftest import DEMO_DATA, demo_image, image_folder, logged_losses, train
+from tests.conftest import relative_difference_of_updates as relative_update
 
 
 def caption_list_folder(tmp_path):

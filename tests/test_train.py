@@ -9,44 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
-from tests.conftest import DEMO_DATA, REPO, image_folder, run_script
-
-
-def train_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
-    """The training script's arguments with small, fast settings; extra flags win."""
-    return [
-        "--pretrained_model_name_or_path", str(tiny_sd),
-        "--train_data_dir", str(data),
-        "--output_dir", str(output_dir),
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--seed", "0",
-        "--mixed_precision", "no",
-        *extra,
-    ]  # fmt: skip
-
-
-def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
-    """Run the training script in-process with train_args."""
-    train_text_to_image.main(train_args(tiny_sd, output_dir, *extra, data=data))
-
-
-def logged_losses(output_dir, tag="train_loss"):
-    """(step, value) pairs of a logged scalar (train_loss unless told) from a run's newest TensorBoard file."""
-    folder = Path(output_dir) / "logs" / "text2image-fine-tune"
-    newest = max(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
-    events = EventAccumulator(str(newest))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
-def unet_weights(folder):
-    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+from tests.conftest import DEMO_DATA, REPO, image_folder, logged_losses, run_script, train, unet_weights
 
 
 def test_two_step_run_writes_a_pipeline_that_loads_and_generates(tiny_sd, tmp_path):
@@ -66,13 +32,19 @@ def test_two_step_run_writes_a_pipeline_that_loads_and_generates(tiny_sd, tmp_pa
     assert (out / "validation" / "step-2" / "00.png").exists()
     assert (out / "val_imgs_grid.png").exists()
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_sd}" in card and "Learning rate: 0.0001" in card
+    assert "Learning rate: 0.0001" in card and '"a green creature"; "a red creature"' in card
+    # Local paths stay out of the card (they mean nothing elsewhere); its snippet loads the folder it is in.
+    assert "base_model:" not in card and "datasets:" not in card and str(tiny_sd) not in card
+    assert "fine-tuned from a local folder `tiny-sd`" in card
+    assert f'StableDiffusionPipeline.from_pretrained("{out}"' in card
     assert [step for step, _ in logged_losses(out)] == [1, 2]
 
 
 def test_model_card_is_written_without_validation_prompts(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path, "--max_train_steps", "1")
-    assert "This pipeline was fine-tuned from" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "This pipeline was fine-tuned from" in card
+    assert "None" not in card.split("## Training")[0]  # no "for the prompts None"
     assert not (tmp_path / "validation").exists()
 
 

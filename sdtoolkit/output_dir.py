@@ -1,0 +1,183 @@
+"""The --output_dir of a training run: writable, used by one run at a time, never a mix of two runs.
+
+- `check_output_dir`: the folder exists (or is made) and files can be written in it.
+- `lock_output_dir`: the main process holds a lock on the folder for the whole run, so a second run started on
+  it fails at once with the holder's process id. The lock is `fcntl.flock` on `.lock` (through the filelock
+  package): the kernel drops it when its process ends, however it ends, so a lock left by a killed run is
+  never in the way. `.lock.json` says who holds it; a run removes it when it ends (also on an error or a
+  signal), so finding one from another process means that run was killed, which the log says when the new
+  run takes the folder over.
+- `check_fresh_run`: a new run (not a resume) refuses a folder that holds an earlier run's checkpoints or
+  model, unless told to overwrite it (`clear_earlier_run` then deletes what the script wrote, nothing else).
+- `run_identity` / `identity_changes`: what a run is (seed, batch size, model, data), stored in every
+  checkpoint's training_state.json, so that a resume that changes one of them says what changed.
+"""
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+from filelock import FileLock, Timeout
+
+from sdtoolkit.checkpoints import checkpoint_dirs
+from sdtoolkit.errors import UserError, first_line
+
+LOCK_FILE = ".lock"
+HOLDER_FILE = ".lock.json"
+
+# Locks this process holds, by lock file. A run inside a Python process (a test, a notebook) that ended with an
+# exception leaves its lock here; the next run in the same process takes it back.
+_held = {}
+
+
+def check_output_dir(output_dir, flag="--output_dir"):
+    """Create output_dir if needed and make sure files can be written in it."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {flag} {output_dir}: {first_line(err)}") from err
+
+
+def read_holder(output_dir):
+    """The {pid, host, started} record of the run holding output_dir's lock (or that held it last), or None."""
+    try:
+        with open(os.path.join(output_dir, HOLDER_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def describe_holder(holder):
+    if not holder:
+        return "another process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return f"process {holder.get('pid')} on {holder.get('host')}, started {started}"
+
+
+def lock_output_dir(output_dir):
+    """Hold output_dir for this run, or raise UserError naming the run that holds it.
+
+    Returns a note for the log when the lock was taken over from a run that was killed, else None.
+    """
+    path = os.path.abspath(os.path.join(output_dir, LOCK_FILE))
+    leftover = _held.pop(path, None)
+    if leftover is not None:
+        leftover.release()
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"--output_dir {output_dir} is in use by another training run ({describe_holder(read_holder(output_dir))});"
+            " wait for it to finish, stop it, or choose another --output_dir"
+        ) from None
+
+    note = None
+    previous = read_holder(output_dir)
+    if previous and previous.get("pid") != os.getpid():
+        note = (
+            f"took over --output_dir {output_dir} from {describe_holder(previous)}, which ended without releasing it"
+            " (killed or crashed); its lock died with it"
+        )
+    with open(os.path.join(output_dir, HOLDER_FILE), "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    _held[path] = lock
+    # A run that stops with an error or a signal still exits normally: it lets go of the folder then too.
+    atexit.register(unlock_output_dir, output_dir)
+    return note
+
+
+def unlock_output_dir(output_dir):
+    """Release the lock taken by lock_output_dir (at the normal end of a run; a dying process drops it anyway)."""
+    path = os.path.abspath(os.path.join(output_dir, LOCK_FILE))
+    lock = _held.pop(path, None)
+    if lock is None:
+        return
+    try:
+        os.remove(os.path.join(output_dir, HOLDER_FILE))
+    except FileNotFoundError:
+        pass
+    lock.release()
+
+
+def earlier_run(output_dir):
+    """What an earlier run left in output_dir that a new run would mix with: checkpoints and a saved model."""
+    found = checkpoint_dirs(output_dir)
+    if os.path.isfile(os.path.join(output_dir, "model_index.json")):
+        found.append("a saved pipeline (model_index.json)")
+    return found
+
+
+def check_fresh_run(output_dir, *, overwrite, logging_dir):
+    """A new run into output_dir: refuse an earlier run's outputs unless overwrite, then delete them."""
+    found = earlier_run(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise UserError(
+            f"--output_dir {output_dir} holds an earlier run ({shown}); continue it with --resume_from_checkpoint"
+            " latest, choose another --output_dir, or pass --overwrite_output_dir to delete it and start anew"
+        )
+    clear_earlier_run(output_dir, logging_dir=logging_dir)
+
+
+def clear_earlier_run(output_dir, *, logging_dir):
+    """Delete what the training script writes in output_dir (and nothing else); returns the names deleted."""
+    names = checkpoint_dirs(output_dir)
+    names += [n for n in os.listdir(output_dir) if n.startswith(".") and n.endswith(".partial")]
+    index = os.path.join(output_dir, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
+        names += components + ["model_index.json"]
+    names += ["validation", "val_imgs_grid.png", "README.md", logging_dir]
+    deleted = []
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def local_path_or_name(name):
+    """A model or dataset name as stored: the absolute path for a local folder or file, else the hub id."""
+    return os.path.abspath(name) if name and os.path.exists(name) else name
+
+
+def run_identity(args, total_batch_size, data_fingerprint, num_rows):
+    """What makes a run this run, for training_state.json."""
+    return {
+        "seed": args.seed,
+        "total_batch_size": total_batch_size,
+        "model": local_path_or_name(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "data": local_path_or_name(args.dataset_name or args.train_data_dir),
+        "data_rows": num_rows,
+        "data_fingerprint": data_fingerprint,
+    }
+
+
+def identity_changes(saved, current):
+    """['seed 0 -> 1', ...] for what differs between a checkpoint's run identity and this run's."""
+    changes = []
+    for key in ("seed", "total_batch_size", "model", "revision", "data"):
+        if key in saved and saved[key] != current[key]:
+            changes.append(f"{key.replace('_', ' ')} {saved[key]} -> {current[key]}")
+    if "data_fingerprint" in saved and saved["data_fingerprint"] != current["data_fingerprint"]:
+        changes.append(
+            f"data content {saved.get('data_rows')} rows ({saved['data_fingerprint'][:12]}) ->"
+            f" {current['data_rows']} rows ({current['data_fingerprint'][:12]})"
+        )
+    return changes

@@ -1,0 +1,123 @@
+"""The path users take: `bash train.sh` from their own folder, errors through the launcher, one run per folder.
+
+These tests run train.sh (and through it `python -m sdtoolkit.launch`, which is `accelerate launch`) from a
+folder outside the toolkit, with relative paths, as a user would.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import DEMO_DATA, REPO, train_args
+
+SINGLE = "--num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
+TWO_CPU_PROCESSES = "--multi_gpu --num_processes=2 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
+# The seed's recipe made small: train.sh's own flags stay (EMA, center crop, flips, checkpointing, ...).
+SMALL = ["--mixed_precision=no", "--resolution=32", "--train_batch_size=2", "--gradient_accumulation_steps=1",
+         "--seed=0", "--learning_rate=1e-3"]  # fmt: skip
+
+
+def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=300):
+    """`bash <toolkit>/train.sh` run from `cwd`; returns (exit code, output lines without blank ones)."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHON": sys.executable,
+        "MODEL_NAME": str(model),
+        "DATASET_NAME": str(data),
+        "OUTPUT_DIR": str(output_dir),
+        "LAUNCH_ARGS": launch_args + " --main_process_port=0" * ("--multi_gpu" in launch_args),
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "train.sh"), *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return result.returncode, lines
+
+
+@pytest.fixture
+def user_folder(tmp_path, tiny_sd):
+    """A user's own folder with their data and a model in it, outside the toolkit."""
+    home = tmp_path / "me"
+    shutil.copytree(DEMO_DATA, home / "my-data")
+    shutil.copytree(tiny_sd, home / "my-model")
+    return home
+
+
+def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
+    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", "--checkpointing_steps=1",
+                           model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
+    assert code == 0, "\n".join(lines[-20:])
+    assert (user_folder / "my-output" / "model_index.json").exists()
+    assert not (REPO / "my-output").exists() and not (REPO / "my-data").exists()
+    # The lock is released at the end: nothing says a run holds the folder.
+    assert not (user_folder / "my-output" / ".lock.json").exists()
+
+    # The same command again is a new run into a folder holding the first: refused, nothing of it touched.
+    before = {p: p.stat().st_mtime_ns for p in (user_folder / "my-output").rglob("*") if p.is_file()}
+    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", model="my-model", data="my-data",
+                           output_dir="my-output")  # fmt: skip
+    assert code == 2
+    assert lines[-1].startswith("error: --output_dir my-output holds an earlier run (checkpoint-1, checkpoint-2, a")
+    assert "--overwrite_output_dir" in lines[-1]
+    after = {p: p.stat().st_mtime_ns for p in (user_folder / "my-output").rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p.name not in (".lock", ".lock.json")} == {
+        p: t for p, t in before.items() if p.name not in (".lock", ".lock.json")
+    }
+
+
+@pytest.mark.parametrize("launch_args", [SINGLE, TWO_CPU_PROCESSES], ids=["one-process", "two-processes"])
+def test_an_error_through_train_sh_is_the_last_line_with_exit_code_2(user_folder, launch_args):
+    code, lines = train_sh(user_folder, *SMALL, model="my-model", data="no-such-data", output_dir="out",
+                           launch_args=launch_args)  # fmt: skip
+    assert code == 2, "\n".join(lines[-20:])
+    assert lines[-1].startswith("error: could not load the dataset 'no-such-data'")
+    output = "\n".join(lines)
+    assert "CalledProcessError" not in output and "ChildFailedError" not in output
+
+
+def start_holder(tiny_sd, output_dir):
+    """A training run that holds output_dir for minutes (it takes a step every ~0.1 s and saves nothing)."""
+    argv = train_args(tiny_sd, output_dir, "--max_train_steps", "100000", "--checkpointing_steps", "100000")
+    code = "import sys, train_text_to_image as t\nsys.argv[1:] = %r\nt.run_main(t.main)\n" % argv
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (output_dir / ".lock.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the first run ended before the second could start"
+    return process
+
+
+def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(user_folder, tiny_sd, caplog):
+    import logging
+
+    import train_text_to_image
+
+    out = user_folder / "out"
+    first = start_holder(tiny_sd, out)
+    try:
+        started = time.time()
+        code, lines = train_sh(user_folder, *SMALL, model="my-model", data="my-data", output_dir="out")
+        assert code == 2, "\n".join(lines[-20:])
+        assert lines[-1].startswith(f"error: --output_dir out is in use by another training run (process {first.pid} ")
+        assert time.time() - started < 60
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+    # The killed run's lock died with it: the next run takes the folder over and says from whom.
+    with caplog.at_level(logging.WARNING):
+        train_text_to_image.main(train_args(tiny_sd, out, "--max_train_steps", "1"))
+    assert f"took over --output_dir {out} from process {first.pid} " in caplog.text
+    assert (out / "model_index.json").exists() and not (out / ".lock.json").exists()
