@@ -4,7 +4,9 @@
 - demo_dataset: the small bundled image-caption dataset in the pokemon-blip-captions schema.
 - data: checking a dataset before training; training examples with per-example randomness; the encoder cache.
 - checkpoints: atomic checkpoints and final pipeline saves.
+- output_dir: the lock on --output_dir, one run per folder, and the run identity stored in checkpoints.
 - ema: an in-place, multi-tensor EMA of the UNet weights.
 - inference: picking a device and dtype, and loading a pipeline with clear errors (metrics.py, gradio_app.py).
 - errors: the one-line error that every script prints for bad input.
+- launch: `accelerate launch` with the script's own error line last and its exit code (train.sh uses it).
 """

@@ -107,7 +107,8 @@ def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(user
     first = start_holder(tiny_sd, out)
     try:
         started = time.time()
-        code, lines = train_sh(user_folder, *SMALL, model="my-model", data="my-data", output_dir="out")
+        code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", model="my-model", data="my-data",
+                               output_dir="out")  # fmt: skip
         assert code == 2, "\n".join(lines[-20:])
         assert lines[-1].startswith(f"error: --output_dir out is in use by another training run (process {first.pid} ")
         assert time.time() - started < 60
