@@ -30,6 +30,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from sdtoolkit.errors import UserError, first_line, run_main
 from sdtoolkit.inference import load_pipeline, pick_device_and_dtype
+from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
 
 # The seed's validation prompts.
@@ -77,6 +78,15 @@ def parse_args(argv=None):
         "--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16"
     )
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
+    parser.add_argument(
+        "--caption_data",
+        default=None,
+        help=(
+            "An imagefolder (images and a metadata.jsonl with file_name, text), e.g. the training data: also report"
+            " each model's caption accuracy on it, the share of its images whose own caption the model picks among"
+            " all the folder's captions when used as a diffusion classifier (see sdtoolkit/learning_check.py)."
+        ),
+    )
     args = parser.parse_args(argv)
 
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8 != 0):
@@ -280,6 +290,7 @@ def write_reports(results, prompts, args):
     """scores.json, scores.csv and one grid PNG per model in args.output_dir; returns the paths written."""
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {
+        "caption_data": args.caption_data,
         "clip_backend": args.clip_backend,
         "clip_model": args.clip_model,
         "seeds": args.seeds,
@@ -295,6 +306,7 @@ def write_reports(results, prompts, args):
                 "model_path": result["model_path"],
                 "clip_score": result["overall"],
                 "label": result["label"],
+                "caption_accuracy": result.get("caption_accuracy"),
                 "per_prompt": [
                     {
                         "prompt": prompt,
@@ -371,18 +383,30 @@ def main(argv=None):
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
     check_output_dir(args.output_dir)
+    if args.caption_data is not None and not os.path.isfile(os.path.join(args.caption_data, "metadata.jsonl")):
+        raise UserError(
+            f"--caption_data {args.caption_data} must be a folder of images with a metadata.jsonl (file_name, text)"
+        )
     clip = load_clip(args.clip_backend, args.clip_model)
+    if args.caption_data is not None:
+        caption_images, captions = read_imagefolder(args.caption_data)
+        candidates = sorted(set(captions))
+        labels = [candidates.index(caption) for caption in captions]
 
     results = []
     for model_path, label in zip(args.model_path, model_labels(args.model_path)):
         pipeline = load_pipeline(model_path, device, dtype)
         print(f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ...")
         images = generate_images(pipeline, prompts, args)
+        result = {"model_path": model_path, "label": label, "images": images}
+        if args.caption_data is not None:
+            resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+            result["caption_accuracy"] = caption_accuracy(
+                pipeline, caption_images, labels, candidates, resolution=resolution
+            )
         del pipeline
-        per_prompt, overall = score_model(images, prompts, clip, device)
-        results.append(
-            {"model_path": model_path, "label": label, "images": images, "per_prompt": per_prompt, "overall": overall}
-        )
+        result["per_prompt"], result["overall"] = score_model(images, prompts, clip, device)
+        results.append(result)
 
     try:
         report, paths = write_reports(results, prompts, args)
@@ -397,6 +421,15 @@ def main(argv=None):
             print(f"CLIP score ({result['model_path']}): {round(result['overall'], 4)}")
         diff = report["difference"]
         print(f"Difference ({diff['of']} - {diff['minus']}): {diff['clip_score']:+.4f}")
+    if args.caption_data is not None:
+        print()
+        chance = 1 / len(candidates)
+        for result in results:
+            right = round(result["caption_accuracy"] * len(labels))
+            print(
+                f"Caption accuracy on {args.caption_data} ({result['label']}): {result['caption_accuracy']:.4f}"
+                f" ({right} of {len(labels)} images; chance {chance:.4f})"
+            )
     print()
     for path in paths:
         print(f"wrote {path}")

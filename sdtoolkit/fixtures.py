@@ -5,6 +5,12 @@ merges are rebuilt from the BPE merges file that open_clip_torch ships, the same
 SD v1-4 were tokenized with. The weights are random, so images look like noise, but every file, shape and
 code path is the real one.
 
+The VAE is made realistic where training depends on it. A random VAE's posterior is wide (its standard
+deviation swamps its mean), so training on latent samples, as the script rightly does, would train on noise; a
+trained VAE is nearly deterministic. So the fixture's posterior log-variance is set to POSTERIOR_LOGVAR
+(std ~1e-3, about a trained VAE's), and its `scaling_factor` is measured on the bundled images to give their
+latents unit variance, as SD's 0.18215 does for real images.
+
     python -m sdtoolkit.fixtures --preset tiny --out fixtures/tiny-sd        # for tests and the demo
     python -m sdtoolkit.fixtures --preset sd-v1-4 --out fixtures/sd-v1-4     # the full architecture (~4.3 GB)
     python -m sdtoolkit.fixtures --preset tiny-clip --out fixtures/tiny-clip # a CLIP model for metrics.py
@@ -21,6 +27,8 @@ import tempfile
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from PIL import Image
+from torchvision.transforms import functional as TF
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -30,6 +38,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
 )
+
+# The bundled demo images (data/creatures), on which the fixture VAE's scaling factor is measured.
+BUNDLED_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "creatures")
 
 # CLIP's BPE: 49,152 merges-file entries minus 256 byte tokens and 2 specials, plus the header line.
 NUM_MERGES = 49152 - 256 - 2
@@ -151,6 +162,32 @@ def build_models(preset, seed=0):
     return unet, vae, text_encoder
 
 
+# The posterior log-variance of the fixture VAE: std = exp(-7) ~ 1e-3, nearly deterministic like a trained VAE.
+POSTERIOR_LOGVAR = -14.0
+
+
+@torch.no_grad()
+def make_vae_realistic(vae, images_folder, resolution=64):
+    """Make a random VAE's posterior nearly deterministic and scale its latents to unit variance on the images.
+
+    The encoder's last 1x1 convolution (quant_conv) outputs the posterior's mean and log-variance channels; the
+    log-variance half gets zero weights and a bias of POSTERIOR_LOGVAR. The scaling factor is 1 / the std of the
+    latent means of the images in `images_folder` at `resolution` px.
+    """
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:] = 0
+    vae.quant_conv.bias[channels:] = POSTERIOR_LOGVAR
+
+    names = sorted(n for n in os.listdir(images_folder) if n.endswith(".png"))
+    images = [
+        Image.open(os.path.join(images_folder, n)).convert("RGB").resize((resolution, resolution)) for n in names
+    ]
+    pixels = torch.stack([TF.normalize(TF.to_tensor(image), [0.5], [0.5]) for image in images])
+    means = vae.encode(pixels).latent_dist.mean
+    vae.register_to_config(scaling_factor=round(1.0 / means.std().item(), 5))
+    return vae
+
+
 def sd_scheduler():
     """SD v1-4's scheduler: PNDM with the scaled-linear betas Stable Diffusion was trained with."""
     return PNDMScheduler(
@@ -186,6 +223,7 @@ def build_sd_pipeline(out, preset="tiny", seed=0):
 
     def write(folder):
         unet, vae, text_encoder = build_models(preset, seed)
+        make_vae_realistic(vae, BUNDLED_IMAGES)
         tokenizer_dir = os.path.join(folder, "tokenizer")
         tokenizer = write_clip_tokenizer_files(tokenizer_dir)
         pipeline = StableDiffusionPipeline(

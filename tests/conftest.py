@@ -131,3 +131,31 @@ def relative_difference_of_updates(base, a, b):
     delta_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
     delta_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
     return ((delta_a - delta_b).norm() / delta_a.norm()).item()
+
+
+def step_marker(step_file):
+    """Python to run before the training script in a child process: it appends each logged step to step_file,
+    so a test can wait for training to be under way instead of sleeping a fixed time."""
+    return f"""
+import accelerate
+_log = accelerate.Accelerator.log
+def _log_and_mark(self, values, step=None, **kwargs):
+    _log(self, values, step=step, **kwargs)
+    if step is not None and self.is_main_process:
+        with open({str(step_file)!r}, "a") as f:
+            f.write(f"{{step}}\\n")
+accelerate.Accelerator.log = _log_and_mark
+"""
+
+
+def wait_for_step(step_file, step, process, timeout=120):
+    """Wait until the child process marked by step_marker has logged `step` steps."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if step_file.exists() and len(step_file.read_text().split()) >= step:
+            return
+        assert process.poll() is None, f"the run ended (exit code {process.returncode}) before step {step}"
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")

@@ -23,7 +23,9 @@ from tests.conftest import (
     logged_losses,
     relative_difference_of_updates,
     reset_accelerate_state,
+    step_marker,
     unet_weights,
+    wait_for_step,
 )
 
 FLAGS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema",
@@ -208,10 +210,15 @@ def test_fsdp_with_ema_is_refused_with_a_reason(monkeypatch, tmp_path):
 def test_two_gpu_ddp_fp16_config_trains(tiny_sd, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
+    # The config's fp16, not FLAGS' --mixed_precision no.
+    flags = [flag for i, flag in enumerate(FLAGS) if "--mixed_precision" not in FLAGS[max(i - 1, 0) : i + 1]]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_gpu_ddp.yaml"),
-               str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path", str(tiny_sd),
-               "--output_dir", str(tmp_path), *FLAGS]  # fmt: skip
-    subprocess.run(command, check=True, cwd=REPO)
+               "--num_processes", "2", str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path",
+               str(tiny_sd), "--output_dir", str(tmp_path), *flags]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr and "Mixed precision type: fp16" in result.stderr
+    assert [step for step, _ in logged_losses(tmp_path)] == [1, 2, 3, 4]
     assert (tmp_path / "model_index.json").exists()
 
 
@@ -228,25 +235,28 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_sd, one_process_
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_sd, tmp_path):
     import signal
-    import time
 
     import psutil
 
+    # The script, behind a marker of each logged step, so the test waits for training rather than sleeping.
+    step_file = tmp_path / "steps.txt"
+    script = tmp_path / "marked_train_text_to_image.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + step_marker(step_file)
+        + "import train_text_to_image\ntrain_text_to_image.run_main(train_text_to_image.main)\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(REPO / "train_text_to_image.py"), "--pretrained_model_name_or_path", str(tiny_sd),
-        "--output_dir", str(tmp_path), "--train_data_dir", str(DEMO_DATA), "--resolution", "32",
+        str(script), "--pretrained_model_name_or_path", str(tiny_sd),
+        "--output_dir", str(out), "--train_data_dir", str(DEMO_DATA), "--resolution", "32",
         "--train_batch_size", "1", "--seed", "0", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)  # fmt: skip
-    events = tmp_path / "logs" / "text2image-fine-tune"
-    deadline = time.time() + 120
-    while not list(events.glob("events.out.tfevents.*")) and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(3)  # training steps are being taken
+    wait_for_step(step_file, 3, launcher)  # training steps are being taken
     workers = [
         p
         for p in psutil.Process(launcher.pid).children(recursive=True)
@@ -262,6 +272,6 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     steps = {int(line.split(" at step ")[1].split()[0]) for line in stopped}
     assert len(steps) == 1
     (step,) = steps
-    checkpoint = tmp_path / f"checkpoint-{step}"
+    checkpoint = out / f"checkpoint-{step}"
     assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
-    assert not (tmp_path / "model_index.json").exists()
+    assert not (out / "model_index.json").exists()

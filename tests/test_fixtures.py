@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import init_empty_weights
 from datasets import load_dataset
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from sdtoolkit import fixtures
@@ -85,3 +87,19 @@ def test_bundled_dataset_is_what_the_generator_writes(tmp_path):
     rows = write_dataset(tmp_path, num_images=32, seed=0)
     shipped = [json.loads(line) for line in (DEMO_DATA / "metadata.jsonl").read_text().splitlines()]
     assert rows == shipped
+
+
+def test_the_fixture_vae_is_nearly_deterministic_with_unit_variance_latents(tiny_sd):
+    # As a trained VAE: a posterior std far below its mean's spread, and scaling_factor giving the bundled
+    # images' latents unit variance (SD's 0.18215 does that for real images).
+    from diffusers import AutoencoderKL
+    from torchvision.transforms import functional as TF
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    images = [Image.open(DEMO_DATA / f"{i:04d}.png").convert("RGB").resize((64, 64)) for i in range(32)]
+    pixels = torch.stack([TF.normalize(TF.to_tensor(image), [0.5], [0.5]) for image in images])
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    scaled = posterior.mean * vae.config.scaling_factor
+    assert scaled.std().item() == pytest.approx(1.0, abs=0.02)
+    assert (posterior.std * vae.config.scaling_factor).max().item() < 0.01

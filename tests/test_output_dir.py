@@ -16,7 +16,16 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from sdtoolkit import checkpoints
 from sdtoolkit.errors import UserError
 from sdtoolkit.output_dir import lock_output_dir, unlock_output_dir
-from tests.conftest import REPO, demo_image, image_folder, train, train_args, unet_weights
+from tests.conftest import (
+    REPO,
+    demo_image,
+    image_folder,
+    step_marker,
+    train,
+    train_args,
+    unet_weights,
+    wait_for_step,
+)
 
 TWO_STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "1"]
 
@@ -194,16 +203,12 @@ def test_the_lock_is_released_at_the_end_and_after_an_error(tiny_sd, tmp_path):
 
 
 def test_a_run_that_stops_on_a_signal_releases_the_folder(tiny_sd, tmp_path):
-    argv = train_args(tiny_sd, tmp_path, "--max_train_steps", "100000", "--checkpointing_steps", "100000")
-    code = "import sys, train_text_to_image as t\nsys.argv[1:] = %r\nt.run_main(t.main)\n" % argv
+    argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "100000", "--checkpointing_steps", "100000")
+    steps = tmp_path / "steps.txt"
+    code = step_marker(steps) + "import sys, train_text_to_image as t\nsys.argv[1:] = %r\nt.run_main(t.main)\n" % argv
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    import time
-
-    deadline = time.time() + 120
-    while not list((tmp_path / "logs").rglob("events.out.*")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1)
+    wait_for_step(steps, 1, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
-    assert not (tmp_path / ".lock.json").exists()  # no false "killed" report for the next run
+    assert not (tmp_path / "out" / ".lock.json").exists()  # no false "killed" report for the next run

@@ -32,9 +32,11 @@ from tests.conftest import (
     image_folder,
     logged_losses,
     run_script,
+    step_marker,
     train,
     train_args,
     unet_weights,
+    wait_for_step,
 )
 
 NO_MODEL = "/nonexistent/model"  # preflight errors must come before any model is loaded
@@ -165,7 +167,7 @@ def test_a_crash_while_saving_the_pipeline_never_leaves_a_loadable_mix(tiny_sd, 
         checkpoints.save_pipeline(pipeline, tmp_path)
     # The new UNet is in, the rest is old: the folder has no model_index.json, so nothing loads it as a pipeline.
     assert not (tmp_path / "model_index.json").exists()
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="model_index.json"):
         StableDiffusionPipeline.from_pretrained(tmp_path)
     monkeypatch.setattr(checkpoints.os, "replace", real_replace)
     checkpoints.save_pipeline(pipeline, tmp_path)
@@ -178,14 +180,12 @@ def test_a_crash_while_saving_the_pipeline_never_leaves_a_loadable_mix(tiny_sd, 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, signum):
     base = train_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
-    process = start_script(base + ["--max_train_steps", "100000"])
+    steps = tmp_path / "steps.txt"
+    process = start_script(base + ["--max_train_steps", "100000"], wrapper=step_marker(steps))
     lines = []
     reader = threading.Thread(target=collect, args=(process.stderr, lines), daemon=True)
     reader.start()
-    deadline = time.time() + 120
-    while not any("Total optimization steps" in line for line in lines) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(3)  # a few steps in (one takes ~0.1 s here)
+    wait_for_step(steps, 3, process)  # a few steps in
     process.send_signal(signum)
     assert process.wait(timeout=120) == 128 + signum
     reader.join(timeout=10)
@@ -194,7 +194,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, s
     assert last.startswith(f"stopped: {signal.Signals(signum).name} at step ")
     assert "--resume_from_checkpoint latest" in last
     step = int(last.split(" at step ")[1].split()[0])
-    assert step >= 1 and checkpoints.checkpoint_dirs(tmp_path) == [f"checkpoint-{step}"]
+    assert step >= 3 and checkpoints.checkpoint_dirs(tmp_path) == [f"checkpoint-{step}"]
     assert not (tmp_path / "model_index.json").exists()
 
     train_text_to_image.main(base + ["--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"])

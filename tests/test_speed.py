@@ -1,11 +1,13 @@
 """The speed and memory options: cached latents and text embeddings, fused AdamW, in-place EMA, 8-bit AdamW."""
 
+import gc
 import importlib.util
-import json
 import logging
+import weakref
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 import train_text_to_image
@@ -46,11 +48,40 @@ def test_cached_losses_differ_with_another_seed(tiny_sd, tmp_path):
     assert logged_losses(tmp_path / "a")[0][1] != pytest.approx(logged_losses(tmp_path / "b")[0][1], rel=1e-3)
 
 
-def test_the_cache_frees_the_encoders_and_the_pipeline_still_has_them(tiny_sd, tmp_path, caplog):
+def encoders_alive_while_training(tiny_sd, output_dir, monkeypatch, *flags):
+    """Train one step; whether the VAE and text encoder that were loaded still exist when the UNet first runs."""
+    loaded, alive = [], []
+    load_models = train_text_to_image.load_models
+
+    def load_and_watch(args):
+        models = load_models(args)
+        loaded.extend(weakref.ref(model) for model in models[2:4])  # text_encoder, vae
+        return models
+
+    forward = UNet2DConditionModel.forward
+
+    def forward_and_check(self, *args, **kwargs):
+        if not alive:
+            gc.collect()
+            alive.extend(ref() is not None for ref in loaded)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_text_to_image, "load_models", load_and_watch)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward_and_check)
+    train(tiny_sd, output_dir, "--max_train_steps", "1", *flags)
+    monkeypatch.undo()
+    return alive
+
+
+def test_the_cache_frees_the_encoders_and_the_pipeline_still_has_them(tiny_sd, tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.INFO):
-        train(tiny_sd, tmp_path, "--max_train_steps", "1", "--center_crop", "--validation_prompts", "a creature")
+        alive = encoders_alive_while_training(
+            tiny_sd, tmp_path, monkeypatch, "--center_crop", "--validation_prompts", "a creature"
+        )
     assert "Cached latents and text embeddings of 32 rows" in caplog.text
-    assert "freeing the VAE and text encoder" in caplog.text
+    # Gone from memory by the first training step (text encoder, VAE); without the cache both stay.
+    assert alive == [False, False]
+    assert encoders_alive_while_training(tiny_sd, tmp_path / "b", monkeypatch, "--no-cache_latents") == [True, True]
     # Validation and the final pipeline load the frozen encoders again from the base model.
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "validation" / "final" / "00.png").exists()
@@ -94,9 +125,21 @@ def test_in_place_ema_matches_diffusers_ema():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_channels_last_trains(tiny_sd, tmp_path):
-    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--channels_last")
-    assert (tmp_path / "model_index.json").exists()
+def test_channels_last_trains_in_that_layout(tiny_sd, tmp_path, monkeypatch):
+    layouts = []
+    forward = UNet2DConditionModel.forward
+
+    def forward_and_note_layout(self, *args, **kwargs):
+        layouts.append(self.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward_and_note_layout)
+    train(tiny_sd, tmp_path / "a", "--max_train_steps", "2", "--channels_last")
+    assert layouts == [True, True]
+    layouts.clear()
+    train(tiny_sd, tmp_path / "b", "--max_train_steps", "2")
+    assert layouts == [False, False]
+    assert (tmp_path / "a" / "model_index.json").exists()
 
 
 def test_step_times_are_logged(tiny_sd, tmp_path):
@@ -111,8 +154,13 @@ def test_8bit_adamw_runs_on_cpu_and_resumes(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path, "--max_train_steps", "2", *flags)
     train(tiny_sd, tmp_path, "--max_train_steps", "3", *flags, "--resume_from_checkpoint", "latest")
     assert [s for s, _ in logged_losses(tmp_path)] == [3]
+    # The AdamW states are 8-bit: torchao's quantized tensors hold uint8 codes, a quarter of float32's bytes.
     state = torch.load(tmp_path / "checkpoint-2" / "optimizer.bin", weights_only=False)
-    assert "exp_avg" in json.dumps({k: list(v) for k, v in state["state"].items()}, default=str)
+    moments = [s[name] for s in state["state"].values() for name in ("exp_avg", "exp_avg_sq") if name in s]
+    quantized = [m for m in moments if hasattr(m, "codes")]
+    assert quantized and all(m.codes.dtype == torch.uint8 for m in quantized)
+    # The rest stay in float32: torchao quantizes tensors of 4096 or more values, in blocks of 256.
+    assert all(m.numel() < 4096 or m.numel() % 256 for m in moments if not hasattr(m, "codes"))
 
 
 def test_cache_flag_is_on_by_default():

@@ -123,13 +123,36 @@ def test_training_on_one_image_lowers_the_loss(tiny_sd, tmp_path):
     assert last < 0.5 * first, f"loss did not fall: median of first 10 steps {first:.3f}, of last 10 {last:.3f}"
 
 
-def test_caption_lists_pick_one_caption(tiny_sd, tmp_path):
-    rows = [
-        (f"000{i}.png", Image.open(DEMO_DATA / f"000{i}.png"), [f"caption {i}a", f"caption {i}b"]) for i in range(2)
-    ]
+def test_caption_lists_pick_one_caption_at_random_per_seed(tiny_sd, tmp_path, monkeypatch):
+    rows = [(f"000{i}.png", Image.open(DEMO_DATA / f"000{i}.png"), [f"creature {i} alpha", f"creature {i} beta", f"creature {i} gamma"])
+            for i in range(2)]  # fmt: skip
     data = image_folder(tmp_path / "lists", rows)
-    train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
-    assert (tmp_path / "out" / "unet").exists()
+
+    # Note every caption the training examples tokenize (the uncached path, where captions are picked per step).
+    seen = []
+    getitem = train_text_to_image.TrainingExamples.__getitem__
+
+    def getitem_and_note(self, index):
+        example = getitem(self, index)
+        seen.append(self.tokenizer.decode(example["input_ids"], skip_special_tokens=True))
+        return example
+
+    monkeypatch.setattr(train_text_to_image.TrainingExamples, "__getitem__", getitem_and_note)
+    flags = ["--max_train_steps", "12", "--train_batch_size", "2", "--no-cache_latents"]
+    train(tiny_sd, tmp_path / "a", *flags, data=data)
+    first = list(seen)
+    # Every caption of each list is used, not only the first: 24 draws of 3 captions each.
+    for i in range(2):
+        assert {c for c in first if c.startswith(f"creature {i}")} == {
+            f"creature {i} {w}" for w in ("alpha", "beta", "gamma")
+        }
+    # The same seed draws the same captions; another seed others.
+    seen.clear()
+    train(tiny_sd, tmp_path / "b", *flags, data=data)
+    assert seen == first
+    seen.clear()
+    train(tiny_sd, tmp_path / "c", *flags, "--seed", "1", data=data)
+    assert seen != first
 
 
 def run_cli(*args):
@@ -238,7 +261,18 @@ def test_accelerate_launch_runs_the_script(tiny_sd, tmp_path):
 
 
 @pytest.mark.gpu
-def test_fp16_mixed_precision_on_gpu(tiny_sd, tmp_path):
-    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--gradient_checkpointing",
-          "--use_ema", "--allow_tf32", "--validation_prompts", "a creature")  # fmt: skip
-    assert (tmp_path / "validation" / "final" / "00.png").exists()
+def test_fp16_mixed_precision_on_gpu(tiny_sd, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path, "--max_train_steps", "2", "--mixed_precision", "fp16", "--gradient_checkpointing",
+              "--use_ema", "--allow_tf32", "--learning_rate", "1e-3", "--validation_prompts", "a creature")  # fmt: skip
+    assert "Mixed precision type: fp16" in caplog.text
+    # fp16 ran on CUDA with finite losses; the UNet trained and was saved in float32 (GradScaler's master weights).
+    losses = [loss for _, loss in logged_losses(tmp_path)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    base, tuned = unet_weights(Path(tiny_sd) / "unet"), unet_weights(tmp_path / "unet")
+    assert tuned["conv_in.weight"].dtype == torch.float32
+    assert not torch.equal(base["conv_in.weight"], tuned["conv_in.weight"])
+    image = Image.open(tmp_path / "validation" / "final" / "00.png")
+    assert image.size == (32, 32) and len(set(image.getdata())) > 1  # a picture, not a blank (NaN) one
