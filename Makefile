@@ -1,6 +1,6 @@
 # make setup  - create .venv and install requirements.txt (done by demo and test when missing or stale)
 # make demo   - fine-tune the tiny offline pipeline on the bundled data, score it, say where things are
-# make test   - the offline test suite (HF_HUB_OFFLINE=1)
+# make test   - the offline test suite (HF_HUB_OFFLINE=1), slow tests included
 # make lint   - ruff lint and format check
 # make bench  - measure the speed and memory options, write BENCHMARKS.md (about 22 minutes on 2 CPU cores)
 
@@ -56,8 +56,9 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "base to fine-tuned shows the model learned its captions. It does not show image quality or any skill"
 	@echo "beyond the training images, and the CLIP scores come from a random CLIP model: mechanics, not quality."
 
+# Everything this machine can run, the slow tests included (plain `pytest` skips those for quick runs).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not gpu"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,7 +29,7 @@ from torchmetrics.functional.multimodal import clip_score
 from torchvision.transforms.functional import to_pil_image
 
 from sdtoolkit.errors import UserError, first_line, run_main
-from sdtoolkit.inference import load_pipeline, pick_device_and_dtype
+from sdtoolkit.inference import add_device_arguments, load_pipeline, pick_device_and_dtype
 from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
 
@@ -73,10 +73,7 @@ def parse_args(argv=None):
         "--resolution", type=int, default=None, help="Image side in pixels (default: the model's own, 512 for SD)."
     )
     parser.add_argument("--batch_size", type=int, default=1, help="Prompts per generation call.")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument(
-        "--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16"
-    )
+    add_device_arguments(parser)
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
     parser.add_argument(
         "--caption_data",

@@ -54,8 +54,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
 from sdtoolkit.checkpoints import (
-    checkpoint_dirs,
+    checkpoint_step,
+    find_resume_checkpoint,
+    nonfinite_loss_message,
     read_training_state,
+    recount_lr_schedule,
     remove_partial_saves,
     save_checkpoint,
     save_pipeline,
@@ -85,13 +88,6 @@ from sdtoolkit.output_dir import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
-
-# Hub datasets whose (image, caption) columns we know. The seed's dataset was taken down in 2024; its
-# successor upstream has the same columns.
-DATASET_NAME_MAPPING = {
-    "lambdalabs/pokemon-blip-captions": ("image", "text"),
-    "lambdalabs/naruto-blip-captions": ("image", "text"),
-}
 
 INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMode]
 
@@ -601,9 +597,7 @@ def load_training_dataset(args):
     folder = source if os.path.isdir(source) else None
 
     column_names = train.column_names
-    dataset_columns = DATASET_NAME_MAPPING.get(args.dataset_name, None)
-    image_column = args.image_column or (dataset_columns[0] if dataset_columns else column_names[0])
-    caption_column = args.caption_column or (dataset_columns[1] if dataset_columns else column_names[1])
+    image_column, caption_column = args.image_column, args.caption_column
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in column_names:
             hint = ""
@@ -649,42 +643,6 @@ def load_training_dataset(args):
     if num_empty:
         logger.warning(f"{num_empty} of {len(train)} captions are empty; those images train without a caption")
     return train, image_column, caption_column, len(bad), fingerprint(digests, train[caption_column])
-
-
-def find_resume_checkpoint(args):
-    """The checkpoint folder --resume_from_checkpoint asks for, or None to start fresh.
-
-    'latest' is the newest checkpoint in --output_dir, a bare name (checkpoint-N) one in --output_dir, and
-    anything with a folder in it is a path, loaded from where it points.
-    """
-    value = args.resume_from_checkpoint
-    if not value:
-        return None
-    if value == "latest":
-        dirs = checkpoint_dirs(args.output_dir)
-        if not dirs:
-            print(f"No checkpoint found in {args.output_dir}. Starting a new training run.")
-            return None
-        return os.path.join(args.output_dir, dirs[-1])
-    path = value.rstrip("/" + os.sep) or value
-    if os.path.dirname(path):
-        name = os.path.basename(path)
-        if not os.path.isdir(path):
-            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
-        if not (name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()):
-            raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder written by this script")
-    else:
-        # A named checkpoint that does not exist is an error, not a silent fresh start.
-        path = os.path.join(args.output_dir, value)
-        if value not in checkpoint_dirs(args.output_dir):
-            available = ", ".join(checkpoint_dirs(args.output_dir)) or "none"
-            raise UserError(
-                f"--resume_from_checkpoint {value}: no such checkpoint in {args.output_dir}"
-                f" (available: {available}); use 'latest' to resume from the newest one, or give its path"
-            )
-    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
-        raise UserError(f"--resume_from_checkpoint {value}: the folder has no unet/ (not a complete checkpoint)")
-    return path
 
 
 def check_same_architecture(unet, resume_path, resumed_state):
@@ -852,23 +810,6 @@ image.save("my_image.png")
         f.write(yaml + card)
 
 
-def nonfinite_loss_message(loss, step, output_dir):
-    """What to say when the loss of `step` is NaN or Inf: the weights after step - 1 produced it."""
-    steps = [int(name.split("-")[1]) for name in checkpoint_dirs(output_dir)]
-    good = [s for s in steps if s <= step - 2]
-    message = f"the loss became {loss} at step {step}; no pipeline was saved from these weights. "
-    if good:
-        message += (
-            f"The last good checkpoint is {os.path.join(output_dir, f'checkpoint-{max(good)}')}: resume from it"
-            " with a lower --learning_rate (or --max_grad_norm, or --mixed_precision bf16/no)"
-        )
-    else:
-        message += "No checkpoint was saved before the weights went bad; start again with a lower --learning_rate"
-    if step - 1 in steps:
-        message += f" (checkpoint-{step - 1} holds the weights that gave this loss)"
-    return message
-
-
 class StopRequest:
     """Remembers a SIGTERM or Ctrl-C, so training can stop after the current step with a checkpoint.
 
@@ -949,7 +890,7 @@ def main(argv=None):
             logger.warning(took_over)
         remove_partial_saves(args.output_dir)
     accelerator.wait_for_everyone()
-    resume_path = find_resume_checkpoint(args)
+    resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resumed_state = read_training_state(resume_path) if resume_path else {}
     # A new run, or a resume of another folder's checkpoint, must not mix with an earlier run in this folder.
     resuming_here = resume_path is not None and os.path.samefile(os.path.dirname(resume_path), args.output_dir)
@@ -1246,16 +1187,9 @@ def main(argv=None):
     if resume_path is not None:
         logger.info(f"Resuming from checkpoint {os.path.basename(resume_path)}", main_process_only=False)
         accelerator.load_state(resume_path)
-        global_step = int(os.path.basename(resume_path).split("-")[1])
-        # The LR scheduler counts process-steps (global_step x processes), and the saved count is the one of the
-        # run that wrote the checkpoint: recount it for this run's number of processes. All of diffusers'
-        # schedules are LambdaLRs, whose learning rate is a function of that count.
-        schedule = lr_scheduler.scheduler
-        schedule.last_epoch = global_step * accelerator.num_processes
-        lrs = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        schedule._last_lr = lrs
+        global_step = checkpoint_step(resume_path)
+        # The LR schedule counts process-steps; recount it for this run's number of processes.
+        recount_lr_schedule(lr_scheduler.scheduler, optimizer, global_step * accelerator.num_processes)
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
         changes = identity_changes(resumed_state, identity)
@@ -1296,7 +1230,7 @@ def main(argv=None):
                 epoch_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
             epoch_dataloader.set_epoch(epoch)
 
-            for step, batch in enumerate(epoch_dataloader):
+            for batch in epoch_dataloader:
                 if global_step >= args.max_train_steps:
                     break  # resumed from a checkpoint at (or past) the last step: nothing left to train
                 with accelerator.accumulate(unet):
@@ -1475,7 +1409,6 @@ def main(argv=None):
         images = []
         if args.validation_prompts is not None:
             logger.info("Running inference for collecting generated images...")
-            pipeline.torch_dtype = weight_dtype
             images = generate_validation_images(pipeline, args, accelerator)
             folder = save_validation_images(images, args, "final")
             logger.info(f"Saved final validation images to {folder}")

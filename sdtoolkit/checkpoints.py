@@ -6,6 +6,9 @@ checkpoints, and old ones are deleted only after the new one is in place. The fi
 a scratch folder and moved into `--output_dir` with `model_index.json` last, so a crash mid-save leaves a
 folder that `from_pretrained` refuses, never a mix of old and new weights that loads.
 
+Also here: finding the checkpoint --resume_from_checkpoint names, recounting its LR schedule, and naming the
+last good checkpoint when the loss goes NaN.
+
 A save that fails (a full disk, most often) removes its scratch folder and raises a UserError that says
 what is still intact and how to go on.
 """
@@ -43,6 +46,77 @@ def checkpoint_dirs(output_dir):
         return []
     names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
     return sorted(names, key=lambda d: int(d.split("-", 1)[1]))
+
+
+def checkpoint_step(path):
+    """The step N of a checkpoint-N folder (a name or a path)."""
+    return int(os.path.basename(os.path.normpath(path)).split("-", 1)[1])
+
+
+def find_resume_checkpoint(value, output_dir):
+    """The checkpoint folder `--resume_from_checkpoint value` asks for, or None to start fresh.
+
+    'latest' is the newest checkpoint in --output_dir, a bare name (checkpoint-N) one in --output_dir, and
+    anything with a folder in it is a path, loaded from where it points.
+    """
+    if not value:
+        return None
+    if value == "latest":
+        dirs = checkpoint_dirs(output_dir)
+        if not dirs:
+            print(f"No checkpoint found in {output_dir}. Starting a new training run.")
+            return None
+        return os.path.join(output_dir, dirs[-1])
+    path = value.rstrip("/" + os.sep) or value
+    if os.path.dirname(path):
+        name = os.path.basename(path)
+        if not os.path.isdir(path):
+            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
+        if not (name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()):
+            raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder written by this script")
+    else:
+        # A named checkpoint that does not exist is an error, not a silent fresh start.
+        path = os.path.join(output_dir, value)
+        if value not in checkpoint_dirs(output_dir):
+            available = ", ".join(checkpoint_dirs(output_dir)) or "none"
+            raise UserError(
+                f"--resume_from_checkpoint {value}: no such checkpoint in {output_dir}"
+                f" (available: {available}); use 'latest' to resume from the newest one, or give its path"
+            )
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
+        raise UserError(f"--resume_from_checkpoint {value}: the folder has no unet/ (not a complete checkpoint)")
+    return path
+
+
+def recount_lr_schedule(schedule, optimizer, process_steps):
+    """Set a resumed LR schedule to `process_steps` and the optimizer's learning rates to match.
+
+    accelerate steps the LR scheduler on every process, so it counts process-steps (steps x processes), and a
+    checkpoint holds the count of the run that wrote it. A run with another number of processes recounts it.
+    All of diffusers' schedules are LambdaLRs, whose learning rate is a function of that count.
+    """
+    schedule.last_epoch = process_steps
+    lrs = [base * factor(process_steps) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    schedule._last_lr = lrs
+
+
+def nonfinite_loss_message(loss, step, output_dir):
+    """What to say when the loss of `step` is NaN or Inf: the weights after step - 1 produced it."""
+    steps = [checkpoint_step(name) for name in checkpoint_dirs(output_dir)]
+    good = [s for s in steps if s <= step - 2]
+    message = f"the loss became {loss} at step {step}; no pipeline was saved from these weights. "
+    if good:
+        message += (
+            f"The last good checkpoint is {os.path.join(output_dir, f'checkpoint-{max(good)}')}: resume from it"
+            " with a lower --learning_rate (or --max_grad_norm, or --mixed_precision bf16/no)"
+        )
+    else:
+        message += "No checkpoint was saved before the weights went bad; start again with a lower --learning_rate"
+    if step - 1 in steps:
+        message += f" (checkpoint-{step - 1} holds the weights that gave this loss)"
+    return message
 
 
 def remove_partial_saves(output_dir):

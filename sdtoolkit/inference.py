@@ -16,6 +16,14 @@ from sdtoolkit.errors import UserError, first_line
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def add_device_arguments(parser):
+    """The --device and --dtype flags of metrics.py and gradio_app.py."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (float16 on CUDA, else float32), float32, float16, bfloat16"
+    )
+
+
 def pick_device_and_dtype(device="auto", dtype="auto"):
     """Resolve the --device and --dtype options to a torch.device and a torch.dtype."""
     if device == "auto":

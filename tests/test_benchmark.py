@@ -1,8 +1,11 @@
 """benchmark.py runs end to end on the tiny workload and writes its table (the sd-v1-4 workload is `make bench`)."""
 
+import pytest
+
 import benchmark
 
 
+@pytest.mark.slow
 def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
     # All off and all on only, to keep it short; every configuration runs in `make bench`.
     monkeypatch.setattr(benchmark, "CONFIGS", [benchmark.CONFIGS[0], benchmark.CONFIGS[4]])

@@ -28,6 +28,9 @@ from tests.conftest import (
     wait_for_step,
 )
 
+# Several processes each: slow (make test and CI run them; plain `pytest` skips them).
+pytestmark = pytest.mark.slow
+
 FLAGS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema",
          "--gradient_checkpointing", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--random_flip",
          "--resolution", "32", "--seed", "0", "--mixed_precision", "no", "--train_data_dir", str(DEMO_DATA)]  # fmt: skip

@@ -77,6 +77,7 @@ def kill_after(process, path, timeout=120):
 # Exact resume ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, kill_at, last",
     [
@@ -134,6 +135,7 @@ accelerate.Accelerator.save_state = save_state
 """
 
 
+@pytest.mark.slow
 def test_a_crash_while_saving_a_checkpoint_keeps_the_previous_one(tiny_sd, tmp_path):
     argv = train_args(tiny_sd, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2",
                        "--checkpoints_total_limit", "1")  # fmt: skip

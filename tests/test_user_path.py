@@ -73,7 +73,11 @@ def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
     }
 
 
-@pytest.mark.parametrize("launch_args", [SINGLE, TWO_CPU_PROCESSES], ids=["one-process", "two-processes"])
+@pytest.mark.parametrize(
+    "launch_args",
+    [SINGLE, pytest.param(TWO_CPU_PROCESSES, marks=pytest.mark.slow)],
+    ids=["one-process", "two-processes"],
+)
 def test_an_error_through_train_sh_is_the_last_line_with_exit_code_2(user_folder, launch_args):
     code, lines = train_sh(user_folder, *SMALL, model="my-model", data="no-such-data", output_dir="out",
                            launch_args=launch_args)  # fmt: skip
