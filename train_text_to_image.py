@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
+from sdtoolkit.caption_folders import has_caption_files, read_caption_folder
 from sdtoolkit.checkpoints import (
     checkpoint_step,
     find_resume_checkpoint,
@@ -71,7 +72,7 @@ from sdtoolkit.data import (
     count_long_captions,
     encode_cache,
     fingerprint,
-    has_caption_files,
+    has_metadata_file,
     scan_images,
     unlisted_images,
 )
@@ -207,6 +208,44 @@ def parse_args(argv=None):
         type=str,
         default="sd-model-finetuned",
         help="The output directory where the model predictions and checkpoints will be written.",
+    )
+    # Your data as it is (not upstream): caption-file folders, repeats, caption dropout, tag shuffling.
+    parser.add_argument(
+        "--caption_extension",
+        type=str,
+        default=".txt",
+        help=(
+            "In a folder of images with their captions in same-named text files (read when the folder has no"
+            " metadata file), the captions' extension: .txt, or .caption as some tools write."
+        ),
+    )
+    parser.add_argument(
+        "--allow_missing_captions",
+        action="store_true",
+        help="In a caption-file folder, train images without a caption file (or with an empty one) on an empty caption.",
+    )
+    parser.add_argument(
+        "--dataset_repeats",
+        type=int,
+        default=1,
+        help=(
+            "Show every image this many times per epoch. In a caption-file folder, a sub-folder named N_name also"
+            " repeats its images N times (kohya-ss's convention); the two multiply."
+        ),
+    )
+    parser.add_argument(
+        "--caption_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Train this share of examples with an empty caption (what classifier-free guidance needs), e.g. 0.1.",
+    )
+    parser.add_argument(
+        "--shuffle_tags",
+        action="store_true",
+        help="Shuffle the comma-separated tags of each caption at every step, keeping the first --keep_tags in place.",
+    )
+    parser.add_argument(
+        "--keep_tags", type=int, default=0, help="With --shuffle_tags, the number of leading tags kept in place."
     )
     # One run per output folder (not upstream): see sdtoolkit/output_dir.py.
     parser.add_argument(
@@ -472,6 +511,12 @@ def parse_args(argv=None):
     for flag in ("noise_offset", "input_perturbation", "max_grad_norm"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             raise UserError(f"--{flag} must be a number >= 0, got {getattr(args, flag)}")
+    if args.dataset_repeats < 1:
+        raise UserError(f"--dataset_repeats must be at least 1, got {args.dataset_repeats}")
+    if not (math.isfinite(args.caption_dropout_rate) and 0 <= args.caption_dropout_rate <= 1):
+        raise UserError(f"--caption_dropout_rate must be between 0 and 1, got {args.caption_dropout_rate}")
+    if args.keep_tags < 0:
+        raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
     if args.offload_ema and not args.use_ema:
@@ -559,8 +604,23 @@ def load_training_dataset(args):
     fingerprint (see sdtoolkit/data.py).
     """
     source = args.dataset_name or args.train_data_dir
+    caption_folder = (
+        os.path.isdir(source)
+        and not has_metadata_file(source)
+        and has_caption_files(source, args.caption_extension)
+        and (args.dataset_name is None or args.train_data_dir is None)
+    )
     try:
-        if args.dataset_name is not None and os.path.isfile(args.dataset_name):
+        if caption_folder:
+            # Images with their captions in same-named text files (see sdtoolkit/caption_folders.py).
+            train, notes = read_caption_folder(
+                source, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
+            )
+            logger.info(notes[0])
+            for note in notes[1:]:
+                logger.warning(note)
+            dataset = {"train": train}
+        elif args.dataset_name is not None and os.path.isfile(args.dataset_name):
             # One local file, e.g. a parquet copy of a hub dataset.
             builder = DATA_FILE_BUILDERS.get(os.path.splitext(args.dataset_name)[1].lower())
             if builder is None:
@@ -597,23 +657,18 @@ def load_training_dataset(args):
     folder = source if os.path.isdir(source) else None
 
     column_names = train.column_names
-    image_column, caption_column = args.image_column, args.caption_column
+    # A caption-file folder's columns are its own: image and text.
+    image_column, caption_column = ("image", "text") if caption_folder else (args.image_column, args.caption_column)
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in column_names:
-            hint = ""
-            if folder is not None and has_caption_files(folder):
-                hint = (
-                    f" -- {folder} holds images with .txt caption files, which this script does not read yet:"
-                    ' write a metadata.jsonl beside the images with one {"file_name": ..., "text": ...} line each'
-                )
-            raise UserError(
-                f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}{hint}"
-            )
+            raise UserError(f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}")
     if len(train) == 0:
         raise UserError("the training dataset is empty")
+    if not caption_folder and folder is not None:
+        logger.info(f"Read {folder} as a dataset folder ({', '.join(column_names)}): {len(train)} rows")
 
     # An imagefolder leaves out the images its metadata does not name: say so instead.
-    unlisted = unlisted_images(folder) if folder is not None else []
+    unlisted = unlisted_images(folder) if folder is not None and not caption_folder else []
     if unlisted:
         names = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
         logger.warning(f"{len(unlisted)} images in {folder} have no line in its metadata and are not used: {names}")
@@ -640,8 +695,16 @@ def load_training_dataset(args):
         if len(train) == 0:
             raise UserError("none of the dataset's images can be read")
     num_empty = check_captions(train, caption_column)
-    if num_empty:
+    if num_empty and not caption_folder:  # a caption folder has said so already
         logger.warning(f"{num_empty} of {len(train)} captions are empty; those images train without a caption")
+
+    # Repeats: each row listed as many times as it repeats per epoch, so every repeat is an example of its own
+    # (its own crop, flip and noise) and the epoch length and step counts include them.
+    repeats = [n * args.dataset_repeats for n in (train["repeats"] if "repeats" in column_names else [1] * len(train))]
+    if any(n > 1 for n in repeats):
+        rows = [i for i, n in enumerate(repeats) for _ in range(n)]
+        logger.info(f"Repeats: {len(train)} images make {len(rows)} examples per epoch")
+        train, digests = train.select(rows), [digests[i] for i in rows]
     return train, image_column, caption_column, len(bad), fingerprint(digests, train[caption_column])
 
 
@@ -1131,20 +1194,25 @@ def main(argv=None):
 
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
     # cached only for center crops, where they are exact; random crops are encoded at every step.
-    if args.cache_latents:
-        cache_images = args.center_crop
-        if not cache_images:
-            logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
+    # Shuffled tags make a new caption at every step, so they are encoded at every step too.
+    cache_images, cache_text = args.cache_latents and args.center_crop, args.cache_latents and not args.shuffle_tags
+    if args.cache_latents and not cache_images:
+        logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
+    if args.cache_latents and not cache_text:
+        logger.info("--cache_latents: with --shuffle_tags every step encodes its own caption; captions are not cached")
+    if cache_images or cache_text:
         started = time.perf_counter()
         latents_cache, text_cache = encode_cache(
-            train_dataset, vae, text_encoder, accelerator.device, weight_dtype, latents=cache_images
+            train_dataset, vae, text_encoder, accelerator.device, weight_dtype, latents=cache_images, text=cache_text
         )
         train_dataset.use_cache(latents_cache, text_cache)
+        cached = " and ".join(["latents"] * cache_images + ["text embeddings"] * cache_text)
+        freed = " and ".join(["VAE"] * cache_images + ["text encoder"] * cache_text)
         logger.info(
-            f"Cached {'latents and ' if cache_images else ''}text embeddings of {len(train_dataset)} rows in"
-            f" {time.perf_counter() - started:.1f} s; freeing the {'VAE and ' if cache_images else ''}text encoder"
+            f"Cached {cached} of {len(train_dataset)} rows in {time.perf_counter() - started:.1f} s; freeing the {freed}"
         )
-        text_encoder = None
+        if cache_text:
+            text_encoder = None
         if cache_images:
             vae = None
         gc.collect()

@@ -149,7 +149,7 @@ class TrainingExamples(torch.utils.data.Dataset):
     def __init__(self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps):
         self.dataset = dataset
         self.latents = None  # set by use_cache: (mean, std), each [rows, orientations, C, h, w]
-        self.text = None  # set by use_cache: (embeddings [captions, 77, dim], and per row: first, count, is_list)
+        self.text = None  # set by use_cache: (embeddings [captions, 77, dim], per row: first, count, is_list; empty)
         self.image_column = image_column
         self.caption_column = caption_column
         self.tokenizer = tokenizer
@@ -159,6 +159,11 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
         self.noise_offset = args.noise_offset
         self.input_perturbation = args.input_perturbation
+        # Caption dropout trains a share of examples unconditioned, which classifier-free guidance needs;
+        # tag shuffling reorders comma-separated tags after the first keep_tags (kohya's shuffle_caption).
+        self.caption_dropout_rate = args.caption_dropout_rate
+        self.shuffle_tags = args.shuffle_tags
+        self.keep_tags = args.keep_tags
         self.seed = args.seed
         self.latent_shape = latent_shape
         self.num_train_timesteps = num_train_timesteps
@@ -169,6 +174,8 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def use_cache(self, latents, text):
         """Serve cached latent distributions and/or text embeddings (either may be None) instead of encoding."""
+        if text is not None and self.shuffle_tags:
+            raise ValueError("shuffled tags can't come from a text cache: each draw is another caption")
         self.latents, self.text = latents, text
 
     def __getitem__(self, index):
@@ -202,14 +209,9 @@ class TrainingExamples(torch.utils.data.Dataset):
             caption = row[self.caption_column]
             if not isinstance(caption, str):
                 caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
-            example["input_ids"] = self.tokenizer(
-                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-                return_tensors="pt",
-            ).input_ids[0]  # fmt: skip
         else:
-            embeddings, first, count, is_list = self.text
+            embeddings, first, count, is_list, empty = self.text
             choice = int(torch.randint(0, count[index], (1,), generator=generator)) if is_list[index] else 0
-            example["encoder_hidden_states"] = embeddings[first[index] + choice]
 
         # The diffusion draws for this example.
         example["latent_noise"] = torch.randn(self.latent_shape, generator=generator)
@@ -219,7 +221,29 @@ class TrainingExamples(torch.utils.data.Dataset):
             example["offset_noise"] = torch.randn((self.latent_shape[0], 1, 1), generator=generator)
         if self.input_perturbation:
             example["perturbation"] = torch.randn(self.latent_shape, generator=generator)
+
+        # Caption dropout and tag shuffling, drawn last so that runs without them draw exactly as before.
+        dropped = bool(self.caption_dropout_rate and torch.rand(1, generator=generator) < self.caption_dropout_rate)
+        if self.text is None:
+            if dropped:
+                caption = ""
+            elif self.shuffle_tags:
+                caption = shuffle_tags(caption, keep=self.keep_tags, generator=generator)
+            example["input_ids"] = self.tokenizer(
+                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]  # fmt: skip
+        else:
+            example["encoder_hidden_states"] = empty if dropped else embeddings[first[index] + choice]
         return example
+
+
+def shuffle_tags(caption, *, keep, generator):
+    """The caption's comma-separated tags with all but the first `keep` in a random order."""
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=generator).tolist()
+    return ", ".join(head + [tail[i] for i in order])
 
 
 def cached_image(image, resolution, interpolation, flip):
@@ -275,7 +299,10 @@ def encode_cache(examples, vae, text_encoder, device, dtype, batch_size=8, laten
                 truncation=True, return_tensors="pt",
             ).input_ids  # fmt: skip
             embeddings.append(text_encoder(ids.to(device), return_dict=False)[0].cpu())
-        text_cache = (torch.cat(embeddings), first, count, is_list)
+        # The empty caption too, for caption dropout.
+        ids = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt").input_ids
+        empty = text_encoder(ids.to(device), return_dict=False)[0].cpu()[0]
+        text_cache = (torch.cat(embeddings), first, count, is_list, empty)
 
     return latent_cache, text_cache
 
@@ -324,10 +351,10 @@ def metadata_file_names(path):
     return [str(row["file_name"]) for row in rows if isinstance(row, dict) and row.get("file_name")]
 
 
-def has_caption_files(folder, extension=".txt"):
-    """Whether a folder (searched recursively) holds images with same-named caption text files."""
-    for root, _, files in os.walk(folder):
-        stems = {os.path.splitext(name)[0] for name in files if name.endswith(extension)}
-        if any(os.path.splitext(name)[0] in stems for name in files if not name.endswith(extension)):
-            return True
-    return False
+def has_metadata_file(folder):
+    """Whether an imagefolder (searched recursively) has a metadata file naming its images and captions."""
+    return any(
+        name in ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+        for _, _, files in os.walk(folder)
+        for name in files
+    )

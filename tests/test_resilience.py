@@ -436,13 +436,3 @@ def test_images_without_a_metadata_line_and_empty_captions_are_counted(tiny_sd, 
         train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
     assert "2 images in" in caplog.text and "forgotten.png, sub/also-forgotten.jpg" in caplog.text
     assert "2 of 3 captions are empty" in caplog.text
-
-
-def test_a_folder_with_txt_captions_gets_a_hint(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        demo_image(i).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"creature {i}")
-    with pytest.raises(UserError, match=r"'text' is not a column.*holds images with \.txt caption files.*metadata"):
-        preflight(tmp_path, data=data)

@@ -1,0 +1,116 @@
+"""Folders of images with their captions in same-named text files, the layout kohya-ss/sd-scripts, OneTrainer,
+SimpleTuner and EveryDream2 read:
+
+    my-data/
+      10_dragons/            a sub-folder named N_name repeats its images N times per epoch (kohya's convention)
+        dragon1.png
+        dragon1.txt          "a green dragon, flying, watercolor"
+      cats/photo.jpg
+      cats/photo.txt
+
+`read_caption_folder` turns such a folder (searched recursively) into a `datasets.Dataset` with an `image`
+column (decoded like any imagefolder's), a `text` column and a `repeats` column, so the rest of training
+treats it like any other dataset.
+"""
+
+import os
+import re
+
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
+
+from sdtoolkit.errors import UserError
+
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def folder_repeats(relative_dir):
+    """N for the nearest enclosing folder named N_name (kohya's repeats), else 1."""
+    for part in reversed(relative_dir.split(os.sep) if relative_dir else []):
+        match = REPEAT_FOLDER.match(part)
+        if match:
+            return int(match.group(1))
+    return 1
+
+
+def find_images_and_captions(folder, caption_extension):
+    """(images, caption files, orphan caption files): paths relative to folder, sorted."""
+    images, captions = [], set()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.relpath(os.path.join(root, name), folder)
+            if name.endswith(caption_extension):
+                captions.add(path)
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+    images.sort()
+    stems = {os.path.splitext(path)[0] for path in images}
+    orphans = sorted(path for path in captions if path[: -len(caption_extension)] not in stems)
+    return images, captions, orphans
+
+
+def has_caption_files(folder, caption_extension=".txt"):
+    """Whether the folder (searched recursively) holds at least one image with a same-named caption file."""
+    images, captions, _ = find_images_and_captions(folder, caption_extension)
+    return any(os.path.splitext(path)[0] + caption_extension in captions for path in images)
+
+
+def read_caption(path):
+    """A caption file's text, stripped; a file that is not UTF-8 is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as err:
+        raise UserError(f"caption file {path} is not UTF-8 text ({err.reason}); save it as UTF-8") from err
+
+
+def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_captions=False):
+    """The folder's images and captions as a Dataset (image, text, repeats), and what to tell the user.
+
+    Returns (dataset, notes): notes is a list of log lines (counts, orphan caption files, captions missing or
+    empty when allowed). Without allow_missing_captions, an image with no caption file, or an empty one, is an
+    error listing the first few.
+    """
+    images, captions, orphans = find_images_and_captions(folder, caption_extension)
+    rows, missing, empty = [], [], []
+    for path in images:
+        caption_path = os.path.splitext(path)[0] + caption_extension
+        text = read_caption(os.path.join(folder, caption_path)) if caption_path in captions else None
+        if text is None:
+            missing.append(path)
+        elif not text:
+            empty.append(caption_path)
+        rows.append((path, text or "", folder_repeats(os.path.dirname(path))))
+
+    def listed(paths):
+        return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+    if (missing or empty) and not allow_missing_captions:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} images have no {caption_extension} caption file: {listed(missing)}")
+        if empty:
+            problems.append(f"{len(empty)} caption files are empty: {listed(empty)}")
+        raise UserError(
+            f"{'; '.join(problems)} (in {folder}) -- write their captions, or pass --allow_missing_captions to"
+            " train those images with an empty caption"
+        )
+
+    repeated = sum(1 for _, _, n in rows if n > 1)
+    notes = [
+        f"Read {folder} as a caption-file folder: {len(images)} images, {len(images) - len(missing)} with a"
+        f" {caption_extension} caption" + (f", {repeated} in N_name repeat folders" if repeated else "")
+    ]
+    if missing or empty:
+        notes.append(f"--allow_missing_captions: {len(missing) + len(empty)} images train with an empty caption")
+    if orphans:
+        notes.append(f"{len(orphans)} caption files have no image beside them and are not used: {listed(orphans)}")
+    dataset = Dataset.from_dict(
+        {
+            "image": [os.path.join(folder, path) for path, _, _ in rows],
+            "text": [text for _, text, _ in rows],
+            "repeats": [n for _, _, n in rows],
+        }
+    )
+    return dataset.cast_column("image", ImageFeature()), notes

@@ -1,0 +1,183 @@
+"""Data as people keep it: caption-file folders (nested, with kohya's N_name repeat folders), --dataset_repeats,
+caption dropout and tag shuffling, all drawn per example so they are reproducible."""
+
+import logging
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from sdtoolkit.data import TrainingExamples
+from sdtoolkit.errors import UserError
+from tests.conftest import DEMO_DATA, demo_image, logged_losses, train, train_args
+
+
+def caption_folder(root, rows):
+    """A folder of images with same-named caption files, from (relative path, image index, caption or None)."""
+    for path, i, caption in rows:
+        image_path = root / path
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        demo_image(i).save(image_path)
+        if caption is not None:
+            image_path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return root
+
+
+def test_a_nested_caption_folder_with_a_repeat_folder_trains(tiny_sd, tmp_path, caplog):
+    data = caption_folder(tmp_path / "data", [("a/one.png", 0, "a pink creature"), ("a/b/two.jpg", 1, "a purple one"),
+                                              ("3_rare/three.png", 2, "a yellow creature")])  # fmt: skip
+    (data / "a" / "lost.txt").write_text("no image for me")
+    with caplog.at_level(logging.INFO):
+        # Through --dataset_name, as train.sh passes a folder.
+        argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+        argv[argv.index("--train_data_dir")] = "--dataset_name"
+        import train_text_to_image
+
+        train_text_to_image.main(argv)
+    assert f"Read {data} as a caption-file folder: 3 images, 3 with a .txt caption, 1 in N_name repeat folders" in (
+        caplog.text
+    )
+    assert "1 caption files have no image beside them and are not used: a/lost.txt" in caplog.text
+    assert "Repeats: 3 images make 5 examples per epoch" in caplog.text and "Num examples = 5" in caplog.text
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_an_image_without_a_caption_file_is_an_error_unless_allowed(tiny_sd, tmp_path, caplog):
+    data = caption_folder(
+        tmp_path / "data", [("one.png", 0, "a creature"), ("two.png", 1, None), ("three.png", 2, " ")]
+    )
+    with pytest.raises(UserError, match=r"1 images have no \.txt caption file: two\.png; 1 caption files are empty:"
+                                        r" three\.txt .*--allow_missing_captions"):  # fmt: skip
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--allow_missing_captions", data=data)
+    assert "--allow_missing_captions: 2 images train with an empty caption" in caplog.text
+
+
+def test_a_caption_file_that_is_not_utf8_is_named(tiny_sd, tmp_path):
+    data = caption_folder(tmp_path / "data", [("one.png", 0, "a creature")])
+    (data / "one.txt").write_bytes("une créature".encode("latin-1"))
+    with pytest.raises(UserError, match=r"caption file .*one\.txt is not UTF-8 text"):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+
+
+def test_caption_extension(tiny_sd, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    demo_image(0).save(data / "one.png")
+    (data / "one.caption").write_text("a creature")
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--caption_extension", ".caption", data=data)
+    assert "1 images, 1 with a .caption caption" in caplog.text
+
+
+def test_dataset_repeats_count_in_the_epoch_and_the_steps(tiny_sd, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path, "--num_train_epochs", "1", "--dataset_repeats", "2", "--train_batch_size", "8")
+    # 32 images x 2 repeats = 64 examples = 8 steps of 8 in one epoch.
+    assert "Num examples = 64" in caplog.text and "Total optimization steps = 8" in caplog.text
+    assert [step for step, _ in logged_losses(tmp_path)] == list(range(1, 9))
+
+
+def examples(tokenizer, captions, **flags):
+    """TrainingExamples over rows of the bundled images with these captions (uncached: captions tokenized)."""
+    rows = datasets.Dataset.from_dict({"image": [demo_image(i % 32) for i in range(len(captions))], "text": captions})
+    settings = dict(resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="bilinear",
+                    noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
+                    keep_tags=0)  # fmt: skip
+    args = SimpleNamespace(**{**settings, **flags})
+    return TrainingExamples(rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000)
+
+
+def captions_drawn(dataset, epochs):
+    drawn = []
+    for epoch in range(epochs):
+        dataset.epoch = epoch
+        for i in range(len(dataset)):
+            # CLIP's decoder writes "a , b" for "a, b": put the commas back where they were.
+            text = dataset.tokenizer.decode(dataset[i]["input_ids"], skip_special_tokens=True)
+            drawn.append(text.replace(" ,", ","))
+    return drawn
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_sd):
+    return CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+
+
+def test_each_repeat_draws_its_own_noise(tokenizer):
+    dataset = examples(tokenizer, ["a creature"])
+    dataset.dataset = dataset.dataset.select([0, 0])  # one image listed twice, as repeats list it
+    assert not torch.equal(dataset[0]["noise"], dataset[1]["noise"])
+
+
+def test_caption_dropout_empties_its_share_of_draws_reproducibly(tokenizer):
+    dataset = examples(tokenizer, ["a pink creature"] * 20, caption_dropout_rate=0.1)
+    drawn = captions_drawn(dataset, 100)  # 2,000 seeded draws
+    assert len(drawn) == 2000 and 0.07 <= drawn.count("") / 2000 <= 0.13
+    assert set(drawn) == {"", "a pink creature"}
+    assert captions_drawn(examples(tokenizer, ["a pink creature"] * 20, caption_dropout_rate=0.1), 100) == drawn
+
+
+def test_tag_shuffling_keeps_the_first_tags_and_shuffles_the_rest(tokenizer):
+    tags = "pikachu, yellow, electric, cute, mouse, cartoon"
+    dataset = examples(tokenizer, [tags] * 10, shuffle_tags=True, keep_tags=2)
+    drawn = captions_drawn(dataset, 5)
+    assert all(caption.startswith("pikachu, yellow, ") for caption in drawn)
+    assert all(sorted(caption.split(", ")) == sorted(tags.split(", ")) for caption in drawn)
+    assert len(set(drawn)) > 10  # 24 orders of the last four tags; 50 draws see many of them
+    assert captions_drawn(examples(tokenizer, [tags] * 10, shuffle_tags=True, keep_tags=2), 5) == drawn
+
+
+def test_without_the_new_flags_the_draws_are_unchanged(tokenizer):
+    # Dropout and shuffling draw last: with them off, every example is what it was before they existed.
+    plain = examples(tokenizer, ["a creature, green"] * 4)
+    off = examples(tokenizer, ["a creature, green"] * 4, caption_dropout_rate=0.0, shuffle_tags=False)
+    for i in range(4):
+        assert torch.equal(plain[i]["noise"], off[i]["noise"]) and torch.equal(
+            plain[i]["timestep"], off[i]["timestep"]
+        )
+
+
+def test_cached_dropout_trains_like_encoding_every_step(tiny_sd, tmp_path):
+    # The cache holds the empty caption's embedding: dropped examples use it, the same as encoding "" online.
+    flags = ["--max_train_steps", "4", "--center_crop", "--caption_dropout_rate", "0.5", "--learning_rate", "1e-3"]
+    train(tiny_sd, tmp_path / "cached", *flags)
+    train(tiny_sd, tmp_path / "online", *flags, "--no-cache_latents")
+    for (_, a), (_, b) in zip(logged_losses(tmp_path / "cached"), logged_losses(tmp_path / "online")):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_shuffled_tags_train_with_the_latent_cache(tiny_sd, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path, "--max_train_steps", "2", "--center_crop", "--shuffle_tags", "--keep_tags", "1")
+    assert "captions are not cached" in caplog.text and "Cached latents of 32 rows" in caplog.text
+    assert (tmp_path / "model_index.json").exists()
+
+
+def test_bad_values_are_one_line(tmp_path):
+    import train_text_to_image
+
+    for flags, message in ((["--dataset_repeats", "0"], "--dataset_repeats must be at least 1"),
+                           (["--caption_dropout_rate", "1.5"], "--caption_dropout_rate must be between 0 and 1"),
+                           (["--keep_tags", "-1"], "--keep_tags must be 0 or more")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir",
+                                            str(DEMO_DATA), *flags])  # fmt: skip
+
+
+def test_a_photo_stored_sideways_trains_upright(tmp_path):
+    # A phone photo: pixels stored 40 wide x 20 high, with EXIF orientation 6 (rotate 90 degrees to view).
+    from PIL import Image
+
+    from sdtoolkit.caption_folders import read_caption_folder
+
+    (tmp_path / "data").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), "red").save(tmp_path / "data" / "phone.jpg", exif=exif)
+    (tmp_path / "data" / "phone.txt").write_text("a red photo")
+    dataset, _ = read_caption_folder(tmp_path / "data")
+    assert dataset[0]["image"].size == (20, 40)
