@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
+from sdtoolkit.buckets import BucketBatchSampler, assign_buckets, make_buckets
 from sdtoolkit.caption_folders import has_caption_files, read_caption_folder
 from sdtoolkit.checkpoints import (
     checkpoint_step,
@@ -246,6 +247,29 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--keep_tags", type=int, default=0, help="With --shuffle_tags, the number of leading tags kept in place."
+    )
+    # Aspect-ratio buckets (not upstream): see sdtoolkit/buckets.py.
+    parser.add_argument(
+        "--aspect_buckets",
+        action="store_true",
+        help=(
+            "Train each image at the bucket shape nearest its aspect ratio (about --resolution² pixels, sides"
+            " multiples of --bucket_step) instead of a square crop; every batch holds one bucket."
+        ),
+    )
+    parser.add_argument(
+        "--bucket_step", type=int, default=64, help="Buckets' sides are multiples of this (64 for SD)."
+    )
+    parser.add_argument(
+        "--min_bucket_side", type=int, default=None, help="Shortest bucket side (default: --resolution / 2)."
+    )
+    parser.add_argument(
+        "--max_bucket_side", type=int, default=None, help="Longest bucket side (default: 2 x --resolution)."
+    )
+    parser.add_argument(
+        "--bucket_no_upscale",
+        action="store_true",
+        help="Never enlarge an image: only buckets that fit inside it; images smaller than every bucket are left out.",
     )
     # One run per output folder (not upstream): see sdtoolkit/output_dir.py.
     parser.add_argument(
@@ -511,6 +535,17 @@ def parse_args(argv=None):
     for flag in ("noise_offset", "input_perturbation", "max_grad_norm"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             raise UserError(f"--{flag} must be a number >= 0, got {getattr(args, flag)}")
+    if args.bucket_step < 8 or args.bucket_step % 8:
+        raise UserError(f"--bucket_step must be a multiple of 8 (the VAE's block), got {args.bucket_step}")
+    if args.min_bucket_side is None:
+        args.min_bucket_side = max(args.bucket_step, args.resolution // 2 // args.bucket_step * args.bucket_step)
+    if args.max_bucket_side is None:
+        args.max_bucket_side = args.resolution * 2 // args.bucket_step * args.bucket_step
+    if not 0 < args.min_bucket_side <= args.max_bucket_side:
+        raise UserError(
+            f"--min_bucket_side ({args.min_bucket_side}) must be positive and at most --max_bucket_side"
+            f" ({args.max_bucket_side})"
+        )
     if args.dataset_repeats < 1:
         raise UserError(f"--dataset_repeats must be at least 1, got {args.dataset_repeats}")
     if not (math.isfinite(args.caption_dropout_rate) and 0 <= args.caption_dropout_rate <= 1):
@@ -678,7 +713,7 @@ def load_training_dataset(args):
 
     # Decode every image once now, as training will, so a broken file stops the run here and not hours in.
     train = as_image_column(train, image_column)
-    bad, digests = scan_images(train, image_column)
+    bad, digests, sizes = scan_images(train, image_column)
     if bad and not args.skip_invalid_images:
         listed = "; ".join(f"{name} ({reason})" for _, name, reason in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -691,7 +726,7 @@ def load_training_dataset(args):
         logger.warning(f"--skip_invalid_images: dropped {len(bad)} of {len(train)} images that can't be read: {names}")
         bad_rows = {row for row, _, _ in bad}
         kept = [i for i in range(len(train)) if i not in bad_rows]
-        train, digests = train.select(kept), [digests[i] for i in kept]
+        train, digests, sizes = train.select(kept), [digests[i] for i in kept], [sizes[i] for i in kept]
         if len(train) == 0:
             raise UserError("none of the dataset's images can be read")
     num_empty = check_captions(train, caption_column)
@@ -704,8 +739,35 @@ def load_training_dataset(args):
     if any(n > 1 for n in repeats):
         rows = [i for i, n in enumerate(repeats) for _ in range(n)]
         logger.info(f"Repeats: {len(train)} images make {len(rows)} examples per epoch")
-        train, digests = train.select(rows), [digests[i] for i in rows]
-    return train, image_column, caption_column, len(bad), fingerprint(digests, train[caption_column])
+        train, digests, sizes = train.select(rows), [digests[i] for i in rows], [sizes[i] for i in rows]
+    return train, image_column, caption_column, len(bad), fingerprint(digests, train[caption_column]), sizes
+
+
+def group_into_buckets(train_rows, sizes, args):
+    """Assign every image to its aspect-ratio bucket and log the table. Returns (rows, bucket size per row,
+    rows of each bucket); with --bucket_no_upscale the images smaller than every bucket are left out."""
+    buckets = make_buckets(
+        resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side, max_side=args.max_bucket_side
+    )
+    if not buckets:
+        raise UserError(
+            f"no bucket of about {args.resolution}x{args.resolution} pixels has both sides in"
+            f" [{args.min_bucket_side}, {args.max_bucket_side}]; widen --min_bucket_side/--max_bucket_side"
+        )
+    assigned, too_small = assign_buckets(sizes, buckets, no_upscale=args.bucket_no_upscale)
+    if too_small:
+        shown = ", ".join(f"row {row} ({sizes[row][0]}x{sizes[row][1]})" for row in too_small[:5])
+        what = "left out (--bucket_no_upscale)" if args.bucket_no_upscale else "enlarged to fit"
+        logger.warning(f"{len(too_small)} images are smaller than every bucket and are {what}: {shown}")
+    kept = [row for row, bucket in enumerate(assigned) if bucket is not None]
+    if not kept:
+        raise UserError("every image is smaller than the smallest bucket; lower --min_bucket_side")
+    if len(kept) < len(assigned):
+        train_rows, assigned = train_rows.select(kept), [assigned[row] for row in kept]
+    rows_of_bucket = [[row for row, b in enumerate(assigned) if b == i] for i in range(len(buckets))]
+    table = ", ".join(f"{w}x{h}: {len(rows)}" for (w, h), rows in zip(buckets, rows_of_bucket) if rows)
+    logger.info(f"Aspect-ratio buckets (width x height: images): {table}")
+    return train_rows, [buckets[b] for b in assigned], rows_of_bucket
 
 
 def check_same_architecture(unet, resume_path, resumed_state):
@@ -804,7 +866,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight
     return images
 
 
-def save_model_card(args, repo_id, images):
+def save_model_card(args, repo_id, images, buckets_used=None):
     """Write output_dir/README.md: base model, data, hyperparameters and the final validation images.
 
     Hub ids go into the card's metadata; local paths don't (they mean nothing elsewhere): the text names
@@ -868,6 +930,7 @@ image.save("my_image.png")
 * Mixed precision: {args.mixed_precision}
 * EMA: {args.use_ema}
 * Seed: {args.seed}
+* Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
@@ -991,7 +1054,14 @@ def main(argv=None):
 
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
-        train_rows, image_column, caption_column, num_skipped, data_fingerprint = load_training_dataset(args)
+        train_rows, image_column, caption_column, num_skipped, data_fingerprint, image_sizes = load_training_dataset(
+            args
+        )
+    # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
+    buckets_used = None
+    if args.aspect_buckets:
+        train_rows, bucket_sizes, rows_of_bucket = group_into_buckets(train_rows, image_sizes, args)
+        buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
 
     # Load scheduler, tokenizer and models.
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
@@ -1135,17 +1205,29 @@ def main(argv=None):
         latent_shape=(vae.config.latent_channels, latent_size, latent_size),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
     )
+    if args.aspect_buckets:
+        train_dataset.use_buckets(bucket_sizes)
 
     # DataLoaders creation. The loader gets its own generator, so creating an iterator (at the start of an
     # epoch, or when resuming in the middle of one) never draws from the global random state.
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        shuffle=True,
-        collate_fn=collate,
-        batch_size=args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    if args.aspect_buckets:
+        # Batches of one bucket each, shuffled from (seed, epoch); under several processes accelerate hands each
+        # process whole batches.
+        batch_sampler = BucketBatchSampler(
+            rows_of_bucket, batch_size=args.train_batch_size, seed=args.seed, examples=train_dataset
+        )
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=args.dataloader_num_workers
+        )
+    else:
+        train_dataloader = torch.utils.data.DataLoader(
+            train_dataset,
+            shuffle=True,
+            collate_fn=collate,
+            batch_size=args.train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
 
     # Scheduler and math around the number of training steps.
     # The LR scheduler is stepped on every process, so its warmup and length are counted in process-steps.
@@ -1481,7 +1563,7 @@ def main(argv=None):
             folder = save_validation_images(images, args, "final")
             logger.info(f"Saved final validation images to {folder}")
 
-        save_model_card(args, repo_id, images)
+        save_model_card(args, repo_id, images, buckets_used)
 
         if args.push_to_hub:
             upload_folder(

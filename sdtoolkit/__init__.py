@@ -3,6 +3,7 @@
 - fixtures: offline Stable Diffusion and CLIP folders with random weights and the real CLIP tokenizer.
 - demo_dataset: the small bundled image-caption dataset in the pokemon-blip-captions schema.
 - data: checking a dataset before training; training examples with per-example randomness; the encoder cache.
+- buckets: aspect-ratio buckets (shapes, assignment, cover-and-crop, one bucket per batch).
 - caption_folders: folders of images with same-named caption files, and kohya's N_name repeat folders.
 - learning_check: the diffusion classifier that tells whether a model learned its captions.
 - checkpoints: atomic checkpoints and final pipeline saves.

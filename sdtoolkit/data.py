@@ -21,6 +21,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from sdtoolkit.buckets import cover_and_crop
 from sdtoolkit.errors import UserError
 
 # Transparent pixels are laid on white: the pokemon-blip-captions images are drawings on white.
@@ -66,19 +67,20 @@ def as_image_column(dataset, image_column):
 
 
 def scan_images(dataset, image_column):
-    """Decode every image once, as training does. Returns (unreadable, digests).
+    """Decode every image once, as training does. Returns (unreadable, digests, sizes).
 
     unreadable: [(row, name, reason)] for the rows whose image can't be decoded; name is the file's path or
     'row N'. digests: one sha256 of each row's image bytes, for the data's fingerprint (see `fingerprint`).
+    sizes: each image's (width, height) as training sees it (EXIF orientation applied), None if unreadable.
     """
     feature = dataset.features[image_column]
     raw = dataset.cast_column(image_column, ImageFeature(decode=False))
-    bad, digests = [], []
+    bad, digests, sizes = [], [], []
     # 64 rows at a time: the check holds a few images' bytes, not the whole column's.
     values = (value for start in range(0, len(raw), 64) for value in raw[start : start + 64][image_column])
     for index, value in enumerate(values):
         name = (value or {}).get("path") or f"row {index}"
-        data = b""
+        data, size = b"", None
         try:
             if value is None:
                 raise ValueError("no image")
@@ -86,11 +88,12 @@ def scan_images(dataset, image_column):
             if not data:
                 with open(value["path"], "rb") as f:
                     data = f.read()
-            feature.decode_example({"path": None, "bytes": data})  # decodes every pixel, as training will
+            size = feature.decode_example({"path": None, "bytes": data}).size  # every pixel, as training will
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
             bad.append((index, name, str(err).splitlines()[0] if str(err) else type(err).__name__))
         digests.append(hashlib.sha256(data or b"").digest())
-    return bad, digests
+        sizes.append(size)
+    return bad, digests, sizes
 
 
 def fingerprint(image_digests, captions):
@@ -165,6 +168,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.caption_dropout_rate = args.caption_dropout_rate
         self.shuffle_tags = args.shuffle_tags
         self.keep_tags = args.keep_tags
+        self.bucket_sizes = None  # set by use_buckets: (width, height) per row
         self.seed = args.seed
         self.latent_shape = latent_shape
         self.num_train_timesteps = num_train_timesteps
@@ -172,6 +176,17 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.dataset)
+
+    def use_buckets(self, sizes):
+        """Train row i at sizes[i] = (width, height), a bucket's shape, instead of the resolution² square."""
+        self.bucket_sizes = sizes
+
+    def latent_shape_of(self, index):
+        if self.bucket_sizes is None:
+            return self.latent_shape
+        width, height = self.bucket_sizes[index]
+        factor = self.resolution // self.latent_shape[1]
+        return (self.latent_shape[0], height // factor, width // factor)
 
     def use_cache(self, latents, text):
         """Serve cached latent distributions and/or text embeddings (either may be None) instead of encoding."""
@@ -184,8 +199,17 @@ class TrainingExamples(torch.utils.data.Dataset):
         example = {}
         row = self.dataset[index] if self.latents is None or self.text is None else None
 
-        # The image: shorter side to `resolution`, then a center or random square crop, maybe a flip.
-        if self.latents is None:
+        # The image: shorter side to `resolution`, then a center or random square crop, maybe a flip. With
+        # buckets: resized to cover the row's bucket, then cropped to it (see sdtoolkit/buckets.py).
+        if self.latents is None and self.bucket_sizes is not None:
+            image = cover_and_crop(
+                to_rgb(row[self.image_column]), self.bucket_sizes[index], self.interpolation,
+                center=self.center_crop, generator=generator,
+            )  # fmt: skip
+            if self.random_flip and torch.rand(1, generator=generator) < 0.5:
+                image = TF.hflip(image)
+            example["pixel_values"] = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+        elif self.latents is None:
             image = to_rgb(row[self.image_column])
             image = TF.resize(image, self.resolution, interpolation=self.interpolation)
             width, height = image.size
@@ -202,8 +226,8 @@ class TrainingExamples(torch.utils.data.Dataset):
             # Cached latents exist only for center crops; orientation 1 is the flipped image.
             flipped = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
             mean, std = self.latents
-            example["latent_mean"] = mean[index, int(flipped)]
-            example["latent_std"] = std[index, int(flipped)]
+            example["latent_mean"] = mean[index][int(flipped)]
+            example["latent_std"] = std[index][int(flipped)]
 
         # The caption: a random one of several, if the row has a list.
         if self.text is None:
@@ -215,13 +239,14 @@ class TrainingExamples(torch.utils.data.Dataset):
             choice = int(torch.randint(0, count[index], (1,), generator=generator)) if is_list[index] else 0
 
         # The diffusion draws for this example.
-        example["latent_noise"] = torch.randn(self.latent_shape, generator=generator)
-        example["noise"] = torch.randn(self.latent_shape, generator=generator)
+        latent_shape = self.latent_shape_of(index)
+        example["latent_noise"] = torch.randn(latent_shape, generator=generator)
+        example["noise"] = torch.randn(latent_shape, generator=generator)
         example["timestep"] = torch.randint(0, self.num_train_timesteps, (), generator=generator)
         if self.noise_offset:
-            example["offset_noise"] = torch.randn((self.latent_shape[0], 1, 1), generator=generator)
+            example["offset_noise"] = torch.randn((latent_shape[0], 1, 1), generator=generator)
         if self.input_perturbation:
-            example["perturbation"] = torch.randn(self.latent_shape, generator=generator)
+            example["perturbation"] = torch.randn(latent_shape, generator=generator)
 
         # Caption dropout and tag shuffling, drawn last so that runs without them draw exactly as before.
         dropped = bool(self.caption_dropout_rate and torch.rand(1, generator=generator) < self.caption_dropout_rate)
@@ -247,9 +272,15 @@ def shuffle_tags(caption, *, keep, generator):
     return ", ".join(head + [tail[i] for i in order])
 
 
-def cached_image(image, resolution, interpolation, flip):
-    """The image as the uncached path makes it with a center crop: resized, cropped, maybe flipped, in [-1, 1]."""
-    image = TF.center_crop(TF.resize(to_rgb(image), resolution, interpolation=interpolation), resolution)
+def cached_image(image, size, interpolation, flip):
+    """The image as the uncached path makes it with a center crop: resized, cropped, maybe flipped, in [-1, 1].
+
+    size: the square's side, or a bucket's (width, height).
+    """
+    if isinstance(size, tuple):
+        image = cover_and_crop(to_rgb(image), size, interpolation, center=True)
+    else:
+        image = TF.center_crop(TF.resize(to_rgb(image), size, interpolation=interpolation), size)
     if flip:
         image = TF.hflip(image)
     return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
@@ -269,20 +300,27 @@ def encode_cache(examples, vae, text_encoder, device, dtype, batch_size=8, laten
 
     if latents:
         orientations = [False, True] if examples.random_flip else [False]
-        means, stds = [], []
-        for start in range(0, rows, batch_size):
-            batch = dataset[start : start + batch_size][examples.image_column]
-            per_orientation_mean, per_orientation_std = [], []
-            for flip in orientations:
-                pixels = torch.stack(
-                    [cached_image(image, examples.resolution, examples.interpolation, flip) for image in batch]
-                )
-                dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
-                per_orientation_mean.append(dist.mean.cpu())
-                per_orientation_std.append(dist.std.cpu())
-            means.append(torch.stack(per_orientation_mean, dim=1))
-            stds.append(torch.stack(per_orientation_std, dim=1))
-        latent_cache = (torch.cat(means), torch.cat(stds))
+        # Rows are encoded in batches of one shape: all rows, or with buckets the rows of each bucket.
+        sizes = examples.bucket_sizes or [examples.resolution] * rows
+        groups = {}
+        for row, size in enumerate(sizes):
+            groups.setdefault(size, []).append(row)
+        means, stds = [None] * rows, [None] * rows
+        for size, group in groups.items():
+            for start in range(0, len(group), batch_size):
+                batch_rows = group[start : start + batch_size]
+                batch = dataset.select(batch_rows)[examples.image_column]
+                per_orientation_mean, per_orientation_std = [], []
+                for flip in orientations:
+                    pixels = torch.stack([cached_image(image, size, examples.interpolation, flip) for image in batch])
+                    dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
+                    per_orientation_mean.append(dist.mean.cpu())
+                    per_orientation_std.append(dist.std.cpu())
+                for i, row in enumerate(batch_rows):
+                    means[row] = torch.stack([m[i] for m in per_orientation_mean])
+                    stds[row] = torch.stack([s[i] for s in per_orientation_std])
+        # One tensor when every row has the same shape; a list per row with buckets.
+        latent_cache = (torch.stack(means), torch.stack(stds)) if len(groups) == 1 else (means, stds)
 
     if text:
         captions, first, count, is_list = [], [], [], []

@@ -159,3 +159,18 @@ def wait_for_step(step_file, step, process, timeout=120):
         assert process.poll() is None, f"the run ended (exit code {process.returncode}) before step {step}"
         time.sleep(0.02)
     raise AssertionError(f"no step {step} within {timeout} s")
+
+
+# Width x height of the test images: 2:3, 1:1, 16:9, 1:3, and one smaller than the smallest bucket.
+MIXED_SHAPES = [(80, 120), (100, 100), (160, 90), (50, 150), (20, 20)]
+
+
+def mixed_aspect_folder(root, copies=2):
+    """A caption-file folder of images of MIXED_SHAPES (each `copies` times), nested, with .txt captions."""
+    for i in range(copies * len(MIXED_SHAPES)):
+        width, height = MIXED_SHAPES[i % len(MIXED_SHAPES)]
+        path = root / f"set{i % 2}" / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        demo_image(i).convert("RGB").resize((width, height)).save(path)
+        path.with_suffix(".txt").write_text(f"a creature {width} by {height}")
+    return root

@@ -21,6 +21,7 @@ from tests.conftest import (
     DEMO_DATA,
     REPO,
     logged_losses,
+    mixed_aspect_folder,
     relative_difference_of_updates,
     reset_accelerate_state,
     step_marker,
@@ -278,3 +279,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     checkpoint = out / f"checkpoint-{step}"
     assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
     assert not (out / "model_index.json").exists()
+
+
+def test_two_processes_train_with_aspect_ratio_buckets(tiny_sd, tmp_path):
+    # Every batch stacks one bucket's images; a batch mixing two shapes could not be stacked. Each process gets
+    # whole batches from accelerate's batch-sampler sharding.
+    data = mixed_aspect_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    launch(tiny_sd, out, "--train_data_dir", str(data), "--resolution", "64", "--aspect_buckets", "--bucket_step", "16",
+           "--min_bucket_side", "32", "--max_bucket_side", "128", "--train_batch_size", "2", "--max_train_steps", "3",
+           "--seed", "0", "--mixed_precision", "no")  # fmt: skip
+    assert [step for step, _ in logged_losses(out)] == [1, 2, 3]
+    assert (out / "model_index.json").exists()
