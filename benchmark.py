@@ -16,6 +16,10 @@ configuration trains in a fresh process, so its peak resident memory is its own.
 Seconds per optimizer step are the median over --steps steps after --warmup steps, read from the
 `step_seconds` the training script logs. For sd-v1-4 it also times inference at 256 px: 25 DPM-Solver++ steps
 against 50 PNDM steps.
+
+For each workload it also trains on a mixed-aspect copy of the bundled images (2:3, 1:1, 16:9, 1:3 and 3:2)
+twice, with the defaults: square crops, and --aspect_buckets at the same resolution (about the same pixels
+per image), to show what buckets cost.
 """
 
 import argparse
@@ -62,14 +66,32 @@ def peak_cuda_gb():
     return torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
 
 
-def child_train(model, resolution, flags, steps, warmup):
+# The mixed-aspect set: each bundled image resized to one of these width:height ratios, in turn.
+ASPECTS = [(2, 3), (1, 1), (16, 9), (1, 3), (3, 2)]
+
+
+def write_mixed_aspect_data(folder, side=256):
+    """The bundled images at the ASPECTS ratios (long side `side`), as a folder with a metadata.jsonl."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (DATA / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        w, h = ASPECTS[i % len(ASPECTS)]
+        size = (side, round(side * h / w)) if w >= h else (round(side * w / h), side)
+        Image.open(DATA / row["file_name"]).convert("RGB").resize(size).save(folder / row["file_name"])
+    (folder / "metadata.jsonl").write_text((DATA / "metadata.jsonl").read_text())
+    return folder
+
+
+def child_train(model, resolution, flags, steps, warmup, data=str(DATA)):
     """One training run in this (fresh) process; returns its step times and peak memory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import train_text_to_image
 
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", str(DATA), "--output_dir", out,
+        argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
                 "--resolution", str(resolution), "--seed", "0", "--mixed_precision", "no",
                 "--max_train_steps", str(warmup + steps), "--checkpointing_steps", "1000000", *RECIPE, *flags]  # fmt: skip
         started = time.perf_counter()
@@ -249,6 +271,17 @@ def table(rows, baseline, limit):
     return "\n".join(lines)
 
 
+def bucket_table(rows):
+    """Buckets against square crops: step time and peak memory, relative to the square crops (the first row)."""
+    square = statistics.median(rows[0][1]["step_seconds"])
+    lines = ["| configuration | s / optimizer step (median) | time vs square crops | peak RSS (GB) |",
+             "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name, result in rows:
+        median = statistics.median(result["step_seconds"])
+        lines.append(f"| {name} | {median:.3f} | {median / square:.2f}x | {result['peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
@@ -283,10 +316,23 @@ def main(argv=None):
         baseline = statistics.median(rows[0][1]["step_seconds"])
         limit_median = statistics.median(limit["step_seconds"])
 
+        # Aspect-ratio buckets against square crops, on the mixed-aspect set (defaults otherwise).
+        mixed = str(write_mixed_aspect_data(Path(args.models) / "mixed-aspect"))
+        step = 64 if resolution >= 128 else 16  # SD's UNet needs multiples of 64; the tiny one of 16
+        bucket_rows = []
+        for name, flags in (("square crops (defaults)", []),
+                            ("aspect-ratio buckets", ["--aspect_buckets", "--bucket_step", str(step)])):  # fmt: skip
+            print(f"[{workload}] mixed aspect, {name} ...", flush=True)
+            bucket_rows.append((name, run_child("train", model=model, resolution=resolution, flags=flags, steps=steps,
+                                                warmup=warmup, data=mixed)))  # fmt: skip
+
         section = [f"### {workload}: `{preset}` preset at {resolution} px, the seed's recipe",
                    f"Batch 1, gradient accumulation 4 (4 samples per optimizer step), EMA, gradient checkpointing,"
                    f" lr 1e-5, float32; median over {steps} steps after {warmup} warm-up steps.", "",
-                   table(rows, baseline, limit_median)]  # fmt: skip
+                   table(rows, baseline, limit_median), "",
+                   f"Aspect-ratio buckets against square crops: the same recipe on the bundled images resized to"
+                   f" 2:3, 1:1, 16:9, 1:3 and 3:2 (long side 256 px), at {resolution} px:", "",
+                   bucket_table(bucket_rows)]  # fmt: skip
         if workload == "sd-v1-4":
             print("[sd-v1-4] breakdown ...", flush=True)
             parts = run_child("breakdown", model=model, resolution=resolution)

@@ -17,6 +17,7 @@ def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
     for name, _ in benchmark.CONFIGS:
         assert f"| {name} |" in text
     assert "| limit (bare UNet fwd+bwd x4 + fused AdamW) |" in text
+    assert "| square crops (defaults) |" in text and "| aspect-ratio buckets |" in text
     row = next(line for line in text.splitlines() if line.startswith("| all off"))
     seconds = float(row.split("|")[2])
     assert 0 < seconds < 30
