@@ -535,17 +535,18 @@ def parse_args(argv=None):
     for flag in ("noise_offset", "input_perturbation", "max_grad_norm"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             raise UserError(f"--{flag} must be a number >= 0, got {getattr(args, flag)}")
-    if args.bucket_step < 8 or args.bucket_step % 8:
-        raise UserError(f"--bucket_step must be a multiple of 8 (the VAE's block), got {args.bucket_step}")
-    if args.min_bucket_side is None:
-        args.min_bucket_side = max(args.bucket_step, args.resolution // 2 // args.bucket_step * args.bucket_step)
-    if args.max_bucket_side is None:
-        args.max_bucket_side = args.resolution * 2 // args.bucket_step * args.bucket_step
-    if not 0 < args.min_bucket_side <= args.max_bucket_side:
-        raise UserError(
-            f"--min_bucket_side ({args.min_bucket_side}) must be positive and at most --max_bucket_side"
-            f" ({args.max_bucket_side})"
-        )
+    if args.aspect_buckets:
+        if args.bucket_step < 8 or args.bucket_step % 8:
+            raise UserError(f"--bucket_step must be a multiple of 8 (the VAE's block), got {args.bucket_step}")
+        if args.min_bucket_side is None:
+            args.min_bucket_side = max(args.bucket_step, args.resolution // 2 // args.bucket_step * args.bucket_step)
+        if args.max_bucket_side is None:
+            args.max_bucket_side = max(args.bucket_step, args.resolution * 2 // args.bucket_step * args.bucket_step)
+        if not 0 < args.min_bucket_side <= args.max_bucket_side:
+            raise UserError(
+                f"--min_bucket_side ({args.min_bucket_side}) must be positive and at most --max_bucket_side"
+                f" ({args.max_bucket_side})"
+            )
     if args.dataset_repeats < 1:
         raise UserError(f"--dataset_repeats must be at least 1, got {args.dataset_repeats}")
     if not (math.isfinite(args.caption_dropout_rate) and 0 <= args.caption_dropout_rate <= 1):

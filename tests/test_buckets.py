@@ -128,7 +128,7 @@ def test_cached_latents_per_bucket_train_like_encoding_every_step(tiny_sd, tmp_p
 def test_bucket_flags_that_cannot_work_are_one_line():
     from sdtoolkit.errors import UserError
 
-    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--aspect_buckets"]
     with pytest.raises(UserError, match="--bucket_step must be a multiple of 8"):
         train_text_to_image.parse_args(base + ["--bucket_step", "20"])
     with pytest.raises(UserError, match="must be positive and at most --max_bucket_side"):
