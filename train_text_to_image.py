@@ -1022,7 +1022,9 @@ def main(argv=None):
     # A new run, or a resume of another folder's checkpoint, must not mix with an earlier run in this folder.
     resuming_here = resume_path is not None and os.path.samefile(os.path.dirname(resume_path), args.output_dir)
     if accelerator.is_main_process and not resuming_here:
-        check_fresh_run(args.output_dir, overwrite=args.overwrite_output_dir, logging_dir=args.logging_dir)
+        deleted = check_fresh_run(args.output_dir, overwrite=args.overwrite_output_dir, logging_dir=args.logging_dir)
+        if deleted:
+            logger.warning(f"--overwrite_output_dir: deleted the earlier run's {', '.join(deleted)}")
     accelerator.wait_for_everyone()
     if resume_path is not None:
         has_ema = os.path.isdir(os.path.join(resume_path, "unet_ema"))
@@ -1206,12 +1208,11 @@ def main(argv=None):
         latent_shape=(vae.config.latent_channels, latent_size, latent_size),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
     )
-    if args.aspect_buckets:
-        train_dataset.use_buckets(bucket_sizes)
 
     # DataLoaders creation. The loader gets its own generator, so creating an iterator (at the start of an
     # epoch, or when resuming in the middle of one) never draws from the global random state.
     if args.aspect_buckets:
+        train_dataset.use_buckets(bucket_sizes)
         # Batches of one bucket each, shuffled from (seed, epoch); under several processes accelerate hands each
         # process whole batches.
         batch_sampler = BucketBatchSampler(

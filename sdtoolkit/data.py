@@ -24,6 +24,9 @@ from torchvision.transforms import functional as TF
 from sdtoolkit.buckets import cover_and_crop
 from sdtoolkit.errors import UserError
 
+# The files in which an imagefolder names its images and their captions.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
 # Transparent pixels are laid on white: the pokemon-blip-captions images are drawings on white.
 BACKGROUND = (255, 255, 255)
 
@@ -365,7 +368,7 @@ def unlisted_images(folder):
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
-            if name in ("metadata.jsonl", "metadata.csv", "metadata.parquet"):
+            if name in METADATA_FILES:
                 has_metadata = True
                 listed.update(os.path.normpath(os.path.join(root, n)) for n in metadata_file_names(path))
             elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
@@ -392,8 +395,4 @@ def metadata_file_names(path):
 
 def has_metadata_file(folder):
     """Whether an imagefolder (searched recursively) has a metadata file naming its images and captions."""
-    return any(
-        name in ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-        for _, _, files in os.walk(folder)
-        for name in files
-    )
+    return any(name in METADATA_FILES for _, _, files in os.walk(folder) for name in files)

@@ -115,17 +115,19 @@ def earlier_run(output_dir):
 
 
 def check_fresh_run(output_dir, *, overwrite, logging_dir):
-    """A new run into output_dir: refuse an earlier run's outputs unless overwrite, then delete them."""
+    """A new run into output_dir: refuse an earlier run's outputs unless overwrite, then delete them.
+
+    Returns the names deleted (none when the folder held no earlier run)."""
     found = earlier_run(output_dir)
     if not found:
-        return
+        return []
     if not overwrite:
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise UserError(
             f"--output_dir {output_dir} holds an earlier run ({shown}); continue it with --resume_from_checkpoint"
             " latest, choose another --output_dir, or pass --overwrite_output_dir to delete it and start anew"
         )
-    clear_earlier_run(output_dir, logging_dir=logging_dir)
+    return clear_earlier_run(output_dir, logging_dir=logging_dir)
 
 
 def clear_earlier_run(output_dir, *, logging_dir):

@@ -15,7 +15,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from sdtoolkit import checkpoints
 from sdtoolkit.errors import UserError
-from sdtoolkit.output_dir import lock_output_dir, unlock_output_dir
 from tests.conftest import (
     REPO,
     demo_image,
@@ -47,11 +46,13 @@ def test_a_finished_model_without_checkpoints_is_refused_too(tiny_sd, tmp_path):
         train(tiny_sd, tmp_path, "--max_train_steps", "1", "--resume_from_checkpoint", "latest")
 
 
-def test_overwrite_output_dir_replaces_the_earlier_run_and_only_what_it_wrote(tiny_sd, tmp_path):
+def test_overwrite_output_dir_replaces_the_earlier_run_and_only_what_it_wrote(tiny_sd, tmp_path, caplog):
     train(tiny_sd, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "1",
           "--validation_prompts", "a creature")  # fmt: skip
     (tmp_path / "my-notes.txt").write_text("mine")
-    train(tiny_sd, tmp_path, *TWO_STEPS, "--seed", "1", "--overwrite_output_dir")
+    with caplog.at_level(logging.WARNING):
+        train(tiny_sd, tmp_path, *TWO_STEPS, "--seed", "1", "--overwrite_output_dir")
+    assert "--overwrite_output_dir: deleted the earlier run's checkpoint-1, checkpoint-2, checkpoint-3" in caplog.text
     # Only the new run's checkpoints: `latest` can no longer pick up the old run's checkpoint-4.
     assert checkpoints.checkpoint_dirs(tmp_path) == ["checkpoint-1", "checkpoint-2"]
     assert json.loads((tmp_path / "checkpoint-2" / "training_state.json").read_text())["seed"] == 1
@@ -195,11 +196,13 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tiny
 # The lock, in-process ---------------------------------------------------------------------------------------------
 
 
-def test_the_lock_is_released_at_the_end_and_after_an_error(tiny_sd, tmp_path):
+def test_the_lock_is_released_at_the_end_of_a_run(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path, "--max_train_steps", "1")
     assert not (tmp_path / ".lock.json").exists()
-    lock_output_dir(tmp_path)  # free again: this process can take it
-    unlock_output_dir(tmp_path)
+    # Another process can take the folder while this one still runs (a lock still held here would refuse it).
+    code = f"from filelock import FileLock; FileLock({str(tmp_path / '.lock')!r}, timeout=0).acquire(); print('taken')"
+    taken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert taken.stdout.strip() == "taken", taken.stderr[-500:]
 
 
 def test_a_run_that_stops_on_a_signal_releases_the_folder(tiny_sd, tmp_path):
