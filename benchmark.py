@@ -17,6 +17,9 @@ Seconds per optimizer step are the median over --steps steps after --warmup step
 `step_seconds` the training script logs. For sd-v1-4 it also times inference at 256 px: 25 DPM-Solver++ steps
 against 50 PNDM steps.
 
+Then start-up: peak memory and time before the first step for 100 and 800 large images, as an imagefolder
+and as parquet files written two ways, and what the on-disk latent cache saves a second run.
+
 For each workload it also trains on a mixed-aspect copy of the bundled images (2:3, 1:1, 16:9, 1:3 and 3:2)
 twice, with the defaults: square crops, and --aspect_buckets at the same resolution (about the same pixels
 per image), to show what buckets cost.
@@ -102,6 +105,80 @@ def child_train(model, resolution, flags, steps, warmup, data=str(DATA)):
         seconds = [e.value for e in events.Scalars("step_seconds")]
     return {"step_seconds": seconds[warmup:], "total_seconds": total, "peak_rss_gb": peak_rss_gb(),
             "peak_cuda_gb": peak_cuda_gb()}  # fmt: skip
+
+
+# Start-up against dataset size: this many large images, as an imagefolder and as parquet written two ways.
+STARTUP_COUNTS = [100, 800]
+STARTUP_LAYOUTS = ["imagefolder", "parquet, 100 images per row group", "parquet, one row group"]
+
+
+def write_large_images(folder, count):
+    """`count` incompressible 600x600 PNGs (about 1 MB each) with captions, in three layouts: an imagefolder,
+    a parquet file with row groups of 100 images (about 100 MB, as datasets' to_parquet writes them) and one
+    with a single row group (as pandas and pyarrow write a table by default). Returns {layout: data flags}."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images = folder / "imagefolder"
+    paths = {"imagefolder": ["--train_data_dir", str(images)]}
+    for layout, rows_per_group in zip(STARTUP_LAYOUTS[1:], [100, count]):
+        paths[layout] = ["--dataset_name", str(folder / f"train-{rows_per_group}.parquet")]
+    if (folder / "done").exists():
+        return paths
+    images.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    records = []
+    for i in range(count):
+        Image.fromarray(generator.integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
+        records.append({"file_name": f"{i:05d}.png", "text": f"picture number {i}"})
+    (images / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    table = pa.table({"image": [{"bytes": (images / r["file_name"]).read_bytes(), "path": r["file_name"]}
+                                for r in records], "text": [r["text"] for r in records]})  # fmt: skip
+    for rows_per_group in (100, count):
+        pq.write_table(table, folder / f"train-{rows_per_group}.parquet", row_group_size=rows_per_group)
+    (folder / "done").touch()
+    return paths
+
+
+def child_startup(model, resolution, flags):
+    """One training run of one step: its peak RSS, its peak private (anonymous) memory, sampled every 5 ms,
+    which leaves out the pages of memory-mapped files that the kernel can drop, and the seconds it took."""
+    import logging
+    import threading
+
+    import train_text_to_image
+
+    peak = {"anon": 0}
+
+    def sample():
+        while True:
+            with open("/proc/self/status") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            peak["anon"] = max(peak["anon"], int(fields["RssAnon"].split()[0]) * 1024)
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    # The seconds the script says caching (or reading the cache) took.
+    cache_seconds = []
+
+    class Seconds(logging.Handler):
+        def emit(self, record):
+            words = record.getMessage().split()
+            if words[0] in ("Cached", "Read") and "rows in" in record.getMessage():
+                cache_seconds.append(float(words[words.index("in") + 1]))
+
+    logging.getLogger("train_text_to_image").addHandler(Seconds())
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as hub_cache:
+        argv = ["--pretrained_model_name_or_path", model, "--output_dir", out, "--resolution", str(resolution),
+                "--seed", "0", "--mixed_precision", "no", "--max_train_steps", "1", "--checkpointing_steps", "1000000",
+                "--cache_dir", hub_cache, *RECIPE, *flags]  # fmt: skip
+        started = time.perf_counter()
+        train_text_to_image.main(argv)
+        total = time.perf_counter() - started
+    return {"peak_rss_gb": peak_rss_gb(), "peak_anon_gb": peak["anon"] / 1024**3, "seconds": total,
+            "cache_seconds": cache_seconds[0] if cache_seconds else None}  # fmt: skip
 
 
 def child_limit(model, resolution, steps, warmup):
@@ -282,6 +359,54 @@ def bucket_table(rows):
     return "\n".join(lines)
 
 
+def startup_table(rows):
+    lines = ["| data | images | peak RSS (GB) | peak private memory (GB) | seconds (load, check, cache, 1 step) |",
+             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for (layout, count), result in rows:
+        lines.append(f"| {layout} | {count} | {result['peak_rss_gb']:.2f} | {result['peak_anon_gb']:.2f} |"
+                     f" {result['seconds']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def startup_section(models):
+    """Start-up memory against dataset size, and what the disk cache saves a second run."""
+    tiny = build_model("tiny", models)
+    rows = []
+    for count in STARTUP_COUNTS:
+        print(f"[start-up] writing {count} large images ...", flush=True)
+        layouts = write_large_images(Path(models) / f"large-{count}", count)
+        for layout in STARTUP_LAYOUTS:
+            print(f"[start-up] {layout}, {count} images ...", flush=True)
+            rows.append(((layout, count), run_child("startup", model=tiny, resolution=64, flags=layouts[layout])))
+    sd = build_model("sd-v1-4", models)
+    cache_rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        flags = ["--train_data_dir", str(DATA), "--latent_cache_dir", cache]
+        for name in ("first run: encodes and writes the cache", "second run: reads it"):
+            print(f"[start-up] disk cache, {name} ...", flush=True)
+            cache_rows.append((name, run_child("startup", model=sd, resolution=128, flags=flags)))
+    lines = [
+        "### Start-up memory against dataset size",
+        "The seed's recipe, one step, `tiny` preset at 64 px, on noise images of 600x600 px (PNG, about 1 MB"
+        " each): the time and memory of everything before training (loading, the check of every image, caching)."
+        " Peak RSS also counts the pages of the memory-mapped dataset that the check has read, which the kernel"
+        " drops when memory runs short; peak private memory leaves them out (sampled every 5 ms).",
+        "",
+        startup_table(rows),
+        "",
+        "### The latent cache on disk, second run",
+        f"`--latent_cache_dir`, `sd-v1-4` preset at 128 px, the {32} bundled images with flips, run twice:",
+        "",
+        "| run | seconds to cache | whole run (s) | peak RSS (GB) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, result in cache_rows:
+        lines.append(
+            f"| {name} | {result['cache_seconds']:.1f} | {result['seconds']:.1f} | {result['peak_rss_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
@@ -290,6 +415,7 @@ def main(argv=None):
     parser.add_argument("--models", default="build/bench", help="Where the fixture pipelines are built.")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--skip_inference", action="store_true")
+    parser.add_argument("--skip_startup", action="store_true", help="Leave out start-up memory and the disk cache.")
     args = parser.parse_args(argv)
 
     command = "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -348,6 +474,9 @@ def main(argv=None):
         sections.append("\n".join(section))
         raw = {name: result for name, result in rows}
         Path(args.models, f"{workload}-results.json").write_text(json.dumps(raw, indent=2))
+
+    if not args.skip_startup:
+        sections.append(startup_section(args.models))
 
     text = "\n\n".join(
         [

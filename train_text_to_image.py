@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -28,6 +29,7 @@ import accelerate
 import datasets
 import diffusers
 import numpy as np
+import pyarrow
 import torch
 import torch.nn.functional as F
 import transformers
@@ -48,6 +50,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
+from pyarrow.dataset import ParquetFragmentScanOptions
 from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -68,18 +71,29 @@ from sdtoolkit.checkpoints import (
 from sdtoolkit.data import (
     TrainingExamples,
     as_image_column,
+    available_memory,
     check_captions,
     collate,
     count_long_captions,
-    encode_cache,
     fingerprint,
     has_metadata_file,
+    large_row_groups,
+    parquet_files,
     scan_images,
     unlisted_images,
 )
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.inference import looks_like_local_path
+from sdtoolkit.latent_cache import (
+    DEFAULT_DISK_FOLDER,
+    DiskArrays,
+    MemoryArrays,
+    cache_bytes,
+    cache_crop,
+    cache_key,
+    encode_cache,
+)
 from sdtoolkit.output_dir import (
     check_fresh_run,
     check_output_dir,
@@ -163,6 +177,17 @@ def parse_args(argv=None):
             "Encode every caption with the text encoder once, and, with --center_crop, every image (and its mirror"
             " image with --random_flip) with the VAE once, then free the encoders. Each step still draws its own"
             " latent sample. Random crops can't be cached: their images are encoded at every step."
+        ),
+    )
+    parser.add_argument(
+        "--latent_cache_dir",
+        type=str,
+        default=None,
+        help=(
+            "Keep the --cache_latents cache on disk in this folder, mapped into memory, under a key of the model,"
+            " data, resolution, buckets and precision, so that a later run with the same ones reads it instead of"
+            " encoding again. Without it the cache is kept in memory, or, when it would take more than half of"
+            " the free memory, on disk in ~/.cache/sdtoolkit/latents."
         ),
     )
     parser.add_argument(
@@ -646,6 +671,16 @@ def load_training_dataset(args):
         and has_caption_files(source, args.caption_extension)
         and (args.dataset_name is None or args.train_data_dir is None)
     )
+    # A local parquet dataset is read one row group at a time, without pyarrow's pre-buffering of every row
+    # group a scan will read, which holds the whole file in memory while `datasets` converts it.
+    parquet = parquet_files(source) if args.dataset_name is not None and not caption_folder else []
+    parquet_options = {"fragment_scan_options": ParquetFragmentScanOptions(pre_buffer=False)} if parquet else {}
+    for path, rows, size in large_row_groups(parquet):
+        logger.warning(
+            f"{path} holds {size / 1024**2:.0f} MB of data in one row group of {rows} rows; a row group is read"
+            " whole, so loading it needs several times that in memory. Write the file with smaller row groups"
+            " (datasets' Dataset.to_parquet keeps them under 100 MB; pyarrow: row_group_size=100)"
+        )
     try:
         if caption_folder:
             # Images with their captions in same-named text files (see sdtoolkit/caption_folders.py).
@@ -664,11 +699,17 @@ def load_training_dataset(args):
                     f"--dataset_name {args.dataset_name} is a file of a type this script can't read; give a"
                     f" {' or '.join(DATA_FILE_BUILDERS)} file, or the folder that holds the dataset"
                 )
-            dataset = load_dataset(builder, data_files={"train": args.dataset_name}, cache_dir=args.cache_dir)
+            dataset = load_dataset(
+                builder, data_files={"train": args.dataset_name}, cache_dir=args.cache_dir, **parquet_options
+            )
         elif args.dataset_name is not None:
             # Downloading and loading a dataset from the hub (or a local copy of one).
             dataset = load_dataset(
-                args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
+                args.dataset_name,
+                args.dataset_config_name,
+                cache_dir=args.cache_dir,
+                data_dir=args.train_data_dir,
+                **parquet_options,
             )
         else:
             if not os.path.isdir(args.train_data_dir):
@@ -687,6 +728,8 @@ def load_training_dataset(args):
             " taken down from the hub in 2024; try --dataset_name lambdalabs/naruto-blip-captions (same columns),"
             " or --train_data_dir with your own folder of images and a metadata.jsonl (file_name, text)"
         ) from err
+    # Give back the memory pyarrow's allocator kept from the conversion; it would stay resident all run.
+    pyarrow.default_memory_pool().release_unused()
     if "train" not in dataset:
         raise UserError(f"the dataset has no 'train' split (it has: {', '.join(dataset)})")
     train = dataset["train"]
@@ -713,8 +756,17 @@ def load_training_dataset(args):
         train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
 
     # Decode every image once now, as training will, so a broken file stops the run here and not hours in.
+    # With cached latents, the crops that caching encodes are made now too and kept while they fit in a share
+    # of the free memory, so that caching does not decode every image a second time.
     train = as_image_column(train, image_column)
-    bad, digests, sizes = scan_images(train, image_column)
+    keep_bytes = min(2 * 1024**3, available_memory() // 4)
+    bad, digests, sizes, crops = scan_images(
+        train, image_column, prepare=cache_crop_maker(args), keep_bytes=keep_bytes
+    )
+    if args.cache_latents and args.center_crop and crops is None:
+        logger.info(
+            f"The crops to cache take more than {keep_bytes / 1024**3:.1f} GB; caching decodes the images again"
+        )
     if bad and not args.skip_invalid_images:
         listed = "; ".join(f"{name} ({reason})" for _, name, reason in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -728,6 +780,7 @@ def load_training_dataset(args):
         bad_rows = {row for row, _, _ in bad}
         kept = [i for i in range(len(train)) if i not in bad_rows]
         train, digests, sizes = train.select(kept), [digests[i] for i in kept], [sizes[i] for i in kept]
+        crops = [crops[i] for i in kept] if crops is not None else None
         if len(train) == 0:
             raise UserError("none of the dataset's images can be read")
     num_empty = check_captions(train, caption_column)
@@ -741,12 +794,34 @@ def load_training_dataset(args):
         rows = [i for i, n in enumerate(repeats) for _ in range(n)]
         logger.info(f"Repeats: {len(train)} images make {len(rows)} examples per epoch")
         train, digests, sizes = train.select(rows), [digests[i] for i in rows], [sizes[i] for i in rows]
-    return train, image_column, caption_column, len(bad), fingerprint(digests, train[caption_column]), sizes
+        crops = [crops[i] for i in rows] if crops is not None else None
+    data_fingerprint = fingerprint(digests, train[caption_column])
+    return train, image_column, caption_column, len(bad), data_fingerprint, sizes, crops
+
+
+def cache_crop_maker(args):
+    """What the pre-training check keeps of each image for --cache_latents: its center crop at the size it
+    trains at (the resolution² square, or its aspect-ratio bucket). None when latents are not cached."""
+    if not (args.cache_latents and args.center_crop):
+        return None
+    interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
+    if not args.aspect_buckets:
+        return lambda image: cache_crop(image, args.resolution, interpolation)
+    buckets = make_buckets(
+        resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side, max_side=args.max_bucket_side
+    )
+
+    def crop_to_bucket(image):
+        bucket = assign_buckets([image.size], buckets, no_upscale=args.bucket_no_upscale)[0][0] if buckets else None
+        return cache_crop(image, buckets[bucket], interpolation) if bucket is not None else None
+
+    return crop_to_bucket
 
 
 def group_into_buckets(train_rows, sizes, args):
     """Assign every image to its aspect-ratio bucket and log the table. Returns (rows, bucket size per row,
-    rows of each bucket); with --bucket_no_upscale the images smaller than every bucket are left out."""
+    rows of each bucket, the indices of the rows kept): with --bucket_no_upscale the images smaller than every
+    bucket are left out."""
     buckets = make_buckets(
         resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side, max_side=args.max_bucket_side
     )
@@ -768,7 +843,7 @@ def group_into_buckets(train_rows, sizes, args):
     rows_of_bucket = [[row for row, b in enumerate(assigned) if b == i] for i in range(len(buckets))]
     table = ", ".join(f"{w}x{h}: {len(rows)}" for (w, h), rows in zip(buckets, rows_of_bucket) if rows)
     logger.info(f"Aspect-ratio buckets (width x height: images): {table}")
-    return train_rows, [buckets[b] for b in assigned], rows_of_bucket
+    return train_rows, [buckets[b] for b in assigned], rows_of_bucket, kept
 
 
 def check_same_architecture(unet, resume_path, resumed_state):
@@ -1057,13 +1132,14 @@ def main(argv=None):
 
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
-        train_rows, image_column, caption_column, num_skipped, data_fingerprint, image_sizes = load_training_dataset(
-            args
+        train_rows, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops = (
+            load_training_dataset(args)
         )
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
-        train_rows, bucket_sizes, rows_of_bucket = group_into_buckets(train_rows, image_sizes, args)
+        train_rows, bucket_sizes, rows_of_bucket, kept = group_into_buckets(train_rows, image_sizes, args)
+        cache_crops = [cache_crops[row] for row in kept] if cache_crops is not None else None
         buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
 
     # Load scheduler, tokenizer and models.
@@ -1286,14 +1362,54 @@ def main(argv=None):
         logger.info("--cache_latents: with --shuffle_tags every step encodes its own caption; captions are not cached")
     if cache_images or cache_text:
         started = time.perf_counter()
-        latents_cache, text_cache = encode_cache(
-            train_dataset, vae, text_encoder, accelerator.device, weight_dtype, latents=cache_images, text=cache_text
-        )
-        train_dataset.use_cache(latents_cache, text_cache)
         cached = " and ".join(["latents"] * cache_images + ["text embeddings"] * cache_text)
+        # In memory, or on disk when asked or when it would take more than half of the free memory; the main
+        # process decides for all (see sdtoolkit/latent_cache.py).
+        needed = cache_bytes(
+            train_dataset, text_dim=text_encoder.config.hidden_size, dtype=weight_dtype, latents=cache_images,
+            text=cache_text,
+        )  # fmt: skip
+        free = available_memory()
+        folder, why = args.latent_cache_dir, "--latent_cache_dir"
+        if folder is None and needed > free // 2:
+            folder = os.path.join(DEFAULT_DISK_FOLDER, "latents")
+            why = f"it takes {needed / 1024**3:.2f} GB, more than half of the {free / 1024**3:.1f} GB of free memory"
+        folder, why = broadcast_object_list([folder, why])
+        arrays = MemoryArrays()
+        if folder is not None:
+            key = cache_key(
+                train_dataset, vae, text_encoder, data_fingerprint=data_fingerprint, dtype=weight_dtype,
+                latents=cache_images, text=cache_text,
+            )  # fmt: skip
+            arrays = DiskArrays(os.path.join(folder, key))
+        # A disk cache is written once, by the main process; the others then read it.
+        with accelerator.main_process_first() if folder is not None else nullcontext():
+            reused = arrays.exists()
+            if reused:
+                logger.info(f"Reading the cached {cached} from {arrays.folder}, written by an earlier run with the"
+                            " same model, data and settings")  # fmt: skip
+            elif folder is not None:
+                os.makedirs(folder, exist_ok=True)
+                if shutil.disk_usage(folder).free < needed * 1.1:
+                    raise UserError(
+                        f"the latent cache needs {needed / 1024**3:.2f} GB but {folder} has"
+                        f" {shutil.disk_usage(folder).free / 1024**3:.2f} GB free; give --latent_cache_dir on a"
+                        " bigger disk"
+                    )
+                logger.info(f"Caching {cached} on disk in {arrays.folder} ({why})")
+            else:
+                logger.info(f"Caching {cached} in memory: {needed / 1024**3:.2f} GB of {free / 1024**3:.1f} GB free")
+            latents_cache, text_cache = encode_cache(
+                train_dataset, vae, text_encoder, accelerator.device, weight_dtype, arrays=arrays, crops=cache_crops,
+                latents=cache_images, text=cache_text,
+            )  # fmt: skip
+        del cache_crops
+        train_dataset.use_cache(latents_cache, text_cache)
         freed = " and ".join(["VAE"] * cache_images + ["text encoder"] * cache_text)
+        done = "Read" if reused else "Cached"
         logger.info(
-            f"Cached {cached} of {len(train_dataset)} rows in {time.perf_counter() - started:.1f} s; freeing the {freed}"
+            f"{done} {cached} of {len(train_dataset)} rows in {time.perf_counter() - started:.1f} s; freeing the {freed}",
+            main_process_only=False,
         )
         if cache_text:
             text_encoder = None

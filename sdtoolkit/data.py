@@ -5,7 +5,7 @@ sample, the noise and the timestep -- comes from a generator seeded by (seed, ep
 the process's global random state. So an example looks the same whichever process, worker or batch loads
 it, and a run resumed in the middle of an epoch sees exactly what the uninterrupted run saw.
 
-With a cache (see `encode_cache`), an example carries the VAE's latent mean and std and the text encoder's
+With a cache (see sdtoolkit/latent_cache.py), an example carries the VAE's latent mean and std and the text encoder's
 output instead of pixels and token ids; the random draws are the same, in the same order, so a cached run
 trains on the same samples as an uncached one.
 """
@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -51,6 +52,16 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def available_memory():
+    """Bytes of memory the system can give without swapping (MemAvailable); 0 where it can't be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def as_image_column(dataset, image_column):
     """The dataset with its image column decoded as images, as training reads it.
 
@@ -69,21 +80,64 @@ def as_image_column(dataset, image_column):
     )
 
 
-def scan_images(dataset, image_column):
-    """Decode every image once, as training does. Returns (unreadable, digests, sizes).
+def parquet_files(source):
+    """The .parquet files of a local --dataset_name: the file itself, or those in the folder (searched
+    recursively) when the folder holds no other data. [] for anything else (a hub name, an imagefolder)."""
+    if os.path.isfile(source):
+        return [source] if source.lower().endswith(".parquet") else []
+    if not os.path.isdir(source):
+        return []
+    files, others = [], False
+    for root, dirs, names in os.walk(source):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.lower().endswith(".parquet"):
+                files.append(os.path.join(root, name))
+            elif not name.startswith(".") and not name.lower().endswith((".md", ".json", ".txt", ".gitattributes")):
+                others = True
+    return sorted(files) if files and not others else []
+
+
+# A row group is the smallest piece of a parquet file a reader can load; above this, say what it costs.
+LARGE_ROW_GROUP_BYTES = 256 * 1024**2
+
+
+def large_row_groups(files):
+    """[(file, rows, bytes)] for the parquet files whose largest row group holds more than LARGE_ROW_GROUP_BYTES.
+
+    pandas and pyarrow write a whole table as one row group unless told otherwise, and reading any row of it
+    loads all of it: a 20 GB file in one row group needs 20 GB of memory several times over while loading.
+    """
+    import pyarrow.parquet as pq
+
+    large = []
+    for path in files:
+        metadata = pq.ParquetFile(path).metadata
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        biggest = max(groups, key=lambda group: group.total_byte_size, default=None)
+        if biggest is not None and biggest.total_byte_size > LARGE_ROW_GROUP_BYTES:
+            large.append((path, biggest.num_rows, biggest.total_byte_size))
+    return large
+
+
+def scan_images(dataset, image_column, *, prepare=None, keep_bytes=0):
+    """Decode every image once, as training does. Returns (unreadable, digests, sizes, kept).
 
     unreadable: [(row, name, reason)] for the rows whose image can't be decoded; name is the file's path or
     'row N'. digests: one sha256 of each row's image bytes, for the data's fingerprint (see `fingerprint`).
     sizes: each image's (width, height) as training sees it (EXIF orientation applied), None if unreadable.
+    kept: with `prepare`, prepare(image) of every row (e.g. its center crop at the training size, so that
+    caching need not decode it again), while they fit in keep_bytes; None when they did not.
+
+    Rows are read 64 at a time and decoded in threads (PIL releases the GIL while it decodes), so the check
+    holds a few images' bytes, not the whole column's.
     """
     feature = dataset.features[image_column]
     raw = dataset.cast_column(image_column, ImageFeature(decode=False))
-    bad, digests, sizes = [], [], []
-    # 64 rows at a time: the check holds a few images' bytes, not the whole column's.
-    values = (value for start in range(0, len(raw), 64) for value in raw[start : start + 64][image_column])
-    for index, value in enumerate(values):
+
+    def check(index, value):
         name = (value or {}).get("path") or f"row {index}"
-        data, size = b"", None
+        data, size, problem, kept = b"", None, None, None
         try:
             if value is None:
                 raise ValueError("no image")
@@ -91,12 +145,28 @@ def scan_images(dataset, image_column):
             if not data:
                 with open(value["path"], "rb") as f:
                     data = f.read()
-            size = feature.decode_example({"path": None, "bytes": data}).size  # every pixel, as training will
+            image = feature.decode_example({"path": None, "bytes": data})  # every pixel, as training will
+            size = image.size
+            kept = prepare(image) if prepare is not None else None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-            bad.append((index, name, str(err).splitlines()[0] if str(err) else type(err).__name__))
-        digests.append(hashlib.sha256(data or b"").digest())
-        sizes.append(size)
-    return bad, digests, sizes
+            problem = (index, name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return problem, hashlib.sha256(data or b"").digest(), size, kept
+
+    bad, digests, sizes, kept, kept_total = [], [], [], [] if prepare else None, 0
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(raw), 64):
+            values = raw[start : start + 64][image_column]
+            for problem, digest, size, image in pool.map(check, range(start, start + len(values)), values):
+                if problem:
+                    bad.append(problem)
+                digests.append(digest)
+                sizes.append(size)
+                if kept is not None:
+                    kept_total += image.width * image.height * 3 if image is not None else 0
+                    kept = None if kept_total > keep_bytes else kept
+                    if kept is not None:
+                        kept.append(image)
+    return bad, digests, sizes, kept
 
 
 def fingerprint(image_digests, captions):
@@ -155,7 +225,7 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def __init__(self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps):
         self.dataset = dataset
-        self.latents = None  # set by use_cache: (mean, std), each [rows, orientations, C, h, w]
+        self.latents = None  # set by use_cache: latents[row] = (mean, std), each [orientations, C, h, w]
         self.text = None  # set by use_cache: (embeddings [captions, 77, dim], per row: first, count, is_list; empty)
         self.image_column = image_column
         self.caption_column = caption_column
@@ -228,9 +298,9 @@ class TrainingExamples(torch.utils.data.Dataset):
         else:
             # Cached latents exist only for center crops; orientation 1 is the flipped image.
             flipped = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
-            mean, std = self.latents
-            example["latent_mean"] = mean[index][int(flipped)]
-            example["latent_std"] = std[index][int(flipped)]
+            mean, std = self.latents[index]
+            example["latent_mean"] = mean[int(flipped)]
+            example["latent_std"] = std[int(flipped)]
 
         # The caption: a random one of several, if the row has a list.
         if self.text is None:
@@ -273,80 +343,6 @@ def shuffle_tags(caption, *, keep, generator):
     head, tail = tags[:keep], tags[keep:]
     order = torch.randperm(len(tail), generator=generator).tolist()
     return ", ".join(head + [tail[i] for i in order])
-
-
-def cached_image(image, size, interpolation, flip):
-    """The image as the uncached path makes it with a center crop: resized, cropped, maybe flipped, in [-1, 1].
-
-    size: the square's side, or a bucket's (width, height).
-    """
-    if isinstance(size, tuple):
-        image = cover_and_crop(to_rgb(image), size, interpolation, center=True)
-    else:
-        image = TF.center_crop(TF.resize(to_rgb(image), size, interpolation=interpolation), size)
-    if flip:
-        image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
-
-
-@torch.no_grad()
-def encode_cache(examples, vae, text_encoder, device, dtype, batch_size=8, latents=True, text=True):
-    """Encode every row once with the frozen VAE and text encoder, on `device` in `dtype`.
-
-    Latents: the mean and std of the VAE's latent distribution of each row's center crop, and of its mirror
-    image with --random_flip (each step still draws its own sample from them). Text: the text encoder's output
-    for every caption of every row. Returns (latents, text) in the form TrainingExamples.use_cache takes;
-    either is None when not asked for.
-    """
-    dataset, rows = examples.dataset, len(examples)
-    latent_cache = text_cache = None
-
-    if latents:
-        orientations = [False, True] if examples.random_flip else [False]
-        # Rows are encoded in batches of one shape: all rows, or with buckets the rows of each bucket.
-        sizes = examples.bucket_sizes or [examples.resolution] * rows
-        groups = {}
-        for row, size in enumerate(sizes):
-            groups.setdefault(size, []).append(row)
-        means, stds = [None] * rows, [None] * rows
-        for size, group in groups.items():
-            for start in range(0, len(group), batch_size):
-                batch_rows = group[start : start + batch_size]
-                batch = dataset.select(batch_rows)[examples.image_column]
-                per_orientation_mean, per_orientation_std = [], []
-                for flip in orientations:
-                    pixels = torch.stack([cached_image(image, size, examples.interpolation, flip) for image in batch])
-                    dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
-                    per_orientation_mean.append(dist.mean.cpu())
-                    per_orientation_std.append(dist.std.cpu())
-                for i, row in enumerate(batch_rows):
-                    means[row] = torch.stack([m[i] for m in per_orientation_mean])
-                    stds[row] = torch.stack([s[i] for s in per_orientation_std])
-        # One tensor when every row has the same shape; a list per row with buckets.
-        latent_cache = (torch.stack(means), torch.stack(stds)) if len(groups) == 1 else (means, stds)
-
-    if text:
-        captions, first, count, is_list = [], [], [], []
-        for caption in dataset[examples.caption_column]:
-            options = [caption] if isinstance(caption, str) else list(caption)
-            first.append(len(captions))
-            count.append(len(options))
-            is_list.append(not isinstance(caption, str))
-            captions.extend(options)
-        tokenizer = examples.tokenizer
-        embeddings = []
-        for start in range(0, len(captions), batch_size):
-            ids = tokenizer(
-                captions[start : start + batch_size], max_length=tokenizer.model_max_length, padding="max_length",
-                truncation=True, return_tensors="pt",
-            ).input_ids  # fmt: skip
-            embeddings.append(text_encoder(ids.to(device), return_dict=False)[0].cpu())
-        # The empty caption too, for caption dropout.
-        ids = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt").input_ids
-        empty = text_encoder(ids.to(device), return_dict=False)[0].cpu()[0]
-        text_cache = (torch.cat(embeddings), first, count, is_list, empty)
-
-    return latent_cache, text_cache
 
 
 def collate(examples):

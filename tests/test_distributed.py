@@ -281,13 +281,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     assert not (out / "model_index.json").exists()
 
 
-def test_two_processes_train_with_aspect_ratio_buckets(tiny_sd, tmp_path):
+def test_two_processes_train_with_aspect_ratio_buckets_and_a_disk_cache(tiny_sd, tmp_path):
     # Every batch stacks one bucket's images; a batch mixing two shapes could not be stacked. Each process gets
-    # whole batches from accelerate's batch-sampler sharding.
+    # whole batches from accelerate's batch-sampler sharding. The latent cache, one array per bucket, is written
+    # to disk by the main process and read by the other.
     data = mixed_aspect_folder(tmp_path / "data")
-    out = tmp_path / "out"
-    launch(tiny_sd, out, "--train_data_dir", str(data), "--resolution", "64", "--aspect_buckets", "--bucket_step", "16",
-           "--min_bucket_side", "32", "--max_bucket_side", "128", "--train_batch_size", "2", "--max_train_steps", "3",
-           "--seed", "0", "--mixed_precision", "no")  # fmt: skip
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = launch(tiny_sd, out, "--train_data_dir", str(data), "--resolution", "64", "--aspect_buckets",
+                    "--bucket_step", "16", "--min_bucket_side", "32", "--max_bucket_side", "128", "--train_batch_size",
+                    "2", "--max_train_steps", "3", "--seed", "0", "--mixed_precision", "no", "--center_crop",
+                    "--latent_cache_dir", str(cache))  # fmt: skip
     assert [step for step, _ in logged_losses(out)] == [1, 2, 3]
     assert (out / "model_index.json").exists()
+    assert "[RANK 0] Cached latents and text embeddings" in result.stderr
+    assert "[RANK 1] Read latents and text embeddings" in result.stderr
+    [key] = list(cache.iterdir())
+    assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
