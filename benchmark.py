@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -110,6 +111,8 @@ def child_train(model, resolution, flags, steps, warmup, data=str(DATA)):
 # Start-up against dataset size: this many large images, as an imagefolder and as parquet written two ways.
 STARTUP_COUNTS = [100, 800]
 STARTUP_LAYOUTS = ["imagefolder", "parquet, 100 images per row group", "parquet, one row group"]
+# The disk cache's first and second run: the preset and resolution, where encoding takes long enough to see.
+CACHE_WORKLOAD = ("sd-v1-4", 128)
 
 
 def write_large_images(folder, count):
@@ -165,9 +168,9 @@ def child_startup(model, resolution, flags):
 
     class Seconds(logging.Handler):
         def emit(self, record):
-            words = record.getMessage().split()
-            if words[0] in ("Cached", "Read") and "rows in" in record.getMessage():
-                cache_seconds.append(float(words[words.index("in") + 1]))
+            found = re.search(r"\b(Cached|Read) .* rows in ([\d.]+) s", record.getMessage())
+            if found:
+                cache_seconds.append(float(found.group(2)))
 
     logging.getLogger("train_text_to_image").addHandler(Seconds())
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as hub_cache:
@@ -348,14 +351,14 @@ def table(rows, baseline, limit):
     return "\n".join(lines)
 
 
-def bucket_table(rows):
-    """Buckets against square crops: step time and peak memory, relative to the square crops (the first row)."""
-    square = statistics.median(rows[0][1]["step_seconds"])
-    lines = ["| configuration | s / optimizer step (median) | time vs square crops | peak RSS (GB) |",
+def relative_table(rows, first="square crops"):
+    """Step time and peak memory of each row, time relative to the first row's."""
+    baseline = statistics.median(rows[0][1]["step_seconds"])
+    lines = [f"| configuration | s / optimizer step (median) | time vs {first} | peak RSS (GB) |",
              "| --- | ---: | ---: | ---: |"]  # fmt: skip
     for name, result in rows:
         median = statistics.median(result["step_seconds"])
-        lines.append(f"| {name} | {median:.3f} | {median / square:.2f}x | {result['peak_rss_gb']:.2f} |")
+        lines.append(f"| {name} | {median:.3f} | {median / baseline:.2f}x | {result['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -378,13 +381,14 @@ def startup_section(models):
         for layout in STARTUP_LAYOUTS:
             print(f"[start-up] {layout}, {count} images ...", flush=True)
             rows.append(((layout, count), run_child("startup", model=tiny, resolution=64, flags=layouts[layout])))
-    sd = build_model("sd-v1-4", models)
+    preset, resolution = CACHE_WORKLOAD
+    model = build_model(preset, models)
     cache_rows = []
     with tempfile.TemporaryDirectory() as cache:
         flags = ["--train_data_dir", str(DATA), "--latent_cache_dir", cache]
         for name in ("first run: encodes and writes the cache", "second run: reads it"):
             print(f"[start-up] disk cache, {name} ...", flush=True)
-            cache_rows.append((name, run_child("startup", model=sd, resolution=128, flags=flags)))
+            cache_rows.append((name, run_child("startup", model=model, resolution=resolution, flags=flags)))
     lines = [
         "### Start-up memory against dataset size",
         "The seed's recipe, one step, `tiny` preset at 64 px, on noise images of 600x600 px (PNG, about 1 MB"
@@ -395,14 +399,14 @@ def startup_section(models):
         startup_table(rows),
         "",
         "### The latent cache on disk, second run",
-        f"`--latent_cache_dir`, `sd-v1-4` preset at 128 px, the {32} bundled images with flips, run twice:",
+        f"`--latent_cache_dir`, `{preset}` preset at {resolution} px, the 32 bundled images with flips, run twice:",
         "",
         "| run | seconds to cache | whole run (s) | peak RSS (GB) |",
         "| --- | ---: | ---: | ---: |",
     ]
     for name, result in cache_rows:
         lines.append(
-            f"| {name} | {result['cache_seconds']:.1f} | {result['seconds']:.1f} | {result['peak_rss_gb']:.2f} |"
+            f"| {name} | {result['cache_seconds']:.2f} | {result['seconds']:.1f} | {result['peak_rss_gb']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -452,13 +456,22 @@ def main(argv=None):
             bucket_rows.append((name, run_child("train", model=model, resolution=resolution, flags=flags, steps=steps,
                                                 warmup=warmup, data=mixed)))  # fmt: skip
 
+        # Shuffled tags make a new caption every step, so the text encoder runs every step (see docs/data.md).
+        print(f"[{workload}] --shuffle_tags ...", flush=True)
+        defaults = next(result for name, result in rows if name == "all on (defaults)")
+        tag_rows = [("all on (defaults)", defaults),
+                    ("all on + --shuffle_tags", run_child("train", model=model, resolution=resolution,
+                                                          flags=["--shuffle_tags"], steps=steps, warmup=warmup))]  # fmt: skip
+
         section = [f"### {workload}: `{preset}` preset at {resolution} px, the seed's recipe",
                    f"Batch 1, gradient accumulation 4 (4 samples per optimizer step), EMA, gradient checkpointing,"
                    f" lr 1e-5, float32; median over {steps} steps after {warmup} warm-up steps.", "",
                    table(rows, baseline, limit_median), "",
                    f"Aspect-ratio buckets against square crops: the same recipe on the bundled images resized to"
                    f" 2:3, 1:1, 16:9, 1:3 and 3:2 (long side 256 px), at {resolution} px:", "",
-                   bucket_table(bucket_rows)]  # fmt: skip
+                   relative_table(bucket_rows), "",
+                   "Tag shuffling: the captions are no longer cached, so the text encoder runs at every step:", "",
+                   relative_table(tag_rows, first="defaults")]  # fmt: skip
         if workload == "sd-v1-4":
             print("[sd-v1-4] breakdown ...", flush=True)
             parts = run_child("breakdown", model=model, resolution=resolution)

@@ -1408,7 +1408,7 @@ def main(argv=None):
         freed = " and ".join(["VAE"] * cache_images + ["text encoder"] * cache_text)
         done = "Read" if reused else "Cached"
         logger.info(
-            f"{done} {cached} of {len(train_dataset)} rows in {time.perf_counter() - started:.1f} s; freeing the {freed}",
+            f"{done} {cached} of {len(train_dataset)} rows in {time.perf_counter() - started:.2f} s; freeing the {freed}",
             main_process_only=False,
         )
         if cache_text:

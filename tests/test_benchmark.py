@@ -9,6 +9,9 @@ import benchmark
 def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
     # All off and all on only, to keep it short; every configuration runs in `make bench`.
     monkeypatch.setattr(benchmark, "CONFIGS", [benchmark.CONFIGS[0], benchmark.CONFIGS[4]])
+    # Start-up on 3 and 6 images, and the disk cache on the tiny model.
+    monkeypatch.setattr(benchmark, "STARTUP_COUNTS", [3, 6])
+    monkeypatch.setattr(benchmark, "CACHE_WORKLOAD", ("tiny", 64))
     out = tmp_path / "BENCHMARKS.md"
     benchmark.main(["--workloads", "tiny", "--steps", "1", "--warmup", "1", "--models", str(tmp_path / "models"),
                     "--out", str(out)])  # fmt: skip
@@ -18,6 +21,13 @@ def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
         assert f"| {name} |" in text
     assert "| limit (bare UNet fwd+bwd x4 + fused AdamW) |" in text
     assert "| square crops (defaults) |" in text and "| aspect-ratio buckets |" in text
+    assert "| all on + --shuffle_tags |" in text
     row = next(line for line in text.splitlines() if line.startswith("| all off"))
     seconds = float(row.split("|")[2])
     assert 0 < seconds < 30
+    for layout in benchmark.STARTUP_LAYOUTS:
+        assert f"| {layout} | 3 |" in text and f"| {layout} | 6 |" in text
+    first, second = (
+        next(line for line in text.splitlines() if line.startswith(f"| {run}")) for run in ("first", "second")
+    )
+    assert 0 <= float(second.split("|")[2]) < float(first.split("|")[2])  # reading the cache beats encoding it
