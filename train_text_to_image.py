@@ -84,6 +84,7 @@ from sdtoolkit.data import (
 )
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import TrainingStopped, UserError, first_line, run_main
+from sdtoolkit.export import check_sd1, export_single_file, single_file_name
 from sdtoolkit.inference import looks_like_local_path
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
@@ -167,6 +168,16 @@ def parse_args(argv=None):
         type=str,
         default="text",
         help="The column of the dataset containing a caption or a list of captions.",
+    )
+    # Export (not upstream): see sdtoolkit/export.py.
+    parser.add_argument(
+        "--export_single_file",
+        action="store_true",
+        help=(
+            "At the end, also write the pipeline as one .safetensors file in the original SD 1.x layout (float16,"
+            " the EMA weights with --use_ema), OUTPUT_DIR/<its name>.safetensors, as AUTOMATIC1111 and ComfyUI load"
+            " it. Any pipeline folder or checkpoint: python -m sdtoolkit.export FOLDER OUT.safetensors."
+        ),
     )
     # Speed and memory options of this toolkit (not upstream). See BENCHMARKS.md for what each one buys.
     parser.add_argument(
@@ -1146,6 +1157,8 @@ def main(argv=None):
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
     if resume_path is not None:
         check_same_architecture(unet, resume_path, resumed_state)
+    if args.export_single_file:  # say it now, not after training
+        check_sd1(args.pretrained_model_name_or_path, unet.config, vae.config, text_encoder.config.to_dict())
 
     num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer)
     if num_long:
@@ -1672,6 +1685,13 @@ def main(argv=None):
         )
         save_pipeline(pipeline, args.output_dir)
         logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")
+        # The same pipeline as one file in the original SD 1.x layout, for AUTOMATIC1111 and ComfyUI.
+        if args.export_single_file:
+            single_file = os.path.join(args.output_dir, single_file_name(args.output_dir))
+            facts = {**identity, "global_step": global_step, "resolution": args.resolution,
+                     "learning_rate": args.learning_rate}  # fmt: skip
+            export_single_file(args.output_dir, single_file, training=facts)
+            logger.info(f"Exported it as one file (float16, SD 1.x keys) to {single_file}")
 
         # Run a final round of inference.
         images = []

@@ -25,6 +25,7 @@ from filelock import FileLock, Timeout
 
 from sdtoolkit.checkpoints import checkpoint_dirs
 from sdtoolkit.errors import UserError, first_line
+from sdtoolkit.export import single_file_name
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = ".lock.json"
@@ -139,7 +140,7 @@ def clear_earlier_run(output_dir, *, logging_dir):
         with open(index) as f:
             components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
         names += components + ["model_index.json"]
-    names += ["validation", "val_imgs_grid.png", "README.md", logging_dir]
+    names += ["validation", "val_imgs_grid.png", "README.md", logging_dir, single_file_name(output_dir)]
     deleted = []
     for name in names:
         path = os.path.join(output_dir, name)

@@ -1,0 +1,272 @@
+"""Export a diffusers Stable Diffusion 1.x pipeline as one .safetensors file in the original (CompVis/LDM) layout.
+
+AUTOMATIC1111, ComfyUI and diffusers' own `from_single_file` read SD 1.x models as one file whose keys follow
+the original training code: the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.`, the
+CLIP text encoder under `cond_stage_model.transformer.` (its keys keep transformers' `text_model.` prefix).
+
+    python -m sdtoolkit.export sd-pokemon-model sd-pokemon.safetensors            # fp16 (the default)
+    python -m sdtoolkit.export sd-pokemon-model/checkpoint-1500 out.safetensors --ema --no-half
+
+The mapping below is built from each model's config: the UNet's blocks are numbered in one sequence in the
+original layout (input_blocks, middle_block, output_blocks), where diffusers nests them (down_blocks.i.resnets.j),
+and a few layers have other names. The VAE's attention projections are 1x1 convolutions there, linear layers
+here. Nothing is written until every tensor has a place, and the file is written under a temporary name and
+renamed, so a failed export leaves no half-written file.
+"""
+
+import argparse
+import json
+import os
+
+from safetensors.torch import load_file, save_file
+
+from sdtoolkit.errors import UserError, run_main
+
+# The names that differ inside one UNet resnet, and inside one VAE resnet or attention block.
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+               "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+SD1_DOWN_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D"}
+SD1_UP_BLOCKS = {"CrossAttnUpBlock2D", "UpBlock2D"}
+
+
+def unet_prefixes(config):
+    """[(diffusers prefix, original prefix, renames)] for every module of an SD 1.x UNet with this config."""
+    per_block = config["layers_per_block"]
+    prefixes = [("time_embedding.linear_1.", "time_embed.0.", {}), ("time_embedding.linear_2.", "time_embed.2.", {}),
+                ("conv_in.", "input_blocks.0.0.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
+                ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
+                ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]  # fmt: skip
+    blocks = len(config["down_block_types"])
+    # input_blocks: conv_in, then per down block its layers (a resnet and maybe an attention each), then its
+    # downsampler (all but the last block).
+    for block, kind in enumerate(config["down_block_types"]):
+        for layer in range(per_block):
+            index = 1 + block * (per_block + 1) + layer
+            prefixes.append((f"down_blocks.{block}.resnets.{layer}.", f"input_blocks.{index}.0.", UNET_RESNET))
+            if kind.startswith("CrossAttn"):
+                prefixes.append((f"down_blocks.{block}.attentions.{layer}.", f"input_blocks.{index}.1.", {}))
+        if block < blocks - 1:
+            prefixes.append(
+                (
+                    f"down_blocks.{block}.downsamplers.0.conv.",
+                    f"input_blocks.{(block + 1) * (per_block + 1)}.0.op.",
+                    {},
+                )
+            )
+    # output_blocks: per up block, one layer more than down; the upsampler sits in the block's last layer,
+    # after its attention if it has one.
+    for block, kind in enumerate(config["up_block_types"]):
+        attention = kind.startswith("CrossAttn")
+        for layer in range(per_block + 1):
+            index = block * (per_block + 1) + layer
+            prefixes.append((f"up_blocks.{block}.resnets.{layer}.", f"output_blocks.{index}.0.", UNET_RESNET))
+            if attention:
+                prefixes.append((f"up_blocks.{block}.attentions.{layer}.", f"output_blocks.{index}.1.", {}))
+        if block < blocks - 1:
+            last = block * (per_block + 1) + per_block
+            prefixes.append(
+                (f"up_blocks.{block}.upsamplers.0.conv.", f"output_blocks.{last}.{2 if attention else 1}.conv.", {})
+            )
+    return prefixes
+
+
+def vae_prefixes(config):
+    """[(diffusers prefix, original prefix, renames)] for every module of an SD 1.x VAE with this config."""
+    prefixes = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
+    blocks = len(config["down_block_types"])
+    for part in ("encoder", "decoder"):
+        prefixes += [(f"{part}.conv_in.", f"{part}.conv_in.", {}), (f"{part}.conv_out.", f"{part}.conv_out.", {}),
+                     (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
+                     (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET),
+                     (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
+                     (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION)]  # fmt: skip
+    for block in range(blocks):
+        prefixes.append((f"encoder.down_blocks.{block}.resnets.", f"encoder.down.{block}.block.", VAE_RESNET))
+        prefixes.append(
+            (f"encoder.down_blocks.{block}.downsamplers.0.conv.", f"encoder.down.{block}.downsample.conv.", {})
+        )
+        # The decoder's blocks are numbered from the bottom in the original layout.
+        original = blocks - 1 - block
+        prefixes.append((f"decoder.up_blocks.{block}.resnets.", f"decoder.up.{original}.block.", VAE_RESNET))
+        prefixes.append((f"decoder.up_blocks.{block}.upsamplers.0.conv.", f"decoder.up.{original}.upsample.conv.", {}))
+    return prefixes
+
+
+def rename(state_dict, prefixes, into, what):
+    """Each tensor of state_dict under its original key (into + mapped key); UserError if one has no place."""
+    out = {}
+    for key, tensor in state_dict.items():
+        match = max((p for p in prefixes if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
+        if match is None:
+            raise UserError(f"the {what} has a weight the SD 1.x layout has no place for: {key}")
+        source, target, renames = match
+        rest = key[len(source) :]
+        for old, new in renames.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old) :]
+                break
+        out[into + target + rest] = tensor
+    return out
+
+
+def check_sd1(folder, unet_config, vae_config, text_config):
+    """UserError naming what makes the pipeline in `folder` something other than Stable Diffusion 1.x."""
+    problems = []
+    if (
+        not set(unet_config.get("down_block_types", [])) <= SD1_DOWN_BLOCKS
+        or not set(unet_config.get("up_block_types", [])) <= SD1_UP_BLOCKS
+    ):
+        problems.append(f"UNet blocks {unet_config.get('down_block_types')} / {unet_config.get('up_block_types')}")
+    if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        problems.append(f"UNet mid block {unet_config['mid_block_type']}")
+    if not isinstance(unet_config.get("layers_per_block"), int):
+        problems.append(f"layers_per_block {unet_config.get('layers_per_block')} (one number per block)")
+    if unet_config.get("use_linear_projection"):
+        problems.append("linear attention projections (SD 2.x)")
+    if unet_config.get("addition_embed_type") or unet_config.get("class_embed_type"):
+        problems.append("extra conditioning embeddings (SDXL, upscalers)")
+    if text_config.get("architectures", ["CLIPTextModel"]) != ["CLIPTextModel"]:
+        problems.append(f"text encoder {text_config.get('architectures')}")
+    if vae_config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        problems.append(f"VAE {vae_config.get('_class_name')}")
+    if problems:
+        raise UserError(
+            f"{folder} is not a Stable Diffusion 1.x pipeline ({'; '.join(problems)}); this export writes SD 1.x's layout"
+        )
+
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_weights(folder):
+    """The state dict in a model folder's safetensors file."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return load_file(path)
+    raise UserError(f"{folder} has no safetensors weights (diffusion_pytorch_model.safetensors or model.safetensors)")
+
+
+def sources(path, ema):
+    """The folders of the UNet, VAE and text encoder to export, and the training state if there is one.
+
+    path: a pipeline folder (as training saves it) or a checkpoint-N folder, whose VAE and text encoder are
+    the base model's (named in its training_state.json). ema: the checkpoint's unet_ema instead of its unet.
+    """
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        if ema:
+            raise UserError(
+                f"--ema is for checkpoint folders; a saved pipeline ({path}) already holds the EMA weights when the run had EMA"
+            )
+        states = sorted(
+            (d for d in os.listdir(path) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
+            key=lambda d: int(d.split("-")[1]),
+        )
+        state = os.path.join(path, states[-1], "training_state.json") if states else None
+        return os.path.join(path, "unet"), os.path.join(path, "vae"), os.path.join(path, "text_encoder"), state
+    state = os.path.join(path, "training_state.json")
+    if not os.path.isfile(state):
+        raise UserError(
+            f"{path} is neither a pipeline folder (no model_index.json) nor a checkpoint (no training_state.json)"
+        )
+    with open(state, encoding="utf-8") as f:
+        base = json.load(f).get("model")
+    if not base or not os.path.isfile(os.path.join(base, "model_index.json")):
+        raise UserError(
+            f"the checkpoint's base model {base!r} is not a local pipeline folder; export the saved pipeline instead"
+        )
+    unet = os.path.join(path, "unet_ema" if ema else "unet")
+    if not os.path.isdir(unet):
+        raise UserError(f"{path} has no {os.path.basename(unet)}/" + (" (the run had no --use_ema)" if ema else ""))
+    return unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder"), state
+
+
+def single_file_name(output_dir):
+    """The file --export_single_file writes in a training run's output_dir: named after the folder."""
+    return os.path.basename(os.path.abspath(output_dir)) + ".safetensors"
+
+
+def training_metadata(state_path, training=None):
+    """The safetensors header's metadata (strings only): the training state's facts, then `training`'s."""
+    metadata = {"format": "pt", "sdtoolkit.layout": "stable-diffusion-v1 (CompVis/LDM keys)"}
+    state = {}
+    if state_path and os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    state.update(training or {})
+    if state:
+        for key in ("model", "revision", "data", "data_rows", "global_step", "seed", "total_batch_size", "resolution",
+                    "learning_rate"):  # fmt: skip
+            if state.get(key) is not None:
+                metadata[f"sdtoolkit.{key}"] = str(state[key])
+    return metadata
+
+
+def export_single_file(path, out, *, half=True, ema=False, training=None):
+    """Write the pipeline or checkpoint at `path` to `out` as one SD 1.x .safetensors file. Returns the tensor count.
+
+    training: facts of the run for the file's metadata (model, data, global_step, seed, resolution, ...), over
+    those of the newest checkpoint's training_state.json.
+    """
+    unet_dir, vae_dir, text_dir, state = sources(path, ema)
+    configs = [read_config(d) for d in (unet_dir, vae_dir, text_dir)]
+    check_sd1(path, *configs)
+    tensors = {}
+    tensors.update(rename(read_weights(unet_dir), unet_prefixes(configs[0]), "model.diffusion_model.", "UNet"))
+    vae = rename(read_weights(vae_dir), vae_prefixes(configs[1]), "first_stage_model.", "VAE")
+    for key, tensor in vae.items():
+        # The VAE's attention projections are 1x1 convolutions in the original layout.
+        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
+            vae[key] = tensor[:, :, None, None]
+    tensors.update(vae)
+    # The text encoder's keys are transformers' under `text_model.`: transformers 5.6 and later save CLIPTextModel
+    # without that prefix, and a single file without it is refused by diffusers' loader (and A1111's).
+    for key, tensor in read_weights(text_dir).items():
+        key = key.removeprefix("text_model.")
+        if key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+            tensors["cond_stage_model.transformer.text_model." + key] = tensor
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    partial = f"{out}.partial-{os.getpid()}"
+    try:
+        save_file(tensors, partial, metadata=training_metadata(state, training))
+        os.replace(partial, out)
+    except OSError as err:
+        raise UserError(f"could not write {out}: {err.strerror or err}") from err
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return len(tensors)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Export a Stable Diffusion 1.x pipeline as one .safetensors file (A1111, ComfyUI)."
+    )
+    parser.add_argument("path", help="A pipeline folder (as training saves it) or a checkpoint-N folder.")
+    parser.add_argument("out", help="The .safetensors file to write.")
+    parser.add_argument(
+        "--half", action=argparse.BooleanOptionalAction, default=True, help="Store float16 (default) or float32."
+    )
+    parser.add_argument("--ema", action="store_true", help="From a checkpoint folder: its EMA weights (unet_ema/).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.out.endswith(".safetensors"):
+        raise UserError(f"{args.out}: the output file must end in .safetensors")
+    count = export_single_file(args.path, args.out, half=args.half, ema=args.ema)
+    size = os.path.getsize(args.out) / 1024**2
+    print(f"Wrote {args.out}: {count} tensors, {size:.1f} MB, {'float16' if args.half else 'float32'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

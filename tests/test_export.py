@@ -1,0 +1,123 @@
+"""sdtoolkit.export: a diffusers pipeline as one SD 1.x .safetensors file, judged by diffusers' own single-file
+loader."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+
+from sdtoolkit.errors import UserError
+from sdtoolkit.export import export_single_file
+from tests.conftest import REPO, train, unet_weights
+
+
+@pytest.fixture(scope="module")
+def sd1_layout(tiny_sd, tmp_path_factory):
+    """The tiny pipeline with a UNet of SD v1's block layout (four blocks, attention in the first three down and
+    last three up, two layers each), so every kind of original key is exercised; small channels."""
+    folder = tmp_path_factory.mktemp("sd1") / "pipeline"
+    shutil.copytree(tiny_sd, folder)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+    )  # fmt: skip
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    return folder
+
+
+def image(pipeline):
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(
+        "a creature", num_inference_steps=2, height=64, width=64, generator=generator, output_type="np"
+    ).images
+
+
+def test_diffusers_single_file_loader_reads_the_same_pipeline(sd1_layout, tmp_path):
+    out = tmp_path / "model.safetensors"
+    export_single_file(str(sd1_layout), str(out), half=False)
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+        # The original VAE's attention projections are 1x1 convolutions (diffusers' loader takes either shape).
+        assert f.get_slice("first_stage_model.decoder.mid.attn_1.proj_out.weight").get_shape() == [64, 64, 1, 1]
+    # An upsampler after an attention layer, a resnet's skip connection, the text encoder under text_model.
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in keys
+    assert "model.diffusion_model.input_blocks.7.0.skip_connection.weight" in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys
+    assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
+
+    folder = StableDiffusionPipeline.from_pretrained(sd1_layout, safety_checker=None)
+    single = StableDiffusionPipeline.from_single_file(str(out), config=str(sd1_layout), local_files_only=True,
+                                                      safety_checker=None)  # fmt: skip
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert abs(image(folder) - image(single)).max() <= 1e-5  # measured: 0.0
+
+
+def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--use_ema", "--learning_rate", "1e-2")
+    target = tmp_path / "elsewhere" / "ema.safetensors"
+    target.parent.mkdir()
+    # From the user's own folder, as a module of the installed toolkit.
+    done = subprocess.run([sys.executable, "-m", "sdtoolkit.export", str(out / "checkpoint-2"), "ema.safetensors", "--ema"],
+                          cwd=target.parent, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Wrote ema.safetensors" in done.stdout
+    ema = unet_weights(out / "checkpoint-2" / "unet_ema")
+    with safe_open(str(target), "pt") as f:
+        metadata = f.metadata()
+        conv_in = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert conv_in.dtype == torch.float16  # the default
+    assert torch.equal(conv_in, ema["conv_in.weight"].half())
+    assert not torch.equal(ema["conv_in.weight"], unet_weights(out / "checkpoint-2" / "unet")["conv_in.weight"])
+    assert metadata["sdtoolkit.global_step"] == "2" and metadata["sdtoolkit.model"] == str(tiny_sd)
+
+
+def test_a_pipeline_that_is_not_sd1_gets_one_line_and_no_file(sd1_layout, tmp_path):
+    folder = shutil.copytree(sd1_layout, tmp_path / "sd2-like")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["use_linear_projection"] = True
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"is not a Stable Diffusion 1.x pipeline \(linear attention projections"):
+        export_single_file(str(folder), str(tmp_path / "out.safetensors"))
+    assert os.listdir(tmp_path) == ["sd2-like"]
+
+
+def test_training_with_export_single_file_writes_a_file_the_loader_reads(tiny_sd, tmp_path):
+    out = tmp_path / "my-model"
+    train(tiny_sd, out, "--max_train_steps", "2", "--use_ema", "--export_single_file")
+    single = out / "my-model.safetensors"
+    with safe_open(str(single), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["sdtoolkit.global_step"] == "2" and metadata["sdtoolkit.resolution"] == "32"
+    assert metadata["sdtoolkit.learning_rate"] == "0.0001"
+    pipeline = StableDiffusionPipeline.from_single_file(str(single), config=str(out), local_files_only=True,
+                                                        torch_dtype=torch.float32, safety_checker=None)  # fmt: skip
+    saved = unet_weights(out / "unet")  # the EMA weights, as the pipeline folder holds them
+    assert all(torch.equal(v, saved[k].half().float()) for k, v in pipeline.unet.state_dict().items())
+    # A new run into the folder deletes it with the rest of the earlier run.
+    train(tiny_sd, out, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert not single.exists()
+
+
+def test_export_single_file_with_a_base_that_is_not_sd1_stops_before_training(sd1_layout, tmp_path):
+    # SD 2.x's UNet projects attention inputs with linear layers.
+    folder = shutil.copytree(sd1_layout, tmp_path / "sd2-like")
+    config = UNet2DConditionModel.load_config(folder / "unet")
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel.from_config({**config, "use_linear_projection": True}).save_pretrained(folder / "unet")
+    with pytest.raises(UserError, match="is not a Stable Diffusion 1.x pipeline"):
+        train(folder, tmp_path / "out", "--max_train_steps", "1", "--export_single_file")
+    assert not (tmp_path / "out" / "unet").exists()
