@@ -24,7 +24,7 @@ from diffusers import (
 )
 
 from sdtoolkit.errors import UserError, run_main
-from sdtoolkit.inference import add_device_arguments, load_pipeline, pick_device_and_dtype
+from sdtoolkit.inference import add_device_arguments, add_model_config_argument, load_pipeline, pick_device_and_dtype
 
 TITLE = "Pokémon text-to-image"
 DESCRIPTION = (
@@ -51,11 +51,12 @@ MAX_IMAGES = 4
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve a Stable Diffusion pipeline as a Gradio demo and API.")
-    parser.add_argument("--model_path", default="sd-pokemon-model", help="Pipeline folder or hub id.")
+    parser.add_argument("--model_path", default="sd-pokemon-model", help="Pipeline folder, hub id, or SD 1.x .safetensors file.")
     parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on; 0.0.0.0 for other devices.")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="Also open a temporary public Gradio link.")
     parser.add_argument("--auth", default=None, help="user:password to require a login.")
+    add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--max_queue", type=int, default=16, help="Requests that may wait; more are refused.")
     parser.add_argument("--concurrency", type=int, default=1, help="Requests generated at the same time.")
@@ -202,7 +203,7 @@ def build_app(pipeline, *, title=TITLE, description=DESCRIPTION, examples=EXAMPL
 def launch(args, block=True):
     """Load the model, build the app and serve it as args say; returns the running app when block=False."""
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    pipeline = load_pipeline(args.model_path, device, dtype)
+    pipeline = load_pipeline(args.model_path, device, dtype, config=args.model_config)
     app = build_app(pipeline, concurrency=args.concurrency, cache_max_age=args.cache_max_age)
     app.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

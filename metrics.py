@@ -29,7 +29,7 @@ from torchmetrics.functional.multimodal import clip_score
 from torchvision.transforms.functional import to_pil_image
 
 from sdtoolkit.errors import UserError, first_line, run_main
-from sdtoolkit.inference import add_device_arguments, load_pipeline, pick_device_and_dtype
+from sdtoolkit.inference import add_device_arguments, add_model_config_argument, load_pipeline, pick_device_and_dtype
 from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
         "--model_path",
         nargs="+",
         default=["sd-pokemon-model"],
-        help="Pipeline folder(s) or hub id(s); give two or more to compare them side by side.",
+        help="Pipeline folder(s), hub id(s) or SD 1.x .safetensors file(s); give two or more to compare them side by side.",
     )
     parser.add_argument(
         "--clip_model",
@@ -73,6 +73,7 @@ def parse_args(argv=None):
         "--resolution", type=int, default=None, help="Image side in pixels (default: the model's own, 512 for SD)."
     )
     parser.add_argument("--batch_size", type=int, default=1, help="Prompts per generation call.")
+    add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
     parser.add_argument(
@@ -392,7 +393,7 @@ def main(argv=None):
 
     results = []
     for model_path, label in zip(args.model_path, model_labels(args.model_path)):
-        pipeline = load_pipeline(model_path, device, dtype)
+        pipeline = load_pipeline(model_path, device, dtype, config=args.model_config)
         print(f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ...")
         images = generate_images(pipeline, prompts, args)
         result = {"model_path": model_path, "label": label, "images": images}

@@ -1,8 +1,9 @@
 """Loading a Stable Diffusion pipeline for inference, the same way in metrics.py and gradio_app.py.
 
 `pick_device_and_dtype("auto", "auto")` is CUDA + float16 when a GPU exists, else CPU + float32.
-`load_pipeline(path, device, dtype)` loads from a local folder or a hub id, safetensors only, and turns
-every way that can fail into one line saying what to do.
+`load_pipeline(path, device, dtype)` loads from a local folder, a hub id or one SD 1.x .safetensors file
+(see sdtoolkit/export.py), safetensors only, and turns every way that can fail into one line saying what
+to do.
 """
 
 import json
@@ -10,10 +11,47 @@ import os
 
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 
 from sdtoolkit.errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_model_config_argument(parser):
+    """The --model_config flag of metrics.py and gradio_app.py, for single-file models."""
+    parser.add_argument(
+        "--model_config",
+        default=None,
+        help=(
+            "For a --model_path that is one .safetensors file (the original SD 1.x layout, as A1111 and ComfyUI"
+            " load): a diffusers SD 1.x pipeline folder whose configs match it, e.g. its base model. Found by"
+            " itself when the file sits in a pipeline folder or names a local base model in its metadata."
+        ),
+    )
+
+
+def single_file_config(path, config):
+    """The pipeline folder whose configs describe the single file at `path`: `config`, else the folder the file
+    sits in (--export_single_file writes it there), else the base model its metadata names, if local."""
+    if config is not None:
+        if not os.path.isfile(os.path.join(config, "model_index.json")):
+            raise UserError(f"--model_config {config} is not a diffusers pipeline folder (no model_index.json)")
+        return config
+    beside = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(beside, "model_index.json")):
+        return beside
+    try:
+        with safe_open(path, "pt") as f:
+            base = (f.metadata() or {}).get("sdtoolkit.model")
+    except Exception as err:  # safetensors raises its own error types for files that aren't safetensors
+        raise UserError(f"'{path}' is not a readable .safetensors file: {first_line(err)}") from err
+    if base and os.path.isfile(os.path.join(base, "model_index.json")):
+        return base
+    raise UserError(
+        f"'{path}' is one file without its configs; pass --model_config with a diffusers SD 1.x pipeline folder"
+        " whose configs match it (its base model, e.g. a local copy of CompVis/stable-diffusion-v1-4)"
+    )
 
 
 def add_device_arguments(parser):
@@ -54,8 +92,23 @@ def missing_components(folder):
     return [name for name in listed if not os.path.isdir(os.path.join(folder, name))]
 
 
-def load_pipeline(model_path, device, dtype):
-    """A StableDiffusionPipeline from a folder or hub id, on `device` in `dtype`, progress bars off."""
+def load_pipeline(model_path, device, dtype, config=None):
+    """A StableDiffusionPipeline from a folder, a hub id, or one .safetensors file in the original SD 1.x layout
+    (configs from `config`, see single_file_config), on `device` in `dtype`, progress bars off."""
+    if model_path.endswith(".safetensors") and os.path.isfile(model_path):
+        folder = single_file_config(model_path, config)
+        try:
+            pipeline = StableDiffusionPipeline.from_single_file(
+                model_path, config=folder, local_files_only=True, torch_dtype=dtype, safety_checker=None
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise UserError(
+                f"could not load '{model_path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
+                " file, and --model_config a pipeline of the same architecture?"
+            ) from err
+        pipeline = pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
     if looks_like_local_path(model_path):
         if not os.path.isdir(model_path):
             raise UserError(

@@ -4,14 +4,19 @@ loader."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from gradio_client import Client
+from PIL import Image
 from safetensors import safe_open
 
+import gradio_app
+import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from tests.conftest import REPO, train, unet_weights
@@ -121,3 +126,35 @@ def test_export_single_file_with_a_base_that_is_not_sd1_stops_before_training(sd
     with pytest.raises(UserError, match="is not a Stable Diffusion 1.x pipeline"):
         train(folder, tmp_path / "out", "--max_train_steps", "1", "--export_single_file")
     assert not (tmp_path / "out" / "unet").exists()
+
+
+def test_metrics_scores_a_single_file_as_its_folder(tiny_sd, tiny_clip, tmp_path, capsys):
+    single = tmp_path / "files" / "tiny.safetensors"
+    single.parent.mkdir()
+    export_single_file(str(tiny_sd), str(single), half=False)
+    common = ["--clip_model", str(tiny_clip), "--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"]
+    report = metrics.main(["--model_path", str(tiny_sd), str(single), "--model_config", str(tiny_sd),
+                           "--output_dir", str(tmp_path / "scores"), *common])  # fmt: skip
+    folder, file = report["models"]
+    assert file["clip_score"] == folder["clip_score"]
+    # Alone in a folder, with no base model named in its metadata, it needs --model_config: one line says so.
+    with pytest.raises(UserError, match="pass --model_config with a diffusers SD 1.x pipeline folder"):
+        metrics.main(["--model_path", str(single), "--output_dir", str(tmp_path / "again"), *common])
+
+
+def test_the_demo_serves_a_single_file_found_in_its_pipeline_folder(tiny_sd, tmp_path):
+    folder = shutil.copytree(tiny_sd, tmp_path / "pipeline")
+    export_single_file(str(folder), str(folder / "pipeline.safetensors"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = gradio_app.parse_args(["--model_path", str(folder / "pipeline.safetensors"), "--port", str(port),
+                                  "--device", "cpu"])  # fmt: skip
+    app = gradio_app.launch(args, block=False)
+    try:
+        gallery, _ = Client(app.local_url, verbose=False).predict(
+            "pikachu", "", 2, 7.5, "7", "DPM-Solver++", 64, 64, 1, api_name="/generate"
+        )
+        assert Image.open(gallery[0]["image"]).size == (64, 64)
+    finally:
+        app.close()
