@@ -51,7 +51,9 @@ MAX_IMAGES = 4
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve a Stable Diffusion pipeline as a Gradio demo and API.")
-    parser.add_argument("--model_path", default="sd-pokemon-model", help="Pipeline folder, hub id, or SD 1.x .safetensors file.")
+    parser.add_argument(
+        "--model_path", default="sd-pokemon-model", help="Pipeline folder, hub id, or SD 1.x .safetensors file."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on; 0.0.0.0 for other devices.")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="Also open a temporary public Gradio link.")
