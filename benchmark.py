@@ -63,7 +63,14 @@ CONFIGS = [
 
 
 def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+    """This process's peak resident memory: VmHWM, which starts afresh at exec. (ru_maxrss also counts the
+    parent's memory when it forked the child, so a benchmark parent that had written big files inflated it.)"""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["VmHWM"].split()[0]) / 1024**2  # KiB
+    except (OSError, KeyError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def peak_cuda_gb():

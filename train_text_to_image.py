@@ -50,7 +50,6 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
-from pyarrow.dataset import ParquetFragmentScanOptions
 from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -78,7 +77,9 @@ from sdtoolkit.data import (
     fingerprint,
     has_metadata_file,
     large_row_groups,
+    load_parquet,
     parquet_files,
+    parquet_splits,
     scan_images,
     unlisted_images,
 )
@@ -682,10 +683,9 @@ def load_training_dataset(args):
         and has_caption_files(source, args.caption_extension)
         and (args.dataset_name is None or args.train_data_dir is None)
     )
-    # A local parquet dataset is read one row group at a time, without pyarrow's pre-buffering of every row
-    # group a scan will read, which holds the whole file in memory while `datasets` converts it.
+    # A local parquet dataset (a file, or a folder of them such as a hub dataset's snapshot) is read here a row
+    # group at a time, so converting it takes the same memory whatever its size (see sdtoolkit/data.py).
     parquet = parquet_files(source) if args.dataset_name is not None and not caption_folder else []
-    parquet_options = {"fragment_scan_options": ParquetFragmentScanOptions(pre_buffer=False)} if parquet else {}
     for path, rows, size in large_row_groups(parquet):
         logger.warning(
             f"{path} holds {size / 1024**2:.0f} MB of data in one row group of {rows} rows; a row group is read"
@@ -702,6 +702,10 @@ def load_training_dataset(args):
             for note in notes[1:]:
                 logger.warning(note)
             dataset = {"train": train}
+        elif parquet and args.dataset_config_name is None and args.train_data_dir is None:
+            splits = parquet_splits(source)
+            dataset = {name: load_parquet(files, args.cache_dir) for name, files in splits.items() if name == "train"}
+            dataset = dataset or splits  # no train split: said below
         elif args.dataset_name is not None and os.path.isfile(args.dataset_name):
             # One local file, e.g. a parquet copy of a hub dataset.
             builder = DATA_FILE_BUILDERS.get(os.path.splitext(args.dataset_name)[1].lower())
@@ -710,9 +714,7 @@ def load_training_dataset(args):
                     f"--dataset_name {args.dataset_name} is a file of a type this script can't read; give a"
                     f" {' or '.join(DATA_FILE_BUILDERS)} file, or the folder that holds the dataset"
                 )
-            dataset = load_dataset(
-                builder, data_files={"train": args.dataset_name}, cache_dir=args.cache_dir, **parquet_options
-            )
+            dataset = load_dataset(builder, data_files={"train": args.dataset_name}, cache_dir=args.cache_dir)
         elif args.dataset_name is not None:
             # Downloading and loading a dataset from the hub (or a local copy of one).
             dataset = load_dataset(
@@ -720,7 +722,6 @@ def load_training_dataset(args):
                 args.dataset_config_name,
                 cache_dir=args.cache_dir,
                 data_dir=args.train_data_dir,
-                **parquet_options,
             )
         else:
             if not os.path.isdir(args.train_data_dir):

@@ -98,6 +98,47 @@ def parquet_files(source):
     return sorted(files) if files and not others else []
 
 
+def parquet_splits(source):
+    """{split: [.parquet files]} of a local parquet dataset (see parquet_files), split by file name as
+    `datasets` splits them (train-00000-of-00002.parquet, test-...): a single file is the train split."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    if os.path.isfile(source):
+        return {"train": [source]}
+    splits = DataFilesDict.from_patterns(get_data_patterns(source), base_path=source)
+    return {name: [str(f) for f in files if str(f).lower().endswith(".parquet")] for name, files in splits.items()}
+
+
+def read_parquet_rows(paths, stamps):
+    """Every row of the parquet files, 16 at a time. pyarrow's own reader, without pre-buffering, holds one row
+    group and one batch; `datasets`' parquet builder holds more the bigger the file (measured: 0.2 GB of arrow
+    memory for 100 images of 1 MB, 0.7 GB for 1,600). stamps: the files' sizes and times, for the cache key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=16):
+            yield from batch.to_pylist()
+            pa.default_memory_pool().release_unused()  # arrow's allocator would otherwise keep what it freed
+
+
+def load_parquet(files, cache_dir=None):
+    """A datasets.Dataset of local parquet files, converted to `datasets`' arrow cache in bounded memory.
+
+    The columns' features come from the first file's schema (with the `datasets` metadata, an image column is
+    an Image feature). The cache is keyed by the files' paths, sizes and modification times.
+    """
+    import pyarrow.parquet as pq
+    from datasets import Dataset, Features
+
+    features = Features.from_arrow_schema(pq.read_schema(files[0]))
+    stamps = [(os.path.getsize(path), os.path.getmtime(path)) for path in files]
+    return Dataset.from_generator(
+        read_parquet_rows, gen_kwargs={"paths": files, "stamps": stamps}, features=features, cache_dir=cache_dir,
+        writer_batch_size=16,
+    )  # fmt: skip
+
+
 # A row group is the smallest piece of a parquet file a reader can load; above this, say what it costs.
 LARGE_ROW_GROUP_BYTES = 256 * 1024**2
 

@@ -11,6 +11,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from accelerate import PartialState
 
 import train_text_to_image
 from sdtoolkit import data as data_module
@@ -144,3 +145,22 @@ def test_loading_a_parquet_file_holds_one_row_group_not_the_file(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < size * 0.75, f"loading a {size / 1e6:.0f} MB file held {peak / 1e6:.0f} MB of Python memory at once"
+
+
+def test_a_parquet_folder_trains_on_its_train_files_only(tmp_path):
+    # A hub dataset's snapshot: data/train-*.parquet and data/test-*.parquet beside a README.
+    (tmp_path / "snapshot" / "data").mkdir(parents=True)
+    (tmp_path / "snapshot" / "README.md").write_text("a dataset card")
+    for split, rows in (("train", 4), ("test", 2)):
+        images = []
+        for i in range(rows):
+            buffer = io.BytesIO()
+            demo_image(i).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": f"{i}.png"})
+        table = pa.table({"image": images, "text": [f"{split} {i}" for i in range(rows)]})
+        pq.write_table(table, tmp_path / "snapshot" / "data" / f"{split}-00000-of-00001.parquet")
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name",
+                                           str(tmp_path / "snapshot"), "--cache_dir", str(tmp_path / "hub")])  # fmt: skip
+    PartialState()  # the script's logger needs accelerate's state
+    train_rows = train_text_to_image.load_training_dataset(args)[0]
+    assert train_rows["text"] == [f"train {i}" for i in range(4)]

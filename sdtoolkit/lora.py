@@ -1,0 +1,80 @@
+"""LoRA: train small low-rank adapters on the UNet's attention projections instead of all its weights.
+
+With --lora_rank N the UNet is frozen and PEFT (the library diffusers itself uses) adds to each target layer
+W a trainable update B @ A of rank N, scaled by lora_alpha / N (LoRA, arXiv 2106.09685). Only A and B are
+trained, kept in float32 so the fp16 GradScaler can unscale their gradients; the frozen UNet may sit in
+half precision. What is saved is the adapter only: a few MB instead of 3.4 GB.
+
+    add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=DEFAULT_TARGETS)
+    save_lora(unet, folder)              # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
+    load_lora(unet, folder)              # the adapter weights back into the UNet, bit for bit
+    kohya_state_dict(unet, alpha=4)      # the same adapter in kohya-ss / AUTOMATIC1111 keys
+"""
+
+import os
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+# The attention projections of every transformer block: what upstream's LoRA script and kohya train.
+DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet, *, rank, alpha, dropout, target_modules):
+    """Freeze the UNet and add a trainable LoRA adapter; returns its parameters, in float32."""
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules
+        )  # fmt: skip
+    )
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.data = parameter.data.float()
+    return parameters
+
+
+def lora_state_dict(unet):
+    """The adapter's weights in diffusers' keys (unet.<module>.lora_A.weight, ...), as save_lora_weights takes."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, folder):
+    """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it."""
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+
+
+def load_lora(unet, folder):
+    """Put the adapter saved in `folder` (by save_lora) back into the UNet's adapter, bit for bit."""
+    state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=WEIGHTS_NAME)
+    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(incompatible, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{folder} holds adapter weights this UNet has no place for: {unexpected[:3]}")
+
+
+def kohya_state_dict(unet, *, alpha):
+    """The adapter in kohya-ss keys, as AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read them.
+
+    kohya names each module by its diffusers path with '_' for '.', under lora_unet_, with lora_down (A) and
+    lora_up (B), and stores alpha per module: the update is scaled by alpha / rank, so alpha must be the
+    training's lora_alpha, not the rank.
+    """
+    state = {}
+    for key, tensor in get_peft_model_state_dict(unet).items():
+        module, _, rest = key.partition(".lora_")  # "down_blocks.0....to_q", "A.weight"
+        name = "lora_unet_" + module.replace(".", "_")
+        part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
+        state[f"{name}.{part}"] = tensor.contiguous()
+        if part == "lora_down.weight":
+            state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def has_lora_weights(folder):
+    return os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
