@@ -50,6 +50,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
+from safetensors.torch import save_file
 from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -95,6 +96,21 @@ from sdtoolkit.latent_cache import (
     cache_crop,
     cache_key,
     encode_cache,
+)
+from sdtoolkit.lora import DEFAULT_TARGETS as LORA_TARGETS
+from sdtoolkit.lora import (
+    EMA_NAME as LORA_EMA_NAME,
+)
+from sdtoolkit.lora import (
+    KOHYA_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    add_lora,
+    has_lora_weights,
+    kohya_state_dict,
+    load_lora,
+    load_lora_ema,
+    save_lora,
+    save_lora_ema,
 )
 from sdtoolkit.output_dir import (
     check_fresh_run,
@@ -169,6 +185,27 @@ def parse_args(argv=None):
         type=str,
         default="text",
         help="The column of the dataset containing a caption or a list of captions.",
+    )
+    # LoRA (not upstream): see sdtoolkit/lora.py.
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help=(
+            "Train LoRA adapters of this rank on the frozen UNet instead of all its weights; the output is"
+            " pytorch_lora_weights.safetensors (StableDiffusionPipeline.load_lora_weights reads it) and the same"
+            " adapter in kohya-ss keys for AUTOMATIC1111 and ComfyUI (pytorch_lora_weights_kohya.safetensors)."
+        ),
+    )
+    parser.add_argument(
+        "--lora_alpha", type=float, default=None, help="LoRA's alpha: updates scale by alpha/rank. Default: the rank."
+    )
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
+    parser.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=LORA_TARGETS,
+        help="The UNet layers that get adapters (names or suffixes): its attention projections by default.",
     )
     # Export (not upstream): see sdtoolkit/export.py.
     parser.add_argument(
@@ -594,6 +631,10 @@ def parse_args(argv=None):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
     if args.offload_ema and not args.use_ema:
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise UserError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if args.lora_rank is not None and args.export_single_file:
+        raise UserError("--export_single_file writes a whole pipeline; a --lora_rank run's output is its LoRA file")
     if args.use_8bit_adam and not torch.cuda.is_available() and importlib.util.find_spec("torchao") is None:
         raise UserError(
             "--use_8bit_adam without a CUDA GPU needs torchao's 8-bit AdamW (pip install torchao); on a GPU it uses"
@@ -1114,7 +1155,9 @@ def main(argv=None):
             logger.warning(f"--overwrite_output_dir: deleted the earlier run's {', '.join(deleted)}")
     accelerator.wait_for_everyone()
     if resume_path is not None:
-        has_ema = os.path.isdir(os.path.join(resume_path, "unet_ema"))
+        has_ema = os.path.isdir(os.path.join(resume_path, "unet_ema")) or os.path.isfile(
+            os.path.join(resume_path, LORA_EMA_NAME)
+        )
         if args.use_ema and not has_ema:
             raise UserError(
                 f"--use_ema, but {resume_path} was saved without EMA (no unet_ema/): resume it without --use_ema,"
@@ -1156,7 +1199,16 @@ def main(argv=None):
 
     # Load scheduler, tokenizer and models.
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
-    if resume_path is not None:
+    if resume_path is not None and bool(args.lora_rank) != has_lora_weights(resume_path):
+        raise UserError(
+            f"{resume_path} is a {'LoRA' if has_lora_weights(resume_path) else 'full fine-tuning'} checkpoint:"
+            f" resume it {'with the same --lora_rank' if has_lora_weights(resume_path) else 'without --lora_rank'}"
+        )
+    if resume_path is not None and args.lora_rank and resumed_state.get("lora_rank") not in (None, args.lora_rank):
+        raise UserError(
+            f"{resume_path} holds a LoRA of rank {resumed_state['lora_rank']}; resume it with --lora_rank {resumed_state['lora_rank']}"
+        )
+    if resume_path is not None and not args.lora_rank:
         check_same_architecture(unet, resume_path, resumed_state)
     if args.export_single_file:  # say it now, not after training
         check_sd1(args.pretrained_model_name_or_path, unet.config, vae.config, text_encoder.config.to_dict())
@@ -1171,11 +1223,20 @@ def main(argv=None):
     # Freeze vae and text_encoder and set unet to trainable
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
+    # With LoRA, the UNet is frozen too and only adapters on its attention layers train (see sdtoolkit/lora.py).
+    if args.lora_rank:
+        lora_alpha = args.lora_alpha or args.lora_rank
+        add_lora(unet, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
+                 target_modules=args.lora_target_modules)  # fmt: skip
+    trained = [p for p in unet.parameters() if p.requires_grad]  # what the optimizer, clipping and EMA see
     unet.train()
-    logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet.parameters() if p.requires_grad):,}")
+    logger.info(f"UNet trainable parameters: {sum(p.numel() for p in trained):,}")
 
     # Create EMA for the unet: a second copy of the weights, updated as an exponential moving average.
-    if args.use_ema:
+    ema_cls = InPlaceEMAModel if args.inplace_ema else EMAModel
+    if args.use_ema and args.lora_rank:
+        ema_unet = ema_cls(trained, foreach=args.foreach_ema)  # an average of the adapter's weights only
+    elif args.use_ema:
         ema_unet = UNet2DConditionModel.from_pretrained(
             args.pretrained_model_name_or_path,
             subfolder="unet",
@@ -1183,7 +1244,6 @@ def main(argv=None):
             variant=args.variant,
             cache_dir=args.cache_dir,
         )
-        ema_cls = InPlaceEMAModel if args.inplace_ema else EMAModel
         ema_unet = ema_cls(
             ema_unet.parameters(),
             model_cls=UNet2DConditionModel,
@@ -1214,13 +1274,23 @@ def main(argv=None):
     def save_model_hook(models, weights, output_dir):
         for model in models:
             unet_to_save = unet_for_saving(model)
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and args.lora_rank:
+                save_lora(unet_to_save, output_dir)  # the adapter only
+            elif accelerator.is_main_process:
                 unet_to_save.save_pretrained(os.path.join(output_dir, "unet"))
-        if accelerator.is_main_process and args.use_ema:
+        if accelerator.is_main_process and args.use_ema and args.lora_rank:
+            save_lora_ema(ema_unet, output_dir)
+        elif accelerator.is_main_process and args.use_ema:
             ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
         weights.clear()  # so that accelerate does not save the UNet a second time as model.safetensors
 
     def load_model_hook(models, input_dir):
+        if args.lora_rank:
+            if args.use_ema:
+                load_lora_ema(ema_unet, input_dir)
+            for _ in range(len(models)):
+                load_lora(accelerator.unwrap_model(models.pop()), input_dir)
+            return
         if args.use_ema:
             load_model = ema_cls.from_pretrained(
                 os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
@@ -1277,7 +1347,7 @@ def main(argv=None):
         optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if args.fused_adam else {})
 
     optimizer = optimizer_cls(
-        unet.parameters(),
+        trained,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -1444,7 +1514,9 @@ def main(argv=None):
     # The trackers initializes automatically on the main process. The hub token is never logged.
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if k not in ("validation_prompts", "hub_token")}
-        tracker_config = {k: ("" if v is None else v) for k, v in tracker_config.items()}
+        tracker_config = {
+            k: ("" if v is None else " ".join(v) if isinstance(v, list) else v) for k, v in tracker_config.items()
+        }
         accelerator.init_trackers(args.tracker_project_name, tracker_config)
 
     # Train!
@@ -1612,7 +1684,7 @@ def main(argv=None):
                             raise TrainingStopped(
                                 nonfinite_loss_message(train_loss, global_step + 1, args.output_dir), 1
                             )
-                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(trained, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad()
@@ -1622,7 +1694,7 @@ def main(argv=None):
                     if args.use_ema:
                         if args.offload_ema:
                             ema_unet.to(device=accelerator.device, non_blocking=True)
-                        ema_unet.step(unet.parameters())
+                        ema_unet.step(trained)
                         if args.offload_ema:
                             ema_unet.to(device="cpu", non_blocking=True)
                     progress_bar.update(1)
@@ -1658,12 +1730,12 @@ def main(argv=None):
                 if args.validation_prompts is not None and epoch % args.validation_epochs == 0:
                     if args.use_ema:
                         # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-                        ema_unet.store(unet.parameters())
-                        ema_unet.copy_to(unet.parameters())
+                        ema_unet.store(trained)
+                        ema_unet.copy_to(trained)
                     log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
                     if args.use_ema:
                         # Switch back to the original UNet parameters.
-                        ema_unet.restore(unet.parameters())
+                        ema_unet.restore(trained)
     finally:
         progress_bar.close()  # ends the bar's line, so a message after it starts on its own
         stop.uninstall()
@@ -1673,7 +1745,7 @@ def main(argv=None):
     unet = unet_for_saving(unet)
     if accelerator.is_main_process:
         if args.use_ema:
-            ema_unet.copy_to(unet.parameters())
+            ema_unet.copy_to(trained if args.lora_rank else unet.parameters())
 
         frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
         pipeline = StableDiffusionPipeline.from_pretrained(
@@ -1684,8 +1756,16 @@ def main(argv=None):
             variant=args.variant,
             cache_dir=args.cache_dir,
         )
-        save_pipeline(pipeline, args.output_dir)
-        logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")
+        if args.lora_rank:
+            # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py).
+            save_lora(unet, args.output_dir)
+            kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
+            save_file(kohya_state_dict(unet, alpha=lora_alpha), kohya + ".partial")
+            os.replace(kohya + ".partial", kohya)
+            logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
+        else:
+            save_pipeline(pipeline, args.output_dir)
+            logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")
         # The same pipeline as one file in the original SD 1.x layout, for AUTOMATIC1111 and ComfyUI.
         if args.export_single_file:
             single_file = os.path.join(args.output_dir, single_file_name(args.output_dir))

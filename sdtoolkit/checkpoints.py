@@ -83,7 +83,8 @@ def find_resume_checkpoint(value, output_dir):
                 f"--resume_from_checkpoint {value}: no such checkpoint in {output_dir}"
                 f" (available: {available}); use 'latest' to resume from the newest one, or give its path"
             )
-    if not os.path.isfile(os.path.join(path, "unet", "config.json")):
+    has_adapter = os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors"))  # a --lora_rank run's
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")) and not has_adapter:
         raise UserError(f"--resume_from_checkpoint {value}: the folder has no unet/ (not a complete checkpoint)")
     return path
 

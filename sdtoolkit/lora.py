@@ -18,10 +18,14 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
+EMA_NAME = "lora_ema.safetensors"
 
 
 def add_lora(unet, *, rank, alpha, dropout, target_modules):
@@ -44,8 +48,15 @@ def lora_state_dict(unet):
 
 
 def save_lora(unet, folder):
-    """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it."""
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it.
+
+    The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a loader assumes
+    alpha = rank, and an adapter trained with another alpha would apply at the wrong scale.
+    """
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )  # fmt: skip
 
 
 def load_lora(unet, folder):
@@ -74,6 +85,22 @@ def kohya_state_dict(unet, *, alpha):
         if part == "lora_down.weight":
             state[f"{name}.alpha"] = torch.tensor(float(alpha))
     return state
+
+
+def save_lora_ema(ema, folder):
+    """folder/lora_ema.safetensors: the EMA of the adapter's weights (in the order of its parameters) and its
+    step count, which sets its decay."""
+    tensors = {f"{i:05d}": shadow.detach().cpu().contiguous() for i, shadow in enumerate(ema.shadow_params)}
+    save_file(tensors, os.path.join(folder, EMA_NAME), metadata={"optimization_step": str(ema.optimization_step)})
+
+
+def load_lora_ema(ema, folder):
+    """Put what save_lora_ema wrote back into `ema`, bit for bit."""
+    path = os.path.join(folder, EMA_NAME)
+    with safe_open(path, "pt") as f:
+        for i, shadow in enumerate(ema.shadow_params):
+            shadow.copy_(f.get_tensor(f"{i:05d}"))
+        ema.optimization_step = int(f.metadata()["optimization_step"])
 
 
 def has_lora_weights(folder):

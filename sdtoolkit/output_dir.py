@@ -112,6 +112,8 @@ def earlier_run(output_dir):
     found = checkpoint_dirs(output_dir)
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
         found.append("a saved pipeline (model_index.json)")
+    if os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors")):
+        found.append("a saved LoRA (pytorch_lora_weights.safetensors)")
     return found
 
 
@@ -140,7 +142,8 @@ def clear_earlier_run(output_dir, *, logging_dir):
         with open(index) as f:
             components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
         names += components + ["model_index.json"]
-    names += ["validation", "val_imgs_grid.png", "README.md", logging_dir, single_file_name(output_dir)]
+    names += ["validation", "val_imgs_grid.png", "README.md", logging_dir, single_file_name(output_dir),
+              "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]  # fmt: skip
     deleted = []
     for name in names:
         path = os.path.join(output_dir, name)
@@ -169,6 +172,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "data": local_path_or_name(args.dataset_name or args.train_data_dir),
         "data_rows": num_rows,
         "data_fingerprint": data_fingerprint,
+        "lora_rank": args.lora_rank,
     }
 
 

@@ -1,0 +1,96 @@
+"""--lora_rank: adapters trained on a frozen UNet, saved in diffusers' and kohya's keys, resumed bit for bit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+import train_text_to_image
+from sdtoolkit.errors import UserError
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
+from tests.conftest import train, unet_weights
+
+# alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
+
+
+def test_only_the_adapter_trains(tiny_sd, tmp_path, monkeypatch):
+    trained_unet = []
+    add_lora = train_text_to_image.add_lora
+
+    def keep_the_unet(unet, **kwargs):
+        trained_unet.append(unet)
+        return add_lora(unet, **kwargs)
+
+    monkeypatch.setattr(train_text_to_image, "add_lora", keep_the_unet)
+    train(tiny_sd, tmp_path / "out", *LORA, "--max_train_steps", "3")
+    state = trained_unet[0].state_dict()
+    base = unet_weights(Path(tiny_sd) / "unet")
+    # Every base weight is where the base model has it (PEFT keeps a wrapped layer's under base_layer).
+    for key, value in base.items():
+        wrapped = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[key] if key in state else state[wrapped], value), key
+    # The adapter moved: its B matrices start at zero.
+    lora_b = [value for key, value in state.items() if "lora_B" in key]
+    assert lora_b and all(value.abs().sum() > 0 for value in lora_b)
+    assert (tmp_path / "out" / WEIGHTS_NAME).exists() and not (tmp_path / "out" / "unet").exists()
+
+
+def image(pipeline):
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(
+        "a creature", num_inference_steps=2, height=32, width=32, generator=generator, output_type="np"
+    ).images
+
+
+def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *LORA, "--max_train_steps", "3")
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    without = image(base)
+    base.load_lora_weights(out, weight_name=WEIGHTS_NAME, adapter_name="peft")
+    with_peft = image(base)
+    base.unload_lora_weights()
+    base.load_lora_weights(out, weight_name=KOHYA_WEIGHTS_NAME, adapter_name="kohya")
+    with_kohya = image(base)
+    assert abs(with_peft - without).max() > 1e-3  # the adapter changes the image
+    assert abs(with_kohya - with_peft).max() <= 1e-4
+    kohya = load_file(out / KOHYA_WEIGHTS_NAME)
+    assert all(value.item() == 8.0 for key, value in kohya.items() if key.endswith(".alpha"))
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["no-ema", "ema"])
+def test_resume_is_bitwise(tiny_sd, tmp_path, ema):
+    flags = [*LORA, "--checkpointing_steps", "2"] + (["--use_ema"] if ema else [])
+    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    for folder in (".", "checkpoint-4"):
+        whole = load_file(tmp_path / "whole" / folder / WEIGHTS_NAME)
+        parts = load_file(tmp_path / "parts" / folder / WEIGHTS_NAME)
+        assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole), folder
+    if ema:  # the final file holds the EMA of the adapter, which differs from its last weights
+        final, last = (
+            load_file(tmp_path / "whole" / WEIGHTS_NAME),
+            load_file(tmp_path / "whole" / "checkpoint-4" / WEIGHTS_NAME),
+        )
+        assert any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_a_lora_checkpoint_resumes_only_as_lora(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path / "out", *LORA, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    with pytest.raises(UserError, match="is a LoRA checkpoint: resume it with the same --lora_rank"):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError, match="holds a LoRA of rank 4; resume it with --lora_rank 4"):
+        train(
+            tiny_sd,
+            tmp_path / "out",
+            "--lora_rank",
+            "8",
+            "--max_train_steps",
+            "4",
+            "--resume_from_checkpoint",
+            "latest",
+        )
