@@ -1028,6 +1028,11 @@ def save_model_card(args, repo_id, images, buckets_used=None):
 inference: true
 ---
 """
+    # A LoRA run saved only its adapter: load the base model, then the adapter on top.
+    usage_source, lora_line = f'"{load_from}"', ""
+    if args.lora_rank:
+        base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
+        usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1043,7 +1048,7 @@ This pipeline was fine-tuned from {shown(model)} on {shown(dataset)}.
 import torch
 from diffusers import StableDiffusionPipeline
 
-pipeline = StableDiffusionPipeline.from_pretrained("{load_from}", torch_dtype=torch.float16).to("cuda")
+pipeline = StableDiffusionPipeline.from_pretrained({usage_source}, torch_dtype=torch.float16).to("cuda"){lora_line}
 image = pipeline("{prompt}").images[0]
 image.save("my_image.png")
 ```
@@ -1060,6 +1065,7 @@ image.save("my_image.png")
 * EMA: {args.use_ema}
 * Seed: {args.seed}
 * Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
+* LoRA: {f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}" if args.lora_rank else "no (all UNet weights trained)"}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
