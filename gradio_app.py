@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="Also open a temporary public Gradio link.")
     parser.add_argument("--auth", default=None, help="user:password to require a login.")
+    parser.add_argument(
+        "--lora", default=None, help="A LoRA to load on top of --model_path (folder or .safetensors file)."
+    )
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--max_queue", type=int, default=16, help="Requests that may wait; more are refused.")
@@ -205,7 +208,7 @@ def build_app(pipeline, *, title=TITLE, description=DESCRIPTION, examples=EXAMPL
 def launch(args, block=True):
     """Load the model, build the app and serve it as args say; returns the running app when block=False."""
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    pipeline = load_pipeline(args.model_path, device, dtype, config=args.model_config)
+    pipeline = load_pipeline(args.model_path, device, dtype, config=args.model_config, lora=args.lora)
     app = build_app(pipeline, concurrency=args.concurrency, cache_max_age=args.cache_max_age)
     app.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

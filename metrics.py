@@ -73,6 +73,15 @@ def parse_args(argv=None):
         "--resolution", type=int, default=None, help="Image side in pixels (default: the model's own, 512 for SD)."
     )
     parser.add_argument("--batch_size", type=int, default=1, help="Prompts per generation call.")
+    parser.add_argument(
+        "--lora",
+        nargs="+",
+        default=[],
+        help=(
+            "LoRA(s) to score as more models: each on top of the first --model_path (a folder with"
+            " pytorch_lora_weights.safetensors, or a .safetensors file in diffusers' or kohya keys)."
+        ),
+    )
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
@@ -392,8 +401,12 @@ def main(argv=None):
         labels = [candidates.index(caption) for caption in captions]
 
     results = []
-    for model_path, label in zip(args.model_path, model_labels(args.model_path)):
-        pipeline = load_pipeline(model_path, device, dtype, config=args.model_config)
+    # Each --lora is one more model: the first --model_path with that adapter loaded on top.
+    models = [(path, None) for path in args.model_path] + [(args.model_path[0], lora) for lora in args.lora]
+    names = [path if lora is None else lora for path, lora in models]
+    for (base, lora), label in zip(models, model_labels(names)):
+        pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora)
+        model_path = base if lora is None else f"{base} + LoRA {lora}"
         print(f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ...")
         images = generate_images(pipeline, prompts, args)
         result = {"model_path": model_path, "label": label, "images": images}

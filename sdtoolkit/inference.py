@@ -18,6 +18,22 @@ from sdtoolkit.errors import UserError, first_line
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def load_lora(pipeline, path):
+    """Load a LoRA onto the pipeline's UNet: a folder holding pytorch_lora_weights.safetensors, or one .safetensors
+    file in diffusers' or kohya-ss keys (see sdtoolkit/lora.py)."""
+    folder, weight_name = (
+        (os.path.dirname(path) or ".", os.path.basename(path)) if os.path.isfile(path) else (path, None)
+    )
+    if weight_name is None and not os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
+        raise UserError(
+            f"--lora {path}: no LoRA there (a .safetensors file, or a folder with pytorch_lora_weights.safetensors)"
+        )
+    try:
+        pipeline.load_lora_weights(folder, weight_name=weight_name)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"could not load the LoRA {path} onto this pipeline: {first_line(err)}") from err
+
+
 def add_model_config_argument(parser):
     """The --model_config flag of metrics.py and gradio_app.py, for single-file models."""
     parser.add_argument(
@@ -92,9 +108,10 @@ def missing_components(folder):
     return [name for name in listed if not os.path.isdir(os.path.join(folder, name))]
 
 
-def load_pipeline(model_path, device, dtype, config=None):
+def load_pipeline(model_path, device, dtype, config=None, lora=None):
     """A StableDiffusionPipeline from a folder, a hub id, or one .safetensors file in the original SD 1.x layout
-    (configs from `config`, see single_file_config), on `device` in `dtype`, progress bars off."""
+    (configs from `config`, see single_file_config), with the LoRA at `lora` loaded on top, on `device` in
+    `dtype`, progress bars off."""
     if model_path.endswith(".safetensors") and os.path.isfile(model_path):
         folder = single_file_config(model_path, config)
         try:
@@ -106,6 +123,8 @@ def load_pipeline(model_path, device, dtype, config=None):
                 f"could not load '{model_path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
                 " file, and --model_config a pipeline of the same architecture?"
             ) from err
+        if lora is not None:
+            load_lora(pipeline, lora)
         pipeline = pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -136,6 +155,8 @@ def load_pipeline(model_path, device, dtype, config=None):
             f"could not load the pipeline '{model_path}'{hint}: {first_line(err)} -- if it is meant to be a local"
             " folder, it does not exist (`make demo` writes demo/sd-demo-model, `bash train.sh` sd-pokemon-model)"
         ) from err
+    if lora is not None:
+        load_lora(pipeline, lora)
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

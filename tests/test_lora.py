@@ -7,6 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
@@ -94,3 +95,17 @@ def test_a_lora_checkpoint_resumes_only_as_lora(tiny_sd, tmp_path):
             "--resume_from_checkpoint",
             "latest",
         )
+
+
+def test_metrics_scores_a_lora_beside_its_base(tiny_sd, tiny_clip, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *LORA, "--max_train_steps", "3")
+    common = ["--clip_model", str(tiny_clip), "--num_inference_steps", "2", "--resolution", "32", "--device", "cpu",
+              "--output_dir", str(tmp_path / "scores")]  # fmt: skip
+    report = metrics.main(["--model_path", str(tiny_sd), "--lora", str(out), str(out / KOHYA_WEIGHTS_NAME), *common])
+    base, peft, kohya = report["models"]
+    assert peft["model_path"] == f"{tiny_sd} + LoRA {out}"
+    assert peft["clip_score"] != base["clip_score"]
+    assert kohya["clip_score"] == pytest.approx(peft["clip_score"], abs=1e-3)
+    with pytest.raises(UserError, match="no LoRA there"):
+        metrics.main(["--model_path", str(tiny_sd), "--lora", str(tmp_path), *common])
