@@ -2,7 +2,7 @@
 # make demo   - fine-tune the tiny offline pipeline on the bundled data, score it, say where things are
 # make test   - the offline test suite (HF_HUB_OFFLINE=1), slow tests included
 # make lint   - ruff lint and format check
-# make bench  - measure the speed and memory options, write BENCHMARKS.md (about 22 minutes on 2 CPU cores)
+# make bench  - measure the speed and memory options, write BENCHMARKS.md (about 35 minutes on 2 CPU cores)
 
 PYTHON ?= python3
 VENV := .venv

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure what the speed and memory options of train_text_to_image.py buy, and write BENCHMARKS.md.
 
-    python benchmark.py                       # both workloads, as `make bench` runs it (about 22 minutes on 2 cores)
+    python benchmark.py                       # both workloads, as `make bench` runs it (about 35 minutes on 2 cores)
     python benchmark.py --workloads tiny --steps 5 --out /tmp/bench.md   # a quick look
 
 It builds the offline fixture pipelines itself (random weights, real architectures) under --models. Each
