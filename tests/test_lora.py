@@ -11,7 +11,7 @@ import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from tests.conftest import train, unet_weights
+from tests.conftest import logged_losses, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
@@ -109,3 +109,17 @@ def test_metrics_scores_a_lora_beside_its_base(tiny_sd, tiny_clip, tmp_path):
     assert kohya["clip_score"] == pytest.approx(peft["clip_score"], abs=1e-3)
     with pytest.raises(UserError, match="no LoRA there"):
         metrics.main(["--model_path", str(tiny_sd), "--lora", str(tmp_path), *common])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision):
+    # The adapter stays float32 under autocast, so fp16's GradScaler can unscale its gradients (upstream's LoRA
+    # script failed here: "Attempting to unscale FP16 gradients").
+    train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", precision, "--gradient_checkpointing",
+          "--use_ema", "--validation_prompts", "a creature")  # fmt: skip
+    losses = [loss for _, loss in logged_losses(tmp_path)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    adapter = load_file(tmp_path / WEIGHTS_NAME)
+    assert all(value.dtype == torch.float32 for value in adapter.values())
+    assert any(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)
