@@ -714,8 +714,9 @@ def load_training_dataset(args):
     """Load the hub dataset or local imagefolder and check every row, or fail with one clear line.
 
     Returns the train split (after --max_train_samples and, with --skip_invalid_images, without the images
-    that can't be decoded), the image and caption column names, the number of rows skipped, and the data's
-    fingerprint (see sdtoolkit/data.py).
+    that can't be decoded), the image and caption column names, the number of rows skipped, the data's
+    fingerprint (see sdtoolkit/data.py), each row's image size, and each row's crop for the latent cache
+    (None when not kept, see cache_crop_maker).
     """
     source = args.dataset_name or args.train_data_dir
     caption_folder = (

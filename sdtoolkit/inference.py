@@ -113,21 +113,30 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None):
     (configs from `config`, see single_file_config), with the LoRA at `lora` loaded on top, on `device` in
     `dtype`, progress bars off."""
     if model_path.endswith(".safetensors") and os.path.isfile(model_path):
-        folder = single_file_config(model_path, config)
-        try:
-            pipeline = StableDiffusionPipeline.from_single_file(
-                model_path, config=folder, local_files_only=True, torch_dtype=dtype, safety_checker=None
-            )
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise UserError(
-                f"could not load '{model_path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
-                " file, and --model_config a pipeline of the same architecture?"
-            ) from err
-        if lora is not None:
-            load_lora(pipeline, lora)
-        pipeline = pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+        pipeline = load_single_file(model_path, dtype, config)
+    else:
+        pipeline = load_folder_or_hub(model_path, dtype)
+    if lora is not None:
+        load_lora(pipeline, lora)
+    pipeline = pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_single_file(path, dtype, config):
+    folder = single_file_config(path, config)
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            path, config=folder, local_files_only=True, torch_dtype=dtype, safety_checker=None
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(
+            f"could not load '{path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
+            " file, and --model_config a pipeline of the same architecture?"
+        ) from err
+
+
+def load_folder_or_hub(model_path, dtype):
     if looks_like_local_path(model_path):
         if not os.path.isdir(model_path):
             raise UserError(
@@ -146,7 +155,7 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None):
                 " model_index.json lists; copy the whole folder that training wrote, not only some of its parts"
             )
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
+        return StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as err:
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -155,8 +164,3 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None):
             f"could not load the pipeline '{model_path}'{hint}: {first_line(err)} -- if it is meant to be a local"
             " folder, it does not exist (`make demo` writes demo/sd-demo-model, `bash train.sh` sd-pokemon-model)"
         ) from err
-    if lora is not None:
-        load_lora(pipeline, lora)
-    pipeline = pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline

@@ -174,3 +174,13 @@ def mixed_aspect_folder(root, copies=2):
         demo_image(i).convert("RGB").resize((width, height)).save(path)
         path.with_suffix(".txt").write_text(f"a creature {width} by {height}")
     return root
+
+
+def generated_image(pipeline, size):
+    """One image of `size` px from `pipeline`, 2 steps, seed 0, as a numpy array: for comparing two pipelines."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(
+        "a creature", num_inference_steps=2, height=size, width=size, generator=generator, output_type="np"
+    ).images

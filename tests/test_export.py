@@ -19,7 +19,7 @@ import gradio_app
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
-from tests.conftest import REPO, train, unet_weights
+from tests.conftest import REPO, generated_image, train, unet_weights
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,6 @@ def sd1_layout(tiny_sd, tmp_path_factory):
     shutil.rmtree(folder / "unet")
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     return folder
-
-
-def image(pipeline):
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(
-        "a creature", num_inference_steps=2, height=64, width=64, generator=generator, output_type="np"
-    ).images
 
 
 def test_diffusers_single_file_loader_reads_the_same_pipeline(sd1_layout, tmp_path):
@@ -67,7 +60,7 @@ def test_diffusers_single_file_loader_reads_the_same_pipeline(sd1_layout, tmp_pa
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert abs(image(folder) - image(single)).max() <= 1e-5  # measured: 0.0
+    assert abs(generated_image(folder, 64) - generated_image(single, 64)).max() <= 1e-5  # measured: 0.0
 
 
 def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd, tmp_path):

@@ -11,7 +11,7 @@ import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from tests.conftest import logged_losses, train, unet_weights
+from tests.conftest import generated_image, logged_losses, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
@@ -39,23 +39,16 @@ def test_only_the_adapter_trains(tiny_sd, tmp_path, monkeypatch):
     assert (tmp_path / "out" / WEIGHTS_NAME).exists() and not (tmp_path / "out" / "unet").exists()
 
 
-def image(pipeline):
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(
-        "a creature", num_inference_steps=2, height=32, width=32, generator=generator, output_type="np"
-    ).images
-
-
 def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_path):
     out = tmp_path / "out"
     train(tiny_sd, out, *LORA, "--max_train_steps", "3")
     base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
-    without = image(base)
+    without = generated_image(base, 32)
     base.load_lora_weights(out, weight_name=WEIGHTS_NAME, adapter_name="peft")
-    with_peft = image(base)
+    with_peft = generated_image(base, 32)
     base.unload_lora_weights()
     base.load_lora_weights(out, weight_name=KOHYA_WEIGHTS_NAME, adapter_name="kohya")
-    with_kohya = image(base)
+    with_kohya = generated_image(base, 32)
     assert abs(with_peft - without).max() > 1e-3  # the adapter changes the image
     assert abs(with_kohya - with_peft).max() <= 1e-4
     kohya = load_file(out / KOHYA_WEIGHTS_NAME)
