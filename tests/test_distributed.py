@@ -297,3 +297,13 @@ def test_two_processes_train_with_aspect_ratio_buckets_and_a_disk_cache(tiny_sd,
     assert "[RANK 1] Read latents and text embeddings" in result.stderr
     [key] = list(cache.iterdir())
     assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
+
+
+def test_two_processes_train_a_lora(tiny_sd, tmp_path):
+    # DDP over the adapter's parameters only; the main process saves the adapter and its EMA.
+    out = tmp_path / "out"
+    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", "--lora_rank", "4")
+    assert [step for step, _ in logged_losses(out)] == [1, 2, 3, 4]
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "checkpoint-4" / "lora_ema.safetensors").exists()
+    assert (out / "checkpoint-4" / "pytorch_lora_weights.safetensors").exists()
