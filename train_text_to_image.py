@@ -1104,6 +1104,13 @@ def main(argv=None):
             "--use_ema is not supported with FSDP (the EMA copy would need the same sharding); use DDP or"
             " DeepSpeed ZeRO-2/3 (configs/accelerate/) for EMA, or drop --use_ema"
         )
+    # The same for DeepSpeed, which accelerate launch announces the same way.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    if args.lora_rank and (fsdp or deepspeed):
+        raise UserError(
+            "--lora_rank is not supported with DeepSpeed or FSDP yet (a LoRA is small enough for DDP); use a DDP"
+            " config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
+        )
 
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)

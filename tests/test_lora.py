@@ -11,7 +11,7 @@ import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from tests.conftest import generated_image, logged_losses, train, unet_weights
+from tests.conftest import DEMO_DATA, generated_image, logged_losses, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
@@ -116,3 +116,11 @@ def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision):
     adapter = load_file(tmp_path / WEIGHTS_NAME)
     assert all(value.dtype == torch.float32 for value in adapter.values())
     assert any(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_lora_under_deepspeed_or_fsdp_is_refused_with_a_reason(tmp_path, monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(UserError, match="--lora_rank is not supported with DeepSpeed or FSDP yet"):
+        train_text_to_image.main(["--pretrained_model_name_or_path", "/nonexistent", "--train_data_dir",
+                                  str(DEMO_DATA), "--output_dir", str(tmp_path), "--lora_rank", "4"])  # fmt: skip
