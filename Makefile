@@ -23,10 +23,10 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-$(DEMO)/tiny-sd: $(STAMP)
+$(DEMO)/tiny-sd: | $(STAMP)
 	$(BIN)/python -m sdtoolkit.fixtures --preset tiny --out $(DEMO)/tiny-sd
 
-$(DEMO)/tiny-clip: $(STAMP)
+$(DEMO)/tiny-clip: | $(STAMP)
 	$(BIN)/python -m sdtoolkit.fixtures --preset tiny-clip --out $(DEMO)/tiny-clip
 
 demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
