@@ -20,6 +20,7 @@ import shutil
 from safetensors import SafetensorError
 
 from sdtoolkit.errors import UserError, first_line
+from sdtoolkit.lora import has_lora_weights
 
 # What torch.save, safetensors and plain file writes raise when a write fails.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -83,8 +84,8 @@ def find_resume_checkpoint(value, output_dir):
                 f"--resume_from_checkpoint {value}: no such checkpoint in {output_dir}"
                 f" (available: {available}); use 'latest' to resume from the newest one, or give its path"
             )
-    has_adapter = os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors"))  # a --lora_rank run's
-    if not os.path.isfile(os.path.join(path, "unet", "config.json")) and not has_adapter:
+    # A --lora_rank run's checkpoint holds the adapter instead of unet/.
+    if not os.path.isfile(os.path.join(path, "unet", "config.json")) and not has_lora_weights(path):
         raise UserError(f"--resume_from_checkpoint {value}: the folder has no unet/ (not a complete checkpoint)")
     return path
 

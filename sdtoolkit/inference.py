@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from sdtoolkit.errors import UserError, first_line
+from sdtoolkit.lora import has_lora_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -24,7 +25,7 @@ def load_lora(pipeline, path):
     folder, weight_name = (
         (os.path.dirname(path) or ".", os.path.basename(path)) if os.path.isfile(path) else (path, None)
     )
-    if weight_name is None and not os.path.isfile(os.path.join(folder, "pytorch_lora_weights.safetensors")):
+    if weight_name is None and not has_lora_weights(folder):
         raise UserError(
             f"--lora {path}: no LoRA there (a .safetensors file, or a folder with pytorch_lora_weights.safetensors)"
         )

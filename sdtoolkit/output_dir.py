@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 from sdtoolkit.checkpoints import checkpoint_dirs
 from sdtoolkit.errors import UserError, first_line
 from sdtoolkit.export import single_file_name
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, has_lora_weights
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = ".lock.json"
@@ -112,8 +113,8 @@ def earlier_run(output_dir):
     found = checkpoint_dirs(output_dir)
     if os.path.isfile(os.path.join(output_dir, "model_index.json")):
         found.append("a saved pipeline (model_index.json)")
-    if os.path.isfile(os.path.join(output_dir, "pytorch_lora_weights.safetensors")):
-        found.append("a saved LoRA (pytorch_lora_weights.safetensors)")
+    if has_lora_weights(output_dir):
+        found.append(f"a saved LoRA ({WEIGHTS_NAME})")
     return found
 
 
@@ -143,7 +144,7 @@ def clear_earlier_run(output_dir, *, logging_dir):
             components = [k for k, v in json.load(f).items() if not k.startswith("_") and isinstance(v, list)]
         names += components + ["model_index.json"]
     names += ["validation", "val_imgs_grid.png", "README.md", logging_dir, single_file_name(output_dir),
-              "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"]  # fmt: skip
+              WEIGHTS_NAME, KOHYA_WEIGHTS_NAME]  # fmt: skip
     deleted = []
     for name in names:
         path = os.path.join(output_dir, name)
