@@ -5,8 +5,18 @@ The tiny Stable Diffusion pipeline and the tiny CLIP model are built once per te
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face library is imported
+
+# The caches a run writes (datasets' Arrow files, the default latent cache folder, Gradio's served files) go
+# to one scratch folder per test session instead of the user's home and /tmp, and are removed at the end.
+# Subprocesses inherit these variables.
+SCRATCH = tempfile.mkdtemp(prefix="sdtoolkit-tests-")
+os.environ["HF_HOME"] = os.path.join(SCRATCH, "huggingface")
+os.environ["XDG_CACHE_HOME"] = os.path.join(SCRATCH, "cache")
+os.environ["GRADIO_TEMP_DIR"] = os.path.join(SCRATCH, "gradio")
 
 import json
 import pathlib
@@ -22,6 +32,10 @@ from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip, build_tiny_op
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "creatures"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,6 +60,15 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_open_clip(tmp_path_factory):
     return build_tiny_open_clip(tmp_path_factory.mktemp("models") / "tiny-open-clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def client_downloads(tmp_path_factory):
+    """gradio_client leaves an empty folder in the system temp folder for each file it downloads; put them here."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("client-downloads"))
+    yield
+    tempfile.tempdir = saved
 
 
 def reset_accelerate_state():

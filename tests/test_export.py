@@ -135,7 +135,7 @@ def test_metrics_scores_a_single_file_as_its_folder(tiny_sd, tiny_clip, tmp_path
         metrics.main(["--model_path", str(single), "--output_dir", str(tmp_path / "again"), *common])
 
 
-def test_the_demo_serves_a_single_file_found_in_its_pipeline_folder(tiny_sd, tmp_path):
+def test_the_demo_serves_a_single_file_found_in_its_pipeline_folder(tiny_sd, tmp_path, client_downloads):
     folder = shutil.copytree(tiny_sd, tmp_path / "pipeline")
     export_single_file(str(folder), str(folder / "pipeline.safetensors"))
     with socket.socket() as s:

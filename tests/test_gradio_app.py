@@ -15,6 +15,8 @@ import gradio_app
 from sdtoolkit.inference import load_pipeline
 from tests.conftest import run_script
 
+pytestmark = pytest.mark.usefixtures("client_downloads")
+
 
 def free_port():
     with socket.socket() as s:
