@@ -4,8 +4,12 @@ The tiny Stable Diffusion pipeline and the tiny CLIP model are built once per te
 (random weights, the real SD v1-4 tokenizer) into a temporary folder.
 """
 
+import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face library is imported
@@ -18,17 +22,12 @@ os.environ["HF_HOME"] = os.path.join(SCRATCH, "huggingface")
 os.environ["XDG_CACHE_HOME"] = os.path.join(SCRATCH, "cache")
 os.environ["GRADIO_TEMP_DIR"] = os.path.join(SCRATCH, "gradio")
 
-import json
-import pathlib
-import subprocess
-import sys
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-import pytest
-import torch
-from PIL import Image
-from safetensors.torch import load_file
-
-from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip, build_tiny_open_clip
+from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip, build_tiny_open_clip  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "creatures"
