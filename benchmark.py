@@ -61,6 +61,13 @@ CONFIGS = [
     ("all on + 8-bit AdamW", ["--use_8bit_adam"]),
 ]
 
+# LoRA runs compared with the full fine-tune. bf16 autocast also keeps the frozen UNet in bf16.
+LORA_CONFIGS = [
+    ("LoRA rank 4", ["--lora_rank", "4"]),
+    ("LoRA rank 64", ["--lora_rank", "64"]),
+    ("LoRA rank 4, bf16 mixed precision", ["--lora_rank", "4", "--mixed_precision", "bf16"]),
+]
+
 
 def peak_rss_gb():
     """This process's peak resident memory: VmHWM, which starts afresh at exec. (ru_maxrss also counts the
@@ -96,11 +103,23 @@ def write_mixed_aspect_data(folder, side=256):
 
 
 def child_train(model, resolution, flags, steps, warmup, data=str(DATA)):
-    """One training run in this (fresh) process; returns its step times and peak memory."""
+    """One training run in this (fresh) process; returns its step times, peak memory, the number of weights
+    it trained and the sizes of the weight files it wrote."""
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import train_text_to_image
 
+    trainable = []
+
+    class Trainable(logging.Handler):
+        def emit(self, record):
+            found = re.search(r"UNet trainable parameters: ([\d,]+)", record.getMessage())
+            if found:
+                trainable.append(int(found.group(1).replace(",", "")))
+
+    logging.getLogger("train_text_to_image").addHandler(Trainable())
     with tempfile.TemporaryDirectory() as out:
         argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
                 "--resolution", str(resolution), "--seed", "0", "--mixed_precision", "no",
@@ -111,8 +130,10 @@ def child_train(model, resolution, flags, steps, warmup, data=str(DATA)):
         events = EventAccumulator(str(next(Path(out, "logs", "text2image-fine-tune").glob("events.out.tfevents.*"))))
         events.Reload()
         seconds = [e.value for e in events.Scalars("step_seconds")]
+        outputs = {str(path.relative_to(out)): path.stat().st_size for path in sorted(Path(out).rglob("*.safetensors"))
+                   if not path.relative_to(out).parts[0].startswith("checkpoint-")}  # fmt: skip
     return {"step_seconds": seconds[warmup:], "total_seconds": total, "peak_rss_gb": peak_rss_gb(),
-            "peak_cuda_gb": peak_cuda_gb()}  # fmt: skip
+            "peak_cuda_gb": peak_cuda_gb(), "trainable": trainable[0], "outputs": outputs}  # fmt: skip
 
 
 # Start-up against dataset size: this many large images, as an imagefolder and as parquet written two ways.
@@ -369,6 +390,21 @@ def relative_table(rows, first="square crops"):
     return "\n".join(lines)
 
 
+def lora_table(rows):
+    """LoRA against the full fine-tune: what trains, time, memory and the files written."""
+    full = statistics.median(rows[0][1]["step_seconds"])
+    lines = ["| configuration | trained weights | s / optimizer step (median) | time vs full | peak RSS (GB) |"
+             " peak CUDA (GB) | weight files written (MB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for name, result in rows:
+        median = statistics.median(result["step_seconds"])
+        cuda = f"{result['peak_cuda_gb']:.2f}" if result["peak_cuda_gb"] is not None else "–"
+        files = ", ".join(f"{path} {size / 1e6:,.1f}" for path, size in result["outputs"].items())
+        lines.append(f"| {name} | {result['trainable']:,} | {median:.3f} | {median / full:.2f}x |"
+                     f" {result['peak_rss_gb']:.2f} | {cuda} | {files} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def startup_table(rows):
     lines = ["| data | images | peak RSS (GB) | peak private memory (GB) | seconds (load, check, cache, 1 step) |",
              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -470,6 +506,13 @@ def main(argv=None):
                     ("all on + --shuffle_tags", run_child("train", model=model, resolution=resolution,
                                                           flags=["--shuffle_tags"], steps=steps, warmup=warmup))]  # fmt: skip
 
+        # LoRA against the full fine-tune, everything else the defaults (see docs/lora.md).
+        lora_rows = [("full fine-tune (defaults)", defaults)]
+        for name, flags in LORA_CONFIGS:
+            print(f"[{workload}] {name} ...", flush=True)
+            lora_rows.append((name, run_child("train", model=model, resolution=resolution, flags=flags, steps=steps,
+                                              warmup=warmup)))  # fmt: skip
+
         section = [f"### {workload}: `{preset}` preset at {resolution} px, the seed's recipe",
                    f"Batch 1, gradient accumulation 4 (4 samples per optimizer step), EMA, gradient checkpointing,"
                    f" lr 1e-5, float32; median over {steps} steps after {warmup} warm-up steps.", "",
@@ -478,7 +521,10 @@ def main(argv=None):
                    f" 2:3, 1:1, 16:9, 1:3 and 3:2 (long side 256 px), at {resolution} px:", "",
                    relative_table(bucket_rows), "",
                    "Tag shuffling: the captions are no longer cached, so the text encoder runs at every step:", "",
-                   relative_table(tag_rows, first="defaults")]  # fmt: skip
+                   relative_table(tag_rows, first="defaults"), "",
+                   "LoRA against the full fine-tune (the same recipe and defaults; the weight files are the run's"
+                   " output folder, without checkpoints):", "",
+                   lora_table(lora_rows)]  # fmt: skip
         if workload == "sd-v1-4":
             print("[sd-v1-4] breakdown ...", flush=True)
             parts = run_child("breakdown", model=model, resolution=resolution)

@@ -1424,6 +1424,23 @@ def main(argv=None):
         num_training_steps=num_training_steps_for_scheduler,
     )
 
+    # For mixed precision training we cast the frozen text_encoder and vae weights to half-precision:
+    # they are only used for inference, so full precision is not required.
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+        args.mixed_precision = accelerator.mixed_precision
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+        args.mixed_precision = accelerator.mixed_precision
+
+    # With LoRA the UNet's own weights are frozen too, so they also sit in half precision: half the UNet's
+    # memory. The adapter stays in float32 for the optimizer and the fp16 GradScaler (see sdtoolkit/lora.py).
+    if args.lora_rank and weight_dtype != torch.float32:
+        for parameter in unet.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(weight_dtype)
+
     # Prepare everything with our `accelerator`.
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
@@ -1434,16 +1451,6 @@ def main(argv=None):
             ema_unet.pin_memory()
         else:
             ema_unet.to(accelerator.device)
-
-    # For mixed precision training we cast the frozen text_encoder and vae weights to half-precision:
-    # they are only used for inference, so full precision is not required.
-    weight_dtype = torch.float32
-    if accelerator.mixed_precision == "fp16":
-        weight_dtype = torch.float16
-        args.mixed_precision = accelerator.mixed_precision
-    elif accelerator.mixed_precision == "bf16":
-        weight_dtype = torch.bfloat16
-        args.mixed_precision = accelerator.mixed_precision
 
     # Move text_encode and vae to gpu and cast to weight_dtype
     text_encoder.to(accelerator.device, dtype=weight_dtype)

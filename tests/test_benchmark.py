@@ -9,6 +9,7 @@ import benchmark
 def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
     # All off and all on only, to keep it short; every configuration runs in `make bench`.
     monkeypatch.setattr(benchmark, "CONFIGS", [benchmark.CONFIGS[0], benchmark.CONFIGS[4]])
+    monkeypatch.setattr(benchmark, "LORA_CONFIGS", benchmark.LORA_CONFIGS[:1])
     # Start-up on 3 and 6 images, and the disk cache on the tiny model.
     monkeypatch.setattr(benchmark, "STARTUP_COUNTS", [3, 6])
     monkeypatch.setattr(benchmark, "CACHE_WORKLOAD", ("tiny", 64))
@@ -22,6 +23,11 @@ def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
     assert "| limit (bare UNet fwd+bwd x4 + fused AdamW) |" in text
     assert "| square crops (defaults) |" in text and "| aspect-ratio buckets |" in text
     assert "| all on + --shuffle_tags |" in text
+    # LoRA trains fewer weights than the full fine-tune and writes its adapter files instead of a pipeline.
+    full, lora = (next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+                  for name in ("full fine-tune (defaults)", "LoRA rank 4"))  # fmt: skip
+    assert 0 < int(lora.split("|")[2].replace(",", "")) < int(full.split("|")[2].replace(",", "")) / 10
+    assert "unet/diffusion_pytorch_model.safetensors" in full and "pytorch_lora_weights_kohya.safetensors" in lora
     row = next(line for line in text.splitlines() if line.startswith("| all off"))
     seconds = float(row.split("|")[2])
     assert 0 < seconds < 30

@@ -115,7 +115,8 @@ def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     adapter = load_file(tmp_path / WEIGHTS_NAME)
     assert all(value.dtype == torch.float32 for value in adapter.values())
-    assert any(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)
+    lora_up = [value for key, value in adapter.items() if key.endswith("lora.up.weight")]  # B, which starts at zero
+    assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
@@ -124,3 +125,21 @@ def test_lora_under_deepspeed_or_fsdp_is_refused_with_a_reason(tmp_path, monkeyp
     with pytest.raises(UserError, match="--lora_rank is not supported with DeepSpeed or FSDP yet"):
         train_text_to_image.main(["--pretrained_model_name_or_path", "/nonexistent", "--train_data_dir",
                                   str(DEMO_DATA), "--output_dir", str(tmp_path), "--lora_rank", "4"])  # fmt: skip
+
+
+def test_under_mixed_precision_the_frozen_unet_is_half_and_the_adapter_float32(tiny_sd, tmp_path, monkeypatch):
+    # bf16 autocast runs on CPU, so this checks here what the gpu test above checks with fp16's GradScaler.
+    trained_unet = []
+    add_lora = train_text_to_image.add_lora
+    monkeypatch.setattr(
+        train_text_to_image, "add_lora", lambda unet, **kw: trained_unet.append(unet) or add_lora(unet, **kw)
+    )
+    train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", "bf16", "--use_ema")
+    dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in trained_unet[0].parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    losses = [loss for _, loss in logged_losses(tmp_path)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    adapter = load_file(tmp_path / WEIGHTS_NAME)
+    assert all(value.dtype == torch.float32 for value in adapter.values())
+    lora_up = [value for key, value in adapter.items() if key.endswith("lora.up.weight")]  # B, which starts at zero
+    assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
