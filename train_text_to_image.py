@@ -926,8 +926,13 @@ def generate_validation_images(pipeline, args, accelerator):
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
-    # Autocast only where it helps: on CUDA. On a CPU it would switch to bfloat16 and slow things down.
-    autocast_ctx = torch.autocast("cuda") if accelerator.device.type == "cuda" else nullcontext()
+    # Autocast on CUDA, as upstream. On a CPU only under --mixed_precision bf16, whose frozen models are in
+    # bfloat16 and need it; a float32 run would only be slowed down by it.
+    autocast_ctx = nullcontext()
+    if accelerator.device.type == "cuda":
+        autocast_ctx = torch.autocast("cuda")
+    elif accelerator.mixed_precision == "bf16":
+        autocast_ctx = torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
 
     images = []
     for prompt in args.validation_prompts:

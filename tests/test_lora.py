@@ -134,7 +134,9 @@ def test_under_mixed_precision_the_frozen_unet_is_half_and_the_adapter_float32(t
     monkeypatch.setattr(
         train_text_to_image, "add_lora", lambda unet, **kw: trained_unet.append(unet) or add_lora(unet, **kw)
     )
-    train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", "bf16", "--use_ema")
+    train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", "bf16", "--use_ema",
+          "--validation_prompts", "a creature")  # fmt: skip
+    assert (tmp_path / "val_imgs_grid.png").exists()  # validation runs under bf16 autocast on the CPU too
     dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in trained_unet[0].parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     losses = [loss for _, loss in logged_losses(tmp_path)]
