@@ -3,6 +3,8 @@
 # make test   - the offline test suite (HF_HUB_OFFLINE=1), slow tests included
 # make lint   - ruff lint and format check
 # make bench  - measure the speed and memory options, write BENCHMARKS.md (about 35 minutes on 2 CPU cores)
+# make gpu-check  - on a CUDA GPU: the seed's recipe at 512 px per configuration, write GPU_CHECK.md
+# make gpu-wheels - download into .whl/ the wheels gpu_check.py needs on a GPU machine without network
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +15,7 @@ DEMO := demo
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -68,3 +70,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet torchao==0.18.0
 	$(BIN)/python benchmark.py
+
+# The GPU check runs with whatever python has torch (a GPU machine's own, with the wheels below on its path).
+gpu-check:
+	$(PYTHON) gpu_check.py
+
+# What a GPU machine with torch, accelerate, huggingface_hub, tensorboard and pyarrow still lacks, for its
+# Python (GPU_PYTHON); torchao stands in for bitsandbytes (43 MB) in --use_8bit_adam. About 28 MB in all.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 \
+	peft==0.21.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 torchao==0.18.0
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

@@ -660,7 +660,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_models(args):
+def load_models(args, unet_dtype=None):
     """Load the noise scheduler, tokenizer, text encoder, VAE and UNet, or fail with one clear line."""
 
     def deepspeed_zero_init_disabled_context_manager():
@@ -683,7 +683,7 @@ def load_models(args):
             )
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
         unet = UNet2DConditionModel.from_pretrained(
-            name, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir
+            name, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir, torch_dtype=unet_dtype
         )
     except (OSError, ValueError) as err:
         hint = (
@@ -1217,7 +1217,13 @@ def main(argv=None):
         buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
 
     # Load scheduler, tokenizer and models.
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(args)
+    # With LoRA the UNet's own weights are frozen too, so under mixed precision they are loaded in half
+    # precision, as the VAE and text encoder are cast below: half the UNet's memory, and no float32 copy on the
+    # way. The adapter is made float32 for the optimizer and the fp16 GradScaler (see sdtoolkit/lora.py).
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(
+        args, unet_dtype=half if args.lora_rank else None
+    )
     if resume_path is not None and bool(args.lora_rank) != has_lora_weights(resume_path):
         raise UserError(
             f"{resume_path} is a {'LoRA' if has_lora_weights(resume_path) else 'full fine-tuning'} checkpoint:"
@@ -1351,16 +1357,20 @@ def main(argv=None):
 
     # Initialize the optimizer
     if args.use_8bit_adam:
-        if accelerator.device.type == "cuda":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as err:
-                raise UserError("--use_8bit_adam needs bitsandbytes on a GPU: pip install bitsandbytes") from err
-            optimizer_cls, extra = bnb.optim.AdamW8bit, {}
-        else:
-            from torchao.optim import AdamW8bit  # runs on CPUs too
+        # bitsandbytes on a GPU, as upstream; torchao's 8-bit AdamW on a CPU, or on a GPU without bitsandbytes.
+        has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+        if accelerator.device.type == "cuda" and has_bitsandbytes:
+            import bitsandbytes as bnb
 
+            optimizer_cls, extra = bnb.optim.AdamW8bit, {}
+        elif importlib.util.find_spec("torchao") is not None:
+            from torchao.optim import AdamW8bit
+
+            reason = " (bitsandbytes is not installed)" if accelerator.device.type == "cuda" else ""
+            logger.info(f"--use_8bit_adam: torchao's AdamW8bit{reason}")
             optimizer_cls, extra = AdamW8bit, {}
+        else:
+            raise UserError("--use_8bit_adam needs bitsandbytes on a GPU: pip install bitsandbytes (or torchao)")
     else:
         # The fused kernel updates all weights at once (upstream's default on a CPU is one tensor at a time).
         optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if args.fused_adam else {})
@@ -1438,13 +1448,6 @@ def main(argv=None):
     elif accelerator.mixed_precision == "bf16":
         weight_dtype = torch.bfloat16
         args.mixed_precision = accelerator.mixed_precision
-
-    # With LoRA the UNet's own weights are frozen too, so they also sit in half precision: half the UNet's
-    # memory. The adapter stays in float32 for the optimizer and the fp16 GradScaler (see sdtoolkit/lora.py).
-    if args.lora_rank and weight_dtype != torch.float32:
-        for parameter in unet.parameters():
-            if not parameter.requires_grad:
-                parameter.data = parameter.data.to(weight_dtype)
 
     # Prepare everything with our `accelerator`.
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(

@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""Measure the seed's recipe on one CUDA GPU in one short run, and write GPU_CHECK.md and gpu_check.json.
+
+    python gpu_check.py                                # on a GPU: the full SD v1-4 architecture at 512 px
+    python gpu_check.py --dry-run                      # anywhere: the tiny preset at 64 px, two steps each
+    python gpu_check.py --upstream path/to/upstream/train_text_to_image.py   # upstream's script too, same recipe
+    python gpu_check.py --distributed                  # the shipped DeepSpeed and FSDP configs too, one process
+
+It builds the SD v1-4 architecture with random weights on the machine it runs on (nothing large travels),
+then trains each configuration of the seed's recipe (batch 1, gradient accumulation 4, EMA, gradient
+checkpointing, center crop, flips, on the bundled images) in its own process, so each one's peak CUDA
+memory is its own and one that runs out of memory is reported as such while the others go on. For each it
+reports seconds per optimizer step (median and range over the timed steps, after warm-up),
+torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Then
+inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16.
+
+Step times are the wall-clock time between the script's once-per-optimizer-step `accelerator.log` calls, so
+upstream's script is timed the same way as this one's. The parent process imports only the standard library
+and torch; the children need the project's dependencies (on a GPU machine without network, the wheels
+`make gpu-wheels` downloads: see the README).
+"""
+
+import argparse
+import json
+import os
+import platform
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+DATA = REPO / "data" / "creatures"
+
+# The seed's recipe (train.sh), less the output folder and the step count.
+RECIPE = ["--center_crop", "--random_flip", "--train_batch_size", "1", "--gradient_accumulation_steps", "4",
+          "--use_ema", "--gradient_checkpointing", "--learning_rate", "1e-5", "--max_grad_norm", "1",
+          "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0"]  # fmt: skip
+UPSTREAM_PATH = ["--no-cache_latents", "--no-fused_adam", "--no-inplace_ema"]
+
+# (name, flags added to the recipe, flags taken out of it, mixed precision, extra environment)
+CONFIGS = [
+    ("upstream path, fp16", UPSTREAM_PATH, [], "fp16", {}),
+    ("defaults, fp16", [], [], "fp16", {}),
+    ("defaults, bf16", [], [], "bf16", {}),
+    ("defaults + 8-bit AdamW, fp16", ["--use_8bit_adam"], [], "fp16", {}),
+    ("defaults + --offload_ema, fp16", ["--offload_ema"], [], "fp16", {}),
+    ("defaults + 8-bit AdamW + --offload_ema, fp16", ["--use_8bit_adam", "--offload_ema"], [], "fp16", {}),
+    ("defaults without gradient checkpointing, fp16", [], ["--gradient_checkpointing"], "fp16", {}),
+    ("defaults + torch.compile (inductor), fp16", [], [], "fp16", {"ACCELERATE_DYNAMO_BACKEND": "inductor"}),
+    ("LoRA rank 4, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4"], [], "fp16", {}),
+]
+# The shipped accelerate configs, on one process (--distributed). FSDP refuses EMA, so it trains without it.
+DISTRIBUTED = [
+    ("DeepSpeed ZeRO-2, optimizer state on the CPU (config's fp16)", "deepspeed_zero2_offload.yaml", []),
+    ("FSDP, full shard (config's bf16, no EMA)", "fsdp.yaml", ["--use_ema"]),
+]
+CARDS_GB = [24, 16, 12]
+CUDA_CONTEXT_GB = 0.5  # what the CUDA context takes beside PyTorch's allocations, roughly
+# The issue's targets, judged on the full run (not the dry run).
+TARGETS = [
+    ("defaults, fp16: peak allocated <= 20 GB", lambda r: r["defaults, fp16"]["max_allocated_gb"] <= 20),
+    ("8-bit AdamW + --offload_ema: peak allocated <= 12 GB",
+     lambda r: r["defaults + 8-bit AdamW + --offload_ema, fp16"]["max_allocated_gb"] <= 12),
+    ("defaults at least 1.3x faster per optimizer step than the upstream path",
+     lambda r: r["upstream path, fp16"]["median_s"] / r["defaults, fp16"]["median_s"] >= 1.3),
+]  # fmt: skip
+
+
+def recipe(add=(), remove=()):
+    return [flag for flag in RECIPE if flag not in remove] + list(add)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Children: one training run (this script's, or upstream's) or the inference timing, in a fresh process.
+
+
+def child_train(spec):
+    """Train as spec says; time each optimizer step by the script's accelerator.log calls; report memory."""
+    import accelerate
+
+    stamps = []
+    log = accelerate.Accelerator.log
+
+    def timed_log(self, values, *args, **kwargs):
+        if "train_loss" in values:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+        return log(self, values, *args, **kwargs)
+
+    accelerate.Accelerator.log = timed_log
+    from sdtoolkit.errors import UserError
+
+    status, error = "ok", None
+    try:
+        if spec.get("upstream"):
+            sys.argv = [spec["upstream"], *spec["argv"]]
+            runpy.run_path(spec["upstream"], run_name="__main__")
+        else:
+            import train_text_to_image
+
+            train_text_to_image.main(spec["argv"])
+    except torch.OutOfMemoryError:
+        status = "out of memory"
+    except UserError as err:  # the script's one-line errors
+        status, error = "failed", str(err)
+    seconds = [b - a for a, b in zip(stamps, stamps[1:])][-spec["steps"] :]
+    cuda = torch.cuda.is_available()
+    return {
+        "status": status,
+        "error": error,
+        "step_seconds": seconds,
+        "max_allocated_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+        "max_reserved_gb": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
+    }
+
+
+def child_inference(spec):
+    """Seconds per image (guidance 7.5), the median of `repeats` after one warm-up, for each scheduler."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipeline = StableDiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None)
+    pipeline = pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    size = spec["resolution"]
+    result = {}
+    for name, scheduler_cls, steps in (("DPM-Solver++, 25 steps", DPMSolverMultistepScheduler, 25),
+                                       ("PNDM, 50 steps", PNDMScheduler, 50)):  # fmt: skip
+        pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+        times = []
+        for _ in range(1 + spec["repeats"]):
+            started = time.perf_counter()
+            pipeline("a creature", num_inference_steps=steps, height=size, width=size,
+                     generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        result[name] = statistics.median(times[1:])
+    return {"status": "ok", "seconds": result, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def run_child(kind, spec, launch=None, env=None):
+    """Run a child in a fresh process (through `accelerate launch` with a config file when `launch` is given)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result_file = Path(scratch) / "result.json"
+        spec = {**spec, "kind": kind, "result": str(result_file)}
+        if launch:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch,
+                       "--num_processes", "1", "--main_process_port", "0", __file__, "--child", json.dumps(spec)]  # fmt: skip
+        else:
+            command = [sys.executable, __file__, "--child", json.dumps(spec)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+        wall = time.perf_counter() - started
+        if done.returncode != 0 or not result_file.exists():
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            error = next(
+                (line for line in reversed(lines) if "Error" in line or "error:" in line), lines[-1] if lines else ""
+            )
+            status = (
+                "out of memory" if "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr else "failed"
+            )
+            return {"status": status, "error": error.strip()[:300], "wall_s": wall}
+        return {**json.loads(result_file.read_text()), "wall_s": wall}
+
+
+def child_main(spec):
+    result = child_train(spec) if spec["kind"] == "train" else child_inference(spec)
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The parent: build the model, run every configuration, write the table.
+
+
+def machine():
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": None, "driver": None, "gpu_memory_gb": None}  # fmt: skip
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"], info["gpu_memory_gb"] = props.name, props.total_memory / 1024**3
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            info["driver"] = subprocess.run(query, capture_output=True, text=True).stdout.strip() or None
+        except OSError:
+            pass
+    return info
+
+
+def fits(result):
+    if result.get("max_reserved_gb") is None:
+        return "–"
+    need = result["max_reserved_gb"] + CUDA_CONTEXT_GB
+    return " ".join(f"{card}:{'yes' if need <= card else 'no'}" for card in CARDS_GB)
+
+
+def train_table(rows):
+    lines = ["| configuration | status | s / optimizer step (median) | range | max allocated (GB) | max reserved (GB)"
+             " | fits 24 / 16 / 12 GB |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for name, result in rows:
+        if result["status"] != "ok" or not result.get("step_seconds"):
+            reason = result.get("error") or "no timed steps"
+            lines.append(f"| {name} | {result['status']}: {reason} | – | – | – | – | – |".replace("\n", " "))
+            continue
+        seconds = result["step_seconds"]
+        gb = lambda key: f"{result[key]:.2f}" if result.get(key) is not None else "–"  # noqa: E731
+        lines.append(f"| {name} | ok | {statistics.median(seconds):.3f} | {min(seconds):.3f}–{max(seconds):.3f} |"
+                     f" {gb('max_allocated_gb')} | {gb('max_reserved_gb')} | {fits(result)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def judge(rows):
+    """Each target: met, not met, or not measured (a configuration failed or was skipped)."""
+    by_name = {}
+    for name, result in rows:
+        if result["status"] == "ok" and result.get("step_seconds") and result.get("max_allocated_gb") is not None:
+            by_name[name] = {**result, "median_s": statistics.median(result["step_seconds"])}
+    verdicts = []
+    for target, check in TARGETS:
+        try:
+            verdicts.append((target, "met" if check(by_name) else "not met"))
+        except KeyError:
+            verdicts.append((target, "not measured"))
+    return verdicts
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true",
+                        help="The tiny preset at 64 px, 2 steps per configuration: the same code path, anywhere.")  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=None, help="Default: 512, or 64 with --dry-run.")
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per configuration (default 5; 1 dry).")
+    parser.add_argument("--warmup", type=int, default=None, help="Steps before timing (default 2; 1 dry).")
+    parser.add_argument("--upstream", default=None, help="Path to upstream's train_text_to_image.py: run it too.")
+    parser.add_argument("--distributed", action="store_true", help="Also the DeepSpeed and FSDP configs.")
+    parser.add_argument("--models", default="build/gpu-check", help="Where the fixture pipeline is built.")
+    parser.add_argument("--out", default=None, help="Default: GPU_CHECK.md, or build/gpu-check/ in a dry run.")
+    parser.add_argument("--json", default=None, help="Default: gpu_check.json beside --out.")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or (64 if args.dry_run else 512)
+    args.steps = args.steps or (1 if args.dry_run else 5)
+    args.warmup = args.warmup or (1 if args.dry_run else 2)
+    # A dry run's table must not replace a GPU's.
+    args.out = args.out or ("build/gpu-check/GPU_CHECK.dry-run.md" if args.dry_run else "GPU_CHECK.md")
+    args.json = args.json or str(Path(args.out).with_name("gpu_check.json"))
+    # Relative paths are the user's folder's; the children run in the repository.
+    args.models, args.out, args.json = (str(Path(path).resolve()) for path in (args.models, args.out, args.json))
+    if args.upstream:
+        args.upstream = str(Path(args.upstream).resolve())
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU here; gpu_check.py --dry-run runs the same code path on the CPU")
+    started = time.perf_counter()
+    info = machine()
+    preset = "tiny" if args.dry_run else "sd-v1-4"
+
+    # The pipeline, with random weights, built here (a few minutes for SD v1-4's 1.07 B weights, once).
+    model = Path(args.models, preset)  # absolute (parse_args)
+    if not model.exists():
+        print(f"building the {preset} pipeline in {model} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "sdtoolkit.fixtures", "--out", str(model), "--preset", preset],
+                       check=True, cwd=REPO)  # fmt: skip
+
+    def train(name, flags, precision=None, launch=None, env=None, upstream=None):
+        print(f"{name} ...", flush=True)
+        with tempfile.TemporaryDirectory() as out:
+            argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(DATA),
+                    "--output_dir", out, "--resolution", str(args.resolution),
+                    "--max_train_steps", str(args.warmup + args.steps), *flags]  # fmt: skip
+            # On a CPU (the dry run) fp16 cannot run: float32 takes its place; bf16 runs as bf16.
+            if precision == "fp16" and not torch.cuda.is_available():
+                precision = "no"
+            if precision:
+                argv += ["--mixed_precision", precision]
+            if not upstream:
+                argv += ["--checkpointing_steps", "1000000"]
+            result = run_child("train", {"argv": argv, "steps": args.steps, "upstream": upstream}, launch, env)
+        print(f"    {result['status']}" + (f", {statistics.median(result['step_seconds']):.3f} s/step"
+                                          if result.get("step_seconds") else f": {result.get('error', '')}"), flush=True)  # fmt: skip
+        return name, {**result, "mixed_precision": precision or "config"}
+
+    rows = [train(name, recipe(add, remove), precision, env=env) for name, add, remove, precision, env in CONFIGS]
+    if args.upstream:
+        upstream_flags = [flag for flag in recipe() if flag not in UPSTREAM_PATH]
+        rows.append(train("upstream's script, fp16", upstream_flags, "fp16", upstream=args.upstream))
+    if args.distributed:
+        for name, config, remove in DISTRIBUTED:
+            if not torch.cuda.is_available():
+                rows.append((name, {"status": "skipped", "error": "needs a CUDA GPU"}))
+                continue
+            config_file = str(REPO / "configs" / "accelerate" / config)
+            rows.append(train(name, recipe(remove=remove), launch=config_file))
+
+    print("inference ...", flush=True)
+    repeats = 1 if args.dry_run else 3
+    inference = run_child("inference", {"model": str(model), "resolution": args.resolution, "repeats": repeats})
+    verdicts = judge(rows)
+    total = time.perf_counter() - started
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": info, "preset": preset, "resolution": args.resolution,
+                                           "steps": args.steps, "warmup": args.warmup, "dry_run": args.dry_run,
+                                           "train": dict(rows), "inference": inference,
+                                           "targets": dict(verdicts), "seconds": total}, indent=2))  # fmt: skip
+    gpu = f"{info['gpu']} ({info['gpu_memory_gb']:.0f} GB), driver {info['driver']}" if info["gpu"] else "none (CPU)"
+    lines = [
+        "# GPU check" + (" (dry run: the tiny preset on the CPU, not a measurement of a GPU)" if args.dry_run else ""),
+        "",
+        f"Machine: {gpu}; Python {info['python']}, torch {info['torch']}, CUDA {info['cuda']}.",
+        "",
+        f"Command: `python gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {total / 60:.1f} min"
+        " in all.",
+        "",
+        f"The seed's recipe on the `{preset}` preset at {args.resolution} px: batch 1, gradient accumulation 4, EMA,"
+        f" gradient checkpointing, lr 1e-5, center crop and flips on the bundled images; {args.warmup} warm-up and"
+        f" {args.steps} timed optimizer steps per configuration, each in its own process. 'Fits' adds"
+        f" {CUDA_CONTEXT_GB} GB for the CUDA context to the peak reserved memory.",
+        "",
+        train_table(rows),
+        "",
+        "Targets (judged on the full run):",
+        "",
+        *[
+            f"- {target}: **{verdict if not args.dry_run else 'not judged (dry run)'}**"
+            for target, verdict in verdicts
+        ],
+        "",
+    ]
+    if inference["status"] == "ok":
+        lines += [f"Inference, one {args.resolution} px image, guidance 7.5, {inference['dtype']}:", "",
+                  "| scheduler and steps | seconds per image |", "| --- | ---: |"]  # fmt: skip
+        lines += [f"| {name} | {seconds:.2f} |" for name, seconds in inference["seconds"].items()]
+    else:
+        lines.append(f"Inference: {inference['status']}: {inference.get('error', '')}")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out} and {args.json} ({total / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""On a CUDA GPU (marked `gpu`, skipped elsewhere): half-precision training, 8-bit AdamW, xformers, and
+metrics.py and gradio_app.py in fp16. `pytest -m gpu` runs these and the other files' gpu tests."""
+
+import importlib.util
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from gradio_client import Client
+from PIL import Image
+
+import gradio_app
+import metrics
+from tests.conftest import logged_losses, train, unet_weights
+
+pytestmark = pytest.mark.gpu
+
+
+def trains(tiny_sd, out, *flags):
+    """Two steps with EMA and gradient checkpointing; the losses are finite and the UNet moved."""
+    train(tiny_sd, out, "--max_train_steps", "2", "--gradient_checkpointing", "--use_ema", "--learning_rate", "1e-3",
+          *flags)  # fmt: skip
+    losses = [loss for _, loss in logged_losses(out)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    base, tuned = unet_weights(Path(tiny_sd) / "unet"), unet_weights(Path(out) / "unet")
+    assert tuned["conv_in.weight"].dtype == torch.float32
+    assert not torch.equal(base["conv_in.weight"], tuned["conv_in.weight"])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_half_precision_step_trains_and_validates(tiny_sd, tmp_path, precision):
+    trains(tiny_sd, tmp_path, "--mixed_precision", precision, "--validation_prompts", "a creature")
+    image = Image.open(tmp_path / "validation" / "final" / "00.png")
+    assert image.size == (32, 32) and len(set(image.getdata())) > 1  # a picture, not a blank (NaN) one
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None and importlib.util.find_spec("torchao") is None,
+    reason="needs bitsandbytes or torchao",
+)
+def test_8bit_adamw_trains_on_the_gpu(tiny_sd, tmp_path):
+    trains(tiny_sd, tmp_path, "--mixed_precision", "fp16", "--use_8bit_adam")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="xformers is not installed")
+def test_xformers_attention_trains(tiny_sd, tmp_path):
+    trains(tiny_sd, tmp_path, "--mixed_precision", "fp16", "--enable_xformers_memory_efficient_attention")
+
+
+def test_metrics_scores_in_fp16_on_cuda(tiny_sd, tiny_clip, tmp_path):
+    common = ["--clip_model", tiny_clip, "--num_inference_steps", "2", "--resolution", "32", "--device", "cuda"]
+    half = metrics.main(["--model_path", tiny_sd, "--output_dir", str(tmp_path / "half"), *common])
+    full = metrics.main(
+        ["--model_path", tiny_sd, "--output_dir", str(tmp_path / "full"), *common, "--dtype", "float32"]
+    )
+    # fp16 and fp32 make nearly the same images, so nearly the same score; a NaN image would not.
+    assert half["models"][0]["clip_score"] == pytest.approx(full["models"][0]["clip_score"], abs=1.0)
+
+
+def test_the_demo_generates_in_fp16_on_cuda(tiny_sd):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = gradio_app.parse_args(["--model_path", tiny_sd, "--port", str(port), "--device", "cuda"])
+    app = gradio_app.launch(args, block=False)
+    try:
+        gallery, _ = Client(app.local_url, verbose=False).predict(
+            "pikachu", "", 3, 7.5, "7", "DPM-Solver++", 64, 64, 1, api_name="/generate"
+        )
+        image = Image.open(gallery[0]["image"])
+        assert image.size == (64, 64) and len(set(image.getdata())) > 1
+    finally:
+        app.close()

@@ -1,0 +1,70 @@
+"""gpu_check.py: its dry run goes through every configuration on the CPU, so the GPU check cannot rot between
+GPU visits; out-of-memory and failed configurations become rows, not a crash."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpu_check
+import train_text_to_image
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_the_dry_run_writes_a_row_for_every_configuration(tmp_path):
+    # From the user's own folder, as `python path/to/gpu_check.py --dry-run`.
+    result = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry-run"], cwd=tmp_path,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "build" / "gpu-check" / "GPU_CHECK.dry-run.md").read_text()
+    report = json.loads((tmp_path / "build" / "gpu-check" / "gpu_check.json").read_text())
+    assert "dry run" in table.splitlines()[0]
+    for name, _, _, _, _ in gpu_check.CONFIGS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        outcome = report["train"][name]
+        if "8-bit" in name and outcome["status"] != "ok":
+            # Without torchao a CPU has no 8-bit AdamW: the row says so in the script's own words.
+            assert "torchao" in row
+            continue
+        assert outcome["status"] == "ok", (name, outcome)
+        assert len(outcome["step_seconds"]) == 1 and outcome["step_seconds"][0] > 0
+    for target, _ in gpu_check.TARGETS:
+        assert f"- {target}: **not judged (dry run)**" in table
+    assert set(report["inference"]["seconds"]) == {"DPM-Solver++, 25 steps", "PNDM, 50 steps"}
+    assert not (tmp_path / "GPU_CHECK.md").exists()  # a dry run never replaces a GPU's table
+
+
+def test_out_of_memory_is_a_status_not_a_crash(monkeypatch):
+    def out_of_memory(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_text_to_image, "main", out_of_memory)
+    result = gpu_check.child_train({"argv": [], "steps": 2})
+    assert result["status"] == "out of memory" and result["step_seconds"] == []
+    table = gpu_check.train_table([("defaults, fp16", result), ("next", {"status": "ok", "step_seconds": [1.0, 3.0],
+                                   "max_allocated_gb": 10.0, "max_reserved_gb": 14.0})])  # fmt: skip
+    assert "| defaults, fp16 | out of memory: no timed steps |" in table
+    assert "| next | ok | 2.000 | 1.000–3.000 | 10.00 | 14.00 | 24:yes 16:yes 12:no |" in table
+
+
+def test_a_failing_configuration_reports_its_error_line(tmp_path):
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "missing"), "--train_data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    result = gpu_check.run_child("train", {"argv": argv, "steps": 1})
+    assert result["status"] == "failed"
+    assert result["error"] == f"the training dataset is empty: '{tmp_path}' holds no training rows"
+
+
+def test_targets_are_met_not_met_or_not_measured():
+    def ok(seconds, allocated):
+        return {"status": "ok", "step_seconds": [seconds], "max_allocated_gb": allocated, "max_reserved_gb": allocated}
+
+    rows = [("upstream path, fp16", ok(2.0, 26.0)), ("defaults, fp16", ok(1.0, 19.0)),
+            ("defaults + 8-bit AdamW + --offload_ema, fp16", {"status": "out of memory"})]  # fmt: skip
+    verdicts = dict(gpu_check.judge(rows))
+    assert list(verdicts.values()) == ["met", "not measured", "met"]
+    rows[1] = ("defaults, fp16", ok(1.8, 21.0))
+    assert list(dict(gpu_check.judge(rows)).values()) == ["not met", "not measured", "not met"]
