@@ -9,9 +9,16 @@ with `openai/clip-vit-base-patch16`:
     python metrics.py
     python metrics.py --model_path CompVis/stable-diffusion-v1-4 sd-pokemon-model --seeds 0 1 2 3
 
-Every model sees the same seeds, so the same starting noise. Per prompt it reports the mean and standard
-deviation over seeds and images; it writes scores.json, scores.csv and one image grid per model (rows are
-prompts, columns seeds x images) to --output_dir.
+Every model sees the same seeds, so the same starting noise for the same prompt: each model after the first
+is compared with the first prompt by prompt and seed, and the mean paired difference gets a bootstrap 95%
+interval and a verdict (better, worse, or no difference this run can detect). With --reference_data (the
+training images) it also reports each model's Fréchet and kernel distances to them in CLIP's image-feature
+space, and each generated image's nearest training image, flagging near-copies. It writes scores.json,
+scores.csv, report.md and image grids (rows are prompts, columns seeds x images) to --output_dir.
+
+    python metrics.py --model_path CompVis/stable-diffusion-v1-4 sd-pokemon-model --seeds 0 1 2 3 \
+        --reference_data my-training-images
+    python metrics.py --doc_protocol --model_path CompVis/stable-diffusion-v1-4 stable-diffusion-v1-5/stable-diffusion-v1-5
 """
 
 import argparse
@@ -25,10 +32,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from diffusers.utils import make_image_grid
+from PIL import Image
 from torchmetrics.functional.multimodal import clip_score
 from torchvision.transforms.functional import to_pil_image
+from tqdm.auto import tqdm
 
+from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
 from sdtoolkit.errors import UserError, first_line, run_main
+from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
 from sdtoolkit.inference import add_device_arguments, add_model_config_argument, load_pipeline, pick_device_and_dtype
 from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
@@ -63,7 +74,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--clip_backend", choices=["transformers", "open_clip"], default="transformers")
     parser.add_argument(
-        "--prompts_file", default=None, help="A text file with one prompt a line (default: the seed's six)."
+        "--prompts_file",
+        default=None,
+        help=(
+            "One prompt a line, or JSON lines with 'prompt' and optionally 'negative_prompt' (default: the"
+            " seed's six prompts)."
+        ),
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds; every model uses the same ones.")
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
@@ -94,8 +110,34 @@ def parse_args(argv=None):
             " all the folder's captions when used as a diffusion classifier (see sdtoolkit/learning_check.py)."
         ),
     )
+    parser.add_argument(
+        "--reference_data",
+        default=None,
+        help=(
+            "A folder of images, e.g. the training data (an imagefolder, a caption folder, any folder of"
+            " images): report each model's Fréchet and kernel distances to it in CLIP image-feature space, and"
+            " each generated image's nearest image in it."
+        ),
+    )
+    parser.add_argument(
+        "--memorisation_threshold",
+        type=float,
+        default=0.95,
+        help="CLIP image cosine similarity above which a generated image is flagged as a near-copy (default 0.95).",
+    )
+    parser.add_argument(
+        "--doc_protocol",
+        action="store_true",
+        help=(
+            "Reproduce the protocol of diffusers' removed 'Evaluating Diffusion Models' page: its six prompts in"
+            " one batch, one torch.manual_seed(0) generator carried from model to model, 50 steps, guidance 7.5,"
+            " each model's own scheduler, output_type='np' truncated to uint8, one CLIP score over the six."
+        ),
+    )
     args = parser.parse_args(argv)
 
+    if not 0 < args.memorisation_threshold <= 1:
+        raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8 != 0):
         raise UserError(
             f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
@@ -109,15 +151,45 @@ def parse_args(argv=None):
 
 
 def load_prompts(prompts_file):
+    """(prompts, negative prompts); the negatives are None when no prompt has one."""
     if prompts_file is None:
-        return list(PROMPTS)
+        return list(PROMPTS), None
     if not os.path.isfile(prompts_file):
         raise UserError(f"--prompts_file {prompts_file} does not exist")
     with open(prompts_file, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
         raise UserError(f"--prompts_file {prompts_file} has no prompts (one prompt a line; # starts a comment)")
-    return prompts
+    if not (prompts_file.endswith(".jsonl") or lines[0].startswith("{")):
+        return lines, None
+    prompts, negatives = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--prompts_file {prompts_file}, prompt {number}: not JSON ({err.msg})") from err
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f'--prompts_file {prompts_file}, prompt {number}: needs a non-empty "prompt" string')
+        prompts.append(row["prompt"])
+        negatives.append(str(row.get("negative_prompt") or ""))
+    return prompts, (negatives if any(negatives) else None)
+
+
+def read_reference_images(folder):
+    """Every image under `folder` (an imagefolder's metadata order when it has a metadata.jsonl)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--reference_data {folder} is not a folder")
+    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
+        return read_imagefolder(folder)[0]
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    )
+    if len(paths) < 2:
+        raise UserError(f"--reference_data {folder} needs at least 2 images, found {len(paths)}")
+    return [Image.open(path).convert("RGB") for path in paths]
 
 
 # CLIP models, presented to torchmetrics' clip_score as the (model, processor) pair it expects.
@@ -236,36 +308,56 @@ def file_label(label):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
-def generate_images(pipeline, prompts, args):
+def generate_images(pipeline, prompts, negatives, args):
     """images[p][j]: image j of prompt p, j running over seeds, then images per seed.
 
     Image k of (prompt, seed) comes from a generator seeded with the seed, drawing in order, so the noise a
-    picture starts from does not depend on --batch_size or on which model is scored.
+    picture starts from does not depend on --batch_size or on which model is scored: the models' images are
+    paired.
     """
     device = pipeline.device
     images = [[] for _ in prompts]
     generator_device = "cpu" if device.type == "mps" else device
-    for seed in args.seeds:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = list(range(start, min(start + args.batch_size, len(prompts))))
-            generators = []
-            for _ in batch:
-                generator = torch.Generator(generator_device).manual_seed(seed)
-                generators += [generator] * args.num_images_per_prompt
-            with torch.inference_mode():
-                output = pipeline(
-                    [prompts[p] for p in batch],
-                    num_images_per_prompt=args.num_images_per_prompt,
-                    num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generators,
-                )
-            for i, p in enumerate(batch):
-                n = args.num_images_per_prompt
-                images[p] += output.images[i * n : (i + 1) * n]
+    pipeline.set_progress_bar_config(disable=True)
+    calls = [(seed, start) for seed in args.seeds for start in range(0, len(prompts), args.batch_size)]
+    for seed, start in tqdm(calls, desc="generating", unit="batch"):
+        batch = list(range(start, min(start + args.batch_size, len(prompts))))
+        generators = []
+        for _ in batch:
+            generator = torch.Generator(generator_device).manual_seed(seed)
+            generators += [generator] * args.num_images_per_prompt
+        with torch.inference_mode():
+            output = pipeline(
+                [prompts[p] for p in batch],
+                negative_prompt=None if negatives is None else [negatives[p] for p in batch],
+                num_images_per_prompt=args.num_images_per_prompt,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generators,
+            )
+        for i, p in enumerate(batch):
+            n = args.num_images_per_prompt
+            images[p] += output.images[i * n : (i + 1) * n]
     return images
+
+
+def doc_protocol_images(pipeline, generator):
+    """The removed page's call: its six prompts in one batch, the generator it carried from model to model,
+    the pipeline's own defaults (50 steps, guidance 7.5, its scheduler), images as float arrays."""
+    with torch.inference_mode():
+        return pipeline(PROMPTS, num_images_per_prompt=1, generator=generator, output_type="np").images
+
+
+def doc_protocol_score(images, clip):
+    """The page's number: (images * 255) truncated to uint8, one clip_score over all six, rounded to 4 places."""
+    clip_model, clip_processor = clip
+    device = next(clip_model.parameters()).device
+    images_int = torch.from_numpy((images * 255).astype("uint8")).permute(0, 3, 1, 2).to(device)
+    with torch.no_grad():
+        score = clip_score(images_int, PROMPTS, model_name_or_path=lambda: (clip_model, clip_processor))
+    return round(float(score.detach()), 4)
 
 
 def to_tensor(image):
@@ -293,10 +385,14 @@ def score_model(images, prompts, clip, device):
     return per_prompt, overall
 
 
-def write_reports(results, prompts, args):
-    """scores.json, scores.csv and one grid PNG per model in args.output_dir; returns the paths written."""
+def write_reports(results, prompts, comparisons, reference_images, args):
+    """scores.json, scores.csv, report.md, and per model an image grid and (with --reference_data) a grid of
+    its images closest to the reference set, in args.output_dir; returns the report and the paths written."""
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {
+        "doc_protocol": args.doc_protocol,
+        "reference_data": args.reference_data,
+        "memorisation_threshold": args.memorisation_threshold,
         "caption_data": args.caption_data,
         "clip_backend": args.clip_backend,
         "clip_model": args.clip_model,
@@ -314,6 +410,8 @@ def write_reports(results, prompts, args):
                 "clip_score": result["overall"],
                 "label": result["label"],
                 "caption_accuracy": result.get("caption_accuracy"),
+                "doc_protocol_clip_score": result.get("doc_protocol_clip_score"),
+                "training_set": result.get("training_set"),
                 "per_prompt": [
                     {
                         "prompt": prompt,
@@ -332,6 +430,7 @@ def write_reports(results, prompts, args):
             "minus": results[0]["model_path"],
             "clip_score": results[1]["overall"] - results[0]["overall"],
         }
+    report["comparisons"] = comparisons
 
     paths = []
     json_path = os.path.join(args.output_dir, "scores.json")
@@ -358,13 +457,91 @@ def write_reports(results, prompts, args):
             )
     paths.append(csv_path)
 
+    grids, nearest_grids = {}, {}
     for result in results:
         grid_path = os.path.join(args.output_dir, f"grid-{file_label(result['label'])}.png")
         columns = len(result["images"][0])
         flat = [image for row in result["images"] for image in row]
         make_image_grid(flat, rows=len(prompts), cols=columns).save(grid_path)
         paths.append(grid_path)
+        grids[result["label"]] = os.path.basename(grid_path)
+        if result.get("training_set"):
+            # The closest pairs first: each generated image beside its nearest reference image.
+            pairs = sorted(result["training_set"]["nearest"], key=lambda pair: -pair["similarity"])[:NEAREST_SHOWN]
+            tiles = []
+            for pair in pairs:
+                generated = result["images"][pair["prompt"]][pair["image"]]
+                tiles += [generated, reference_images[pair["reference"]].resize(generated.size)]
+            nearest_path = os.path.join(args.output_dir, f"nearest-{file_label(result['label'])}.png")
+            make_image_grid(tiles, rows=len(pairs), cols=2).save(nearest_path)
+            paths.append(nearest_path)
+            nearest_grids[result["label"]] = os.path.basename(nearest_path)
+
+    markdown_path = os.path.join(args.output_dir, "report.md")
+    with open(markdown_path, "w") as f:
+        f.write(report_markdown(report, grids, nearest_grids))
+    paths.append(markdown_path)
     return report, paths
+
+
+# How many of a model's images, closest to the reference set first, its nearest-pair grid shows.
+NEAREST_SHOWN = 8
+
+
+def report_markdown(report, grids, nearest_grids):
+    """report.md: the scores, the paired comparisons with their intervals, the distances, and the grids."""
+    settings, models = report["settings"], report["models"]
+    lines = ["# Evaluation", ""]
+    if settings["doc_protocol"]:
+        lines += ["The protocol of diffusers' removed 'Evaluating Diffusion Models' page: its six prompts, one",
+                  "torch.manual_seed(0) generator carried from model to model (so the models' images are not",
+                  "paired), 50 steps, guidance 7.5, each model's own scheduler.", ""]  # fmt: skip
+    else:
+        lines += [f"{len(report['prompts'])} prompts x seeds {settings['seeds']} x {settings['num_images_per_prompt']}"
+                  f" image(s), {settings['num_inference_steps']} steps, guidance {settings['guidance_scale']};"
+                  f" CLIP: {settings['clip_model']} ({settings['clip_backend']}). Every model starts from the same"
+                  " noise for the same prompt and seed.", ""]  # fmt: skip
+    header = "| model | CLIP score |"
+    rule = "| --- | ---: |"
+    if settings["doc_protocol"]:
+        header, rule = header + " page's CLIP score |", rule + " ---: |"
+    if settings["reference_data"]:
+        header += " Fréchet distance | kernel distance | near-copies |"
+        rule += " ---: | ---: | ---: |"
+    if settings["caption_data"]:
+        header, rule = header + " caption accuracy |", rule + " ---: |"
+    lines += [header, rule]
+    for model in models:
+        row = f"| {model['label']} | {model['clip_score']:.4f} |"
+        if settings["doc_protocol"]:
+            row += f" {model['doc_protocol_clip_score']:.4f} |"
+        if settings["reference_data"]:
+            t = model["training_set"]
+            row += (f" {t['frechet_distance']:.4f} | {t['kernel_distance']:.4f} ± {t['kernel_distance_std']:.4f} |"
+                    f" {t['near_copies']:.1%} |")  # fmt: skip
+        if settings["caption_data"]:
+            row += f" {model['caption_accuracy']:.4f} |"
+        lines.append(row)
+    if report["comparisons"]:
+        lines += ["", "Paired differences of CLIP score, each model against the first, over prompt-seed pairs (95%"
+                  " percentile bootstrap interval, 10,000 resamples, seeded):", "",
+                  "| model | minus | pairs | mean difference | 95% interval | verdict |",
+                  "| --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
+        for c in report["comparisons"]:
+            low, high = c["ci95"]
+            lines.append(f"| {c['model']} | {c['baseline']} | {c['units']} | {c['mean_difference']:+.4f} |"
+                         f" {low:+.4f} to {high:+.4f} | {c['verdict']} |")  # fmt: skip
+    if settings["reference_data"]:
+        lines += ["", f"Distances to {settings['reference_data']} in CLIP image-feature space (lower is closer);"
+                  f" near-copies: images whose nearest reference image has a cosine similarity of at least"
+                  f" {settings['memorisation_threshold']}. Fréchet distance is biased upwards for small sets."]  # fmt: skip
+    lines += ["", "## Images", ""]
+    for label, grid in grids.items():
+        lines += [f"{label} (rows are prompts):", "", f"![{label}]({grid})", ""]
+        if label in nearest_grids:
+            lines += [f"{label}, its images closest to the reference set, each beside its nearest reference image:",
+                      "", f"![nearest: {label}]({nearest_grids[label]})", ""]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def print_table(report, prompts):
@@ -384,9 +561,45 @@ def print_table(report, prompts):
     print()
 
 
+def paired_comparisons(results, args):
+    """Each model after the first against the first, on the same (prompt, seed) units: the mean paired
+    difference of CLIP scores (a unit's score is the mean over its images), its bootstrap 95% interval over
+    units, and a verdict."""
+    n = args.num_images_per_prompt
+
+    def units(result):
+        return [statistics.fmean(scores[k * n : (k + 1) * n]) for scores in result["per_prompt"]
+                for k in range(len(args.seeds))]  # fmt: skip
+
+    baseline = units(results[0])
+    comparisons = []
+    for result in results[1:]:
+        differences = [b - a for a, b in zip(baseline, units(result))]
+        mean, low, high = paired_bootstrap(differences)
+        comparisons.append({"model": result["label"], "baseline": results[0]["label"], "units": len(differences),
+                            "mean_difference": mean, "ci95": [low, high], "verdict": verdict(low, high)})  # fmt: skip
+    return comparisons
+
+
+def training_set_check(images, reference, clip, device, threshold):
+    """Distances of a model's images to the reference set, and each image's nearest reference image."""
+    flat = [image for row in images for image in row]
+    features = image_features(flat, clip, device)
+    fd, kd, kd_std = set_distances(features, reference)
+    index, similarity = nearest(features, reference)
+    per_image = len(images[0])
+    pairs = [{"prompt": i // per_image, "image": i % per_image, "reference": index[i], "similarity": similarity[i]}
+             for i in range(len(flat))]  # fmt: skip
+    return {"frechet_distance": fd, "kernel_distance": kd, "kernel_distance_std": kd_std,
+            "near_copies": sum(s >= threshold for s in similarity) / len(similarity), "nearest": pairs}  # fmt: skip
+
+
 def main(argv=None):
     args = parse_args(argv)
-    prompts = load_prompts(args.prompts_file)
+    if args.doc_protocol:
+        prompts, negatives = list(PROMPTS), None
+    else:
+        prompts, negatives = load_prompts(args.prompts_file)
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
     check_output_dir(args.output_dir)
@@ -394,22 +607,41 @@ def main(argv=None):
         raise UserError(
             f"--caption_data {args.caption_data} must be a folder of images with a metadata.jsonl (file_name, text)"
         )
-    clip = load_clip(args.clip_backend, args.clip_model)
+    reference_images = read_reference_images(args.reference_data) if args.reference_data is not None else None
+    clip_model, clip_processor = load_clip(args.clip_backend, args.clip_model)
+    clip = (clip_model.to(device), clip_processor)
     if args.caption_data is not None:
         caption_images, captions = read_imagefolder(args.caption_data)
         candidates = sorted(set(captions))
         labels = [candidates.index(caption) for caption in captions]
+    reference = None
+    if reference_images is not None:
+        # The reference set's CLIP features, once for all the models.
+        print(f"Encoding {len(reference_images)} reference images from {args.reference_data} ...")
+        reference = image_features(reference_images, clip, device)
 
     results = []
+    generator = None  # --doc_protocol: one generator for all the models, seeded once, as the page did
     # Each --lora is one more model: the first --model_path with that adapter loaded on top.
     models = [(path, None) for path in args.model_path] + [(args.model_path[0], lora) for lora in args.lora]
     names = [path if lora is None else lora for path, lora in models]
     for (base, lora), label in zip(models, model_labels(names)):
         pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora)
         model_path = base if lora is None else f"{base} + LoRA {lora}"
-        print(f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ...")
-        images = generate_images(pipeline, prompts, args)
-        result = {"model_path": model_path, "label": label, "images": images}
+        result = {"model_path": model_path, "label": label}
+        if args.doc_protocol:
+            if generator is None:
+                generator = torch.manual_seed(0)
+            print(f"Generating the page's 6 images with {model_path} ...")
+            arrays = doc_protocol_images(pipeline, generator)
+            result["doc_protocol_clip_score"] = doc_protocol_score(arrays, clip)
+            images = [[Image.fromarray((array * 255).astype("uint8"))] for array in arrays]
+        else:
+            print(
+                f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ..."
+            )
+            images = generate_images(pipeline, prompts, negatives, args)
+        result["images"] = images
         if args.caption_data is not None:
             resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
             result["caption_accuracy"] = caption_accuracy(
@@ -417,10 +649,15 @@ def main(argv=None):
             )
         del pipeline
         result["per_prompt"], result["overall"] = score_model(images, prompts, clip, device)
+        if reference is not None:
+            result["training_set"] = training_set_check(images, reference, clip, device, args.memorisation_threshold)
         results.append(result)
 
+    # The page's generator was not reset between models, so its models did not start from the same noise:
+    # its images are not paired, and no paired interval is given for them.
+    comparisons = paired_comparisons(results, args) if len(results) >= 2 and not args.doc_protocol else []
     try:
-        report, paths = write_reports(results, prompts, args)
+        report, paths = write_reports(results, prompts, comparisons, reference_images, args)
     except OSError as err:
         raise UserError(f"could not write the reports to --output_dir {args.output_dir}: {first_line(err)}") from err
     print()
@@ -432,6 +669,20 @@ def main(argv=None):
             print(f"CLIP score ({result['model_path']}): {round(result['overall'], 4)}")
         diff = report["difference"]
         print(f"Difference ({diff['of']} - {diff['minus']}): {diff['clip_score']:+.4f}")
+    for c in comparisons:
+        low, high = c["ci95"]
+        print(f"Paired ({c['model']} - {c['baseline']}, {c['units']} prompt-seed pairs): {c['mean_difference']:+.4f},"
+              f" 95% interval {low:+.4f} to {high:+.4f}: {c['verdict']}")  # fmt: skip
+    if args.doc_protocol:
+        for result in results:
+            print(f"Page protocol CLIP score ({result['model_path']}): {result['doc_protocol_clip_score']}")
+    if reference is not None:
+        print()
+        for result in results:
+            t = result["training_set"]
+            print(f"Against {args.reference_data} ({result['label']}): Fréchet distance {t['frechet_distance']:.4f},"
+                  f" kernel distance {t['kernel_distance']:.4f} ± {t['kernel_distance_std']:.4f},"
+                  f" near-copies (similarity >= {args.memorisation_threshold}) {t['near_copies']:.1%}")  # fmt: skip
     if args.caption_data is not None:
         print()
         chance = 1 / len(candidates)

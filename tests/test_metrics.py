@@ -36,14 +36,14 @@ def test_defaults_are_the_seeds_setup():
     args = metrics.parse_args([])
     assert args.model_path == ["sd-pokemon-model"]
     assert args.clip_model == "openai/clip-vit-base-patch16"
-    assert metrics.load_prompts(None) == metrics.PROMPTS and len(metrics.PROMPTS) == 6
+    assert metrics.load_prompts(None) == (metrics.PROMPTS, None) and len(metrics.PROMPTS) == 6
     assert metrics.parse_args(["--clip_backend", "open_clip"]).clip_model == "ViT-B-16/openai"
 
 
 def test_score_equals_torchmetrics_and_a_direct_computation(tiny_sd, tiny_clip, prompts_file):
     args = metrics.parse_args(["--model_path", tiny_sd, "--seeds", "0", "1", "--prompts_file", prompts_file, *FAST])
     pipeline = load_pipeline(tiny_sd, torch.device("cpu"), torch.float32)
-    images = metrics.generate_images(pipeline, TWO_PROMPTS, args)
+    images = metrics.generate_images(pipeline, TWO_PROMPTS, None, args)
     per_prompt, overall = metrics.score_model(images, TWO_PROMPTS, metrics.load_clip("transformers", tiny_clip), "cpu")
 
     tensors = [metrics.to_tensor(image) for row in images for image in row]
@@ -85,7 +85,7 @@ def test_open_clip_backend_equals_a_direct_computation(tiny_sd, tiny_open_clip, 
     model, preprocess = open_clip.create_model_from_pretrained("local-dir:" + tiny_open_clip)
     tokenizer = open_clip.get_tokenizer("local-dir:" + tiny_open_clip)
     args = metrics.parse_args(["--model_path", tiny_sd, *FAST])
-    images = metrics.generate_images(load_pipeline(tiny_sd, torch.device("cpu"), torch.float32), TWO_PROMPTS, args)
+    images = metrics.generate_images(load_pipeline(tiny_sd, torch.device("cpu"), torch.float32), TWO_PROMPTS, None, args)
     with torch.no_grad():
         image_embeds = model.encode_image(torch.stack([preprocess(row[0]) for row in images]))
         text_embeds = model.encode_text(tokenizer(TWO_PROMPTS))

@@ -53,8 +53,8 @@ def encoders_alive_while_training(tiny_sd, output_dir, monkeypatch, *flags):
     loaded, alive = [], []
     load_models = train_text_to_image.load_models
 
-    def load_and_watch(args):
-        models = load_models(args)
+    def load_and_watch(args, **kwargs):
+        models = load_models(args, **kwargs)
         loaded.extend(weakref.ref(model) for model in models[2:4])  # text_encoder, vae
         return models
 
