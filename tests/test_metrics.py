@@ -85,7 +85,9 @@ def test_open_clip_backend_equals_a_direct_computation(tiny_sd, tiny_open_clip, 
     model, preprocess = open_clip.create_model_from_pretrained("local-dir:" + tiny_open_clip)
     tokenizer = open_clip.get_tokenizer("local-dir:" + tiny_open_clip)
     args = metrics.parse_args(["--model_path", tiny_sd, *FAST])
-    images = metrics.generate_images(load_pipeline(tiny_sd, torch.device("cpu"), torch.float32), TWO_PROMPTS, None, args)
+    images = metrics.generate_images(
+        load_pipeline(tiny_sd, torch.device("cpu"), torch.float32), TWO_PROMPTS, None, args
+    )
     with torch.no_grad():
         image_embeds = model.encode_image(torch.stack([preprocess(row[0]) for row in images]))
         text_embeds = model.encode_text(tokenizer(TWO_PROMPTS))
