@@ -301,6 +301,43 @@ def child_breakdown(model, resolution, repeats=3):
     return result
 
 
+def child_evaluation():
+    """What metrics.py's evaluation costs besides generating: CLIP image features (a CLIP ViT-B/16 of random
+    weights: the time depends on the architecture, not the weights), the set distances, the nearest-image
+    search and the bootstrap, at sizes of a real evaluation."""
+    import numpy as np
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    import metrics
+    from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances
+
+    def timed(fn):
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           patch_size=16, image_size=224),
+        projection_dim=512,
+    )  # fmt: skip
+    clip = (metrics.TransformersCLIPFeatures(CLIPModel(config)).eval(), CLIPImageProcessor())
+    images = metrics.read_reference_images(str(DATA))
+    image_features(images[:2], clip, "cpu")  # warm-up
+    features = torch.from_numpy(np.random.default_rng(0).normal(size=(1000, 512)))
+    reference = torch.from_numpy(np.random.default_rng(1).normal(size=(800, 512)))
+    return {
+        f"CLIP ViT-B/16 image features, per image ({len(images)} bundled images)":
+            timed(lambda: image_features(images, clip, "cpu")) / len(images),
+        "Fréchet and kernel distances, 1,000 against 800 images": timed(lambda: set_distances(features, reference)),
+        "nearest training image, 1,000 against 800 images": timed(lambda: nearest(features, reference)),
+        "paired bootstrap, 600 prompt-seed pairs, 10,000 resamples":
+            timed(lambda: paired_bootstrap(np.random.default_rng(0).normal(size=600))),
+    }  # fmt: skip
+
+
 def child_inference(model, resolution):
     """Seconds per image: 25 DPM-Solver++ steps against 50 PNDM steps."""
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
@@ -537,6 +574,11 @@ def main(argv=None):
             section += ["", "Inference, one 256 px image, guidance 7.5, float32:", "",
                         "| scheduler and steps | seconds per image |", "| --- | ---: |"]  # fmt: skip
             section += [f"| {name} | {seconds:.1f} |" for name, seconds in inference.items()]
+            print("[sd-v1-4] evaluation costs ...", flush=True)
+            costs = run_child("evaluation")
+            section += ["", "metrics.py's evaluation besides generating (see docs/scoring.md), on this machine:", "",
+                        "| part | seconds |", "| --- | ---: |"]  # fmt: skip
+            section += [f"| {name} | {seconds:.3f} |" for name, seconds in costs.items()]
         sections.append("\n".join(section))
         raw = {name: result for name, result in rows}
         Path(args.models, f"{workload}-results.json").write_text(json.dumps(raw, indent=2))
