@@ -41,14 +41,14 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 		"a tall red creature with pointy ears and a long tail"
 	$(BIN)/python metrics.py --model_path $(DEMO)/tiny-sd $(DEMO)/sd-demo-model --clip_model $(DEMO)/tiny-clip \
 		--seeds 0 1 --num_inference_steps 10 --resolution 32 --caption_data data/creatures \
-		--output_dir $(DEMO)/clip-scores
+		--reference_data data/creatures --output_dir $(DEMO)/clip-scores
 	@echo
 	@echo "Demo done. Everything is under $(DEMO)/:"
 	@echo "  fine-tuned pipeline:  $(DEMO)/sd-demo-model  (StableDiffusionPipeline.from_pretrained loads it)"
 	@echo "  checkpoints:          $(DEMO)/sd-demo-model/checkpoint-300, checkpoint-600"
 	@echo "  validation images:    $(DEMO)/sd-demo-model/validation/  and val_imgs_grid.png"
 	@echo "  model card:           $(DEMO)/sd-demo-model/README.md"
-	@echo "  CLIP scores:          $(DEMO)/clip-scores/scores.json, scores.csv, grid-*.png (base vs fine-tuned)"
+	@echo "  evaluation:           $(DEMO)/clip-scores/report.md, scores.json, scores.csv, grid-*.png, nearest-*.png"
 	@echo "  TensorBoard logs:     $(DEMO)/sd-demo-model/logs  (tensorboard --logdir $(DEMO)/sd-demo-model/logs)"
 	@echo "  base (random) model:  $(DEMO)/tiny-sd, scored with the random CLIP model $(DEMO)/tiny-clip"
 	@echo "  try it in a browser:  $(BIN)/python gradio_app.py --model_path $(DEMO)/sd-demo-model"
@@ -56,7 +56,8 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "What the numbers mean: caption accuracy is the share of the 32 training images for which the model,"
 	@echo "used as a diffusion classifier, picks the image's own caption out of all 32 (chance 1/32); its rise from"
 	@echo "base to fine-tuned shows the model learned its captions. It does not show image quality or any skill"
-	@echo "beyond the training images, and the CLIP scores come from a random CLIP model: mechanics, not quality."
+	@echo "beyond the training images. The CLIP scores, the distances to the data and the near-copy share come"
+	@echo "from a random CLIP model, which sees every image as a near-copy: mechanics, not quality."
 
 # Everything this machine can run, the slow tests included (plain `pytest` skips those for quick runs).
 test: $(STAMP)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -59,7 +60,7 @@ def image_features(images, clip, device, batch_size=32):
     """L2-normalised CLIP image embeddings of PIL images, as a float64 (N, D) CPU tensor."""
     clip_model, clip_processor = clip
     features = []
-    for start in range(0, len(images), batch_size):
+    for start in tqdm(range(0, len(images), batch_size), desc="CLIP image features", unit="batch"):
         batch = [torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in
                  images[start : start + batch_size]]  # fmt: skip
         pixel_values = clip_processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
