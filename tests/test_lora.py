@@ -104,6 +104,15 @@ def test_metrics_scores_a_lora_beside_its_base(tiny_sd, tiny_clip, tmp_path):
         metrics.main(["--model_path", str(tiny_sd), "--lora", str(tmp_path), *common])
 
 
+def assert_two_finite_steps_and_a_float32_adapter_that_moved(out):
+    losses = [loss for _, loss in logged_losses(out)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    adapter = load_file(out / WEIGHTS_NAME)
+    assert all(value.dtype == torch.float32 for value in adapter.values())
+    lora_up = [value for key, value in adapter.items() if key.endswith("lora.up.weight")]  # B, which starts at zero
+    assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision):
@@ -111,12 +120,7 @@ def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision):
     # script failed here: "Attempting to unscale FP16 gradients").
     train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", precision, "--gradient_checkpointing",
           "--use_ema", "--validation_prompts", "a creature")  # fmt: skip
-    losses = [loss for _, loss in logged_losses(tmp_path)]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    adapter = load_file(tmp_path / WEIGHTS_NAME)
-    assert all(value.dtype == torch.float32 for value in adapter.values())
-    lora_up = [value for key, value in adapter.items() if key.endswith("lora.up.weight")]  # B, which starts at zero
-    assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
+    assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
@@ -139,9 +143,4 @@ def test_under_mixed_precision_the_frozen_unet_is_half_and_the_adapter_float32(t
     assert (tmp_path / "val_imgs_grid.png").exists()  # validation runs under bf16 autocast on the CPU too
     dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in trained_unet[0].parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
-    losses = [loss for _, loss in logged_losses(tmp_path)]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    adapter = load_file(tmp_path / WEIGHTS_NAME)
-    assert all(value.dtype == torch.float32 for value in adapter.values())
-    lora_up = [value for key, value in adapter.items() if key.endswith("lora.up.weight")]  # B, which starts at zero
-    assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
+    assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
