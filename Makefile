@@ -61,7 +61,7 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 
 # Everything this machine can run, the slow tests included (plain `pytest` skips those for quick runs).
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest -m "not gpu" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
