@@ -34,14 +34,15 @@ from pathlib import Path
 
 import torch
 
+import benchmark
+
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data" / "creatures"
 
-# The seed's recipe (train.sh), less the output folder and the step count.
-RECIPE = ["--center_crop", "--random_flip", "--train_batch_size", "1", "--gradient_accumulation_steps", "4",
-          "--use_ema", "--gradient_checkpointing", "--learning_rate", "1e-5", "--max_grad_norm", "1",
-          "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0"]  # fmt: skip
-UPSTREAM_PATH = ["--no-cache_latents", "--no-fused_adam", "--no-inplace_ema"]
+# The seed's recipe as benchmark.py runs it (train.sh's flags, less the output folder and the step count),
+# and upstream's path: the toolkit's speed options off.
+RECIPE = [*benchmark.RECIPE, "--seed", "0"]
+UPSTREAM_PATH = benchmark.OFF
 
 # (name, flags added to the recipe, flags taken out of it, mixed precision, extra environment)
 CONFIGS = [
@@ -296,8 +297,7 @@ def main(argv=None):
 
     rows = [train(name, recipe(add, remove), precision, env=env) for name, add, remove, precision, env in CONFIGS]
     if args.upstream:
-        upstream_flags = [flag for flag in recipe() if flag not in UPSTREAM_PATH]
-        rows.append(train("upstream's script, fp16", upstream_flags, "fp16", upstream=args.upstream))
+        rows.append(train("upstream's script, fp16", recipe(), "fp16", upstream=args.upstream))
     if args.distributed:
         for name, config, remove in DISTRIBUTED:
             if not torch.cuda.is_available():
