@@ -11,58 +11,82 @@ queue and run `--concurrency` at a time, so a few users at once can't knock the 
 """
 
 import argparse
+import os
 import random
+import socket
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import gradio as gr
-import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
+import psutil
+from huggingface_hub import ModelCard
 
 from sdtoolkit.errors import UserError, run_main
-from sdtoolkit.inference import add_device_arguments, add_model_config_argument, load_pipeline, pick_device_and_dtype
-
-TITLE = "Pokémon text-to-image"
-DESCRIPTION = (
-    "Stable Diffusion v1-4 fine-tuned on pokemon-blip-captions: describe anything and it comes out as a Pokémon."
-    " Leave the seed blank for a random one; the seed used is shown under the images so you can make the same"
-    " picture again."
+from sdtoolkit.images_api import images_api
+from sdtoolkit.inference import (
+    add_device_arguments,
+    add_model_config_argument,
+    load_pipeline,
+    looks_like_local_path,
+    pick_device_and_dtype,
 )
-EXAMPLES = ["yoda", "pikachu", "charmander"]
+from sdtoolkit.serving import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    SCHEDULERS,
+    ImageService,
+    QueueFull,
+    RequestQueue,
+)
 
-# DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
-SCHEDULERS = {
-    "DPM-Solver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
-    "PNDM": PNDMScheduler.from_config,
-    "DDIM": DDIMScheduler.from_config,
-    "Euler ancestral": EulerAncestralDiscreteScheduler.from_config,
-}
-DEFAULT_SCHEDULER = "DPM-Solver++"
-DEFAULT_STEPS = 25
-MAX_STEPS = 150
-MAX_GUIDANCE = 30.0
-MIN_SIZE, MAX_SIZE = 64, 1024
-MAX_IMAGES = 4
+SEED_HELP = (
+    "Leave the seed blank for a random one; the seed used is shown under the images, and every PNG carries its"
+    " prompt, seed and settings, so a picture can be made again."
+)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Serve a Stable Diffusion pipeline as a Gradio demo and API.")
+    parser = argparse.ArgumentParser(
+        description="Serve a Stable Diffusion pipeline as a web page, a Gradio API and an OpenAI-compatible API."
+    )
     parser.add_argument(
         "--model_path", default="sd-pokemon-model", help="Pipeline folder, hub id, or SD 1.x .safetensors file."
     )
-    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on; 0.0.0.0 for other devices.")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="Also open a temporary public Gradio link.")
-    parser.add_argument("--auth", default=None, help="user:password to require a login.")
     parser.add_argument(
         "--lora", default=None, help="A LoRA to load on top of --model_path (folder or .safetensors file)."
     )
     add_model_config_argument(parser)
     add_device_arguments(parser)
+    parser.add_argument(
+        "--title", default=None, help="The page's title (default: the model's name; its card gives the text)."
+    )
+
+    # Who can reach it.
+    parser.add_argument("--host", default=None, help="Interface to listen on (default 127.0.0.1: this machine only).")
+    parser.add_argument(
+        "--listen", action="store_true", help="Listen on every interface (0.0.0.0) and print the LAN addresses."
+    )
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="Also open a temporary public Gradio link.")
+    parser.add_argument("--auth", default=None, help="user:password to require a login on the page.")
+    parser.add_argument(
+        "--api_key",
+        default=os.environ.get("SDTOOLKIT_API_KEY"),
+        help=(
+            "The Bearer token /v1 wants (default: $SDTOOLKIT_API_KEY, which other users of the machine can't read"
+            " in `ps`). Without it, --auth's user:password is the token; with neither, /v1 is open."
+        ),
+    )
+
+    # How much work it takes on (the page and /v1 share one queue).
     parser.add_argument("--max_queue", type=int, default=16, help="Requests that may wait; more are refused.")
     parser.add_argument("--concurrency", type=int, default=1, help="Requests generated at the same time.")
     parser.add_argument(
@@ -76,8 +100,13 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
 
+    if args.listen and args.host not in (None, "0.0.0.0"):
+        raise UserError(f"--listen means --host 0.0.0.0; leave out --host {args.host} or --listen")
+    args.host = "0.0.0.0" if args.listen else args.host or "127.0.0.1"
     if args.auth is not None and (":" not in args.auth or args.auth.startswith(":") or args.auth.endswith(":")):
         raise UserError("--auth must be user:password")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api_key (or SDTOOLKIT_API_KEY) is empty; give a key or leave it out")
     if args.max_queue < 1 or args.concurrency < 1:
         raise UserError("--max_queue and --concurrency must be at least 1")
     if not 1 <= args.port <= 65535:
@@ -91,7 +120,7 @@ def parse_seed(seed):
     """The seed box: blank means a random seed; anything else must be a whole number."""
     text = "" if seed is None else str(seed).strip()
     if text == "":
-        return random.randint(0, 2**32 - 1)
+        return random.randint(0, 2**32 - 1)  # short enough to copy by hand
     try:
         value = int(text)
     except ValueError:
@@ -102,7 +131,7 @@ def parse_seed(seed):
         if not number.is_integer():
             raise gr.Error(f"The seed must be a whole number or blank, not '{text}'.") from None
         value = int(number)
-    if not 0 <= value < 2**64:
+    if not 0 <= value <= MAX_SEED:
         raise gr.Error("The seed must be between 0 and 2^64 - 1.")
     return value
 
@@ -128,16 +157,15 @@ def count_tokens(tokenizer, text):
     return len(tokenizer(text, truncation=False).input_ids)
 
 
-def make_generate(pipeline):
+def make_generate(service):
     """The function behind the Generate button and the /generate endpoint."""
-    device = pipeline.device
-    tokenizer = pipeline.tokenizer
+    tokenizer = service.pipeline.tokenizer
 
     def generate(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
         check_request(prompt, steps, width, height, num_images)
         seed = parse_seed(seed)
 
-        notes = [f"Seed: {seed}"]
+        notes = [f"Seed: {seed}" + (f" (image i: {seed} + i)" if int(num_images) > 1 else "")]
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
             if text and count_tokens(tokenizer, text) > tokenizer.model_max_length:
                 message = (
@@ -146,32 +174,67 @@ def make_generate(pipeline):
                 )
                 gr.Warning(message)
                 notes.append(message)
-
-        # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state.
-        components = {**pipeline.components, "scheduler": SCHEDULERS[scheduler](pipeline.scheduler.config)}
-        run = StableDiffusionPipeline(**components, requires_safety_checker=pipeline.config.requires_safety_checker)
-        run.set_progress_bar_config(disable=True)
-        generator = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(seed)
-        with torch.inference_mode():
-            images = run(
-                prompt,
-                negative_prompt=negative_prompt or None,
-                num_inference_steps=int(steps),
+        try:
+            images = service.generate(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                steps=int(steps),
                 guidance_scale=float(guidance_scale),
+                seed=seed,
+                scheduler=scheduler,
                 width=int(width),
                 height=int(height),
-                num_images_per_prompt=int(num_images),
-                generator=generator,
-            ).images
+                num_images=int(num_images),
+            )
+        except QueueFull as err:
+            raise gr.Error(str(err)) from None
         return images, "\n".join(notes)
 
     return generate
 
 
-def build_app(pipeline, *, title=TITLE, description=DESCRIPTION, examples=EXAMPLES, concurrency=1, cache_max_age=3600):
-    """The demo's gr.Blocks for a loaded pipeline. Nothing is launched."""
-    default_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    generate = make_generate(pipeline)
+def model_name(path):
+    """A short name for a model: a folder's or a file's name, or a hub id as it is."""
+    if not looks_like_local_path(path):
+        return path
+    path = Path(path)
+    return path.stem if path.suffix == ".safetensors" else path.resolve().name
+
+
+def read_card(path):
+    """The model card training wrote beside a model or LoRA (README.md), or None. Hub cards are not fetched."""
+    folder = Path(path).parent if Path(path).is_file() else Path(path)
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card, ignore_metadata_errors=True)
+    except (OSError, ValueError):
+        return None
+
+
+def describe_model(model_path, lora=None, title=None):
+    """The page's title, description and example prompts, from the model card: its base model and data (the
+    hub ids in its metadata, else the sentence naming local folders) and its validation prompts."""
+    name = model_name(model_path) + (f" + {model_name(lora)}" if lora else "")
+    description, examples = f"Stable Diffusion pipeline `{name}`.", []
+    card = read_card(lora) if lora else None
+    card = card or read_card(model_path)
+    if card is not None:
+        data = card.data.to_dict()
+        datasets = data.get("datasets") or []
+        if data.get("base_model") and datasets:
+            description = f"Fine-tuned from **{data['base_model']}** on **{', '.join(datasets)}**."
+        else:
+            said = [line for line in card.text.splitlines() if line.startswith("This pipeline was fine-tuned from")]
+            description = said[0] if said else description
+        examples = [entry["text"] for entry in data.get("widget") or [] if isinstance(entry, dict) and "text" in entry]
+    return title or name, f"{description} {SEED_HELP}", examples
+
+
+def build_app(service, *, title, description, examples=(), concurrency=1, cache_max_age=3600):
+    """The demo's gr.Blocks for an ImageService. Nothing is launched."""
+    generate = make_generate(service)
 
     # Gradio keeps every image it serves as a file in its cache; delete_cache bounds how long they stay.
     delete_cache = (min(cache_max_age, 600), cache_max_age)
@@ -179,38 +242,90 @@ def build_app(pipeline, *, title=TITLE, description=DESCRIPTION, examples=EXAMPL
         gr.Markdown(f"# {title}\n{description}")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", placeholder="yoda", lines=2)
+                prompt = gr.Textbox(label="Prompt", placeholder=examples[0] if examples else "", lines=2)
                 negative_prompt = gr.Textbox(label="Negative prompt", value="", placeholder="blurry, low quality")
                 with gr.Row():
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
-                    guidance_scale = gr.Slider(0, MAX_GUIDANCE, value=7.5, step=0.5, label="Guidance scale")
+                    guidance_scale = gr.Slider(
+                        0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale"
+                    )
                 with gr.Row():
                     seed = gr.Textbox(label="Seed (blank = random)", value="")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
                 with gr.Row():
-                    width = gr.Slider(MIN_SIZE, MAX_SIZE, value=default_size, step=8, label="Width")
-                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=default_size, step=8, label="Height")
+                    size = service.default_size
+                    width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width")
+                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png")
                 info = gr.Textbox(label="Details", interactive=False)
-        gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
+        if examples:
+            gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
 
         inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images]
-        # The button and Enter in the prompt box share one concurrency limit; only the button is the public API.
-        limit = dict(concurrency_limit=concurrency, concurrency_id="generate")
-        button.click(generate, inputs, [gallery, info], api_name="generate", **limit)
-        prompt.submit(generate, inputs, [gallery, info], api_visibility="private", **limit)
+        # The button and Enter in the prompt box run at once: the service's RequestQueue, which /v1 shares, is
+        # what makes requests wait (`concurrency` at a time) or refuses them. Only the button is the public API.
+        button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)
+        prompt.submit(generate, inputs, [gallery, info], api_visibility="private", concurrency_limit=None)
     return app
+
+
+def lan_addresses():
+    """This machine's IPv4 addresses other devices may reach it at (loopback left out)."""
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                found.append(address.address)
+    return found
+
+
+def warn_if_open(args):
+    """Say so when the page or /v1 can be reached from elsewhere without a login or a key."""
+    public = args.host not in LOCAL_HOSTS or args.share
+    where = "a public link" if args.share else f"{args.host}:{args.port}"
+    if public and args.auth is None:
+        print(
+            f"warning: the page on {where} has no login: anyone who reaches it can generate; add --auth user:password"
+        )
+    if args.host not in LOCAL_HOSTS and args.api_key is None and args.auth is None:
+        print(f"warning: /v1 on {where} has no key: anyone who reaches it can generate; add --api_key or --auth")
 
 
 def launch(args, block=True):
     """Load the model, build the app and serve it as args say; returns the running app when block=False."""
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     pipeline = load_pipeline(args.model_path, device, dtype, config=args.model_config, lora=args.lora)
-    app = build_app(pipeline, concurrency=args.concurrency, cache_max_age=args.cache_max_age)
-    app.queue(max_size=args.max_queue, default_concurrency_limit=args.concurrency)
+    queue = RequestQueue(concurrency=args.concurrency, max_queue=args.max_queue)
+    lora_name = model_name(args.lora) if args.lora else None
+    service = ImageService(pipeline, model_name=model_name(args.model_path), lora_name=lora_name, queue=queue)
+    title, description, examples = describe_model(args.model_path, args.lora, args.title)
+    app = build_app(
+        service,
+        title=title,
+        description=description,
+        examples=examples,
+        concurrency=args.concurrency,
+        cache_max_age=args.cache_max_age,
+    )
+    # Gradio's own queue only hands requests over; RequestQueue bounds them. Enough worker threads for every
+    # request it may hold, so that none waits unseen in Gradio's thread pool.
+    app.queue(max_size=None, default_concurrency_limit=None)
+    max_threads = max(40, args.concurrency + args.max_queue + 8)
+
+    # Gradio builds its FastAPI app inside launch(); the OpenAI-compatible routes join it at start-up, before
+    # the first request. /v1's key: --api_key, else the page's user:password.
+    api_key = args.api_key or args.auth
+    router = images_api(service, api_key=api_key)
+
+    @asynccontextmanager
+    async def add_images_api(fastapi_app):
+        fastapi_app.include_router(router)
+        yield
+
+    warn_if_open(args)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:
         app.launch(
@@ -219,11 +334,19 @@ def launch(args, block=True):
             share=args.share,
             auth=auth,
             show_error=True,
-            prevent_thread_lock=not block,
+            max_threads=max_threads,
+            app_kwargs={"lifespan": add_images_api},
+            prevent_thread_lock=True,
             quiet=not block,
         )
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({err}); choose another --port") from err
+    print(f"OpenAI-compatible API: {app.local_url}v1 (POST /v1/images/generations); health: {app.local_url}health")
+    if args.host == "0.0.0.0":
+        for address in lan_addresses():
+            print(f"From other devices: http://{address}:{args.port}/ (page), http://{address}:{args.port}/v1 (API)")
+    if block:
+        app.block_thread()
     return app
 
 

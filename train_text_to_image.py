@@ -15,6 +15,7 @@ defaults, same checkpoint layout. The VAE and the CLIP text encoder stay frozen;
 import argparse
 import gc
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -1025,6 +1026,9 @@ def save_model_card(args, repo_id, images, buckets_used=None):
         metadata.append(f"base_model: {model}")
     if not looks_like_local_path(dataset):
         metadata.append(f"datasets:\n- {dataset}")
+    # The hub's example prompts for the model; gradio_app.py offers them on its page. A JSON string is valid YAML.
+    if args.validation_prompts:
+        metadata.append("widget:" + "".join(f"\n- text: {json.dumps(p)}" for p in args.validation_prompts))
     yaml = "---\nlicense: creativeml-openrail-m\n" + "".join(line + "\n" for line in metadata)
     yaml += """tags:
 - stable-diffusion

@@ -13,6 +13,7 @@ from PIL import Image
 
 import gradio_app
 from sdtoolkit.inference import load_pipeline
+from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
@@ -51,7 +52,8 @@ def generate(client, prompt="pikachu", negative="", steps=3, guidance=7.5, seed=
 
 def test_build_app_builds_without_launching(tiny_sd):
     pipeline = load_pipeline(tiny_sd, torch.device("cpu"), torch.float32)
-    app = gradio_app.build_app(pipeline)
+    service = ImageService(pipeline, model_name="tiny-sd", queue=RequestQueue(concurrency=1, max_queue=1))
+    app = gradio_app.build_app(service, title="Tiny", description="A tiny model.")
     api_names = [dep.get("api_name") for dep in app.config["dependencies"]]
     assert "generate" in api_names
     assert not app.is_running
@@ -148,7 +150,7 @@ def test_full_queue_is_refused_with_a_message(tiny_sd):
             except Exception as err:  # gradio_client reports a refused job as an exception
                 refused.append(str(err))
         assert len(finished) == 2 and all(len(gallery) == 1 for gallery, _ in finished)
-        assert len(refused) == 2 and all("Queue is full" in e for e in refused), refused
+        assert len(refused) == 2 and all("The server is busy" in e for e in refused), refused
         assert len(generate(client)[0]) == 1  # still serving
     finally:
         app.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import ModelCard
 from PIL import Image
 
 import train_text_to_image
@@ -36,6 +37,9 @@ def test_two_step_run_writes_a_pipeline_that_loads_and_generates(tiny_sd, tmp_pa
     # Local paths stay out of the card (they mean nothing elsewhere); its snippet loads the folder it is in.
     assert "base_model:" not in card and "datasets:" not in card and str(tiny_sd) not in card
     assert "fine-tuned from a local folder `tiny-sd`" in card
+    # The validation prompts are the card's example prompts (the hub's `widget`, gradio_app.py's examples).
+    widget = ModelCard.load(out / "README.md").data.widget
+    assert widget == [{"text": "a green creature"}, {"text": "a red creature"}]
     assert f'StableDiffusionPipeline.from_pretrained("{out}"' in card
     assert [step for step, _ in logged_losses(out)] == [1, 2]
 

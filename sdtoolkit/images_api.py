@@ -1,0 +1,234 @@
+"""The OpenAI-compatible HTTP API that gradio_app.py serves beside its web page.
+
+    POST /v1/images/generations   OpenAI's images API: prompt, n, size, response_format "b64_json", plus this
+                                  model's own fields: negative_prompt, seed, steps, guidance_scale, scheduler
+    GET  /v1/models               the one model served
+    GET  /health                  model, device, dtype, queue and uptime; no key needed, nothing generated
+
+So any OpenAI client (the `openai` SDKs, curl, apps that take a base URL) can use the fine-tuned model. Requests
+go through the same ImageService and RequestQueue as the web page (see sdtoolkit/serving.py). Errors have
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 names the field at fault, 401 means no
+valid key, 404 an unknown model, 503 (with Retry-After) a full queue.
+"""
+
+import base64
+import io
+import random
+import secrets
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from sdtoolkit.errors import first_line
+from sdtoolkit.serving import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    SCHEDULERS,
+    QueueFull,
+    scheduler_named,
+)
+
+# OpenAI fields that change the result and that this server can't honour: refused, not silently ignored.
+UNSUPPORTED = ("quality", "style", "background", "moderation", "output_compression", "partial_images", "stream")
+KNOWN = {"prompt", "model", "n", "size", "response_format", "output_format", "user", "negative_prompt", "seed",
+         "steps", "guidance_scale", "scheduler"}  # fmt: skip
+
+
+class BadRequest(Exception):
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(status, message, *, param=None, type="invalid_request_error", code=None, headers=None):
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def whole_number(body, name, default, low, high):
+    value = body.get(name, default)
+    # JSON's true and false are ints to Python; a count or a seed is never one.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"'{name}' must be a whole number, got {value!r}", name)
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def parse_size(size, default_size):
+    if size in (None, "auto"):
+        return default_size, default_size
+    width, _, height = str(size).partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise BadRequest(f"'size' must be WIDTHxHEIGHT in pixels, like \"512x512\", got {size!r}", "size")
+    width, height = int(width), int(height)
+    for side in (width, height):
+        if not MIN_SIZE <= side <= MAX_SIZE or side % 8:
+            raise BadRequest(
+                f"'size' {size}: each side must be a multiple of 8 (the VAE works on 8x8 pixel blocks) from"
+                f" {MIN_SIZE} to {MAX_SIZE}",
+                "size",
+            )
+    return width, height
+
+
+def parse_generation_request(body, service):
+    """The ImageService.generate arguments (and the response format) of a request body; BadRequest names the
+    first field at fault."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    for name in body:
+        if name in UNSUPPORTED:
+            raise BadRequest(f"'{name}' is not supported by this server", name)
+        if name not in KNOWN:
+            raise BadRequest(f"unknown field '{name}'", name)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("'prompt' must be a non-empty string", "prompt")
+    negative_prompt = body.get("negative_prompt") or ""
+    if not isinstance(negative_prompt, str):
+        raise BadRequest("'negative_prompt' must be a string", "negative_prompt")
+    if body.get("response_format", "b64_json") != "b64_json":
+        raise BadRequest("'response_format' must be \"b64_json\": this server returns images, not URLs",
+                         "response_format")  # fmt: skip
+    if body.get("output_format", "png") != "png":
+        raise BadRequest("'output_format' must be \"png\" (the format that carries the parameters)", "output_format")
+    scheduler = scheduler_named(str(body.get("scheduler", DEFAULT_SCHEDULER)))
+    if scheduler is None:
+        raise BadRequest(
+            f"unknown 'scheduler' {body['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}", "scheduler"
+        )
+    guidance = body.get("guidance_scale", DEFAULT_GUIDANCE)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise BadRequest(f"'guidance_scale' must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}",
+                         "guidance_scale")  # fmt: skip
+    seed = body.get("seed")
+    width, height = parse_size(body.get("size"), service.default_size)
+    return dict(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=whole_number(body, "steps", DEFAULT_STEPS, 1, MAX_STEPS),
+        guidance_scale=float(guidance),
+        seed=random.randint(0, MAX_SEED) if seed is None else whole_number(body, "seed", None, 0, MAX_SEED),
+        scheduler=scheduler,
+        width=width,
+        height=height,
+        num_images=whole_number(body, "n", 1, 1, MAX_IMAGES),
+    )
+
+
+def png_base64(image):
+    """The image as base64 PNG bytes, its parameters text chunk included."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", image.info["parameters"])
+    buffer = io.BytesIO()
+    image.save(buffer, format="png", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def images_api(service, *, api_key=None):
+    """The routes above for `service`, as a FastAPI router. With `api_key`, /v1 wants `Authorization: Bearer
+    <api_key>`; /health stays open, so that monitors and load balancers need no secret."""
+    router = APIRouter()
+
+    def refused(request):
+        """An OpenAI-shaped 401 if the request lacks the key, else None."""
+        if api_key is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            return None
+        return error_response(
+            401,
+            "no valid API key: send the server's key as `Authorization: Bearer <key>` (the openai SDK's api_key)",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @router.get("/health")
+    def health():
+        pipeline, queue = service.pipeline, service.queue
+        return {
+            "status": "ok",
+            "model": service.model_id,
+            "device": str(pipeline.device),
+            "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+            "queue": {
+                "running": queue.running,
+                "waiting": queue.waiting,
+                "concurrency": queue.concurrency,
+                "max_queue": queue.max_queue,
+            },  # fmt: skip
+            "uptime_s": round(time.time() - service.started, 1),
+        }
+
+    @router.get("/v1/models")
+    def models(request: Request):
+        return refused(request) or {
+            "object": "list",
+            "data": [
+                {"id": service.model_id, "object": "model", "created": int(service.started), "owned_by": "sdtoolkit"}
+            ],
+        }
+
+    @router.post("/v1/images/generations")
+    async def generations(request: Request):
+        denied = refused(request)
+        if denied:
+            return denied
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(400, "the request body is not valid JSON")
+        try:
+            arguments = parse_generation_request(body, service)
+        except BadRequest as err:
+            return error_response(400, str(err), param=err.param)
+        model = body.get("model")
+        if model is not None and model != service.model_id:
+            return error_response(
+                404, f"the model '{model}' is not served here; this server serves '{service.model_id}'",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+
+        # Generation blocks for seconds: it runs in a worker thread, waiting its turn in the shared queue there.
+        def generate_pngs():
+            return [png_base64(image) for image in service.generate(**arguments)]
+
+        try:
+            pngs = await run_in_threadpool(generate_pngs)
+        except QueueFull as err:
+            retry = str(service.queue.retry_after())
+            return error_response(
+                503, str(err), type="server_error", code="queue_full", headers={"Retry-After": retry}
+            )
+        except Exception as err:  # a failed generation (out of memory, ...) must not look like a success
+            return error_response(500, f"generation failed: {first_line(err)}", type="server_error")
+
+        seed = arguments["seed"]
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": png, "seed": (seed + i) % (MAX_SEED + 1)} for i, png in enumerate(pngs)],
+            "output_format": "png",
+            "size": f"{arguments['width']}x{arguments['height']}",
+        }
+
+    # Anything else under /v1 is an OpenAI endpoint this server does not have; say so in OpenAI's shape.
+    @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def not_here(path: str, request: Request):
+        return refused(request) or error_response(
+            404, f"{request.method} /v1/{path} is not served here: only /v1/images/generations and /v1/models"
+        )
+
+    return router

@@ -1,0 +1,186 @@
+"""Generating images for gradio_app.py's web page and its OpenAI-compatible API: one model, one queue, and the
+generation parameters inside every PNG.
+
+Both front-ends call `ImageService.generate`, so a seed gives the same pixels whichever way it was asked for,
+and both wait in one `RequestQueue`: at most `concurrency` generations run at once, at most `max_queue` more
+wait, and a request beyond that is refused at once (`QueueFull`) instead of hanging.
+
+Each image carries, in a PNG text chunk named `parameters`, the lines AUTOMATIC1111's web UI writes:
+
+    a pikachu in a hat
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 7, Size: 512x512, Model: sd-pokemon-model
+
+so its "PNG Info" tab, image browsers and metadata readers show how the image was made. Image i of a request
+uses seed + i, so every image can be made again on its own from the seed written in it.
+"""
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+
+# DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
+SCHEDULERS = {
+    "DPM-Solver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+    "PNDM": PNDMScheduler.from_config,
+    "DDIM": DDIMScheduler.from_config,
+    "Euler ancestral": EulerAncestralDiscreteScheduler.from_config,
+}
+# AUTOMATIC1111's names for the same samplers, written into the PNGs and accepted by the API. DPM-Solver++ of
+# order 2 (diffusers' default) is its "DPM++ 2M"; PNDM with SD's skip_prk_steps=True is pseudo linear multistep.
+A1111_SAMPLERS = {"DPM-Solver++": "DPM++ 2M", "PNDM": "PLMS", "DDIM": "DDIM", "Euler ancestral": "Euler a"}
+DEFAULT_SCHEDULER = "DPM-Solver++"
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MIN_SIZE, MAX_SIZE = 64, 1024
+MAX_IMAGES = 4
+MAX_SEED = 2**64 - 1
+
+
+def scheduler_named(name):
+    """The SCHEDULERS key for `name`, ours or AUTOMATIC1111's ("Euler a"), any case; None if unknown."""
+    for ours, theirs in A1111_SAMPLERS.items():
+        if name.strip().lower() in (ours.lower(), theirs.lower()):
+            return ours
+    return None
+
+
+class QueueFull(Exception):
+    """Every generation slot is busy and `max_queue` requests already wait."""
+
+
+class RequestQueue:
+    """The queue both front-ends share: `concurrency` requests run, `max_queue` wait, more are refused."""
+
+    def __init__(self, *, concurrency, max_queue):
+        self.concurrency, self.max_queue = concurrency, max_queue
+        self.slots = threading.Semaphore(concurrency)
+        self.lock = threading.Lock()
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self.seconds_per_request = None  # a running mean, for telling a refused client when to come back
+
+    @property
+    def waiting(self):
+        return self.admitted - self.running
+
+    def retry_after(self):
+        """Seconds until a slot is likely free: the requests ahead of a newcomer times the mean request time."""
+        per_request = self.seconds_per_request or 1.0
+        return max(1, round(per_request * self.admitted / self.concurrency))
+
+    @contextmanager
+    def turn(self):
+        """Wait for a generation slot (in the calling thread) and hold it; QueueFull if the queue is full."""
+        with self.lock:
+            if self.admitted >= self.concurrency + self.max_queue:
+                raise QueueFull(
+                    f"The server is busy: {self.running} requests are generating and {self.waiting} waiting"
+                    f" (--max_queue {self.max_queue}); try again in about {self.retry_after()} s"
+                )
+            self.admitted += 1
+        try:
+            with self.slots:
+                with self.lock:
+                    self.running += 1
+                start = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    seconds = time.perf_counter() - start
+                    with self.lock:
+                        self.running -= 1
+                        mean = self.seconds_per_request
+                        self.seconds_per_request = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+        finally:
+            with self.lock:
+                self.admitted -= 1
+
+
+def a1111_value(value):
+    """A value as AUTOMATIC1111 writes it in its key: value list: quoted as JSON if it holds , : or a newline."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return json.dumps(text) if any(c in text for c in ",:\n") else text
+
+
+def parameters_text(*, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora):
+    """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring)."""
+    fields = {
+        "Steps": steps,
+        "Sampler": A1111_SAMPLERS[scheduler],
+        "CFG scale": float(guidance_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+    }
+    if lora:
+        fields["Lora"] = lora
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {a1111_value(value)}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+class ImageService:
+    """One loaded pipeline behind one RequestQueue, for the web page and the API alike."""
+
+    def __init__(self, pipeline, *, model_name, lora_name=None, queue):
+        self.pipeline = pipeline
+        self.model_name, self.lora_name = model_name, lora_name
+        # What API clients pass as `model` and what /v1/models lists.
+        self.model_id = model_name if lora_name is None else f"{model_name}+{lora_name}"
+        self.queue = queue
+        self.default_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        self.started = time.time()
+
+    def generate(self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
+        """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
+        image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too)."""
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
+        # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state.
+        pipeline = self.pipeline
+        components = {**pipeline.components, "scheduler": SCHEDULERS[scheduler](pipeline.scheduler.config)}
+        run = StableDiffusionPipeline(**components, requires_safety_checker=pipeline.config.requires_safety_checker)
+        run.set_progress_bar_config(disable=True)
+        # One generator per image: diffusers draws image i's starting noise (and an ancestral sampler's noise)
+        # from generators[i] alone, so image i is the image a one-image request with seeds[i] makes.
+        device = "cpu" if pipeline.device.type == "mps" else pipeline.device
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        with self.queue.turn(), torch.inference_mode():
+            images = run(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                width=width,
+                height=height,
+                num_images_per_prompt=num_images,
+                generator=generators,
+            ).images
+        for image, image_seed in zip(images, seeds):
+            image.info["parameters"] = parameters_text(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                steps=steps,
+                scheduler=scheduler,
+                guidance_scale=guidance_scale,
+                seed=image_seed,
+                width=width,
+                height=height,
+                model=self.model_name,
+                lora=self.lora_name,
+            )
+        return images

@@ -1,0 +1,319 @@
+"""gradio_app.py's OpenAI-compatible API, /health and the PNG parameters, through real clients: the openai SDK,
+gradio_client, plain HTTP, and sd-parsers (a third-party reader of AUTOMATIC1111's PNG metadata)."""
+
+import base64
+import io
+import threading
+import time
+from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+from sd_parsers import ParserManager
+
+import gradio_app
+from tests.test_gradio_app import generate, start
+
+pytestmark = pytest.mark.usefixtures("client_downloads")
+
+FAST = {"steps": 3, "size": "64x64"}  # the tiny model's own size; 3 steps keep each call well under a second
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd):
+    app = start(tiny_sd)
+    yield app
+    app.close()
+
+
+def sdk(server, api_key="unused", **options):
+    return openai.OpenAI(base_url=f"{server.local_url}v1", api_key=api_key, **options)
+
+
+def decode(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def pixels(image):
+    return np.asarray(image.convert("RGB"))
+
+
+def post(server, body, **headers):
+    return httpx.post(f"{server.local_url}v1/images/generations", json=body, headers=headers, timeout=120)
+
+
+def read_parameters(image):
+    """What an AUTOMATIC1111 metadata reader finds in the image: prompt, negative prompt and sampler fields."""
+    info = ParserManager().parse(image)
+    assert info is not None and info.generator.name == "AUTOMATIC1111", image.info
+    sampler = info.samplers[0]
+    return {
+        "prompt": sampler.prompts[0].value,
+        "negative": sampler.negative_prompts[0].value if sampler.negative_prompts else "",
+        "sampler": sampler.name,
+        "model": sampler.model.name,
+        **sampler.parameters,
+        **info.metadata,
+    }
+
+
+def test_openai_sdk_gets_images_of_the_requested_size(server):
+    result = sdk(server).images.generate(
+        prompt="pikachu", size="64x96", n=2, response_format="b64_json", extra_body={"steps": 3, "seed": 7}
+    )
+    assert [decode(item.b64_json).size for item in result.data] == [(64, 96), (64, 96)]
+    assert result.size == "64x96" and result.output_format == "png"
+    assert [item.seed for item in result.data] == [7, 8]  # image i uses seed + i
+
+
+def test_v1_and_gradio_client_give_the_same_pixels_for_a_seed(server):
+    api = sdk(server).images.generate(prompt="a green creature", extra_body={**FAST, "seed": 11, "n": 2})
+    ui, _ = generate(Client(server.local_url, verbose=False), prompt="a green creature", seed="11", num_images=2)
+    for from_api, from_ui in zip(api.data, ui):
+        assert np.array_equal(pixels(decode(from_api.b64_json)), pixels(from_ui))
+    # Image 1 of that request is the one-image request with seed 12, as its parameters say.
+    alone = sdk(server).images.generate(prompt="a green creature", extra_body={**FAST, "seed": 12})
+    assert np.abs(pixels(decode(alone.data[0].b64_json)).astype(int) - pixels(ui[1]).astype(int)).max() <= 1
+
+
+def test_png_parameters_round_trip_and_make_the_image_again(server):
+    body = {"prompt": "a red creature, tall", "negative_prompt": "blurry", "seed": 5, "steps": 4,
+            "guidance_scale": 6.5, "scheduler": "Euler ancestral", "size": "64x80"}  # fmt: skip
+    image = decode(post(server, body).json()["data"][0]["b64_json"])
+    found = read_parameters(image)
+    assert found["prompt"] == "a red creature, tall" and found["negative"] == "blurry"
+    assert (found["sampler"], found["seed"], found["steps"], found["cfg_scale"]) == ("Euler a", "5", "4", "6.5")
+    assert (found["Size"], found["model"]) == ("64x80", "tiny-sd")
+    # Sending back what the PNG says (AUTOMATIC1111's sampler name included) makes the same image.
+    width, height = found["Size"].split("x")
+    again = {"prompt": found["prompt"], "negative_prompt": found["negative"], "seed": int(found["seed"]),
+             "steps": int(found["steps"]), "guidance_scale": float(found["cfg_scale"]),
+             "scheduler": found["sampler"], "size": f"{width}x{height}"}  # fmt: skip
+    remade = decode(post(server, again).json()["data"][0]["b64_json"])
+    assert np.array_equal(pixels(remade), pixels(image))
+
+
+def test_the_pages_downloads_carry_the_parameters_too(server):
+    images, _ = generate(Client(server.local_url, verbose=False), prompt="pikachu", negative="dark", seed="3")
+    found = read_parameters(images[0])
+    assert (found["prompt"], found["negative"], found["seed"], found["sampler"]) == (
+        "pikachu",
+        "dark",
+        "3",
+        "DPM++ 2M",
+    )
+
+
+def test_eight_openai_clients_at_once_all_finish(server):
+    client = sdk(server)
+
+    def one(seed):
+        return client.images.generate(prompt="creature", extra_body={**FAST, "seed": seed})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert [len(result.data) for result in results] == [1] * 8
+
+
+def test_models_and_health(server):
+    models = sdk(server).models.list()
+    assert [model.id for model in models.data] == ["tiny-sd"]
+    health = httpx.get(f"{server.local_url}health").json()
+    assert health["model"] == "tiny-sd" and (health["device"], health["dtype"]) == ("cpu", "float32")
+    assert health["queue"] == {"running": 0, "waiting": 0, "concurrency": 1, "max_queue": 16}
+    assert health["uptime_s"] > 0
+
+
+BAD = [
+    ({"size": "100x100"}, "size", "multiple of 8"),
+    ({"size": "2048x2048"}, "size", "from 64 to 1024"),
+    ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+    ({"n": 0}, "n", "between 1 and 4"),
+    ({"n": 5}, "n", "between 1 and 4"),
+    ({"n": True}, "n", "whole number"),
+    ({"prompt": "  "}, "prompt", "non-empty"),
+    ({"prompt": None}, "prompt", "non-empty"),
+    ({"steps": 0}, "steps", "between 1 and 150"),
+    ({"steps": 151}, "steps", "between 1 and 150"),
+    ({"steps": 2.5}, "steps", "whole number"),
+    ({"scheduler": "Nope"}, "scheduler", "DPM-Solver++, PNDM, DDIM, Euler ancestral"),
+    ({"guidance_scale": -1}, "guidance_scale", "from 0 to 30"),
+    ({"seed": -1}, "seed", "between 0 and"),
+    ({"seed": "7"}, "seed", "whole number"),
+    ({"negative_prompt": 3}, "negative_prompt", "string"),
+    ({"response_format": "url"}, "response_format", "b64_json"),
+    ({"output_format": "jpeg"}, "output_format", "png"),
+    ({"quality": "hd"}, "quality", "not supported"),
+    ({"colour": "red"}, "colour", "unknown field"),
+]
+
+
+@pytest.mark.parametrize("change, param, message", BAD, ids=[f"{p}={c[p]!r}" for c, p, _ in BAD])
+def test_a_bad_field_is_a_400_naming_it(server, change, param, message):
+    response = post(server, {"prompt": "pikachu", **FAST, **change})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_is_a_400_and_the_server_keeps_serving(server, content):
+    response = httpx.post(f"{server.local_url}v1/images/generations", content=content)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert post(server, {"prompt": "pikachu", **FAST}).status_code == 200
+
+
+def test_the_sdk_raises_on_bad_input_and_on_an_unknown_model(server):
+    with pytest.raises(openai.BadRequestError, match="multiple of 8"):
+        sdk(server).images.generate(prompt="pikachu", size="100x100")
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny-sd'"):
+        sdk(server).images.generate(prompt="pikachu", model="dall-e-3")
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        sdk(server).chat.completions.create(model="tiny-sd", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_without_the_key_v1_is_a_401_and_health_stays_open(tiny_sd):
+    app = start(tiny_sd, "--api_key", "s3cret", "--auth", "ash:pikachu")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            sdk(app, api_key="wrong").images.generate(prompt="pikachu", extra_body=FAST)
+        for headers in ({}, {"Authorization": "Bearer ash:pikachu"}, {"Authorization": "Basic s3cret"}):
+            response = post(app, {"prompt": "pikachu", **FAST}, **headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{app.local_url}v1/models").status_code == 401
+        assert len(sdk(app, api_key="s3cret").images.generate(prompt="pikachu", extra_body=FAST).data) == 1
+        assert httpx.get(f"{app.local_url}health").json()["model"] == "tiny-sd"
+    finally:
+        app.close()
+
+
+def test_without_api_key_the_pages_login_is_the_key(tiny_sd):
+    app = start(tiny_sd, "--auth", "ash:pikachu")
+    try:
+        assert post(app, {"prompt": "pikachu", **FAST}).status_code == 401
+        assert post(app, {"prompt": "pikachu", **FAST}, Authorization="Bearer ash:pikachu").status_code == 200
+    finally:
+        app.close()
+
+
+def test_a_full_queue_is_a_503_for_v1_and_an_error_on_the_page_and_the_server_keeps_serving(tiny_sd):
+    app = start(tiny_sd, "--max_queue", "1", "--concurrency", "1")
+    try:
+        # One slow request runs (from /v1) and one waits (from the page): the queue is shared and now full.
+        slow = {"prompt": "creature", "steps": 150, "scheduler": "PNDM", "size": "128x128", "seed": 1}
+        api_job = threading.Thread(target=lambda: post(app, slow))
+        api_job.start()
+        client = Client(app.local_url, verbose=False)
+        ui_job = client.submit("creature", "", 150, 7.5, "1", "PNDM", 128, 128, 1, api_name="/generate")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            queue = httpx.get(f"{app.local_url}health").json()["queue"]
+            if (queue["running"], queue["waiting"]) == (1, 1):
+                break
+            time.sleep(0.05)
+        assert (queue["running"], queue["waiting"]) == (1, 1), queue
+
+        refused = post(app, {"prompt": "pikachu", **FAST})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        with pytest.raises(AppError, match="The server is busy"):
+            generate(client)
+
+        api_job.join(timeout=120)
+        assert len(ui_job.result(timeout=120)[0]) == 1
+        assert post(app, {"prompt": "pikachu", **FAST}).status_code == 200  # still serving
+        assert len(generate(client)[0]) == 1
+    finally:
+        app.close()
+
+
+def test_listen_binds_every_interface_prints_the_lan_addresses_and_warns_without_auth(tiny_sd, capsys):
+    app = start(tiny_sd, "--listen")
+    try:
+        out = capsys.readouterr().out
+        assert app.server_name == "0.0.0.0"
+        assert "warning: the page on 0.0.0.0" in out and "warning: /v1 on 0.0.0.0" in out
+        port = app.server_port
+        addresses = gradio_app.lan_addresses()
+        for address in addresses:
+            assert f"http://{address}:{port}/v1" in out
+        # Reachable at a LAN address, where this machine has one (CI's container does).
+        host = addresses[0] if addresses else "127.0.0.1"
+        assert httpx.get(f"http://{host}:{port}/health").status_code == 200
+    finally:
+        app.close()
+
+
+def test_listen_and_another_host_is_one_line():
+    with pytest.raises(gradio_app.UserError, match="--listen means --host 0.0.0.0"):
+        gradio_app.parse_args(["--listen", "--host", "10.0.0.2"])
+
+
+def test_localhost_with_no_auth_gives_no_warning(tiny_sd, capsys):
+    args = gradio_app.parse_args([])
+    gradio_app.warn_if_open(args)
+    assert capsys.readouterr().out == ""
+    gradio_app.warn_if_open(gradio_app.parse_args(["--host", "0.0.0.0", "--auth", "ash:pikachu"]))
+    assert capsys.readouterr().out == ""
+
+
+def card_args(output_dir, **change):
+    """What save_model_card reads from training's arguments."""
+    values = dict(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
+                  dataset_name="lambdalabs/pokemon-blip-captions", train_data_dir=None,
+                  validation_prompts=["yoda", "a robot, shiny"], push_to_hub=False, output_dir=str(output_dir),
+                  lora_rank=None, max_train_steps=1, num_train_epochs=1, learning_rate=1e-5, lr_scheduler="constant",
+                  lr_warmup_steps=0, train_batch_size=1, gradient_accumulation_steps=4, resolution=512,
+                  center_crop=True, random_flip=True, mixed_precision="fp16", use_ema=True, seed=None)  # fmt: skip
+    return Namespace(**{**values, **change})
+
+
+def page(server):
+    config = httpx.get(f"{server.local_url}config").json()
+    texts = [c["props"].get("value") for c in config["components"] if c["type"] == "markdown"]
+    examples = [c["props"] for c in config["components"] if c["type"] == "dataset"]
+    return config["title"], texts[0], examples
+
+
+def test_the_page_says_what_it_serves_from_the_model_card(tiny_sd, tmp_path):
+    import shutil
+
+    import train_text_to_image
+
+    model = tmp_path / "my-pokemon"
+    shutil.copytree(tiny_sd, model)
+    train_text_to_image.save_model_card(card_args(model), "my-pokemon", images=[])
+    app = start(str(model))
+    try:
+        title, text, examples = page(app)
+        assert title == "my-pokemon" and text.startswith("# my-pokemon\n")
+        assert "Fine-tuned from **CompVis/stable-diffusion-v1-4** on **lambdalabs/pokemon-blip-captions**" in text
+        assert "Pokémon" not in text
+        assert examples and examples[0]["samples"] == [["yoda"], ["a robot, shiny"]]
+    finally:
+        app.close()
+
+    # Trained from local folders, the card's sentence names them; --title replaces the title.
+    train_text_to_image.save_model_card(
+        card_args(
+            model, pretrained_model_name_or_path=str(tiny_sd), dataset_name=None, train_data_dir=str(tmp_path / "x")
+        ),
+        "my-pokemon",
+        images=[],
+    )
+    assert gradio_app.describe_model(str(model), title="Creature maker")[:2] == (
+        "Creature maker",
+        f"This pipeline was fine-tuned from a local folder `tiny-sd` on a local folder `x`. {gradio_app.SEED_HELP}",
+    )
+    # No card at all: the model's name, and no example prompts.
+    assert gradio_app.describe_model(tiny_sd) == (
+        "tiny-sd",
+        f"Stable Diffusion pipeline `tiny-sd`. {gradio_app.SEED_HELP}",
+        [],
+    )
