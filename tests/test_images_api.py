@@ -3,6 +3,10 @@ gradio_client, plain HTTP, and sd-parsers (a third-party reader of AUTOMATIC1111
 
 import base64
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from argparse import Namespace
@@ -18,7 +22,8 @@ from PIL import Image
 from sd_parsers import ParserManager
 
 import gradio_app
-from tests.test_gradio_app import generate, start
+from tests.conftest import REPO
+from tests.test_gradio_app import free_port, generate, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -255,7 +260,7 @@ def test_listen_and_another_host_is_one_line():
         gradio_app.parse_args(["--listen", "--host", "10.0.0.2"])
 
 
-def test_localhost_with_no_auth_gives_no_warning(tiny_sd, capsys):
+def test_localhost_with_no_auth_gives_no_warning(capsys):
     args = gradio_app.parse_args([])
     gradio_app.warn_if_open(args)
     assert capsys.readouterr().out == ""
@@ -317,3 +322,43 @@ def test_the_page_says_what_it_serves_from_the_model_card(tiny_sd, tmp_path):
         f"Stable Diffusion pipeline `tiny-sd`. {gradio_app.SEED_HELP}",
         [],
     )
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+def test_served_from_the_users_own_folder_it_writes_only_to_its_temp_dir(tiny_sd, tmp_path):
+    # The way people run it: `python path/to/gradio_app.py` from their own folder, stopped with Ctrl-C.
+    work, home, temp = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
+    for folder in (work, home, temp):
+        folder.mkdir()
+    gradio_temp = temp / "gradio"
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(gradio_temp),
+           "HF_HOME": str(home / ".cache" / "huggingface"), "XDG_CACHE_HOME": str(home / ".cache")}  # fmt: skip
+    port = free_port()
+    command = [sys.executable, str(REPO / "gradio_app.py"), "--model_path", tiny_sd, "--port", str(port),
+               "--device", "cpu"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None:
+            try:
+                httpx.get(f"{url}health")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        app = Namespace(local_url=url)
+        assert len(sdk(app).images.generate(prompt="pikachu", n=2, extra_body=FAST).data) == 2
+        images, _ = generate(Client(url, verbose=False, download_files=str(tmp_path / "client")))
+        assert len(images) == 1
+        # The page's image is in Gradio's cache, inside GRADIO_TEMP_DIR; the API's never touched the disk.
+        written = [path for path in files_under(tmp_path) if not path.startswith("client/")]
+        assert written and all(path.startswith("tmp/gradio/") and path.endswith(".png") for path in written), written
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=60)
+    assert "Traceback" not in output, output
+    assert files_under(work) == [] and files_under(home) == []
+    assert files_under(temp) == [], files_under(temp)  # Gradio empties its cache when the server stops
