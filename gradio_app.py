@@ -337,11 +337,14 @@ def launch(args, block=True):
             max_threads=max_threads,
             app_kwargs={"lifespan": add_images_api},
             prevent_thread_lock=True,
-            quiet=not block,
+            quiet=True,  # Gradio's own lines speak of launch() arguments; ours below speak of this script's flags
         )
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({err}); choose another --port") from err
-    print(f"OpenAI-compatible API: {app.local_url}v1 (POST /v1/images/generations); health: {app.local_url}health")
+    print(f"Serving {service.model_id} on {app.local_url} (page and /generate), {app.local_url}v1 (OpenAI-compatible"
+          f" API), {app.local_url}health")  # fmt: skip
+    if app.share_url:
+        print(f"Public link (temporary, up to a week): {app.share_url}")
     if args.host == "0.0.0.0":
         for address in lan_addresses():
             print(f"From other devices: http://{address}:{args.port}/ (page), http://{address}:{args.port}/v1 (API)")

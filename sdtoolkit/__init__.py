@@ -10,6 +10,8 @@
 - output_dir: the lock on --output_dir, one run per folder, and the run identity stored in checkpoints.
 - ema: an in-place, multi-tensor EMA of the UNet weights.
 - inference: picking a device and dtype, and loading a pipeline with clear errors (metrics.py, gradio_app.py).
+- serving: gradio_app.py's image generation: one queue for the page and the API, parameters in every PNG.
+- images_api: gradio_app.py's OpenAI-compatible /v1/images/generations, /v1/models and /health.
 - errors: the one-line error that every script prints for bad input.
 - launch: `accelerate launch` with the script's own error line last and its exit code (train.sh uses it).
 """
