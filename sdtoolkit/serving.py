@@ -87,8 +87,8 @@ class RequestQueue:
         with self.lock:
             if self.admitted >= self.concurrency + self.max_queue:
                 raise QueueFull(
-                    f"The server is busy: {self.running} requests are generating and {self.waiting} waiting"
-                    f" (--max_queue {self.max_queue}); try again in about {self.retry_after()} s"
+                    f"The server is busy ({self.running} generating, {self.waiting} waiting, --max_queue"
+                    f" {self.max_queue}); try again in about {self.retry_after()} s"
                 )
             self.admitted += 1
         try:

@@ -183,9 +183,10 @@ def test_the_sdk_raises_on_bad_input_and_on_an_unknown_model(server):
         sdk(server).chat.completions.create(model="tiny-sd", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_without_the_key_v1_is_a_401_and_health_stays_open(tiny_sd):
+def test_without_the_key_v1_is_a_401_and_health_stays_open(tiny_sd, capsys):
     app = start(tiny_sd, "--api_key", "s3cret", "--auth", "ash:pikachu")
     try:
+        assert "s3cret" not in capsys.readouterr().out  # the key is never printed
         with pytest.raises(openai.AuthenticationError):
             sdk(app, api_key="wrong").images.generate(prompt="pikachu", extra_body=FAST)
         for headers in ({}, {"Authorization": "Bearer ash:pikachu"}, {"Authorization": "Basic s3cret"}):
