@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""A Gradio demo of a fine-tuned Stable Diffusion pipeline, for people in a browser and for programs.
+"""Serve a fine-tuned Stable Diffusion pipeline: a web page for people, Gradio's `/generate` for gradio_client,
+and an OpenAI-compatible images API for everything else (see docs/serving.md).
 
-    python gradio_app.py                                   # serves sd-pokemon-model on http://127.0.0.1:7860
+    python gradio_app.py                                   # sd-pokemon-model on http://127.0.0.1:7860
     python gradio_app.py --model_path demo/sd-demo-model   # the model `make demo` trained
-    python gradio_app.py --host 0.0.0.0 --auth me:secret   # reachable from other devices, behind a login
+    python gradio_app.py --listen --auth me:secret         # reachable from other devices, behind a login
     python gradio_app.py --share                           # a temporary public *.gradio.live link
 
-Other programs call the `/generate` endpoint with gradio_client (see the README). Requests wait in a bounded
-queue and run `--concurrency` at a time, so a few users at once can't knock the GPU over.
+All three share one model and one bounded queue (sdtoolkit/serving.py) that runs `--concurrency` requests at
+a time, so a few users at once can't knock the GPU over; the /v1 routes are in sdtoolkit/images_api.py.
 """
 
 import argparse
@@ -223,6 +224,7 @@ def describe_model(model_path, lora=None, title=None):
     if card is not None:
         data = card.data.to_dict()
         datasets = data.get("datasets") or []
+        datasets = [datasets] if isinstance(datasets, str) else datasets
         if data.get("base_model") and datasets:
             description = f"Fine-tuned from **{data['base_model']}** on **{', '.join(datasets)}**."
         else:
@@ -232,7 +234,7 @@ def describe_model(model_path, lora=None, title=None):
     return title or name, f"{description} {SEED_HELP}", examples
 
 
-def build_app(service, *, title, description, examples=(), concurrency=1, cache_max_age=3600):
+def build_app(service, *, title, description, examples=(), cache_max_age=3600):
     """The demo's gr.Blocks for an ImageService. Nothing is launched."""
     generate = make_generate(service)
 
@@ -307,7 +309,6 @@ def launch(args, block=True):
         title=title,
         description=description,
         examples=examples,
-        concurrency=args.concurrency,
         cache_max_age=args.cache_max_age,
     )
     # Gradio's own queue only hands requests over; RequestQueue bounds them. Enough worker threads for every
