@@ -15,6 +15,7 @@ import argparse
 import os
 import random
 import socket
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import psutil
 from huggingface_hub import ModelCard
 
 from sdtoolkit.errors import UserError, run_main
-from sdtoolkit.images_api import images_api
+from sdtoolkit.images_api import ImageFiles, images_api
 from sdtoolkit.inference import (
     add_device_arguments,
     add_model_config_argument,
@@ -95,8 +96,9 @@ def parse_args(argv=None):
         type=int,
         default=3600,
         help=(
-            "Seconds an image Gradio served stays in its file cache (GRADIO_TEMP_DIR) before it is deleted; the"
-            " cache is checked every min(age, 10 minutes) and emptied when the server stops."
+            "Seconds an image the page served stays in Gradio's file cache (GRADIO_TEMP_DIR) before it is"
+            " deleted, checked every min(age, 10 minutes), and how long a /v1 image link works. Both are emptied"
+            " when the server stops."
         ),
     )
     args = parser.parse_args(argv)
@@ -319,12 +321,16 @@ def launch(args, block=True):
     # Gradio builds its FastAPI app inside launch(); the OpenAI-compatible routes join it at start-up, before
     # the first request. /v1's key: --api_key, else the page's user:password.
     api_key = args.api_key or args.auth
-    router = images_api(service, api_key=api_key)
+    # Images /v1 returns as links live beside Gradio's own cache, for as long as its files do.
+    gradio_temp_dir = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
+    files = ImageFiles(gradio_temp_dir, max_age=args.cache_max_age)
+    router = images_api(service, files=files, api_key=api_key)
 
     @asynccontextmanager
     async def add_images_api(fastapi_app):
         fastapi_app.include_router(router)
         yield
+        files.remove_all()
 
     warn_if_open(args)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API that gradio_app.py serves beside its web page.
 
-    POST /v1/images/generations   OpenAI's images API: prompt, n, size, response_format "b64_json", plus this
-                                  model's own fields: negative_prompt, seed, steps, guidance_scale, scheduler
+    POST /v1/images/generations   OpenAI's images API: prompt, n, size, response_format ("b64_json" or "url"),
+                                  plus this model's own fields: negative_prompt, seed, steps, guidance_scale,
+                                  scheduler
+    GET  /v1/files/NAME.png       an image a "url" response points to, for `max_age` seconds
     GET  /v1/models               the one model served
     GET  /health                  model, device, dtype, queue and uptime; no key needed, nothing generated
 
@@ -15,10 +17,15 @@ import base64
 import io
 import random
 import secrets
+import shutil
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 
 from sdtoolkit.errors import first_line
@@ -97,8 +104,9 @@ def parse_generation_request(body, service):
     negative_prompt = body.get("negative_prompt") or ""
     if not isinstance(negative_prompt, str):
         raise BadRequest("'negative_prompt' must be a string", "negative_prompt")
-    if body.get("response_format", "b64_json") != "b64_json":
-        raise BadRequest("'response_format' must be \"b64_json\": this server returns images, not URLs",
+    response_format = body.get("response_format", "b64_json")
+    if response_format not in ("b64_json", "url"):
+        raise BadRequest(f"'response_format' must be \"b64_json\" or \"url\", got {response_format!r}",
                          "response_format")  # fmt: skip
     if body.get("output_format", "png") != "png":
         raise BadRequest("'output_format' must be \"png\" (the format that carries the parameters)", "output_format")
@@ -126,20 +134,62 @@ def parse_generation_request(body, service):
     )
 
 
-def png_base64(image):
-    """The image as base64 PNG bytes, its parameters text chunk included."""
-    from PIL.PngImagePlugin import PngInfo
-
+def png_bytes(image):
+    """The image as PNG file bytes, its parameters text chunk included."""
     info = PngInfo()
     info.add_text("parameters", image.info["parameters"])
     buffer = io.BytesIO()
     image.save(buffer, format="png", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def images_api(service, *, api_key=None):
-    """The routes above for `service`, as a FastAPI router. With `api_key`, /v1 wants `Authorization: Bearer
-    <api_key>`; /health stays open, so that monitors and load balancers need no secret."""
+class ImageFiles:
+    """The PNGs of "url" responses: in a folder of their own under `parent` (made at the first one), each named
+    by an unguessable token, which is what lets a browser or an <img> tag fetch it without the API key (as
+    OpenAI's links do). Deleted `max_age` seconds after they were written, and all of them by `remove_all` when
+    the server stops."""
+
+    def __init__(self, parent, max_age):
+        self.parent, self.max_age = Path(parent), max_age
+        self.folder = None
+        self.lock = threading.Lock()
+
+    def save(self, png):
+        with self.lock:
+            if self.folder is None:
+                self.parent.mkdir(parents=True, exist_ok=True)
+                self.folder = Path(tempfile.mkdtemp(prefix="v1-images-", dir=self.parent))
+        self.remove_expired()
+        name = f"{secrets.token_urlsafe(24)}.png"
+        (self.folder / name).write_bytes(png)
+        return name
+
+    def path(self, name):
+        """The file's path, or None if there is no such file or it has expired."""
+        self.remove_expired()
+        path = self.folder / name if self.folder is not None and "/" not in name else None
+        return path if path is not None and path.is_file() else None
+
+    def remove_expired(self):
+        if self.folder is None:
+            return
+        oldest = time.time() - self.max_age
+        for path in self.folder.glob("*.png"):
+            try:
+                if path.stat().st_mtime < oldest:
+                    path.unlink()
+            except FileNotFoundError:  # another request removed it first
+                pass
+
+    def remove_all(self):
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def images_api(service, *, files, api_key=None):
+    """The routes above for `service`, as a FastAPI router, keeping "url" images in `files` (an ImageFiles).
+    With `api_key`, /v1 wants `Authorization: Bearer <api_key>`; /health stays open, so that monitors and load
+    balancers need no secret, and so do the image links, whose names are their secret."""
     router = APIRouter()
 
     def refused(request):
@@ -204,7 +254,7 @@ def images_api(service, *, api_key=None):
 
         # Generation blocks for seconds: it runs in a worker thread, waiting its turn in the shared queue there.
         def generate_pngs():
-            return [png_base64(image) for image in service.generate(**arguments)]
+            return [png_bytes(image) for image in service.generate(**arguments)]
 
         try:
             pngs = await run_in_threadpool(generate_pngs)
@@ -216,13 +266,26 @@ def images_api(service, *, api_key=None):
         except Exception as err:  # a failed generation (out of memory, ...) must not look like a success
             return error_response(500, f"generation failed: {first_line(err)}", type="server_error")
 
-        seed = arguments["seed"]
+        if body.get("response_format") == "url":
+            # Links on the address the client used; they work for `max_age` seconds, like OpenAI's for an hour.
+            data = [{"url": f"{request.base_url}v1/files/{files.save(png)}"} for png in pngs]
+        else:
+            data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
+        for i, item in enumerate(data):
+            item["seed"] = (arguments["seed"] + i) % (MAX_SEED + 1)
         return {
             "created": int(time.time()),
-            "data": [{"b64_json": png, "seed": (seed + i) % (MAX_SEED + 1)} for i, png in enumerate(pngs)],
+            "data": data,
             "output_format": "png",
             "size": f"{arguments['width']}x{arguments['height']}",
         }
+
+    @router.get("/v1/files/{name}")
+    def image_file(name: str):
+        path = files.path(name)
+        if path is None:
+            return error_response(404, f"no image {name}: the link is wrong or older than its {files.max_age} s")
+        return FileResponse(path, media_type="image/png")
 
     # Anything else under /v1 is an OpenAI endpoint this server does not have; say so in OpenAI's shape.
     @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -77,6 +77,24 @@ def test_openai_sdk_gets_images_of_the_requested_size(server):
     assert [item.seed for item in result.data] == [7, 8]  # image i uses seed + i
 
 
+def test_url_responses_link_to_the_png_without_the_key_until_it_expires(tiny_sd):
+    app = start(tiny_sd, "--api_key", "s3cret", "--cache_max_age", "2")
+    try:
+        result = sdk(app, api_key="s3cret").images.generate(
+            prompt="pikachu", n=2, response_format="url", extra_body={**FAST, "seed": 4}
+        )
+        urls = [item.url for item in result.data]
+        assert all(url.startswith(f"{app.local_url}v1/files/") for url in urls) and len(set(urls)) == 2
+        image = Image.open(io.BytesIO(httpx.get(urls[1]).content))  # no key: the link's name is its secret
+        assert image.size == (64, 64) and read_parameters(image)["seed"] == "5"
+        assert httpx.get(f"{app.local_url}v1/files/guessed.png").status_code == 404
+        time.sleep(2.5)
+        gone = httpx.get(urls[0])
+        assert gone.status_code == 404 and "older than its 2 s" in gone.json()["error"]["message"]
+    finally:
+        app.close()
+
+
 def test_v1_and_gradio_client_give_the_same_pixels_for_a_seed(server):
     api = sdk(server).images.generate(prompt="a green creature", extra_body={**FAST, "seed": 11, "n": 2})
     ui, _ = generate(Client(server.local_url, verbose=False), prompt="a green creature", seed="11", num_images=2)
@@ -152,7 +170,7 @@ BAD = [
     ({"seed": -1}, "seed", "between 0 and"),
     ({"seed": "7"}, "seed", "whole number"),
     ({"negative_prompt": 3}, "negative_prompt", "string"),
-    ({"response_format": "url"}, "response_format", "b64_json"),
+    ({"response_format": "bmp"}, "response_format", "b64_json"),
     ({"output_format": "jpeg"}, "output_format", "png"),
     ({"quality": "hd"}, "quality", "not supported"),
     ({"colour": "red"}, "colour", "unknown field"),
@@ -352,14 +370,18 @@ def test_served_from_the_users_own_folder_it_writes_only_to_its_temp_dir(tiny_sd
                 time.sleep(0.2)
         app = Namespace(local_url=url)
         assert len(sdk(app).images.generate(prompt="pikachu", n=2, extra_body=FAST).data) == 2
+        link = sdk(app).images.generate(prompt="pikachu", response_format="url", extra_body=FAST).data[0].url
+        assert httpx.get(link).status_code == 200
         images, _ = generate(Client(url, verbose=False, download_files=str(tmp_path / "client")))
         assert len(images) == 1
-        # The page's image is in Gradio's cache, inside GRADIO_TEMP_DIR; the API's never touched the disk.
+        # The page's image is in Gradio's cache and the linked one beside it, inside GRADIO_TEMP_DIR; the
+        # base64 ones never touched the disk.
         written = [path for path in files_under(tmp_path) if not path.startswith("client/")]
-        assert written and all(path.startswith("tmp/gradio/") and path.endswith(".png") for path in written), written
+        assert all(path.startswith("tmp/gradio/") and path.endswith(".png") for path in written), written
+        assert sum(path.startswith("tmp/gradio/v1-images-") for path in written) == 1 and len(written) == 2
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=60)
     assert "Traceback" not in output, output
     assert files_under(work) == [] and files_under(home) == []
-    assert files_under(temp) == [], files_under(temp)  # Gradio empties its cache when the server stops
+    assert files_under(temp) == [], files_under(temp)  # both caches are emptied when the server stops
