@@ -46,6 +46,7 @@ from sdtoolkit.serving import (
     ImageService,
     QueueFull,
     RequestQueue,
+    clip_truncated,
 )
 
 SEED_HELP = (
@@ -155,11 +156,6 @@ def check_request(prompt, steps, width, height, num_images):
             raise gr.Error(f"{name} must be divisible by 8 (the VAE works on 8x8 pixel blocks), got {int(value)}.")
 
 
-def count_tokens(tokenizer, text):
-    """Tokens CLIP would see for this text, start and end tokens included, before truncation."""
-    return len(tokenizer(text, truncation=False).input_ids)
-
-
 def make_generate(service):
     """The function behind the Generate button and the /generate endpoint."""
     tokenizer = service.pipeline.tokenizer
@@ -170,7 +166,7 @@ def make_generate(service):
 
         notes = [f"Seed: {seed}" + (f" (image i: {seed} + i)" if int(num_images) > 1 else "")]
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            if text and count_tokens(tokenizer, text) > tokenizer.model_max_length:
+            if text and clip_truncated(tokenizer, text) is not None:
                 message = (
                     f"The {name} is longer than CLIP's {tokenizer.model_max_length} tokens;"
                     " only its beginning was used."

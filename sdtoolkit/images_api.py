@@ -41,6 +41,7 @@ from sdtoolkit.serving import (
     MIN_SIZE,
     SCHEDULERS,
     QueueFull,
+    clip_truncated,
     scheduler_named,
 )
 
@@ -271,8 +272,12 @@ def images_api(service, *, files, api_key=None):
             data = [{"url": f"{request.base_url}v1/files/{files.save(png)}"} for png in pngs]
         else:
             data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
+        # OpenAI's revised_prompt is the prompt the image was made from: here, a prompt CLIP had to cut short.
+        used = clip_truncated(service.pipeline.tokenizer, arguments["prompt"])
         for i, item in enumerate(data):
             item["seed"] = (arguments["seed"] + i) % (MAX_SEED + 1)
+            if used is not None:
+                item["revised_prompt"] = used
         return {
             "created": int(time.time()),
             "data": data,

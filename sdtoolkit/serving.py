@@ -57,6 +57,16 @@ def scheduler_named(name):
     return None
 
 
+def clip_truncated(tokenizer, text):
+    """The text CLIP's text encoder actually sees, if `text` is longer than its tokenizer's model_max_length (77
+    tokens, start and end included) and so cut; None if it fits."""
+    if len(tokenizer(text, truncation=False).input_ids) <= tokenizer.model_max_length:
+        return None
+    # Cut as the pipeline cuts it: the start token, 75 of the text's tokens, the end token.
+    kept = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return tokenizer.decode(kept, skip_special_tokens=True)
+
+
 class QueueFull(Exception):
     """Every generation slot is busy and `max_queue` requests already wait."""
 

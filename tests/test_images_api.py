@@ -133,6 +133,14 @@ def test_the_pages_downloads_carry_the_parameters_too(server):
     )
 
 
+def test_a_prompt_longer_than_clip_comes_back_as_the_revised_prompt_clip_used(server):
+    long_prompt = " ".join(["a very detailed and colourful pokemon"] * 20)
+    result = sdk(server).images.generate(prompt=long_prompt, extra_body=FAST)
+    used = result.data[0].revised_prompt
+    assert used is not None and long_prompt.startswith(used) and len(used.split()) == 75  # 77 minus start and end
+    assert sdk(server).images.generate(prompt="pikachu", extra_body=FAST).data[0].revised_prompt is None
+
+
 def test_eight_openai_clients_at_once_all_finish(server):
     client = sdk(server)
 
