@@ -166,7 +166,7 @@ class ImageService:
         run = StableDiffusionPipeline(**components, requires_safety_checker=pipeline.config.requires_safety_checker)
         run.set_progress_bar_config(disable=True)
         # One generator per image: diffusers draws image i's starting noise (and an ancestral sampler's noise)
-        # from generators[i] alone, so image i is the image a one-image request with seeds[i] makes.
+        # from generators[i] alone, so image i is (up to rounding in batched maths) the one-image request's with seeds[i].
         device = "cpu" if pipeline.device.type == "mps" else pipeline.device
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         with self.queue.turn(), torch.inference_mode():

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -206,3 +207,34 @@ def generated_image(pipeline, size):
     return pipeline(
         "a creature", num_inference_steps=2, height=size, width=size, generator=generator, output_type="np"
     ).images
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model_path, *extra):
+    """gradio_app.py serving `model_path` on CPU on a free port, in this process; call .close() when done."""
+    import gradio_app
+
+    args = gradio_app.parse_args(["--model_path", model_path, "--port", str(free_port()), "--device", "cpu", *extra])
+    return gradio_app.launch(args, block=False)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd):
+    """A server of the tiny pipeline with the default options, shared by a test module."""
+    app = start(tiny_sd)
+    yield app
+    app.close()
+
+
+def generate(client, prompt="pikachu", negative="", steps=3, guidance=7.5, seed="7", scheduler="DPM-Solver++",
+             width=64, height=64, num_images=1):  # fmt: skip
+    """The page's /generate through gradio_client: the images as PIL images, and the details text."""
+    gallery, info = client.predict(
+        prompt, negative, steps, guidance, seed, scheduler, width, height, num_images, api_name="/generate"
+    )
+    return [Image.open(item["image"]) for item in gallery], info

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -14,40 +13,14 @@ from PIL import Image
 import gradio_app
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import run_script
+from tests.conftest import free_port, generate, run_script, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(tiny_sd, *extra):
-    args = gradio_app.parse_args(["--model_path", tiny_sd, "--port", str(free_port()), "--device", "cpu", *extra])
-    return gradio_app.launch(args, block=False)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_sd):
-    app = start(tiny_sd)
-    yield app
-    app.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return Client(server.local_url, verbose=False)
-
-
-def generate(client, prompt="pikachu", negative="", steps=3, guidance=7.5, seed="7", scheduler="DPM-Solver++",
-             width=64, height=64, num_images=1):  # fmt: skip
-    gallery, info = client.predict(
-        prompt, negative, steps, guidance, seed, scheduler, width, height, num_images, api_name="/generate"
-    )
-    return [Image.open(item["image"]) for item in gallery], info
 
 
 def test_build_app_builds_without_launching(tiny_sd):

@@ -22,19 +22,11 @@ from PIL import Image
 from sd_parsers import ParserManager
 
 import gradio_app
-from tests.conftest import REPO
-from tests.test_gradio_app import free_port, generate, start
+from tests.conftest import REPO, free_port, generate, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
 FAST = {"steps": 3, "size": "64x64"}  # the tiny model's own size; 3 steps keep each call well under a second
-
-
-@pytest.fixture(scope="module")
-def server(tiny_sd):
-    app = start(tiny_sd)
-    yield app
-    app.close()
 
 
 def sdk(server, api_key="unused", **options):
