@@ -290,7 +290,7 @@ def warn_if_open(args):
         print(
             f"warning: the page on {where} has no login: anyone who reaches it can generate; add --auth user:password"
         )
-    if args.host not in LOCAL_HOSTS and args.api_key is None and args.auth is None:
+    if public and args.api_key is None and args.auth is None:  # a share link reaches /v1 too
         print(f"warning: /v1 on {where} has no key: anyone who reaches it can generate; add --api_key or --auth")
 
 
