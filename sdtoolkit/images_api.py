@@ -220,7 +220,7 @@ def images_api(service, *, files, api_key=None):
                 "waiting": queue.waiting,
                 "concurrency": queue.concurrency,
                 "max_queue": queue.max_queue,
-            },  # fmt: skip
+            },
             "uptime_s": round(time.time() - service.started, 1),
         }
 
