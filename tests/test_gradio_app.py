@@ -108,27 +108,6 @@ def test_prompt_longer_than_clip_is_truncated_and_says_so(client):
     assert "longer than CLIP's 77 tokens" in info
 
 
-def test_full_queue_is_refused_with_a_message(tiny_sd):
-    # One request runs and one may wait; the other two arrive at a full queue. 150 PNDM steps at 128 px take a
-    # few seconds on the tiny model, far longer than submitting four jobs.
-    app = start(tiny_sd, "--max_queue", "1", "--concurrency", "1")
-    try:
-        client = Client(app.local_url, verbose=False)
-        slow = ("creature", "", 150, 7.5, "1", "PNDM", 128, 128, 1)
-        jobs = [client.submit(*slow, api_name="/generate") for _ in range(4)]
-        finished, refused = [], []
-        for job in jobs:
-            try:
-                finished.append(job.result(timeout=120))
-            except Exception as err:  # gradio_client reports a refused job as an exception
-                refused.append(str(err))
-        assert len(finished) == 2 and all(len(gallery) == 1 for gallery, _ in finished)
-        assert len(refused) == 2 and all("The server is busy" in e for e in refused), refused
-        assert len(generate(client)[0]) == 1  # still serving
-    finally:
-        app.close()
-
-
 def test_auth_requires_the_login(tiny_sd):
     app = start(tiny_sd, "--auth", "ash:pikachu")
     try:
