@@ -46,7 +46,6 @@ from sdtoolkit.serving import (
     ImageService,
     QueueFull,
     RequestQueue,
-    clip_truncated,
 )
 
 SEED_HELP = (
@@ -158,7 +157,7 @@ def check_request(prompt, steps, width, height, num_images):
 
 def make_generate(service):
     """The function behind the Generate button and the /generate endpoint."""
-    tokenizer = service.pipeline.tokenizer
+    tokenizer = service.pipeline.tokenizer  # for its max length; its calls go through the service's lock
 
     def generate(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
         check_request(prompt, steps, width, height, num_images)
@@ -166,7 +165,7 @@ def make_generate(service):
 
         notes = [f"Seed: {seed}" + (f" (image i: {seed} + i)" if int(num_images) > 1 else "")]
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            if text and clip_truncated(tokenizer, text) is not None:
+            if text and service.clip_truncated(text) is not None:
                 message = (
                     f"The {name} is longer than CLIP's {tokenizer.model_max_length} tokens;"
                     " only its beginning was used."

@@ -41,7 +41,6 @@ from sdtoolkit.serving import (
     MIN_SIZE,
     SCHEDULERS,
     QueueFull,
-    clip_truncated,
     scheduler_named,
 )
 
@@ -273,7 +272,7 @@ def images_api(service, *, files, api_key=None):
         else:
             data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
         # OpenAI's revised_prompt is the prompt the image was made from: here, a prompt CLIP had to cut short.
-        used = clip_truncated(service.pipeline.tokenizer, arguments["prompt"])
+        used = service.clip_truncated(arguments["prompt"])
         for i, item in enumerate(data):
             item["seed"] = (arguments["seed"] + i) % (MAX_SEED + 1)
             if used is not None:

@@ -155,6 +155,15 @@ class ImageService:
         self.queue = queue
         self.default_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         self.started = time.time()
+        # The tokenizer keeps its padding and truncation settings in state its calls share: two threads using it
+        # at once can each run with the other's (an unpadded "" of 2 tokens beside a padded prompt of 77, and
+        # the batch fails). Every use of it here holds this lock; the UNet's steps don't need it.
+        self.tokenizer_lock = threading.Lock()
+
+    def clip_truncated(self, text):
+        """The text CLIP reads if `text` is cut at its 77 tokens, else None (see clip_truncated)."""
+        with self.tokenizer_lock:
+            return clip_truncated(self.pipeline.tokenizer, text)
 
     def generate(self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
@@ -170,9 +179,18 @@ class ImageService:
         device = "cpu" if pipeline.device.type == "mps" else pipeline.device
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         with self.queue.turn(), torch.inference_mode():
+            # The text embeddings first, under the tokenizer's lock, for one image; the pipeline repeats them.
+            with self.tokenizer_lock:
+                prompt_embeds, negative_embeds = run.encode_prompt(
+                    prompt,
+                    run.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=guidance_scale > 1,
+                    negative_prompt=negative_prompt or None,
+                )
             images = run(
-                prompt,
-                negative_prompt=negative_prompt or None,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 width=width,

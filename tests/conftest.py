@@ -17,11 +17,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face library is importe
 
 # The caches a run writes (datasets' Arrow files, the default latent cache folder, Gradio's served files) go
 # to one scratch folder per test session instead of the user's home and /tmp, and are removed at the end.
-# Subprocesses inherit these variables.
+# Subprocesses inherit these variables, and take their temp folder there too (torch's elastic agent and
+# inductor leave folders in it); this process keeps the temp folder it already has, for pytest's tmp_path.
 SCRATCH = tempfile.mkdtemp(prefix="sdtoolkit-tests-")
 os.environ["HF_HOME"] = os.path.join(SCRATCH, "huggingface")
 os.environ["XDG_CACHE_HOME"] = os.path.join(SCRATCH, "cache")
 os.environ["GRADIO_TEMP_DIR"] = os.path.join(SCRATCH, "gradio")
+os.environ["TMPDIR"] = os.path.join(SCRATCH, "tmp")
+os.makedirs(os.environ["TMPDIR"])
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,12 +16,15 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 from sd_parsers import ParserManager
 
 import gradio_app
+from sdtoolkit.inference import load_pipeline
+from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import REPO, free_port, generate, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
@@ -131,6 +134,49 @@ def test_a_prompt_longer_than_clip_comes_back_as_the_revised_prompt_clip_used(se
     used = result.data[0].revised_prompt
     assert used is not None and long_prompt.startswith(used) and len(used.split()) == 75  # 77 minus start and end
     assert sdk(server).images.generate(prompt="pikachu", extra_body=FAST).data[0].revised_prompt is None
+
+
+class SlowEncoding:
+    """A tokenizer's Rust backend that pauses before each encoding: another thread's call, if nothing keeps it
+    out, then lands between this call's padding settings and its encoding, every time rather than by chance."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def encode_batch(self, *args, **kwargs):
+        time.sleep(0.01)
+        return self.backend.encode_batch(*args, **kwargs)
+
+
+def test_checking_a_prompts_length_while_another_request_generates_is_safe(tiny_sd):
+    # The page and /v1 measure prompts outside the queue, while a request may be generating: the tokenizer's
+    # shared padding state must not leak into the generating request (it once failed with "Expected size 2 but
+    # got size 77").
+    pipeline = load_pipeline(tiny_sd, torch.device("cpu"), torch.float32)
+    pipeline.tokenizer._tokenizer = SlowEncoding(pipeline.tokenizer._tokenizer)
+    service = ImageService(pipeline, model_name="tiny-sd", queue=RequestQueue(concurrency=1, max_queue=1))
+    done, failures = threading.Event(), []
+
+    def measure():
+        while not done.is_set():
+            service.clip_truncated("a creature " * 50)
+
+    checker = threading.Thread(target=measure)
+    checker.start()
+    try:
+        for seed in range(10):
+            try:
+                service.generate(prompt="creature", negative_prompt="", steps=1, guidance_scale=7.5, seed=seed,
+                                 scheduler="DDIM", width=64, height=64, num_images=1)  # fmt: skip
+            except RuntimeError as err:
+                failures.append(str(err))
+    finally:
+        done.set()
+        checker.join()
+    assert failures == []
 
 
 def test_eight_openai_clients_at_once_all_finish(server):
