@@ -4,6 +4,7 @@ The tiny Stable Diffusion pipeline and the tiny CLIP model are built once per te
 (random weights, the real SD v1-4 tokenizer) into a temporary folder.
 """
 
+import getpass
 import json
 import os
 import pathlib
@@ -25,6 +26,11 @@ os.environ["XDG_CACHE_HOME"] = os.path.join(SCRATCH, "cache")
 os.environ["GRADIO_TEMP_DIR"] = os.path.join(SCRATCH, "gradio")
 os.environ["TMPDIR"] = os.path.join(SCRATCH, "tmp")
 os.makedirs(os.environ["TMPDIR"])
+# Except inductor's compile cache, which stays where torch keeps it by default and serves the next run too:
+# compiling the tiny UNet afresh costs the GPU check's dry run about 50 s.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
