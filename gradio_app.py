@@ -13,9 +13,7 @@ a time, so a few users at once can't knock the GPU over; the /v1 routes are in s
 
 import argparse
 import os
-import random
 import socket
-import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from sdtoolkit.serving import (
     ImageService,
     QueueFull,
     RequestQueue,
+    random_seed,
 )
 
 SEED_HELP = (
@@ -123,7 +122,7 @@ def parse_seed(seed):
     """The seed box: blank means a random seed; anything else must be a whole number."""
     text = "" if seed is None else str(seed).strip()
     if text == "":
-        return random.randint(0, 2**32 - 1)  # short enough to copy by hand
+        return random_seed()
     try:
         value = int(text)
     except ValueError:
@@ -316,9 +315,8 @@ def launch(args, block=True):
     # Gradio builds its FastAPI app inside launch(); the OpenAI-compatible routes join it at start-up, before
     # the first request. /v1's key: --api_key, else the page's user:password.
     api_key = args.api_key or args.auth
-    # Images /v1 returns as links live beside Gradio's own cache, for as long as its files do.
-    gradio_temp_dir = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
-    files = ImageFiles(gradio_temp_dir, max_age=args.cache_max_age)
+    # Images /v1 returns as links live beside Gradio's own cache (GRADIO_TEMP_DIR), for as long as its files do.
+    files = ImageFiles(app.GRADIO_CACHE, max_age=args.cache_max_age)
     router = images_api(service, files=files, api_key=api_key)
 
     @asynccontextmanager

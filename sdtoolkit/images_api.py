@@ -15,7 +15,6 @@ valid key, 404 an unknown model, 503 (with Retry-After) a full queue.
 
 import base64
 import io
-import random
 import secrets
 import shutil
 import tempfile
@@ -41,6 +40,8 @@ from sdtoolkit.serving import (
     MIN_SIZE,
     SCHEDULERS,
     QueueFull,
+    image_seeds,
+    random_seed,
     scheduler_named,
 )
 
@@ -89,8 +90,7 @@ def parse_size(size, default_size):
 
 
 def parse_generation_request(body, service):
-    """The ImageService.generate arguments (and the response format) of a request body; BadRequest names the
-    first field at fault."""
+    """The ImageService.generate arguments of a request body; BadRequest names the first field at fault."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for name in body:
@@ -126,7 +126,7 @@ def parse_generation_request(body, service):
         negative_prompt=negative_prompt,
         steps=whole_number(body, "steps", DEFAULT_STEPS, 1, MAX_STEPS),
         guidance_scale=float(guidance),
-        seed=random.randint(0, MAX_SEED) if seed is None else whole_number(body, "seed", None, 0, MAX_SEED),
+        seed=random_seed() if seed is None else whole_number(body, "seed", None, 0, MAX_SEED),
         scheduler=scheduler,
         width=width,
         height=height,
@@ -259,9 +259,8 @@ def images_api(service, *, files, api_key=None):
         try:
             pngs = await run_in_threadpool(generate_pngs)
         except QueueFull as err:
-            retry = str(service.queue.retry_after())
             return error_response(
-                503, str(err), type="server_error", code="queue_full", headers={"Retry-After": retry}
+                503, str(err), type="server_error", code="queue_full", headers={"Retry-After": str(err.retry_after)}
             )
         except Exception as err:  # a failed generation (out of memory, ...) must not look like a success
             return error_response(500, f"generation failed: {first_line(err)}", type="server_error")
@@ -273,8 +272,8 @@ def images_api(service, *, files, api_key=None):
             data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
         # OpenAI's revised_prompt is the prompt the image was made from: here, a prompt CLIP had to cut short.
         used = service.clip_truncated(arguments["prompt"])
-        for i, item in enumerate(data):
-            item["seed"] = (arguments["seed"] + i) % (MAX_SEED + 1)
+        for item, seed in zip(data, image_seeds(arguments["seed"], len(data))):
+            item["seed"] = seed
             if used is not None:
                 item["revised_prompt"] = used
         return {

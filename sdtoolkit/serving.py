@@ -16,6 +16,7 @@ uses seed + i, so every image can be made again on its own from the seed written
 """
 
 import json
+import random
 import threading
 import time
 from contextlib import contextmanager
@@ -57,18 +58,32 @@ def scheduler_named(name):
     return None
 
 
+def random_seed():
+    """A seed for a request that gave none: below 2^32, short enough to copy by hand."""
+    return random.randint(0, 2**32 - 1)
+
+
+def image_seeds(seed, count):
+    """The seed of each image of a request: image i uses seed + i (wrapping past MAX_SEED)."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
 def clip_truncated(tokenizer, text):
     """The text CLIP's text encoder actually sees, if `text` is longer than its tokenizer's model_max_length (77
     tokens, start and end included) and so cut; None if it fits."""
-    if len(tokenizer(text, truncation=False).input_ids) <= tokenizer.model_max_length:
+    ids = tokenizer(text, truncation=False).input_ids
+    if len(ids) <= tokenizer.model_max_length:
         return None
     # Cut as the pipeline cuts it: the start token, 75 of the text's tokens, the end token.
-    kept = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    return tokenizer.decode(kept, skip_special_tokens=True)
+    return tokenizer.decode(ids[1 : tokenizer.model_max_length - 1])
 
 
 class QueueFull(Exception):
-    """Every generation slot is busy and `max_queue` requests already wait."""
+    """Every generation slot is busy and `max_queue` requests already wait; come back in `retry_after` s."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestQueue:
@@ -96,9 +111,11 @@ class RequestQueue:
         """Wait for a generation slot (in the calling thread) and hold it; QueueFull if the queue is full."""
         with self.lock:
             if self.admitted >= self.concurrency + self.max_queue:
+                retry_after = self.retry_after()
                 raise QueueFull(
                     f"The server is busy ({self.running} generating, {self.waiting} waiting, --max_queue"
-                    f" {self.max_queue}); try again in about {self.retry_after()} s"
+                    f" {self.max_queue}); try again in about {retry_after} s",
+                    retry_after,
                 )
             self.admitted += 1
         try:
@@ -168,7 +185,7 @@ class ImageService:
     def generate(self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
         image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too)."""
-        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(num_images)]
+        seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state.
         pipeline = self.pipeline
         components = {**pipeline.components, "scheduler": SCHEDULERS[scheduler](pipeline.scheduler.config)}
