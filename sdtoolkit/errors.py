@@ -9,7 +9,10 @@ the exit code to use; `run_main` prints `stopped: ...` and exits with it.
 
 Under `python -m sdtoolkit.launch` (what train.sh runs), that last line and its exit code are also appended
 to the file named by SDTOOLKIT_LAST_LINE_FILE, so that the launcher can repeat them after the launch's own
-report of the failure: the user's last line is the script's, and so is the exit code.
+report of the failure: the user's last line is the script's, and so is the exit code. With several processes,
+the others then fail too, wherever they were waiting for the one that stopped (a barrier, a collective); a
+process that fails after another has left its line there exits quietly, without a traceback that would bury
+the reason.
 """
 
 import json
@@ -40,6 +43,16 @@ def run_main(main):
         last_words(f"stopped: {err}", err.exit_code)
     except KeyboardInterrupt:
         last_words("error: interrupted", 130)
+    except Exception:
+        if not another_process_stopped():
+            raise
+        sys.exit(2)
+
+
+def another_process_stopped():
+    """Whether a process of the same launch has already stopped with its last line (see last_words)."""
+    record = os.environ.get(LAST_LINE_FILE)
+    return bool(record) and os.path.isfile(record) and os.path.getsize(record) > 0
 
 
 def last_words(line, exit_code):

@@ -14,6 +14,7 @@ accelerate's full report as usual.
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -29,13 +30,16 @@ def main(argv=None):
         os.environ[LAST_LINE_FILE] = record  # inherited by every process accelerate starts
         try:
             launch_command(args)
-        except (Exception, SystemExit):
+        except (Exception, SystemExit) as err:
             # The first process to fail says why; the others were stopped because of it.
             if not os.path.exists(record):
                 raise
             with open(record) as f:
                 first = json.loads(f.readline())
-            print(first["line"], file=sys.stderr)
+            # One process runs as a plain subprocess and its line was the last printed; with several, torch's
+            # elastic agent has reported the failure after it.
+            if not isinstance(err, subprocess.CalledProcessError):
+                print(first["line"], file=sys.stderr)
             sys.exit(first["exit_code"])
 
 

@@ -85,6 +85,11 @@ def test_an_error_through_train_sh_is_the_last_line_with_exit_code_2(user_folder
     assert lines[-1].startswith("error: could not load the dataset 'no-such-data'")
     output = "\n".join(lines)
     assert "CalledProcessError" not in output and "ChildFailedError" not in output
+    # No traceback buries it: not the launcher's, nor one from a process that was waiting for the failed one.
+    assert "Traceback" not in output, output
+    # With one process nothing is printed after the script's line, so it is not repeated.
+    if launch_args == SINGLE:
+        assert sum(line.startswith("error:") for line in lines) == 1, output
 
 
 def start_holder(tiny_sd, output_dir):
