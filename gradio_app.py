@@ -52,6 +52,8 @@ SEED_HELP = (
     " prompt, seed and settings, so a picture can be made again."
 )
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# How the model card training writes names the base model and the data, for a full fine-tune and for a LoRA.
+FINE_TUNED_FROM = ("This pipeline was fine-tuned from", "This LoRA adapter was fine-tuned from")
 
 
 def parse_args(argv=None):
@@ -199,9 +201,12 @@ def model_name(path):
 
 
 def read_card(path):
-    """The model card training wrote beside a model or LoRA (README.md), or None. Hub cards are not fetched."""
+    """The model card training wrote beside a model or LoRA (README.md), or its run's for a checkpoint, or None.
+    Hub cards are not fetched."""
     folder = Path(path).parent if Path(path).is_file() else Path(path)
     card = folder / "README.md"
+    if not card.is_file() and folder.name.startswith("checkpoint-"):
+        card = folder.parent / "README.md"
     if not card.is_file():
         return None
     try:
@@ -224,7 +229,7 @@ def describe_model(model_path, lora=None, title=None):
         if data.get("base_model") and datasets:
             description = f"Fine-tuned from **{data['base_model']}** on **{', '.join(datasets)}**."
         else:
-            said = [line for line in card.text.splitlines() if line.startswith("This pipeline was fine-tuned from")]
+            said = [line for line in card.text.splitlines() if line.startswith(FINE_TUNED_FROM)]
             description = said[0] if said else description
         examples = [entry["text"] for entry in data.get("widget") or [] if isinstance(entry, dict) and "text" in entry]
     return title or name, f"{description} {SEED_HELP}", examples

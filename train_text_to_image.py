@@ -107,6 +107,7 @@ from sdtoolkit.lora import (
     WEIGHTS_NAME,
     add_lora,
     has_lora_weights,
+    kohya_metadata,
     kohya_state_dict,
     load_lora,
     load_lora_ema,
@@ -1030,14 +1031,10 @@ def save_model_card(args, repo_id, images, buckets_used=None):
     if args.validation_prompts:
         metadata.append("widget:" + "".join(f"\n- text: {json.dumps(p)}" for p in args.validation_prompts))
     yaml = "---\nlicense: creativeml-openrail-m\n" + "".join(line + "\n" for line in metadata)
-    yaml += """tags:
-- stable-diffusion
-- stable-diffusion-diffusers
-- text-to-image
-- diffusers
-inference: true
----
-"""
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers"] + ["lora"] * bool(
+        args.lora_rank
+    )
+    yaml += "tags:\n" + "".join(f"- {tag}\n" for tag in tags) + "inference: true\n---\n"
     # A LoRA run saved only its adapter: load the base model, then the adapter on top.
     usage_source, lora_line = f'"{load_from}"', ""
     if args.lora_rank:
@@ -1050,7 +1047,7 @@ inference: true
     card = f"""
 # Text-to-image fine-tuning - {repo_id}
 
-This pipeline was fine-tuned from {shown(model)} on {shown(dataset)}.
+{"This LoRA adapter" if args.lora_rank else "This pipeline"} was fine-tuned from {shown(model)} on {shown(dataset)}.
 {samples}
 ## Usage
 
@@ -1789,11 +1786,18 @@ def main(argv=None):
             variant=args.variant,
             cache_dir=args.cache_dir,
         )
+        facts = {**identity, "global_step": global_step, "resolution": args.resolution,
+                 "learning_rate": args.learning_rate}  # fmt: skip
         if args.lora_rank:
-            # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py).
+            # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py). The kohya file's
+            # header names the run and its base model, for A1111 and for metrics.py and gradio_app.py.
             save_lora(unet, args.output_dir)
             kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
-            save_file(kohya_state_dict(unet, alpha=lora_alpha), kohya + ".partial")
+            header = kohya_metadata(
+                facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
+                prediction_type=noise_scheduler.config.prediction_type,
+            )  # fmt: skip
+            save_file(kohya_state_dict(unet, alpha=lora_alpha), kohya + ".partial", metadata=header)
             os.replace(kohya + ".partial", kohya)
             logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
         else:
@@ -1802,8 +1806,6 @@ def main(argv=None):
         # The same pipeline as one file in the original SD 1.x layout, for AUTOMATIC1111 and ComfyUI.
         if args.export_single_file:
             single_file = os.path.join(args.output_dir, single_file_name(args.output_dir))
-            facts = {**identity, "global_step": global_step, "resolution": args.resolution,
-                     "learning_rate": args.learning_rate}  # fmt: skip
             export_single_file(args.output_dir, single_file, training=facts)
             logger.info(f"Exported it as one file (float16, SD 1.x keys) to {single_file}")
 

@@ -192,9 +192,9 @@ def single_file_name(output_dir):
     return os.path.basename(os.path.abspath(output_dir)) + ".safetensors"
 
 
-def training_metadata(state_path, training=None):
+def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (CompVis/LDM keys)"):
     """The safetensors header's metadata (strings only): the training state's facts, then `training`'s."""
-    metadata = {"format": "pt", "sdtoolkit.layout": "stable-diffusion-v1 (CompVis/LDM keys)"}
+    metadata = {"format": "pt", "sdtoolkit.layout": layout}
     state = {}
     if state_path and os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as f:

@@ -3,18 +3,25 @@
 `pick_device_and_dtype("auto", "auto")` is CUDA + float16 when a GPU exists, else CPU + float32.
 `load_pipeline(path, device, dtype)` loads from a local folder, a hub id or one SD 1.x .safetensors file
 (see sdtoolkit/export.py), safetensors only, and turns every way that can fail into one line saying what
-to do.
+to do. It also loads what a training run wrote that is not a whole pipeline, on the base model the run
+names (see trained_model):
+
+    sd-model/checkpoint-500      a checkpoint: the base model with the checkpoint's UNet (its EMA weights when
+                                 the run had EMA, as the run's final save would hold)
+    lora-model                   a LoRA run's output: the base model with the adapter on top
+    lora-model/checkpoint-500    a LoRA checkpoint: the same, with the adapter's EMA weights when it has them
+    lora-model/pytorch_lora_weights_kohya.safetensors   the LoRA file alone
 """
 
 import json
 import os
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from sdtoolkit.errors import UserError, first_line
-from sdtoolkit.lora import has_lora_weights
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, has_lora_ema, has_lora_weights, load_lora_ema_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -110,10 +117,17 @@ def missing_components(folder):
 
 
 def load_pipeline(model_path, device, dtype, config=None, lora=None):
-    """A StableDiffusionPipeline from a folder, a hub id, or one .safetensors file in the original SD 1.x layout
-    (configs from `config`, see single_file_config), with the LoRA at `lora` loaded on top, on `device` in
-    `dtype`, progress bars off."""
-    if model_path.endswith(".safetensors") and os.path.isfile(model_path):
+    """A StableDiffusionPipeline from a folder, a hub id, one .safetensors file in the original SD 1.x layout
+    (configs from `config`, see single_file_config), or a training run's checkpoint or LoRA (see trained_model),
+    with the LoRA at `lora` loaded on top, on `device` in `dtype`, progress bars off."""
+    trained = trained_model(model_path)
+    if trained is not None:
+        if lora is not None:
+            raise UserError(
+                f"'{model_path}' is already a LoRA or checkpoint on its base model; --lora needs a pipeline"
+            )
+        pipeline = load_trained(model_path, trained, dtype)
+    elif model_path.endswith(".safetensors") and os.path.isfile(model_path):
         pipeline = load_single_file(model_path, dtype, config)
     else:
         pipeline = load_folder_or_hub(model_path, dtype)
@@ -121,6 +135,80 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None):
         load_lora(pipeline, lora)
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def trained_model(path):
+    """What a training run wrote at `path` that is not a whole pipeline, or None:
+    {"kind": "checkpoint" | "LoRA" | "LoRA checkpoint", "base": model, "revision": ...}.
+
+    The base model comes from the run's own records: a checkpoint's training_state.json, or the header of the
+    kohya-ss file a LoRA run writes (sdtoolkit.model, see sdtoolkit/lora.py).
+    """
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        try:
+            with safe_open(path, "pt") as f:
+                if not any("lora_" in key for key in f.keys()):
+                    return None  # a whole pipeline in one file
+                metadata = f.metadata() or {}
+        except Exception:  # not safetensors: load_single_file says so
+            return None
+        kind, folder = "LoRA", os.path.dirname(path) or "."
+    elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        folder, metadata = path, {}
+        state = os.path.join(folder, "training_state.json")
+        if has_lora_weights(folder):
+            kind = "LoRA checkpoint" if os.path.isfile(state) else "LoRA"
+        elif os.path.isfile(state) and os.path.isdir(os.path.join(folder, "unet")):
+            kind = "checkpoint"
+        else:
+            return None
+    else:
+        return None
+    # The base model: the file's own header, else the kohya file beside it, else the folder's training state.
+    base, revision = metadata.get("sdtoolkit.model"), metadata.get("sdtoolkit.revision")
+    kohya = os.path.join(folder, KOHYA_WEIGHTS_NAME)
+    if base is None and os.path.isfile(kohya):
+        with safe_open(kohya, "pt") as f:
+            header = f.metadata() or {}
+        base, revision = header.get("sdtoolkit.model"), header.get("sdtoolkit.revision")
+    state = os.path.join(folder, "training_state.json")
+    if base is None and os.path.isfile(state):
+        with open(state, encoding="utf-8") as f:
+            record = json.load(f)
+        base, revision = record.get("model"), record.get("revision")
+    if base is None:
+        raise UserError(
+            f"'{path}' is a LoRA that does not name its base model; pass the base model as --model_path and"
+            f" this as --lora"
+        )
+    return {"kind": kind, "base": base, "revision": revision}
+
+
+def load_trained(path, trained, dtype):
+    """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model)."""
+    base, kind = trained["base"], trained["kind"]
+    if kind == "checkpoint":
+        # The EMA weights when the run had EMA: what its final save would hold.
+        folder = os.path.join(path, "unet_ema" if os.path.isdir(os.path.join(path, "unet_ema")) else "unet")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
+        print(f"{path}: a checkpoint, its {os.path.basename(folder)}/ on its base model {base}")
+        return load_folder_or_hub(base, dtype, revision=trained["revision"], unet=unet)
+    pipeline = load_folder_or_hub(base, dtype, revision=trained["revision"])
+    load_lora(pipeline, path)
+    weights = "adapter"
+    if kind == "LoRA checkpoint" and has_lora_ema(path):
+        # The adapter's EMA weights, as the run's final save would hold them, in the order training kept them.
+        adapter = [p for name, p in pipeline.unet.named_parameters() if ".lora_" in name]
+        try:
+            load_lora_ema_weights(adapter, path)
+        except ValueError as err:
+            raise UserError(f"could not load the LoRA checkpoint's EMA weights: {err}") from err
+        weights = "adapter's EMA weights"
+    print(f"{path}: a {kind}, its {weights} on its base model {base}")
     return pipeline
 
 
@@ -137,7 +225,7 @@ def load_single_file(path, dtype, config):
         ) from err
 
 
-def load_folder_or_hub(model_path, dtype):
+def load_folder_or_hub(model_path, dtype, revision=None, **components):
     if looks_like_local_path(model_path):
         if not os.path.isdir(model_path):
             raise UserError(
@@ -156,7 +244,9 @@ def load_folder_or_hub(model_path, dtype):
                 " model_index.json lists; copy the whole folder that training wrote, not only some of its parts"
             )
     try:
-        return StableDiffusionPipeline.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
+        return StableDiffusionPipeline.from_pretrained(
+            model_path, dtype=dtype, use_safetensors=True, revision=revision, **components
+        )
     except (OSError, ValueError, EnvironmentError) as err:
         hint = ""
         if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -9,8 +9,11 @@ half precision. What is saved is the adapter only: a few MB instead of 3.4 GB.
     save_lora(unet, folder)              # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
     load_lora(unet, folder)              # the adapter weights back into the UNet, bit for bit
     kohya_state_dict(unet, alpha=4)      # the same adapter in kohya-ss / AUTOMATIC1111 keys
+    kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read, and the base model's name
 """
 
+import datetime
+import logging
 import os
 
 import torch
@@ -20,6 +23,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sdtoolkit.export import training_metadata
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -51,12 +56,22 @@ def save_lora(unet, folder):
     """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it.
 
     The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a loader assumes
-    alpha = rank, and an adapter trained with another alpha would apply at the wrong scale.
+    alpha = rank, and an adapter trained with another alpha would apply at the wrong scale. The file is written
+    under another name and renamed into place, so a run killed while saving leaves the previous one whole.
     """
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-    )  # fmt: skip
+    partial = WEIGHTS_NAME + ".partial"
+    # diffusers logs where it saved: the temporary name, which would mislead. The caller says where it is.
+    diffusers_logger = logging.getLogger("diffusers.loaders.lora_base")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.WARNING)
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True, weight_name=partial,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )  # fmt: skip
+    finally:
+        diffusers_logger.setLevel(level)
+    os.replace(os.path.join(folder, partial), os.path.join(folder, WEIGHTS_NAME))
 
 
 def load_lora(unet, folder):
@@ -87,6 +102,46 @@ def kohya_state_dict(unet, *, alpha):
     return state
 
 
+def kohya_metadata(facts, *, name, rank, alpha, prediction_type):
+    """The header of the kohya-ss file (strings only), so that the UIs that load it know what it is.
+
+    - kohya-ss's own keys, as its trainer writes them: AUTOMATIC1111 offers ss_output_name (`name`, the output
+      folder's) as the name in `<lora:NAME:1>`, shows ss_sd_model_name, ss_resolution and ss_num_train_images on
+      the LoRA's card, and takes a file with these keys (and ss_base_model_version) for an SD 1.x LoRA.
+    - Stability's model spec (modelspec.*): architecture, implementation, title, resolution, date.
+    - This toolkit's facts of the run (sdtoolkit.*, as in an exported single file): sdtoolkit.model is the base
+      model, by which metrics.py and gradio_app.py load the LoRA on it when given only the LoRA.
+
+    facts: the run's identity (model, revision, data, data_rows, seed) with global_step, resolution and
+    learning_rate.
+    """
+    model = str(facts["model"])
+    resolution = facts["resolution"]
+    metadata = {
+        "ss_output_name": name,
+        "ss_sd_model_name": os.path.basename(model.rstrip("/")) if os.path.isabs(model) else model,
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_resolution": str((resolution, resolution)),
+        "ss_num_train_images": str(facts["data_rows"]),
+        "ss_steps": str(facts["global_step"]),
+        "ss_learning_rate": str(facts["learning_rate"]),
+        "ss_seed": str(facts["seed"]),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.date": datetime.date.today().isoformat(),
+    }
+    metadata.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
+    return metadata
+
+
 def save_lora_ema(ema, folder):
     """folder/lora_ema.safetensors: the EMA of the adapter's weights (in the order of its parameters) and its
     step count, which sets its decay."""
@@ -96,12 +151,29 @@ def save_lora_ema(ema, folder):
 
 def load_lora_ema(ema, folder):
     """Put what save_lora_ema wrote back into `ema`, bit for bit."""
-    path = os.path.join(folder, EMA_NAME)
-    with safe_open(path, "pt") as f:
-        for i, shadow in enumerate(ema.shadow_params):
-            shadow.copy_(f.get_tensor(f"{i:05d}"))
-        ema.optimization_step = int(f.metadata()["optimization_step"])
+    ema.optimization_step = load_lora_ema_weights(ema.shadow_params, folder)
+
+
+def load_lora_ema_weights(parameters, folder):
+    """Copy the EMA weights save_lora_ema wrote into `parameters` (the adapter's, in their order); returns the
+    EMA's step count."""
+    with safe_open(os.path.join(folder, EMA_NAME), "pt") as f:
+        names = sorted(f.keys())
+        if len(names) != len(parameters):
+            raise ValueError(f"{folder}/{EMA_NAME} holds {len(names)} tensors for an adapter of {len(parameters)}")
+        for name, parameter in zip(names, parameters):
+            tensor = f.get_tensor(name)
+            if tensor.shape != parameter.shape:
+                raise ValueError(
+                    f"{folder}/{EMA_NAME}: tensor {name} is {tuple(tensor.shape)}, its weight {tuple(parameter.shape)}"
+                )
+            parameter.data.copy_(tensor)
+        return int(f.metadata()["optimization_step"])
 
 
 def has_lora_weights(folder):
     return os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
+
+
+def has_lora_ema(folder):
+    return os.path.isfile(os.path.join(folder, EMA_NAME))

@@ -1,0 +1,87 @@
+"""metrics.py and gradio_app.py load what training wrote that is not a whole pipeline: a checkpoint, a LoRA run's
+folder, its kohya file, a LoRA checkpoint, each on the base model the run's own records name."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import gradio_app
+import metrics
+from sdtoolkit.errors import UserError
+from sdtoolkit.inference import load_pipeline
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
+from tests.conftest import generated_image, train
+
+CPU = torch.device("cpu")
+# Two checkpoints of an EMA run: the last one's EMA weights are what the final save holds; the raw weights differ.
+RUN = ["--use_ema", "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", "a red disc"]
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
+
+
+def image(path, **kwargs):
+    return generated_image(load_pipeline(str(path), CPU, torch.float32, **kwargs), 32)
+
+
+def test_a_checkpoint_loads_with_the_weights_the_final_save_would_hold(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *RUN, "--learning_rate", "1e-3")
+    final, last, earlier = image(out), image(out / "checkpoint-4"), image(out / "checkpoint-2")
+    assert abs(final - image(tiny_sd)).max() > 1e-3  # training moved the UNet
+    assert abs(last - final).max() == 0  # the checkpoint's unet_ema/ is the saved pipeline's UNet
+    assert abs(earlier - final).max() > 1e-4
+    assert f"checkpoint-4: a checkpoint, its unet_ema/ on its base model {tiny_sd}" in capsys.readouterr().out
+
+
+def test_a_lora_loads_from_its_folder_its_kohya_file_and_its_checkpoints(tiny_sd, tmp_path):
+    out = tmp_path / "my-lora"
+    train(tiny_sd, out, *LORA, *RUN)
+    final = image(out)
+    assert abs(final - image(tiny_sd)).max() > 1e-3
+    assert abs(image(out / KOHYA_WEIGHTS_NAME) - final).max() <= 1e-4
+    assert abs(image(out / "checkpoint-4") - final).max() <= 1e-6  # its adapter's EMA weights
+    assert abs(image(out / "checkpoint-2") - final).max() > 1e-4
+
+    # The kohya file says what it is, as kohya-ss's trainer would, for AUTOMATIC1111 and Forge.
+    with safe_open(out / KOHYA_WEIGHTS_NAME, "pt") as f:
+        header = f.metadata()
+    assert header["ss_output_name"] == header["modelspec.title"] == "my-lora"  # A1111's <lora:my-lora:1>
+    assert header["ss_base_model_version"] == "sd_v1" and header["ss_v2"] == "False"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("4", "8.0")
+    assert (header["ss_steps"], header["ss_resolution"], header["ss_num_train_images"]) == ("4", "(32, 32)", "32")
+    assert header["ss_sd_model_name"] == "tiny-sd" and header["sdtoolkit.model"] == str(tiny_sd)
+
+    # The page is titled and described after the LoRA, from its model card.
+    title, description, examples = gradio_app.describe_model(str(out / "checkpoint-2"))
+    assert title == "checkpoint-2"
+    assert description.startswith("This LoRA adapter was fine-tuned from a local folder `tiny-sd`")
+    assert examples == ["a red disc"]
+
+
+def test_metrics_scores_checkpoints_and_a_lora_folder_side_by_side(tiny_sd, tiny_clip, tmp_path):
+    out = tmp_path / "my-lora"
+    train(tiny_sd, out, *LORA, *RUN)
+    report = metrics.main([
+        "--model_path", str(tiny_sd), str(out / "checkpoint-2"), str(out), "--clip_model", str(tiny_clip),
+        "--num_inference_steps", "2", "--resolution", "32", "--seeds", "0", "--device", "cpu",
+        "--output_dir", str(tmp_path / "scores"),
+    ])  # fmt: skip
+    base, earlier, final = report["models"]
+    assert [m["model_path"] for m in report["models"]] == [str(tiny_sd), str(out / "checkpoint-2"), str(out)]
+    assert len({base["clip_score"], earlier["clip_score"], final["clip_score"]}) == 3
+
+
+def test_a_lora_that_does_not_name_its_base_model_says_what_to_pass(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *LORA, "--max_train_steps", "1")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / WEIGHTS_NAME, alone / WEIGHTS_NAME)
+    with pytest.raises(UserError, match="does not name its base model; pass the base model as --model_path"):
+        load_pipeline(str(alone), CPU, torch.float32)
+    with pytest.raises(UserError, match="is already a LoRA or checkpoint on its base model; --lora needs a pipeline"):
+        load_pipeline(str(out), CPU, torch.float32, lora=str(out))
+    # Given as a --lora on its base, it loads as before.
+    assert abs(image(tiny_sd, lora=str(alone)) - image(out)).max() <= 1e-6
