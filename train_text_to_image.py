@@ -86,7 +86,7 @@ from sdtoolkit.data import (
     unlisted_images,
 )
 from sdtoolkit.ema import InPlaceEMAModel
-from sdtoolkit.errors import TrainingStopped, UserError, first_line, run_main
+from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name
 from sdtoolkit.inference import looks_like_local_path
 from sdtoolkit.latent_cache import (
@@ -129,7 +129,7 @@ INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMod
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune a Stable Diffusion UNet on image-caption pairs.")
+    parser = ArgumentParser(description="Fine-tune a Stable Diffusion UNet on image-caption pairs.")
     parser.add_argument(
         "--input_perturbation", type=float, default=0, help="The scale of input perturbation. Recommended 0.1."
     )
@@ -649,6 +649,13 @@ def parse_args(argv=None):
         )
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed_precision fp16 needs a CUDA GPU; use --mixed_precision no (or bf16) on a CPU")
+    # accelerate only warns about a tracker that is not installed, and the run then logs nowhere.
+    tracker_available = getattr(accelerate.utils, f"is_{args.report_to}_available", None)
+    if tracker_available is not None and not tracker_available():
+        raise UserError(
+            f"--report_to {args.report_to} needs {args.report_to} installed (pip install {args.report_to});"
+            " or use --report_to tensorboard (installed with the toolkit)"
+        )
     if args.report_to == "wandb" and args.hub_token is not None:
         raise UserError(
             "--report_to wandb and --hub_token together would expose your token in the run's config;"
@@ -1201,9 +1208,14 @@ def main(argv=None):
     # Handle the hub repository.
     repo_id = Path(args.output_dir).name
     if accelerator.is_main_process and args.push_to_hub:
-        repo_id = create_repo(
-            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-        ).repo_id
+        name = args.hub_model_id or Path(args.output_dir).name
+        try:
+            repo_id = create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+        except Exception as err:  # the hub's errors: offline, not logged in, no rights, the network
+            raise UserError(
+                f"--push_to_hub: could not create the hub repository '{name}': {first_line(err)} -- log in with"
+                " `hf auth login`, or train without --push_to_hub and upload later with `hf upload`"
+            ) from err
 
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
@@ -1820,13 +1832,19 @@ def main(argv=None):
         save_model_card(args, repo_id, images, buckets_used)
 
         if args.push_to_hub:
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["step_*", "epoch_*", ".lock*"],
-                token=args.hub_token,
-            )
+            try:
+                upload_folder(
+                    repo_id=repo_id,
+                    folder_path=args.output_dir,
+                    commit_message="End of training",
+                    ignore_patterns=["step_*", "epoch_*", ".lock*"],
+                    token=args.hub_token,
+                )
+            except Exception as err:  # the hub's errors; the model is saved whatever happens here
+                raise UserError(
+                    f"the model is saved in {args.output_dir}, but uploading it to the hub repository '{repo_id}'"
+                    f" failed: {first_line(err)} -- upload it later with `hf upload {repo_id} {args.output_dir}`"
+                ) from err
 
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -15,6 +15,7 @@ process that fails after another has left its line there exits quietly, without 
 the reason.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -24,6 +25,15 @@ LAST_LINE_FILE = "SDTOOLKIT_LAST_LINE_FILE"
 
 class UserError(Exception):
     """Bad input or an unusable environment, explained in one line for the person running the script."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a flag without its value, an unknown flag) are UserErrors: the usage, then
+    the one `error:` line with exit code 2, which the launcher repeats last like any other bad input."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise UserError(message)
 
 
 class TrainingStopped(Exception):

@@ -3,6 +3,7 @@
 The crash tests run the script in a subprocess and kill it for real (SIGKILL, SIGTERM, SIGINT).
 """
 
+import argparse
 import importlib.util
 import io
 import logging
@@ -300,11 +301,38 @@ def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
         pytest.param(["--use_8bit_adam"], "needs torchao's 8-bit AdamW", marks=pytest.mark.skipif(
             torch.cuda.is_available() or importlib.util.find_spec("torchao") is not None,
             reason="8-bit AdamW runs here (bitsandbytes on a GPU, or torchao)")),
+        # accelerate would only warn, and the run would log nowhere.
+        pytest.param(["--report_to", "wandb"], "--report_to wandb needs wandb installed", marks=pytest.mark.skipif(
+            importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")),
+        # argparse's own errors are one line too, which the launcher can repeat last.
+        (["--validation_prompts"], "argument --validation_prompts: expected at least one argument"),
+        (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     ],
 )  # fmt: skip
 def test_incompatible_or_impossible_flags(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         preflight(tmp_path, *flags)
+
+
+def test_the_hub_failing_is_one_line_and_never_loses_the_model(tiny_sd, tmp_path, monkeypatch):
+    secret = ["--hub_token", "hf_secret_do_not_show"]
+    # Before training: the repository cannot be created (tests run with HF_HUB_OFFLINE=1).
+    with pytest.raises(UserError, match="--push_to_hub: could not create the hub repository 'out': .*offline") as err:
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--push_to_hub", *secret)
+    assert "hf_secret" not in str(err.value)
+
+    # After training: the upload fails, and the line says where the model is and how to upload it later.
+    monkeypatch.setattr(train_text_to_image, "create_repo", lambda **kwargs: argparse.Namespace(repo_id="me/out"))
+
+    def no_network(**kwargs):
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(train_text_to_image, "upload_folder", no_network)
+    with pytest.raises(UserError, match="the model is saved in .*out, but uploading it to the hub repository 'me/out'"
+                                       " failed: Connection refused -- upload it later with `hf upload me/out ") as err:  # fmt: skip
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--push_to_hub", "--overwrite_output_dir", *secret)
+    assert "hf_secret" not in str(err.value)
+    assert (tmp_path / "out" / "model_index.json").exists() and (tmp_path / "out" / "README.md").exists()
 
 
 def test_preflight_errors_are_one_line_with_exit_code_2(tmp_path):

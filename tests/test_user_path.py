@@ -92,6 +92,14 @@ def test_an_error_through_train_sh_is_the_last_line_with_exit_code_2(user_folder
         assert sum(line.startswith("error:") for line in lines) == 1, output
 
 
+def test_a_mistyped_flag_through_train_sh_is_one_error_line(user_folder):
+    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=1", "--learning-rate=1e-4", model="my-model",
+                           data="my-data", output_dir="out", timeout=60)  # fmt: skip
+    assert code == 2, "\n".join(lines[-20:])
+    assert lines[-1] == "error: unrecognized arguments: --learning-rate=1e-4"
+    assert "Traceback" not in "\n".join(lines)
+
+
 def start_holder(tiny_sd, output_dir):
     """A training run that holds output_dir for minutes (it takes a step every ~0.1 s and saves nothing)."""
     argv = train_args(tiny_sd, output_dir, "--max_train_steps", "100000", "--checkpointing_steps", "100000")
