@@ -180,7 +180,7 @@ def trained_model(path):
     if base is None:
         raise UserError(
             f"'{path}' is a LoRA that does not name its base model; pass the base model as --model_path and"
-            f" this as --lora"
+            " this as --lora"
         )
     return {"kind": kind, "base": base, "revision": revision}
 
@@ -188,6 +188,9 @@ def trained_model(path):
 def load_trained(path, trained, dtype):
     """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model)."""
     base, kind = trained["base"], trained["kind"]
+    if looks_like_local_path(base) and not os.path.isdir(base):
+        fix = "pass the base model as --model_path and this as --lora" if "LoRA" in kind else "put it back there"
+        raise UserError(f"'{path}' is a {kind} of the base model {base}, which is no longer there; {fix}")
     if kind == "checkpoint":
         # The EMA weights when the run had EMA: what its final save would hold.
         folder = os.path.join(path, "unet_ema" if os.path.isdir(os.path.join(path, "unet_ema")) else "unet")

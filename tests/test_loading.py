@@ -83,5 +83,12 @@ def test_a_lora_that_does_not_name_its_base_model_says_what_to_pass(tiny_sd, tmp
         load_pipeline(str(alone), CPU, torch.float32)
     with pytest.raises(UserError, match="is already a LoRA or checkpoint on its base model; --lora needs a pipeline"):
         load_pipeline(str(out), CPU, torch.float32, lora=str(out))
+    # A base model that has moved away is named, with what to do.
+    moved = tmp_path / "moved-sd"
+    shutil.copytree(tiny_sd, moved)
+    train(moved, tmp_path / "on-moved", *LORA, "--max_train_steps", "1")
+    shutil.rmtree(moved)
+    with pytest.raises(UserError, match=f"is a LoRA of the base model {moved}, which is no longer there; pass the"):
+        load_pipeline(str(tmp_path / "on-moved"), CPU, torch.float32)
     # Given as a --lora on its base, it loads as before.
     assert abs(image(tiny_sd, lora=str(alone)) - image(out)).max() <= 1e-6
