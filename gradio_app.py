@@ -193,11 +193,15 @@ def make_generate(service):
 
 
 def model_name(path):
-    """A short name for a model: a folder's or a file's name, or a hub id as it is."""
+    """A short name for a model: a folder's or a file's name (a checkpoint's with its run's: run/checkpoint-N), or
+    a hub id as it is."""
     if not looks_like_local_path(path):
         return path
     path = Path(path)
-    return path.stem if path.suffix == ".safetensors" else path.resolve().name
+    if path.suffix == ".safetensors":
+        return path.stem
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
 def read_card(path):

@@ -55,7 +55,7 @@ def test_a_lora_loads_from_its_folder_its_kohya_file_and_its_checkpoints(tiny_sd
 
     # The page is titled and described after the LoRA, from its model card.
     title, description, examples = gradio_app.describe_model(str(out / "checkpoint-2"))
-    assert title == "checkpoint-2"
+    assert title == "my-lora/checkpoint-2"
     assert description.startswith("This LoRA adapter was fine-tuned from a local folder `tiny-sd`")
     assert examples == ["a red disc"]
 
