@@ -216,7 +216,8 @@ def parse_args(argv=None):
         help=(
             "At the end, also write the pipeline as one .safetensors file in the original SD 1.x layout (float16,"
             " the EMA weights with --use_ema), OUTPUT_DIR/<its name>.safetensors, as AUTOMATIC1111 and ComfyUI load"
-            " it. Any pipeline folder or checkpoint: python -m sdtoolkit.export FOLDER OUT.safetensors."
+            " it; with --lora_rank, the LoRA merged into the base model. Any pipeline folder, checkpoint or LoRA:"
+            " python -m sdtoolkit.export FOLDER OUT.safetensors."
         ),
     )
     # Speed and memory options of this toolkit (not upstream). See BENCHMARKS.md for what each one buys.
@@ -635,8 +636,6 @@ def parse_args(argv=None):
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise UserError(f"--lora_rank must be at least 1, got {args.lora_rank}")
-    if args.lora_rank is not None and args.export_single_file:
-        raise UserError("--export_single_file writes a whole pipeline; a --lora_rank run's output is its LoRA file")
     if args.use_8bit_adam and not torch.cuda.is_available() and importlib.util.find_spec("torchao") is None:
         raise UserError(
             "--use_8bit_adam without a CUDA GPU needs torchao's 8-bit AdamW (pip install torchao); on a GPU it uses"
@@ -1815,11 +1814,13 @@ def main(argv=None):
         else:
             save_pipeline(pipeline, args.output_dir)
             logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")
-        # The same pipeline as one file in the original SD 1.x layout, for AUTOMATIC1111 and ComfyUI.
+        # The same pipeline (a LoRA merged into its base) as one file in the original SD 1.x layout, for
+        # AUTOMATIC1111 and ComfyUI.
         if args.export_single_file:
             single_file = os.path.join(args.output_dir, single_file_name(args.output_dir))
             export_single_file(args.output_dir, single_file, training=facts)
-            logger.info(f"Exported it as one file (float16, SD 1.x keys) to {single_file}")
+            merged = ", the LoRA merged into its base model" if args.lora_rank else ""
+            logger.info(f"Exported it as one file (float16, SD 1.x keys{merged}) to {single_file}")
 
         # Run a final round of inference.
         images = []

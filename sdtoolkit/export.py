@@ -6,6 +6,7 @@ CLIP text encoder under `cond_stage_model.transformer.` (its keys keep transform
 
     python -m sdtoolkit.export sd-pokemon-model sd-pokemon.safetensors            # fp16 (the default)
     python -m sdtoolkit.export sd-pokemon-model/checkpoint-1500 out.safetensors --ema --no-half
+    python -m sdtoolkit.export sd-pokemon-lora merged.safetensors                 # a LoRA merged into its base
 
 The mapping below is built from each model's config: the UNet's blocks are numbered in one sequence in the
 original layout (input_blocks, middle_block, output_blocks), where diffusers nests them (down_blocks.i.resnets.j),
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtoolkit.errors import UserError, run_main
@@ -208,18 +210,60 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     return metadata
 
 
+def lora_merged(path):
+    """For a LoRA run's output, kohya file or LoRA checkpoint at `path` (see sdtoolkit/inference.py): its base
+    model with the adapter merged into the UNet's weights, as (weights, configs) of the UNet, VAE and text
+    encoder, and the run's facts from its kohya file's header. None for anything else."""
+    # inference.py loads pipelines through diffusers; only a LoRA export needs it (and it imports this module's
+    # neighbours, which import this module).
+    import torch
+
+    from sdtoolkit.inference import load_pipeline, trained_model
+    from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
+
+    trained = trained_model(path)
+    if trained is None or "LoRA" not in trained["kind"]:
+        return None
+    pipeline = load_pipeline(path, torch.device("cpu"), torch.float32)
+    pipeline.fuse_lora(components=["unet"])
+    pipeline.unload_lora_weights()  # the adapter's layers go, its update stays in the fused weights
+    models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    weights = [model.state_dict() for model in models]
+    configs = [dict(pipeline.unet.config), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
+    kohya = path if os.path.isfile(path) else os.path.join(path, KOHYA_WEIGHTS_NAME)
+    header = {}
+    if os.path.isfile(kohya):
+        with safe_open(kohya, "pt") as f:
+            header = f.metadata() or {}
+    facts = {k.removeprefix("sdtoolkit."): v for k, v in header.items() if k.startswith("sdtoolkit.")}
+    facts.pop("layout", None)
+    return weights, configs, facts
+
+
 def export_single_file(path, out, *, half=True, ema=False, training=None):
-    """Write the pipeline or checkpoint at `path` to `out` as one SD 1.x .safetensors file. Returns the tensor count.
+    """Write the pipeline, checkpoint or LoRA at `path` to `out` as one SD 1.x .safetensors file (a LoRA merged into
+    its base model). Returns the tensor count.
 
     training: facts of the run for the file's metadata (model, data, global_step, seed, resolution, ...), over
     those of the newest checkpoint's training_state.json.
     """
-    unet_dir, vae_dir, text_dir, state = sources(path, ema)
-    configs = [read_config(d) for d in (unet_dir, vae_dir, text_dir)]
+    merged = lora_merged(path)
+    if merged is not None:
+        if ema:
+            raise UserError(
+                "--ema is for full fine-tuning checkpoints; a LoRA checkpoint's EMA weights are used by itself"
+            )
+        (unet, vae, text), configs, facts = merged
+        state = os.path.join(path, "training_state.json") if os.path.isdir(path) else None
+        training = {**facts, **(training or {})}
+    else:
+        unet_dir, vae_dir, text_dir, state = sources(path, ema)
+        unet, vae, text = (read_weights(d) for d in (unet_dir, vae_dir, text_dir))
+        configs = [read_config(d) for d in (unet_dir, vae_dir, text_dir)]
     check_sd1(path, *configs)
     tensors = {}
-    tensors.update(rename(read_weights(unet_dir), unet_prefixes(configs[0]), "model.diffusion_model.", "UNet"))
-    vae = rename(read_weights(vae_dir), vae_prefixes(configs[1]), "first_stage_model.", "VAE")
+    tensors.update(rename(unet, unet_prefixes(configs[0]), "model.diffusion_model.", "UNet"))
+    vae = rename(vae, vae_prefixes(configs[1]), "first_stage_model.", "VAE")
     for key, tensor in vae.items():
         # The VAE's attention projections are 1x1 convolutions in the original layout.
         if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
@@ -227,7 +271,7 @@ def export_single_file(path, out, *, half=True, ema=False, training=None):
     tensors.update(vae)
     # The text encoder's keys are transformers' under `text_model.`: transformers 5.6 and later save CLIPTextModel
     # without that prefix, and a single file without it is refused by diffusers' loader (and A1111's).
-    for key, tensor in read_weights(text_dir).items():
+    for key, tensor in text.items():
         key = key.removeprefix("text_model.")
         if key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
             tensors["cond_stage_model.transformer.text_model." + key] = tensor
@@ -250,7 +294,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Export a Stable Diffusion 1.x pipeline as one .safetensors file (A1111, ComfyUI)."
     )
-    parser.add_argument("path", help="A pipeline folder (as training saves it) or a checkpoint-N folder.")
+    parser.add_argument(
+        "path",
+        help="A pipeline folder (as training saves it), a checkpoint-N folder, or a LoRA run's output folder, LoRA"
+        " checkpoint or kohya file (merged into the base model the run names).",
+    )
     parser.add_argument("out", help="The .safetensors file to write.")
     parser.add_argument(
         "--half", action=argparse.BooleanOptionalAction, default=True, help="Store float16 (default) or float32."

@@ -19,6 +19,8 @@ import gradio_app
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
+from sdtoolkit.inference import load_pipeline
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 from tests.conftest import REPO, generated_image, train, unet_weights
 
 
@@ -108,6 +110,44 @@ def test_training_with_export_single_file_writes_a_file_the_loader_reads(tiny_sd
     # A new run into the folder deletes it with the rest of the earlier run.
     train(tiny_sd, out, "--max_train_steps", "1", "--overwrite_output_dir")
     assert not single.exists()
+
+
+def test_a_lora_exports_merged_into_its_base_model(tiny_sd, tmp_path):
+    # The tiny pipeline, not sd1_layout: at 32 px that UNet's 1x1 bottleneck turns the float rounding between a
+    # merged and an unmerged adapter (1e-7) into visible differences.
+    out = tmp_path / "my-lora"
+    train(tiny_sd, out, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--use_ema",
+          "--max_train_steps", "2", "--checkpointing_steps", "2", "--export_single_file")  # fmt: skip
+    cpu = torch.device("cpu")
+    with_lora = generated_image(load_pipeline(str(out), cpu, torch.float32), 32)
+    moved = abs(with_lora - generated_image(load_pipeline(str(tiny_sd), cpu, torch.float32), 32)).max()
+    assert moved > 1e-2
+
+    # From the command line, float32, a LoRA checkpoint (its adapter's EMA weights): the same pipeline.
+    exported = tmp_path / "step2.safetensors"
+    export_single_file(str(out / "checkpoint-2"), str(exported), half=False)
+    pipeline = StableDiffusionPipeline.from_single_file(str(exported), config=str(tiny_sd), local_files_only=True,
+                                                        torch_dtype=torch.float32, safety_checker=None)  # fmt: skip
+    assert abs(generated_image(pipeline, 32) - with_lora).max() <= 1e-4
+
+    # From training, float16: that pipeline with its weights rounded to float16. Its configs come from the base
+    # model its header names.
+    single = out / "my-lora.safetensors"
+    with safe_open(str(single), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+    assert metadata["sdtoolkit.global_step"] == "2" and metadata["sdtoolkit.model"] == str(tiny_sd)
+    assert not any("lora" in key for key in keys)  # merged, not carried
+    for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        for parameter in model.parameters():
+            parameter.data = parameter.data.half().float()
+    half = generated_image(load_pipeline(str(single), cpu, torch.float32), 32)
+    assert abs(half - generated_image(pipeline, 32)).max() <= 1e-5
+    # The kohya file alone: the run's facts come from its header.
+    export_single_file(str(out / KOHYA_WEIGHTS_NAME), str(tmp_path / "k.safetensors"))
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert f.metadata()["sdtoolkit.global_step"] == "2" and f.metadata()["sdtoolkit.model"] == str(tiny_sd)
+    with pytest.raises(UserError, match="--ema is for full fine-tuning checkpoints"):
+        export_single_file(str(out / "checkpoint-2"), str(tmp_path / "x.safetensors"), ema=True)
 
 
 def test_export_single_file_with_a_base_that_is_not_sd1_stops_before_training(sd1_layout, tmp_path):
