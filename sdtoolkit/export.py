@@ -5,7 +5,7 @@ the original training code: the UNet under `model.diffusion_model.`, the VAE und
 CLIP text encoder under `cond_stage_model.transformer.` (its keys keep transformers' `text_model.` prefix).
 
     python -m sdtoolkit.export sd-pokemon-model sd-pokemon.safetensors            # fp16 (the default)
-    python -m sdtoolkit.export sd-pokemon-model/checkpoint-1500 out.safetensors --ema --no-half
+    python -m sdtoolkit.export sd-pokemon-model/checkpoint-1500 out.safetensors --no-half   # its EMA weights if any
     python -m sdtoolkit.export sd-pokemon-lora merged.safetensors                 # a LoRA merged into its base
 
 The mapping below is built from each model's config: the UNet's blocks are numbered in one sequence in the
@@ -159,12 +159,14 @@ def sources(path, ema):
     """The folders of the UNet, VAE and text encoder to export, and the training state if there is one.
 
     path: a pipeline folder (as training saves it) or a checkpoint-N folder, whose VAE and text encoder are
-    the base model's (named in its training_state.json). ema: the checkpoint's unet_ema instead of its unet.
+    the base model's (named in its training_state.json). ema: the checkpoint's unet_ema instead of its unet;
+    None: unet_ema when the checkpoint has one (what the run's final save would hold, and what metrics.py and
+    gradio_app.py load from a checkpoint).
     """
     if os.path.isfile(os.path.join(path, "model_index.json")):
-        if ema:
+        if ema is not None:
             raise UserError(
-                f"--ema is for checkpoint folders; a saved pipeline ({path}) already holds the EMA weights when the run had EMA"
+                f"--ema and --no-ema are for checkpoint folders; a saved pipeline ({path}) already holds the EMA weights when the run had EMA"
             )
         states = sorted(
             (d for d in os.listdir(path) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
@@ -183,6 +185,8 @@ def sources(path, ema):
         raise UserError(
             f"the checkpoint's base model {base!r} is not a local pipeline folder; export the saved pipeline instead"
         )
+    if ema is None:
+        ema = os.path.isdir(os.path.join(path, "unet_ema"))
     unet = os.path.join(path, "unet_ema" if ema else "unet")
     if not os.path.isdir(unet):
         raise UserError(f"{path} has no {os.path.basename(unet)}/" + (" (the run had no --use_ema)" if ema else ""))
@@ -240,7 +244,7 @@ def lora_merged(path):
     return weights, configs, facts
 
 
-def export_single_file(path, out, *, half=True, ema=False, training=None):
+def export_single_file(path, out, *, half=True, ema=None, training=None):
     """Write the pipeline, checkpoint or LoRA at `path` to `out` as one SD 1.x .safetensors file (a LoRA merged into
     its base model). Returns the tensor count.
 
@@ -249,9 +253,9 @@ def export_single_file(path, out, *, half=True, ema=False, training=None):
     """
     merged = lora_merged(path)
     if merged is not None:
-        if ema:
+        if ema is not None:
             raise UserError(
-                "--ema is for full fine-tuning checkpoints; a LoRA checkpoint's EMA weights are used by itself"
+                "--ema and --no-ema are for full fine-tuning checkpoints; a LoRA checkpoint's EMA weights are used by itself"
             )
         (unet, vae, text), configs, facts = merged
         state = os.path.join(path, "training_state.json") if os.path.isdir(path) else None
@@ -303,7 +307,13 @@ def parse_args(argv=None):
     parser.add_argument(
         "--half", action=argparse.BooleanOptionalAction, default=True, help="Store float16 (default) or float32."
     )
-    parser.add_argument("--ema", action="store_true", help="From a checkpoint folder: its EMA weights (unet_ema/).")
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="From a checkpoint folder: its EMA weights (unet_ema/), or with --no-ema its trained weights (unet/)."
+        " Default: the EMA weights when it has them, as the run's final save would hold.",
+    )
     return parser.parse_args(argv)
 
 

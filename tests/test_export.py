@@ -71,7 +71,8 @@ def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd,
     target = tmp_path / "elsewhere" / "ema.safetensors"
     target.parent.mkdir()
     # From the user's own folder, as a module of the installed toolkit.
-    done = subprocess.run([sys.executable, "-m", "sdtoolkit.export", str(out / "checkpoint-2"), "ema.safetensors", "--ema"],
+    # The EMA weights by default, as the run's final save would hold them.
+    done = subprocess.run([sys.executable, "-m", "sdtoolkit.export", str(out / "checkpoint-2"), "ema.safetensors"],
                           cwd=target.parent, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Wrote ema.safetensors" in done.stdout
@@ -83,6 +84,11 @@ def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd,
     assert torch.equal(conv_in, ema["conv_in.weight"].half())
     assert not torch.equal(ema["conv_in.weight"], unet_weights(out / "checkpoint-2" / "unet")["conv_in.weight"])
     assert metadata["sdtoolkit.global_step"] == "2" and metadata["sdtoolkit.model"] == str(tiny_sd)
+    # --no-ema: the trained weights.
+    export_single_file(str(out / "checkpoint-2"), str(tmp_path / "raw.safetensors"), ema=False)
+    with safe_open(str(tmp_path / "raw.safetensors"), "pt") as f:
+        raw = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert torch.equal(raw, unet_weights(out / "checkpoint-2" / "unet")["conv_in.weight"].half())
 
 
 def test_a_pipeline_that_is_not_sd1_gets_one_line_and_no_file(sd1_layout, tmp_path):
@@ -146,8 +152,8 @@ def test_a_lora_exports_merged_into_its_base_model(tiny_sd, tmp_path):
     export_single_file(str(out / KOHYA_WEIGHTS_NAME), str(tmp_path / "k.safetensors"))
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         assert f.metadata()["sdtoolkit.global_step"] == "2" and f.metadata()["sdtoolkit.model"] == str(tiny_sd)
-    with pytest.raises(UserError, match="--ema is for full fine-tuning checkpoints"):
-        export_single_file(str(out / "checkpoint-2"), str(tmp_path / "x.safetensors"), ema=True)
+    with pytest.raises(UserError, match="--ema and --no-ema are for full fine-tuning checkpoints"):
+        export_single_file(str(out / "checkpoint-2"), str(tmp_path / "x.safetensors"), ema=False)
 
 
 def test_export_single_file_with_a_base_that_is_not_sd1_stops_before_training(sd1_layout, tmp_path):
