@@ -113,6 +113,7 @@ from sdtoolkit.lora import (
     load_lora_ema,
     save_lora,
     save_lora_ema,
+    tag_frequency,
 )
 from sdtoolkit.output_dir import (
     check_fresh_run,
@@ -1806,7 +1807,7 @@ def main(argv=None):
             kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
-                prediction_type=noise_scheduler.config.prediction_type,
+                prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
             )  # fmt: skip
             save_file(kohya_state_dict(unet, alpha=lora_alpha), kohya + ".partial", metadata=header)
             os.replace(kohya + ".partial", kohya)

@@ -10,9 +10,12 @@ half precision. What is saved is the adapter only: a few MB instead of 3.4 GB.
     load_lora(unet, folder)              # the adapter weights back into the UNet, bit for bit
     kohya_state_dict(unet, alpha=4)      # the same adapter in kohya-ss / AUTOMATIC1111 keys
     kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read, and the base model's name
+    tag_frequency(captions)              # the captions' tags and their counts, for that header
 """
 
+import collections
 import datetime
+import json
 import logging
 import os
 
@@ -102,7 +105,19 @@ def kohya_state_dict(unet, *, alpha):
     return state
 
 
-def kohya_metadata(facts, *, name, rank, alpha, prediction_type):
+def tag_frequency(captions):
+    """How often each comma-separated tag occurs in the captions (every caption of a row that has several), most
+    frequent first: kohya-ss's ss_tag_frequency, which AUTOMATIC1111 lists as the LoRA's training tags. Given
+    the training rows, an image that repeats (N_name folders, --dataset_repeats) counts once per repeat, as often
+    as an epoch shows it (kohya-ss counts it once)."""
+    counts = collections.Counter()
+    for caption in captions:
+        for text in [caption] if isinstance(caption, str) else caption:
+            counts.update(tag.strip() for tag in text.split(",") if tag.strip())
+    return dict(counts.most_common())
+
+
+def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None):
     """The header of the kohya-ss file (strings only), so that the UIs that load it know what it is.
 
     - kohya-ss's own keys, as its trainer writes them: AUTOMATIC1111 offers ss_output_name (`name`, the output
@@ -113,7 +128,7 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type):
       model, by which metrics.py and gradio_app.py load the LoRA on it when given only the LoRA.
 
     facts: the run's identity (model, revision, data, data_rows, seed) with global_step, resolution and
-    learning_rate.
+    learning_rate. tags: the captions' tag_frequency.
     """
     model = str(facts["model"])
     resolution = facts["resolution"]
@@ -138,6 +153,9 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type):
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.date": datetime.date.today().isoformat(),
     }
+    if tags:
+        # kohya-ss counts per dataset folder; this run has one data source.
+        metadata["ss_tag_frequency"] = json.dumps({os.path.basename(str(facts["data"]).rstrip("/")): tags})
     metadata.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
     return metadata
 

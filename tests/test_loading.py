@@ -1,6 +1,7 @@
 """metrics.py and gradio_app.py load what training wrote that is not a whole pipeline: a checkpoint, a LoRA run's
 folder, its kohya file, a LoRA checkpoint, each on the base model the run's own records name."""
 
+import json
 import shutil
 
 import pytest
@@ -11,8 +12,8 @@ import gradio_app
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
-from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from tests.conftest import generated_image, train
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
+from tests.conftest import DEMO_DATA, generated_image, train
 
 CPU = torch.device("cpu")
 # Two checkpoints of an EMA run: the last one's EMA weights are what the final save holds; the raw weights differ.
@@ -52,12 +53,22 @@ def test_a_lora_loads_from_its_folder_its_kohya_file_and_its_checkpoints(tiny_sd
     assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("4", "8.0")
     assert (header["ss_steps"], header["ss_resolution"], header["ss_num_train_images"]) == ("4", "(32, 32)", "32")
     assert header["ss_sd_model_name"] == "tiny-sd" and header["sdtoolkit.model"] == str(tiny_sd)
+    # A1111's training tags: the captions' comma-separated tags, counted, under the data folder's name.
+    captions = [json.loads(line)["text"] for line in (DEMO_DATA / "metadata.jsonl").read_text().splitlines()]
+    assert json.loads(header["ss_tag_frequency"]) == {"creatures": tag_frequency(captions)}
 
     # The page is titled and described after the LoRA, from its model card.
     title, description, examples = gradio_app.describe_model(str(out / "checkpoint-2"))
     assert title == "my-lora/checkpoint-2"
     assert description.startswith("This LoRA adapter was fine-tuned from a local folder `tiny-sd`")
     assert examples == ["a red disc"]
+
+
+def test_tags_are_counted_as_kohya_counts_them():
+    captions = ["1girl, red hair, smile", ["1girl, blue hair ", "1girl"], "smile,", "a photo of a cat"]
+    tags = tag_frequency(captions)
+    assert tags == {"1girl": 3, "smile": 2, "red hair": 1, "blue hair": 1, "a photo of a cat": 1}
+    assert list(tags)[:2] == ["1girl", "smile"]  # most frequent first
 
 
 def test_metrics_scores_checkpoints_and_a_lora_folder_side_by_side(tiny_sd, tiny_clip, tmp_path):
