@@ -25,7 +25,9 @@ from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.images_api import ImageFiles, images_api
 from sdtoolkit.inference import (
     add_device_arguments,
+    add_lora_scale_argument,
     add_model_config_argument,
+    is_lora,
     load_pipeline,
     looks_like_local_path,
     pick_device_and_dtype,
@@ -66,6 +68,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--lora", default=None, help="A LoRA to load on top of --model_path (folder or .safetensors file)."
     )
+    add_lora_scale_argument(parser)
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument(
@@ -117,6 +120,8 @@ def parse_args(argv=None):
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if args.cache_max_age < 1:
         raise UserError(f"--cache_max_age must be at least 1 second, got {args.cache_max_age}")
+    if args.lora_scale != 1 and not is_lora(args.model_path, args.lora):
+        raise UserError("--lora_scale is for a LoRA: give one with --lora, or a LoRA run's folder as --model_path")
     return args
 
 
@@ -304,10 +309,14 @@ def warn_if_open(args):
 def launch(args, block=True):
     """Load the model, build the app and serve it as args say; returns the running app when block=False."""
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    pipeline = load_pipeline(args.model_path, device, dtype, config=args.model_config, lora=args.lora)
+    pipeline = load_pipeline(
+        args.model_path, device, dtype, config=args.model_config, lora=args.lora, lora_scale=args.lora_scale
+    )
     queue = RequestQueue(concurrency=args.concurrency, max_queue=args.max_queue)
     lora_name = model_name(args.lora) if args.lora else None
-    service = ImageService(pipeline, model_name=model_name(args.model_path), lora_name=lora_name, queue=queue)
+    service = ImageService(
+        pipeline, model_name=model_name(args.model_path), lora_name=lora_name, lora_scale=args.lora_scale, queue=queue
+    )
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(
         service,

@@ -40,7 +40,14 @@ from tqdm.auto import tqdm
 from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
 from sdtoolkit.errors import UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
-from sdtoolkit.inference import add_device_arguments, add_model_config_argument, load_pipeline, pick_device_and_dtype
+from sdtoolkit.inference import (
+    add_device_arguments,
+    add_lora_scale_argument,
+    add_model_config_argument,
+    is_lora,
+    load_pipeline,
+    pick_device_and_dtype,
+)
 from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
 
@@ -98,6 +105,7 @@ def parse_args(argv=None):
             " pytorch_lora_weights.safetensors, or a .safetensors file in diffusers' or kohya keys)."
         ),
     )
+    add_lora_scale_argument(parser)
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
@@ -401,6 +409,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
+        "lora_scale": args.lora_scale,
     }
     report = {"settings": settings, "prompts": prompts, "models": []}
     for result in results:
@@ -498,7 +507,8 @@ def report_markdown(report, grids, nearest_grids):
                   "paired), 50 steps, guidance 7.5, each model's own scheduler.", ""]  # fmt: skip
     else:
         lines += [f"{len(report['prompts'])} prompts x seeds {settings['seeds']} x {settings['num_images_per_prompt']}"
-                  f" image(s), {settings['num_inference_steps']} steps, guidance {settings['guidance_scale']};"
+                  f" image(s), {settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}"
+                  + (f", LoRAs at scale {settings['lora_scale']:g}" if settings["lora_scale"] != 1 else "") + ";"
                   f" CLIP: {settings['clip_model']} ({settings['clip_backend']}). Every model starts from the same"
                   " noise for the same prompt and seed.", ""]  # fmt: skip
     header = "| model | CLIP score |"
@@ -601,6 +611,8 @@ def main(argv=None):
     else:
         prompts, negatives = load_prompts(args.prompts_file)
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
+    if args.lora_scale != 1 and not args.lora and not any(is_lora(path) for path in args.model_path):
+        raise UserError("--lora_scale is for LoRAs: give them with --lora, or a LoRA run's folder as a --model_path")
     # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
     check_output_dir(args.output_dir)
     if args.caption_data is not None and not os.path.isfile(os.path.join(args.caption_data, "metadata.jsonl")):
@@ -626,7 +638,7 @@ def main(argv=None):
     models = [(path, None) for path in args.model_path] + [(args.model_path[0], lora) for lora in args.lora]
     names = [path if lora is None else lora for path, lora in models]
     for (base, lora), label in zip(models, model_labels(names)):
-        pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora)
+        pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora, lora_scale=args.lora_scale)
         model_path = base if lora is None else f"{base} + LoRA {lora}"
         result = {"model_path": model_path, "label": label}
         if args.doc_protocol:

@@ -78,6 +78,22 @@ def single_file_config(path, config):
     )
 
 
+def add_lora_scale_argument(parser):
+    """The --lora_scale flag of metrics.py and gradio_app.py."""
+    parser.add_argument(
+        "--lora_scale",
+        type=float,
+        default=1.0,
+        help="How strongly the LoRA applies: 1 as trained, 0 not at all (AUTOMATIC1111's <lora:NAME:scale>).",
+    )
+
+
+def is_lora(model_path, lora=None):
+    """Whether a pipeline loaded from (model_path, lora) carries a LoRA: a --lora, or a LoRA as the model."""
+    trained = trained_model(model_path) if lora is None else None
+    return lora is not None or (trained is not None and "LoRA" in trained["kind"])
+
+
 def add_device_arguments(parser):
     """The --device and --dtype flags of metrics.py and gradio_app.py."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -116,10 +132,11 @@ def missing_components(folder):
     return [name for name in listed if not os.path.isdir(os.path.join(folder, name))]
 
 
-def load_pipeline(model_path, device, dtype, config=None, lora=None):
+def load_pipeline(model_path, device, dtype, config=None, lora=None, lora_scale=1.0):
     """A StableDiffusionPipeline from a folder, a hub id, one .safetensors file in the original SD 1.x layout
     (configs from `config`, see single_file_config), or a training run's checkpoint or LoRA (see trained_model),
-    with the LoRA at `lora` loaded on top, on `device` in `dtype`, progress bars off."""
+    with the LoRA at `lora` loaded on top, any LoRA applied at `lora_scale`, on `device` in `dtype`, progress
+    bars off."""
     trained = trained_model(model_path)
     if trained is not None:
         if lora is not None:
@@ -133,6 +150,9 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None):
         pipeline = load_folder_or_hub(model_path, dtype)
     if lora is not None:
         load_lora(pipeline, lora)
+    adapters = pipeline.get_active_adapters()
+    if adapters and lora_scale != 1:
+        pipeline.set_adapters(adapters, adapter_weights=[lora_scale] * len(adapters))
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

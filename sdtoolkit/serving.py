@@ -142,7 +142,9 @@ def a1111_value(value):
     return json.dumps(text) if any(c in text for c in ",:\n") else text
 
 
-def parameters_text(*, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora):
+def parameters_text(
+    *, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora, lora_scale=1.0
+):
     """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring)."""
     fields = {
         "Steps": steps,
@@ -154,6 +156,8 @@ def parameters_text(*, prompt, negative_prompt, steps, scheduler, guidance_scale
     }
     if lora:
         fields["Lora"] = lora
+    if lora_scale != 1:
+        fields["Lora scale"] = float(lora_scale)
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -164,9 +168,9 @@ def parameters_text(*, prompt, negative_prompt, steps, scheduler, guidance_scale
 class ImageService:
     """One loaded pipeline behind one RequestQueue, for the web page and the API alike."""
 
-    def __init__(self, pipeline, *, model_name, lora_name=None, queue):
+    def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue):
         self.pipeline = pipeline
-        self.model_name, self.lora_name = model_name, lora_name
+        self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
         # What API clients pass as `model` and what /v1/models lists.
         self.model_id = model_name if lora_name is None else f"{model_name}+{lora_name}"
         self.queue = queue
@@ -227,5 +231,6 @@ class ImageService:
                 height=height,
                 model=self.model_name,
                 lora=self.lora_name,
+                lora_scale=self.lora_scale,
             )
         return images

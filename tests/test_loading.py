@@ -13,6 +13,7 @@ import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
+from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import DEMO_DATA, generated_image, train
 
 CPU = torch.device("cpu")
@@ -103,3 +104,25 @@ def test_a_lora_that_does_not_name_its_base_model_says_what_to_pass(tiny_sd, tmp
         load_pipeline(str(tmp_path / "on-moved"), CPU, torch.float32)
     # Given as a --lora on its base, it loads as before.
     assert abs(image(tiny_sd, lora=str(alone)) - image(out)).max() <= 1e-6
+
+
+def test_a_lora_applies_at_the_scale_asked(tiny_sd, tmp_path):
+    out = tmp_path / "my-lora"
+    train(tiny_sd, out, *LORA, "--max_train_steps", "2")
+    base, full = image(tiny_sd), image(out)
+    assert abs(image(out, lora_scale=0) - base).max() <= 1e-6
+    assert abs(image(tiny_sd, lora=str(out), lora_scale=0) - base).max() <= 1e-6  # the same through --lora
+    half = image(out, lora_scale=0.5)
+    assert abs(half - base).max() > 1e-3 and abs(half - full).max() > 1e-3
+    # The served PNG's parameters say it, in A1111's key: value list.
+    pipeline = load_pipeline(str(tiny_sd), CPU, torch.float32, lora=str(out), lora_scale=0.5)
+    service = ImageService(pipeline, model_name="tiny-sd", lora_name="my-lora", lora_scale=0.5,
+                           queue=RequestQueue(concurrency=1, max_queue=1))  # fmt: skip
+    (png,) = service.generate(prompt="p", negative_prompt="", steps=2, guidance_scale=7.5, seed=1,
+                              scheduler="DPM-Solver++", width=32, height=32, num_images=1)  # fmt: skip
+    assert png.info["parameters"].endswith("Model: tiny-sd, Lora: my-lora, Lora scale: 0.5")
+    # Without a LoRA, the flag is a mistake.
+    with pytest.raises(UserError, match="--lora_scale is for a LoRA: give one with --lora"):
+        gradio_app.parse_args(["--model_path", str(tiny_sd), "--lora_scale", "0.5"])
+    with pytest.raises(UserError, match="--lora_scale is for LoRAs"):
+        metrics.main(["--model_path", str(tiny_sd), "--lora_scale", "0.5", "--output_dir", str(tmp_path / "s")])
