@@ -87,7 +87,7 @@ from sdtoolkit.data import (
 )
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
-from sdtoolkit.export import check_sd1, export_single_file, single_file_name
+from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
 from sdtoolkit.inference import looks_like_local_path
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
@@ -1809,6 +1809,7 @@ def main(argv=None):
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
             )  # fmt: skip
+            header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
             save_file(kohya_state_dict(unet, alpha=lora_alpha), kohya + ".partial", metadata=header)
             os.replace(kohya + ".partial", kohya)
             logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")

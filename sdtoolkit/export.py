@@ -19,10 +19,13 @@ import argparse
 import json
 import os
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtoolkit.errors import UserError, run_main
+from sdtoolkit.inference import checkpoint_unet, load_pipeline, trained_model
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 
 # The names that differ inside one UNet resnet, and inside one VAE resnet or attention block.
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -174,22 +177,20 @@ def sources(path, ema):
         )
         state = os.path.join(path, states[-1], "training_state.json") if states else None
         return os.path.join(path, "unet"), os.path.join(path, "vae"), os.path.join(path, "text_encoder"), state
-    state = os.path.join(path, "training_state.json")
-    if not os.path.isfile(state):
+    trained = trained_model(path)
+    if trained is None or trained["kind"] != "checkpoint":
         raise UserError(
             f"{path} is neither a pipeline folder (no model_index.json) nor a checkpoint (no training_state.json)"
         )
-    with open(state, encoding="utf-8") as f:
-        base = json.load(f).get("model")
-    if not base or not os.path.isfile(os.path.join(base, "model_index.json")):
+    base = trained["base"]
+    if not os.path.isfile(os.path.join(base, "model_index.json")):
         raise UserError(
             f"the checkpoint's base model {base!r} is not a local pipeline folder; export the saved pipeline instead"
         )
-    if ema is None:
-        ema = os.path.isdir(os.path.join(path, "unet_ema"))
-    unet = os.path.join(path, "unet_ema" if ema else "unet")
+    unet = checkpoint_unet(path, ema)
     if not os.path.isdir(unet):
         raise UserError(f"{path} has no {os.path.basename(unet)}/" + (" (the run had no --use_ema)" if ema else ""))
+    state = os.path.join(path, "training_state.json")
     return unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder"), state
 
 
@@ -218,13 +219,6 @@ def lora_merged(path):
     """For a LoRA run's output, kohya file or LoRA checkpoint at `path` (see sdtoolkit/inference.py): its base
     model with the adapter merged into the UNet's weights, as (weights, configs) of the UNet, VAE and text
     encoder, and the run's facts from its kohya file's header. None for anything else."""
-    # inference.py loads pipelines through diffusers; only a LoRA export needs it (and it imports this module's
-    # neighbours, which import this module).
-    import torch
-
-    from sdtoolkit.inference import load_pipeline, trained_model
-    from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
-
     trained = trained_model(path)
     if trained is None or "LoRA" not in trained["kind"]:
         return None

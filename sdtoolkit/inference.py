@@ -174,6 +174,7 @@ def trained_model(path):
         except Exception:  # not safetensors: load_single_file says so
             return None
         kind, folder = "LoRA", os.path.dirname(path) or "."
+        state = os.path.join(folder, "training_state.json")
     elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         folder, metadata = path, {}
         state = os.path.join(folder, "training_state.json")
@@ -192,7 +193,6 @@ def trained_model(path):
         with safe_open(kohya, "pt") as f:
             header = f.metadata() or {}
         base, revision = header.get("sdtoolkit.model"), header.get("sdtoolkit.revision")
-    state = os.path.join(folder, "training_state.json")
     if base is None and os.path.isfile(state):
         with open(state, encoding="utf-8") as f:
             record = json.load(f)
@@ -205,6 +205,14 @@ def trained_model(path):
     return {"kind": kind, "base": base, "revision": revision}
 
 
+def checkpoint_unet(path, ema=None):
+    """A full checkpoint's UNet folder: unet_ema/ (ema=True) or unet/ (ema=False); by default unet_ema/ when the
+    run had EMA, which is what its final save would hold."""
+    if ema is None:
+        ema = os.path.isdir(os.path.join(path, "unet_ema"))
+    return os.path.join(path, "unet_ema" if ema else "unet")
+
+
 def load_trained(path, trained, dtype):
     """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model)."""
     base, kind = trained["base"], trained["kind"]
@@ -212,8 +220,7 @@ def load_trained(path, trained, dtype):
         fix = "pass the base model as --model_path and this as --lora" if "LoRA" in kind else "put it back there"
         raise UserError(f"'{path}' is a {kind} of the base model {base}, which is no longer there; {fix}")
     if kind == "checkpoint":
-        # The EMA weights when the run had EMA: what its final save would hold.
-        folder = os.path.join(path, "unet_ema" if os.path.isdir(os.path.join(path, "unet_ema")) else "unet")
+        folder = checkpoint_unet(path)
         try:
             unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError) as err:

@@ -9,7 +9,7 @@ half precision. What is saved is the adapter only: a few MB instead of 3.4 GB.
     save_lora(unet, folder)              # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
     load_lora(unet, folder)              # the adapter weights back into the UNet, bit for bit
     kohya_state_dict(unet, alpha=4)      # the same adapter in kohya-ss / AUTOMATIC1111 keys
-    kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read, and the base model's name
+    kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read
     tag_frequency(captions)              # the captions' tags and their counts, for that header
 """
 
@@ -26,8 +26,6 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from sdtoolkit.export import training_metadata
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -124,8 +122,10 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None):
       folder's) as the name in `<lora:NAME:1>`, shows ss_sd_model_name, ss_resolution and ss_num_train_images on
       the LoRA's card, and takes a file with these keys (and ss_base_model_version) for an SD 1.x LoRA.
     - Stability's model spec (modelspec.*): architecture, implementation, title, resolution, date.
-    - This toolkit's facts of the run (sdtoolkit.*, as in an exported single file): sdtoolkit.model is the base
-      model, by which metrics.py and gradio_app.py load the LoRA on it when given only the LoRA.
+
+    Training adds this toolkit's facts of the run (export.training_metadata, as in an exported single file):
+    sdtoolkit.model is the base model, by which metrics.py and gradio_app.py load the LoRA on it when given only
+    the LoRA.
 
     facts: the run's identity (model, revision, data, data_rows, seed) with global_step, resolution and
     learning_rate. tags: the captions' tag_frequency.
@@ -156,7 +156,6 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None):
     if tags:
         # kohya-ss counts per dataset folder; this run has one data source.
         metadata["ss_tag_frequency"] = json.dumps({os.path.basename(str(facts["data"]).rstrip("/")): tags})
-    metadata.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
     return metadata
 
 
