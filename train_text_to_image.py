@@ -88,7 +88,7 @@ from sdtoolkit.data import (
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
-from sdtoolkit.inference import looks_like_local_path
+from sdtoolkit.inference import is_single_file, load_single_file, looks_like_local_path, safetensors_metadata
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
     DiskArrays,
@@ -139,7 +139,20 @@ def parse_args(argv=None):
         type=str,
         default=None,
         required=True,
-        help="Path to pretrained model or model identifier from huggingface.co/models.",
+        help=(
+            "Path to pretrained model or model identifier from huggingface.co/models. Also one SD 1.x .safetensors"
+            " file in the original layout (as AUTOMATIC1111 and ComfyUI load, or --export_single_file writes)."
+        ),
+    )
+    parser.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help=(
+            "For a --pretrained_model_name_or_path that is one file: a diffusers SD 1.x pipeline (folder or hub"
+            " id) whose configs match it, e.g. CompVis/stable-diffusion-v1-4. Found by itself when the file sits"
+            " in a pipeline folder or names a local one in its metadata; else diffusers takes SD 1.5's from the hub."
+        ),
     )
     parser.add_argument(
         "--revision",
@@ -656,6 +669,18 @@ def parse_args(argv=None):
             f"--report_to {args.report_to} needs {args.report_to} installed (pip install {args.report_to});"
             " or use --report_to tensorboard (installed with the toolkit)"
         )
+    if is_single_file(args.pretrained_model_name_or_path):
+        safetensors_metadata(args.pretrained_model_name_or_path)  # refuses pickles and unreadable files
+        for flag in ("revision", "variant", "non_ema_revision"):
+            if getattr(args, flag) is not None:
+                raise UserError(
+                    f"--{flag} is for a hub model or folder; {args.pretrained_model_name_or_path} is one file"
+                )
+    elif args.model_config is not None:
+        raise UserError(
+            f"--model_config is for a --pretrained_model_name_or_path that is one file; {args.pretrained_model_name_or_path}"
+            " has its own configs"
+        )
     if args.report_to == "wandb" and args.hub_token is not None:
         raise UserError(
             "--report_to wandb and --hub_token together would expose your token in the run's config;"
@@ -680,6 +705,13 @@ def load_models(args, unet_dtype=None):
         return [deepspeed_plugin.zero3_init_context_manager(enable=False)]
 
     name = args.pretrained_model_name_or_path
+    if is_single_file(name):
+        # One file in the original layout: every part comes from it, its configs from --model_config (see
+        # sdtoolkit/inference.py). The scheduler's config is the base's, as from a folder.
+        pipeline = load_single_file(name, torch.float32, args.model_config)
+        noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        unet = pipeline.unet.to(unet_dtype) if unet_dtype is not None else pipeline.unet
+        return noise_scheduler, pipeline.tokenizer, pipeline.text_encoder, pipeline.vae, unet
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **common)
@@ -966,21 +998,34 @@ def save_validation_images(images, args, folder_name):
     return folder
 
 
+def base_pipeline(args, dtype=None, **components):
+    """The base model's pipeline with `components` (the trained UNet, ...) in place of its own."""
+    if is_single_file(args.pretrained_model_name_or_path):
+        return load_single_file(
+            args.pretrained_model_name_or_path, dtype or torch.float32, args.model_config, **components
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        **components,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=dtype,
+        cache_dir=args.cache_dir,
+    )
+
+
 def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step):
     logger.info("Running validation... ")
 
     # Encoders freed after caching (--cache_latents) are loaded again from the base model.
     frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
+    pipeline = base_pipeline(
+        args,
+        dtype=weight_dtype,
         **frozen,
         tokenizer=tokenizer,
         unet=accelerator.unwrap_model(unet),
         safety_checker=None,
-        revision=args.revision,
-        variant=args.variant,
-        dtype=weight_dtype,
-        cache_dir=args.cache_dir,
     )
     images = generate_validation_images(pipeline, args, accelerator)
     folder = save_validation_images(images, args, f"step-{global_step}")
@@ -1027,7 +1072,9 @@ def save_model_card(args, repo_id, images, buckets_used=None):
     load_from = repo_id if args.push_to_hub else args.output_dir
 
     def shown(name):
-        return f"a local folder `{Path(name).name}`" if looks_like_local_path(name) else f"**{name}**"
+        if not looks_like_local_path(name):
+            return f"**{name}**"
+        return f"a local {'file' if os.path.isfile(name) else 'folder'} `{Path(name).name}`"
 
     metadata = []
     if not looks_like_local_path(model):
@@ -1043,10 +1090,11 @@ def save_model_card(args, repo_id, images, buckets_used=None):
     )
     yaml += "tags:\n" + "".join(f"- {tag}\n" for tag in tags) + "inference: true\n---\n"
     # A LoRA run saved only its adapter: load the base model, then the adapter on top.
-    usage_source, lora_line = f'"{load_from}"', ""
+    usage_source, lora_line, loader = f'"{load_from}"', "", "from_pretrained"
     if args.lora_rank:
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
+        loader = "from_single_file" if is_single_file(model) else loader
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1062,7 +1110,7 @@ def save_model_card(args, repo_id, images, buckets_used=None):
 import torch
 from diffusers import StableDiffusionPipeline
 
-pipeline = StableDiffusionPipeline.from_pretrained({usage_source}, torch_dtype=torch.float16).to("cuda"){lora_line}
+pipeline = StableDiffusionPipeline.{loader}({usage_source}, torch_dtype=torch.float16).to("cuda"){lora_line}
 image = pipeline("{prompt}").images[0]
 image.save("my_image.png")
 ```
@@ -1274,6 +1322,11 @@ def main(argv=None):
     ema_cls = InPlaceEMAModel if args.inplace_ema else EMAModel
     if args.use_ema and args.lora_rank:
         ema_unet = ema_cls(trained, foreach=args.foreach_ema)  # an average of the adapter's weights only
+    elif args.use_ema and is_single_file(args.pretrained_model_name_or_path):
+        # From one file, the UNet just loaded is the base's: the average starts from a copy of its weights.
+        ema_unet = ema_cls(
+            unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, foreach=args.foreach_ema
+        )
     elif args.use_ema:
         ema_unet = UNet2DConditionModel.from_pretrained(
             args.pretrained_model_name_or_path,
@@ -1790,14 +1843,7 @@ def main(argv=None):
             ema_unet.copy_to(trained if args.lora_rank else unet.parameters())
 
         frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path,
-            **frozen,  # those freed after caching are loaded again from the base model
-            unet=unet,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
+        pipeline = base_pipeline(args, **frozen, unet=unet)  # those freed after caching are loaded again
         facts = {**identity, "global_step": global_step, "resolution": args.resolution,
                  "learning_rate": args.learning_rate}  # fmt: skip
         if args.lora_rank:

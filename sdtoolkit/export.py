@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtoolkit.errors import UserError, run_main
-from sdtoolkit.inference import checkpoint_unet, load_pipeline, trained_model
+from sdtoolkit.inference import checkpoint_unet, is_single_file, load_pipeline, load_single_file, trained_model
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 
 # The names that differ inside one UNet resnet, and inside one VAE resnet or attention block.
@@ -159,10 +159,11 @@ def read_weights(folder):
 
 
 def sources(path, ema):
-    """The folders of the UNet, VAE and text encoder to export, and the training state if there is one.
+    """The weights and configs of the UNet, VAE and text encoder to export, and the training state if there is one.
 
     path: a pipeline folder (as training saves it) or a checkpoint-N folder, whose VAE and text encoder are
-    the base model's (named in its training_state.json). ema: the checkpoint's unet_ema instead of its unet;
+    the base model's (named in its training_state.json: a pipeline folder or one file). ema: the checkpoint's
+    unet_ema instead of its unet;
     None: unet_ema when the checkpoint has one (what the run's final save would hold, and what metrics.py and
     gradio_app.py load from a checkpoint).
     """
@@ -176,22 +177,31 @@ def sources(path, ema):
             key=lambda d: int(d.split("-")[1]),
         )
         state = os.path.join(path, states[-1], "training_state.json") if states else None
-        return os.path.join(path, "unet"), os.path.join(path, "vae"), os.path.join(path, "text_encoder"), state
+        folders = [os.path.join(path, name) for name in ("unet", "vae", "text_encoder")]
+        return [read_weights(d) for d in folders], [read_config(d) for d in folders], state
     trained = trained_model(path)
     if trained is None or trained["kind"] != "checkpoint":
         raise UserError(
             f"{path} is neither a pipeline folder (no model_index.json) nor a checkpoint (no training_state.json)"
         )
     base = trained["base"]
-    if not os.path.isfile(os.path.join(base, "model_index.json")):
-        raise UserError(
-            f"the checkpoint's base model {base!r} is not a local pipeline folder; export the saved pipeline instead"
-        )
     unet = checkpoint_unet(path, ema)
     if not os.path.isdir(unet):
         raise UserError(f"{path} has no {os.path.basename(unet)}/" + (" (the run had no --use_ema)" if ema else ""))
     state = os.path.join(path, "training_state.json")
-    return unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder"), state
+    if is_single_file(base):
+        # A base model in one file: its VAE and text encoder as diffusers reads them.
+        pipeline = load_single_file(base, torch.float32, trained["config"], unet=None, safety_checker=None)
+        weights = [read_weights(unet), pipeline.vae.state_dict(), pipeline.text_encoder.state_dict()]
+        configs = [read_config(unet), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
+        return weights, configs, state
+    if not os.path.isfile(os.path.join(base, "model_index.json")):
+        raise UserError(
+            f"the checkpoint's base model {base!r} is not a local pipeline folder or file; export the saved pipeline"
+            " instead"
+        )
+    folders = [unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder")]
+    return [read_weights(d) for d in folders], [read_config(d) for d in folders], state
 
 
 def single_file_name(output_dir):
@@ -208,7 +218,7 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
             state = json.load(f)
     state.update(training or {})
     if state:
-        for key in ("model", "revision", "data", "data_rows", "global_step", "seed", "total_batch_size", "resolution",
+        for key in ("model", "revision", "model_config", "data", "data_rows", "global_step", "seed", "total_batch_size", "resolution",
                     "learning_rate"):  # fmt: skip
             if state.get(key) is not None:
                 metadata[f"sdtoolkit.{key}"] = str(state[key])
@@ -255,9 +265,7 @@ def export_single_file(path, out, *, half=True, ema=None, training=None):
         state = os.path.join(path, "training_state.json") if os.path.isdir(path) else None
         training = {**facts, **(training or {})}
     else:
-        unet_dir, vae_dir, text_dir, state = sources(path, ema)
-        unet, vae, text = (read_weights(d) for d in (unet_dir, vae_dir, text_dir))
-        configs = [read_config(d) for d in (unet_dir, vae_dir, text_dir)]
+        (unet, vae, text), configs, state = sources(path, ema)
     check_sd1(path, *configs)
     tensors = {}
     tensors.update(rename(unet, unet_prefixes(configs[0]), "model.diffusion_model.", "UNet"))

@@ -4,7 +4,7 @@
 `load_pipeline(path, device, dtype)` loads from a local folder, a hub id or one SD 1.x .safetensors file
 (see sdtoolkit/export.py), safetensors only, and turns every way that can fail into one line saying what
 to do. It also loads what a training run wrote that is not a whole pipeline, on the base model the run
-names (see trained_model):
+names (a folder, a hub id or one file; see trained_model):
 
     sd-model/checkpoint-500      a checkpoint: the base model with the checkpoint's UNet (its EMA weights when
                                  the run had EMA, as the run's final save would hold)
@@ -55,27 +55,47 @@ def add_model_config_argument(parser):
     )
 
 
+# Files that hold a whole model in the original SD layout. Only safetensors is read: the others are pickles, which
+# can run any code when loaded.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_single_file(name):
+    """Whether a model name is one file (a whole model in the original layout) rather than a folder or hub id."""
+    return os.path.isfile(name) and name.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
 def single_file_config(path, config):
-    """The pipeline folder whose configs describe the single file at `path`: `config`, else the folder the file
-    sits in (--export_single_file writes it there), else the base model its metadata names, if local."""
+    """The diffusers pipeline (folder or hub id) whose configs describe the single file at `path`: `config`, else
+    the folder the file sits in (--export_single_file writes it there), else the base model its metadata names,
+    if local, else None: diffusers then takes the configs of the model family it detects from the hub."""
+    metadata = safetensors_metadata(path)
     if config is not None:
-        if not os.path.isfile(os.path.join(config, "model_index.json")):
+        if looks_like_local_path(config) and not os.path.isfile(os.path.join(config, "model_index.json")):
             raise UserError(f"--model_config {config} is not a diffusers pipeline folder (no model_index.json)")
         return config
     beside = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(beside, "model_index.json")):
         return beside
+    # A file this toolkit exported names the configs its run used, or its base model.
+    for named in (metadata.get("sdtoolkit.model_config"), metadata.get("sdtoolkit.model")):
+        if named and os.path.isfile(os.path.join(named, "model_index.json")):
+            return named
+    return None
+
+
+def safetensors_metadata(path):
+    """The header metadata of a .safetensors file, or one line saying it is not one."""
+    if not path.lower().endswith(".safetensors"):
+        raise UserError(
+            f"'{path}' is a pickle file, which can run code when loaded; this toolkit reads .safetensors only:"
+            " convert it with a tool you trust, or use the model's .safetensors download"
+        )
     try:
         with safe_open(path, "pt") as f:
-            base = (f.metadata() or {}).get("sdtoolkit.model")
+            return f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for files that aren't safetensors
         raise UserError(f"'{path}' is not a readable .safetensors file: {first_line(err)}") from err
-    if base and os.path.isfile(os.path.join(base, "model_index.json")):
-        return base
-    raise UserError(
-        f"'{path}' is one file without its configs; pass --model_config with a diffusers SD 1.x pipeline folder"
-        " whose configs match it (its base model, e.g. a local copy of CompVis/stable-diffusion-v1-4)"
-    )
 
 
 def add_lora_scale_argument(parser):
@@ -143,8 +163,8 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None, lora_scale=
             raise UserError(
                 f"'{model_path}' is already a LoRA or checkpoint on its base model; --lora needs a pipeline"
             )
-        pipeline = load_trained(model_path, trained, dtype)
-    elif model_path.endswith(".safetensors") and os.path.isfile(model_path):
+        pipeline = load_trained(model_path, trained, dtype, config)
+    elif is_single_file(model_path):
         pipeline = load_single_file(model_path, dtype, config)
     else:
         pipeline = load_folder_or_hub(model_path, dtype)
@@ -187,22 +207,21 @@ def trained_model(path):
     else:
         return None
     # The base model: the file's own header, else the kohya file beside it, else the folder's training state.
-    base, revision = metadata.get("sdtoolkit.model"), metadata.get("sdtoolkit.revision")
+    record = {key.removeprefix("sdtoolkit."): value for key, value in metadata.items()}
     kohya = os.path.join(folder, KOHYA_WEIGHTS_NAME)
-    if base is None and os.path.isfile(kohya):
+    if "model" not in record and os.path.isfile(kohya):
         with safe_open(kohya, "pt") as f:
-            header = f.metadata() or {}
-        base, revision = header.get("sdtoolkit.model"), header.get("sdtoolkit.revision")
-    if base is None and os.path.isfile(state):
+            record = {key.removeprefix("sdtoolkit."): value for key, value in (f.metadata() or {}).items()}
+    if "model" not in record and os.path.isfile(state):
         with open(state, encoding="utf-8") as f:
             record = json.load(f)
-        base, revision = record.get("model"), record.get("revision")
+    base = record.get("model")
     if base is None:
         raise UserError(
             f"'{path}' is a LoRA that does not name its base model; pass the base model as --model_path and"
             " this as --lora"
         )
-    return {"kind": kind, "base": base, "revision": revision}
+    return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config")}
 
 
 def checkpoint_unet(path, ema=None):
@@ -213,10 +232,12 @@ def checkpoint_unet(path, ema=None):
     return os.path.join(path, "unet_ema" if ema else "unet")
 
 
-def load_trained(path, trained, dtype):
-    """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model)."""
+def load_trained(path, trained, dtype, config=None):
+    """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model). config: for a base
+    model that is one file, the pipeline whose configs describe it, if not the one the run used."""
     base, kind = trained["base"], trained["kind"]
-    if looks_like_local_path(base) and not os.path.isdir(base):
+    config = config or trained["config"]
+    if looks_like_local_path(base) and not os.path.exists(base):
         fix = "pass the base model as --model_path and this as --lora" if "LoRA" in kind else "put it back there"
         raise UserError(f"'{path}' is a {kind} of the base model {base}, which is no longer there; {fix}")
     if kind == "checkpoint":
@@ -226,8 +247,8 @@ def load_trained(path, trained, dtype):
         except (OSError, ValueError) as err:
             raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
         print(f"{path}: a checkpoint, its {os.path.basename(folder)}/ on its base model {base}")
-        return load_folder_or_hub(base, dtype, revision=trained["revision"], unet=unet)
-    pipeline = load_folder_or_hub(base, dtype, revision=trained["revision"])
+        return load_base_model(base, dtype, trained["revision"], config, unet=unet)
+    pipeline = load_base_model(base, dtype, trained["revision"], config)
     load_lora(pipeline, path)
     weights = "adapter"
     if kind == "LoRA checkpoint" and has_lora_ema(path):
@@ -242,17 +263,33 @@ def load_trained(path, trained, dtype):
     return pipeline
 
 
-def load_single_file(path, dtype, config):
+def load_single_file(path, dtype, config=None, **components):
+    """A pipeline from one file in the original SD 1.x layout, with its configs from `config` (see
+    single_file_config); components given (a trained UNet, ...) are used as they are."""
     folder = single_file_config(path, config)
     try:
         return StableDiffusionPipeline.from_single_file(
-            path, config=folder, local_files_only=True, torch_dtype=dtype, safety_checker=None
+            path, config=folder, local_files_only=True, torch_dtype=dtype, **{"safety_checker": None, **components}
         )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
+        if folder is None:
+            why = "HF_HUB_OFFLINE=1 is set" if os.environ.get("HF_HUB_OFFLINE") == "1" else first_line(err)
+            raise UserError(
+                f"'{path}' is one file without its configs, and diffusers could not fetch SD 1.5's from the hub"
+                f" ({why}); pass --model_config with a diffusers SD 1.x pipeline folder whose configs match it (its"
+                " base model, e.g. a local copy of CompVis/stable-diffusion-v1-4)"
+            ) from err
         raise UserError(
             f"could not load '{path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
             " file, and --model_config a pipeline of the same architecture?"
         ) from err
+
+
+def load_base_model(name, dtype, revision=None, config=None, **components):
+    """A base model named by a training run (a folder, a hub id or one file), with `components` in place of its own."""
+    if is_single_file(name):
+        return load_single_file(name, dtype, config, **components)
+    return load_folder_or_hub(name, dtype, revision=revision, **components)
 
 
 def load_folder_or_hub(model_path, dtype, revision=None, **components):

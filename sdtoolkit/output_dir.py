@@ -170,6 +170,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "total_batch_size": total_batch_size,
         "model": local_path_or_name(args.pretrained_model_name_or_path),
         "revision": args.revision,
+        "model_config": local_path_or_name(args.model_config),
         "data": local_path_or_name(args.dataset_name or args.train_data_dir),
         "data_rows": num_rows,
         "data_fingerprint": data_fingerprint,
