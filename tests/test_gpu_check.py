@@ -50,12 +50,25 @@ def test_out_of_memory_is_a_status_not_a_crash(monkeypatch):
     assert "| next | ok | 2.000 | 1.000–3.000 | 10.00 | 14.00 | 24:yes 16:yes 12:no |" in table
 
 
-def test_a_failing_configuration_reports_its_error_line(tmp_path):
+@pytest.mark.parametrize("gpu", [False, True], ids=["forked (no GPU)", "fresh process (as on a GPU)"])
+def test_a_failing_configuration_reports_its_error_line(tmp_path, monkeypatch, gpu):
+    # Without a GPU a training child is a fork of this process; with one, a fresh process (the parent believes
+    # there is a GPU here; the child, which checks for itself, trains on the CPU).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     argv = ["--pretrained_model_name_or_path", str(tmp_path / "missing"), "--train_data_dir", str(tmp_path),
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
     result = gpu_check.run_child("train", {"argv": argv, "steps": 1})
     assert result["status"] == "failed"
     assert result["error"] == f"the training dataset is empty: '{tmp_path}' holds no training rows"
+
+
+def test_a_forked_child_that_crashes_is_a_failed_row(monkeypatch):
+    def crash(argv):
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr(train_text_to_image, "main", crash)  # the fork inherits it
+    result = gpu_check.run_child("train", {"argv": [], "steps": 1})
+    assert result["status"] == "failed" and result["error"] == "RuntimeError: something nobody foresaw"
 
 
 def test_targets_are_met_not_met_or_not_measured():
