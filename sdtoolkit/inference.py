@@ -49,8 +49,9 @@ def add_model_config_argument(parser):
         default=None,
         help=(
             "For a --model_path that is one .safetensors file (the original SD 1.x layout, as A1111 and ComfyUI"
-            " load): a diffusers SD 1.x pipeline folder whose configs match it, e.g. its base model. Found by"
-            " itself when the file sits in a pipeline folder or names a local base model in its metadata."
+            " load): a diffusers SD 1.x pipeline (folder or hub id) whose configs match it, e.g. its base model."
+            " Found by itself when the file sits in a pipeline folder or names a local one in its metadata; else"
+            " diffusers takes SD 1.5's from the hub."
         ),
     )
 
