@@ -88,6 +88,7 @@ from sdtoolkit.data import (
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
+from sdtoolkit.held_out import HeldOutLoss, split_held_out
 from sdtoolkit.inference import is_single_file, load_single_file, looks_like_local_path, safetensors_metadata
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
@@ -300,6 +301,16 @@ def parse_args(argv=None):
         type=str,
         default="sd-model-finetuned",
         help="The output directory where the model predictions and checkpoints will be written.",
+    )
+    # A held-out loss (not upstream): see sdtoolkit/held_out.py.
+    parser.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.0,
+        help=(
+            "Hold out this share of the images (e.g. 0.1) from training, and measure the loss on them at fixed"
+            " timesteps and noise at the start, at every checkpoint and at the end (logged as validation_loss)."
+        ),
     )
     # Your data as it is (not upstream): caption-file folders, repeats, caption dropout, tag shuffling.
     parser.add_argument(
@@ -638,6 +649,8 @@ def parse_args(argv=None):
                 f"--min_bucket_side ({args.min_bucket_side}) must be positive and at most --max_bucket_side"
                 f" ({args.max_bucket_side})"
             )
+    if not 0 <= args.validation_split < 1:
+        raise UserError(f"--validation_split must be at least 0 and less than 1, got {args.validation_split}")
     if args.dataset_repeats < 1:
         raise UserError(f"--dataset_repeats must be at least 1, got {args.dataset_repeats}")
     if not (math.isfinite(args.caption_dropout_rate) and 0 <= args.caption_dropout_rate <= 1):
@@ -756,8 +769,8 @@ def load_training_dataset(args):
 
     Returns the train split (after --max_train_samples and, with --skip_invalid_images, without the images
     that can't be decoded), the image and caption column names, the number of rows skipped, the data's
-    fingerprint (see sdtoolkit/data.py), each row's image size, and each row's crop for the latent cache
-    (None when not kept, see cache_crop_maker).
+    fingerprint (see sdtoolkit/data.py), each row's image size, each row's crop for the latent cache
+    (None when not kept, see cache_crop_maker), and the rows held out by --validation_split (or None).
     """
     source = args.dataset_name or args.train_data_dir
     caption_folder = (
@@ -882,6 +895,15 @@ def load_training_dataset(args):
     if num_empty and not caption_folder:  # a caption folder has said so already
         logger.warning(f"{num_empty} of {len(train)} captions are empty; those images train without a caption")
 
+    # Hold out a share of the images for the held-out loss (see sdtoolkit/held_out.py); they never train.
+    held_out = None
+    if args.validation_split:
+        training, held = split_held_out(digests, args.validation_split)
+        held_out = train.select(held)
+        train, digests, sizes = train.select(training), [digests[i] for i in training], [sizes[i] for i in training]
+        crops = [crops[i] for i in training] if crops is not None else None
+        logger.info(f"--validation_split: {len(held)} of {len(held) + len(training)} images held out from training")
+
     # Repeats: each row listed as many times as it repeats per epoch, so every repeat is an example of its own
     # (its own crop, flip and noise) and the epoch length and step counts include them.
     repeats = [n * args.dataset_repeats for n in (train["repeats"] if "repeats" in column_names else [1] * len(train))]
@@ -891,7 +913,7 @@ def load_training_dataset(args):
         train, digests, sizes = train.select(rows), [digests[i] for i in rows], [sizes[i] for i in rows]
         crops = [crops[i] for i in rows] if crops is not None else None
     data_fingerprint = fingerprint(digests, train[caption_column])
-    return train, image_column, caption_column, len(bad), data_fingerprint, sizes, crops
+    return train, image_column, caption_column, len(bad), data_fingerprint, sizes, crops, held_out
 
 
 def cache_crop_maker(args):
@@ -1055,7 +1077,17 @@ def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight
     return images
 
 
-def save_model_card(args, repo_id, images, buckets_used=None):
+def held_out_summary(losses, count):
+    """One line on the held-out losses ([step, loss] each): first, last and lowest."""
+    (first_step, first), (last_step, last) = losses[0], losses[-1]
+    best_step, best = min(losses, key=lambda pair: pair[1])
+    return (
+        f"Held-out loss ({count} images, --validation_split): {first:.5f} at step {first_step}, {last:.5f} at step"
+        f" {last_step}; lowest {best:.5f} at step {best_step}"
+    )
+
+
+def save_model_card(args, repo_id, images, buckets_used=None, held_out_losses=None):
     """Write output_dir/README.md: base model, data, hyperparameters and the final validation images.
 
     Hub ids go into the card's metadata; local paths don't (they mean nothing elsewhere): the text names
@@ -1095,6 +1127,14 @@ def save_model_card(args, repo_id, images, buckets_used=None):
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
+    # The held-out loss (--validation_split) of the base model and of the result.
+    held_out_line = ""
+    if held_out_losses:
+        (first_step, first), (last_step, last) = held_out_losses[0], held_out_losses[-1]
+        held_out_line = (
+            f"\n* Held-out loss ({args.validation_split:g} of the images): {first:.5f} at step {first_step},"
+            f" {last:.5f} at step {last_step}"
+        )
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1127,7 +1167,7 @@ image.save("my_image.png")
 * EMA: {args.use_ema}
 * Seed: {args.seed}
 * Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
-* LoRA: {f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}" if args.lora_rank else "no (all UNet weights trained)"}
+* LoRA: {f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}" if args.lora_rank else "no (all UNet weights trained)"}{held_out_line}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
@@ -1267,9 +1307,8 @@ def main(argv=None):
 
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
-        train_rows, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops = (
-            load_training_dataset(args)
-        )
+        (train_rows, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
+         held_out_rows) = load_training_dataset(args)  # fmt: skip
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
@@ -1531,6 +1570,16 @@ def main(argv=None):
     vae.to(accelerator.device, dtype=weight_dtype)
     vae_scaling_factor = vae.config.scaling_factor
 
+    # Encode the held-out images once, while the encoders are loaded (see sdtoolkit/held_out.py).
+    held_out = None
+    if held_out_rows is not None:
+        held_out = HeldOutLoss(
+            held_out_rows, image_column=image_column, caption_column=caption_column, resolution=args.resolution,
+            interpolation=getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper()),
+            tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
+            device=accelerator.device, dtype=weight_dtype,
+        )  # fmt: skip
+
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
     # cached only for center crops, where they are exact; random crops are encoded at every step.
     # Shuffled tags make a new caption at every step, so they are encoded at every step too.
@@ -1649,8 +1698,25 @@ def main(argv=None):
             )
     initial_global_step = global_step
 
+    # The held-out losses measured so far, [step, loss] each; kept in every checkpoint, so a resumed run has them.
+    held_out_losses = resumed_state.get("validation_losses", []) if resume_path is not None else []
+
     def training_state(epoch):
-        return {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, **identity}
+        state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, **identity}
+        return {**state, "validation_losses": held_out_losses} if held_out is not None else state
+
+    def measure_held_out():
+        """The held-out loss of the weights the run would save now (the EMA weights with --use_ema), logged and
+        kept. Every process measures (under DeepSpeed the UNet's forward needs them all)."""
+        if args.use_ema:
+            ema_unet.store(trained)
+            ema_unet.copy_to(trained)
+        losses = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
+        if args.use_ema:
+            ema_unet.restore(trained)
+        held_out_losses.append([global_step, losses["validation_loss"]])
+        accelerator.log(losses, step=global_step)
+        logger.info(f"Held-out loss at step {global_step}: {losses['validation_loss']:.5f}")
 
     def checkpoint(epoch):
         return save_checkpoint(
@@ -1664,6 +1730,10 @@ def main(argv=None):
         # Only show the progress bar once on each machine.
         disable=not accelerator.is_local_main_process,
     )
+
+    # The base model's held-out loss, the reference for every later one.
+    if held_out is not None and global_step == 0:
+        measure_held_out()
 
     saved_at_step = None
     on = dict(device=accelerator.device, dtype=torch.float32)
@@ -1801,6 +1871,8 @@ def main(argv=None):
                     progress_bar.set_postfix(step_loss=train_loss, lr=logs["lr"])
 
                     if global_step % args.checkpointing_steps == 0:
+                        if held_out is not None:
+                            measure_held_out()
                         save_path = checkpoint(epoch)
                         saved_at_step = global_step
                         logger.info(f"Saved state to {save_path}")
@@ -1834,6 +1906,8 @@ def main(argv=None):
     finally:
         progress_bar.close()  # ends the bar's line, so a message after it starts on its own
         stop.uninstall()
+    if held_out is not None and (not held_out_losses or held_out_losses[-1][0] != global_step):
+        measure_held_out()
 
     # Create the pipeline using the trained modules and save it.
     accelerator.wait_for_everyone()
@@ -1878,7 +1952,9 @@ def main(argv=None):
             folder = save_validation_images(images, args, "final")
             logger.info(f"Saved final validation images to {folder}")
 
-        save_model_card(args, repo_id, images, buckets_used)
+        save_model_card(args, repo_id, images, buckets_used, held_out_losses if held_out is not None else None)
+        if held_out is not None:
+            logger.info(held_out_summary(held_out_losses, len(held_out)))
 
         if args.push_to_hub:
             try:

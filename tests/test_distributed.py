@@ -1,10 +1,11 @@
 """Two processes through `accelerate launch` (DDP over gloo on the CPU) against one process.
 
 One two-process run is shared by the tests: 2 processes x batch 2 against 1 process x batch 4, with EMA,
-gradient checkpointing and a warmup schedule. Its second process runs under a recorder of every file it
+gradient checkpointing, a warmup schedule and a held-out loss. Its second process runs under a recorder of every file it
 writes, to show that only the main process writes.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.slow
 
 FLAGS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema",
          "--gradient_checkpointing", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--random_flip",
-         "--resolution", "32", "--seed", "0", "--mixed_precision", "no", "--train_data_dir", str(DEMO_DATA)]  # fmt: skip
+         "--resolution", "32", "--seed", "0", "--mixed_precision", "no", "--train_data_dir", str(DEMO_DATA),
+         "--validation_split", "0.25"]  # fmt: skip
 
 # Run in every process before the script: on processes other than the main one, note every file written.
 RECORDER = """
@@ -127,6 +129,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, two_pr
     base = Path(tiny_sd) / "unet"
     for sub in ("checkpoint-2/unet", "checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"):
         assert relative_difference_of_updates(base, ddp / sub, one_process_run / sub) < 0.01, sub
+    # Every process measures the held-out loss (the main one logs it): the same as one process's.
+    held_out_ddp, held_out_one = (
+        logged_losses(ddp, "validation_loss"),
+        logged_losses(one_process_run, "validation_loss"),
+    )
+    assert [step for step, _ in held_out_ddp] == [step for step, _ in held_out_one] == [0, 2, 4]
+    assert held_out_ddp[0][1] == pytest.approx(held_out_one[0][1], rel=1e-6)  # the base model: same weights
+    assert [v for _, v in held_out_ddp] == pytest.approx([v for _, v in held_out_one], rel=1e-3)
     other_seed = tmp_path / "seed-1"
     train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(other_seed),
                               *FLAGS, "--train_batch_size", "4", "--seed", "1"])  # fmt: skip
@@ -170,6 +180,10 @@ def test_every_process_resumes_from_the_same_checkpoint(tiny_sd, two_process_run
         assert f"[RANK {rank}] Resuming from checkpoint checkpoint-2" in result.stderr
     assert max_difference(whole / "unet", resumed / "unet") == 0.0
     assert max_difference(whole / "checkpoint-4" / "unet", resumed / "checkpoint-4" / "unet") == 0.0
+    # The held-out losses measured before the checkpoint come with it, and those after it are the same.
+    states = [json.loads((out / "checkpoint-4" / "training_state.json").read_text()) for out in (whole, resumed)]
+    assert states[0]["validation_losses"] == states[1]["validation_losses"]
+    assert [step for step, _ in states[1]["validation_losses"]] == [0, 2, 4]
 
 
 # The configs in configs/accelerate/ ---------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""A held-out loss: the denoising loss on images kept out of training, measured the same way every time.
+
+The training loss of a diffusion model moves with the random timestep and noise of each batch, so a curve of it
+says little about whether the model is getting better. `--validation_split F` holds out a share F of the
+images, and at the start, at every checkpoint and at the end of training measures the UNet's loss on them
+at fixed timesteps with fixed noise (the same numbers every time, whatever --seed is), so two measurements
+differ only because the weights did. The loss is kept per timestep too: it is of a different size at each
+timestep, so its mean over them can hide one of them getting worse.
+
+    split_held_out(digests, fraction)        which rows train and which are held out
+    HeldOutLoss(rows, ...)                   the held-out images' latents and captions, encoded once
+    held_out(unet, noise_scheduler, ...)     {"validation_loss": mean, "validation_loss/t=100": ..., ...}
+"""
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+from sdtoolkit.errors import UserError
+from sdtoolkit.latent_cache import cache_crop
+
+# The timesteps the loss is measured at, out of 1000 (scaled to the scheduler's count): from little noise to
+# nearly pure noise.
+TIMESTEPS = (100, 300, 500, 700, 900)
+NOISE_SEED = 0  # the noise is the same in every run, so runs compare too
+
+
+def split_held_out(digests, fraction):
+    """(training rows, held-out rows): indices into the rows whose images have these content digests.
+
+    The held-out images are those whose digests sort first, so the split is the same in every run and on every
+    process, does not depend on the order of the rows or on --seed, and mostly stays when images are added.
+    Copies of one image (same digest) land on the same side.
+    """
+    if not 0 <= fraction < 1:
+        raise UserError(f"--validation_split must be at least 0 and less than 1, got {fraction}")
+    distinct = sorted(set(digests))
+    count = max(1, round(fraction * len(distinct)))
+    if len(distinct) - count < 1:
+        raise UserError(
+            f"--validation_split {fraction} would hold out all {len(distinct)} distinct images; use a smaller share"
+            " or more images"
+        )
+    held = set(distinct[:count])
+    training = [row for row, digest in enumerate(digests) if digest not in held]
+    held_out = [row for row, digest in enumerate(digests) if digest in held]
+    return training, held_out
+
+
+class HeldOutLoss:
+    """The held-out rows encoded once (center crops at the training resolution, first captions), and the loss of a
+    UNet on them. Build it while the VAE and text encoder are still loaded; call it on every process."""
+
+    def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
+                 text_encoder, batch_size, device, dtype):  # fmt: skip
+        self.batch_size = batch_size
+        latents, embeddings = [], []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
+            pixels = torch.stack(
+                [TF.normalize(TF.to_tensor(cache_crop(image, resolution, interpolation)), [0.5], [0.5])
+                 for image in batch[image_column]]
+            )  # fmt: skip
+            with torch.no_grad():
+                mean = vae.encode(pixels.to(device, dtype=dtype)).latent_dist.mean
+                latents.append((mean * vae.config.scaling_factor).float())
+                # Captions: the first one of a row that has several.
+                captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
+                ids = tokenizer(
+                    captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt",
+                ).input_ids  # fmt: skip
+                embeddings.append(text_encoder(ids.to(device), return_dict=False)[0])
+        self.latents = torch.cat(latents)  # (N, C, h, w), float32
+        self.embeddings = torch.cat(embeddings)  # (N, 77, dim), the text encoder's dtype
+        # One noise tensor per timestep, drawn on the CPU so that every device gets the same numbers.
+        generator = torch.Generator().manual_seed(NOISE_SEED)
+        self.noise = [torch.randn(self.latents.shape, generator=generator).to(device) for _ in TIMESTEPS]
+
+    def __len__(self):
+        return len(self.latents)
+
+    @torch.no_grad()
+    def __call__(self, unet, noise_scheduler, autocast):
+        """{"validation_loss": the mean over timesteps, "validation_loss/t=T": the mean squared error at T}.
+
+        unet: the model to measure, in the weights to measure (the EMA weights, swapped in by the caller);
+        autocast: a context manager for mixed precision (accelerator.autocast).
+        """
+        scale = noise_scheduler.config.num_train_timesteps / 1000
+        losses = {}
+        was_training = unet.training
+        unet.eval()  # LoRA dropout off
+        for step, noise in zip(TIMESTEPS, self.noise):
+            t = int(step * scale)
+            total = 0.0
+            for start in range(0, len(self), self.batch_size):
+                latents = self.latents[start : start + self.batch_size]
+                batch_noise = noise[start : start + self.batch_size]
+                timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
+                noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
+                else:
+                    target = batch_noise
+                with autocast():
+                    pred = unet(noisy, timesteps, self.embeddings[start : start + self.batch_size], return_dict=False)[
+                        0
+                    ]
+                total += F.mse_loss(pred.float(), target, reduction="sum").item() / target[0].numel()
+            losses[f"validation_loss/t={t}"] = total / len(self)
+        unet.train(was_training)
+        losses["validation_loss"] = sum(losses.values()) / len(TIMESTEPS)
+        return losses

@@ -1,0 +1,97 @@
+"""--validation_split: images held out of training, and the loss on them at fixed timesteps and noise."""
+
+import contextlib
+import json
+import random
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from torchvision.transforms import InterpolationMode
+
+import train_text_to_image
+from sdtoolkit.errors import UserError
+from sdtoolkit.held_out import TIMESTEPS, HeldOutLoss, split_held_out
+from tests.conftest import logged_losses, reset_accelerate_state, train, train_args
+
+RUN = ["--validation_split", "0.25", "--max_train_steps", "15", "--checkpointing_steps", "10", "--use_ema",
+       "--learning_rate", "1e-3", "--train_batch_size", "4"]  # fmt: skip
+
+
+def test_the_split_is_the_same_whatever_the_order_and_keeps_copies_together():
+    digests = [f"{i:02d}" for i in range(20)] + ["05", "05", "17"]  # three copies of image 05, two of 17
+    training, held = split_held_out(digests, 0.2)
+    assert sorted({digests[i] for i in held}) == ["00", "01", "02", "03"]  # 20% of the 20 distinct images
+    assert len(training) + len(held) == len(digests) and not {digests[i] for i in training} & {
+        digests[i] for i in held
+    }
+    shuffled = random.Random(0).sample(digests, len(digests))
+    assert sorted(shuffled[i] for i in split_held_out(shuffled, 0.2)[1]) == sorted(digests[i] for i in held)
+    # Copies go together: holding out "05" holds out all three.
+    training, held = split_held_out(digests, 0.3)
+    assert [digests[i] for i in held].count("05") == 3
+    # A small share of a few images still holds one out; all of them is refused.
+    assert len(split_held_out(digests[:5], 0.01)[1]) == 1
+    with pytest.raises(UserError, match="would hold out all 3 distinct images"):
+        split_held_out(["a", "b", "c"], 0.9)
+
+
+def test_the_held_out_loss_falls_as_the_model_learns_measured_on_the_weights_the_run_saves(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *RUN)
+
+    # Measured at the start, at the checkpoint and at the end (not a checkpoint: after the loop), into the
+    # checkpoint's state and TensorBoard, per timestep too.
+    state = json.loads((out / "checkpoint-10" / "training_state.json").read_text())
+    assert [step for step, _ in state["validation_losses"]] == [0, 10]
+    logged = logged_losses(out, tag="validation_loss")
+    assert [step for step, _ in logged] == [0, 10, 15]
+    assert [value for _, value in logged[:2]] == pytest.approx([value for _, value in state["validation_losses"]])
+    for t in TIMESTEPS:
+        assert len(logged_losses(out, tag=f"validation_loss/t={t}")) == 3
+    # 8 of the 32 images are held out and never trained on.
+    assert state["data_rows"] == 24
+    # Training lowers the loss on images it never saw (the tiny random UNet learns the noise's statistics).
+    (_, base), (_, final) = logged[0], logged[-1]
+    assert final < 0.8 * base
+    card = (out / "README.md").read_text()
+    assert f"* Held-out loss (0.25 of the images): {base:.5f} at step 0, {final:.5f} at step 15" in card
+
+    # The final value, measured in training on the EMA weights, is what the saved UNet measures afterwards,
+    # and the measurement gives the same numbers every time.
+    args = train_text_to_image.parse_args(train_args(tiny_sd, out, "--validation_split", "0.25"))
+    held_out_rows = train_text_to_image.load_training_dataset(args)[-1]
+    reset_accelerate_state()
+    pipeline = StableDiffusionPipeline.from_pretrained(out)
+    held_out = HeldOutLoss(
+        held_out_rows, image_column="image", caption_column="text", resolution=32,
+        interpolation=InterpolationMode.LANCZOS, tokenizer=pipeline.tokenizer, vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder, batch_size=3, device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+    assert len(held_out) == 8
+    again = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
+    assert again["validation_loss"] == pytest.approx(final, rel=1e-5)
+    assert held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext) == again
+
+
+def test_a_lora_run_measures_its_adapter(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *RUN, "--lora_rank", "4", "--learning_rate", "1e-2", "--max_train_steps", "20")
+    losses = json.loads((out / "checkpoint-20" / "training_state.json").read_text())["validation_losses"]
+    assert [step for step, _ in losses] == [0, 10, 20]
+    assert losses[-1][1] < 0.95 * losses[0][1]  # a rank-4 adapter's EMA moves less in 20 steps
+
+
+@pytest.mark.parametrize("share", ["1", "-0.1"])
+def test_a_share_out_of_range_gets_one_line(tiny_sd, tmp_path, share):
+    with pytest.raises(UserError, match=f"--validation_split must be at least 0 and less than 1, got {float(share)}"):
+        train(tiny_sd, tmp_path / "out", "--validation_split", share)
+
+
+def test_a_run_resumed_from_a_checkpoint_without_held_out_losses_measures_from_there(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    reset_accelerate_state()
+    train(tiny_sd, out, "--max_train_steps", "2", "--validation_split", "0.25", "--resume_from_checkpoint", "latest")
+    assert [step for step, _ in logged_losses(out, tag="validation_loss")] == [2]
+    assert "* Held-out loss (0.25 of the images): " in (out / "README.md").read_text()
