@@ -88,6 +88,7 @@ from sdtoolkit.data import (
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
+from sdtoolkit.held_out import TIMESTEPS as HELD_OUT_TIMESTEPS
 from sdtoolkit.held_out import HeldOutLoss, split_held_out
 from sdtoolkit.inference import is_single_file, load_single_file, looks_like_local_path, safetensors_metadata
 from sdtoolkit.latent_cache import (
@@ -902,7 +903,10 @@ def load_training_dataset(args):
         held_out = train.select(held)
         train, digests, sizes = train.select(training), [digests[i] for i in training], [sizes[i] for i in training]
         crops = [crops[i] for i in training] if crops is not None else None
-        logger.info(f"--validation_split: {len(held)} of {len(held) + len(training)} images held out from training")
+        logger.info(
+            f"--validation_split: {len(held)} of {len(held) + len(training)} images held out from training; each"
+            f" measurement of the held-out loss is {len(held) * len(HELD_OUT_TIMESTEPS)} UNet passes"
+        )
 
     # Repeats: each row listed as many times as it repeats per epoch, so every repeat is an example of its own
     # (its own crop, flip and noise) and the epoch length and step counts include them.

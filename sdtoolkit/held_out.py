@@ -74,9 +74,10 @@ class HeldOutLoss:
                 embeddings.append(text_encoder(ids.to(device), return_dict=False)[0])
         self.latents = torch.cat(latents)  # (N, C, h, w), float32
         self.embeddings = torch.cat(embeddings)  # (N, 77, dim), the text encoder's dtype
-        # One noise tensor per timestep, drawn on the CPU so that every device gets the same numbers.
+        # One noise tensor per timestep, drawn on the CPU so that every device gets the same numbers, and kept
+        # there (5 times the latents' size) until its batch is used.
         generator = torch.Generator().manual_seed(NOISE_SEED)
-        self.noise = [torch.randn(self.latents.shape, generator=generator).to(device) for _ in TIMESTEPS]
+        self.noise = [torch.randn(self.latents.shape, generator=generator) for _ in TIMESTEPS]
 
     def __len__(self):
         return len(self.latents)
@@ -97,7 +98,7 @@ class HeldOutLoss:
             total = 0.0
             for start in range(0, len(self), self.batch_size):
                 latents = self.latents[start : start + self.batch_size]
-                batch_noise = noise[start : start + self.batch_size]
+                batch_noise = noise[start : start + self.batch_size].to(latents.device)
                 timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
                 noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
                 if noise_scheduler.config.prediction_type == "v_prediction":
