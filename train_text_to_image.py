@@ -1711,7 +1711,7 @@ def main(argv=None):
 
     def measure_held_out():
         """The held-out loss of the weights the run would save now (the EMA weights with --use_ema), logged and
-        kept. Every process measures (under DeepSpeed the UNet's forward needs them all)."""
+        kept. Every process measures (under DeepSpeed ZeRO-3 and FSDP the UNet's forward needs them all)."""
         if args.use_ema:
             ema_unet.store(trained)
             ema_unet.copy_to(trained)
