@@ -90,7 +90,13 @@ from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_l
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
 from sdtoolkit.held_out import TIMESTEPS as HELD_OUT_TIMESTEPS
 from sdtoolkit.held_out import HeldOutLoss, split_held_out
-from sdtoolkit.inference import is_single_file, load_single_file, looks_like_local_path, safetensors_metadata
+from sdtoolkit.inference import (
+    check_file_exists,
+    is_single_file,
+    load_single_file,
+    looks_like_local_path,
+    safetensors_metadata,
+)
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
     DiskArrays,
@@ -683,6 +689,7 @@ def parse_args(argv=None):
             f"--report_to {args.report_to} needs {args.report_to} installed (pip install {args.report_to});"
             " or use --report_to tensorboard (installed with the toolkit)"
         )
+    check_file_exists(args.pretrained_model_name_or_path)
     if is_single_file(args.pretrained_model_name_or_path):
         safetensors_metadata(args.pretrained_model_name_or_path)  # refuses pickles and unreadable files
         for flag in ("revision", "variant", "non_ema_revision"):

@@ -66,6 +66,12 @@ def is_single_file(name):
     return os.path.isfile(name) and name.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
+def check_file_exists(name):
+    """One line for a model named like a file (model.safetensors) that is not there."""
+    if name.lower().endswith(SINGLE_FILE_SUFFIXES) and not os.path.exists(name):
+        raise UserError(f"no such file: '{name}' (from {os.getcwd()})")
+
+
 def single_file_config(path, config):
     """The diffusers pipeline (folder or hub id) whose configs describe the single file at `path`: `config`, else
     the folder the file sits in (--export_single_file writes it there), else the base model its metadata names,
@@ -294,6 +300,7 @@ def load_base_model(name, dtype, revision=None, config=None, **components):
 
 
 def load_folder_or_hub(model_path, dtype, revision=None, **components):
+    check_file_exists(model_path)
     if looks_like_local_path(model_path):
         if not os.path.isdir(model_path):
             raise UserError(

@@ -107,6 +107,14 @@ def test_a_pickle_file_is_refused_before_anything_is_written(base_file, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_that_is_not_there_gets_one_line(tmp_path, tiny_clip):
+    with pytest.raises(UserError, match=r"no such file: 'typo.safetensors' \(from "):
+        train("typo.safetensors", tmp_path / "out")
+    with pytest.raises(UserError, match=r"no such file: 'typo.safetensors' \(from "):
+        metrics.main(["--model_path", "typo.safetensors", "--clip_model", str(tiny_clip), "--output_dir",
+                      str(tmp_path / "scores")])  # fmt: skip
+
+
 def test_a_file_without_configs_and_without_the_hub_says_what_to_pass(base_file, tmp_path):
     with pytest.raises(UserError, match=r"one file without its configs.*HF_HUB_OFFLINE=1 is set.*--model_config"):
         train(base_file, tmp_path / "out", "--max_train_steps", "1")
