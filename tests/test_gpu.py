@@ -1,5 +1,5 @@
-"""On a CUDA GPU (marked `gpu`, skipped elsewhere): half-precision training, 8-bit AdamW, xformers, and
-metrics.py and gradio_app.py in fp16. `pytest -m gpu` runs these and the other files' gpu tests."""
+"""On a CUDA GPU (marked `gpu`, skipped elsewhere): half-precision training, the held-out loss in fp16, 8-bit
+AdamW, xformers, and metrics.py and gradio_app.py in fp16. `pytest -m gpu` runs these and the other files' gpu tests."""
 
 import importlib.util
 import socket
@@ -33,6 +33,14 @@ def test_a_half_precision_step_trains_and_validates(tiny_sd, tmp_path, precision
     trains(tiny_sd, tmp_path, "--mixed_precision", precision, "--validation_prompts", "a creature")
     image = Image.open(tmp_path / "validation" / "final" / "00.png")
     assert image.size == (32, 32) and len(set(image.getdata())) > 1  # a picture, not a blank (NaN) one
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
+def test_the_held_out_loss_is_measured_in_fp16(tiny_sd, tmp_path, lora):
+    train(tiny_sd, tmp_path, "--max_train_steps", "2", "--use_ema", "--gradient_checkpointing", "--mixed_precision",
+          "fp16", "--validation_split", "0.25", *lora)  # fmt: skip
+    losses = logged_losses(tmp_path, tag="validation_loss")
+    assert [step for step, _ in losses] == [0, 2] and all(torch.isfinite(torch.tensor([v for _, v in losses])))
 
 
 @pytest.mark.skipif(
