@@ -89,7 +89,7 @@ from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
 from sdtoolkit.held_out import TIMESTEPS as HELD_OUT_TIMESTEPS
-from sdtoolkit.held_out import HeldOutLoss, split_held_out
+from sdtoolkit.held_out import HeldOutLoss, compare, split_held_out
 from sdtoolkit.inference import (
     check_file_exists,
     is_single_file,
@@ -1088,17 +1088,19 @@ def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight
     return images
 
 
-def held_out_summary(losses, count):
-    """One line on the held-out losses ([step, loss] each): first, last and lowest."""
+def held_out_summary(losses, change):
+    """The held-out losses ([step, loss] each) in a line: first, last and lowest, and the change from first to last
+    image by image (see sdtoolkit/held_out.py's compare)."""
     (first_step, first), (last_step, last) = losses[0], losses[-1]
     best_step, best = min(losses, key=lambda pair: pair[1])
+    mean, low, high, verdict = change
     return (
-        f"Held-out loss ({count} images, --validation_split): {first:.5f} at step {first_step}, {last:.5f} at step"
-        f" {last_step}; lowest {best:.5f} at step {best_step}"
+        f"{first:.5f} at step {first_step}, {last:.5f} at step {last_step} (lowest {best:.5f} at step {best_step});"
+        f" change per image {mean:+.5f}, 95% interval {low:+.5f} to {high:+.5f}: {verdict}"
     )
 
 
-def save_model_card(args, repo_id, images, buckets_used=None, held_out_losses=None):
+def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=None):
     """Write output_dir/README.md: base model, data, hyperparameters and the final validation images.
 
     Hub ids go into the card's metadata; local paths don't (they mean nothing elsewhere): the text names
@@ -1139,13 +1141,9 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_losses=No
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
     # The held-out loss (--validation_split) of the base model and of the result.
-    held_out_line = ""
-    if held_out_losses:
-        (first_step, first), (last_step, last) = held_out_losses[0], held_out_losses[-1]
-        held_out_line = (
-            f"\n* Held-out loss ({args.validation_split:g} of the images): {first:.5f} at step {first_step},"
-            f" {last:.5f} at step {last_step}"
-        )
+    held_out_line = (
+        f"\n* Held-out loss ({args.validation_split:g} of the images): {held_out_report}" if held_out_report else ""
+    )
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1709,12 +1707,18 @@ def main(argv=None):
             )
     initial_global_step = global_step
 
-    # The held-out losses measured so far, [step, loss] each; kept in every checkpoint, so a resumed run has them.
-    held_out_losses = resumed_state.get("validation_losses", []) if resume_path is not None else []
+    # The held-out losses measured so far, [step, loss] each, and each image's loss at the first measurement (what
+    # the last one is compared with, image by image); kept in every checkpoint, so a resumed run has them.
+    resumed = resumed_state if resume_path is not None else {}
+    held_out_losses = resumed.get("validation_losses", [])
+    held_out_first = resumed.get("validation_first_per_image")
+    held_out_last = None  # each image's loss at the latest measurement
 
     def training_state(epoch):
         state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, **identity}
-        return {**state, "validation_losses": held_out_losses} if held_out is not None else state
+        if held_out is not None:
+            state.update(validation_losses=held_out_losses, validation_first_per_image=held_out_first)
+        return state
 
     def measure_held_out():
         """The held-out loss of the weights the run would save now (the EMA weights with --use_ema), logged and
@@ -1722,9 +1726,15 @@ def main(argv=None):
         if args.use_ema:
             ema_unet.store(trained)
             ema_unet.copy_to(trained)
-        losses = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
+        nonlocal held_out_first, held_out_last
+        held_out_last = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
         if args.use_ema:
             ema_unet.restore(trained)
+        losses, held_out_last = held_out_last
+        if held_out_first is None or len(held_out_first) != len(held_out_last):  # the first, or another split
+            held_out_first = held_out_last
+        if held_out_losses and held_out_losses[-1][0] == global_step:
+            held_out_losses.pop()  # measured again at the same step (a run resumed at its last step)
         held_out_losses.append([global_step, losses["validation_loss"]])
         accelerator.log(losses, step=global_step)
         logger.info(f"Held-out loss at step {global_step}: {losses['validation_loss']:.5f}")
@@ -1917,8 +1927,12 @@ def main(argv=None):
     finally:
         progress_bar.close()  # ends the bar's line, so a message after it starts on its own
         stop.uninstall()
-    if held_out is not None and (not held_out_losses or held_out_losses[-1][0] != global_step):
-        measure_held_out()
+    # The held-out loss at the end, and whether it changed beyond chance since the first measurement.
+    held_out_change = None
+    if held_out is not None:
+        if held_out_last is None or held_out_losses[-1][0] != global_step:
+            measure_held_out()
+        held_out_change = compare(held_out_first, held_out_last)
 
     # Create the pipeline using the trained modules and save it.
     accelerator.wait_for_everyone()
@@ -1963,9 +1977,10 @@ def main(argv=None):
             folder = save_validation_images(images, args, "final")
             logger.info(f"Saved final validation images to {folder}")
 
-        save_model_card(args, repo_id, images, buckets_used, held_out_losses if held_out is not None else None)
+        held_out_report = held_out_summary(held_out_losses, held_out_change) if held_out is not None else None
+        save_model_card(args, repo_id, images, buckets_used, held_out_report)
         if held_out is not None:
-            logger.info(held_out_summary(held_out_losses, len(held_out)))
+            logger.info(f"Held-out loss ({len(held_out)} images, --validation_split): {held_out_report}")
 
         if args.push_to_hub:
             try:

@@ -9,7 +9,8 @@ timestep, so its mean over them can hide one of them getting worse.
 
     split_held_out(digests, fraction)        which rows train and which are held out
     HeldOutLoss(rows, ...)                   the held-out images' latents and captions, encoded once
-    held_out(unet, noise_scheduler, ...)     {"validation_loss": mean, "validation_loss/t=100": ..., ...}
+    held_out(unet, noise_scheduler, ...)     ({"validation_loss": mean, "validation_loss/t=100": ...}, per image)
+    compare(before, after)                   whether the change between two measurements is beyond chance
 """
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from sdtoolkit.errors import UserError
+from sdtoolkit.evaluation import paired_bootstrap, verdict
 from sdtoolkit.latent_cache import cache_crop
 
 # The timesteps the loss is measured at, out of 1000 (scaled to the scheduler's count): from little noise to
@@ -84,18 +86,19 @@ class HeldOutLoss:
 
     @torch.no_grad()
     def __call__(self, unet, noise_scheduler, autocast):
-        """{"validation_loss": the mean over timesteps, "validation_loss/t=T": the mean squared error at T}.
+        """(losses, per_image): {"validation_loss": the mean over timesteps and images, "validation_loss/t=T":
+        the mean squared error at T}, and each image's loss (its mean over the timesteps), for compare().
 
         unet: the model to measure, in the weights to measure (the EMA weights, swapped in by the caller);
         autocast: a context manager for mixed precision (accelerator.autocast).
         """
         scale = noise_scheduler.config.num_train_timesteps / 1000
-        losses = {}
         was_training = unet.training
         unet.eval()  # LoRA dropout off
+        per_timestep = []  # one (N,) tensor of per-image errors per timestep
         for step, noise in zip(TIMESTEPS, self.noise):
             t = int(step * scale)
-            total = 0.0
+            errors = []
             for start in range(0, len(self), self.batch_size):
                 latents = self.latents[start : start + self.batch_size]
                 batch_noise = noise[start : start + self.batch_size].to(latents.device)
@@ -105,12 +108,27 @@ class HeldOutLoss:
                     target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
                 else:
                     target = batch_noise
+                embeddings = self.embeddings[start : start + self.batch_size]
                 with autocast():
-                    pred = unet(noisy, timesteps, self.embeddings[start : start + self.batch_size], return_dict=False)[
-                        0
-                    ]
-                total += F.mse_loss(pred.float(), target, reduction="sum").item() / target[0].numel()
-            losses[f"validation_loss/t={t}"] = total / len(self)
+                    pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
+                errors.append(F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu())
+            per_timestep.append(torch.cat(errors).double())
         unet.train(was_training)
-        losses["validation_loss"] = sum(losses.values()) / len(TIMESTEPS)
-        return losses
+        losses = {
+            f"validation_loss/t={int(step * scale)}": e.mean().item() for step, e in zip(TIMESTEPS, per_timestep)
+        }
+        per_image = torch.stack(per_timestep).mean(dim=0)
+        losses["validation_loss"] = per_image.mean().item()
+        return losses, per_image.tolist()
+
+
+def compare(before, after):
+    """A paired comparison of two measurements' per-image losses: (mean change, 95% interval low, high, verdict).
+
+    The images are the units a bootstrap resamples (sdtoolkit/evaluation.py): the interval says how much the
+    change could differ on another draw of held-out images, and the verdict is "better" only when all of it
+    is a lower loss.
+    """
+    change, low, high = paired_bootstrap([b - a for a, b in zip(before, after)])
+    # verdict() calls a positive difference better; here the loss going down is.
+    return change, low, high, verdict(-high, -low)

@@ -182,7 +182,8 @@ def test_every_process_resumes_from_the_same_checkpoint(tiny_sd, two_process_run
     assert max_difference(whole / "checkpoint-4" / "unet", resumed / "checkpoint-4" / "unet") == 0.0
     # The held-out losses measured before the checkpoint come with it, and those after it are the same.
     states = [json.loads((out / "checkpoint-4" / "training_state.json").read_text()) for out in (whole, resumed)]
-    assert states[0]["validation_losses"] == states[1]["validation_losses"]
+    for key in ("validation_losses", "validation_first_per_image"):
+        assert states[0][key] == states[1][key], key
     assert [step for step, _ in states[1]["validation_losses"]] == [0, 2, 4]
 
 

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
-from sdtoolkit.held_out import TIMESTEPS, HeldOutLoss, split_held_out
+from sdtoolkit.held_out import TIMESTEPS, HeldOutLoss, compare, split_held_out
 from tests.conftest import logged_losses, reset_accelerate_state, train, train_args
 
 RUN = ["--validation_split", "0.25", "--max_train_steps", "15", "--checkpointing_steps", "10", "--use_ema",
@@ -54,8 +54,11 @@ def test_the_held_out_loss_falls_as_the_model_learns_measured_on_the_weights_the
     # Training lowers the loss on images it never saw (the tiny random UNet learns the noise's statistics).
     (_, base), (_, final) = logged[0], logged[-1]
     assert final < 0.8 * base
+    # Image by image, the change is beyond what another draw of 8 held-out images could give: the card says so.
     card = (out / "README.md").read_text()
-    assert f"* Held-out loss (0.25 of the images): {base:.5f} at step 0, {final:.5f} at step 15" in card
+    line = next(line for line in card.splitlines() if line.startswith("* Held-out loss (0.25 of the images): "))
+    assert f": {base:.5f} at step 0, {final:.5f} at step 15 (lowest {final:.5f} at step 15);" in line
+    assert line.endswith(": better")
 
     # The final value, measured in training on the EMA weights, is what the saved UNet measures afterwards,
     # and the measurement gives the same numbers every time.
@@ -69,9 +72,9 @@ def test_the_held_out_loss_falls_as_the_model_learns_measured_on_the_weights_the
         text_encoder=pipeline.text_encoder, batch_size=3, device="cpu", dtype=torch.float32,
     )  # fmt: skip
     assert len(held_out) == 8
-    again = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
-    assert again["validation_loss"] == pytest.approx(final, rel=1e-5)
-    assert held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext) == again
+    again, per_image = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
+    assert again["validation_loss"] == pytest.approx(final, rel=1e-5) and len(per_image) == 8
+    assert held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext) == (again, per_image)
 
 
 def test_a_lora_run_measures_its_adapter(tiny_sd, tmp_path):
@@ -80,6 +83,16 @@ def test_a_lora_run_measures_its_adapter(tiny_sd, tmp_path):
     losses = json.loads((out / "checkpoint-20" / "training_state.json").read_text())["validation_losses"]
     assert [step for step, _ in losses] == [0, 10, 20]
     assert losses[-1][1] < 0.95 * losses[0][1]  # a rank-4 adapter's EMA moves less in 20 steps
+
+
+def test_the_comparison_tells_a_change_from_chance():
+    before = [1.0, 1.2, 0.8, 1.1, 0.9, 1.0, 1.3, 0.7]
+    assert compare(before, [b - 0.1 for b in before])[3] == "better"
+    assert compare(before, [b + 0.1 for b in before])[3] == "worse"
+    # Some images better, some worse by as much: the mean moved, but another draw of images could undo it.
+    mixed = [b + (0.3 if i % 2 else -0.32) for i, b in enumerate(before)]
+    change, low, high, verdict = compare(before, mixed)
+    assert change == pytest.approx(-0.01) and low < 0 < high and verdict == "no difference this run can detect"
 
 
 @pytest.mark.parametrize("share", ["1", "-0.1"])
