@@ -53,9 +53,11 @@ def user_folder(tmp_path, tiny_sd):
 
 def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
     code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", "--checkpointing_steps=1",
-                           model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
+                           "--validation_split=0.25", model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
     assert code == 0, "\n".join(lines[-20:])
     assert (user_folder / "my-output" / "model_index.json").exists()
+    # The held-out loss's summary is among the last lines the user sees.
+    assert any("Held-out loss (8 images, --validation_split): " in line for line in lines[-5:]), lines[-5:]
     assert not (REPO / "my-output").exists() and not (REPO / "my-data").exists()
     # The lock is released at the end: nothing says a run holds the folder.
     assert not (user_folder / "my-output" / ".lock.json").exists()
