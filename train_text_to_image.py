@@ -1727,6 +1727,8 @@ def main(argv=None):
             ema_unet.store(trained)
             ema_unet.copy_to(trained)
         nonlocal held_out_first, held_out_last
+        if args.prediction_type is not None:  # as training sets it, so the first measurement has it too
+            noise_scheduler.register_to_config(prediction_type=args.prediction_type)
         held_out_last = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
         if args.use_ema:
             ema_unet.restore(trained)

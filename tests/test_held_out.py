@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torchvision.transforms import InterpolationMode
 
 import train_text_to_image
@@ -75,6 +75,27 @@ def test_the_held_out_loss_falls_as_the_model_learns_measured_on_the_weights_the
     again, per_image = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
     assert again["validation_loss"] == pytest.approx(final, rel=1e-5) and len(per_image) == 8
     assert held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext) == (again, per_image)
+
+
+def test_with_v_prediction_every_measurement_is_a_v_prediction_loss(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--validation_split", "0.25", "--max_train_steps", "1", "--prediction_type", "v_prediction")
+    first = logged_losses(out, tag="validation_loss")[0][1]
+    # The base model's loss on the held-out images, measured both ways: the run's first value is the v one.
+    args = train_text_to_image.parse_args(train_args(tiny_sd, out, "--validation_split", "0.25"))
+    held_out_rows = train_text_to_image.load_training_dataset(args)[-1]
+    reset_accelerate_state()
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    held_out = HeldOutLoss(
+        held_out_rows, image_column="image", caption_column="text", resolution=32,
+        interpolation=InterpolationMode.LANCZOS, tokenizer=base.tokenizer, vae=base.vae,
+        text_encoder=base.text_encoder, batch_size=4, device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)  # training's scheduler
+    epsilon = held_out(base.unet, scheduler, contextlib.nullcontext)[0]["validation_loss"]
+    scheduler.register_to_config(prediction_type="v_prediction")
+    v = held_out(base.unet, scheduler, contextlib.nullcontext)[0]["validation_loss"]
+    assert first == pytest.approx(v, rel=1e-6) and abs(v - epsilon) > 1e-3
 
 
 def test_a_lora_run_measures_its_adapter(tiny_sd, tmp_path):
