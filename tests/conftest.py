@@ -142,6 +142,34 @@ def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
     train_text_to_image.main(train_args(tiny_sd, output_dir, *extra, data=data))
 
 
+# accelerate launch options for train.sh's LAUNCH_ARGS: one CPU process, or two (DDP over gloo).
+SINGLE = "--num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
+TWO_CPU_PROCESSES = "--multi_gpu --num_processes=2 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
+# train.sh from a user's folder (see tests/test_user_path.py). The seed's recipe made small: train.sh's own flags stay (EMA, center crop, flips, checkpointing, ...).
+SMALL = ["--mixed_precision=no", "--resolution=32", "--train_batch_size=2", "--gradient_accumulation_steps=1",
+         "--seed=0", "--learning_rate=1e-3"]  # fmt: skip
+
+
+def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=300):
+    """`bash <toolkit>/train.sh` run from `cwd`; returns (exit code, output lines without blank ones)."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHON": sys.executable,
+        "MODEL_NAME": str(model),
+        "DATASET_NAME": str(data),
+        "OUTPUT_DIR": str(output_dir),
+        "LAUNCH_ARGS": launch_args + " --main_process_port=0" * ("--multi_gpu" in launch_args),
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "train.sh"), *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return result.returncode, lines
+
+
 def logged_losses(output_dir, tag="train_loss"):
     """(step, value) pairs of a logged scalar (train_loss unless told) from a run's newest TensorBoard file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

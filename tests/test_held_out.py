@@ -18,6 +18,19 @@ RUN = ["--validation_split", "0.25", "--max_train_steps", "15", "--checkpointing
        "--learning_rate", "1e-3", "--train_batch_size", "4"]  # fmt: skip
 
 
+def held_out_of(tiny_sd, pipeline, batch_size):
+    """The held-out images of a `--validation_split 0.25` run on the bundled data, encoded by the pipeline's VAE and
+    text encoder, as training encodes them."""
+    args = train_text_to_image.parse_args(train_args(tiny_sd, "unused", "--validation_split", "0.25"))
+    held_out_rows = train_text_to_image.load_training_dataset(args)[-1]
+    reset_accelerate_state()
+    return HeldOutLoss(
+        held_out_rows, image_column="image", caption_column="text", resolution=32,
+        interpolation=InterpolationMode.LANCZOS, tokenizer=pipeline.tokenizer, vae=pipeline.vae,
+        text_encoder=pipeline.text_encoder, batch_size=batch_size, device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+
+
 def test_the_split_is_the_same_whatever_the_order_and_keeps_copies_together():
     digests = [f"{i:02d}" for i in range(20)] + ["05", "05", "17"]  # three copies of image 05, two of 17
     training, held = split_held_out(digests, 0.2)
@@ -62,15 +75,8 @@ def test_the_held_out_loss_falls_as_the_model_learns_measured_on_the_weights_the
 
     # The final value, measured in training on the EMA weights, is what the saved UNet measures afterwards,
     # and the measurement gives the same numbers every time.
-    args = train_text_to_image.parse_args(train_args(tiny_sd, out, "--validation_split", "0.25"))
-    held_out_rows = train_text_to_image.load_training_dataset(args)[-1]
-    reset_accelerate_state()
     pipeline = StableDiffusionPipeline.from_pretrained(out)
-    held_out = HeldOutLoss(
-        held_out_rows, image_column="image", caption_column="text", resolution=32,
-        interpolation=InterpolationMode.LANCZOS, tokenizer=pipeline.tokenizer, vae=pipeline.vae,
-        text_encoder=pipeline.text_encoder, batch_size=3, device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+    held_out = held_out_of(tiny_sd, pipeline, batch_size=3)
     assert len(held_out) == 8
     again, per_image = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
     assert again["validation_loss"] == pytest.approx(final, rel=1e-5) and len(per_image) == 8
@@ -82,15 +88,8 @@ def test_with_v_prediction_every_measurement_is_a_v_prediction_loss(tiny_sd, tmp
     train(tiny_sd, out, "--validation_split", "0.25", "--max_train_steps", "1", "--prediction_type", "v_prediction")
     first = logged_losses(out, tag="validation_loss")[0][1]
     # The base model's loss on the held-out images, measured both ways: the run's first value is the v one.
-    args = train_text_to_image.parse_args(train_args(tiny_sd, out, "--validation_split", "0.25"))
-    held_out_rows = train_text_to_image.load_training_dataset(args)[-1]
-    reset_accelerate_state()
     base = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    held_out = HeldOutLoss(
-        held_out_rows, image_column="image", caption_column="text", resolution=32,
-        interpolation=InterpolationMode.LANCZOS, tokenizer=base.tokenizer, vae=base.vae,
-        text_encoder=base.text_encoder, batch_size=4, device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+    held_out = held_out_of(tiny_sd, base, batch_size=4)
     scheduler = DDPMScheduler.from_config(base.scheduler.config)  # training's scheduler
     epsilon = held_out(base.unet, scheduler, contextlib.nullcontext)[0]["validation_loss"]
     scheduler.register_to_config(prediction_type="v_prediction")

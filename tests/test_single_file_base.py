@@ -15,8 +15,7 @@ import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
-from tests.conftest import DEMO_DATA, train
-from tests.test_user_path import SMALL, train_sh
+from tests.conftest import DEMO_DATA, SMALL, train, train_sh
 
 RUN = ["--use_ema", "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", "a red disc",
        "--learning_rate", "1e-3"]  # fmt: skip
