@@ -729,7 +729,7 @@ def load_models(args, unet_dtype=None):
     if is_single_file(name):
         # One file in the original layout: every part comes from it, its configs from --model_config (see
         # sdtoolkit/inference.py). The scheduler's config is the base's, as from a folder.
-        pipeline = load_single_file(name, torch.float32, args.model_config)
+        pipeline = base_pipeline(args)
         noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         unet = pipeline.unet.to(unet_dtype) if unet_dtype is not None else pipeline.unet
         return noise_scheduler, pipeline.tokenizer, pipeline.text_encoder, pipeline.vae, unet
@@ -1333,6 +1333,9 @@ def main(argv=None):
     noise_scheduler, tokenizer, text_encoder, vae, unet = load_models(
         args, unet_dtype=half if args.lora_rank else None
     )
+    if args.prediction_type is not None:
+        # set prediction_type of scheduler if defined (once, here: the held-out loss measures with it too)
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if resume_path is not None and bool(args.lora_rank) != has_lora_weights(resume_path):
         raise UserError(
             f"{resume_path} is a {'LoRA' if has_lora_weights(resume_path) else 'full fine-tuning'} checkpoint:"
@@ -1727,12 +1730,9 @@ def main(argv=None):
             ema_unet.store(trained)
             ema_unet.copy_to(trained)
         nonlocal held_out_first, held_out_last
-        if args.prediction_type is not None:  # as training sets it, so the first measurement has it too
-            noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-        held_out_last = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
+        losses, held_out_last = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
         if args.use_ema:
             ema_unet.restore(trained)
-        losses, held_out_last = held_out_last
         if held_out_first is None or len(held_out_first) != len(held_out_last):  # the first, or another split
             held_out_first = held_out_last
         if held_out_losses and held_out_losses[-1][0] == global_step:
@@ -1807,11 +1807,7 @@ def main(argv=None):
                     else:
                         encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
 
-                    # Get the target for loss depending on the prediction type
-                    if args.prediction_type is not None:
-                        # set prediction_type of scheduler if defined
-                        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-
+                    # Get the target for loss depending on the prediction type (set after loading the scheduler)
                     if noise_scheduler.config.prediction_type == "epsilon":
                         target = noise
                     elif noise_scheduler.config.prediction_type == "v_prediction":

@@ -191,7 +191,7 @@ def sources(path, ema):
     state = os.path.join(path, "training_state.json")
     if is_single_file(base):
         # A base model in one file: its VAE and text encoder as diffusers reads them.
-        pipeline = load_single_file(base, torch.float32, trained["config"], unet=None, safety_checker=None)
+        pipeline = load_single_file(base, torch.float32, trained["config"], unet=None)
         weights = [read_weights(unet), pipeline.vae.state_dict(), pipeline.text_encoder.state_dict()]
         configs = [read_config(unet), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
         return weights, configs, state

@@ -95,7 +95,7 @@ class HeldOutLoss:
         scale = noise_scheduler.config.num_train_timesteps / 1000
         was_training = unet.training
         unet.eval()  # LoRA dropout off
-        per_timestep = []  # one (N,) tensor of per-image errors per timestep
+        losses, per_timestep = {}, []  # per_timestep: one (N,) tensor of per-image errors per timestep
         for step, noise in zip(TIMESTEPS, self.noise):
             t = int(step * scale)
             errors = []
@@ -113,10 +113,8 @@ class HeldOutLoss:
                     pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
                 errors.append(F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu())
             per_timestep.append(torch.cat(errors).double())
+            losses[f"validation_loss/t={t}"] = per_timestep[-1].mean().item()
         unet.train(was_training)
-        losses = {
-            f"validation_loss/t={int(step * scale)}": e.mean().item() for step, e in zip(TIMESTEPS, per_timestep)
-        }
         per_image = torch.stack(per_timestep).mean(dim=0)
         losses["validation_loss"] = per_image.mean().item()
         return losses, per_image.tolist()
