@@ -776,9 +776,10 @@ def load_training_dataset(args):
     """Load the hub dataset or local imagefolder and check every row, or fail with one clear line.
 
     Returns the train split (after --max_train_samples and, with --skip_invalid_images, without the images
-    that can't be decoded), the image and caption column names, the number of rows skipped, the data's
-    fingerprint (see sdtoolkit/data.py), each row's image size, each row's crop for the latent cache
-    (None when not kept, see cache_crop_maker), and the rows held out by --validation_split (or None).
+    that can't be decoded), how many examples each of its rows makes per epoch (repeats), the image and caption
+    column names, the number of rows skipped, the data's fingerprint (see sdtoolkit/data.py), each row's image
+    size, each row's crop for the latent cache (None when not kept, see cache_crop_maker), and the rows held out
+    by --validation_split (or None).
     """
     source = args.dataset_name or args.train_data_dir
     caption_folder = (
@@ -915,16 +916,16 @@ def load_training_dataset(args):
             f" measurement of the held-out loss is {len(held) * len(HELD_OUT_TIMESTEPS)} UNet passes"
         )
 
-    # Repeats: each row listed as many times as it repeats per epoch, so every repeat is an example of its own
-    # (its own crop, flip and noise) and the epoch length and step counts include them.
+    # Repeats: how many examples each image makes per epoch. Every repeat is an example of its own (its own
+    # crop, flip and noise) and counts in the epoch length and step counts, but the image is stored, checked and
+    # cached once (see TrainingExamples). The fingerprint covers the images as the examples list them.
     repeats = [n * args.dataset_repeats for n in (train["repeats"] if "repeats" in column_names else [1] * len(train))]
     if any(n > 1 for n in repeats):
-        rows = [i for i, n in enumerate(repeats) for _ in range(n)]
-        logger.info(f"Repeats: {len(train)} images make {len(rows)} examples per epoch")
-        train, digests, sizes = train.select(rows), [digests[i] for i in rows], [sizes[i] for i in rows]
-        crops = [crops[i] for i in rows] if crops is not None else None
-    data_fingerprint = fingerprint(digests, train[caption_column])
-    return train, image_column, caption_column, len(bad), data_fingerprint, sizes, crops, held_out
+        logger.info(f"Repeats: {len(train)} images make {sum(repeats)} examples per epoch")
+    listed = [i for i, n in enumerate(repeats) for _ in range(n)]
+    captions = train[caption_column]
+    data_fingerprint = fingerprint([digests[i] for i in listed], [captions[i] for i in listed])
+    return train, repeats, image_column, caption_column, len(bad), data_fingerprint, sizes, crops, held_out
 
 
 def cache_crop_maker(args):
@@ -1316,12 +1317,13 @@ def main(argv=None):
 
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
-        (train_rows, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
+        (train_rows, repeats, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
          held_out_rows) = load_training_dataset(args)  # fmt: skip
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
         train_rows, bucket_sizes, rows_of_bucket, kept = group_into_buckets(train_rows, image_sizes, args)
+        repeats = [repeats[row] for row in kept]
         cache_crops = [cache_crops[row] for row in kept] if cache_crops is not None else None
         buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
 
@@ -1513,6 +1515,7 @@ def main(argv=None):
         args,
         latent_shape=(vae.config.latent_channels, latent_size, latent_size),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        repeats=repeats,
     )
 
     # DataLoaders creation. The loader gets its own generator, so creating an iterator (at the start of an
@@ -1520,9 +1523,13 @@ def main(argv=None):
     if args.aspect_buckets:
         train_dataset.use_buckets(bucket_sizes)
         # Batches of one bucket each, shuffled from (seed, epoch); under several processes accelerate hands each
-        # process whole batches.
+        # process whole batches. The sampler deals in examples: every repeat of each bucket's rows.
+        bucket_of_row = {row: bucket for bucket, rows in enumerate(rows_of_bucket) for row in rows}
+        examples_of_bucket = [[] for _ in rows_of_bucket]
+        for index, row in enumerate(train_dataset.rows):
+            examples_of_bucket[bucket_of_row[row]].append(index)
         batch_sampler = BucketBatchSampler(
-            rows_of_bucket, batch_size=args.train_batch_size, seed=args.seed, examples=train_dataset
+            examples_of_bucket, batch_size=args.train_batch_size, seed=args.seed, examples=train_dataset
         )
         train_dataloader = torch.utils.data.DataLoader(
             train_dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=args.dataloader_num_workers
@@ -1648,7 +1655,13 @@ def main(argv=None):
         freed = " and ".join(["VAE"] * cache_images + ["text encoder"] * cache_text)
         done = "Read" if reused else "Cached"
         logger.info(
-            f"{done} {cached} of {len(train_dataset)} rows in {time.perf_counter() - started:.2f} s; freeing the {freed}",
+            f"{done} {cached} of {len(train_dataset.dataset)} images"
+            + (
+                f" ({len(train_dataset)} examples with repeats)"
+                if len(train_dataset) > len(train_dataset.dataset)
+                else ""
+            )
+            + f" in {time.perf_counter() - started:.2f} s; freeing the {freed}",
             main_process_only=False,
         )
         if cache_text:

@@ -262,10 +262,20 @@ class TrainingExamples(torch.utils.data.Dataset):
     and the random draws the training step needs for it: `latent_noise` (to sample the VAE's latent
     distribution), `noise`, `timestep`, and, when asked for, `offset_noise` and `perturbation`.
     Set `.epoch` before each epoch.
+
+    repeats: how many examples each row makes per epoch (kohya's N_name folders, --dataset_repeats). Example i
+    is row `rows[i]`, with the copies of a row next to each other. What depends on the image (its bucket, its
+    cached latents and caption embeddings) is kept per row, so a repeated image is encoded once; what is drawn
+    at random is drawn per example, so each repeat has its own crop, flip, caption and noise.
     """
 
-    def __init__(self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps):
+    def __init__(
+        self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps, repeats=None
+    ):
         self.dataset = dataset
+        self.rows = (
+            list(range(len(dataset))) if repeats is None else [r for r, n in enumerate(repeats) for _ in range(n)]
+        )
         self.latents = None  # set by use_cache: latents[row] = (mean, std), each [orientations, C, h, w]
         self.text = None  # set by use_cache: (embeddings [captions, 77, dim], per row: first, count, is_list; empty)
         self.image_column = image_column
@@ -289,16 +299,16 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.epoch = 0
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.rows)
 
     def use_buckets(self, sizes):
         """Train row i at sizes[i] = (width, height), a bucket's shape, instead of the resolution² square."""
         self.bucket_sizes = sizes
 
-    def latent_shape_of(self, index):
+    def latent_shape_of(self, row):
         if self.bucket_sizes is None:
             return self.latent_shape
-        width, height = self.bucket_sizes[index]
+        width, height = self.bucket_sizes[row]
         factor = self.resolution // self.latent_shape[1]
         return (self.latent_shape[0], height // factor, width // factor)
 
@@ -311,13 +321,14 @@ class TrainingExamples(torch.utils.data.Dataset):
     def __getitem__(self, index):
         generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index))
         example = {}
-        row = self.dataset[index] if self.latents is None or self.text is None else None
+        image_row = self.rows[index]
+        row = self.dataset[image_row] if self.latents is None or self.text is None else None
 
         # The image: shorter side to `resolution`, then a center or random square crop, maybe a flip. With
         # buckets: resized to cover the row's bucket, then cropped to it (see sdtoolkit/buckets.py).
         if self.latents is None and self.bucket_sizes is not None:
             image = cover_and_crop(
-                to_rgb(row[self.image_column]), self.bucket_sizes[index], self.interpolation,
+                to_rgb(row[self.image_column]), self.bucket_sizes[image_row], self.interpolation,
                 center=self.center_crop, generator=generator,
             )  # fmt: skip
             if self.random_flip and torch.rand(1, generator=generator) < 0.5:
@@ -339,7 +350,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         else:
             # Cached latents exist only for center crops; orientation 1 is the flipped image.
             flipped = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
-            mean, std = self.latents[index]
+            mean, std = self.latents[image_row]
             example["latent_mean"] = mean[int(flipped)]
             example["latent_std"] = std[int(flipped)]
 
@@ -350,10 +361,10 @@ class TrainingExamples(torch.utils.data.Dataset):
                 caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
         else:
             embeddings, first, count, is_list, empty = self.text
-            choice = int(torch.randint(0, count[index], (1,), generator=generator)) if is_list[index] else 0
+            choice = int(torch.randint(0, count[image_row], (1,), generator=generator)) if is_list[image_row] else 0
 
         # The diffusion draws for this example.
-        latent_shape = self.latent_shape_of(index)
+        latent_shape = self.latent_shape_of(image_row)
         example["latent_noise"] = torch.randn(latent_shape, generator=generator)
         example["noise"] = torch.randn(latent_shape, generator=generator)
         example["timestep"] = torch.randint(0, self.num_train_timesteps, (), generator=generator)
@@ -374,7 +385,7 @@ class TrainingExamples(torch.utils.data.Dataset):
                 return_tensors="pt",
             ).input_ids[0]  # fmt: skip
         else:
-            example["encoder_hidden_states"] = empty if dropped else embeddings[first[index] + choice]
+            example["encoder_hidden_states"] = empty if dropped else embeddings[first[image_row] + choice]
         return example
 
 

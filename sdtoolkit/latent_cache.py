@@ -136,12 +136,14 @@ class DiskArrays:
 
 
 def cache_bytes(examples, *, text_dim, dtype, latents=True, text=True):
-    """How many bytes the cache of `examples` takes."""
+    """How many bytes the cache of `examples` takes: one entry per image, however often it repeats."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
     if latents:
         orientations = 2 if examples.random_flip else 1
-        total += sum(2 * orientations * int(np.prod(examples.latent_shape_of(row))) for row in range(len(examples)))
+        total += sum(
+            2 * orientations * int(np.prod(examples.latent_shape_of(row))) for row in range(len(examples.dataset))
+        )
     if text:
         captions = examples.dataset[examples.caption_column]
         count = sum(1 if isinstance(caption, str) else len(caption) for caption in captions)
@@ -161,7 +163,7 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
         "latents": latents,
         "text": text,
         "data": data_fingerprint,
-        "rows": len(examples),
+        "rows": len(examples.dataset),
         "sizes": examples.bucket_sizes or examples.resolution,
         "flip": examples.random_flip,
         "interpolation": str(examples.interpolation),
@@ -175,7 +177,7 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
 @torch.no_grad()
 def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, crops=None, batch_size=8, latents=True,
                  text=True):  # fmt: skip
-    """Encode every row once with the frozen VAE and text encoder, on `device` in `dtype`, into `arrays`
+    """Encode every row (image) once with the frozen VAE and text encoder, on `device` in `dtype`, into `arrays`
     (MemoryArrays by default); when `arrays` already exists on disk, open it instead of encoding.
 
     Latents: the mean and std of the VAE's latent distribution of each row's center crop, and of its mirror
@@ -185,7 +187,7 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
     """
     arrays = arrays or MemoryArrays()
     reuse = arrays.exists()
-    dataset, rows = examples.dataset, len(examples)
+    dataset, rows = examples.dataset, len(examples.dataset)
     latent_cache = text_cache = None
     try:
         if latents:

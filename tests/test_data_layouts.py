@@ -1,7 +1,9 @@
 """Data as people keep it: caption-file folders (nested, with kohya's N_name repeat folders), --dataset_repeats,
 caption dropout and tag shuffling, all drawn per example so they are reproducible."""
 
+import functools
 import logging
+import pathlib
 from types import SimpleNamespace
 
 import datasets
@@ -11,7 +13,8 @@ from transformers import CLIPTokenizer
 
 from sdtoolkit.data import TrainingExamples
 from sdtoolkit.errors import UserError
-from tests.conftest import DEMO_DATA, demo_image, logged_losses, train, train_args
+from sdtoolkit.latent_cache import cache_bytes, encode_cache
+from tests.conftest import DEMO_DATA, demo_image, logged_losses, train, train_args, unet_weights
 
 
 def caption_folder(root, rows):
@@ -31,7 +34,7 @@ def test_a_nested_caption_folder_with_a_repeat_folder_trains(tiny_sd, tmp_path, 
     (data / "a" / "lost.txt").write_text("no image for me")
     with caplog.at_level(logging.INFO):
         # Through --dataset_name, as train.sh passes a folder.
-        argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+        argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--center_crop", data=data)
         argv[argv.index("--train_data_dir")] = "--dataset_name"
         import train_text_to_image
 
@@ -41,6 +44,7 @@ def test_a_nested_caption_folder_with_a_repeat_folder_trains(tiny_sd, tmp_path, 
     )
     assert "1 caption files have no image beside them and are not used: a/lost.txt" in caplog.text
     assert "Repeats: 3 images make 5 examples per epoch" in caplog.text and "Num examples = 5" in caplog.text
+    assert "Cached latents and text embeddings of 3 images (5 examples with repeats)" in caplog.text
     assert (tmp_path / "out" / "model_index.json").exists()
 
 
@@ -81,14 +85,18 @@ def test_dataset_repeats_count_in_the_epoch_and_the_steps(tiny_sd, tmp_path, cap
     assert [step for step, _ in logged_losses(tmp_path)] == list(range(1, 9))
 
 
-def examples(tokenizer, captions, **flags):
-    """TrainingExamples over rows of the bundled images with these captions (uncached: captions tokenized)."""
-    rows = datasets.Dataset.from_dict({"image": [demo_image(i % 32) for i in range(len(captions))], "text": captions})
+def examples(tokenizer, captions, images=None, repeats=None, **flags):
+    """TrainingExamples over rows of the bundled images (or `images`) with these captions (uncached: captions
+    tokenized)."""
+    images = images or [demo_image(i % 32) for i in range(len(captions))]
+    rows = datasets.Dataset.from_dict({"image": images, "text": captions})
     settings = dict(resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="bilinear",
                     noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
                     keep_tags=0)  # fmt: skip
     args = SimpleNamespace(**{**settings, **flags})
-    return TrainingExamples(rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000)
+    return TrainingExamples(
+        rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000, repeats=repeats
+    )
 
 
 def captions_drawn(dataset, epochs):
@@ -108,9 +116,57 @@ def tokenizer(tiny_sd):
 
 
 def test_each_repeat_draws_its_own_noise(tokenizer):
-    dataset = examples(tokenizer, ["a creature"])
-    dataset.dataset = dataset.dataset.select([0, 0])  # one image listed twice, as repeats list it
-    assert not torch.equal(dataset[0]["noise"], dataset[1]["noise"])
+    dataset = examples(tokenizer, ["a creature"], repeats=[2])
+    assert len(dataset) == 2 and not torch.equal(dataset[0]["noise"], dataset[1]["noise"])
+
+
+def test_a_repeated_row_is_the_same_examples_as_the_row_listed_again(tokenizer):
+    # Random crops, flips and a caption list: every draw of the repeats is the one of a copy in its place.
+    images, captions = [demo_image(0), demo_image(1).resize((12, 8))], [["a", "b", "c"], ["d"]]
+    flags = dict(center_crop=False, random_flip=True, caption_dropout_rate=0.3)
+    repeated = examples(tokenizer, captions, images, repeats=[3, 2], **flags)
+    listed = examples(tokenizer, [captions[i] for i in (0, 0, 0, 1, 1)], [images[i] for i in (0, 0, 0, 1, 1)], **flags)
+    assert len(repeated.dataset) == 2 and len(repeated) == len(listed) == 5
+    # The cache holds each image once: the memory it asks for is that of the two images.
+    once = examples(tokenizer, captions, images, **flags)
+    assert cache_bytes(repeated, text_dim=32, dtype=torch.float32) == cache_bytes(
+        once, text_dim=32, dtype=torch.float32
+    )
+    for epoch in range(3):
+        repeated.epoch = listed.epoch = epoch
+        for i in range(5):
+            a, b = repeated[i], listed[i]
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_repeat_folder_trains_as_its_images_copied_and_encodes_each_once(tiny_sd, tmp_path, caplog, monkeypatch):
+    # kohya's 2_name folder against the same images each saved twice, side by side: the same examples in the
+    # same order, so the same weights bit for bit. Buckets and the latent cache go by image; the batches by example.
+    # The VAE encodes one image at a time here: its float rounding depends on how many images share a batch.
+    import train_text_to_image
+
+    monkeypatch.setattr(train_text_to_image, "encode_cache", functools.partial(encode_cache, batch_size=1))
+    repeated, copied = tmp_path / "repeated" / "2_creatures", tmp_path / "copied" / "creatures"
+    for i, size in enumerate([(80, 120), (20, 20), (100, 100), (160, 90)]):  # 20x20 is too small for a bucket
+        image = demo_image(i).convert("RGB").resize(size)
+        for path in (repeated / f"{i}.png", copied / f"{i}a.png", copied / f"{i}b.png"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            path.with_suffix(".txt").write_text(f"creature {i}")
+    flags = ["--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--min_bucket_side", "32",
+             "--max_bucket_side", "128", "--bucket_no_upscale", "--center_crop", "--random_flip",
+             "--max_train_steps", "4"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out-repeated", *flags, data=repeated.parent)
+    assert "Repeats: 4 images make 8 examples per epoch" in caplog.text and "are left out" in caplog.text
+    assert "Cached latents and text embeddings of 3 images (6 examples with repeats)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out-copied", *flags, data=copied.parent)
+    assert "Cached latents and text embeddings of 6 images in" in caplog.text
+    a, b = unet_weights(tmp_path / "out-repeated" / "unet"), unet_weights(tmp_path / "out-copied" / "unet")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], base) for key, base in unet_weights(pathlib.Path(tiny_sd) / "unet").items())
 
 
 def test_caption_dropout_empties_its_share_of_draws_reproducibly(tokenizer):
@@ -153,7 +209,7 @@ def test_cached_dropout_trains_like_encoding_every_step(tiny_sd, tmp_path):
 def test_shuffled_tags_train_with_the_latent_cache(tiny_sd, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path, "--max_train_steps", "2", "--center_crop", "--shuffle_tags", "--keep_tags", "1")
-    assert "captions are not cached" in caplog.text and "Cached latents of 32 rows" in caplog.text
+    assert "captions are not cached" in caplog.text and "Cached latents of 32 images" in caplog.text
     assert (tmp_path / "model_index.json").exists()
 
 

@@ -78,7 +78,7 @@ def test_the_cache_frees_the_encoders_and_the_pipeline_still_has_them(tiny_sd, t
         alive = encoders_alive_while_training(
             tiny_sd, tmp_path, monkeypatch, "--center_crop", "--validation_prompts", "a creature"
         )
-    assert "Cached latents and text embeddings of 32 rows" in caplog.text
+    assert "Cached latents and text embeddings of 32 images" in caplog.text
     # Gone from memory by the first training step (text encoder, VAE); without the cache both stay.
     assert alive == [False, False]
     assert encoders_alive_while_training(tiny_sd, tmp_path / "b", monkeypatch, "--no-cache_latents") == [True, True]
@@ -91,7 +91,7 @@ def test_random_crops_cache_only_the_captions(tiny_sd, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path, "--max_train_steps", "1")
     assert "caching captions only; without --center_crop each step crops anew" in caplog.text
-    assert "Cached text embeddings of 32 rows" in caplog.text
+    assert "Cached text embeddings of 32 images" in caplog.text
 
 
 def test_fused_adamw_by_default_and_the_upstream_loop_on_request(tiny_sd, tmp_path, monkeypatch):
