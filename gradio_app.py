@@ -38,6 +38,7 @@ from sdtoolkit.serving import (
     DEFAULT_STEPS,
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_LORA_SCALE,
     MAX_SEED,
     MAX_SIZE,
     MAX_STEPS,
@@ -165,9 +166,20 @@ def make_generate(service):
     """The function behind the Generate button and the /generate endpoint."""
     tokenizer = service.pipeline.tokenizer  # for its max length; its calls go through the service's lock
 
-    def generate(prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
+    def generate(
+        prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images, lora_scale=None
+    ):
         check_request(prompt, steps, width, height, num_images)
         seed = parse_seed(seed)
+        # The LoRA strength slider shows only when a LoRA is served; /generate's callers may leave it out.
+        if service.scale is None:
+            if lora_scale is not None and float(lora_scale) != service.lora_scale:
+                raise gr.Error("This server serves no LoRA, so there is no LoRA strength to set.")
+            lora_scale = None
+        elif lora_scale is not None:
+            lora_scale = float(lora_scale)
+            if not 0 <= lora_scale <= MAX_LORA_SCALE:
+                raise gr.Error(f"The LoRA strength must be from 0 to {MAX_LORA_SCALE:g}, not {lora_scale:g}.")
 
         notes = [f"Seed: {seed}" + (f" (image i: {seed} + i)" if int(num_images) > 1 else "")]
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
@@ -189,6 +201,7 @@ def make_generate(service):
                 width=int(width),
                 height=int(height),
                 num_images=int(num_images),
+                lora_scale=lora_scale,
             )
         except QueueFull as err:
             raise gr.Error(str(err)) from None
@@ -269,6 +282,11 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
                     width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width")
                     height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images")
+                # 0 is the base model alone, 1 the LoRA as trained (AUTOMATIC1111's <lora:NAME:strength>).
+                lora_scale = gr.Slider(
+                    0, MAX_LORA_SCALE, value=service.lora_scale, step=0.05, label="LoRA strength",
+                    visible=service.scale is not None,
+                )  # fmt: skip
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png")
@@ -276,7 +294,8 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
         if examples:
             gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
 
-        inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images]
+        inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
+                  lora_scale]  # fmt: skip
         # The button and Enter in the prompt box run at once: the service's RequestQueue, which /v1 shares, is
         # what makes requests wait (`concurrency` at a time) or refuses them. Only the button is the public API.
         button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)

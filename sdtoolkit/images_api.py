@@ -2,7 +2,7 @@
 
     POST /v1/images/generations   OpenAI's images API: prompt, n, size, response_format ("b64_json" or "url"),
                                   plus this model's own fields: negative_prompt, seed, steps, guidance_scale,
-                                  scheduler
+                                  scheduler, and lora_scale when a LoRA is served
     GET  /v1/files/NAME.png       an image a "url" response points to, for `max_age` seconds
     GET  /v1/models               the one model served
     GET  /health                  model, device, dtype, queue and uptime; no key needed, nothing generated
@@ -34,6 +34,7 @@ from sdtoolkit.serving import (
     DEFAULT_STEPS,
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_LORA_SCALE,
     MAX_SEED,
     MAX_SIZE,
     MAX_STEPS,
@@ -48,7 +49,7 @@ from sdtoolkit.serving import (
 # OpenAI fields that change the result and that this server can't honour: refused, not silently ignored.
 UNSUPPORTED = ("quality", "style", "background", "moderation", "output_compression", "partial_images", "stream")
 KNOWN = {"prompt", "model", "n", "size", "response_format", "output_format", "user", "negative_prompt", "seed",
-         "steps", "guidance_scale", "scheduler"}  # fmt: skip
+         "steps", "guidance_scale", "scheduler", "lora_scale"}  # fmt: skip
 
 
 class BadRequest(Exception):
@@ -119,6 +120,16 @@ def parse_generation_request(body, service):
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
         raise BadRequest(f"'guidance_scale' must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}",
                          "guidance_scale")  # fmt: skip
+    lora_scale = body.get("lora_scale")
+    if lora_scale is not None and service.scale is None:
+        raise BadRequest("'lora_scale' is for a LoRA, and this server serves none", "lora_scale")
+    if lora_scale is not None and (
+        isinstance(lora_scale, bool)
+        or not isinstance(lora_scale, (int, float))
+        or not 0 <= lora_scale <= MAX_LORA_SCALE
+    ):
+        raise BadRequest(f"'lora_scale' must be a number from 0 to {MAX_LORA_SCALE:g}, got {lora_scale!r}",
+                         "lora_scale")  # fmt: skip
     seed = body.get("seed")
     width, height = parse_size(body.get("size"), service.default_size)
     return dict(
@@ -131,6 +142,7 @@ def parse_generation_request(body, service):
         width=width,
         height=height,
         num_images=whole_number(body, "n", 1, 1, MAX_IMAGES),
+        lora_scale=None if lora_scale is None else float(lora_scale),
     )
 
 
@@ -214,6 +226,8 @@ def images_api(service, *, files, api_key=None):
             "model": service.model_id,
             "device": str(pipeline.device),
             "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+            # A request's default lora_scale; null when no LoRA is served (and lora_scale is refused).
+            "lora_scale": service.lora_scale if service.scale is not None else None,
             "queue": {
                 "running": queue.running,
                 "waiting": queue.waiting,

@@ -19,7 +19,7 @@ import json
 import random
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from diffusers import (
@@ -48,6 +48,7 @@ MAX_GUIDANCE = 30.0
 MIN_SIZE, MAX_SIZE = 64, 1024
 MAX_IMAGES = 4
 MAX_SEED = 2**64 - 1
+MAX_LORA_SCALE = 2.0
 
 
 def scheduler_named(name):
@@ -136,6 +137,34 @@ class RequestQueue:
                 self.admitted -= 1
 
 
+class LoraScale:
+    """The scale a served LoRA applies at, set per request.
+
+    The scale lives in the UNet's LoRA layers, which every request shares. So requests at one scale run together
+    (as many as the queue lets run), and a request at another scale waits until they are done, then sets it.
+    """
+
+    def __init__(self, pipeline, scale):
+        self.pipeline, self.adapters = pipeline, pipeline.get_active_adapters()
+        self.current, self.running = scale, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def at(self, scale):
+        with self.changed:
+            self.changed.wait_for(lambda: self.running == 0 or self.current == scale)
+            if scale != self.current:
+                self.pipeline.set_adapters(self.adapters, adapter_weights=[scale] * len(self.adapters))
+                self.current = scale
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+
 def a1111_value(value):
     """A value as AUTOMATIC1111 writes it in its key: value list: quoted as JSON if it holds , : or a newline."""
     text = f"{value:g}" if isinstance(value, float) else str(value)
@@ -171,6 +200,8 @@ class ImageService:
     def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue):
         self.pipeline = pipeline
         self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
+        # A LoRA, from --lora or as the model itself (a LoRA run's folder): requests may set its scale.
+        self.scale = LoraScale(pipeline, lora_scale) if pipeline.get_active_adapters() else None
         # What API clients pass as `model` and what /v1/models lists.
         self.model_id = model_name if lora_name is None else f"{model_name}+{lora_name}"
         self.queue = queue
@@ -186,9 +217,16 @@ class ImageService:
         with self.tokenizer_lock:
             return clip_truncated(self.pipeline.tokenizer, text)
 
-    def generate(self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images):
+    def generate(
+        self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
+        lora_scale=None,
+    ):  # fmt: skip
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
-        image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too)."""
+        image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too).
+        lora_scale: the LoRA's scale for this request (None: the server's --lora_scale)."""
+        if lora_scale is not None and self.scale is None:
+            raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
+        lora_scale = self.lora_scale if lora_scale is None else lora_scale
         seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state.
         pipeline = self.pipeline
@@ -199,7 +237,8 @@ class ImageService:
         # from generators[i] alone, so image i is (up to rounding in batched maths) the one-image request's with seeds[i].
         device = "cpu" if pipeline.device.type == "mps" else pipeline.device
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        with self.queue.turn(), torch.inference_mode():
+        at_scale = self.scale.at(lora_scale) if self.scale is not None else nullcontext()
+        with self.queue.turn(), at_scale, torch.inference_mode():
             # The text embeddings first, under the tokenizer's lock, for one image; the pipeline repeats them.
             with self.tokenizer_lock:
                 prompt_embeds, negative_embeds = run.encode_prompt(
@@ -231,6 +270,6 @@ class ImageService:
                 height=height,
                 model=self.model_name,
                 lora=self.lora_name,
-                lora_scale=self.lora_scale,
+                lora_scale=lora_scale,
             )
         return images

@@ -269,9 +269,10 @@ def server(tiny_sd):
 
 
 def generate(client, prompt="pikachu", negative="", steps=3, guidance=7.5, seed="7", scheduler="DPM-Solver++",
-             width=64, height=64, num_images=1):  # fmt: skip
+             width=64, height=64, num_images=1, **lora_scale):  # fmt: skip
     """The page's /generate through gradio_client: the images as PIL images, and the details text."""
     gallery, info = client.predict(
-        prompt, negative, steps, guidance, seed, scheduler, width, height, num_images, api_name="/generate"
-    )
+        prompt, negative, steps, guidance, seed, scheduler, width, height, num_images, api_name="/generate",
+        **lora_scale,
+    )  # fmt: skip
     return [Image.open(item["image"]) for item in gallery], info

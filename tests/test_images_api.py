@@ -25,7 +25,7 @@ from sd_parsers import ParserManager
 import gradio_app
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import REPO, free_port, generate, start
+from tests.conftest import REPO, free_port, generate, start, train
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -98,6 +98,28 @@ def test_v1_and_gradio_client_give_the_same_pixels_for_a_seed(server):
     # Image 1 of that request is the one-image request with seed 12, as its parameters say.
     alone = sdk(server).images.generate(prompt="a green creature", extra_body={**FAST, "seed": 12})
     assert np.abs(pixels(decode(alone.data[0].b64_json)).astype(int) - pixels(ui[1]).astype(int)).max() <= 1
+
+
+def test_a_served_lora_takes_its_strength_from_each_request(server, tiny_sd, tmp_path):
+    lora = tmp_path / "my-lora"
+    train(tiny_sd, lora, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--max_train_steps", "4")
+    app = start(tiny_sd, "--lora", str(lora), "--lora_scale", "0.5")
+    try:
+        assert httpx.get(f"{app.local_url}health").json()["lora_scale"] == 0.5
+        body = {"prompt": "a red creature", "seed": 3, **FAST}
+
+        def v1(server, **scale):
+            return pixels(decode(post(server, {**body, **scale}).json()["data"][0]["b64_json"]))
+
+        base, at_0, at_1, at_default = v1(server), v1(app, lora_scale=0), v1(app, lora_scale=1), v1(app)
+        assert np.array_equal(at_0, base)  # strength 0 is the base model
+        assert not np.array_equal(at_1, base) and not np.array_equal(at_default, at_1)
+        assert not np.array_equal(at_default, base)
+        # The page's /generate takes it too, by name, as gradio_client callers pass it.
+        ui, _ = generate(Client(app.local_url, verbose=False), prompt="a red creature", seed="3", lora_scale=0)
+        assert np.array_equal(pixels(ui[0]), base)
+    finally:
+        app.close()
 
 
 def test_png_parameters_round_trip_and_make_the_image_again(server):
@@ -196,6 +218,7 @@ def test_models_and_health(server):
     health = httpx.get(f"{server.local_url}health").json()
     assert health["model"] == "tiny-sd" and (health["device"], health["dtype"]) == ("cpu", "float32")
     assert health["queue"] == {"running": 0, "waiting": 0, "concurrency": 1, "max_queue": 16}
+    assert health["lora_scale"] is None  # no LoRA served, so requests can't set one
     assert health["uptime_s"] > 0
 
 
@@ -220,6 +243,7 @@ BAD = [
     ({"output_format": "jpeg"}, "output_format", "png"),
     ({"quality": "hd"}, "quality", "not supported"),
     ({"colour": "red"}, "colour", "unknown field"),
+    ({"lora_scale": 0.5}, "lora_scale", "is for a LoRA, and this server serves none"),
 ]
 
 

@@ -3,7 +3,9 @@ folder, its kohya file, a LoRA checkpoint, each on the base model the run's own 
 
 import json
 import shutil
+import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,9 +13,10 @@ from safetensors import safe_open
 import gradio_app
 import metrics
 from sdtoolkit.errors import UserError
+from sdtoolkit.images_api import BadRequest, parse_generation_request
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
-from sdtoolkit.serving import ImageService, RequestQueue
+from sdtoolkit.serving import ImageService, LoraScale, RequestQueue
 from tests.conftest import DEMO_DATA, generated_image, train
 
 CPU = torch.device("cpu")
@@ -126,3 +129,89 @@ def test_a_lora_applies_at_the_scale_asked(tiny_sd, tmp_path):
         gradio_app.parse_args(["--model_path", str(tiny_sd), "--lora_scale", "0.5"])
     with pytest.raises(UserError, match="--lora_scale is for LoRAs"):
         metrics.main(["--model_path", str(tiny_sd), "--lora_scale", "0.5", "--output_dir", str(tmp_path / "s")])
+
+
+def test_each_request_sets_the_loras_strength_on_the_page_and_in_v1(tiny_sd, tmp_path):
+    out = tmp_path / "my-lora"
+    train(tiny_sd, out, *LORA, "--max_train_steps", "2")
+    queue = RequestQueue(concurrency=1, max_queue=4)
+    served = ImageService(load_pipeline(str(tiny_sd), CPU, torch.float32, lora=str(out), lora_scale=0.5),
+                          model_name="tiny-sd", lora_name="my-lora", lora_scale=0.5, queue=queue)  # fmt: skip
+    base = ImageService(load_pipeline(str(tiny_sd), CPU, torch.float32), model_name="tiny-sd", queue=queue)
+    full = ImageService(load_pipeline(str(out), CPU, torch.float32), model_name="my-lora", queue=queue)
+
+    def request(service, **scale):
+        (png,) = service.generate(prompt="a red disc", negative_prompt="", steps=2, guidance_scale=7.5, seed=1,
+                                  scheduler="DPM-Solver++", width=32, height=32, num_images=1, **scale)  # fmt: skip
+        return png
+
+    def pixels(png):
+        return torch.from_numpy(np.asarray(png, dtype=np.float32))
+
+    at_default = pixels(request(served))  # --lora_scale 0.5
+    assert abs(pixels(request(served, lora_scale=0)) - pixels(request(base))).max() == 0
+    assert abs(pixels(request(served, lora_scale=1)) - pixels(request(full))).max() == 0
+    assert abs(pixels(request(served)) - at_default).max() == 0  # a request without one gets the default back
+    assert abs(at_default - pixels(request(base))).max() > 0
+    assert request(served, lora_scale=0.25).info["parameters"].endswith("Lora: my-lora, Lora scale: 0.25")
+
+    # The page: a "LoRA strength" slider when a LoRA is served, none to see otherwise.
+    (images, _) = gradio_app.make_generate(served)("a red disc", "", 2, 7.5, "1", "DPM-Solver++", 32, 32, 1, 0)
+    assert abs(pixels(images[0]) - pixels(request(base))).max() == 0
+    for service, visible in ((served, True), (base, False)):
+        app = gradio_app.build_app(service, title="t", description="d")
+        (slider,) = [c for c in app.blocks.values() if getattr(c, "label", None) == "LoRA strength"]
+        assert slider.visible == visible and slider.value == service.lora_scale
+    with pytest.raises(gradio_app.gr.Error, match="serves no LoRA"):
+        gradio_app.make_generate(base)("p", "", 2, 7.5, "1", "DPM-Solver++", 32, 32, 1, 0.5)
+    with pytest.raises(gradio_app.gr.Error, match="from 0 to 2"):
+        gradio_app.make_generate(served)("p", "", 2, 7.5, "1", "DPM-Solver++", 32, 32, 1, 3)
+
+    # /v1: the lora_scale field (its refusal by a server without a LoRA is in tests/test_images_api.py).
+    assert parse_generation_request({"prompt": "p", "lora_scale": 0.25}, served)["lora_scale"] == 0.25
+    assert parse_generation_request({"prompt": "p"}, served)["lora_scale"] is None
+    for bad in (3, -0.5, "1", True):
+        with pytest.raises(BadRequest, match="'lora_scale' must be a number from 0 to 2"):
+            parse_generation_request({"prompt": "p", "lora_scale": bad}, served)
+
+
+class RecordingPipeline:
+    """What LoraScale uses of a pipeline, recording the scales set."""
+
+    def __init__(self):
+        self.scales = []
+
+    def get_active_adapters(self):
+        return ["default_0"]
+
+    def set_adapters(self, adapters, adapter_weights):
+        self.scales.append(adapter_weights[0])
+
+
+def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_for_them():
+    pipeline = RecordingPipeline()
+    gate = LoraScale(pipeline, 1.0)
+    inside, mixed, release = [], [], threading.Event()
+
+    def request(scale, entered):
+        with gate.at(scale):
+            inside.append(scale)
+            mixed.append(len(set(inside)) > 1)
+            entered.set()
+            release.wait(10)
+            inside.remove(scale)
+
+    entered = {name: threading.Event() for name in "abc"}
+    threads = {name: threading.Thread(target=request, args=(scale, entered[name]))
+               for name, scale in (("a", 0.5), ("b", 0.5), ("c", 1.0))}  # fmt: skip
+    threads["a"].start()
+    assert entered["a"].wait(5)
+    threads["c"].start()
+    threads["b"].start()
+    assert entered["b"].wait(5)  # the same scale runs beside the first
+    assert not entered["c"].wait(0.3)  # another scale waits for both
+    release.set()
+    for thread in threads.values():
+        thread.join(10)
+    assert entered["c"].is_set() and not any(mixed)
+    assert pipeline.scales == [0.5, 1.0]
