@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -779,7 +780,7 @@ def load_training_dataset(args):
     that can't be decoded), how many examples each of its rows makes per epoch (repeats), the image and caption
     column names, the number of rows skipped, the data's fingerprint (see sdtoolkit/data.py), each row's image
     size, each row's crop for the latent cache (None when not kept, see cache_crop_maker), and the rows held out
-    by --validation_split (or None).
+    by --validation_split with their image sizes (or None).
     """
     source = args.dataset_name or args.train_data_dir
     caption_folder = (
@@ -908,7 +909,7 @@ def load_training_dataset(args):
     held_out = None
     if args.validation_split:
         training, held = split_held_out(digests, args.validation_split)
-        held_out = train.select(held)
+        held_out = train.select(held), [sizes[i] for i in held]
         train, digests, sizes = train.select(training), [digests[i] for i in training], [sizes[i] for i in training]
         crops = [crops[i] for i in training] if crops is not None else None
         logger.info(
@@ -1319,6 +1320,7 @@ def main(argv=None):
     with accelerator.main_process_first():
         (train_rows, repeats, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
          held_out_rows) = load_training_dataset(args)  # fmt: skip
+    held_out_rows, held_out_sizes = held_out_rows or (None, None)
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
@@ -1326,6 +1328,15 @@ def main(argv=None):
         repeats = [repeats[row] for row in kept]
         cache_crops = [cache_crops[row] for row in kept] if cache_crops is not None else None
         buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
+        if held_out_rows is not None:
+            # The held-out images are measured at the buckets they would train at; none is left out (one smaller
+            # than every bucket is enlarged, whatever --bucket_no_upscale says).
+            buckets = make_buckets(resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side,
+                                   max_side=args.max_bucket_side)  # fmt: skip
+            held_out_sizes = [buckets[b] for b in assign_buckets(held_out_sizes, buckets)[0]]
+            counts = Counter(held_out_sizes)
+            logger.info("--validation_split: held-out images by bucket (width x height: images): "
+                        + ", ".join(f"{w}x{h}: {counts[w, h]}" for w, h in buckets if (w, h) in counts))  # fmt: skip
 
     # Load scheduler, tokenizer and models.
     # With LoRA the UNet's own weights are frozen too, so under mixed precision they are loaded in half
@@ -1596,7 +1607,7 @@ def main(argv=None):
             held_out_rows, image_column=image_column, caption_column=caption_column, resolution=args.resolution,
             interpolation=getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper()),
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
-            device=accelerator.device, dtype=weight_dtype,
+            device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
         )  # fmt: skip
 
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are

@@ -50,39 +50,46 @@ def split_held_out(digests, fraction):
 
 
 class HeldOutLoss:
-    """The held-out rows encoded once (center crops at the training resolution, first captions), and the loss of a
-    UNet on them. Build it while the VAE and text encoder are still loaded; call it on every process."""
+    """The held-out rows encoded once (center crops at the shape they would train at, first captions), and the loss
+    of a UNet on them. Build it while the VAE and text encoder are still loaded; call it on every process."""
 
     def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
-                 text_encoder, batch_size, device, dtype):  # fmt: skip
-        self.batch_size = batch_size
-        latents, embeddings = [], []
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
-            pixels = torch.stack(
-                [TF.normalize(TF.to_tensor(cache_crop(image, resolution, interpolation)), [0.5], [0.5])
-                 for image in batch[image_column]]
-            )  # fmt: skip
-            with torch.no_grad():
-                mean = vae.encode(pixels.to(device, dtype=dtype)).latent_dist.mean
-                latents.append((mean * vae.config.scaling_factor).float())
-                # Captions: the first one of a row that has several.
-                captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
-                ids = tokenizer(
-                    captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                    return_tensors="pt",
-                ).input_ids  # fmt: skip
-                embeddings.append(text_encoder(ids.to(device), return_dict=False)[0])
-        self.latents = torch.cat(latents)  # (N, C, h, w), float32
-        self.embeddings = torch.cat(embeddings)  # (N, 77, dim), the text encoder's dtype
-        # One noise tensor per timestep, drawn on the CPU so that every device gets the same numbers, and kept
-        # there (5 times the latents' size) until its batch is used.
+                 text_encoder, batch_size, device, dtype, sizes=None):  # fmt: skip
+        """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares."""
+        self.batch_size, self.count = batch_size, len(rows)
+        # Images of one shape are measured together, in batches of their own.
+        shapes = {}
+        for row, size in enumerate(sizes or [resolution] * len(rows)):
+            shapes.setdefault(size, []).append(row)
+        # Noise drawn on the CPU, so that every device gets the same numbers, and kept there (5 times the latents'
+        # size) until its batch is used: one tensor per shape and timestep.
         generator = torch.Generator().manual_seed(NOISE_SEED)
-        self.noise = [torch.randn(self.latents.shape, generator=generator) for _ in TIMESTEPS]
+        self.groups = []  # per shape: (its rows, latents (n, C, h, w) float32, embeddings (n, 77, dim), noise)
+        for size, group in shapes.items():
+            latents, embeddings = [], []
+            for start in range(0, len(group), batch_size):
+                batch = rows.select(group[start : start + batch_size])
+                # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
+                pixels = torch.stack(
+                    [TF.normalize(TF.to_tensor(cache_crop(image, size, interpolation)), [0.5], [0.5])
+                     for image in batch[image_column]]
+                )  # fmt: skip
+                with torch.no_grad():
+                    mean = vae.encode(pixels.to(device, dtype=dtype)).latent_dist.mean
+                    latents.append((mean * vae.config.scaling_factor).float())
+                    # Captions: the first one of a row that has several.
+                    captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
+                    ids = tokenizer(
+                        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                        return_tensors="pt",
+                    ).input_ids  # fmt: skip
+                    embeddings.append(text_encoder(ids.to(device), return_dict=False)[0])
+            latents = torch.cat(latents)
+            noise = [torch.randn(latents.shape, generator=generator) for _ in TIMESTEPS]
+            self.groups.append((group, latents, torch.cat(embeddings), noise))
 
     def __len__(self):
-        return len(self.latents)
+        return self.count
 
     @torch.no_grad()
     def __call__(self, unet, noise_scheduler, autocast):
@@ -96,24 +103,26 @@ class HeldOutLoss:
         was_training = unet.training
         unet.eval()  # LoRA dropout off
         losses, per_timestep = {}, []  # per_timestep: one (N,) tensor of per-image errors per timestep
-        for step, noise in zip(TIMESTEPS, self.noise):
+        for i, step in enumerate(TIMESTEPS):
             t = int(step * scale)
-            errors = []
-            for start in range(0, len(self), self.batch_size):
-                latents = self.latents[start : start + self.batch_size]
-                batch_noise = noise[start : start + self.batch_size].to(latents.device)
-                timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
-                noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
-                else:
-                    target = batch_noise
-                embeddings = self.embeddings[start : start + self.batch_size]
-                with autocast():
-                    pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
-                errors.append(F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu())
-            per_timestep.append(torch.cat(errors).double())
-            losses[f"validation_loss/t={t}"] = per_timestep[-1].mean().item()
+            errors = torch.empty(len(self), dtype=torch.float64)
+            for group, group_latents, group_embeddings, noise in self.groups:
+                for start in range(0, len(group), self.batch_size):
+                    latents = group_latents[start : start + self.batch_size]
+                    batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
+                    timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
+                    noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
+                    if noise_scheduler.config.prediction_type == "v_prediction":
+                        target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
+                    else:
+                        target = batch_noise
+                    embeddings = group_embeddings[start : start + self.batch_size]
+                    with autocast():
+                        pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
+                    error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu()
+                    errors[group[start : start + self.batch_size]] = error.double()
+            per_timestep.append(errors)
+            losses[f"validation_loss/t={t}"] = errors.mean().item()
         unet.train(was_training)
         per_image = torch.stack(per_timestep).mean(dim=0)
         losses["validation_loss"] = per_image.mean().item()

@@ -2,32 +2,39 @@
 
 import contextlib
 import json
+import logging
 import random
 
 import pytest
 import torch
+from accelerate import PartialState
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torchvision.transforms import InterpolationMode
 
 import train_text_to_image
+from sdtoolkit.buckets import assign_buckets, make_buckets
 from sdtoolkit.errors import UserError
 from sdtoolkit.held_out import TIMESTEPS, HeldOutLoss, compare, split_held_out
-from tests.conftest import logged_losses, reset_accelerate_state, train, train_args
+from tests.conftest import DEMO_DATA, logged_losses, mixed_aspect_folder, reset_accelerate_state, train, train_args
 
 RUN = ["--validation_split", "0.25", "--max_train_steps", "15", "--checkpointing_steps", "10", "--use_ema",
        "--learning_rate", "1e-3", "--train_batch_size", "4"]  # fmt: skip
 
 
-def held_out_of(tiny_sd, pipeline, batch_size):
-    """The held-out images of a `--validation_split 0.25` run on the bundled data, encoded by the pipeline's VAE and
-    text encoder, as training encodes them."""
-    args = train_text_to_image.parse_args(train_args(tiny_sd, "unused", "--validation_split", "0.25"))
-    held_out_rows = train_text_to_image.load_training_dataset(args)[-1]
+def held_out_of(tiny_sd, pipeline, batch_size, *flags, data=DEMO_DATA, resolution=32, buckets=None):
+    """The held-out images of a `--validation_split 0.25` run (or as `flags` say) on the bundled data (or `data`),
+    encoded by the pipeline's VAE and text encoder, as training encodes them: at `resolution`, or at the bucket
+    of `buckets` nearest each image's shape."""
+    flags = flags or ("--validation_split", "0.25")
+    args = train_text_to_image.parse_args(train_args(tiny_sd, "unused", *flags, data=data))
+    PartialState()  # for the lines loading a caption folder logs
+    held_out_rows, sizes = train_text_to_image.load_training_dataset(args)[-1]
     reset_accelerate_state()
     return HeldOutLoss(
-        held_out_rows, image_column="image", caption_column="text", resolution=32,
+        held_out_rows, image_column="image", caption_column="text", resolution=resolution,
         interpolation=InterpolationMode.LANCZOS, tokenizer=pipeline.tokenizer, vae=pipeline.vae,
         text_encoder=pipeline.text_encoder, batch_size=batch_size, device="cpu", dtype=torch.float32,
+        sizes=None if buckets is None else [buckets[b] for b in assign_buckets(sizes, buckets)[0]],
     )  # fmt: skip
 
 
@@ -81,6 +88,40 @@ def test_the_held_out_loss_falls_as_the_model_learns_measured_on_the_weights_the
     again, per_image = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
     assert again["validation_loss"] == pytest.approx(final, rel=1e-5) and len(per_image) == 8
     assert held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext) == (again, per_image)
+
+
+def test_with_buckets_the_held_out_images_are_measured_at_their_buckets(tiny_sd, tmp_path, caplog):
+    data = mixed_aspect_folder(tmp_path / "data")  # 10 images of 5 shapes, one smaller than every bucket
+    flags = ["--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--min_bucket_side", "32",
+             "--max_bucket_side", "128", "--bucket_no_upscale", "--validation_split", "0.3"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", *flags, "--max_train_steps", "2", data=data)
+    # 3 held out, each at its bucket; --bucket_no_upscale leaves no held-out image out.
+    assert "--validation_split: held-out images by bucket (width x height: images): " in caplog.text
+    final = logged_losses(tmp_path / "out", tag="validation_loss")[-1][1]
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    buckets = make_buckets(resolution=64, step=16, min_side=32, max_side=128)
+    at_buckets = held_out_of(tiny_sd, pipeline, 2, *flags, data=data, resolution=64, buckets=buckets)
+    shapes = {tuple(latents.shape[2:]) for _, latents, _, _ in at_buckets.groups}
+    assert len(at_buckets) == 3 and any(h != w for h, w in shapes)  # a portrait or landscape bucket among them
+    losses, per_image = at_buckets(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
+    assert losses["validation_loss"] == pytest.approx(final, rel=1e-5)
+    # Each image's loss is its own, whichever shape's batch measured it: recomputed here one image at a time.
+    expected = [0.0] * 3
+    for rows, latents, embeddings, noise in at_buckets.groups:
+        for position, row in enumerate(rows):
+            for t, timestep_noise in zip(TIMESTEPS, noise):
+                timestep = torch.tensor([t])
+                eps = timestep_noise[position : position + 1]
+                noisy = pipeline.scheduler.add_noise(latents[position : position + 1], eps, timestep)
+                with torch.no_grad():
+                    pred = pipeline.unet(noisy, timestep, embeddings[position : position + 1]).sample
+                expected[row] += torch.nn.functional.mse_loss(pred, eps).item() / len(TIMESTEPS)
+    assert per_image == pytest.approx(expected, rel=1e-4)
+    as_squares = held_out_of(tiny_sd, pipeline, 2, *flags, data=data, resolution=64)
+    assert (
+        abs(as_squares(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)[0]["validation_loss"] - final) > 1e-4
+    )
 
 
 def test_with_v_prediction_every_measurement_is_a_v_prediction_loss(tiny_sd, tmp_path):
