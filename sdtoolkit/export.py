@@ -24,7 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtoolkit.errors import UserError, run_main
-from sdtoolkit.inference import checkpoint_unet, is_single_file, load_pipeline, load_single_file, trained_model
+from sdtoolkit.inference import (
+    checkpoint_unet,
+    is_single_file,
+    load_base_model,
+    load_pipeline,
+    looks_like_local_path,
+    trained_model,
+)
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 
 # The names that differ inside one UNet resnet, and inside one VAE resnet or attention block.
@@ -189,16 +196,17 @@ def sources(path, ema):
     if not os.path.isdir(unet):
         raise UserError(f"{path} has no {os.path.basename(unet)}/" + (" (the run had no --use_ema)" if ema else ""))
     state = os.path.join(path, "training_state.json")
-    if is_single_file(base):
-        # A base model in one file: its VAE and text encoder as diffusers reads them.
-        pipeline = load_single_file(base, torch.float32, trained["config"], unet=None)
+    if is_single_file(base) or not looks_like_local_path(base):
+        # A base model in one file, or on the hub (or in its local cache): its VAE and text encoder as diffusers
+        # loads them.
+        pipeline = load_base_model(base, torch.float32, trained["revision"], trained["config"], unet=None)
         weights = [read_weights(unet), pipeline.vae.state_dict(), pipeline.text_encoder.state_dict()]
         configs = [read_config(unet), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
         return weights, configs, state
     if not os.path.isfile(os.path.join(base, "model_index.json")):
         raise UserError(
-            f"the checkpoint's base model {base!r} is not a local pipeline folder or file; export the saved pipeline"
-            " instead"
+            f"the checkpoint's base model {base} is no longer there (no model_index.json); put it back, or export"
+            " the run's saved pipeline instead"
         )
     folders = [unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder")]
     return [read_weights(d) for d in folders], [read_config(d) for d in folders], state

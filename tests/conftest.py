@@ -62,6 +62,19 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_on_the_hub(tiny_sd):
+    """The tiny pipeline as huggingface_hub caches a model it downloaded, under a hub id of its own: loaded by
+    that id, offline, through the same hub code that loads CompVis/stable-diffusion-v1-4 for users with a
+    network. (Not under SD v1-4's own id, which other tests expect to fail offline.)"""
+    repo_id, commit = "sdtoolkit-tests/tiny-sd", "0" * 40
+    repo = pathlib.Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(tiny_sd, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo_id
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
 

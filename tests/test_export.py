@@ -91,6 +91,29 @@ def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd,
     assert torch.equal(raw, unet_weights(out / "checkpoint-2" / "unet")["conv_in.weight"].half())
 
 
+def test_a_checkpoint_of_a_run_on_a_hub_model_exports_and_loads(tiny_sd, tiny_sd_on_the_hub, tmp_path, capsys):
+    # The seed's recipe trains from a hub id; its checkpoints hold only the UNet, and export takes the VAE and
+    # text encoder from the hub (here its local cache, offline).
+    out = tmp_path / "run"
+    train(tiny_sd_on_the_hub, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--use_ema",
+          "--learning_rate", "1e-2")  # fmt: skip
+    export_single_file(str(out / "checkpoint-2"), str(tmp_path / "from-hub.safetensors"))
+    # The same file as a checkpoint of the same run on the local folder gives, but for the model it names.
+    local = tmp_path / "local"
+    train(
+        tiny_sd, local, "--max_train_steps", "2", "--checkpointing_steps", "2", "--use_ema", "--learning_rate", "1e-2"
+    )
+    export_single_file(str(local / "checkpoint-2"), str(tmp_path / "from-folder.safetensors"))
+    with safe_open(str(tmp_path / "from-hub.safetensors"), "pt") as a, safe_open(str(tmp_path / "from-folder.safetensors"), "pt") as b:  # fmt: skip
+        assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert a.metadata()["sdtoolkit.model"] == tiny_sd_on_the_hub
+    # metrics.py and gradio_app.py load the checkpoint on its hub base too.
+    hub, folder = (generated_image(load_pipeline(str(run / "checkpoint-2"), torch.device("cpu"), torch.float32), 32)
+                   for run in (out, local))  # fmt: skip
+    assert abs(hub - folder).max() == 0
+    assert f"its unet_ema/ on its base model {tiny_sd_on_the_hub}" in capsys.readouterr().out
+
+
 def test_a_pipeline_that_is_not_sd1_gets_one_line_and_no_file(sd1_layout, tmp_path):
     folder = shutil.copytree(sd1_layout, tmp_path / "sd2-like")
     config = json.loads((folder / "unet" / "config.json").read_text())
