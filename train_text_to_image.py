@@ -61,6 +61,7 @@ from transformers.utils import ContextManagers
 from sdtoolkit.buckets import BucketBatchSampler, assign_buckets, make_buckets
 from sdtoolkit.caption_folders import has_caption_files, read_caption_folder
 from sdtoolkit.checkpoints import (
+    checkpoint_dirs,
     checkpoint_step,
     find_resume_checkpoint,
     nonfinite_loss_message,
@@ -1206,9 +1207,46 @@ class StopRequest:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def out_of_memory_message(args, err):
+    """What to say when the GPU runs out of memory: the checkpoints kept, and the flags that lower the memory a
+    run needs that this one does not use yet (docs/speed-and-memory.md measures each)."""
+    options = []
+    if not args.gradient_checkpointing:
+        options.append("--gradient_checkpointing")
+    if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")) == "no":
+        options.append("--mixed_precision fp16 (or bf16)")
+    if not args.use_8bit_adam and not args.lora_rank:
+        options.append("--use_8bit_adam")
+    if args.use_ema and not args.offload_ema:
+        options.append("--offload_ema")
+    if args.train_batch_size > 1:
+        batch = args.train_batch_size * args.gradient_accumulation_steps
+        options.append(f"--train_batch_size 1 --gradient_accumulation_steps {batch} (the same batch)")
+    if not args.lora_rank:
+        options.append("--lora_rank 4 (a LoRA instead of the whole UNet)")
+    if not options:
+        options.append("a lower --resolution")
+    peak = ""
+    if torch.cuda.is_available():
+        used, total = torch.cuda.max_memory_allocated(), torch.cuda.get_device_properties(None).total_memory
+        peak = f"; {used / 1024**3:.1f} GB of the GPU's {total / 1024**3:.1f} GB were in use at the peak"
+    checkpoints = checkpoint_dirs(args.output_dir)
+    kept = "no checkpoint was saved"
+    if checkpoints:
+        kept = f"the last checkpoint, {os.path.join(args.output_dir, checkpoints[-1])}, is kept"
+    return f"out of GPU memory ({first_line(err)}){peak}; {kept}. To fit, try {', '.join(options)}"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        fine_tune(args)
+    except torch.OutOfMemoryError as err:
+        raise TrainingStopped(out_of_memory_message(args, err), 1) from None
 
+
+def fine_tune(args):
+    """The whole run, as parse_args read its flags."""
     # `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP for the processes it starts.
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     if args.use_ema and fsdp:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+import accelerate
 import numpy as np
 import pytest
 import torch
@@ -228,6 +229,51 @@ def test_a_nan_loss_exits_with_code_1_and_one_line(tiny_sd, tmp_path):
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("stopped: the loss became nan at step 3;") and "No checkpoint was saved" in last
+
+
+# Out of GPU memory ----------------------------------------------------------------------------------------------
+
+# What PyTorch raises when CUDA runs out of memory (torch.cuda.OutOfMemoryError is the same class), patched into
+# the backward pass of step 3 in the training script's process.
+OUT_OF_MEMORY_AT_STEP_3 = """
+import accelerate, torch
+_backward, _calls = accelerate.Accelerator.backward, []
+def _backward_or_out_of_memory(self, loss, **kwargs):
+    _calls.append(1)
+    if len(_calls) == 3:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity"
+                                     " of 23.65 GiB of which 1.06 GiB is free.")
+    return _backward(self, loss, **kwargs)
+accelerate.Accelerator.backward = _backward_or_out_of_memory
+"""
+
+
+def test_out_of_gpu_memory_is_one_line_with_what_to_try_and_the_checkpoints_stay(tiny_sd, tmp_path):
+    flags = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--use_ema", "--train_batch_size", "2"]
+    process = start_script(train_args(tiny_sd, tmp_path, *flags), wrapper=OUT_OF_MEMORY_AT_STEP_3)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert f"the last checkpoint, {tmp_path / 'checkpoint-2'}, is kept. To fit, try --gradient_checkpointing," in last
+    for option in ("--mixed_precision fp16", "--use_8bit_adam", "--offload_ema", "--lora_rank 4",
+                   "--train_batch_size 1 --gradient_accumulation_steps 2 (the same batch)"):  # fmt: skip
+        assert option in last
+    assert checkpoints.checkpoint_dirs(tmp_path) == ["checkpoint-2"] and not (tmp_path / "model_index.json").exists()
+
+
+def test_out_of_gpu_memory_offers_only_what_the_run_does_not_use_yet(tiny_sd, tmp_path, monkeypatch):
+    def out_of_memory(self, loss, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", out_of_memory)
+    flags = ["--max_train_steps", "2", "--gradient_checkpointing", "--use_ema", "--offload_ema", "--lora_rank", "4",
+             "--train_batch_size", "1"]  # fmt: skip
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_sd, tmp_path, *flags)
+    assert str(stopped.value) == (
+        "out of GPU memory (CUDA out of memory.); no checkpoint was saved. To fit, try --mixed_precision fp16 (or bf16)"
+    )
 
 
 # Preflight ------------------------------------------------------------------------------------------------------
