@@ -606,6 +606,21 @@ def training_set_check(images, reference, clip, device, threshold):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except torch.OutOfMemoryError as err:
+        # What lowers the memory of generation without changing the images, else what does with other images.
+        options = []
+        if args.batch_size > 1:
+            options.append("--batch_size 1 (the same images)")
+        if args.dtype == "float32":
+            options.append("--dtype float16")
+        fix = ", ".join(options) or "a lower --resolution or --num_images_per_prompt (other images)"
+        raise UserError(f"out of GPU memory ({first_line(err)}); try {fix}") from None
+
+
+def evaluate(args):
+    """Generate with every model, score, and write the reports; returns the report."""
     if args.doc_protocol:
         prompts, negatives = list(PROMPTS), None
     else:

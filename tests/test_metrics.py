@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torchmetrics.functional.multimodal import clip_score
 from transformers import CLIPModel, CLIPProcessor
@@ -222,3 +223,18 @@ def test_a_model_folder_missing_a_part_names_it(tiny_sd, tiny_clip, tmp_path):
     shutil.rmtree(broken / "unet")
     result = run_cli("--model_path", str(broken), "--clip_model", tiny_clip, *FAST)
     assert_one_line_error(result, f"the pipeline folder '{broken}' lacks unet/")
+
+
+def test_out_of_gpu_memory_while_generating_is_one_line_with_what_to_try(tiny_sd, tiny_clip, tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB.")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", out_of_memory)
+    with pytest.raises(UserError) as error:
+        score(tiny_sd, tiny_clip, tmp_path, "--batch_size", "2", "--dtype", "float32")
+    assert str(error.value) == (
+        "out of GPU memory (CUDA out of memory. Tried to allocate 1.50 GiB.); try --batch_size 1 (the same images),"
+        " --dtype float16"
+    )
+    with pytest.raises(UserError, match=r"; try a lower --resolution or --num_images_per_prompt \(other images\)$"):
+        score(tiny_sd, tiny_clip, tmp_path)
