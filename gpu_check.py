@@ -100,7 +100,7 @@ def child_train(spec):
         return log(self, values, *args, **kwargs)
 
     accelerate.Accelerator.log = timed_log
-    from sdtoolkit.errors import UserError
+    from sdtoolkit.errors import TrainingStopped, UserError
 
     status, error = "ok", None
     try:
@@ -111,8 +111,13 @@ def child_train(spec):
             import train_text_to_image
 
             train_text_to_image.main(spec["argv"])
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # upstream's script
         status = "out of memory"
+    except TrainingStopped as err:  # this toolkit's: out of memory (its line says what to try), or a NaN loss
+        if str(err).startswith("out of GPU memory"):
+            status = "out of memory"
+        else:
+            status, error = "failed", str(err)
     except UserError as err:  # the script's one-line errors
         status, error = "failed", str(err)
     seconds = [b - a for a, b in zip(stamps, stamps[1:])][-spec["steps"] :]

@@ -37,12 +37,15 @@ def test_the_dry_run_writes_a_row_for_every_configuration(tmp_path):
     assert not (tmp_path / "GPU_CHECK.md").exists()  # a dry run never replaces a GPU's table
 
 
-def test_out_of_memory_is_a_status_not_a_crash(monkeypatch):
-    def out_of_memory(argv):
+@pytest.mark.parametrize("script", ["toolkit", "upstream"])
+def test_out_of_memory_is_a_status_not_a_crash(monkeypatch, tmp_path, script):
+    def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_text_to_image, "main", out_of_memory)
-    result = gpu_check.child_train({"argv": [], "steps": 2})
+    # The toolkit's script turns it into its one line (see its main); upstream's lets it through.
+    monkeypatch.setattr(train_text_to_image, "fine_tune" if script == "toolkit" else "main", out_of_memory)
+    argv = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir", str(tmp_path)]
+    result = gpu_check.child_train({"argv": argv, "steps": 2})
     assert result["status"] == "out of memory" and result["step_seconds"] == []
     table = gpu_check.train_table([("defaults, fp16", result), ("next", {"status": "ok", "step_seconds": [1.0, 3.0],
                                    "max_allocated_gb": 10.0, "max_reserved_gb": 14.0})])  # fmt: skip
