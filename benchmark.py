@@ -196,7 +196,7 @@ def child_startup(model, resolution, flags):
 
     class Seconds(logging.Handler):
         def emit(self, record):
-            found = re.search(r"\b(Cached|Read) .* rows in ([\d.]+) s", record.getMessage())
+            found = re.search(r"\b(Cached|Read) .* in ([\d.]+) s; freeing", record.getMessage())
             if found:
                 cache_seconds.append(float(found.group(2)))
 

@@ -1357,8 +1357,8 @@ def fine_tune(args):
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
         (train_rows, repeats, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
-         held_out_rows) = load_training_dataset(args)  # fmt: skip
-    held_out_rows, held_out_sizes = held_out_rows or (None, None)
+         held_out_split) = load_training_dataset(args)  # fmt: skip
+    held_out_rows, held_out_sizes = held_out_split or (None, None)
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
@@ -1703,14 +1703,11 @@ def fine_tune(args):
         train_dataset.use_cache(latents_cache, text_cache)
         freed = " and ".join(["VAE"] * cache_images + ["text encoder"] * cache_text)
         done = "Read" if reused else "Cached"
+        images = f"{len(train_dataset.dataset)} images"
+        if len(train_dataset) > len(train_dataset.dataset):
+            images += f" ({len(train_dataset)} examples with repeats)"
         logger.info(
-            f"{done} {cached} of {len(train_dataset.dataset)} images"
-            + (
-                f" ({len(train_dataset)} examples with repeats)"
-                if len(train_dataset) > len(train_dataset.dataset)
-                else ""
-            )
-            + f" in {time.perf_counter() - started:.2f} s; freeing the {freed}",
+            f"{done} {cached} of {images} in {time.perf_counter() - started:.2f} s; freeing the {freed}",
             main_process_only=False,
         )
         if cache_text:

@@ -273,9 +273,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps, repeats=None
     ):
         self.dataset = dataset
-        self.rows = (
-            list(range(len(dataset))) if repeats is None else [r for r, n in enumerate(repeats) for _ in range(n)]
-        )
+        repeats = repeats or [1] * len(dataset)
+        self.rows = [row for row, count in enumerate(repeats) for _ in range(count)]
         self.latents = None  # set by use_cache: latents[row] = (mean, std), each [orientations, C, h, w]
         self.text = None  # set by use_cache: (embeddings [captions, 77, dim], per row: first, count, is_list; empty)
         self.image_column = image_column
