@@ -13,7 +13,7 @@ from PIL import Image
 import gradio_app
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import free_port, generate, run_script, start
+from tests.conftest import free_port, generate, run_entry_point, run_script, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -164,17 +164,17 @@ def test_a_person_generates_an_image_in_a_real_browser(server, tmp_path):
     assert Image.open(screenshot).size[0] == 1280
 
 
-def test_a_port_out_of_range_is_one_line():
-    result = run_script("gradio_app.py", "--port", "99999")
+def test_a_port_out_of_range_is_one_line(capsys):
+    result = run_entry_point(gradio_app.main, "--port", "99999", capsys=capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: --port must be between 1 and 65535, got 99999"
 
 
-def test_a_model_folder_missing_a_part_names_it(tiny_sd, tmp_path):
+def test_a_model_folder_missing_a_part_names_it(tiny_sd, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(tiny_sd, broken)
     shutil.rmtree(broken / "unet")
-    result = run_script("gradio_app.py", "--model_path", broken, "--port", str(free_port()))
+    result = run_entry_point(gradio_app.main, "--model_path", broken, "--port", free_port(), capsys=capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: the pipeline folder '{broken}' lacks unet/")
 

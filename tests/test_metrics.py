@@ -13,7 +13,7 @@ from transformers import CLIPModel, CLIPProcessor
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
-from tests.conftest import run_script
+from tests.conftest import run_entry_point, run_script
 
 FAST = ["--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"]
 TWO_PROMPTS = ["a round green creature", "a tall red creature with a long tail"]
@@ -160,8 +160,9 @@ def test_missing_model_folder_is_one_line(tiny_clip, tmp_path):
     assert_one_line_error(result, "no model folder", "make demo")
 
 
-def test_unknown_clip_model_names_itself_and_how_to_get_a_local_copy(tiny_sd):
-    result = run_cli("--model_path", tiny_sd, "--clip_model", "openai/clip-vit-base-patch16", *FAST)
+def test_unknown_clip_model_names_itself_and_how_to_get_a_local_copy(tiny_sd, capsys):
+    result = run_entry_point(metrics.main, "--model_path", tiny_sd, "--clip_model", "openai/clip-vit-base-patch16",
+                             *FAST, capsys=capsys)  # fmt: skip
     assert_one_line_error(result, "'openai/clip-vit-base-patch16'", "HF_HUB_OFFLINE=1", "save_pretrained")
 
 
@@ -199,11 +200,11 @@ def test_labels_stay_distinct_for_the_same_model_given_twice():
     assert metrics.model_labels(["x/m", "x/m"]) == ["x/m (1)", "x/m (2)"]
 
 
-def test_an_unusable_output_dir_fails_before_generating(tiny_sd, tmp_path):
+def test_an_unusable_output_dir_fails_before_generating(tiny_sd, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     # The CLIP model named here does not exist either: the output folder is checked first, before anything loads.
-    result = run_cli("--model_path", tiny_sd, "--clip_model", str(tmp_path / "no-clip"), "--output_dir",
-                     str(tmp_path / "a_file" / "scores"), *FAST)  # fmt: skip
+    result = run_entry_point(metrics.main, "--model_path", tiny_sd, "--clip_model", tmp_path / "no-clip",
+                             "--output_dir", tmp_path / "a_file" / "scores", *FAST, capsys=capsys)  # fmt: skip
     assert_one_line_error(result, "cannot write to --output_dir")
 
 
@@ -217,11 +218,11 @@ def test_one_seed_has_no_spread_and_comments_are_not_prompts(tiny_sd, tiny_clip,
     assert "± n/a" in printed and "± 0.0000" not in printed
 
 
-def test_a_model_folder_missing_a_part_names_it(tiny_sd, tiny_clip, tmp_path):
+def test_a_model_folder_missing_a_part_names_it(tiny_sd, tiny_clip, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(tiny_sd, broken)
     shutil.rmtree(broken / "unet")
-    result = run_cli("--model_path", str(broken), "--clip_model", tiny_clip, *FAST)
+    result = run_entry_point(metrics.main, "--model_path", broken, "--clip_model", tiny_clip, *FAST, capsys=capsys)
     assert_one_line_error(result, f"the pipeline folder '{broken}' lacks unet/")
 
 

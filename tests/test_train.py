@@ -13,7 +13,16 @@ from PIL import Image
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
-from tests.conftest import DEMO_DATA, REPO, image_folder, logged_losses, run_script, train, unet_weights
+from tests.conftest import (
+    DEMO_DATA,
+    REPO,
+    image_folder,
+    logged_losses,
+    run_entry_point,
+    run_script,
+    train,
+    unet_weights,
+)
 
 
 def test_two_step_run_writes_a_pipeline_that_loads_and_generates(tiny_sd, tmp_path):
@@ -163,9 +172,9 @@ def run_cli(*args):
     return run_script("train_text_to_image.py", *args)
 
 
-def test_missing_dataset_is_one_clear_line(tiny_sd, tmp_path):
-    result = run_cli("--pretrained_model_name_or_path", tiny_sd, "--dataset_name", "lambdalabs/pokemon-blip-captions",
-                     "--output_dir", str(tmp_path))  # fmt: skip
+def test_missing_dataset_is_one_clear_line(tiny_sd, tmp_path, capsys):
+    result = run_entry_point(train_text_to_image.main, "--pretrained_model_name_or_path", tiny_sd, "--dataset_name",
+                             "lambdalabs/pokemon-blip-captions", "--output_dir", tmp_path, capsys=capsys)  # fmt: skip
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: could not load the dataset 'lambdalabs/pokemon-blip-captions'")
