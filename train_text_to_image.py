@@ -930,6 +930,13 @@ def load_training_dataset(args):
     return train, repeats, image_column, caption_column, len(bad), data_fingerprint, sizes, crops, held_out
 
 
+def bucket_shapes(args):
+    """The aspect-ratio buckets the flags ask for, as (width, height) pairs (see sdtoolkit/buckets.py)."""
+    return make_buckets(
+        resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side, max_side=args.max_bucket_side
+    )
+
+
 def cache_crop_maker(args):
     """What the pre-training check keeps of each image for --cache_latents: its center crop at the size it
     trains at (the resolution² square, or its aspect-ratio bucket). None when latents are not cached."""
@@ -938,9 +945,7 @@ def cache_crop_maker(args):
     interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
     if not args.aspect_buckets:
         return lambda image: cache_crop(image, args.resolution, interpolation)
-    buckets = make_buckets(
-        resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side, max_side=args.max_bucket_side
-    )
+    buckets = bucket_shapes(args)
 
     def crop_to_bucket(image):
         bucket = assign_buckets([image.size], buckets, no_upscale=args.bucket_no_upscale)[0][0] if buckets else None
@@ -953,9 +958,7 @@ def group_into_buckets(train_rows, sizes, args):
     """Assign every image to its aspect-ratio bucket and log the table. Returns (rows, bucket size per row,
     rows of each bucket, the indices of the rows kept): with --bucket_no_upscale the images smaller than every
     bucket are left out."""
-    buckets = make_buckets(
-        resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side, max_side=args.max_bucket_side
-    )
+    buckets = bucket_shapes(args)
     if not buckets:
         raise UserError(
             f"no bucket of about {args.resolution}x{args.resolution} pixels has both sides in"
@@ -1369,8 +1372,7 @@ def fine_tune(args):
         if held_out_rows is not None:
             # The held-out images are measured at the buckets they would train at; none is left out (one smaller
             # than every bucket is enlarged, whatever --bucket_no_upscale says).
-            buckets = make_buckets(resolution=args.resolution, step=args.bucket_step, min_side=args.min_bucket_side,
-                                   max_side=args.max_bucket_side)  # fmt: skip
+            buckets = bucket_shapes(args)
             held_out_sizes = [buckets[b] for b in assign_buckets(held_out_sizes, buckets)[0]]
             counts = Counter(held_out_sizes)
             logger.info("--validation_split: held-out images by bucket (width x height: images): "
