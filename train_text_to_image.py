@@ -1649,6 +1649,9 @@ def fine_tune(args):
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
             device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
         )  # fmt: skip
+        if accelerator.num_processes > 1:
+            logger.info(f"--validation_split: the {accelerator.num_processes} processes share each measurement of the"
+                        f" {len(held_out)} held-out images, batch by batch")  # fmt: skip
 
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
     # cached only for center crops, where they are exact; random crops are encoded at every step.
@@ -1791,7 +1794,9 @@ def fine_tune(args):
             ema_unet.store(trained)
             ema_unet.copy_to(trained)
         nonlocal held_out_first, held_out_last
-        losses, held_out_last = held_out(accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast)
+        losses, held_out_last = held_out(
+            accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast, accelerator
+        )
         if args.use_ema:
             ema_unet.restore(trained)
         if held_out_first is None or len(held_out_first) != len(held_out_last):  # the first, or another split

@@ -92,39 +92,51 @@ class HeldOutLoss:
         return self.count
 
     @torch.no_grad()
-    def __call__(self, unet, noise_scheduler, autocast):
+    def __call__(self, unet, noise_scheduler, autocast, accelerator=None):
         """(losses, per_image): {"validation_loss": the mean over timesteps and images, "validation_loss/t=T":
         the mean squared error at T}, and each image's loss (its mean over the timesteps), for compare().
 
         unet: the model to measure, in the weights to measure (the EMA weights, swapped in by the caller);
-        autocast: a context manager for mixed precision (accelerator.autocast).
+        autocast: a context manager for mixed precision (accelerator.autocast); accelerator: with several
+        processes, each measures its share of the batches, and all get every image's loss.
         """
+        # Batch b is measured by process b % processes. Every process calls the UNet as often as the others
+        # (one that has run out of batches measures the first batch again and drops the result), because a
+        # sharded model (DeepSpeed ZeRO-3, FSDP) needs every process in each forward pass.
+        process, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        batches = [(group, start) for group in self.groups for start in range(0, len(group[0]), self.batch_size)]
+        mine = batches[process::processes]
+        rounds = len(batches[::processes])
         scale = noise_scheduler.config.num_train_timesteps / 1000
         was_training = unet.training
         unet.eval()  # LoRA dropout off
-        losses, per_timestep = {}, []  # per_timestep: one (N,) tensor of per-image errors per timestep
+        # errors[i, row]: the mean squared error of image `row` at timestep i; 0 where another process measured it.
+        errors = torch.zeros(len(TIMESTEPS), len(self), dtype=torch.float64)
         for i, step in enumerate(TIMESTEPS):
             t = int(step * scale)
-            errors = torch.empty(len(self), dtype=torch.float64)
-            for group, group_latents, group_embeddings, noise in self.groups:
-                for start in range(0, len(group), self.batch_size):
-                    latents = group_latents[start : start + self.batch_size]
-                    batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
-                    timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
-                    noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
-                    if noise_scheduler.config.prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
-                    else:
-                        target = batch_noise
-                    embeddings = group_embeddings[start : start + self.batch_size]
-                    with autocast():
-                        pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
+            for n in range(rounds):
+                (rows, group_latents, group_embeddings, noise), start = mine[n] if n < len(mine) else batches[0]
+                latents = group_latents[start : start + self.batch_size]
+                batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
+                timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
+                noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
+                else:
+                    target = batch_noise
+                embeddings = group_embeddings[start : start + self.batch_size]
+                with autocast():
+                    pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
+                if n < len(mine):
                     error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu()
-                    errors[group[start : start + self.batch_size]] = error.double()
-            per_timestep.append(errors)
-            losses[f"validation_loss/t={t}"] = errors.mean().item()
+                    errors[i, rows[start : start + self.batch_size]] = error.double()
         unet.train(was_training)
-        per_image = torch.stack(per_timestep).mean(dim=0)
+        if processes > 1:  # each image was measured by one process: the sum is its error
+            errors = accelerator.reduce(errors.to(accelerator.device), reduction="sum").cpu()
+        losses = {
+            f"validation_loss/t={int(step * scale)}": errors[i].mean().item() for i, step in enumerate(TIMESTEPS)
+        }
+        per_image = errors.mean(dim=0)
         losses["validation_loss"] = per_image.mean().item()
         return losses, per_image.tolist()
 

@@ -129,7 +129,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, two_pr
     base = Path(tiny_sd) / "unet"
     for sub in ("checkpoint-2/unet", "checkpoint-4/unet", "checkpoint-4/unet_ema", "unet"):
         assert relative_difference_of_updates(base, ddp / sub, one_process_run / sub) < 0.01, sub
-    # Every process measures the held-out loss (the main one logs it): the same as one process's.
+    # The processes share the held-out measurement, batch by batch (the main one logs it): the same as one
+    # process's.
+    assert "--validation_split: the 2 processes share each measurement of the 8 held-out images" in result.stderr
     held_out_ddp, held_out_one = (
         logged_losses(ddp, "validation_loss"),
         logged_losses(one_process_run, "validation_loss"),

@@ -124,6 +124,37 @@ def test_with_buckets_the_held_out_images_are_measured_at_their_buckets(tiny_sd,
     )
 
 
+class ProcessOfTwo:
+    """What HeldOutLoss uses of an accelerator, as process `index` of two; its reduce keeps the process's own sum."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, index):
+        self.process_index = index
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+def test_processes_share_the_measurement_batch_by_batch_and_call_the_unet_equally_often(tiny_sd):
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    held_out = held_out_of(tiny_sd, pipeline, batch_size=3)  # 8 images: batches of 3, 3 and 2
+    calls = []
+    forward = pipeline.unet.forward
+    pipeline.unet.forward = lambda *args, **kwargs: calls.append(len(args[0])) or forward(*args, **kwargs)
+    alone = held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)[1]
+    assert calls == [3, 3, 2] * len(TIMESTEPS)
+    shares = []
+    for process in (0, 1):
+        calls.clear()
+        shares.append(held_out(pipeline.unet, pipeline.scheduler, contextlib.nullcontext, ProcessOfTwo(process))[1])
+        # Process 0 measures batches 1 and 3, process 1 batch 2 and, to call the UNet as often, batch 1 again.
+        assert calls == ([3, 2] if process == 0 else [3, 3]) * len(TIMESTEPS)
+    # Each image's loss comes from one process (the others add 0): the sum is the one-process measurement.
+    assert [a + b for a, b in zip(*shares)] == pytest.approx(alone, rel=1e-12)
+    assert all((a == 0) != (b == 0) for a, b in zip(*shares))
+
+
 def test_with_v_prediction_every_measurement_is_a_v_prediction_loss(tiny_sd, tmp_path):
     out = tmp_path / "out"
     train(tiny_sd, out, "--validation_split", "0.25", "--max_train_steps", "1", "--prediction_type", "v_prediction")
