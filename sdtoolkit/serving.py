@@ -15,6 +15,7 @@ so its "PNG Info" tab, image browsers and metadata readers show how the image wa
 uses seed + i, so every image can be made again on its own from the seed written in it.
 """
 
+import collections
 import json
 import random
 import threading
@@ -142,21 +143,28 @@ class LoraScale:
 
     The scale lives in the UNet's LoRA layers, which every request shares. So requests at one scale run together
     (as many as the queue lets run), and a request at another scale waits until they are done, then sets it.
+    Requests go in the order they came: one that arrives after a request waiting for another scale waits too,
+    so a steady stream at one scale can't keep a request at another waiting for ever.
     """
 
     def __init__(self, pipeline, scale):
         self.pipeline, self.adapters = pipeline, pipeline.get_active_adapters()
         self.current, self.running = scale, 0
+        self.waiting = collections.deque()  # the requests waiting, first come first
         self.changed = threading.Condition()
 
     @contextmanager
     def at(self, scale):
         with self.changed:
-            self.changed.wait_for(lambda: self.running == 0 or self.current == scale)
+            ticket = object()
+            self.waiting.append(ticket)
+            self.changed.wait_for(lambda: self.waiting[0] is ticket and (self.running == 0 or self.current == scale))
+            self.waiting.popleft()
             if scale != self.current:
                 self.pipeline.set_adapters(self.adapters, adapter_weights=[scale] * len(self.adapters))
                 self.current = scale
             self.running += 1
+            self.changed.notify_all()  # the next request may start beside this one, if it is at this scale
         try:
             yield
         finally:

@@ -188,30 +188,38 @@ class RecordingPipeline:
         self.scales.append(adapter_weights[0])
 
 
-def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_for_them():
+def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_its_turn():
     pipeline = RecordingPipeline()
     gate = LoraScale(pipeline, 1.0)
-    inside, mixed, release = [], [], threading.Event()
+    inside, mixed = [], []
+    entered = {name: threading.Event() for name in "abcde"}
+    release = {name: threading.Event() for name in "abcde"}
 
-    def request(scale, entered):
+    def request(name, scale):
         with gate.at(scale):
             inside.append(scale)
             mixed.append(len(set(inside)) > 1)
-            entered.set()
-            release.wait(10)
+            entered[name].set()
+            release[name].wait(10)
             inside.remove(scale)
 
-    entered = {name: threading.Event() for name in "abc"}
-    threads = {name: threading.Thread(target=request, args=(scale, entered[name]))
-               for name, scale in (("a", 0.5), ("b", 0.5), ("c", 1.0))}  # fmt: skip
-    threads["a"].start()
-    assert entered["a"].wait(5)
+    threads = {name: threading.Thread(target=request, args=(name, scale))
+               for name, scale in (("a", 0.5), ("b", 0.5), ("c", 1.0), ("d", 0.5), ("e", 0.5))}  # fmt: skip
+    for name in "ab":
+        threads[name].start()
+        assert entered[name].wait(5)  # b at a's scale runs beside it
     threads["c"].start()
-    threads["b"].start()
-    assert entered["b"].wait(5)  # the same scale runs beside the first
     assert not entered["c"].wait(0.3)  # another scale waits for both
-    release.set()
+    for name in "de":
+        threads[name].start()
+        assert not entered[name].wait(0.3)  # a's scale again, but after c: their turn comes after c's
+    release["a"].set()
+    release["b"].set()
+    assert entered["c"].wait(5) and not entered["d"].wait(0.3)
+    release["c"].set()
+    assert entered["d"].wait(5) and entered["e"].wait(5)  # the two waiting at one scale run together
+    release["d"].set()
+    release["e"].set()
     for thread in threads.values():
         thread.join(10)
-    assert entered["c"].is_set() and not any(mixed)
-    assert pipeline.scales == [0.5, 1.0]
+    assert not any(mixed) and pipeline.scales == [0.5, 1.0, 0.5]
