@@ -31,6 +31,8 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from sdtoolkit.errors import first_line
+
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
 SCHEDULERS = {
     "DPM-Solver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
@@ -256,16 +258,25 @@ class ImageService:
                     do_classifier_free_guidance=guidance_scale > 1,
                     negative_prompt=negative_prompt or None,
                 )
-            images = run(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                width=width,
-                height=height,
-                num_images_per_prompt=num_images,
-                generator=generators,
-            ).images
+            try:
+                images = run(
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=num_images,
+                    generator=generators,
+                ).images
+            except torch.OutOfMemoryError as err:
+                # Give the memory back for the next request, and say what would fit (the page and /v1 show it).
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise RuntimeError(
+                    f"out of GPU memory for {num_images} image(s) of {width}x{height} ({first_line(err)}); ask for"
+                    " fewer images or a smaller size"
+                ) from None
         for image, image_seed in zip(images, seeds):
             image.info["parameters"] = parameters_text(
                 prompt=prompt,

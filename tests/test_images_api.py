@@ -4,6 +4,7 @@ gradio_client, plain HTTP, and sd-parsers (a third-party reader of AUTOMATIC1111
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -120,6 +122,22 @@ def test_a_served_lora_takes_its_strength_from_each_request(server, tiny_sd, tmp
         assert np.array_equal(pixels(ui[0]), base)
     finally:
         app.close()
+
+
+def test_out_of_gpu_memory_says_what_would_fit_and_the_server_keeps_serving(server, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StableDiffusionPipeline, "__call__", out_of_memory)
+        response = post(server, {"prompt": "a creature", "n": 4, **FAST})
+        assert response.status_code == 500
+        said = ("out of GPU memory for 4 image(s) of 64x64 (CUDA out of memory. Tried to allocate 3.00 GiB.); ask for"
+                " fewer images or a smaller size")  # fmt: skip
+        assert response.json()["error"]["message"] == f"generation failed: {said}"
+        with pytest.raises(AppError, match=re.escape(said)):
+            generate(Client(server.local_url, verbose=False), num_images=4)
+    assert post(server, {"prompt": "a creature", **FAST}).status_code == 200
 
 
 def test_png_parameters_round_trip_and_make_the_image_again(server):
