@@ -114,7 +114,7 @@ def child_train(spec):
     except torch.OutOfMemoryError:  # upstream's script
         status = "out of memory"
     except TrainingStopped as err:  # this toolkit's: out of memory (its line says what to try), or a NaN loss
-        if str(err).startswith("out of GPU memory"):
+        if isinstance(err.__cause__, torch.OutOfMemoryError):
             status = "out of memory"
         else:
             status, error = "failed", str(err)

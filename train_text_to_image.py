@@ -1245,7 +1245,8 @@ def main(argv=None):
     try:
         fine_tune(args)
     except torch.OutOfMemoryError as err:
-        raise TrainingStopped(out_of_memory_message(args, err), 1) from None
+        # run_main prints the line alone; the cause stays attached for callers that tell the stops apart.
+        raise TrainingStopped(out_of_memory_message(args, err), 1) from err
 
 
 def fine_tune(args):
