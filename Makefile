@@ -83,7 +83,7 @@ gpu-check:
 # gpu_check.py --distributed) is built here as a pure-Python wheel; its ops compile there with nvcc.
 # About 31 MB in all.
 GPU_PYTHON ?= 3.12
-GPU_WHEELS := diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 \
+GPU_WHEELS := diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 \
 	peft==0.21.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 torchao==0.18.0 \
 	hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	typing-extensions==4.16.0

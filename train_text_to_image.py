@@ -114,9 +114,11 @@ from sdtoolkit.lora import (
 )
 from sdtoolkit.lora import (
     KOHYA_WEIGHTS_NAME,
+    TEXT_ENCODER_TARGETS,
     WEIGHTS_NAME,
     add_lora,
     has_lora_weights,
+    has_text_encoder_lora,
     kohya_metadata,
     kohya_state_dict,
     load_lora,
@@ -232,6 +234,21 @@ def parse_args(argv=None):
         nargs="+",
         default=LORA_TARGETS,
         help="The UNet layers that get adapters (names or suffixes): its attention projections by default.",
+    )
+    parser.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help=(
+            "With --lora_rank, also train a LoRA of the same rank and alpha on the text encoder's attention"
+            " projections (q_proj, k_proj, v_proj, out_proj), as kohya-ss does by default; it is saved in the same"
+            " files. Captions are then encoded at every step, not cached."
+        ),
+    )
+    parser.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="The learning rate of the text encoder's LoRA (--train_text_encoder). Default: --learning_rate.",
     )
     # Export (not upstream): see sdtoolkit/export.py.
     parser.add_argument(
@@ -672,6 +689,15 @@ def parse_args(argv=None):
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise UserError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if args.train_text_encoder and not args.lora_rank:
+        raise UserError(
+            "--train_text_encoder trains a LoRA on the text encoder, so it needs --lora_rank (training all of the"
+            " text encoder's weights is not supported)"
+        )
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise UserError("--text_encoder_lr is the learning rate of --train_text_encoder, which this run does not use")
+    if args.text_encoder_lr is not None and not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
+        raise UserError(f"--text_encoder_lr must be a positive number, got {args.text_encoder_lr}")
     if args.use_8bit_adam and not torch.cuda.is_available() and importlib.util.find_spec("torchao") is None:
         raise UserError(
             "--use_8bit_adam without a CUDA GPU needs torchao's 8-bit AdamW (pip install torchao); on a GPU it uses"
@@ -1146,6 +1172,11 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
+    lora = "no (all UNet weights trained)"
+    if args.lora_rank:
+        lora = f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}"
+        if args.train_text_encoder:
+            lora += f" and the text encoder's {' '.join(TEXT_ENCODER_TARGETS)}"
     # The held-out loss (--validation_split) of the base model and of the result.
     held_out_line = (
         f"\n* Held-out loss ({args.validation_split:g} of the images): {held_out_report}" if held_out_report else ""
@@ -1182,7 +1213,7 @@ image.save("my_image.png")
 * EMA: {args.use_ema}
 * Seed: {args.seed}
 * Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
-* LoRA: {f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}" if args.lora_rank else "no (all UNet weights trained)"}{held_out_line}
+* LoRA: {lora}{held_out_line}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
@@ -1399,6 +1430,11 @@ def fine_tune(args):
         raise UserError(
             f"{resume_path} holds a LoRA of rank {resumed_state['lora_rank']}; resume it with --lora_rank {resumed_state['lora_rank']}"
         )
+    if resume_path is not None and args.lora_rank and args.train_text_encoder != has_text_encoder_lora(resume_path):
+        raise UserError(
+            f"{resume_path} {'holds a' if has_text_encoder_lora(resume_path) else 'has no'} LoRA on the text encoder;"
+            f" resume it {'with' if has_text_encoder_lora(resume_path) else 'without'} --train_text_encoder"
+        )
     if resume_path is not None and not args.lora_rank:
         check_same_architecture(unet, resume_path, resumed_state)
     if args.export_single_file:  # say it now, not after training
@@ -1419,9 +1455,19 @@ def fine_tune(args):
         lora_alpha = args.lora_alpha or args.lora_rank
         add_lora(unet, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
                  target_modules=args.lora_target_modules)  # fmt: skip
-    trained = [p for p in unet.parameters() if p.requires_grad]  # what the optimizer, clipping and EMA see
+    unet_trained = [p for p in unet.parameters() if p.requires_grad]
     unet.train()
-    logger.info(f"UNet trainable parameters: {sum(p.numel() for p in trained):,}")
+    logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet_trained):,}")
+    # With --train_text_encoder the text encoder gets an adapter of its own, trained with the UNet's. Its frozen
+    # weights are cast to the precision of the other frozen models first, so the float32 adapter stays float32.
+    text_encoder_trained = []
+    if args.train_text_encoder:
+        text_encoder.to(dtype=half or torch.float32)
+        text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
+                                        target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
+        text_encoder.train()
+        logger.info(f"Text encoder trainable parameters: {sum(p.numel() for p in text_encoder_trained):,}")
+    trained = unet_trained + text_encoder_trained  # what the optimizer, clipping and EMA see
 
     # Create EMA for the unet: a second copy of the weights, updated as an exponential moving average.
     ema_cls = InPlaceEMAModel if args.inplace_ema else EMAModel
@@ -1468,12 +1514,14 @@ def fine_tune(args):
     # Every process calls the save hook; only the main process writes. DeepSpeed and FSDP also save their own
     # (sharded) model files, which accelerate's load_state reads back.
     def save_model_hook(models, weights, output_dir):
-        for model in models:
-            unet_to_save = unet_for_saving(model)
-            if accelerator.is_main_process and args.lora_rank:
-                save_lora(unet_to_save, output_dir)  # the adapter only
-            elif accelerator.is_main_process:
-                unet_to_save.save_pretrained(os.path.join(output_dir, "unet"))
+        if args.lora_rank and accelerator.is_main_process:
+            # The adapters only (a LoRA trains under DDP or on one process, so the main process has them whole).
+            save_lora(accelerator.unwrap_model(unet), output_dir, text_encoder if args.train_text_encoder else None)
+        elif not args.lora_rank:
+            for model in models:
+                unet_to_save = unet_for_saving(model)
+                if accelerator.is_main_process:
+                    unet_to_save.save_pretrained(os.path.join(output_dir, "unet"))
         if accelerator.is_main_process and args.use_ema and args.lora_rank:
             save_lora_ema(ema_unet, output_dir)
         elif accelerator.is_main_process and args.use_ema:
@@ -1484,8 +1532,8 @@ def fine_tune(args):
         if args.lora_rank:
             if args.use_ema:
                 load_lora_ema(ema_unet, input_dir)
-            for _ in range(len(models)):
-                load_lora(accelerator.unwrap_model(models.pop()), input_dir)
+            load_lora(accelerator.unwrap_model(unet), input_dir, text_encoder if args.train_text_encoder else None)
+            models.clear()  # so that accelerate does not load them again
             return
         if args.use_ema:
             load_model = ema_cls.from_pretrained(
@@ -1546,8 +1594,15 @@ def fine_tune(args):
         # The fused kernel updates all weights at once (upstream's default on a CPU is one tensor at a time).
         optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if args.fused_adam else {})
 
+    # The text encoder's adapter is a group of its own, at its own learning rate.
+    parameters = trained
+    if args.train_text_encoder:
+        text_encoder_lr = args.text_encoder_lr or args.learning_rate
+        if args.scale_lr and args.text_encoder_lr:
+            text_encoder_lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        parameters = [{"params": unet_trained}, {"params": text_encoder_trained, "lr": text_encoder_lr}]
     optimizer = optimizer_cls(
-        trained,
+        parameters,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -1625,10 +1680,19 @@ def fine_tune(args):
         weight_dtype = torch.bfloat16
         args.mixed_precision = accelerator.mixed_precision
 
-    # Prepare everything with our `accelerator`.
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
-    )
+    # Prepare everything with our `accelerator`. A trained text encoder is prepared too (under DDP its adapter's
+    # gradients are averaged over the processes), and the training step calls it as prepared; `text_encoder`
+    # stays the model itself, for saving, validation and the held-out loss.
+    caption_encoder = text_encoder
+    if args.train_text_encoder:
+        unet, caption_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, train_dataloader, lr_scheduler
+        )
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, train_dataloader, lr_scheduler
+        )
+    trained_models = [unet] + [caption_encoder] * args.train_text_encoder
 
     if args.use_ema:
         if args.offload_ema and accelerator.device.type == "cuda":
@@ -1636,8 +1700,9 @@ def fine_tune(args):
         else:
             ema_unet.to(accelerator.device)
 
-    # Move text_encode and vae to gpu and cast to weight_dtype
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    # Move text_encode and vae to gpu and cast to weight_dtype (a trained text encoder already is: see above)
+    if not args.train_text_encoder:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
     vae_scaling_factor = vae.config.scaling_factor
 
@@ -1657,11 +1722,15 @@ def fine_tune(args):
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
     # cached only for center crops, where they are exact; random crops are encoded at every step.
     # Shuffled tags make a new caption at every step, so they are encoded at every step too.
-    cache_images, cache_text = args.cache_latents and args.center_crop, args.cache_latents and not args.shuffle_tags
+    # A text encoder that trains encodes differently at every step, so its captions are not cached either.
+    cache_images = args.cache_latents and args.center_crop
+    cache_text = args.cache_latents and not args.shuffle_tags and not args.train_text_encoder
     if args.cache_latents and not cache_images:
         logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
-    if args.cache_latents and not cache_text:
+    if args.cache_latents and args.shuffle_tags:
         logger.info("--cache_latents: with --shuffle_tags every step encodes its own caption; captions are not cached")
+    elif args.cache_latents and args.train_text_encoder:
+        logger.info("--cache_latents: with --train_text_encoder every step encodes its captions; they are not cached")
     if cache_images or cache_text:
         started = time.perf_counter()
         cached = " and ".join(["latents"] * cache_images + ["text embeddings"] * cache_text)
@@ -1796,8 +1865,9 @@ def fine_tune(args):
             ema_unet.copy_to(trained)
         nonlocal held_out_first, held_out_last
         losses, held_out_last = held_out(
-            accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast, accelerator
-        )
+            accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast, accelerator,
+            text_encoder=text_encoder if args.train_text_encoder else None,
+        )  # fmt: skip
         if args.use_ema:
             ema_unet.restore(trained)
         if held_out_first is None or len(held_out_first) != len(held_out_last):  # the first, or another split
@@ -1842,7 +1912,7 @@ def fine_tune(args):
             for batch in epoch_dataloader:
                 if global_step >= args.max_train_steps:
                     break  # resumed from a checkpoint at (or past) the last step: nothing left to train
-                with accelerator.accumulate(unet):
+                with accelerator.accumulate(*trained_models):
                     # Convert images to latent space: a sample of the VAE's latent distribution (cached or not).
                     if "latent_mean" in batch:
                         mean, std = batch["latent_mean"], batch["latent_std"]
@@ -1872,7 +1942,7 @@ def fine_tune(args):
                     if "encoder_hidden_states" in batch:
                         encoder_hidden_states = batch["encoder_hidden_states"]
                     else:
-                        encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                        encoder_hidden_states = caption_encoder(batch["input_ids"], return_dict=False)[0]
 
                     # Get the target for loss depending on the prediction type (set after loading the scheduler)
                     if noise_scheduler.config.prediction_type == "epsilon":
@@ -2013,14 +2083,16 @@ def fine_tune(args):
         if args.lora_rank:
             # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py). The kohya file's
             # header names the run and its base model, for A1111 and for metrics.py and gradio_app.py.
-            save_lora(unet, args.output_dir)
+            trained_text_encoder = text_encoder if args.train_text_encoder else None
+            save_lora(unet, args.output_dir, trained_text_encoder)
             kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
             )  # fmt: skip
             header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
-            save_file(kohya_state_dict(unet, alpha=lora_alpha), kohya + ".partial", metadata=header)
+            adapters = kohya_state_dict(unet, trained_text_encoder, alpha=lora_alpha)
+            save_file(adapters, kohya + ".partial", metadata=header)
             os.replace(kohya + ".partial", kohya)
             logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
         else:

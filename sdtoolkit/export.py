@@ -235,13 +235,14 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
 
 def lora_merged(path):
     """For a LoRA run's output, kohya file or LoRA checkpoint at `path` (see sdtoolkit/inference.py): its base
-    model with the adapter merged into the UNet's weights, as (weights, configs) of the UNet, VAE and text
-    encoder, and the run's facts from its kohya file's header. None for anything else."""
+    model with the adapters merged into the UNet's weights (and the text encoder's, when it has one), as
+    (weights, configs) of the UNet, VAE and text encoder, and the run's facts from its kohya file's header. None
+    for anything else."""
     trained = trained_model(path)
     if trained is None or "LoRA" not in trained["kind"]:
         return None
     pipeline = load_pipeline(path, torch.device("cpu"), torch.float32)
-    pipeline.fuse_lora(components=["unet"])
+    pipeline.fuse_lora(components=["unet", "text_encoder"])
     pipeline.unload_lora_weights()  # the adapter's layers go, its update stays in the fused weights
     models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     weights = [model.state_dict() for model in models]

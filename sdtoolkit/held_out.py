@@ -64,9 +64,10 @@ class HeldOutLoss:
         # Noise drawn on the CPU, so that every device gets the same numbers, and kept there (5 times the latents'
         # size) until its batch is used: one tensor per shape and timestep.
         generator = torch.Generator().manual_seed(NOISE_SEED)
-        self.groups = []  # per shape: (its rows, latents (n, C, h, w) float32, embeddings (n, 77, dim), noise)
+        # per shape: (its rows, latents (n, C, h, w) float32, embeddings (n, 77, dim), token ids (n, 77), noise)
+        self.groups = []
         for size, group in shapes.items():
-            latents, embeddings = [], []
+            latents, embeddings, token_ids = [], [], []
             for start in range(0, len(group), batch_size):
                 batch = rows.select(group[start : start + batch_size])
                 # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
@@ -84,21 +85,23 @@ class HeldOutLoss:
                         return_tensors="pt",
                     ).input_ids  # fmt: skip
                     embeddings.append(text_encoder(ids.to(device), return_dict=False)[0])
+                    token_ids.append(ids.to(device))
             latents = torch.cat(latents)
             noise = [torch.randn(latents.shape, generator=generator) for _ in TIMESTEPS]
-            self.groups.append((group, latents, torch.cat(embeddings), noise))
+            self.groups.append((group, latents, torch.cat(embeddings), torch.cat(token_ids), noise))
 
     def __len__(self):
         return self.count
 
     @torch.no_grad()
-    def __call__(self, unet, noise_scheduler, autocast, accelerator=None):
+    def __call__(self, unet, noise_scheduler, autocast, accelerator=None, text_encoder=None):
         """(losses, per_image): {"validation_loss": the mean over timesteps and images, "validation_loss/t=T":
         the mean squared error at T}, and each image's loss (its mean over the timesteps), for compare().
 
         unet: the model to measure, in the weights to measure (the EMA weights, swapped in by the caller);
         autocast: a context manager for mixed precision (accelerator.autocast); accelerator: with several
-        processes, each measures its share of the batches, and all get every image's loss.
+        processes, each measures its share of the batches, and all get every image's loss; text_encoder: one
+        that trains (--train_text_encoder), which encodes the captions anew, in its weights of now.
         """
         # Batch b is measured by process b % processes. Every process calls the UNet as often as the others
         # (one that has run out of batches measures the first batch again and drops the result), because a
@@ -108,14 +111,18 @@ class HeldOutLoss:
         mine = batches[process::processes]
         rounds = len(batches[::processes])
         scale = noise_scheduler.config.num_train_timesteps / 1000
-        was_training = unet.training
-        unet.eval()  # LoRA dropout off
+        models = [unet] + [text_encoder] * (text_encoder is not None)
+        was_training = [model.training for model in models]
+        for model in models:
+            model.eval()  # LoRA dropout off
         # errors[i, row]: the mean squared error of image `row` at timestep i; 0 where another process measured it.
         errors = torch.zeros(len(TIMESTEPS), len(self), dtype=torch.float64)
         for i, step in enumerate(TIMESTEPS):
             t = int(step * scale)
             for n in range(rounds):
-                (rows, group_latents, group_embeddings, noise), start = mine[n] if n < len(mine) else batches[0]
+                (rows, group_latents, group_embeddings, group_ids, noise), start = (
+                    mine[n] if n < len(mine) else batches[0]
+                )
                 latents = group_latents[start : start + self.batch_size]
                 batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
                 timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
@@ -126,11 +133,14 @@ class HeldOutLoss:
                     target = batch_noise
                 embeddings = group_embeddings[start : start + self.batch_size]
                 with autocast():
+                    if text_encoder is not None:
+                        embeddings = text_encoder(group_ids[start : start + self.batch_size], return_dict=False)[0]
                     pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
                 if n < len(mine):
                     error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu()
                     errors[i, rows[start : start + self.batch_size]] = error.double()
-        unet.train(was_training)
+        for model, training in zip(models, was_training):
+            model.train(training)
         if processes > 1:  # each image was measured by one process: the sum is its error
             errors = accelerator.reduce(errors.to(accelerator.device), reduction="sum").cpu()
         losses = {

@@ -260,7 +260,9 @@ def load_trained(path, trained, dtype, config=None):
     weights = "adapter"
     if kind == "LoRA checkpoint" and has_lora_ema(path):
         # The adapter's EMA weights, as the run's final save would hold them, in the order training kept them.
-        adapter = [p for name, p in pipeline.unet.named_parameters() if ".lora_" in name]
+        # (The UNet's adapter, then the text encoder's when the run trained one.)
+        named = [*pipeline.unet.named_parameters(), *pipeline.text_encoder.named_parameters()]
+        adapter = [p for name, p in named if ".lora_" in name]
         try:
             load_lora_ema_weights(adapter, path)
         except ValueError as err:

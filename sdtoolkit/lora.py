@@ -3,12 +3,14 @@
 With --lora_rank N the UNet is frozen and PEFT (the library diffusers itself uses) adds to each target layer
 W a trainable update B @ A of rank N, scaled by lora_alpha / N (LoRA, arXiv 2106.09685). Only A and B are
 trained, kept in float32 so the fp16 GradScaler can unscale their gradients; the frozen UNet may sit in
-half precision. What is saved is the adapter only: a few MB instead of 3.4 GB.
+half precision. What is saved is the adapter only: a few MB instead of 3.4 GB. With --train_text_encoder
+the CLIP text encoder gets an adapter of its own on its attention projections, trained alongside and saved in
+the same files (under text_encoder. and lora_te_ keys), as kohya-ss trains by default.
 
-    add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=DEFAULT_TARGETS)
-    save_lora(unet, folder)              # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
-    load_lora(unet, folder)              # the adapter weights back into the UNet, bit for bit
-    kohya_state_dict(unet, alpha=4)      # the same adapter in kohya-ss / AUTOMATIC1111 keys
+    add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=DEFAULT_TARGETS)   # or the text encoder
+    save_lora(unet, folder, text_encoder)   # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
+    load_lora(unet, folder, text_encoder)   # the adapter weights back into the models, bit for bit
+    kohya_state_dict(unet, text_encoder, alpha=4)   # the same adapters in kohya-ss / AUTOMATIC1111 keys
     kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read
     tag_frequency(captions)              # the captions' tags and their counts, for that header
 """
@@ -21,7 +23,11 @@ import os
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -29,37 +35,51 @@ from safetensors.torch import save_file
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# The text encoder's attention projections: what kohya-ss and diffusers' DreamBooth LoRA script train.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 EMA_NAME = "lora_ema.safetensors"
 
 
-def add_lora(unet, *, rank, alpha, dropout, target_modules):
-    """Freeze the UNet and add a trainable LoRA adapter; returns its parameters, in float32."""
-    unet.requires_grad_(False)
-    unet.add_adapter(
+def add_lora(model, *, rank, alpha, dropout, target_modules):
+    """Freeze the model (the UNet or the text encoder) and add a trainable LoRA adapter; returns its parameters,
+    in float32."""
+    model.requires_grad_(False)
+    model.add_adapter(
         LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules
         )  # fmt: skip
     )
-    parameters = [p for p in unet.parameters() if p.requires_grad]
+    parameters = [p for p in model.parameters() if p.requires_grad]
     for parameter in parameters:
         parameter.data = parameter.data.float()
     return parameters
 
 
-def lora_state_dict(unet):
-    """The adapter's weights in diffusers' keys (unet.<module>.lora_A.weight, ...), as save_lora_weights takes."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+def lora_state_dict(model):
+    """The adapter's weights in diffusers' keys (<module>.lora_A.weight, ...), as save_lora_weights takes."""
+    return convert_state_dict_to_diffusers(adapter_weights(model))
 
 
-def save_lora(unet, folder):
-    """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it.
+def adapter_weights(model):
+    """The adapter's weights in PEFT's keys. (PEFT would look for the model's config on disk to decide whether to
+    save its embeddings too; no adapter here is on an embedding.)"""
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
-    The adapter's config (rank, alpha, targets) goes into the file's metadata: without it a loader assumes
+
+def save_lora(unet, folder, text_encoder=None):
+    """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it. With a
+    text encoder that has an adapter too (--train_text_encoder), the file holds both.
+
+    The adapters' configs (rank, alpha, targets) go into the file's metadata: without them a loader assumes
     alpha = rank, and an adapter trained with another alpha would apply at the wrong scale. The file is written
     under another name and renamed into place, so a run killed while saving leaves the previous one whole.
     """
+    text_encoder_layers = text_encoder_config = None
+    if text_encoder is not None:
+        text_encoder_layers = lora_state_dict(text_encoder)
+        text_encoder_config = text_encoder.peft_config["default"].to_dict()
     partial = WEIGHTS_NAME + ".partial"
     # diffusers logs where it saved: the temporary name, which would mislead. The caller says where it is.
     diffusers_logger = logging.getLogger("diffusers.loaders.lora_base")
@@ -68,38 +88,56 @@ def save_lora(unet, folder):
     try:
         StableDiffusionPipeline.save_lora_weights(
             folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True, weight_name=partial,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), text_encoder_lora_layers=text_encoder_layers,
+            text_encoder_lora_adapter_metadata=text_encoder_config,
         )  # fmt: skip
     finally:
         diffusers_logger.setLevel(level)
     os.replace(os.path.join(folder, partial), os.path.join(folder, WEIGHTS_NAME))
 
 
-def load_lora(unet, folder):
-    """Put the adapter saved in `folder` (by save_lora) back into the UNet's adapter, bit for bit."""
+def load_lora(unet, folder, text_encoder=None):
+    """Put the adapters saved in `folder` (by save_lora) back into the UNet's adapter, and the text encoder's when
+    it is given, bit for bit."""
     state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=WEIGHTS_NAME)
-    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
-    unexpected = getattr(incompatible, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"{folder} holds adapter weights this UNet has no place for: {unexpected[:3]}")
+    models = [("unet.", unet, convert_unet_state_dict_to_peft)]
+    if text_encoder is not None:
+        models.append(("text_encoder.", text_encoder, convert_state_dict_to_peft))
+    for prefix, model, to_peft in models:
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        incompatible = set_peft_model_state_dict(model, to_peft(own), adapter_name="default")
+        unexpected = getattr(incompatible, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{folder} holds adapter weights the {prefix[:-1]} has no place for: {unexpected[:3]}")
 
 
-def kohya_state_dict(unet, *, alpha):
-    """The adapter in kohya-ss keys, as AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read them.
+def has_text_encoder_lora(folder):
+    """Whether the adapter file in `folder` holds a text encoder's adapter (a --train_text_encoder run's)."""
+    with safe_open(os.path.join(folder, WEIGHTS_NAME), "pt") as f:
+        return any(key.startswith("text_encoder.") for key in f.keys())
 
-    kohya names each module by its diffusers path with '_' for '.', under lora_unet_, with lora_down (A) and
-    lora_up (B), and stores alpha per module: the update is scaled by alpha / rank, so alpha must be the
-    training's lora_alpha, not the rank.
+
+def kohya_state_dict(unet, text_encoder=None, *, alpha):
+    """The adapters in kohya-ss keys, as AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read them.
+
+    kohya names each module by its path in the model with '_' for '.', under lora_unet_ (the UNet's diffusers
+    names) or lora_te_ (the text encoder's transformers names, text_model.encoder.layers...), with lora_down (A)
+    and lora_up (B), and stores alpha per module: the update is scaled by alpha / rank, so alpha must be the
+    training's lora_alpha, not the rank. (transformers 5.6 and later name CLIPTextModel's modules without the
+    text_model. prefix that kohya's names have: it is put back.)
     """
     state = {}
-    for key, tensor in get_peft_model_state_dict(unet).items():
-        module, _, rest = key.partition(".lora_")  # "down_blocks.0....to_q", "A.weight"
-        name = "lora_unet_" + module.replace(".", "_")
-        part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
-        state[f"{name}.{part}"] = tensor.contiguous()
-        if part == "lora_down.weight":
-            state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    models = [("lora_unet_", unet)] + [("lora_te_", text_encoder)] * (text_encoder is not None)
+    for prefix, model in models:
+        for key, tensor in adapter_weights(model).items():
+            module, _, rest = key.partition(".lora_")  # "down_blocks.0....to_q", "A.weight"
+            if prefix == "lora_te_" and not module.startswith("text_model."):
+                module = "text_model." + module
+            name = prefix + module.replace(".", "_")
+            part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
+            state[f"{name}.{part}"] = tensor.contiguous()
+            if part == "lora_down.weight":
+                state[f"{name}.alpha"] = torch.tensor(float(alpha))
     return state
 
 

@@ -6,37 +6,82 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
+from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
 from tests.conftest import DEMO_DATA, generated_image, logged_losses, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
+TEXT_ENCODER = [*LORA, "--train_text_encoder"]
 
 
-def test_only_the_adapter_trains(tiny_sd, tmp_path, monkeypatch):
-    trained_unet = []
+def keep_the_models(monkeypatch):
+    """The models training adds adapters to (the UNet, then the text encoder with --train_text_encoder), as they
+    are at the end of training."""
+    models = []
     add_lora = train_text_to_image.add_lora
 
-    def keep_the_unet(unet, **kwargs):
-        trained_unet.append(unet)
-        return add_lora(unet, **kwargs)
+    def keep(model, **kwargs):
+        models.append(model)
+        return add_lora(model, **kwargs)
 
-    monkeypatch.setattr(train_text_to_image, "add_lora", keep_the_unet)
-    train(tiny_sd, tmp_path / "out", *LORA, "--max_train_steps", "3")
-    state = trained_unet[0].state_dict()
-    base = unet_weights(Path(tiny_sd) / "unet")
-    # Every base weight is where the base model has it (PEFT keeps a wrapped layer's under base_layer).
+    monkeypatch.setattr(train_text_to_image, "add_lora", keep)
+    return models
+
+
+def assert_only_the_adapter_moved(model, base):
+    """Every base weight is where the base model has it (PEFT keeps a wrapped layer's under base_layer), and the
+    adapter moved: its B matrices start at zero."""
+    state = model.state_dict()
     for key, value in base.items():
         wrapped = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(state[key] if key in state else state[wrapped], value), key
-    # The adapter moved: its B matrices start at zero.
     lora_b = [value for key, value in state.items() if "lora_B" in key]
     assert lora_b and all(value.abs().sum() > 0 for value in lora_b)
+
+
+def test_only_the_adapter_trains(tiny_sd, tmp_path, monkeypatch):
+    models = keep_the_models(monkeypatch)
+    train(tiny_sd, tmp_path / "out", *LORA, "--max_train_steps", "3")
+    [unet] = models  # the text encoder has no adapter without --train_text_encoder
+    assert_only_the_adapter_moved(unet, unet_weights(Path(tiny_sd) / "unet"))
     assert (tmp_path / "out" / WEIGHTS_NAME).exists() and not (tmp_path / "out" / "unet").exists()
+    assert not any(key.startswith("text_encoder.") for key in load_file(tmp_path / "out" / WEIGHTS_NAME))
+
+
+def embeddings(text_encoder, tokenizer):
+    ids = tokenizer("a creature", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        return text_encoder(ids.input_ids, return_dict=False)[0]
+
+
+def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp_path, monkeypatch):
+    models = keep_the_models(monkeypatch)
+    out = tmp_path / "my-lora"
+    train(tiny_sd, out, *TEXT_ENCODER, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "3")
+    unet, text_encoder = models
+    base = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    assert_only_the_adapter_moved(text_encoder, base.state_dict())
+    assert_only_the_adapter_moved(unet, unet_weights(Path(tiny_sd) / "unet"))
+
+    # The run's folder, its kohya file and its checkpoint (with the adapters' EMA weights) all load the text
+    # encoder as training left it (with its EMA weights, as the final save holds them).
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    trained = embeddings(text_encoder.eval(), tokenizer)
+    assert (trained - embeddings(base, tokenizer)).abs().max() > 1e-3
+    for path in (out, out / KOHYA_WEIGHTS_NAME, out / "checkpoint-3"):
+        pipeline = load_pipeline(str(path), torch.device("cpu"), torch.float32)
+        assert (embeddings(pipeline.text_encoder, tokenizer) - trained).abs().max() <= 1e-5, path
+    # AUTOMATIC1111's names for the text encoder's layers.
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in load_file(
+        out / KOHYA_WEIGHTS_NAME
+    )
+    assert "and the text encoder's q_proj k_proj v_proj out_proj" in (out / "README.md").read_text()
 
 
 def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_path):
@@ -55,9 +100,11 @@ def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_
     assert all(value.item() == 8.0 for key, value in kohya.items() if key.endswith(".alpha"))
 
 
-@pytest.mark.parametrize("ema", [False, True], ids=["no-ema", "ema"])
-def test_resume_is_bitwise(tiny_sd, tmp_path, ema):
-    flags = [*LORA, "--checkpointing_steps", "2"] + (["--use_ema"] if ema else [])
+@pytest.mark.parametrize(
+    "ema, text_encoder", [(False, False), (True, False), (True, True)], ids=["no-ema", "ema", "ema-text-encoder"]
+)
+def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder):
+    flags = [*LORA, "--checkpointing_steps", "2"] + ["--use_ema"] * ema + ["--train_text_encoder"] * text_encoder
     train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
     train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
     train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
@@ -88,6 +135,16 @@ def test_a_lora_checkpoint_resumes_only_as_lora(tiny_sd, tmp_path):
             "--resume_from_checkpoint",
             "latest",
         )
+
+
+def test_a_checkpoint_resumes_with_a_text_encoder_adapter_only_if_it_has_one(tiny_sd, tmp_path):
+    train(tiny_sd, tmp_path / "out", *TEXT_ENCODER, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    with pytest.raises(UserError, match="holds a LoRA on the text encoder; resume it with --train_text_encoder"):
+        train(tiny_sd, tmp_path / "out", *LORA, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train(tiny_sd, tmp_path / "unet-only", *LORA, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    with pytest.raises(UserError, match="has no LoRA on the text encoder; resume it without --train_text_encoder"):
+        train(tiny_sd, tmp_path / "unet-only", *TEXT_ENCODER, "--max_train_steps", "4", "--resume_from_checkpoint",
+              "latest")  # fmt: skip
 
 
 def test_metrics_scores_a_lora_beside_its_base(tiny_sd, tiny_clip, tmp_path):

@@ -343,6 +343,8 @@ def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
         (["--noise_offset", "-1"], "--noise_offset must be a number >= 0"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
         (["--snr_gamma", "0"], "--snr_gamma must be a positive number"),
+        (["--train_text_encoder"], "--train_text_encoder trains a LoRA on the text encoder, so it needs --lora_rank"),
+        (["--text_encoder_lr", "1e-5"], "--text_encoder_lr is the learning rate of --train_text_encoder"),
         (["--resolution", "0"], "--resolution must be a positive multiple of 8"),
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),
         pytest.param(["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU", marks=pytest.mark.skipif(
