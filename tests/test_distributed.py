@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from safetensors.torch import load_file
 
 import train_text_to_image
 from tests.conftest import (
@@ -316,11 +317,23 @@ def test_two_processes_train_with_aspect_ratio_buckets_and_a_disk_cache(tiny_sd,
     assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
 
 
-def test_two_processes_train_a_lora(tiny_sd, tmp_path):
-    # DDP over the adapter's parameters only; the main process saves the adapter and its EMA.
-    out = tmp_path / "out"
-    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", "--lora_rank", "4")
+def test_two_processes_train_a_lora_on_the_unet_and_the_text_encoder(tiny_sd, tmp_path):
+    # DDP over the adapters' parameters only, the text encoder's too; the main process saves the adapters and
+    # their EMA. Both adapters move as in one process with the same global batch (a text encoder left out of DDP
+    # would move by each process's half of the batch).
+    out, one = tmp_path / "out", tmp_path / "one"
+    lora = ["--lora_rank", "4", "--train_text_encoder"]
+    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", *lora)
     assert [step for step, _ in logged_losses(out)] == [1, 2, 3, 4]
-    assert (out / "pytorch_lora_weights.safetensors").exists()
     assert (out / "checkpoint-4" / "lora_ema.safetensors").exists()
-    assert (out / "checkpoint-4" / "pytorch_lora_weights.safetensors").exists()
+    train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(one), *FLAGS,
+                              "--train_batch_size", "4", *lora])  # fmt: skip
+    for folder in ("checkpoint-4", "."):  # the last weights, then their EMA
+        ddp, single = (load_file(run / folder / "pytorch_lora_weights.safetensors") for run in (out, one))
+        for model in ("unet.", "text_encoder."):
+            # The B matrices start at zero: what they hold is what training moved.
+            up = [key for key in single if key.startswith(model) and ".up." in key]
+            assert up and ddp.keys() == single.keys()
+            moved = torch.cat([single[key].flatten() for key in up])
+            apart = torch.cat([(ddp[key] - single[key]).flatten() for key in up])
+            assert (apart.norm() / moved.norm()).item() < 0.01, (folder, model)

@@ -102,13 +102,13 @@ def test_with_buckets_the_held_out_images_are_measured_at_their_buckets(tiny_sd,
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     buckets = make_buckets(resolution=64, step=16, min_side=32, max_side=128)
     at_buckets = held_out_of(tiny_sd, pipeline, 2, *flags, data=data, resolution=64, buckets=buckets)
-    shapes = {tuple(latents.shape[2:]) for _, latents, _, _ in at_buckets.groups}
+    shapes = {tuple(latents.shape[2:]) for _, latents, _, _, _ in at_buckets.groups}
     assert len(at_buckets) == 3 and any(h != w for h, w in shapes)  # a portrait or landscape bucket among them
     losses, per_image = at_buckets(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
     assert losses["validation_loss"] == pytest.approx(final, rel=1e-5)
     # Each image's loss is its own, whichever shape's batch measured it: recomputed here one image at a time.
     expected = [0.0] * 3
-    for rows, latents, embeddings, noise in at_buckets.groups:
+    for rows, latents, embeddings, _, noise in at_buckets.groups:
         for position, row in enumerate(rows):
             for t, timestep_noise in zip(TIMESTEPS, noise):
                 timestep = torch.tensor([t])
@@ -175,6 +175,17 @@ def test_a_lora_run_measures_its_adapter(tiny_sd, tmp_path):
     losses = json.loads((out / "checkpoint-20" / "training_state.json").read_text())["validation_losses"]
     assert [step for step, _ in losses] == [0, 10, 20]
     assert losses[-1][1] < 0.95 * losses[0][1]  # a rank-4 adapter's EMA moves less in 20 steps
+
+
+def test_a_text_encoder_that_trains_is_measured_as_it_is_at_each_measurement(tiny_sd, tmp_path):
+    # Only the text encoder's adapter moves (the UNet's learning rate is next to nothing): the held-out loss
+    # changes only if each measurement encodes the captions with the text encoder as it is then.
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--validation_split", "0.25", "--max_train_steps", "4", "--checkpointing_steps", "4",
+          "--lora_rank", "4", "--learning_rate", "1e-12", "--train_text_encoder", "--text_encoder_lr", "1e-1")  # fmt: skip
+    losses = json.loads((out / "checkpoint-4" / "training_state.json").read_text())["validation_losses"]
+    assert [step for step, _ in losses] == [0, 4]
+    assert abs(losses[1][1] - losses[0][1]) > 1e-3, losses
 
 
 def test_the_comparison_tells_a_change_from_chance():
