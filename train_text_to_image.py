@@ -1786,7 +1786,7 @@ def fine_tune(args):
             main_process_only=False,
         )
         if cache_text:
-            text_encoder = None
+            text_encoder = caption_encoder = None
         if cache_images:
             vae = None
         gc.collect()

@@ -77,6 +77,9 @@ def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp
     for path in (out, out / KOHYA_WEIGHTS_NAME, out / "checkpoint-3"):
         pipeline = load_pipeline(str(path), torch.device("cpu"), torch.float32)
         assert (embeddings(pipeline.text_encoder, tokenizer) - trained).abs().max() <= 1e-5, path
+    # --lora_scale (and the server's per-request strength) scales the text encoder's adapter too: 0 is the base.
+    pipeline = load_pipeline(str(out), torch.device("cpu"), torch.float32, lora_scale=0)
+    assert (embeddings(pipeline.text_encoder, tokenizer) - embeddings(base, tokenizer)).abs().max() <= 1e-6
     # AUTOMATIC1111's names for the text encoder's layers.
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in load_file(
         out / KOHYA_WEIGHTS_NAME
@@ -166,17 +169,19 @@ def assert_two_finite_steps_and_a_float32_adapter_that_moved(out):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     adapter = load_file(out / WEIGHTS_NAME)
     assert all(value.dtype == torch.float32 for value in adapter.values())
-    lora_up = [value for key, value in adapter.items() if key.endswith("lora.up.weight")]  # B, which starts at zero
+    # B, which starts at zero (the UNet's lora.up, the text encoder's lora_linear_layer.up)
+    lora_up = [value for key, value in adapter.items() if key.endswith(".up.weight")]
     assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision):
-    # The adapter stays float32 under autocast, so fp16's GradScaler can unscale its gradients (upstream's LoRA
+@pytest.mark.parametrize("precision, flags", [("fp16", LORA), ("bf16", LORA), ("fp16", TEXT_ENCODER)],
+                         ids=["fp16", "bf16", "fp16-text-encoder"])  # fmt: skip
+def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision, flags):
+    # The adapters stay float32 under autocast, so fp16's GradScaler can unscale their gradients (upstream's LoRA
     # script failed here: "Attempting to unscale FP16 gradients").
-    train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", precision, "--gradient_checkpointing",
-          "--use_ema", "--validation_prompts", "a creature")  # fmt: skip
+    train(tiny_sd, tmp_path, *flags, "--max_train_steps", "2", "--mixed_precision", precision,
+          "--gradient_checkpointing", "--use_ema", "--validation_prompts", "a creature")  # fmt: skip
     assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
 
 
@@ -188,16 +193,13 @@ def test_lora_under_deepspeed_or_fsdp_is_refused_with_a_reason(tmp_path, monkeyp
                                   str(DEMO_DATA), "--output_dir", str(tmp_path), "--lora_rank", "4"])  # fmt: skip
 
 
-def test_under_mixed_precision_the_frozen_unet_is_half_and_the_adapter_float32(tiny_sd, tmp_path, monkeypatch):
+def test_under_mixed_precision_the_frozen_models_are_half_and_the_adapters_float32(tiny_sd, tmp_path, monkeypatch):
     # bf16 autocast runs on CPU, so this checks here what the gpu test above checks with fp16's GradScaler.
-    trained_unet = []
-    add_lora = train_text_to_image.add_lora
-    monkeypatch.setattr(
-        train_text_to_image, "add_lora", lambda unet, **kw: trained_unet.append(unet) or add_lora(unet, **kw)
-    )
-    train(tiny_sd, tmp_path, *LORA, "--max_train_steps", "2", "--mixed_precision", "bf16", "--use_ema",
-          "--validation_prompts", "a creature")  # fmt: skip
+    models = keep_the_models(monkeypatch)
+    train(tiny_sd, tmp_path, *TEXT_ENCODER, "--max_train_steps", "2", "--mixed_precision", "bf16", "--use_ema",
+          "--validation_prompts", "a creature", "--validation_split", "0.25")  # fmt: skip
     assert (tmp_path / "val_imgs_grid.png").exists()  # validation runs under bf16 autocast on the CPU too
-    dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in trained_unet[0].parameters()}
-    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    for model in models:  # the UNet and the text encoder
+        dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in model.parameters()}
+        assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}, type(model).__name__
     assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
