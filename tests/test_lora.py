@@ -11,6 +11,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
+from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
 from tests.conftest import DEMO_DATA, generated_image, logged_losses, train, unet_weights
@@ -80,6 +81,12 @@ def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp
     # --lora_scale (and the server's per-request strength) scales the text encoder's adapter too: 0 is the base.
     pipeline = load_pipeline(str(out), torch.device("cpu"), torch.float32, lora_scale=0)
     assert (embeddings(pipeline.text_encoder, tokenizer) - embeddings(base, tokenizer)).abs().max() <= 1e-6
+    # Exported as one file, both adapters merged into their models' weights.
+    merged = tmp_path / "merged.safetensors"
+    export_single_file(str(out), str(merged), half=False)
+    single = StableDiffusionPipeline.from_single_file(str(merged), config=str(tiny_sd), local_files_only=True,
+                                                      torch_dtype=torch.float32, safety_checker=None)  # fmt: skip
+    assert (embeddings(single.text_encoder, tokenizer) - trained).abs().max() <= 1e-5
     # AUTOMATIC1111's names for the text encoder's layers.
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in load_file(
         out / KOHYA_WEIGHTS_NAME
