@@ -59,7 +59,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
 from sdtoolkit.buckets import BucketBatchSampler, assign_buckets, make_buckets
-from sdtoolkit.caption_folders import has_caption_files, read_caption_folder
+from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.checkpoints import (
     checkpoint_dirs,
     checkpoint_step,
@@ -813,7 +813,7 @@ def load_training_dataset(args):
     caption_folder = (
         os.path.isdir(source)
         and not has_metadata_file(source)
-        and has_caption_files(source, args.caption_extension)
+        and has_captioned_images(source, args.caption_extension)
         and (args.dataset_name is None or args.train_data_dir is None)
     )
     # A local parquet dataset (a file, or a folder of them such as a hub dataset's snapshot) is read here a row

@@ -5,6 +5,8 @@ SimpleTuner and EveryDream2 read:
       10_dragons/            a sub-folder named N_name repeats its images N times per epoch (kohya's convention)
         dragon1.png
         dragon1.txt          "a green dragon, flying, watercolor"
+      40_sks dog/            an image with no caption file in an N_name folder takes the name as its caption
+        photo1.jpg           "sks dog" (kohya's class tokens, DreamBooth's usual layout)
       cats/photo.jpg
       cats/photo.txt
 
@@ -25,13 +27,13 @@ from sdtoolkit.errors import UserError
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
-def folder_repeats(relative_dir):
-    """N for the nearest enclosing folder named N_name (kohya's repeats), else 1."""
+def repeat_folder(relative_dir):
+    """(N, name) for the nearest enclosing folder named N_name (kohya's repeats and class tokens), else (1, None)."""
     for part in reversed(relative_dir.split(os.sep) if relative_dir else []):
         match = REPEAT_FOLDER.match(part)
         if match:
-            return int(match.group(1))
-    return 1
+            return int(match.group(1)), match.group(2).strip()
+    return 1, None
 
 
 def find_images_and_captions(folder, caption_extension):
@@ -50,10 +52,14 @@ def find_images_and_captions(folder, caption_extension):
     return images, captions, orphans
 
 
-def has_caption_files(folder, caption_extension=".txt"):
-    """Whether the folder (searched recursively) holds at least one image with a same-named caption file."""
+def has_captioned_images(folder, caption_extension=".txt"):
+    """Whether the folder (searched recursively) holds at least one image with a caption: a same-named caption
+    file, or the name of an N_name folder it is in."""
     images, captions, _ = find_images_and_captions(folder, caption_extension)
-    return any(os.path.splitext(path)[0] + caption_extension in captions for path in images)
+    return any(
+        os.path.splitext(path)[0] + caption_extension in captions or repeat_folder(os.path.dirname(path))[1]
+        for path in images
+    )
 
 
 def read_caption(path):
@@ -69,19 +75,23 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
     """The folder's images and captions as a Dataset (image, text, repeats), and what to tell the user.
 
     Returns (dataset, notes): notes is a list of log lines (counts, orphan caption files, captions missing or
-    empty when allowed). Without allow_missing_captions, an image with no caption file, or an empty one, is an
-    error listing the first few.
+    empty when allowed). An image with no caption file in an N_name folder is captioned by the name, as kohya-ss
+    does (its class tokens). Without allow_missing_captions, any other image with no caption file, or an empty
+    one, is an error listing the first few.
     """
     images, captions, orphans = find_images_and_captions(folder, caption_extension)
-    rows, missing, empty = [], [], []
+    rows, missing, empty, by_folder = [], [], [], 0
     for path in images:
         caption_path = os.path.splitext(path)[0] + caption_extension
+        repeats, folder_name = repeat_folder(os.path.dirname(path))
         text = read_caption(os.path.join(folder, caption_path)) if caption_path in captions else None
+        if text is None and folder_name:
+            text, by_folder = folder_name, by_folder + 1
         if text is None:
             missing.append(path)
         elif not text:
             empty.append(caption_path)
-        rows.append((path, text or "", folder_repeats(os.path.dirname(path))))
+        rows.append((path, text or "", repeats))
 
     def listed(paths):
         return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
@@ -99,8 +109,10 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
 
     repeated = sum(1 for _, _, n in rows if n > 1)
     notes = [
-        f"Read {folder} as a caption-file folder: {len(images)} images, {len(images) - len(missing)} with a"
-        f" {caption_extension} caption" + (f", {repeated} in N_name repeat folders" if repeated else "")
+        f"Read {folder} as a caption-file folder: {len(images)} images, {len(images) - len(missing) - by_folder}"
+        f" with a {caption_extension} caption"
+        + (f", {by_folder} captioned by their N_name folder's name" if by_folder else "")
+        + (f", {repeated} in N_name repeat folders" if repeated else "")
     ]
     if missing or empty:
         notes.append(f"--allow_missing_captions: {len(missing) + len(empty)} images train with an empty caption")

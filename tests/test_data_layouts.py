@@ -48,6 +48,31 @@ def test_a_nested_caption_folder_with_a_repeat_folder_trains(tiny_sd, tmp_path, 
     assert (tmp_path / "out" / "model_index.json").exists()
 
 
+def test_an_image_in_a_repeat_folder_without_a_caption_file_is_captioned_by_the_folder_name(tiny_sd, tmp_path, caplog):
+    # kohya-ss's DreamBooth layout: 10_sks creature/ holds images and no caption files, and "sks creature" (its
+    # class tokens) is their caption. A caption file still wins.
+    from sdtoolkit.caption_folders import read_caption_folder
+
+    data = caption_folder(tmp_path / "data", [("4_sks creature/one.png", 0, None), ("2_creature/two.png", 1, None),
+                                              ("4_sks creature/three.png", 2, "a sks creature, smiling")])  # fmt: skip
+    dataset, notes = read_caption_folder(data)
+    paths = [image["path"] for image in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    assert dict(zip(paths, dataset["text"])) == {
+        str(data / "2_creature" / "two.png"): "creature",
+        str(data / "4_sks creature" / "one.png"): "sks creature",
+        str(data / "4_sks creature" / "three.png"): "a sks creature, smiling",
+    }
+    assert notes[0] == (f"Read {data} as a caption-file folder: 3 images, 1 with a .txt caption, 2 captioned by their"
+                        " N_name folder's name, 3 in N_name repeat folders")  # fmt: skip
+    # With no caption file at all, it is still a caption folder, and trains.
+    names_only = caption_folder(tmp_path / "names-only", [("10_sks creature/one.png", 0, None),
+                                                          ("10_sks creature/two.png", 1, None)])  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=names_only)
+    assert "2 images, 0 with a .txt caption, 2 captioned by their N_name folder's name" in caplog.text
+    assert "Repeats: 2 images make 20 examples per epoch" in caplog.text
+
+
 def test_an_image_without_a_caption_file_is_an_error_unless_allowed(tiny_sd, tmp_path, caplog):
     data = caption_folder(
         tmp_path / "data", [("one.png", 0, "a creature"), ("two.png", 1, None), ("three.png", 2, " ")]
