@@ -75,6 +75,7 @@ from sdtoolkit.data import (
     TrainingExamples,
     as_image_column,
     available_memory,
+    balance_regularization,
     check_captions,
     collate,
     count_long_captions,
@@ -352,6 +353,22 @@ def parse_args(argv=None):
         "--allow_missing_captions",
         action="store_true",
         help="In a caption-file folder, train images without a caption file (or with an empty one) on an empty caption.",
+    )
+    parser.add_argument(
+        "--reg_data_dir",
+        type=str,
+        default=None,
+        help=(
+            "A caption-file folder of regularization images (kohya-ss's reg_data_dir, DreamBooth's class images):"
+            " each epoch also trains on as many examples of them as of the training images, their loss weighed by"
+            " --prior_loss_weight, so the model keeps drawing what their captions name."
+        ),
+    )
+    parser.add_argument(
+        "--prior_loss_weight",
+        type=float,
+        default=1.0,
+        help="The weight of the regularization images' loss (--reg_data_dir), against 1 for the training images.",
     )
     parser.add_argument(
         "--dataset_repeats",
@@ -679,6 +696,10 @@ def parse_args(argv=None):
         raise UserError(f"--validation_split must be at least 0 and less than 1, got {args.validation_split}")
     if args.dataset_repeats < 1:
         raise UserError(f"--dataset_repeats must be at least 1, got {args.dataset_repeats}")
+    if args.reg_data_dir is not None and not os.path.isdir(args.reg_data_dir):
+        raise UserError(f"--reg_data_dir {args.reg_data_dir} is not a folder")
+    if not (math.isfinite(args.prior_loss_weight) and args.prior_loss_weight >= 0):
+        raise UserError(f"--prior_loss_weight must be a number >= 0, got {args.prior_loss_weight}")
     if not (math.isfinite(args.caption_dropout_rate) and 0 <= args.caption_dropout_rate <= 1):
         raise UserError(f"--caption_dropout_rate must be between 0 and 1, got {args.caption_dropout_rate}")
     if args.keep_tags < 0:
@@ -804,10 +825,11 @@ def load_training_dataset(args):
     """Load the hub dataset or local imagefolder and check every row, or fail with one clear line.
 
     Returns the train split (after --max_train_samples and, with --skip_invalid_images, without the images
-    that can't be decoded), how many examples each of its rows makes per epoch (repeats), the image and caption
-    column names, the number of rows skipped, the data's fingerprint (see sdtoolkit/data.py), each row's image
-    size, each row's crop for the latent cache (None when not kept, see cache_crop_maker), and the rows held out
-    by --validation_split with their image sizes (or None).
+    that can't be decoded; with --reg_data_dir, the regularization images after them), how many examples each of
+    its rows makes per epoch (repeats), the image and caption column names, the number of rows skipped, the
+    data's fingerprint (see sdtoolkit/data.py), each row's image size, each row's crop for the latent cache
+    (None when not kept, see cache_crop_maker), each row's loss weight (None without --reg_data_dir), and the
+    rows held out by --validation_split with their image sizes (or None).
     """
     source = args.dataset_name or args.train_data_dir
     caption_folder = (
@@ -950,10 +972,74 @@ def load_training_dataset(args):
     repeats = [n * args.dataset_repeats for n in (train["repeats"] if "repeats" in column_names else [1] * len(train))]
     if any(n > 1 for n in repeats):
         logger.info(f"Repeats: {len(train)} images make {sum(repeats)} examples per epoch")
+
+    # Regularization images come after the training images, weighed by --prior_loss_weight in the loss.
+    loss_weights = None
+    if args.reg_data_dir is not None:
+        reg, reg_repeats, reg_digests, reg_sizes, reg_crops = read_regularization_images(
+            args, train.features, image_column, caption_column, sum(repeats), keep_crops=crops is not None,
+            keep_bytes=keep_bytes,
+        )  # fmt: skip
+        loss_weights = [1.0] * len(train) + [args.prior_loss_weight] * len(reg)
+        train = datasets.concatenate_datasets([train.select_columns([image_column, caption_column]), reg])
+        repeats, digests, sizes = repeats + reg_repeats, digests + reg_digests, sizes + reg_sizes
+        crops = crops + reg_crops if crops is not None and reg_crops is not None else None
+
     listed = [i for i, n in enumerate(repeats) for _ in range(n)]
     captions = train[caption_column]
     data_fingerprint = fingerprint([digests[i] for i in listed], [captions[i] for i in listed])
-    return train, repeats, image_column, caption_column, len(bad), data_fingerprint, sizes, crops, held_out
+    return (train, repeats, image_column, caption_column, len(bad), data_fingerprint, sizes, crops, loss_weights,
+            held_out)  # fmt: skip
+
+
+def read_regularization_images(args, features, image_column, caption_column, num_examples, *, keep_crops,
+                               keep_bytes):  # fmt: skip
+    """The caption-file folder --reg_data_dir as rows like the training rows (same columns and types), checked
+    like them, with how many examples each makes per epoch: about num_examples in all, as kohya-ss balances
+    them (see balance_regularization). Returns (rows, repeats, digests, sizes, crops), for the images used."""
+    folder = args.reg_data_dir
+    if not has_captioned_images(folder, args.caption_extension):
+        raise UserError(
+            f"--reg_data_dir {folder} holds no captioned images: give images with {args.caption_extension} caption"
+            " files, or in N_name folders, which caption them by their name"
+        )
+    reg, notes = read_caption_folder(
+        folder, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
+    )
+    for note in notes[1:]:
+        logger.warning(f"--reg_data_dir: {note}")
+    repeats = balance_regularization([n * args.dataset_repeats for n in reg["repeats"]], num_examples)
+    used = [row for row, count in enumerate(repeats) if count > 0]
+    logger.info(
+        f"--reg_data_dir: {len(used)} of the {len(reg)} regularization images in {folder} make {sum(repeats)}"
+        f" examples per epoch, beside the {num_examples} training examples; their loss weighs"
+        f" {args.prior_loss_weight:g}"
+    )
+    # The training rows' columns and types (a list of captions stays a list).
+    texts = reg.select(used)["text"]
+    if not isinstance(features[caption_column], datasets.Value):
+        texts = [[text] for text in texts]
+    paths = reg.select(used).cast_column("image", datasets.Image(decode=False))["image"]
+    rows = datasets.Dataset.from_dict({image_column: [p["path"] for p in paths], caption_column: texts})
+    rows = rows.cast(
+        datasets.Features({image_column: features[image_column], caption_column: features[caption_column]})
+    )
+    bad, digests, sizes, crops = scan_images(
+        rows, image_column, prepare=cache_crop_maker(args) if keep_crops else None, keep_bytes=keep_bytes
+    )
+    if bad and not args.skip_invalid_images:
+        listed = "; ".join(f"{name} ({reason})" for _, name, reason in bad[:5])
+        raise UserError(
+            f"{len(bad)} of the regularization images can't be read: {listed} -- fix or remove them, or pass"
+            " --skip_invalid_images to train without them"
+        )
+    kept = [row for row in range(len(rows)) if row not in {row for row, _, _ in bad}]
+    if bad:
+        logger.warning(f"--skip_invalid_images: dropped {len(bad)} regularization images that can't be read")
+        rows = rows.select(kept)
+    repeats = [repeats[used[row]] for row in kept]
+    crops = [crops[row] for row in kept] if crops is not None else None
+    return rows, repeats, [digests[row] for row in kept], [sizes[row] for row in kept], crops
 
 
 def bucket_shapes(args):
@@ -1392,13 +1478,14 @@ def fine_tune(args):
     # Load and check the data before minutes of model loading.
     with accelerator.main_process_first():
         (train_rows, repeats, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
-         held_out_split) = load_training_dataset(args)  # fmt: skip
+         loss_weights, held_out_split) = load_training_dataset(args)  # fmt: skip
     held_out_rows, held_out_sizes = held_out_split or (None, None)
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
         train_rows, bucket_sizes, rows_of_bucket, kept = group_into_buckets(train_rows, image_sizes, args)
         repeats = [repeats[row] for row in kept]
+        loss_weights = [loss_weights[row] for row in kept] if loss_weights is not None else None
         cache_crops = [cache_crops[row] for row in kept] if cache_crops is not None else None
         buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
         if held_out_rows is not None:
@@ -1623,6 +1710,7 @@ def fine_tune(args):
         latent_shape=(vae.config.latent_channels, latent_size, latent_size),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         repeats=repeats,
+        loss_weights=loss_weights,
     )
 
     # DataLoaders creation. The loader gets its own generator, so creating an iterator (at the start of an
@@ -1968,23 +2056,27 @@ def fine_tune(args):
                     # Predict the noise residual and compute loss
                     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
-                    if args.snr_gamma is None:
+                    if args.snr_gamma is None and "loss_weight" not in batch:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                     else:
-                        # Compute loss-weights as per Section 3.4 of https://arxiv.org/abs/2303.09556.
-                        # Since we predict the noise instead of x_0, the original formulation is slightly changed.
-                        # This is discussed in Section 4.2 of the same paper.
-                        snr = compute_snr(noise_scheduler, timesteps)
-                        mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
-                            dim=1
-                        )[0]
-                        if noise_scheduler.config.prediction_type == "epsilon":
-                            mse_loss_weights = mse_loss_weights / snr
-                        elif noise_scheduler.config.prediction_type == "v_prediction":
-                            mse_loss_weights = mse_loss_weights / (snr + 1)
-
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-                        loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+                        loss = loss.mean(dim=list(range(1, len(loss.shape))))
+                        if args.snr_gamma is not None:
+                            # Compute loss-weights as per Section 3.4 of https://arxiv.org/abs/2303.09556.
+                            # Since we predict the noise instead of x_0, the original formulation is slightly
+                            # changed. This is discussed in Section 4.2 of the same paper.
+                            snr = compute_snr(noise_scheduler, timesteps)
+                            mse_loss_weights = torch.stack(
+                                [snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1
+                            ).min(dim=1)[0]
+                            if noise_scheduler.config.prediction_type == "epsilon":
+                                mse_loss_weights = mse_loss_weights / snr
+                            elif noise_scheduler.config.prediction_type == "v_prediction":
+                                mse_loss_weights = mse_loss_weights / (snr + 1)
+                            loss = loss * mse_loss_weights
+                        if "loss_weight" in batch:
+                            # Regularization images (--reg_data_dir) weigh --prior_loss_weight in the mean.
+                            loss = loss * batch["loss_weight"]
                         loss = loss.mean()
 
                     # Backpropagate

@@ -267,12 +267,16 @@ class TrainingExamples(torch.utils.data.Dataset):
     is row `rows[i]`, with the copies of a row next to each other. What depends on the image (its bucket, its
     cached latents and caption embeddings) is kept per row, so a repeated image is encoded once; what is drawn
     at random is drawn per example, so each repeat has its own crop, flip, caption and noise.
+    loss_weights: each row's weight in the loss (--prior_loss_weight for regularization images), served as
+    `loss_weight`; None: every example weighs the same, and items have no `loss_weight`.
     """
 
     def __init__(
-        self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps, repeats=None
-    ):
+        self, dataset, image_column, caption_column, tokenizer, args, latent_shape, num_train_timesteps, repeats=None,
+        loss_weights=None,
+    ):  # fmt: skip
         self.dataset = dataset
+        self.loss_weights = loss_weights
         repeats = repeats or [1] * len(dataset)
         self.rows = [row for row, count in enumerate(repeats) for _ in range(count)]
         self.latents = None  # set by use_cache: latents[row] = (mean, std), each [orientations, C, h, w]
@@ -385,6 +389,8 @@ class TrainingExamples(torch.utils.data.Dataset):
             ).input_ids[0]  # fmt: skip
         else:
             example["encoder_hidden_states"] = empty if dropped else embeddings[first[image_row] + choice]
+        if self.loss_weights is not None:
+            example["loss_weight"] = torch.tensor(self.loss_weights[image_row], dtype=torch.float32)
         return example
 
 
@@ -394,6 +400,23 @@ def shuffle_tags(caption, *, keep, generator):
     head, tail = tags[:keep], tags[keep:]
     order = torch.randperm(len(tail), generator=generator).tolist()
     return ", ".join(head + [tail[i] for i in order])
+
+
+def balance_regularization(reg_repeats, num_examples):
+    """How many examples each regularization image makes per epoch, so that they number about as many as the
+    training examples (num_examples), as kohya-ss balances them: each image in turn at its own repeats until
+    there are enough; if one round is not enough, more rounds add one repeat per image in turn. Images the count
+    does not reach make 0 (kohya-ss warns that some are not used)."""
+    repeats, total, first_round = [0] * len(reg_repeats), 0, True
+    while reg_repeats and total < num_examples:
+        for i, count in enumerate(reg_repeats):
+            added = count if first_round else 1
+            repeats[i] += added
+            total += added
+            if total >= num_examples:
+                break
+        first_round = False
+    return repeats
 
 
 def collate(examples):

@@ -73,6 +73,39 @@ def test_an_image_in_a_repeat_folder_without_a_caption_file_is_captioned_by_the_
     assert "Repeats: 2 images make 20 examples per epoch" in caplog.text
 
 
+def test_regularization_images_are_balanced_as_kohya_balances_them():
+    from sdtoolkit.data import balance_regularization
+
+    # One round at each image's own repeats; then one more repeat per image in turn, until there are enough.
+    assert balance_regularization([1, 1, 1], 7) == [3, 2, 2]
+    assert balance_regularization([1] * 6, 4) == [1, 1, 1, 1, 0, 0]  # the rest are not used this run
+    assert balance_regularization([5, 5], 3) == [5, 0]  # an image's repeats are not split
+    assert balance_regularization([], 3) == []
+
+
+def test_regularization_images_train_beside_the_images_at_their_loss_weight(tiny_sd, tmp_path, caplog):
+    # DreamBooth's layout: the class images in 1_creature/, captioned "creature" by the folder's name.
+    reg = caption_folder(tmp_path / "reg", [(f"1_creature/{i}.png", i, None) for i in range(5)])
+    first_losses = []
+    for weight in ("0", "1", "2"):
+        out = tmp_path / f"weight-{weight}"
+        with caplog.at_level(logging.INFO):
+            train(tiny_sd, out, "--max_train_steps", "1", "--train_batch_size", "8", "--validation_split", "0.25",
+                  "--reg_data_dir", str(reg), "--prior_loss_weight", weight)  # fmt: skip
+        first_losses.append(logged_losses(out)[0][1])
+    # The held-out images come from the training images only: 8 of the 32; the 24 left make as many examples as
+    # the 5 regularization images do, which are never held out.
+    assert "--validation_split: 8 of 32 images held out from training" in caplog.text
+    assert ("--reg_data_dir: 5 of the 5 regularization images in" in caplog.text
+            and "make 24 examples per epoch, beside the 24 training examples; their loss weighs 2" in caplog.text)  # fmt: skip
+    assert "Num examples = 48" in caplog.text
+    # Same batch in the three runs: the loss is the training examples' part plus the weight times the
+    # regularization examples' part, so it moves by the same amount from weight 0 to 1 as from 1 to 2.
+    at_0, at_1, at_2 = first_losses
+    assert abs(at_1 - at_0) > 1e-3
+    assert at_2 - at_1 == pytest.approx(at_1 - at_0, rel=1e-4)
+
+
 def test_an_image_without_a_caption_file_is_an_error_unless_allowed(tiny_sd, tmp_path, caplog):
     data = caption_folder(
         tmp_path / "data", [("one.png", 0, "a creature"), ("two.png", 1, None), ("three.png", 2, " ")]
