@@ -1813,8 +1813,10 @@ def fine_tune(args):
     # A text encoder that trains encodes differently at every step, so its captions are not cached either.
     cache_images = args.cache_latents and args.center_crop
     cache_text = args.cache_latents and not args.shuffle_tags and not args.train_text_encoder
-    if args.cache_latents and not cache_images:
+    if args.cache_latents and not cache_images and cache_text:
         logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
+    elif args.cache_latents and not cache_images:
+        logger.info("--cache_latents: caching nothing; without --center_crop each step crops anew")
     if args.cache_latents and args.shuffle_tags:
         logger.info("--cache_latents: with --shuffle_tags every step encodes its own caption; captions are not cached")
     elif args.cache_latents and args.train_text_encoder:

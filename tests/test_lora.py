@@ -1,5 +1,6 @@
 """--lora_rank: adapters trained on a frozen UNet, saved in diffusers' and kohya's keys, resumed bit for bit."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,14 @@ def embeddings(text_encoder, tokenizer):
         return text_encoder(ids.input_ids, return_dict=False)[0]
 
 
-def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp_path, monkeypatch):
+def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp_path, monkeypatch, caplog):
     models = keep_the_models(monkeypatch)
     out = tmp_path / "my-lora"
-    train(tiny_sd, out, *TEXT_ENCODER, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "3")
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, out, *TEXT_ENCODER, "--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "3")
+    # Its captions are encoded at every step, by the text encoder as it is then (and random crops are too).
+    assert "--cache_latents: with --train_text_encoder every step encodes its captions" in caplog.text
+    assert "--cache_latents: caching nothing; without --center_crop each step crops anew" in caplog.text
     unet, text_encoder = models
     base = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     assert_only_the_adapter_moved(text_encoder, base.state_dict())

@@ -26,9 +26,16 @@ def user_folder(tmp_path, tiny_sd):
 
 
 def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
+    # Regularization images in DreamBooth's layout: no caption files, the folder's name is their caption.
+    (user_folder / "my-reg" / "1_creature").mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(DEMO_DATA / f"{i:04d}.png", user_folder / "my-reg" / "1_creature")
     code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", "--checkpointing_steps=1",
-                           "--validation_split=0.25", model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
+                           "--validation_split=0.25", "--reg_data_dir=my-reg", model="my-model", data="my-data",
+                           output_dir="my-output")  # fmt: skip
     assert code == 0, "\n".join(lines[-20:])
+    assert any("--reg_data_dir: 3 of the 3 regularization images in my-reg make 24 examples per epoch" in line
+               for line in lines)  # fmt: skip
     assert (user_folder / "my-output" / "model_index.json").exists()
     # The held-out loss's summary is among the last lines the user sees.
     assert any("Held-out loss (8 images, --validation_split): " in line for line in lines[-5:]), lines[-5:]
