@@ -106,6 +106,16 @@ def test_regularization_images_train_beside_the_images_at_their_loss_weight(tiny
     assert at_2 - at_1 == pytest.approx(at_1 - at_0, rel=1e-4)
 
 
+def test_a_run_with_regularization_images_resumes_bit_for_bit(tiny_sd, tmp_path):
+    reg = caption_folder(tmp_path / "reg", [(f"1_creature/{i}.png", i, None) for i in range(5)])
+    flags = ["--reg_data_dir", str(reg), "--prior_loss_weight", "0.5", "--checkpointing_steps", "2"]
+    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    whole, parts = unet_weights(tmp_path / "whole" / "unet"), unet_weights(tmp_path / "parts" / "unet")
+    assert all(torch.equal(whole[key], parts[key]) for key in whole)
+
+
 def test_an_image_without_a_caption_file_is_an_error_unless_allowed(tiny_sd, tmp_path, caplog):
     data = caption_folder(
         tmp_path / "data", [("one.png", 0, "a creature"), ("two.png", 1, None), ("three.png", 2, " ")]
