@@ -3,6 +3,9 @@
     POST /v1/images/generations   OpenAI's images API: prompt, n, size, response_format ("b64_json" or "url"),
                                   plus this model's own fields: negative_prompt, seed, steps, guidance_scale,
                                   scheduler, and lora_scale when a LoRA is served
+    POST /v1/images/edits         the same as a multipart form, with an image to edit (image to image) and an
+                                  optional mask whose transparent part is what may change (inpainting), as
+                                  OpenAI's edits take them; strength: how much of it is redrawn (0 to 1)
     GET  /v1/files/NAME.png       an image a "url" response points to, for `max_age` seconds
     GET  /v1/models               the one model served
     GET  /health                  model, device, dtype, queue and uptime; no key needed, nothing generated
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 
@@ -50,6 +54,10 @@ from sdtoolkit.serving import (
 UNSUPPORTED = ("quality", "style", "background", "moderation", "output_compression", "partial_images", "stream")
 KNOWN = {"prompt", "model", "n", "size", "response_format", "output_format", "user", "negative_prompt", "seed",
          "steps", "guidance_scale", "scheduler", "lora_scale"}  # fmt: skip
+# An edit's own fields; its files are `image` (or one `image[]`, as the openai SDK sends a list) and `mask`.
+EDIT_FIELDS = {"strength"}
+DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
+MAX_UPLOAD_BYTES = 20 * 1024**2
 
 
 class BadRequest(Exception):
@@ -90,14 +98,14 @@ def parse_size(size, default_size):
     return width, height
 
 
-def parse_generation_request(body, service):
+def parse_generation_request(body, service, known=KNOWN):
     """The ImageService.generate arguments of a request body; BadRequest names the first field at fault."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for name in body:
         if name in UNSUPPORTED:
             raise BadRequest(f"'{name}' is not supported by this server", name)
-        if name not in KNOWN:
+        if name not in known:
             raise BadRequest(f"unknown field '{name}'", name)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -144,6 +152,71 @@ def parse_generation_request(body, service):
         num_images=whole_number(body, "n", 1, 1, MAX_IMAGES),
         lora_scale=None if lora_scale is None else float(lora_scale),
     )
+
+
+def form_value(name, value):
+    """A multipart form field's text as the JSON value it stands for: numbers for the numeric fields."""
+    if name in ("n", "seed", "steps"):
+        return int(value) if value.strip().isdigit() else value
+    if name in ("guidance_scale", "lora_scale", "strength"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+async def read_upload(upload, name):
+    """An uploaded image file as a PIL image (EXIF orientation applied); BadRequest if it is not one."""
+    data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise BadRequest(f"'{name}' is larger than {MAX_UPLOAD_BYTES // 1024**2} MB", name)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadRequest(f"'{name}' is not an image this server can read ({first_line(err)})", name) from err
+    return ImageOps.exif_transpose(image)
+
+
+def edit_size(image, default_size):
+    """An edit's size when the request gives none: the image's shape, its longer side the model's default size,
+    each side a multiple of 8 (at least MIN_SIZE)."""
+    scale = default_size / max(image.size)
+    return tuple(max(MIN_SIZE, round(side * scale / 8) * 8) for side in image.size)
+
+
+async def parse_edit_request(form, service):
+    """The ImageService.generate arguments of an edit's multipart form (see parse_generation_request): the image
+    in RGB, and the mask as diffusers wants it, white where OpenAI's mask is transparent."""
+    uploads = form.getlist("image") + form.getlist("image[]")
+    if len(uploads) != 1 or isinstance(uploads[0], str):
+        raise BadRequest("send one image to edit as the file 'image'", "image")
+    image = (await read_upload(uploads[0], "image")).convert("RGB")
+    body = {
+        key: form_value(key, value) for key, value in form.multi_items() if key not in ("image", "image[]", "mask")
+    }
+    strength = body.pop("strength", DEFAULT_STRENGTH)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise BadRequest(f"'strength' must be a number above 0 and at most 1, got {strength!r}", "strength")
+    if "size" not in body:
+        body["size"] = "x".join(map(str, edit_size(image, service.default_size)))
+    arguments = parse_generation_request(body, service, known=KNOWN | EDIT_FIELDS)
+    mask = None
+    if form.get("mask") is not None:
+        if isinstance(form["mask"], str):
+            raise BadRequest("'mask' must be a file: a PNG whose transparent part is what may change", "mask")
+        mask = await read_upload(form["mask"], "mask")
+        if mask.size != image.size:
+            raise BadRequest(f"'mask' is {mask.size[0]}x{mask.size[1]}, the image {image.size[0]}x{image.size[1]};"
+                             " they must be the same size", "mask")  # fmt: skip
+        if "A" not in mask.getbands() and "transparency" not in mask.info:
+            raise BadRequest("'mask' has no transparency: its fully transparent part is what may change", "mask")
+        alpha = mask.convert("RGBA").getchannel("A")
+        size = (arguments["width"], arguments["height"])
+        mask = alpha.point(lambda a: 255 if a == 0 else 0).resize(size, Image.NEAREST)
+        image = image.resize(size, Image.LANCZOS)
+    return {**arguments, "image": image, "mask": mask, "strength": float(strength)}
 
 
 def png_bytes(image):
@@ -259,6 +332,26 @@ def images_api(service, *, files, api_key=None):
             arguments = parse_generation_request(body, service)
         except BadRequest as err:
             return error_response(400, str(err), param=err.param)
+        return await respond(request, body, arguments)
+
+    @router.post("/v1/images/edits")
+    async def edits(request: Request):
+        denied = refused(request)
+        if denied:
+            return denied
+        try:
+            form = await request.form()
+        except Exception as err:  # not a multipart form (or a broken one): starlette's parser says why
+            return error_response(400, f"an edit is a multipart form with the file 'image' ({first_line(err)})")
+        try:
+            arguments = await parse_edit_request(form, service)
+        except BadRequest as err:
+            return error_response(400, str(err), param=err.param)
+        return await respond(request, {key: value for key, value in form.items() if key != "image"}, arguments)
+
+    async def respond(request, body, arguments):
+        """Generate for a parsed request and answer in OpenAI's shape (body: its fields, for model and
+        response_format)."""
         model = body.get("model")
         if model is not None and model != service.model_id:
             return error_response(
@@ -308,7 +401,9 @@ def images_api(service, *, files, api_key=None):
     @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def not_here(path: str, request: Request):
         return refused(request) or error_response(
-            404, f"{request.method} /v1/{path} is not served here: only /v1/images/generations and /v1/models"
+            404,
+            f"{request.method} /v1/{path} is not served here: only /v1/images/generations, /v1/images/edits and"
+            " /v1/models",
         )
 
     return router

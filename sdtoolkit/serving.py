@@ -1,7 +1,8 @@
 """Generating images for gradio_app.py's web page and its OpenAI-compatible API: one model, one queue, and the
 generation parameters inside every PNG.
 
-Both front-ends call `ImageService.generate`, so a seed gives the same pixels whichever way it was asked for,
+Both front-ends call `ImageService.generate`, so a seed gives the same pixels whichever way it was asked for
+(the API also edits an image: image to image, or inpainting inside a mask, through the same method),
 and both wait in one `RequestQueue`: at most `concurrency` generations run at once, at most `max_queue` more
 wait, and a request beyond that is refused at once (`QueueFull`) instead of hanging.
 
@@ -28,6 +29,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 
@@ -182,9 +185,11 @@ def a1111_value(value):
 
 
 def parameters_text(
-    *, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora, lora_scale=1.0
-):
-    """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring)."""
+    *, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora, lora_scale=1.0,
+    strength=None,
+):  # fmt: skip
+    """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring); an edited
+    image's `strength` is A1111's "Denoising strength"."""
     fields = {
         "Steps": steps,
         "Sampler": A1111_SAMPLERS[scheduler],
@@ -193,6 +198,8 @@ def parameters_text(
         "Size": f"{width}x{height}",
         "Model": model,
     }
+    if strength is not None:
+        fields["Denoising strength"] = float(strength)
     if lora:
         fields["Lora"] = lora
     if lora_scale != 1:
@@ -229,19 +236,35 @@ class ImageService:
 
     def generate(
         self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-        lora_scale=None,
+        lora_scale=None, image=None, mask=None, strength=None,
     ):  # fmt: skip
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
         image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too).
-        lora_scale: the LoRA's scale for this request (None: the server's --lora_scale)."""
+        lora_scale: the LoRA's scale for this request (None: the server's --lora_scale).
+        image: an image to edit (resized to width x height), noised to `strength` (0 to 1) of the schedule and
+        denoised under the prompt; mask: an "L" image of its size, white where to edit (inpainting; the rest
+        is kept), or None to edit all of it."""
         if lora_scale is not None and self.scale is None:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
         seeds = image_seeds(seed, num_images)
-        # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state.
+        # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image
+        # to image and inpainting are other diffusers pipelines on the same weights.
         pipeline = self.pipeline
         components = {**pipeline.components, "scheduler": SCHEDULERS[scheduler](pipeline.scheduler.config)}
-        run = StableDiffusionPipeline(**components, requires_safety_checker=pipeline.config.requires_safety_checker)
+        size = {"width": width, "height": height}
+        if image is None:
+            pipeline_cls, inputs = StableDiffusionPipeline, size
+        elif mask is None:
+            pipeline_cls, inputs = (
+                StableDiffusionImg2ImgPipeline,
+                {"image": image.resize((width, height)), "strength": strength},
+            )
+        else:
+            # SD v1's UNet is not an inpainting one: diffusers keeps the unmasked part of the image at every step.
+            pipeline_cls = StableDiffusionInpaintPipeline
+            inputs = {"image": image, "mask_image": mask, "strength": strength, **size}
+        run = pipeline_cls(**components, requires_safety_checker=pipeline.config.requires_safety_checker)
         run.set_progress_bar_config(disable=True)
         # One generator per image: diffusers draws image i's starting noise (and an ancestral sampler's noise)
         # from generators[i] alone, so image i is (up to rounding in batched maths) the one-image request's with seeds[i].
@@ -264,10 +287,9 @@ class ImageService:
                     negative_prompt_embeds=negative_embeds,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
-                    width=width,
-                    height=height,
                     num_images_per_prompt=num_images,
                     generator=generators,
+                    **inputs,
                 ).images
             except torch.OutOfMemoryError as err:
                 # Give the memory back for the next request, and say what would fit (the page and /v1 show it).
@@ -290,5 +312,6 @@ class ImageService:
                 model=self.model_name,
                 lora=self.lora_name,
                 lora_scale=lora_scale,
+                strength=strength if image is not None else None,
             )
         return images

@@ -25,6 +25,7 @@ from PIL import Image
 from sd_parsers import ParserManager
 
 import gradio_app
+from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import REPO, free_port, generate, start, train
@@ -72,6 +73,82 @@ def test_openai_sdk_gets_images_of_the_requested_size(server):
     assert [decode(item.b64_json).size for item in result.data] == [(64, 96), (64, 96)]
     assert result.size == "64x96" and result.output_format == "png"
     assert [item.seed for item in result.data] == [7, 8]  # image i uses seed + i
+
+
+def png_file(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    return buffer.getvalue()
+
+
+SOURCE = Image.open(REPO / "data" / "creatures" / "0000.png").convert("RGB")
+
+
+def test_openai_sdk_edits_an_image_and_its_png_says_how(server):
+    edit = sdk(server).images.edit(
+        image=("creature.png", png_file(SOURCE.resize((128, 96))), "image/png"), prompt="a red creature", n=2,
+        size="96x64", extra_body={"steps": 3, "seed": 5, "strength": 0.6},
+    )  # fmt: skip
+    assert [decode(item.b64_json).size for item in edit.data] == [(96, 64), (96, 64)] and edit.size == "96x64"
+    assert [item.seed for item in edit.data] == [5, 6]
+    # No size given: the image's shape, its longer side the model's own size (512 px for SD v1-4), sides in
+    # multiples of 8 and at least 64.
+    assert edit_size(Image.new("RGB", (1024, 770)), 512) == (512, 384)
+    assert edit_size(Image.new("RGB", (100, 1000)), 512) == (64, 512)
+    first = decode(edit.data[0].b64_json)
+    assert "Denoising strength: 0.6" in first.info["parameters"] and read_parameters(first)["seed"] == "5"
+    # The image is what it starts from: the same seed without it, or at another strength, is another image.
+    generated = sdk(server).images.generate(prompt="a red creature", size="96x64", extra_body={"steps": 3, "seed": 5})
+    stronger = sdk(server).images.edit(
+        image=("creature.png", png_file(SOURCE.resize((128, 96))), "image/png"), prompt="a red creature",
+        size="96x64", extra_body={"steps": 3, "seed": 5, "strength": 1.0},
+    )  # fmt: skip
+    for other in (generated, stronger):
+        assert np.abs(pixels(decode(other.data[0].b64_json)).astype(int) - pixels(first).astype(int)).mean() > 1
+
+
+def inpaint(server, transparent, seed):
+    """An edit of the 64x64 creature whose mask is transparent on one half ("left" or "right")."""
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64) if transparent == "left" else (32, 0, 64, 64))
+    files = {"image": ("in.png", png_file(SOURCE.resize((64, 64))), "image/png"),
+             "mask": ("mask.png", png_file(mask), "image/png")}  # fmt: skip
+    data = {"prompt": "a creature", "steps": "4", "seed": str(seed), "strength": "1"}
+    response = httpx.post(f"{server.local_url}v1/images/edits", files=files, data=data, timeout=120)
+    assert response.status_code == 200, response.text
+    return pixels(decode(response.json()["data"][0]["b64_json"])).astype(int)
+
+
+def test_an_edit_with_a_mask_redraws_its_transparent_part(server):
+    # Two seeds redraw the transparent half differently; the other half is kept from the image (up to what the
+    # decoder mixes in from its neighbours), as OpenAI's edits read a mask.
+    for transparent, redrawn, kept in (("left", slice(0, 16), slice(48, 64)), ("right", slice(48, 64), slice(0, 16))):
+        a, b = inpaint(server, transparent, 3), inpaint(server, transparent, 4)
+        assert np.abs(a[:, redrawn] - b[:, redrawn]).mean() > 3 * np.abs(a[:, kept] - b[:, kept]).mean(), transparent
+
+
+@pytest.mark.parametrize(
+    "files, data, param, message",
+    [
+        ({}, {"prompt": "x"}, "image", "send one image to edit as the file 'image'"),
+        ({"image": ("a.png", b"not a png", "image/png")}, {"prompt": "x"}, "image", "is not an image"),
+        ({"image": ("a.png", png_file(SOURCE), "image/png")}, {"prompt": "x", "strength": "0"}, "strength",
+         "'strength' must be a number above 0 and at most 1"),
+        ({"image": ("a.png", png_file(SOURCE), "image/png"), "mask": ("m.png", png_file(SOURCE), "image/png")},
+         {"prompt": "x"}, "mask", "'mask' has no transparency"),
+        ({"image": ("a.png", png_file(SOURCE), "image/png"),
+          "mask": ("m.png", png_file(Image.new("RGBA", (8, 8))), "image/png")}, {"prompt": "x"}, "mask",
+         "'mask' is 8x8, the image 128x128; they must be the same size"),
+        ({"image": ("a.png", png_file(SOURCE), "image/png")}, {"prompt": "x", "steps": "many"}, "steps",
+         "'steps' must be a whole number"),
+    ],
+    ids=["no-image", "not-an-image", "strength", "mask-without-alpha", "mask-size", "steps"],
+)  # fmt: skip
+def test_a_bad_edit_is_a_400_naming_the_field(server, files, data, param, message):
+    response = httpx.post(f"{server.local_url}v1/images/edits", files=files or None, data=data, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"]
 
 
 def test_url_responses_link_to_the_png_without_the_key_until_it_expires(tiny_sd):
