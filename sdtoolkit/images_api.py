@@ -340,14 +340,15 @@ def images_api(service, *, files, api_key=None):
         if denied:
             return denied
         try:
-            form = await request.form()
-        except Exception as err:  # not a multipart form (or a broken one): starlette's parser says why
-            return error_response(400, f"an edit is a multipart form with the file 'image' ({first_line(err)})")
-        try:
-            arguments = await parse_edit_request(form, service)
+            # The uploads are read into images here; leaving the block deletes any that were spooled to disk.
+            async with request.form() as form:
+                arguments = await parse_edit_request(form, service)
+                fields = {key: value for key, value in form.items() if isinstance(value, str)}
         except BadRequest as err:
             return error_response(400, str(err), param=err.param)
-        return await respond(request, {key: value for key, value in form.items() if key != "image"}, arguments)
+        except Exception as err:  # not a multipart form (or a broken one): starlette's parser says why
+            return error_response(400, f"an edit is a multipart form with the file 'image' ({first_line(err)})")
+        return await respond(request, fields, arguments)
 
     async def respond(request, body, arguments):
         """Generate for a parsed request and answer in OpenAI's shape (body: its fields, for model and
