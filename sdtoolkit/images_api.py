@@ -202,6 +202,10 @@ async def parse_edit_request(form, service):
     if "size" not in body:
         body["size"] = "x".join(map(str, edit_size(image, service.default_size)))
     arguments = parse_generation_request(body, service, known=KNOWN | EDIT_FIELDS)
+    if int(arguments["steps"] * strength) < 1:  # the steps that run are the last `strength` of the schedule
+        raise BadRequest(
+            f"'strength' {strength:g} of {arguments['steps']} 'steps' runs no step; raise either", "strength"
+        )
     mask = None
     if form.get("mask") is not None:
         if isinstance(form["mask"], str):

@@ -141,8 +141,10 @@ def test_an_edit_with_a_mask_redraws_its_transparent_part(server):
          "'mask' is 8x8, the image 128x128; they must be the same size"),
         ({"image": ("a.png", png_file(SOURCE), "image/png")}, {"prompt": "x", "steps": "many"}, "steps",
          "'steps' must be a whole number"),
+        ({"image": ("a.png", png_file(SOURCE), "image/png")}, {"prompt": "x", "steps": "1", "strength": "0.5"},
+         "strength", "'strength' 0.5 of 1 'steps' runs no step"),
     ],
-    ids=["no-image", "not-an-image", "strength", "mask-without-alpha", "mask-size", "steps"],
+    ids=["no-image", "not-an-image", "strength", "mask-without-alpha", "mask-size", "steps", "no-step"],
 )  # fmt: skip
 def test_a_bad_edit_is_a_400_naming_the_field(server, files, data, param, message):
     response = httpx.post(f"{server.local_url}v1/images/edits", files=files or None, data=data, timeout=60)
