@@ -1126,6 +1126,12 @@ def generate_validation_images(pipeline, args, accelerator):
     elif accelerator.mixed_precision == "bf16":
         autocast_ctx = torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
 
+    # The models in eval mode while they draw (--lora_dropout would otherwise drop parts of the adapters), then
+    # back to how training had them.
+    models = [pipeline.unet, pipeline.text_encoder]
+    training = [model.training for model in models]
+    for model in models:
+        model.eval()
     images = []
     for prompt in args.validation_prompts:
         with autocast_ctx:
@@ -1137,6 +1143,8 @@ def generate_validation_images(pipeline, args, accelerator):
                 generator=generator,
             ).images[0]
         images.append(image)
+    for model, was_training in zip(models, training):
+        model.train(was_training)
     return images
 
 

@@ -152,6 +152,22 @@ def test_a_lora_checkpoint_resumes_only_as_lora(tiny_sd, tmp_path):
         )
 
 
+def test_validation_images_are_drawn_without_lora_dropout(tiny_sd, tmp_path, monkeypatch):
+    models = keep_the_models(monkeypatch)
+    modes = []
+    call = StableDiffusionPipeline.__call__
+
+    def record_modes(self, *args, **kwargs):
+        modes.append((self.unet.training, self.text_encoder.training))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", record_modes)
+    train(tiny_sd, tmp_path / "out", *TEXT_ENCODER, "--lora_dropout", "0.5", "--max_train_steps", "2",
+          "--validation_prompts", "a creature", "--validation_epochs", "1")  # fmt: skip
+    assert modes == [(False, False)] * 2  # after the epoch, and at the end
+    assert all(model.training for model in models)  # and back in training mode after each
+
+
 def test_a_checkpoint_resumes_with_a_text_encoder_adapter_only_if_it_has_one(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path / "out", *TEXT_ENCODER, "--max_train_steps", "2", "--checkpointing_steps", "2")
     with pytest.raises(UserError, match="holds a LoRA on the text encoder; resume it with --train_text_encoder"):
