@@ -36,6 +36,7 @@ from sdtoolkit.serving import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_LORA_SCALE,
@@ -167,10 +168,18 @@ def make_generate(service):
     tokenizer = service.pipeline.tokenizer  # for its max length; its calls go through the service's lock
 
     def generate(
-        prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images, lora_scale=None
-    ):
+        prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images, lora_scale=None,
+        image=None, strength=DEFAULT_STRENGTH,
+    ):  # fmt: skip
         check_request(prompt, steps, width, height, num_images)
         seed = parse_seed(seed)
+        # With an image, it is redrawn from `strength` of the schedule (image to image), at the size asked.
+        if image is not None:
+            strength = float(strength)
+            if not 0 < strength <= 1:
+                raise gr.Error(f"The strength must be above 0 and at most 1, not {strength:g}.")
+            if int(int(steps) * strength) < 1:
+                raise gr.Error(f"A strength of {strength:g} with {int(steps)} steps runs no step; raise either.")
         # The LoRA strength slider shows only when a LoRA is served; /generate's callers may leave it out.
         if service.scale is None:
             if lora_scale is not None and float(lora_scale) != service.lora_scale:
@@ -202,6 +211,8 @@ def make_generate(service):
                 height=int(height),
                 num_images=int(num_images),
                 lora_scale=lora_scale,
+                image=None if image is None else image.convert("RGB"),
+                strength=None if image is None else strength,
             )
         except QueueFull as err:
             raise gr.Error(str(err)) from None
@@ -287,6 +298,12 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
                     0, MAX_LORA_SCALE, value=service.lora_scale, step=0.05, label="LoRA strength",
                     visible=service.scale is not None,
                 )  # fmt: skip
+                # Image to image: the image is redrawn under the prompt, from `strength` of the way to noise.
+                with gr.Accordion("Start from an image (optional)", open=False):
+                    image = gr.Image(label="Image", type="pil", sources=["upload", "clipboard"])
+                    strength = gr.Slider(
+                        0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength (how much of it is redrawn)"
+                    )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png")
@@ -295,7 +312,7 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
             gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
 
         inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-                  lora_scale]  # fmt: skip
+                  lora_scale, image, strength]  # fmt: skip
         # The button and Enter in the prompt box run at once: the service's RequestQueue, which /v1 shares, is
         # what makes requests wait (`concurrency` at a time) or refuses them. Only the button is the public API.
         button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)

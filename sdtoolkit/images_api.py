@@ -36,6 +36,7 @@ from sdtoolkit.serving import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_LORA_SCALE,
@@ -56,7 +57,6 @@ KNOWN = {"prompt", "model", "n", "size", "response_format", "output_format", "us
          "steps", "guidance_scale", "scheduler", "lora_scale"}  # fmt: skip
 # An edit's own fields; its files are `image` (or one `image[]`, as the openai SDK sends a list) and `mask`.
 EDIT_FIELDS = {"strength"}
-DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
 MAX_UPLOAD_BYTES = 20 * 1024**2
 
 

@@ -48,6 +48,7 @@ SCHEDULERS = {
 A1111_SAMPLERS = {"DPM-Solver++": "DPM++ 2M", "PNDM": "PLMS", "DDIM": "DDIM", "Euler ancestral": "Euler a"}
 DEFAULT_SCHEDULER = "DPM-Solver++"
 DEFAULT_STEPS = 25
+DEFAULT_STRENGTH = 0.75  # an edit's: AUTOMATIC1111's default denoising strength
 DEFAULT_GUIDANCE = 7.5
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0

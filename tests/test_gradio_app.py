@@ -6,14 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, AuthenticationError
 from PIL import Image
 
 import gradio_app
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import free_port, generate, run_entry_point, run_script, start
+from tests.conftest import DEMO_DATA, free_port, generate, run_entry_point, run_script, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -92,6 +92,11 @@ def test_eight_concurrent_calls_all_complete(client):
         (dict(width=100), "Width must be divisible by 8"),
         (dict(height=2048), "Value 2048 is greater than maximum value 1024"),
         (dict(scheduler="Nope"), "Nope is not in the list of choices"),
+        # Image to image runs the last `strength` of the steps: here none.
+        (
+            dict(steps=3, image=handle_file(str(DEMO_DATA / "0000.png")), strength=0.2),
+            "A strength of 0.2 with 3 steps runs no step",
+        ),
     ],
 )
 def test_bad_input_is_refused_and_the_server_keeps_serving(client, change, message):

@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from sd_parsers import ParserManager
@@ -105,6 +105,18 @@ def test_openai_sdk_edits_an_image_and_its_png_says_how(server):
     )  # fmt: skip
     for other in (generated, stronger):
         assert np.abs(pixels(decode(other.data[0].b64_json)).astype(int) - pixels(first).astype(int)).mean() > 1
+
+
+def test_the_page_starts_from_an_image_as_v1_edits_does(server, tmp_path):
+    # The page's "Start from an image" and /generate's image and strength: the same pixels as /v1's edit.
+    path = tmp_path / "creature.png"
+    SOURCE.resize((128, 96)).save(path)
+    ui, _ = generate(Client(server.local_url, verbose=False), prompt="a red creature", seed="5", width=96, height=64,
+                     image=handle_file(str(path)), strength=0.6)  # fmt: skip
+    api = sdk(server).images.edit(image=("creature.png", path.read_bytes(), "image/png"), prompt="a red creature",
+                                  size="96x64", extra_body={"steps": 3, "seed": 5, "strength": 0.6})  # fmt: skip
+    assert np.array_equal(pixels(ui[0]), pixels(decode(api.data[0].b64_json)))
+    assert "Denoising strength: 0.6" in ui[0].info["parameters"]
 
 
 def inpaint(server, transparent, seed):
