@@ -300,8 +300,8 @@ class ImageService:
                     f"out of GPU memory for {num_images} image(s) of {width}x{height} ({first_line(err)}); ask for"
                     " fewer images or a smaller size"
                 ) from None
-        for image, image_seed in zip(images, seeds):
-            image.info["parameters"] = parameters_text(
+        for result, image_seed in zip(images, seeds):
+            result.info["parameters"] = parameters_text(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 steps=steps,
@@ -313,6 +313,6 @@ class ImageService:
                 model=self.model_name,
                 lora=self.lora_name,
                 lora_scale=lora_scale,
-                strength=strength if image is not None else None,
+                strength=strength if image is not None else None,  # an edit's
             )
         return images
