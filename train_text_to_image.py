@@ -1016,10 +1016,11 @@ def read_regularization_images(args, features, image_column, caption_column, num
         f" {args.prior_loss_weight:g}"
     )
     # The training rows' columns and types (a list of captions stays a list).
-    texts = reg.select(used)["text"]
+    reg = reg.select(used)
+    texts = reg["text"]
     if not isinstance(features[caption_column], datasets.Value):
         texts = [[text] for text in texts]
-    paths = reg.select(used).cast_column("image", datasets.Image(decode=False))["image"]
+    paths = reg.cast_column("image", datasets.Image(decode=False))["image"]
     rows = datasets.Dataset.from_dict({image_column: [p["path"] for p in paths], caption_column: texts})
     rows = rows.cast(
         datasets.Features({image_column: features[image_column], caption_column: features[caption_column]})
@@ -1033,7 +1034,8 @@ def read_regularization_images(args, features, image_column, caption_column, num
             f"{len(bad)} of the regularization images can't be read: {listed} -- fix or remove them, or pass"
             " --skip_invalid_images to train without them"
         )
-    kept = [row for row in range(len(rows)) if row not in {row for row, _, _ in bad}]
+    unreadable = {row for row, _, _ in bad}
+    kept = [row for row in range(len(rows)) if row not in unreadable]
     if bad:
         logger.warning(f"--skip_invalid_images: dropped {len(bad)} regularization images that can't be read")
         rows = rows.select(kept)
@@ -1525,11 +1527,13 @@ def fine_tune(args):
         raise UserError(
             f"{resume_path} holds a LoRA of rank {resumed_state['lora_rank']}; resume it with --lora_rank {resumed_state['lora_rank']}"
         )
-    if resume_path is not None and args.lora_rank and args.train_text_encoder != has_text_encoder_lora(resume_path):
-        raise UserError(
-            f"{resume_path} {'holds a' if has_text_encoder_lora(resume_path) else 'has no'} LoRA on the text encoder;"
-            f" resume it {'with' if has_text_encoder_lora(resume_path) else 'without'} --train_text_encoder"
-        )
+    if resume_path is not None and args.lora_rank:
+        holds = has_text_encoder_lora(resume_path)
+        if holds != args.train_text_encoder:
+            raise UserError(
+                f"{resume_path} {'holds a' if holds else 'has no'} LoRA on the text encoder; resume it"
+                f" {'with' if holds else 'without'} --train_text_encoder"
+            )
     if resume_path is not None and not args.lora_rank:
         check_same_architecture(unet, resume_path, resumed_state)
     if args.export_single_file:  # say it now, not after training
@@ -1555,12 +1559,14 @@ def fine_tune(args):
     logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet_trained):,}")
     # With --train_text_encoder the text encoder gets an adapter of its own, trained with the UNet's. Its frozen
     # weights are cast to the precision of the other frozen models first, so the float32 adapter stays float32.
-    text_encoder_trained = []
+    # `adapted_text_encoder` is that text encoder (None without the flag), for saving, loading and measuring.
+    text_encoder_trained, adapted_text_encoder = [], None
     if args.train_text_encoder:
         text_encoder.to(dtype=half or torch.float32)
         text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
                                         target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
         text_encoder.train()
+        adapted_text_encoder = text_encoder
         logger.info(f"Text encoder trainable parameters: {sum(p.numel() for p in text_encoder_trained):,}")
     trained = unet_trained + text_encoder_trained  # what the optimizer, clipping and EMA see
 
@@ -1611,7 +1617,7 @@ def fine_tune(args):
     def save_model_hook(models, weights, output_dir):
         if args.lora_rank and accelerator.is_main_process:
             # The adapters only (a LoRA trains under DDP or on one process, so the main process has them whole).
-            save_lora(accelerator.unwrap_model(unet), output_dir, text_encoder if args.train_text_encoder else None)
+            save_lora(accelerator.unwrap_model(unet), output_dir, adapted_text_encoder)
         elif not args.lora_rank:
             for model in models:
                 unet_to_save = unet_for_saving(model)
@@ -1627,7 +1633,7 @@ def fine_tune(args):
         if args.lora_rank:
             if args.use_ema:
                 load_lora_ema(ema_unet, input_dir)
-            load_lora(accelerator.unwrap_model(unet), input_dir, text_encoder if args.train_text_encoder else None)
+            load_lora(accelerator.unwrap_model(unet), input_dir, adapted_text_encoder)
             models.clear()  # so that accelerate does not load them again
             return
         if args.use_ema:
@@ -1964,7 +1970,7 @@ def fine_tune(args):
         nonlocal held_out_first, held_out_last
         losses, held_out_last = held_out(
             accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast, accelerator,
-            text_encoder=text_encoder if args.train_text_encoder else None,
+            text_encoder=adapted_text_encoder,
         )  # fmt: skip
         if args.use_ema:
             ema_unet.restore(trained)
@@ -2185,15 +2191,14 @@ def fine_tune(args):
         if args.lora_rank:
             # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py). The kohya file's
             # header names the run and its base model, for A1111 and for metrics.py and gradio_app.py.
-            trained_text_encoder = text_encoder if args.train_text_encoder else None
-            save_lora(unet, args.output_dir, trained_text_encoder)
+            save_lora(unet, args.output_dir, adapted_text_encoder)
             kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
             )  # fmt: skip
             header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
-            adapters = kohya_state_dict(unet, trained_text_encoder, alpha=lora_alpha)
+            adapters = kohya_state_dict(unet, adapted_text_encoder, alpha=lora_alpha)
             save_file(adapters, kohya + ".partial", metadata=header)
             os.replace(kohya + ".partial", kohya)
             logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")

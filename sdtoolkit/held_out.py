@@ -93,6 +93,13 @@ class HeldOutLoss:
     def __len__(self):
         return self.count
 
+    def encode(self, text_encoder, ids):
+        """The embeddings of token ids (n, 77), a batch at a time."""
+        return torch.cat(
+            [text_encoder(ids[start : start + self.batch_size], return_dict=False)[0]
+             for start in range(0, len(ids), self.batch_size)]
+        )  # fmt: skip
+
     @torch.no_grad()
     def __call__(self, unet, noise_scheduler, autocast, accelerator=None, text_encoder=None):
         """(losses, per_image): {"validation_loss": the mean over timesteps and images, "validation_loss/t=T":
@@ -106,23 +113,29 @@ class HeldOutLoss:
         # Batch b is measured by process b % processes. Every process calls the UNet as often as the others
         # (one that has run out of batches measures the first batch again and drops the result), because a
         # sharded model (DeepSpeed ZeRO-3, FSDP) needs every process in each forward pass.
-        process, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        batches = [(group, start) for group in self.groups for start in range(0, len(group[0]), self.batch_size)]
-        mine = batches[process::processes]
-        rounds = len(batches[::processes])
-        scale = noise_scheduler.config.num_train_timesteps / 1000
         models = [unet] + [text_encoder] * (text_encoder is not None)
         was_training = [model.training for model in models]
         for model in models:
             model.eval()  # LoRA dropout off
+        groups = self.groups
+        if text_encoder is not None:
+            # The captions encoded once for this measurement, by the text encoder as it is now.
+            with autocast():
+                groups = [
+                    (rows, latents, self.encode(text_encoder, ids), ids, noise)
+                    for rows, latents, _, ids, noise in self.groups
+                ]
+        process, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        batches = [(group, start) for group in groups for start in range(0, len(group[0]), self.batch_size)]
+        mine = batches[process::processes]
+        rounds = len(batches[::processes])
+        scale = noise_scheduler.config.num_train_timesteps / 1000
         # errors[i, row]: the mean squared error of image `row` at timestep i; 0 where another process measured it.
         errors = torch.zeros(len(TIMESTEPS), len(self), dtype=torch.float64)
         for i, step in enumerate(TIMESTEPS):
             t = int(step * scale)
             for n in range(rounds):
-                (rows, group_latents, group_embeddings, group_ids, noise), start = (
-                    mine[n] if n < len(mine) else batches[0]
-                )
+                (rows, group_latents, group_embeddings, _, noise), start = mine[n] if n < len(mine) else batches[0]
                 latents = group_latents[start : start + self.batch_size]
                 batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
                 timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
@@ -133,8 +146,6 @@ class HeldOutLoss:
                     target = batch_noise
                 embeddings = group_embeddings[start : start + self.batch_size]
                 with autocast():
-                    if text_encoder is not None:
-                        embeddings = text_encoder(group_ids[start : start + self.batch_size], return_dict=False)[0]
                     pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
                 if n < len(mine):
                     error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu()
