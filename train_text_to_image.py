@@ -117,13 +117,18 @@ from sdtoolkit.lora import (
     KOHYA_WEIGHTS_NAME,
     TEXT_ENCODER_TARGETS,
     WEIGHTS_NAME,
+    adapted_layer_names,
+    adapter_ranks,
     add_lora,
+    add_lora_from_file,
     has_lora_weights,
     has_text_encoder_lora,
     kohya_metadata,
     kohya_state_dict,
     load_lora,
     load_lora_ema,
+    lora_location,
+    read_lora,
     save_lora,
     save_lora_ema,
     tag_frequency,
@@ -235,6 +240,16 @@ def parse_args(argv=None):
         nargs="+",
         default=LORA_TARGETS,
         help="The UNet layers that get adapters (names or suffixes): its attention projections by default.",
+    )
+    parser.add_argument(
+        "--init_lora",
+        default=None,
+        help=(
+            "Go on training an existing LoRA instead of a new one (kohya-ss's --network_weights): a LoRA run's"
+            " folder or checkpoint, or one .safetensors file in diffusers' or kohya-ss keys (as AUTOMATIC1111 loads)."
+            " Its rank, alpha and layers are kept, so it implies --lora_rank; a text encoder adapter in it needs"
+            " --train_text_encoder."
+        ),
     )
     parser.add_argument(
         "--train_text_encoder",
@@ -710,6 +725,8 @@ def parse_args(argv=None):
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise UserError(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if args.init_lora is not None:
+        check_init_lora(args)
     if args.train_text_encoder and not args.lora_rank:
         raise UserError(
             "--train_text_encoder trains a LoRA on the text encoder, so it needs --lora_rank (training all of the"
@@ -1228,7 +1245,7 @@ def held_out_summary(losses, change):
     )
 
 
-def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=None):
+def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=None, text_encoder_targets=None):
     """Write output_dir/README.md: base model, data, hyperparameters and the final validation images.
 
     Hub ids go into the card's metadata; local paths don't (they mean nothing elsewhere): the text names
@@ -1271,8 +1288,10 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     lora = "no (all UNet weights trained)"
     if args.lora_rank:
         lora = f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}"
-        if args.train_text_encoder:
-            lora += f" and the text encoder's {' '.join(TEXT_ENCODER_TARGETS)}"
+        if text_encoder_targets:
+            lora += f" and the text encoder's {' '.join(text_encoder_targets)}"
+        if args.init_lora:
+            lora += f", trained on from {shown(args.init_lora)}"
     # The held-out loss (--validation_split) of the base model and of the result.
     held_out_line = (
         f"\n* Held-out loss ({args.validation_split:g} of the images): {held_out_report}" if held_out_report else ""
@@ -1365,6 +1384,36 @@ def out_of_memory_message(args, err):
     if checkpoints:
         kept = f"the last checkpoint, {os.path.join(args.output_dir, checkpoints[-1])}, is kept"
     return f"out of GPU memory ({first_line(err)}){peak}; {kept}. To fit, try {', '.join(options)}"
+
+
+def check_init_lora(args):
+    """--init_lora: the file must hold a UNet adapter that the other flags agree with. Its rank becomes the run's
+    --lora_rank (the rank of most of its layers, when they differ)."""
+    folder, name = lora_location(args.init_lora)
+    if not os.path.isfile(os.path.join(folder, name)):
+        raise UserError(
+            f"--init_lora {args.init_lora}: no LoRA there (a .safetensors file, or a folder with {WEIGHTS_NAME})"
+        )
+    try:
+        state, _, _ = read_lora(args.init_lora)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"--init_lora {args.init_lora} is not a LoRA diffusers can read: {first_line(err)}") from err
+    ranks = adapter_ranks(state, "unet")
+    if not ranks:
+        raise UserError(f"--init_lora {args.init_lora} holds no adapter for the UNet")
+    rank = Counter(ranks).most_common(1)[0][0]
+    if args.lora_rank not in (None, rank):
+        raise UserError(f"--init_lora {args.init_lora} is a LoRA of rank {rank}; leave --lora_rank out or give {rank}")
+    if args.lora_alpha is not None or args.lora_target_modules != LORA_TARGETS:
+        raise UserError(
+            "--init_lora keeps the adapter's own alpha and layers; leave --lora_alpha and --lora_target_modules out"
+        )
+    if adapter_ranks(state, "text_encoder") and not args.train_text_encoder:
+        raise UserError(
+            f"--init_lora {args.init_lora} holds a LoRA on the text encoder too; add --train_text_encoder to go on"
+            " training both"
+        )
+    args.lora_rank = rank
 
 
 def main(argv=None):
@@ -1550,8 +1599,19 @@ def fine_tune(args):
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     # With LoRA, the UNet is frozen too and only adapters on its attention layers train (see sdtoolkit/lora.py).
-    if args.lora_rank:
-        lora_alpha = args.lora_alpha or args.lora_rank
+    # With --init_lora the adapter is the file's, with its alpha and layers (which the model card then shows).
+    if args.init_lora:
+        try:
+            add_lora_from_file(unet, args.init_lora, part="unet", dropout=args.lora_dropout)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise UserError(f"could not load --init_lora {args.init_lora} onto this UNet: {first_line(err)}") from err
+        args.lora_alpha, args.lora_target_modules = unet.peft_config["default"].lora_alpha, adapted_layer_names(unet)
+        logger.info(
+            f"--init_lora: training on from {args.init_lora} (rank {args.lora_rank}, alpha {args.lora_alpha}, on"
+            f" {' '.join(args.lora_target_modules)})"
+        )
+    lora_alpha = args.lora_alpha or args.lora_rank
+    if args.lora_rank and not args.init_lora:
         add_lora(unet, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
                  target_modules=args.lora_target_modules)  # fmt: skip
     unet_trained = [p for p in unet.parameters() if p.requires_grad]
@@ -1563,8 +1623,18 @@ def fine_tune(args):
     text_encoder_trained, adapted_text_encoder = [], None
     if args.train_text_encoder:
         text_encoder.to(dtype=half or torch.float32)
-        text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
-                                        target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
+        if args.init_lora and adapter_ranks(read_lora(args.init_lora)[0], "text_encoder"):
+            try:
+                text_encoder_trained = add_lora_from_file(
+                    text_encoder, args.init_lora, part="text_encoder", dropout=args.lora_dropout
+                )
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                raise UserError(
+                    f"could not load --init_lora {args.init_lora} onto this text encoder: {first_line(err)}"
+                ) from err
+        else:  # a new adapter, also when the --init_lora file has none for the text encoder
+            text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha,
+                                            dropout=args.lora_dropout, target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
         text_encoder.train()
         adapted_text_encoder = text_encoder
         logger.info(f"Text encoder trainable parameters: {sum(p.numel() for p in text_encoder_trained):,}")
@@ -2198,7 +2268,7 @@ def fine_tune(args):
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
             )  # fmt: skip
             header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
-            adapters = kohya_state_dict(unet, adapted_text_encoder, alpha=lora_alpha)
+            adapters = kohya_state_dict(unet, adapted_text_encoder)
             save_file(adapters, kohya + ".partial", metadata=header)
             os.replace(kohya + ".partial", kohya)
             logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
@@ -2222,7 +2292,10 @@ def fine_tune(args):
             logger.info(f"Saved final validation images to {folder}")
 
         held_out_report = held_out_summary(held_out_losses, held_out_change) if held_out is not None else None
-        save_model_card(args, repo_id, images, buckets_used, held_out_report)
+        text_encoder_targets = None
+        if adapted_text_encoder is not None:
+            text_encoder_targets = adapted_layer_names(adapted_text_encoder)
+        save_model_card(args, repo_id, images, buckets_used, held_out_report, text_encoder_targets)
         if held_out is not None:
             logger.info(f"Held-out loss ({len(held_out)} images, --validation_split): {held_out_report}")
 

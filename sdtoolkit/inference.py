@@ -21,23 +21,37 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from sdtoolkit.errors import UserError, first_line
-from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, has_lora_ema, has_lora_weights, load_lora_ema_weights
+from sdtoolkit.lora import (
+    KOHYA_WEIGHTS_NAME,
+    has_lora_ema,
+    has_lora_weights,
+    load_lora_ema_weights,
+    lora_location,
+    read_lora,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_lora(pipeline, path):
-    """Load a LoRA onto the pipeline's UNet: a folder holding pytorch_lora_weights.safetensors, or one .safetensors
-    file in diffusers' or kohya-ss keys (see sdtoolkit/lora.py)."""
-    folder, weight_name = (
-        (os.path.dirname(path) or ".", os.path.basename(path)) if os.path.isfile(path) else (path, None)
-    )
-    if weight_name is None and not has_lora_weights(folder):
+    """Load a LoRA onto the pipeline (its UNet, and its text encoder when the LoRA has one): a folder holding
+    pytorch_lora_weights.safetensors, or one .safetensors file in diffusers' or kohya-ss keys (see sdtoolkit/lora.py)."""
+    folder, weight_name = lora_location(path)
+    if not os.path.isfile(os.path.join(folder, weight_name)):
         raise UserError(
             f"--lora {path}: no LoRA there (a .safetensors file, or a folder with pytorch_lora_weights.safetensors)"
         )
     try:
-        pipeline.load_lora_weights(folder, weight_name=weight_name)
+        # What pipeline.load_lora_weights does, with the alphas read_lora mends for the text encoder.
+        state, alphas, metadata = read_lora(path)
+        if not all("lora" in key for key in state):
+            raise ValueError(
+                f"it holds weights that are not a LoRA's, such as {next(k for k in state if 'lora' not in k)}"
+            )
+        pipeline.load_lora_into_unet(state, alphas, pipeline.unet, metadata=metadata, _pipeline=pipeline)
+        pipeline.load_lora_into_text_encoder(
+            state, alphas, pipeline.text_encoder, lora_scale=pipeline.lora_scale, metadata=metadata, _pipeline=pipeline
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"could not load the LoRA {path} onto this pipeline: {first_line(err)}") from err
 

@@ -8,9 +8,10 @@ the CLIP text encoder gets an adapter of its own on its attention projections, t
 the same files (under text_encoder. and lora_te_ keys), as kohya-ss trains by default.
 
     add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=DEFAULT_TARGETS)   # or the text encoder
+    add_lora_from_file(unet, "other-lora.safetensors", part="unet", dropout=0.0)   # --init_lora: go on from one
     save_lora(unet, folder, text_encoder)   # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
     load_lora(unet, folder, text_encoder)   # the adapter weights back into the models, bit for bit
-    kohya_state_dict(unet, text_encoder, alpha=4)   # the same adapters in kohya-ss / AUTOMATIC1111 keys
+    kohya_state_dict(unet, text_encoder)  # the same adapters in kohya-ss / AUTOMATIC1111 keys
     kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read
     tag_frequency(captions)              # the captions' tags and their counts, for that header
 """
@@ -20,15 +21,16 @@ import datetime
 import json
 import logging
 import os
+import re
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import (
-    convert_state_dict_to_diffusers,
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -57,9 +59,95 @@ def add_lora(model, *, rank, alpha, dropout, target_modules):
     return parameters
 
 
-def lora_state_dict(model):
-    """The adapter's weights in diffusers' keys (<module>.lora_A.weight, ...), as save_lora_weights takes."""
-    return convert_state_dict_to_diffusers(adapter_weights(model))
+def lora_location(path):
+    """(folder, file name) of a LoRA given as a folder holding pytorch_lora_weights.safetensors (a LoRA run's output
+    or checkpoint) or as one .safetensors file."""
+    if os.path.isfile(path):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    return path, WEIGHTS_NAME
+
+
+def read_lora(path):
+    """The adapters saved at `path` as diffusers reads them, kohya-ss keys converted to diffusers':
+    (state dict with unet. and text_encoder. keys, kohya-ss's alphas or None, diffusers' metadata or None).
+
+    diffusers names a kohya-ss file's text encoder alphas by their transformers 4 paths (text_model.encoder...),
+    which the text encoder of transformers 5 does not have: a layer whose alpha differs from the file's usual one
+    would be loaded with the usual one. Without the text_model. part the name matches either version's layer.
+    """
+    folder, name = lora_location(path)
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        folder, weight_name=name, return_lora_metadata=True
+    )
+    if alphas:
+        alphas = {key.replace("text_encoder.text_model.", "text_encoder.", 1): alpha for key, alpha in alphas.items()}
+    # Every key in PEFT's names, as save_lora writes them: diffusers converts a UNet's only when the first key is
+    # in its older names (see save_lora), and files from elsewhere, or from earlier runs, may mix both.
+    unet = {key: value for key, value in state.items() if key.startswith("unet.")}
+    text_encoder = {key: value for key, value in state.items() if key.startswith("text_encoder.")}
+    if any("lora_linear_layer" in key or "_lora." in key for key in text_encoder):
+        text_encoder = convert_state_dict_to_peft(text_encoder)
+    return {**convert_unet_state_dict_to_peft(unet), **text_encoder}, alphas, metadata
+
+
+def adapter_ranks(state, part):
+    """The rank of each adapter layer the state dict (from read_lora) holds for `part` ("unet" or "text_encoder")."""
+    downs = (".down.weight", ".lora_A.weight")  # diffusers' older and newer names for A
+    return [tensor.shape[0] for key, tensor in state.items() if key.startswith(part + ".") and key.endswith(downs)]
+
+
+def add_lora_from_file(model, path, *, part, dropout):
+    """Add to the model the adapter the LoRA at `path` holds for it (`part`: "unet" or "text_encoder"), ready to go
+    on training as add_lora's would be: the model frozen, the adapter trainable, float32, with `dropout`. Its
+    rank, alpha and layers are the file's, as diffusers' load_lora_weights reads them (a kohya-ss file's too).
+    Returns the adapter's parameters."""
+    state, alphas, metadata = read_lora(path)
+    load = {
+        "unet": StableDiffusionPipeline.load_lora_into_unet,
+        "text_encoder": StableDiffusionPipeline.load_lora_into_text_encoder,
+    }[part]
+    model.requires_grad_(False)
+    try:
+        load(state, alphas, model, adapter_name="default", metadata=metadata)
+    except RuntimeError as err:  # torch's load_state_dict lists every layer whose shape differs
+        mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        raise ValueError(
+            f"{len(mismatches)} of its layers have other shapes than this model's: {mismatches[0]}"
+        ) from err
+    # diffusers only warns about adapter layers that find no place in the model; a run must not start without them.
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    expected = len(adapter_ranks(state, part))
+    if len(layers) != expected:
+        raise ValueError(
+            f"{expected - len(layers)} of its {expected} {part} adapter layers match no layer of this model"
+        )
+    for layer in layers:  # a file's adapter is loaded without dropout
+        if dropout:
+            layer.lora_dropout["default"] = torch.nn.Dropout(p=dropout)
+    parameters = [parameter for name, parameter in model.named_parameters() if ".lora_" in name]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+        parameter.data = parameter.data.float()
+    # diffusers made the adapter in the model's dtype, half under mixed precision: the weights again, into float32.
+    copy_adapter_weights(model, state, part)
+    return parameters
+
+
+# The path of a layer up to its name within its block: a UNet transformer block (and its attention), a UNet
+# attention or ResNet block, a CLIP layer (and its attention or MLP).
+BLOCK_PATH = re.compile(
+    r"^(.*\.)?(transformer_blocks\.\d+\.(attn\d\.)?|attentions\.\d+\.|resnets\.\d+\.|layers\.\d+\.(self_attn\.|mlp\.)?)"
+)
+
+
+def adapted_layer_names(model):
+    """The names of the layers that carry the model's adapter, within their blocks ("to_q", "to_out.0", "ff.net.2"),
+    for the model card."""
+    return sorted(
+        {BLOCK_PATH.sub("", name) for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    )
 
 
 def adapter_weights(model):
@@ -72,13 +160,17 @@ def save_lora(unet, folder, text_encoder=None):
     """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it. With a
     text encoder that has an adapter too (--train_text_encoder), the file holds both.
 
-    The adapters' configs (rank, alpha, targets) go into the file's metadata: without them a loader assumes
-    alpha = rank, and an adapter trained with another alpha would apply at the wrong scale. The file is written
-    under another name and renamed into place, so a run killed while saving leaves the previous one whole.
+    The weights keep PEFT's keys (<module>.lora_A.weight), which diffusers reads as they are. (Its converter to
+    the older keys, which upstream's LoRA script saves with, renames only attention layers; given a file that
+    mixes both kinds, load_lora_weights looks at the first key only, and drops the attention layers of an adapter
+    that also has proj_in or ff layers, with a warning.) The adapters' configs (rank, alpha, targets) go into the
+    file's metadata: without them a loader assumes alpha = rank, and an adapter trained with another alpha would
+    apply at the wrong scale. The file is written under another name and renamed into place, so a run killed
+    while saving leaves the previous one whole.
     """
     text_encoder_layers = text_encoder_config = None
     if text_encoder is not None:
-        text_encoder_layers = lora_state_dict(text_encoder)
+        text_encoder_layers = adapter_weights(text_encoder)
         text_encoder_config = text_encoder.peft_config["default"].to_dict()
     partial = WEIGHTS_NAME + ".partial"
     # diffusers logs where it saved: the temporary name, which would mislead. The caller says where it is.
@@ -87,7 +179,7 @@ def save_lora(unet, folder, text_encoder=None):
     diffusers_logger.setLevel(logging.WARNING)
     try:
         StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=lora_state_dict(unet), safe_serialization=True, weight_name=partial,
+            folder, unet_lora_layers=adapter_weights(unet), safe_serialization=True, weight_name=partial,
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), text_encoder_lora_layers=text_encoder_layers,
             text_encoder_lora_adapter_metadata=text_encoder_config,
         )  # fmt: skip
@@ -99,16 +191,25 @@ def save_lora(unet, folder, text_encoder=None):
 def load_lora(unet, folder, text_encoder=None):
     """Put the adapters saved in `folder` (by save_lora) back into the UNet's adapter, and the text encoder's when
     it is given, bit for bit."""
-    state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=WEIGHTS_NAME)
-    models = [("unet.", unet, convert_unet_state_dict_to_peft)]
-    if text_encoder is not None:
-        models.append(("text_encoder.", text_encoder, convert_state_dict_to_peft))
-    for prefix, model, to_peft in models:
-        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        incompatible = set_peft_model_state_dict(model, to_peft(own), adapter_name="default")
-        unexpected = getattr(incompatible, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"{folder} holds adapter weights the {prefix[:-1]} has no place for: {unexpected[:3]}")
+    state, _, _ = read_lora(folder)
+    try:
+        copy_adapter_weights(unet, state, "unet")
+        if text_encoder is not None:
+            copy_adapter_weights(text_encoder, state, "text_encoder")
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from err
+
+
+def copy_adapter_weights(model, state, part):
+    """Copy the weights a read_lora state dict holds for `part` ("unet" or "text_encoder") into the model's adapter,
+    in the adapter's own dtype."""
+    own = {key.removeprefix(part + "."): value for key, value in state.items() if key.startswith(part + ".")}
+    if not hasattr(model, "text_model"):  # kohya-ss names the text encoder's layers by transformers 4's paths
+        own = {key.removeprefix("text_model."): value for key, value in own.items()}
+    incompatible = set_peft_model_state_dict(model, own, adapter_name="default")
+    unexpected = getattr(incompatible, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"it holds adapter weights the {part} has no place for: {unexpected[:3]}")
 
 
 def has_text_encoder_lora(folder):
@@ -117,20 +218,22 @@ def has_text_encoder_lora(folder):
         return any(key.startswith("text_encoder.") for key in f.keys())
 
 
-def kohya_state_dict(unet, text_encoder=None, *, alpha):
+def kohya_state_dict(unet, text_encoder=None):
     """The adapters in kohya-ss keys, as AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read them.
 
     kohya names each module by its path in the model with '_' for '.', under lora_unet_ (the UNet's diffusers
     names) or lora_te_ (the text encoder's transformers names, text_model.encoder.layers...), with lora_down (A)
     and lora_up (B), and stores alpha per module: the update is scaled by alpha / rank, so alpha must be the
-    training's lora_alpha, not the rank. (transformers 5.6 and later name CLIPTextModel's modules without the
-    text_model. prefix that kohya's names have: it is put back.)
+    layer's lora_alpha, not its rank (an adapter from --init_lora may have several). (transformers 5.6 and later
+    name CLIPTextModel's modules without the text_model. prefix that kohya's names have: it is put back.)
     """
     state = {}
     models = [("lora_unet_", unet)] + [("lora_te_", text_encoder)] * (text_encoder is not None)
     for prefix, model in models:
+        alphas = {name: m.lora_alpha["default"] for name, m in model.named_modules() if isinstance(m, LoraLayer)}
         for key, tensor in adapter_weights(model).items():
             module, _, rest = key.partition(".lora_")  # "down_blocks.0....to_q", "A.weight"
+            alpha = alphas[module]
             if prefix == "lora_te_" and not module.startswith("text_model."):
                 module = "text_model." + module
             name = prefix + module.replace(".", "_")

@@ -175,6 +175,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "data_rows": num_rows,
         "data_fingerprint": data_fingerprint,
         "lora_rank": args.lora_rank,
+        "init_lora": local_path_or_name(args.init_lora),
     }
 
 

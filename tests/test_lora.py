@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file
+from diffusers.utils import convert_state_dict_to_diffusers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import metrics
@@ -15,7 +17,7 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from tests.conftest import DEMO_DATA, generated_image, logged_losses, train, unet_weights
+from tests.conftest import DEMO_DATA, generated_image, logged_losses, reset_accelerate_state, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
@@ -96,12 +98,18 @@ def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in load_file(
         out / KOHYA_WEIGHTS_NAME
     )
-    assert "and the text encoder's q_proj k_proj v_proj out_proj" in (out / "README.md").read_text()
+    assert "and the text encoder's k_proj out_proj q_proj v_proj" in (out / "README.md").read_text()
 
 
-def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_path):
+# Beside attention layers, kohya-ss trains proj_in, proj_out and the feed-forward layers by default.
+KOHYA_TARGETS = ["--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
+
+
+@pytest.mark.parametrize("targets", [[], KOHYA_TARGETS], ids=["attention", "kohya-targets"])
+def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_path, targets):
+    # diffusers' own loader, as the model card shows it, reads every layer of either file.
     out = tmp_path / "out"
-    train(tiny_sd, out, *LORA, "--max_train_steps", "3")
+    train(tiny_sd, out, *LORA, *targets, "--max_train_steps", "3")
     base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     without = generated_image(base, 32)
     base.load_lora_weights(out, weight_name=WEIGHTS_NAME, adapter_name="peft")
@@ -111,6 +119,15 @@ def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_
     with_kohya = generated_image(base, 32)
     assert abs(with_peft - without).max() > 1e-3  # the adapter changes the image
     assert abs(with_kohya - with_peft).max() <= 1e-4
+    if targets:
+        # Upstream's LoRA script (and this toolkit before) renamed only the attention layers to diffusers' older keys,
+        # a mix that diffusers' loader reads only in part; metrics.py and gradio_app.py read all of it.
+        upstream = tmp_path / "upstream" / WEIGHTS_NAME
+        upstream.parent.mkdir()
+        with safe_open(out / WEIGHTS_NAME, "pt") as f:
+            save_file(convert_state_dict_to_diffusers(load_file(out / WEIGHTS_NAME)), upstream, metadata=f.metadata())
+        pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(upstream))
+        assert abs(generated_image(pipeline, 32) - with_peft).max() <= 1e-4
     kohya = load_file(out / KOHYA_WEIGHTS_NAME)
     assert all(value.item() == 8.0 for key, value in kohya.items() if key.endswith(".alpha"))
 
@@ -192,14 +209,136 @@ def test_metrics_scores_a_lora_beside_its_base(tiny_sd, tiny_clip, tmp_path):
         metrics.main(["--model_path", str(tiny_sd), "--lora", str(tmp_path), *common])
 
 
+@pytest.fixture(scope="module")
+def a1111_lora(tiny_sd, tmp_path_factory):
+    """(a LoRA run's folder, a kohya-ss file as AUTOMATIC1111 users download them). The file holds the run's adapters
+    in kohya keys plus what kohya-ss's defaults add: adapters on the text encoder's MLP, here of another rank (2)
+    and alpha (1), and a few UNet layers with an alpha of their own (3); its weights are float16."""
+    root = tmp_path_factory.mktemp("a1111-lora")
+    train(tiny_sd, root / "run", *TEXT_ENCODER, "--max_train_steps", "2",
+          "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2")  # fmt: skip
+    kohya = load_file(root / "run" / KOHYA_WEIGHTS_NAME)
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    generator = torch.Generator().manual_seed(0)
+    for name, module in text_encoder.named_modules():
+        if name.endswith(("mlp.fc1", "mlp.fc2")):
+            key = "lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_")
+            kohya[key + ".lora_down.weight"] = torch.randn(2, module.in_features, generator=generator) / 10
+            kohya[key + ".lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator) / 10
+            kohya[key + ".alpha"] = torch.tensor(1.0)
+    for key in kohya:
+        if key.endswith(("proj_in.alpha", "ff_net_2.alpha")):
+            kohya[key] = torch.tensor(3.0)
+    kohya = {key: value.half() if key.endswith(".weight") else value for key, value in kohya.items()}
+    save_file(kohya, root / "a1111.safetensors")
+    return root / "run", root / "a1111.safetensors"
+
+
+def test_init_lora_starts_from_the_adapters_of_the_file_as_they_are(tiny_sd, a1111_lora, tmp_path):
+    run, a1111 = a1111_lora
+    # A step this small moves no weight: what is saved is what training started from.
+    still = ["--learning_rate", "1e-30", "--max_train_steps", "1", "--train_text_encoder"]
+    train(tiny_sd, tmp_path / "from-run", "--init_lora", str(run), *still)
+    started, source = load_file(tmp_path / "from-run" / WEIGHTS_NAME), load_file(run / WEIGHTS_NAME)
+    assert started.keys() == source.keys() and all(torch.equal(started[k], source[k]) for k in source)
+
+    # From the kohya file under mixed precision: every layer, rank and alpha as the file has them, in float32.
+    reset_accelerate_state()
+    train(tiny_sd, tmp_path / "from-file", "--init_lora", str(a1111), *still, "--mixed_precision", "bf16")
+    started, source = load_file(tmp_path / "from-file" / KOHYA_WEIGHTS_NAME), load_file(a1111)
+    assert started.keys() == source.keys()
+    assert all(started[k].dtype == torch.float32 and torch.equal(started[k], source[k].float()) for k in source)
+    card = (tmp_path / "from-file" / "README.md").read_text()
+    assert "rank 4, alpha 8.0, on ff.net.2 proj_in to_k to_out.0 to_q to_v and the text encoder's fc1 fc2" in card
+    assert "trained on from a local file `a1111.safetensors`" in card
+
+
+def test_init_lora_trains_every_layer_of_the_file_and_resumes_bitwise(tiny_sd, a1111_lora, tmp_path):
+    _, a1111 = a1111_lora
+    flags = [
+        "--init_lora",
+        str(a1111),
+        "--train_text_encoder",
+        "--learning_rate",
+        "1e-2",
+        "--checkpointing_steps",
+        "2",
+    ]
+    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    whole, parts = (
+        load_file(tmp_path / "whole" / KOHYA_WEIGHTS_NAME),
+        load_file(tmp_path / "parts" / KOHYA_WEIGHTS_NAME),
+    )
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    source = load_file(a1111)
+    moved = [k for k in source if k.endswith(".weight") and not torch.equal(whole[k], source[k].float())]
+    assert len(moved) == sum(k.endswith(".weight") for k in source)  # the text encoder's MLP layers too
+
+
+def test_a_kohya_file_with_an_alpha_per_layer_loads_as_written(tiny_sd, a1111_lora):
+    # diffusers names the text encoder's per-layer alphas by transformers 4's paths; they must still apply.
+    _, a1111 = a1111_lora
+    pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(a1111))
+    by_hand = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    modules = {"lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_"): module
+               for name, module in by_hand.named_modules()}  # fmt: skip
+    kohya = load_file(a1111)
+    for key in kohya:
+        if key.startswith("lora_te_") and key.endswith(".alpha"):
+            name = key.removesuffix(".alpha")
+            down, up = kohya[name + ".lora_down.weight"].float(), kohya[name + ".lora_up.weight"].float()
+            modules[name].weight.data += kohya[key].item() / down.shape[0] * up @ down
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    assert (embeddings(pipeline.text_encoder, tokenizer) - embeddings(by_hand, tokenizer)).abs().max() <= 1e-5
+
+
+def misfit(a1111, out, change):
+    """The kohya file with one change, as another model's LoRA would have it."""
+    kohya = load_file(a1111)
+    name = next(key for key in kohya if key.startswith("lora_unet_down_blocks_0") and key.endswith("_to_k.alpha"))
+    name = name.removesuffix(".alpha")
+    if change == "a layer too many":
+        for part in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            kohya[name.replace("down_blocks_0", "down_blocks_7") + part] = kohya[name + part].clone()
+    else:
+        kohya[name + ".lora_down.weight"] = torch.zeros(4, 999, dtype=torch.float16)
+    save_file(kohya, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--init_lora", "missing.safetensors"], "--init_lora missing.safetensors: no LoRA there"),
+        (["--init_lora", "A1111", "--train_text_encoder", "--lora_rank", "8"], "is a LoRA of rank 4; leave --lora_rank out or give 4"),
+        (["--init_lora", "A1111", "--train_text_encoder", "--lora_alpha", "4"], "keeps the adapter's own alpha and layers"),
+        (["--init_lora", "A1111"], "holds a LoRA on the text encoder too; add --train_text_encoder"),
+        (["--init_lora", "a layer too many", "--train_text_encoder"], "onto this UNet: 1 of its 61 unet adapter layers match no layer"),
+        (["--init_lora", "a misshapen layer", "--train_text_encoder"], "onto this UNet: 1 of its layers have other shapes than this model's"),
+    ],
+    ids=["missing", "rank", "alpha", "text-encoder", "extra-layer", "shape"],
+)  # fmt: skip
+def test_init_lora_that_does_not_fit_is_one_line(tiny_sd, a1111_lora, tmp_path, flags, message):
+    _, a1111 = a1111_lora
+    path = flags[1]
+    if path == "A1111":
+        path = str(a1111)
+    elif path != "missing.safetensors":
+        path = str(misfit(a1111, tmp_path / "other.safetensors", path))
+    with pytest.raises(UserError, match=message):
+        train(tiny_sd, tmp_path / "out", flags[0], path, *flags[2:], "--max_train_steps", "1")
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+
+
 def assert_two_finite_steps_and_a_float32_adapter_that_moved(out):
     losses = [loss for _, loss in logged_losses(out)]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     adapter = load_file(out / WEIGHTS_NAME)
     assert all(value.dtype == torch.float32 for value in adapter.values())
-    # B, which starts at zero (the UNet's lora.up, the text encoder's lora_linear_layer.up)
-    lora_up = [value for key, value in adapter.items() if key.endswith(".up.weight")]
-    assert lora_up and all(value.abs().sum() > 0 for value in lora_up)
+    lora_b = [value for key, value in adapter.items() if key.endswith(".lora_B.weight")]  # B starts at zero
+    assert lora_b and all(value.abs().sum() > 0 for value in lora_b)
 
 
 @pytest.mark.gpu
