@@ -332,7 +332,7 @@ def test_two_processes_train_a_lora_on_the_unet_and_the_text_encoder(tiny_sd, tm
         ddp, single = (load_file(run / folder / "pytorch_lora_weights.safetensors") for run in (out, one))
         for model in ("unet.", "text_encoder."):
             # The B matrices start at zero: what they hold is what training moved.
-            up = [key for key in single if key.startswith(model) and ".up." in key]
+            up = [key for key in single if key.startswith(model) and ".lora_B." in key]
             assert up and ddp.keys() == single.keys()
             moved = torch.cat([single[key].flatten() for key in up])
             apart = torch.cat([(ddp[key] - single[key]).flatten() for key in up])
