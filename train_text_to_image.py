@@ -471,6 +471,15 @@ def parse_args(argv=None):
         help="whether to randomly flip images horizontally",
     )
     parser.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help=(
+            "Learn only where the images are opaque (not upstream; kohya-ss's --masked_loss with --alpha_mask): the"
+            " loss at each latent pixel is weighed by the image's opacity there, so transparent backgrounds are not"
+            " learned. Images without an alpha channel are learned whole."
+        ),
+    )
+    parser.add_argument(
         "--image_interpolation_mode",
         type=str,
         default="lanczos",
@@ -944,9 +953,14 @@ def load_training_dataset(args):
     # of the free memory, so that caching does not decode every image a second time.
     train = as_image_column(train, image_column)
     keep_bytes = min(2 * 1024**3, available_memory() // 4)
-    bad, digests, sizes, crops = scan_images(
+    bad, digests, sizes, crops, transparent = scan_images(
         train, image_column, prepare=cache_crop_maker(args), keep_bytes=keep_bytes
     )
+    if args.masked_loss and not transparent:
+        logger.warning("--masked_loss: no image has an alpha channel, so every image is learned whole")
+    elif args.masked_loss:
+        others = "; the others are learned whole" if transparent < len(train) else ""
+        logger.info(f"--masked_loss: {transparent} of {len(train)} images have an alpha channel{others}")
     if args.cache_latents and args.center_crop and crops is None:
         logger.info(
             f"The crops to cache take more than {keep_bytes / 1024**3:.1f} GB; caching decodes the images again"
@@ -1042,7 +1056,7 @@ def read_regularization_images(args, features, image_column, caption_column, num
     rows = rows.cast(
         datasets.Features({image_column: features[image_column], caption_column: features[caption_column]})
     )
-    bad, digests, sizes, crops = scan_images(
+    bad, digests, sizes, crops, _ = scan_images(
         rows, image_column, prepare=cache_crop_maker(args) if keep_crops else None, keep_bytes=keep_bytes
     )
     if bad and not args.skip_invalid_images:
@@ -1075,12 +1089,12 @@ def cache_crop_maker(args):
         return None
     interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
     if not args.aspect_buckets:
-        return lambda image: cache_crop(image, args.resolution, interpolation)
+        return lambda image: cache_crop(image, args.resolution, interpolation, args.masked_loss)
     buckets = bucket_shapes(args)
 
     def crop_to_bucket(image):
         bucket = assign_buckets([image.size], buckets, no_upscale=args.bucket_no_upscale)[0][0] if buckets else None
-        return cache_crop(image, buckets[bucket], interpolation) if bucket is not None else None
+        return cache_crop(image, buckets[bucket], interpolation, args.masked_loss) if bucket is not None else None
 
     return crop_to_bucket
 
@@ -2142,10 +2156,14 @@ def fine_tune(args):
                     # Predict the noise residual and compute loss
                     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
-                    if args.snr_gamma is None and "loss_weight" not in batch:
+                    if args.snr_gamma is None and "loss_weight" not in batch and not args.masked_loss:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                     else:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                        if args.masked_loss:
+                            # Each latent pixel weighs the image's opacity there; the mean is still over all of
+                            # them, as kohya-ss takes it, so an image that is half transparent counts half.
+                            loss = loss * batch["loss_mask"]
                         loss = loss.mean(dim=list(range(1, len(loss.shape))))
                         if args.snr_gamma is not None:
                             # Compute loss-weights as per Section 3.4 of https://arxiv.org/abs/2303.09556.

@@ -42,14 +42,42 @@ def to_rgb(image):
         elif image.mode != "F":
             array = array / 257.0  # 65535 -> 255
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def has_alpha(image):
+    """Whether a PIL image has transparency."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+
+
+def alpha_channel(image):
+    """The image's transparency as an 8-bit greyscale image (255: opaque), or None when it has none."""
+    return image.convert("RGBA").getchannel("A") if has_alpha(image) else None
+
+
+def square_crop(image, resolution, interpolation, *, center, generator=None):
+    """Resize a PIL image's shorter side to `resolution`, then crop a square of that side: from the center, or
+    at a place drawn from `generator` (top, then left). (cover_and_crop does the same for a bucket's shape.)"""
+    image = TF.resize(image, resolution, interpolation=interpolation)
+    if center:
+        return TF.center_crop(image, resolution)
+    top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+    return TF.crop(image, top, left, resolution, resolution)
+
+
+def latent_mask(alpha, latent_shape):
+    """--masked_loss: the weight of each latent pixel in the loss, 1 x h x w. It is the mean opacity of the
+    pixels the latent pixel stands for (an 8 x 8 block in SD), from the alpha channel cropped like its image.
+    Without an alpha channel (None) every pixel weighs 1."""
+    _, height, width = latent_shape
+    if alpha is None:
+        return torch.ones(1, height, width)
+    return torch.nn.functional.interpolate(TF.to_tensor(alpha)[None], size=(height, width), mode="area")[0]
 
 
 def available_memory():
@@ -162,13 +190,14 @@ def large_row_groups(files):
 
 
 def scan_images(dataset, image_column, *, prepare=None, keep_bytes=0):
-    """Decode every image once, as training does. Returns (unreadable, digests, sizes, kept).
+    """Decode every image once, as training does. Returns (unreadable, digests, sizes, kept, transparent).
 
     unreadable: [(row, name, reason)] for the rows whose image can't be decoded; name is the file's path or
     'row N'. digests: one sha256 of each row's image bytes, for the data's fingerprint (see `fingerprint`).
     sizes: each image's (width, height) as training sees it (EXIF orientation applied), None if unreadable.
     kept: with `prepare`, prepare(image) of every row (e.g. its center crop at the training size, so that
-    caching need not decode it again), while they fit in keep_bytes; None when they did not.
+    caching need not decode it again), while they fit in keep_bytes; None when they did not. transparent: the
+    number of images with an alpha channel.
 
     Rows are read 64 at a time and decoded in threads (PIL releases the GIL while it decodes), so the check
     holds a few images' bytes, not the whole column's.
@@ -178,7 +207,7 @@ def scan_images(dataset, image_column, *, prepare=None, keep_bytes=0):
 
     def check(index, value):
         name = (value or {}).get("path") or f"row {index}"
-        data, size, problem, kept = b"", None, None, None
+        data, size, problem, kept, alpha = b"", None, None, None, False
         try:
             if value is None:
                 raise ValueError("no image")
@@ -187,27 +216,28 @@ def scan_images(dataset, image_column, *, prepare=None, keep_bytes=0):
                 with open(value["path"], "rb") as f:
                     data = f.read()
             image = feature.decode_example({"path": None, "bytes": data})  # every pixel, as training will
-            size = image.size
+            size, alpha = image.size, has_alpha(image)
             kept = prepare(image) if prepare is not None else None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
             problem = (index, name, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        return problem, hashlib.sha256(data or b"").digest(), size, kept
+        return problem, hashlib.sha256(data or b"").digest(), size, kept, alpha
 
-    bad, digests, sizes, kept, kept_total = [], [], [], [] if prepare else None, 0
+    bad, digests, sizes, kept, kept_total, transparent = [], [], [], [] if prepare else None, 0, 0
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(raw), 64):
             values = raw[start : start + 64][image_column]
-            for problem, digest, size, image in pool.map(check, range(start, start + len(values)), values):
+            for problem, digest, size, image, alpha in pool.map(check, range(start, start + len(values)), values):
                 if problem:
                     bad.append(problem)
                 digests.append(digest)
                 sizes.append(size)
+                transparent += alpha
                 if kept is not None:
-                    kept_total += image.width * image.height * 3 if image is not None else 0
+                    kept_total += image.width * image.height * len(image.getbands()) if image is not None else 0
                     kept = None if kept_total > keep_bytes else kept
                     if kept is not None:
                         kept.append(image)
-    return bad, digests, sizes, kept
+    return bad, digests, sizes, kept, transparent
 
 
 def fingerprint(image_digests, captions):
@@ -269,6 +299,7 @@ class TrainingExamples(torch.utils.data.Dataset):
     at random is drawn per example, so each repeat has its own crop, flip, caption and noise.
     loss_weights: each row's weight in the loss (--prior_loss_weight for regularization images), served as
     `loss_weight`; None: every example weighs the same, and items have no `loss_weight`.
+    With --masked_loss each item also holds `loss_mask`, the weight of each latent pixel (see latent_mask).
     """
 
     def __init__(
@@ -287,6 +318,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.resolution = args.resolution
         self.center_crop = args.center_crop
         self.random_flip = args.random_flip
+        self.masked_loss = args.masked_loss
         self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
         self.noise_offset = args.noise_offset
         self.input_perturbation = args.input_perturbation
@@ -329,33 +361,33 @@ class TrainingExamples(torch.utils.data.Dataset):
 
         # The image: shorter side to `resolution`, then a center or random square crop, maybe a flip. With
         # buckets: resized to cover the row's bucket, then cropped to it (see sdtoolkit/buckets.py).
-        if self.latents is None and self.bucket_sizes is not None:
-            image = cover_and_crop(
-                to_rgb(row[self.image_column]), self.bucket_sizes[image_row], self.interpolation,
-                center=self.center_crop, generator=generator,
-            )  # fmt: skip
-            if self.random_flip and torch.rand(1, generator=generator) < 0.5:
+        if self.latents is None:
+            source = row[self.image_column]
+            crop, size = square_crop, self.resolution
+            if self.bucket_sizes is not None:
+                crop, size = cover_and_crop, self.bucket_sizes[image_row]
+            crop_draws = generator.get_state() if self.masked_loss else None
+            image = crop(to_rgb(source), size, self.interpolation, center=self.center_crop, generator=generator)
+            flipped = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
+            if flipped:
                 image = TF.hflip(image)
             example["pixel_values"] = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
-        elif self.latents is None:
-            image = to_rgb(row[self.image_column])
-            image = TF.resize(image, self.resolution, interpolation=self.interpolation)
-            width, height = image.size
-            if self.center_crop:
-                image = TF.center_crop(image, self.resolution)
-            else:
-                top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
-                left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
-                image = TF.crop(image, top, left, self.resolution, self.resolution)
-            if self.random_flip and torch.rand(1, generator=generator) < 0.5:
-                image = TF.hflip(image)
-            example["pixel_values"] = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+            if self.masked_loss:
+                # The alpha channel, cropped where the image was (its draws replayed) and flipped with it.
+                alpha = alpha_channel(source)
+                if alpha is not None:
+                    replay = torch.Generator().set_state(crop_draws)
+                    alpha = crop(alpha, size, self.interpolation, center=self.center_crop, generator=replay)
+                    alpha = TF.hflip(alpha) if flipped else alpha
+                example["loss_mask"] = latent_mask(alpha, self.latent_shape_of(image_row))
         else:
             # Cached latents exist only for center crops; orientation 1 is the flipped image.
             flipped = bool(self.random_flip and torch.rand(1, generator=generator) < 0.5)
             mean, std = self.latents[image_row]
             example["latent_mean"] = mean[int(flipped)]
             example["latent_std"] = std[int(flipped)]
+            if self.masked_loss:
+                example["loss_mask"] = self.latents.loss_mask(image_row)[int(flipped)].float()
 
         # The caption: a random one of several, if the row has a list.
         if self.text is None:

@@ -24,10 +24,11 @@ import shutil
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
-from sdtoolkit.data import to_rgb
+from sdtoolkit.data import alpha_channel, latent_mask, square_crop, to_rgb
 from sdtoolkit.errors import UserError
 
 # Bump when what the files hold changes, so that a cache written by an older version is not read as new.
@@ -40,32 +41,50 @@ DEFAULT_DISK_FOLDER = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expa
 STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 
 
-def cache_crop(image, size, interpolation):
-    """The image as the uncached path makes it with a center crop, before the flip: an RGB PIL image.
+def cache_crop(image, size, interpolation, keep_alpha=False):
+    """The image as the uncached path makes it with a center crop, before the flip: an RGB PIL image. With
+    keep_alpha (--masked_loss) and an image that has transparency, RGBA: the same RGB, with the alpha channel
+    cropped alike as A (see crop_alpha).
 
     size: the square's side, or a bucket's (width, height).
     """
-    if isinstance(size, tuple):
-        return cover_and_crop(to_rgb(image), size, interpolation, center=True)
-    return TF.center_crop(TF.resize(to_rgb(image), size, interpolation=interpolation), size)
+    crop = cover_and_crop if isinstance(size, tuple) else square_crop
+    rgb = crop(to_rgb(image), size, interpolation, center=True)
+    alpha = alpha_channel(image) if keep_alpha else None
+    if alpha is None:
+        return rgb
+    return Image.merge("RGBA", (*rgb.split(), crop(alpha, size, interpolation, center=True)))
 
 
 def crop_pixels(crop, flip):
     """A cache crop as the VAE takes it: maybe mirrored, 3 x height x width in [-1, 1]."""
     if flip:
         crop = TF.hflip(crop)
-    return TF.normalize(TF.to_tensor(crop), [0.5], [0.5])
+    return TF.normalize(TF.to_tensor(crop.convert("RGB")), [0.5], [0.5])  # an RGBA crop's alpha is dropped
+
+
+def crop_alpha(crop, flip):
+    """A cache crop's alpha channel, maybe mirrored, or None when it has none."""
+    if crop.mode != "RGBA":
+        return None
+    return TF.hflip(crop.getchannel("A")) if flip else crop.getchannel("A")
 
 
 class CachedLatents:
-    """Each row's latent (mean, std), [orientations, C, h, w] each, from one array per training shape."""
+    """Each row's latent (mean, std), [orientations, C, h, w] each, from one array per training shape; with
+    --masked_loss, its loss mask too ([orientations, 1, h, w], see latent_mask)."""
 
-    def __init__(self, means, stds, where):
+    def __init__(self, means, stds, where, masks=None):
         self.means, self.stds, self.where = means, stds, where  # where[row] = (shape's array, position in it)
+        self.masks = masks
 
     def __getitem__(self, row):
         array, position = self.where[row]
         return self.means[array][position], self.stds[array][position]
+
+    def loss_mask(self, row):
+        array, position = self.where[row]
+        return self.masks[array][position]
 
 
 class MemoryArrays:
@@ -170,6 +189,8 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
         "dtype": str(dtype),
         "max_length": examples.tokenizer.model_max_length,
     }
+    if examples.masked_loss and latents:  # the cache holds loss masks too (a key that caches without them lack)
+        settings["masked_loss"] = True
     key.update(json.dumps(settings, sort_keys=True).encode())
     return key.hexdigest()[:32]
 
@@ -181,7 +202,7 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
     (MemoryArrays by default); when `arrays` already exists on disk, open it instead of encoding.
 
     Latents: the mean and std of the VAE's latent distribution of each row's center crop, and of its mirror
-    image with --random_flip. Text: the text encoder's output for every caption of every row, and for the
+    image with --random_flip (and with --masked_loss each one's loss mask). Text: the text encoder's output for every caption of every row, and for the
     empty caption (for caption dropout). crops: each row's `cache_crop`, when the pre-training check kept
     them. Returns (latents, text) in the form TrainingExamples.use_cache takes; either is None when not asked.
     """
@@ -197,34 +218,47 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
             groups = {}
             for row, size in enumerate(sizes):
                 groups.setdefault(size, []).append(row)
-            where, means, stds = [None] * rows, [], []
+            where, means, stds, masks = [None] * rows, [], [], [] if examples.masked_loss else None
             for index, (size, group) in enumerate(groups.items()):
                 for position, row in enumerate(group):
                     where[row] = (index, position)
-                shape = (len(group), len(orientations), *examples.latent_shape_of(group[0]))
+                latent_shape = examples.latent_shape_of(group[0])
+                shape = (len(group), len(orientations), *latent_shape)
+                mask_shape = (len(group), len(orientations), 1, *latent_shape[1:])
                 if reuse:
                     means.append(arrays.open(f"latent-mean-{index}", shape, dtype))
                     stds.append(arrays.open(f"latent-std-{index}", shape, dtype))
+                    if masks is not None:
+                        masks.append(arrays.open(f"loss-mask-{index}", mask_shape, dtype))
                     continue
                 mean, std = (
                     arrays.new(f"latent-mean-{index}", shape, dtype),
                     arrays.new(f"latent-std-{index}", shape, dtype),
                 )
+                mask = arrays.new(f"loss-mask-{index}", mask_shape, dtype) if masks is not None else None
                 for start in range(0, len(group), batch_size):
                     batch_rows = group[start : start + batch_size]
                     if crops is not None:  # made by the pre-training check (see scan_images)
                         batch = [crops[row] for row in batch_rows]
                     else:
                         images = dataset.select(batch_rows)[examples.image_column]
-                        batch = [cache_crop(image, size, examples.interpolation) for image in images]
+                        batch = [
+                            cache_crop(image, size, examples.interpolation, examples.masked_loss) for image in images
+                        ]
                     for orientation, flip in enumerate(orientations):
                         pixels = torch.stack([crop_pixels(crop, flip) for crop in batch])
                         dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
                         mean[start : start + len(batch_rows), orientation] = dist.mean.cpu()
                         std[start : start + len(batch_rows), orientation] = dist.std.cpu()
+                        if mask is not None:
+                            mask[start : start + len(batch_rows), orientation] = torch.stack(
+                                [latent_mask(crop_alpha(crop, flip), latent_shape) for crop in batch]
+                            )
                 means.append(mean)
                 stds.append(std)
-            latent_cache = CachedLatents(means, stds, where)
+                if masks is not None:
+                    masks.append(mask)
+            latent_cache = CachedLatents(means, stds, where, masks)
 
         if text:
             captions, first, count, is_list = [], [], [], []
