@@ -670,6 +670,15 @@ def parse_args(argv=None):
         help="Run validation every X epochs.",
     )
     parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help=(
+            "Draw the validation images every N optimizer steps instead of every --validation_epochs (not upstream;"
+            " kohya-ss's --sample_every_n_steps): for data sets whose epochs are long."
+        ),
+    )
+    parser.add_argument(
         "--tracker_project_name",
         type=str,
         default="text2image-fine-tune",
@@ -694,7 +703,7 @@ def parse_args(argv=None):
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("checkpoints_total_limit", "max_train_steps", "max_train_samples"):
+    for flag in ("checkpoints_total_limit", "max_train_steps", "max_train_samples", "validation_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.num_train_epochs < 1:
@@ -730,6 +739,8 @@ def parse_args(argv=None):
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    if args.validation_steps is not None and args.validation_prompts is None:
+        raise UserError("--validation_steps draws the --validation_prompts, which this run does not give")
     if args.offload_ema and not args.use_ema:
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
     if args.lora_rank is not None and args.lora_rank < 1:
@@ -2083,6 +2094,19 @@ def fine_tune(args):
     if held_out is not None and global_step == 0:
         measure_held_out()
 
+    def validate():
+        """The validation images, drawn on the main process with the EMA weights when there are some."""
+        if not accelerator.is_main_process:
+            return
+        if args.use_ema:
+            # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+            ema_unet.store(trained)
+            ema_unet.copy_to(trained)
+        log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
+        if args.use_ema:
+            # Switch back to the original UNet parameters.
+            ema_unet.restore(trained)
+
     saved_at_step = None
     on = dict(device=accelerator.device, dtype=torch.float32)
     loss_sum, micro_steps, last = torch.zeros((), **on), 0, time.perf_counter()
@@ -2228,6 +2252,8 @@ def fine_tune(args):
                         save_path = checkpoint(epoch)
                         saved_at_step = global_step
                         logger.info(f"Saved state to {save_path}")
+                    if args.validation_steps and global_step % args.validation_steps == 0:
+                        validate()
 
                     # A SIGTERM or Ctrl-C on any process stops all of them after this same step.
                     if stop_now and global_step < args.max_train_steps:
@@ -2245,16 +2271,12 @@ def fine_tune(args):
                 if global_step >= args.max_train_steps:
                     break
 
-            if accelerator.is_main_process:
-                if args.validation_prompts is not None and epoch % args.validation_epochs == 0:
-                    if args.use_ema:
-                        # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-                        ema_unet.store(trained)
-                        ema_unet.copy_to(trained)
-                    log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
-                    if args.use_ema:
-                        # Switch back to the original UNet parameters.
-                        ema_unet.restore(trained)
+            if (
+                args.validation_prompts is not None
+                and not args.validation_steps
+                and epoch % args.validation_epochs == 0
+            ):
+                validate()
     finally:
         progress_bar.close()  # ends the bar's line, so a message after it starts on its own
         stop.uninstall()

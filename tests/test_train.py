@@ -53,6 +53,16 @@ def test_two_step_run_writes_a_pipeline_that_loads_and_generates(tiny_sd, tmp_pa
     assert [step for step, _ in logged_losses(out)] == [1, 2]
 
 
+def test_validation_steps_draw_every_n_steps_instead_of_every_epoch(tiny_sd, tmp_path):
+    # 32 images in batches of 2: the run ends inside its first epoch, where epoch-based validation would draw too.
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--max_train_steps", "5", "--validation_steps", "2", "--validation_prompts", "a creature")
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["final", "step-2", "step-4"]
+    with pytest.raises(UserError, match="--validation_steps draws the --validation_prompts"):
+        train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x",
+                                        "--validation_steps", "2"])  # fmt: skip
+
+
 def test_model_card_is_written_without_validation_prompts(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path, "--max_train_steps", "1")
     card = (tmp_path / "README.md").read_text()
