@@ -252,6 +252,16 @@ def test_init_lora_starts_from_the_adapters_of_the_file_as_they_are(tiny_sd, a11
     assert "rank 4, alpha 8.0, on ff.net.2 proj_in to_k to_out.0 to_q to_v and the text encoder's fc1 fc2" in card
     assert "trained on from a local file `a1111.safetensors`" in card
 
+    # From a file without a text encoder adapter, --train_text_encoder starts a new one at the file's rank and alpha.
+    unet_only = {key: value for key, value in source.items() if key.startswith("lora_unet_")}
+    save_file(unet_only, tmp_path / "unet-only.safetensors")
+    reset_accelerate_state()
+    train(tiny_sd, tmp_path / "new-te", "--init_lora", str(tmp_path / "unet-only.safetensors"), *still)
+    started = load_file(tmp_path / "new-te" / KOHYA_WEIGHTS_NAME)
+    text_encoder = {key: value for key, value in started.items() if key.startswith("lora_te_")}
+    assert text_encoder and all(value.item() == 8.0 for key, value in text_encoder.items() if key.endswith(".alpha"))
+    assert all(value.shape[0] == 4 for key, value in text_encoder.items() if key.endswith(".lora_down.weight"))
+
 
 def test_init_lora_trains_every_layer_of_the_file_and_resumes_bitwise(tiny_sd, a1111_lora, tmp_path):
     _, a1111 = a1111_lora
