@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 import psutil
 from huggingface_hub import ModelCard
+from PIL import Image
 
 from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.images_api import ImageFiles, images_api
@@ -169,11 +170,19 @@ def make_generate(service):
 
     def generate(
         prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images, lora_scale=None,
-        image=None, strength=DEFAULT_STRENGTH,
+        image=None, strength=DEFAULT_STRENGTH, mask=None,
     ):  # fmt: skip
         check_request(prompt, steps, width, height, num_images)
         seed = parse_seed(seed)
-        # With an image, it is redrawn from `strength` of the schedule (image to image), at the size asked.
+        # With an image, it is redrawn from `strength` of the schedule (image to image), at the size asked; with a
+        # mask too, only where the mask is white (inpainting, as AUTOMATIC1111's "inpaint upload" reads a mask).
+        if mask is not None and image is None:
+            raise gr.Error("A mask says which part of an image to redraw: give the image too.")
+        if mask is not None and mask.size != image.size:
+            raise gr.Error(
+                f"The mask is {mask.size[0]}x{mask.size[1]} and the image {image.size[0]}x{image.size[1]};"
+                " they must be the same size."
+            )
         if image is not None:
             strength = float(strength)
             if not 0 < strength <= 1:
@@ -212,6 +221,7 @@ def make_generate(service):
                 num_images=int(num_images),
                 lora_scale=lora_scale,
                 image=None if image is None else image.convert("RGB"),
+                mask=None if mask is None else mask.convert("L").resize((int(width), int(height)), Image.NEAREST),
                 strength=None if image is None else strength,
             )
         except QueueFull as err:
@@ -298,9 +308,15 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
                     0, MAX_LORA_SCALE, value=service.lora_scale, step=0.05, label="LoRA strength",
                     visible=service.scale is not None,
                 )  # fmt: skip
-                # Image to image: the image is redrawn under the prompt, from `strength` of the way to noise.
+                # Image to image: the image is redrawn under the prompt, from `strength` of the way to noise; with a
+                # mask, only its white part (inpainting).
                 with gr.Accordion("Start from an image (optional)", open=False):
-                    image = gr.Image(label="Image", type="pil", sources=["upload", "clipboard"])
+                    with gr.Row():
+                        image = gr.Image(label="Image", type="pil", sources=["upload", "clipboard"])
+                        mask = gr.Image(
+                            label="Mask (optional): white where to redraw, black where to keep", type="pil",
+                            sources=["upload", "clipboard"],
+                        )  # fmt: skip
                     strength = gr.Slider(
                         0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength (how much of it is redrawn)"
                     )
@@ -312,7 +328,7 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
             gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
 
         inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-                  lora_scale, image, strength]  # fmt: skip
+                  lora_scale, image, strength, mask]  # fmt: skip
         # The button and Enter in the prompt box run at once: the service's RequestQueue, which /v1 shares, is
         # what makes requests wait (`concurrency` at a time) or refuses them. Only the button is the public API.
         button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)

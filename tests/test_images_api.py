@@ -131,6 +131,26 @@ def inpaint(server, transparent, seed):
     return pixels(decode(response.json()["data"][0]["b64_json"])).astype(int)
 
 
+def test_the_pages_mask_inpaints_as_v1_edits_does(server, tmp_path):
+    # The page's mask is white where to redraw (AUTOMATIC1111's "inpaint upload"); /v1's is transparent there.
+    SOURCE.resize((64, 64)).save(tmp_path / "in.png")
+    white_left = Image.new("L", (64, 64), 0)
+    white_left.paste(255, (0, 0, 32, 64))
+    white_left.save(tmp_path / "mask.png")
+    client = Client(server.local_url, verbose=False)
+    ui, _ = generate(client, prompt="a creature", steps=4, seed="3", image=handle_file(str(tmp_path / "in.png")),
+                     mask=handle_file(str(tmp_path / "mask.png")), strength=1)  # fmt: skip
+    assert np.array_equal(pixels(ui[0]).astype(int), inpaint(server, "left", 3))
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    for files, message in (
+        (dict(mask=handle_file(str(tmp_path / "mask.png"))), "A mask says which part of an image to redraw"),
+        (dict(image=handle_file(str(tmp_path / "in.png")), mask=handle_file(str(tmp_path / "small.png"))),
+         "The mask is 32x32 and the image 64x64"),
+    ):  # fmt: skip
+        with pytest.raises(AppError, match=message):
+            generate(client, **files)
+
+
 def test_an_edit_with_a_mask_redraws_its_transparent_part(server):
     # Two seeds redraw the transparent half differently; the other half is kept from the image (up to what the
     # decoder mixes in from its neighbours), as OpenAI's edits read a mask.
