@@ -42,7 +42,6 @@ from sdtoolkit.errors import UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
 from sdtoolkit.inference import (
     add_device_arguments,
-    add_lora_scale_argument,
     add_model_config_argument,
     is_lora,
     load_pipeline,
@@ -105,7 +104,17 @@ def parse_args(argv=None):
             " pytorch_lora_weights.safetensors, or a .safetensors file in diffusers' or kohya keys)."
         ),
     )
-    add_lora_scale_argument(parser)
+    parser.add_argument(
+        "--lora_scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help=(
+            "How strongly the LoRAs apply: 1 as trained, 0 not at all (AUTOMATIC1111's <lora:NAME:scale>). Given"
+            " several values, each LoRA is scored at each of them, side by side on the same seeds: which strength"
+            " suits it."
+        ),
+    )
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
@@ -497,6 +506,13 @@ def write_reports(results, prompts, comparisons, reference_images, args):
 NEAREST_SHOWN = 8
 
 
+def lora_scales_text(scales):
+    """The LoRA strengths for report.md's settings line (", LoRAs at scale 0.7"), or nothing at strength 1."""
+    if scales == [1.0]:
+        return ""
+    return f", LoRAs at scale{'s' * (len(scales) > 1)} {', '.join(f'{scale:g}' for scale in scales)}"
+
+
 def report_markdown(report, grids, nearest_grids):
     """report.md: the scores, the paired comparisons with their intervals, the distances, and the grids."""
     settings, models = report["settings"], report["models"]
@@ -508,7 +524,7 @@ def report_markdown(report, grids, nearest_grids):
     else:
         lines += [f"{len(report['prompts'])} prompts x seeds {settings['seeds']} x {settings['num_images_per_prompt']}"
                   f" image(s), {settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}"
-                  + (f", LoRAs at scale {settings['lora_scale']:g}" if settings["lora_scale"] != 1 else "") + ";"
+                  + lora_scales_text(settings["lora_scale"]) + ";"
                   f" CLIP: {settings['clip_model']} ({settings['clip_backend']}). Every model starts from the same"
                   " noise for the same prompt and seed.", ""]  # fmt: skip
     header = "| model | CLIP score |"
@@ -626,7 +642,7 @@ def evaluate(args):
     else:
         prompts, negatives = load_prompts(args.prompts_file)
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    if args.lora_scale != 1 and not args.lora and not any(is_lora(path) for path in args.model_path):
+    if args.lora_scale != [1.0] and not args.lora and not any(is_lora(path) for path in args.model_path):
         raise UserError("--lora_scale is for LoRAs: give them with --lora, or a LoRA run's folder as a --model_path")
     # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
     check_output_dir(args.output_dir)
@@ -649,12 +665,21 @@ def evaluate(args):
 
     results = []
     generator = None  # --doc_protocol: one generator for all the models, seeded once, as the page did
-    # Each --lora is one more model: the first --model_path with that adapter loaded on top.
+    # Each --lora is one more model: the first --model_path with that adapter loaded on top. A LoRA is scored at
+    # each --lora_scale, as one model per scale.
     models = [(path, None) for path in args.model_path] + [(args.model_path[0], lora) for lora in args.lora]
     names = [path if lora is None else lora for path, lora in models]
+    runs = []
     for (base, lora), label in zip(models, model_labels(names)):
-        pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora, lora_scale=args.lora_scale)
         model_path = base if lora is None else f"{base} + LoRA {lora}"
+        scales = args.lora_scale if lora is not None or is_lora(base) else [1.0]
+        for scale in scales:
+            if len(scales) > 1:
+                runs.append((base, lora, scale, f"{label} @{scale:g}", f"{model_path} at {scale:g}"))
+            else:
+                runs.append((base, lora, scale, label, model_path))
+    for base, lora, scale, label, model_path in runs:
+        pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora, lora_scale=scale)
         result = {"model_path": model_path, "label": label}
         if args.doc_protocol:
             if generator is None:

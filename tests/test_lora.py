@@ -208,6 +208,14 @@ def test_metrics_scores_a_lora_beside_its_base(tiny_sd, tiny_clip, tmp_path):
     with pytest.raises(UserError, match="no LoRA there"):
         metrics.main(["--model_path", str(tiny_sd), "--lora", str(tmp_path), *common])
 
+    # Several strengths: the LoRA (here a run's folder as a model) once per strength, beside the base. At 0 it is
+    # the base model, so its images and score are the base's.
+    report = metrics.main(["--model_path", str(tiny_sd), str(out), "--lora_scale", "0", "1", *common])
+    assert [model["label"] for model in report["models"]] == ["tiny-sd", "out @0", "out @1"]
+    base, at_0, at_1 = (model["clip_score"] for model in report["models"])
+    assert at_0 == pytest.approx(base, abs=1e-6) and at_1 == pytest.approx(peft["clip_score"], abs=1e-6)
+    assert "LoRAs at scales 0, 1;" in (tmp_path / "scores" / "report.md").read_text()
+
 
 @pytest.fixture(scope="module")
 def a1111_lora(tiny_sd, tmp_path_factory):
