@@ -201,13 +201,12 @@ def make_generate(service):
 
         notes = [f"Seed: {seed}" + (f" (image i: {seed} + i)" if int(num_images) > 1 else "")]
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            if text and service.clip_truncated(text) is not None:
-                message = (
-                    f"The {name} is longer than CLIP's {tokenizer.model_max_length} tokens;"
-                    " only its beginning was used."
+            windows = service.clip_windows(text) if text else 1
+            if windows > 1:
+                notes.append(
+                    f"The {name} is longer than CLIP's {tokenizer.model_max_length} tokens: it was read in {windows}"
+                    " windows of 75 tokens, as AUTOMATIC1111 reads long prompts."
                 )
-                gr.Warning(message)
-                notes.append(message)
         try:
             images = service.generate(
                 prompt=prompt,

@@ -382,12 +382,8 @@ def images_api(service, *, files, api_key=None):
             data = [{"url": f"{request.base_url}v1/files/{files.save(png)}"} for png in pngs]
         else:
             data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
-        # OpenAI's revised_prompt is the prompt the image was made from: here, a prompt CLIP had to cut short.
-        used = service.clip_truncated(arguments["prompt"])
         for item, seed in zip(data, image_seeds(arguments["seed"], len(data))):
             item["seed"] = seed
-            if used is not None:
-                item["revised_prompt"] = used
         return {
             "created": int(time.time()),
             "data": data,

@@ -106,11 +106,11 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(client, change, messa
     assert len(images) == 1
 
 
-def test_prompt_longer_than_clip_is_truncated_and_says_so(client):
+def test_a_prompt_longer_than_clip_is_read_in_windows_and_says_so(client):
     long_prompt = " ".join(["a very detailed and colourful pokemon"] * 20)
     images, info = generate(client, prompt=long_prompt)
     assert len(images) == 1
-    assert "longer than CLIP's 77 tokens" in info
+    assert "The prompt is longer than CLIP's 77 tokens: it was read in 2 windows of 75 tokens" in info
 
 
 def test_auth_requires_the_login(tiny_sd):

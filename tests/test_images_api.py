@@ -23,11 +23,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from sd_parsers import ParserManager
+from transformers import CLIPTokenizer
 
 import gradio_app
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
-from sdtoolkit.serving import ImageService, RequestQueue
+from sdtoolkit.serving import ImageService, RequestQueue, encode_prompts, prompt_windows
 from tests.conftest import REPO, free_port, generate, start, train
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
@@ -279,12 +280,44 @@ def test_the_pages_downloads_carry_the_parameters_too(server):
     )
 
 
-def test_a_prompt_longer_than_clip_comes_back_as_the_revised_prompt_clip_used(server):
-    long_prompt = " ".join(["a very detailed and colourful pokemon"] * 20)
-    result = sdk(server).images.generate(prompt=long_prompt, extra_body=FAST)
-    used = result.data[0].revised_prompt
-    assert used is not None and long_prompt.startswith(used) and len(used.split()) == 75  # 77 minus start and end
-    assert sdk(server).images.generate(prompt="pikachu", extra_body=FAST).data[0].revised_prompt is None
+def test_prompt_windows_split_a_long_prompt_as_automatic1111_does(tiny_sd):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    # A prompt that fits is one window, tokenized as the pipeline tokenizes it; "" one empty window.
+    short = "a red creature, big eyes"
+    assert prompt_windows(tokenizer, short) == [
+        tokenizer(short, padding="max_length", max_length=77, truncation=True).input_ids
+    ]
+    assert prompt_windows(tokenizer, "") == [tokenizer("", padding="max_length", max_length=77).input_ids]
+    # A long one in windows of 77 ids (start, up to 75 of its tokens, end, padding) that hold all of its tokens.
+    long = " ".join(["a very detailed and colourful pokemon"] * 20)
+    windows = prompt_windows(tokenizer, long)
+    assert [len(window) for window in windows] == [77, 77] and all(w[0] == tokenizer.bos_token_id for w in windows)
+    text_tokens = [t for window in windows for t in window[1:] if t != tokenizer.eos_token_id]
+    assert text_tokens == tokenizer(long, add_special_tokens=False).input_ids
+    # Tags: a window ends after the last comma among its last 20 tokens, so no tag is cut in two.
+    tags = ", ".join(f"tag{i} with several words" for i in range(30))
+    for window in prompt_windows(tokenizer, tags)[:-1]:
+        text = tokenizer.decode(window[1:], skip_special_tokens=True)
+        assert text.endswith(","), text
+
+
+def test_a_prompt_longer_than_clip_is_read_whole(server, tiny_sd):
+    # Two prompts that differ only past CLIP's 77 tokens: truncated, they would give the very same image. (The
+    # tiny random model's images change little with the prompt, but they change.)
+    start = " ".join(["a very detailed and colourful pokemon"] * 14)  # 84 tokens
+    images = [
+        decode(sdk(server).images.generate(prompt=f"{start} {end}", extra_body={**FAST, "seed": 1}).data[0].b64_json)
+        for end in ("red fire dragon", "blue water turtle")
+    ]
+    assert not np.array_equal(pixels(images[0]), pixels(images[1]))
+    # A long negative prompt beside a short prompt: the short one is padded with empty windows to as many.
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    embeds, negative = encode_prompts(pipeline, "pikachu", start, guidance=True)
+    assert embeds.shape == negative.shape == (1, 2 * 77, pipeline.text_encoder.config.hidden_size)
+    # Prompts that fit are encoded as the pipeline encodes them.
+    ours = encode_prompts(pipeline, "pikachu", "blurry", guidance=True)
+    theirs = pipeline.encode_prompt("pikachu", "cpu", 1, True, negative_prompt="blurry")
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 class SlowEncoding:
