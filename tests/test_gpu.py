@@ -13,14 +13,15 @@ from PIL import Image
 import gradio_app
 import metrics
 from tests.conftest import logged_losses, train, unet_weights
+from tests.test_masked_loss import cutout_folder
 
 pytestmark = pytest.mark.gpu
 
 
-def trains(tiny_sd, out, *flags):
+def trains(tiny_sd, out, *flags, **data):
     """Two steps with EMA and gradient checkpointing; the losses are finite and the UNet moved."""
     train(tiny_sd, out, "--max_train_steps", "2", "--gradient_checkpointing", "--use_ema", "--learning_rate", "1e-3",
-          *flags)  # fmt: skip
+          *flags, **data)  # fmt: skip
     losses = [loss for _, loss in logged_losses(out)]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     base, tuned = unet_weights(Path(tiny_sd) / "unet"), unet_weights(Path(out) / "unet")
@@ -33,6 +34,12 @@ def test_a_half_precision_step_trains_and_validates(tiny_sd, tmp_path, precision
     trains(tiny_sd, tmp_path, "--mixed_precision", precision, "--validation_prompts", "a creature")
     image = Image.open(tmp_path / "validation" / "final" / "00.png")
     assert image.size == (32, 32) and len(set(image.getdata())) > 1  # a picture, not a blank (NaN) one
+
+
+def test_masked_loss_trains_in_fp16_from_the_cache(tiny_sd, tmp_path):
+    # Center crops: the masks come from the latent cache, stored in float16 beside the latents.
+    trains(tiny_sd, tmp_path / "out", "--mixed_precision", "fp16", "--masked_loss", "--center_crop", "--random_flip",
+           data=cutout_folder(tmp_path / "data"))  # fmt: skip
 
 
 @pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
