@@ -33,6 +33,7 @@ os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
 )
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -152,6 +153,30 @@ def image_folder(folder, rows):
                 image.save(folder / name)
             f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return folder
+
+
+def cutout(width, height, seed=0):
+    """An RGBA image: opaque black in its left third and top quarter, transparent elsewhere (with colours behind
+    the transparency, which training never sees: it lays transparent pixels on white)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    opaque = np.zeros((height, width), dtype=bool)
+    opaque[:, : width // 3] = True
+    opaque[: height // 4] = True
+    pixels[opaque, :3] = 0
+    pixels[..., 3] = np.where(opaque, 255, 0)
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+def cutout_folder(root, opaque=True):
+    """Eight captioned RGBA images; fully transparent ones when not `opaque`."""
+    rows = []
+    for i in range(8):
+        image = cutout(40 + 8 * (i % 3), 40, seed=i)
+        if not opaque:
+            image.putalpha(0)
+        rows.append((f"{i}.png", image, f"creature number {i}"))
+    return image_folder(root, rows)
 
 
 def demo_image(i=0):

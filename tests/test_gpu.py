@@ -12,8 +12,7 @@ from PIL import Image
 
 import gradio_app
 import metrics
-from tests.conftest import logged_losses, train, unet_weights
-from tests.test_masked_loss import cutout_folder
+from tests.conftest import cutout_folder, logged_losses, train, unet_weights
 
 pytestmark = pytest.mark.gpu
 

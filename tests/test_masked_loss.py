@@ -5,7 +5,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -14,20 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtoolkit.data import TrainingExamples
 from sdtoolkit.latent_cache import encode_cache
-from tests.conftest import DEMO_DATA, image_folder, logged_losses, train, unet_weights
-
-
-def cutout(width, height, seed=0):
-    """An RGBA image: opaque black in its left third and top quarter, transparent elsewhere (with colours behind
-    the transparency, which training never sees: it lays transparent pixels on white)."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
-    opaque = np.zeros((height, width), dtype=bool)
-    opaque[:, : width // 3] = True
-    opaque[: height // 4] = True
-    pixels[opaque, :3] = 0
-    pixels[..., 3] = np.where(opaque, 255, 0)
-    return Image.fromarray(pixels, mode="RGBA")
+from tests.conftest import DEMO_DATA, cutout, cutout_folder, logged_losses, train, unet_weights
 
 
 def opacity_seen(pixel_values, latent_shape):
@@ -84,17 +70,6 @@ def test_cached_masks_are_the_masks_of_the_uncached_images(tiny_sd):
             assert "pixel_values" not in cached[i]
             assert torch.allclose(cached[i]["loss_mask"], uncached[i]["loss_mask"], atol=1e-6)
     assert torch.equal(cached[2]["loss_mask"], torch.ones(1, 4, 4))  # an image without alpha counts everywhere
-
-
-def cutout_folder(root, opaque=True):
-    """Eight captioned RGBA images; fully transparent ones when not `opaque`."""
-    rows = []
-    for i in range(8):
-        image = cutout(40 + 8 * (i % 3), 40, seed=i)
-        if not opaque:
-            image.putalpha(0)
-        rows.append((f"{i}.png", image, f"creature number {i}"))
-    return image_folder(root, rows)
 
 
 def test_transparent_images_teach_nothing(tiny_sd, tmp_path):
