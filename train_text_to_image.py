@@ -71,6 +71,7 @@ from sdtoolkit.checkpoints import (
     save_checkpoint,
     save_pipeline,
 )
+from sdtoolkit.clip_windows import encode_prompts, encode_windows, token_mask
 from sdtoolkit.data import (
     TrainingExamples,
     as_image_column,
@@ -471,6 +472,18 @@ def parse_args(argv=None):
         help="whether to randomly flip images horizontally",
     )
     parser.add_argument(
+        "--max_token_length",
+        type=int,
+        default=75,
+        choices=[75, 150, 225],
+        help=(
+            "Read captions up to this many tokens (not upstream; kohya-ss's flag). Above 75, CLIP's limit, a caption"
+            " is read in windows of 75 tokens, each encoded on its own, as AUTOMATIC1111 and gradio_app.py read long"
+            " prompts (see sdtoolkit/clip_windows.py); a caption's empty windows are masked out of the UNet's"
+            " cross-attention, so a short caption conditions the UNet as at 75."
+        ),
+    )
+    parser.add_argument(
         "--masked_loss",
         action="store_true",
         help=(
@@ -739,6 +752,10 @@ def parse_args(argv=None):
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    if args.dream_training and args.max_token_length > 75:
+        raise UserError(
+            "--dream_training can't pass the windows' mask of --max_token_length above 75 to the UNet; use one of them"
+        )
     if args.validation_steps is not None and args.validation_prompts is None:
         raise UserError("--validation_steps draws the --validation_prompts, which this run does not give")
     if args.offload_ema and not args.use_ema:
@@ -1179,8 +1196,12 @@ def generate_validation_images(pipeline, args, accelerator):
     images = []
     for prompt in args.validation_prompts:
         with autocast_ctx:
+            text = {"prompt": prompt}
+            if args.max_token_length > 75:  # a long prompt read whole, in windows, as training reads captions
+                embeddings, negative = encode_prompts(pipeline, prompt, None, guidance=True)
+                text = {"prompt_embeds": embeddings, "negative_prompt_embeds": negative}
             image = pipeline(
-                prompt,
+                **text,
                 num_inference_steps=20,
                 height=args.resolution,
                 width=args.resolution,
@@ -1613,11 +1634,18 @@ def fine_tune(args):
     if args.export_single_file:  # say it now, not after training
         check_sd1(args.pretrained_model_name_or_path, unet.config, vae.config, text_encoder.config.to_dict())
 
-    num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer)
-    if num_long:
+    windows = args.max_token_length // 75
+    num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer, windows)
+    if num_long and windows > 1:
+        logger.warning(
+            f"{num_long} of {num_captions} captions take more than --max_token_length {args.max_token_length}"
+            f" tokens ({windows} windows of 75); they are cut after {windows} windows"
+        )
+    elif num_long:
         logger.warning(
             f"{num_long} of {num_captions} captions are longer than CLIP's {tokenizer.model_max_length} tokens;"
-            " they are truncated to their first tokens, as the text encoder requires"
+            " they are truncated to their first tokens, as the text encoder requires (--max_token_length 150 or"
+            " 225 reads them whole)"
         )
 
     # Freeze vae and text_encoder and set unet to trainable
@@ -1911,6 +1939,7 @@ def fine_tune(args):
             interpolation=getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper()),
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
             device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
+            windows=windows,
         )  # fmt: skip
         if accelerator.num_processes > 1:
             logger.info(f"--validation_split: the {accelerator.num_processes} processes share each measurement of the"
@@ -2153,8 +2182,12 @@ def fine_tune(args):
                     # Get the text embedding for conditioning
                     if "encoder_hidden_states" in batch:
                         encoder_hidden_states = batch["encoder_hidden_states"]
+                    elif windows > 1:
+                        encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"])
                     else:
                         encoder_hidden_states = caption_encoder(batch["input_ids"], return_dict=False)[0]
+                    # With captions in windows, the empty windows a caption is padded with are masked out.
+                    encoder_attention_mask = token_mask(batch["window_mask"]) if windows > 1 else None
 
                     # Get the target for loss depending on the prediction type (set after loading the scheduler)
                     if noise_scheduler.config.prediction_type == "epsilon":
@@ -2178,7 +2211,10 @@ def fine_tune(args):
                         )
 
                     # Predict the noise residual and compute loss
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                    model_pred = unet(
+                        noisy_latents, timesteps, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                        return_dict=False,
+                    )[0]  # fmt: skip
 
                     if args.snr_gamma is None and "loss_weight" not in batch and not args.masked_loss:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")

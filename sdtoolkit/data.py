@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
+from sdtoolkit.clip_windows import caption_windows, prompt_windows
 from sdtoolkit.errors import UserError
 
 # The files in which an imagefolder names its images and their captions.
@@ -271,11 +272,14 @@ def check_captions(dataset, caption_column):
     return empty
 
 
-def count_long_captions(dataset, caption_column, tokenizer):
-    """(captions longer than the tokenizer's model_max_length, all captions), start and end tokens included."""
+def count_long_captions(dataset, caption_column, tokenizer, windows=1):
+    """(captions longer than `windows` of CLIP's windows can hold, all captions): with one window, longer than the
+    tokenizer's model_max_length, start and end tokens included (see sdtoolkit/clip_windows.py)."""
     captions = []
     for caption in dataset[caption_column]:
         captions.extend([caption] if isinstance(caption, str) else caption)
+    if windows > 1:
+        return sum(len(prompt_windows(tokenizer, caption)) > windows for caption in captions), len(captions)
     lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
     return sum(n > tokenizer.model_max_length for n in lengths), len(captions)
 
@@ -300,6 +304,9 @@ class TrainingExamples(torch.utils.data.Dataset):
     loss_weights: each row's weight in the loss (--prior_loss_weight for regularization images), served as
     `loss_weight`; None: every example weighs the same, and items have no `loss_weight`.
     With --masked_loss each item also holds `loss_mask`, the weight of each latent pixel (see latent_mask).
+    With --max_token_length above 75, a caption is read in windows (see sdtoolkit/clip_windows.py): `input_ids`
+    is [windows, 77], or `encoder_hidden_states` [windows * 77, dim] from the cache, and `window_mask` says which
+    windows are the caption's own.
     """
 
     def __init__(
@@ -311,7 +318,9 @@ class TrainingExamples(torch.utils.data.Dataset):
         repeats = repeats or [1] * len(dataset)
         self.rows = [row for row, count in enumerate(repeats) for _ in range(count)]
         self.latents = None  # set by use_cache: latents[row] = (mean, std), each [orientations, C, h, w]
-        self.text = None  # set by use_cache: (embeddings [captions, 77, dim], per row: first, count, is_list; empty)
+        # set by use_cache: (embeddings [captions, 77 x windows, dim], per row: first, count, is_list; empty; per
+        # caption: its number of windows, None with one window)
+        self.text = None
         self.image_column = image_column
         self.caption_column = caption_column
         self.tokenizer = tokenizer
@@ -319,6 +328,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.center_crop = args.center_crop
         self.random_flip = args.random_flip
         self.masked_loss = args.masked_loss
+        self.windows = args.max_token_length // 75  # CLIP windows per caption (1: 77 tokens, as upstream)
         self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
         self.noise_offset = args.noise_offset
         self.input_perturbation = args.input_perturbation
@@ -395,7 +405,7 @@ class TrainingExamples(torch.utils.data.Dataset):
             if not isinstance(caption, str):
                 caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
         else:
-            embeddings, first, count, is_list, empty = self.text
+            embeddings, first, count, is_list, empty, own_windows = self.text
             choice = int(torch.randint(0, count[image_row], (1,), generator=generator)) if is_list[image_row] else 0
 
         # The diffusion draws for this example.
@@ -415,12 +425,19 @@ class TrainingExamples(torch.utils.data.Dataset):
                 caption = ""
             elif self.shuffle_tags:
                 caption = shuffle_tags(caption, keep=self.keep_tags, generator=generator)
-            example["input_ids"] = self.tokenizer(
-                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-                return_tensors="pt",
-            ).input_ids[0]  # fmt: skip
+            if self.windows > 1:
+                example["input_ids"], example["window_mask"] = caption_windows(self.tokenizer, caption, self.windows)
+            else:
+                example["input_ids"] = self.tokenizer(
+                    caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0]  # fmt: skip
         else:
-            example["encoder_hidden_states"] = empty if dropped else embeddings[first[image_row] + choice]
+            caption = first[image_row] + choice
+            example["encoder_hidden_states"] = empty if dropped else embeddings[caption]
+            if self.windows > 1:
+                own = 1 if dropped else own_windows[caption]
+                example["window_mask"] = torch.tensor([1.0] * own + [0.0] * (self.windows - own))
         if self.loss_weights is not None:
             example["loss_weight"] = torch.tensor(self.loss_weights[image_row], dtype=torch.float32)
         return example

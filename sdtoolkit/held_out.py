@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from sdtoolkit.clip_windows import caption_windows, encode_windows, token_mask
 from sdtoolkit.errors import UserError
 from sdtoolkit.evaluation import paired_bootstrap, verdict
 from sdtoolkit.latent_cache import cache_crop
@@ -54,7 +55,7 @@ class HeldOutLoss:
     of a UNet on them. Build it while the VAE and text encoder are still loaded; call it on every process."""
 
     def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
-                 text_encoder, batch_size, device, dtype, sizes=None):  # fmt: skip
+                 text_encoder, batch_size, device, dtype, sizes=None, windows=1):  # fmt: skip
         """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares."""
         self.batch_size, self.count = batch_size, len(rows)
         # Images of one shape are measured together, in batches of their own.
@@ -64,10 +65,13 @@ class HeldOutLoss:
         # Noise drawn on the CPU, so that every device gets the same numbers, and kept there (5 times the latents'
         # size) until its batch is used: one tensor per shape and timestep.
         generator = torch.Generator().manual_seed(NOISE_SEED)
-        # per shape: (its rows, latents (n, C, h, w) float32, embeddings (n, 77, dim), token ids (n, 77), noise)
+        # per shape: (its rows, latents (n, C, h, w) float32, embeddings (n, 77, dim), token ids (n, 77), masks,
+        # noise). With --max_token_length above 75 the captions are read in windows (sdtoolkit/clip_windows.py):
+        # embeddings (n, 77 x windows, dim), token ids (n, windows, 77), masks (n, 77 x windows) for the UNet;
+        # masks is None with one window.
         self.groups = []
         for size, group in shapes.items():
-            latents, embeddings, token_ids = [], [], []
+            latents, embeddings, token_ids, masks = [], [], [], []
             for start in range(0, len(group), batch_size):
                 batch = rows.select(group[start : start + batch_size])
                 # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
@@ -80,21 +84,32 @@ class HeldOutLoss:
                     latents.append((mean * vae.config.scaling_factor).float())
                     # Captions: the first one of a row that has several.
                     captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
-                    ids = tokenizer(
-                        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                        return_tensors="pt",
-                    ).input_ids  # fmt: skip
-                    embeddings.append(text_encoder(ids.to(device), return_dict=False)[0])
+                    if windows > 1:
+                        read = [caption_windows(tokenizer, caption, windows) for caption in captions]
+                        ids = torch.stack([caption_ids for caption_ids, _ in read])
+                        masks.append(token_mask(torch.stack([mask for _, mask in read])).to(device))
+                    else:
+                        ids = tokenizer(
+                            captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                            return_tensors="pt",
+                        ).input_ids  # fmt: skip
+                    embeddings.append(self.encode(text_encoder, ids.to(device)))
                     token_ids.append(ids.to(device))
             latents = torch.cat(latents)
             noise = [torch.randn(latents.shape, generator=generator) for _ in TIMESTEPS]
-            self.groups.append((group, latents, torch.cat(embeddings), torch.cat(token_ids), noise))
+            masks = torch.cat(masks) if masks else None
+            self.groups.append((group, latents, torch.cat(embeddings), torch.cat(token_ids), masks, noise))
 
     def __len__(self):
         return self.count
 
     def encode(self, text_encoder, ids):
-        """The embeddings of token ids (n, 77), a batch at a time."""
+        """The embeddings of token ids (n, 77), or of windows (n, windows, 77), a batch at a time."""
+        if ids.dim() == 3:
+            return torch.cat(
+                [encode_windows(text_encoder, ids[start : start + self.batch_size])
+                 for start in range(0, len(ids), self.batch_size)]
+            )  # fmt: skip
         return torch.cat(
             [text_encoder(ids[start : start + self.batch_size], return_dict=False)[0]
              for start in range(0, len(ids), self.batch_size)]
@@ -122,8 +137,8 @@ class HeldOutLoss:
             # The captions encoded once for this measurement, by the text encoder as it is now.
             with autocast():
                 groups = [
-                    (rows, latents, self.encode(text_encoder, ids), ids, noise)
-                    for rows, latents, _, ids, noise in self.groups
+                    (rows, latents, self.encode(text_encoder, ids), ids, masks, noise)
+                    for rows, latents, _, ids, masks, noise in self.groups
                 ]
         process, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         batches = [(group, start) for group in groups for start in range(0, len(group[0]), self.batch_size)]
@@ -135,7 +150,9 @@ class HeldOutLoss:
         for i, step in enumerate(TIMESTEPS):
             t = int(step * scale)
             for n in range(rounds):
-                (rows, group_latents, group_embeddings, _, noise), start = mine[n] if n < len(mine) else batches[0]
+                (rows, group_latents, group_embeddings, _, masks, noise), start = (
+                    mine[n] if n < len(mine) else batches[0]
+                )
                 latents = group_latents[start : start + self.batch_size]
                 batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
                 timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
@@ -145,8 +162,9 @@ class HeldOutLoss:
                 else:
                     target = batch_noise
                 embeddings = group_embeddings[start : start + self.batch_size]
+                mask = masks[start : start + self.batch_size] if masks is not None else None
                 with autocast():
-                    pred = unet(noisy, timesteps, embeddings, return_dict=False)[0]
+                    pred = unet(noisy, timesteps, embeddings, encoder_attention_mask=mask, return_dict=False)[0]
                 if n < len(mine):
                     error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu()
                     errors[i, rows[start : start + self.batch_size]] = error.double()

@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
+from sdtoolkit.clip_windows import caption_windows, encode_windows, prompt_windows
 from sdtoolkit.data import alpha_channel, latent_mask, square_crop, to_rgb
 from sdtoolkit.errors import UserError
 
@@ -166,7 +167,7 @@ def cache_bytes(examples, *, text_dim, dtype, latents=True, text=True):
     if text:
         captions = examples.dataset[examples.caption_column]
         count = sum(1 if isinstance(caption, str) else len(caption) for caption in captions)
-        total += (count + 1) * examples.tokenizer.model_max_length * text_dim
+        total += (count + 1) * examples.tokenizer.model_max_length * examples.windows * text_dim
     return total * itemsize
 
 
@@ -191,6 +192,8 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
     }
     if examples.masked_loss and latents:  # the cache holds loss masks too (a key that caches without them lack)
         settings["masked_loss"] = True
+    if examples.windows > 1 and text:  # captions in several windows (keys of one-window caches stay as they were)
+        settings["windows"] = examples.windows
     key.update(json.dumps(settings, sort_keys=True).encode())
     return key.hexdigest()[:32]
 
@@ -268,22 +271,40 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
                 count.append(len(options))
                 is_list.append(not isinstance(caption, str))
                 captions.extend(options)
-            tokenizer = examples.tokenizer
-            shape = (len(captions), tokenizer.model_max_length, text_encoder.config.hidden_size)
+            tokenizer, windows = examples.tokenizer, examples.windows
+            shape = (len(captions), tokenizer.model_max_length * windows, text_encoder.config.hidden_size)
             if reuse:
                 embeddings, empty = arrays.open("text", shape, dtype), arrays.open("text-empty", shape[1:], dtype)
             else:
                 embeddings, empty = arrays.new("text", shape, dtype), arrays.new("text-empty", shape[1:], dtype)
                 for start in range(0, len(captions), batch_size):
-                    ids = tokenizer(
-                        captions[start : start + batch_size], max_length=tokenizer.model_max_length,
-                        padding="max_length", truncation=True, return_tensors="pt",
-                    ).input_ids  # fmt: skip
-                    embeddings[start : start + len(ids)] = text_encoder(ids.to(device), return_dict=False)[0].cpu()
+                    batch = captions[start : start + batch_size]
+                    if windows > 1:  # each caption in its windows (see sdtoolkit/clip_windows.py)
+                        ids = torch.stack([caption_windows(tokenizer, caption, windows)[0] for caption in batch])
+                        encoded = encode_windows(text_encoder, ids.to(device))
+                    else:
+                        ids = tokenizer(
+                            batch, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                            return_tensors="pt",
+                        ).input_ids  # fmt: skip
+                        encoded = text_encoder(ids.to(device), return_dict=False)[0]
+                    embeddings[start : start + len(batch)] = encoded.cpu()
                 # The empty caption too, for caption dropout.
-                ids = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
-                empty[:] = text_encoder(ids.input_ids.to(device), return_dict=False)[0].cpu()[0]
-            text_cache = (embeddings, first, count, is_list, empty)
+                if windows > 1:
+                    ids = caption_windows(tokenizer, "", windows)[0][None]
+                    empty[:] = encode_windows(text_encoder, ids.to(device)).cpu()[0]
+                else:
+                    ids = tokenizer(
+                        "", max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt"
+                    ).input_ids
+                    empty[:] = text_encoder(ids.to(device), return_dict=False)[0].cpu()[0]
+            # How many windows are each caption's own, for its mask (the others are empty windows).
+            own = (
+                [min(len(prompt_windows(tokenizer, caption)), windows) for caption in captions]
+                if windows > 1
+                else None
+            )
+            text_cache = (embeddings, first, count, is_list, empty, own)
     except BaseException:
         arrays.abandon()
         raise

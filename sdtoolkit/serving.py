@@ -34,6 +34,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from sdtoolkit.clip_windows import encode_prompts, prompt_windows
 from sdtoolkit.errors import first_line
 
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
@@ -74,56 +75,6 @@ def random_seed():
 def image_seeds(seed, count):
     """The seed of each image of a request: image i uses seed + i (wrapping past MAX_SEED)."""
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
-
-
-# A prompt longer than CLIP's window is read as AUTOMATIC1111 reads it: in windows of 75 tokens (77 with the
-# start and end tokens), each encoded on its own, their outputs put one after the other. A window ends after
-# the last comma instead when one is among its last 20 tokens, so a tag is not cut in two.
-WINDOW_TOKENS = 75
-COMMA_BACKTRACK = 20
-
-
-def prompt_windows(tokenizer, text):
-    """The token ids of `text` as CLIP windows: lists of 77 ids (start, up to 75 of the text's tokens, end,
-    padding). One window for a text that fits, as the pipeline tokenizes it; one empty window for ""."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
-    windows, current = [], []
-    for token in ids:
-        current.append(token)
-        if len(current) == WINDOW_TOKENS:
-            commas = [i for i, t in enumerate(current) if t == comma]
-            cut = commas[-1] + 1 if commas and WINDOW_TOKENS - commas[-1] <= COMMA_BACKTRACK else WINDOW_TOKENS
-            windows.append(current[:cut])
-            current = current[cut:]
-    if current or not windows:
-        windows.append(current)
-    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    return [[start, *window, end] + [pad] * (WINDOW_TOKENS - len(window)) for window in windows]
-
-
-def encode_prompts(pipeline, prompt, negative_prompt, guidance):
-    """(prompt embeddings, negative embeddings or None without guidance) for one image. Prompts that fit CLIP's
-    window go through the pipeline's own encode_prompt; a longer one is encoded window by window (see
-    prompt_windows), and the other prompt is padded with empty windows to as many, as classifier-free guidance
-    needs two of the same length."""
-    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
-    windows = prompt_windows(tokenizer, prompt)
-    negative_windows = prompt_windows(tokenizer, negative_prompt or "") if guidance else []
-    if len(windows) == 1 and len(negative_windows) <= 1:
-        return pipeline.encode_prompt(
-            prompt, pipeline.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-            negative_prompt=negative_prompt or None,
-        )  # fmt: skip
-    count = max(len(windows), len(negative_windows))
-    empty = prompt_windows(tokenizer, "")[0]
-
-    def encode(windows):
-        ids = torch.tensor(windows + [empty] * (count - len(windows)), device=pipeline.device)
-        hidden = text_encoder(ids, return_dict=False)[0]  # one row per window
-        return hidden.reshape(1, -1, hidden.shape[-1]).to(text_encoder.dtype)
-
-    return encode(windows), encode(negative_windows) if guidance else None
 
 
 class QueueFull(Exception):

@@ -26,9 +26,10 @@ from sd_parsers import ParserManager
 from transformers import CLIPTokenizer
 
 import gradio_app
+from sdtoolkit.clip_windows import encode_prompts, prompt_windows
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
-from sdtoolkit.serving import ImageService, RequestQueue, encode_prompts, prompt_windows
+from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import REPO, free_port, generate, start, train
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
