@@ -1939,7 +1939,7 @@ def fine_tune(args):
             interpolation=getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper()),
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
             device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
-            windows=windows,
+            windows=windows, masked_loss=args.masked_loss,
         )  # fmt: skip
         if accelerator.num_processes > 1:
             logger.info(f"--validation_split: the {accelerator.num_processes} processes share each measurement of the"

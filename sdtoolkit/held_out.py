@@ -13,14 +13,16 @@ timestep, so its mean over them can hide one of them getting worse.
     compare(before, after)                   whether the change between two measurements is beyond chance
 """
 
+from collections import namedtuple
+
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 
 from sdtoolkit.clip_windows import caption_windows, encode_windows, token_mask
+from sdtoolkit.data import latent_mask
 from sdtoolkit.errors import UserError
 from sdtoolkit.evaluation import paired_bootstrap, verdict
-from sdtoolkit.latent_cache import cache_crop
+from sdtoolkit.latent_cache import cache_crop, crop_alpha, crop_pixels
 
 # The timesteps the loss is measured at, out of 1000 (scaled to the scheduler's count): from little noise to
 # nearly pure noise.
@@ -50,12 +52,20 @@ def split_held_out(digests, fraction):
     return training, held_out
 
 
+# The held-out images of one training shape: their rows, latents (n, C, h, w) float32, caption embeddings
+# (n, 77, dim) and token ids (n, 77), the noise per timestep, and two masks or None. With --max_token_length above
+# 75 the captions are read in windows (sdtoolkit/clip_windows.py): embeddings (n, 77 x windows, dim), token ids
+# (n, windows, 77), and text_masks (n, 77 x windows) for the UNet. With --masked_loss, loss_masks (n, 1, h, w)
+# weigh each latent pixel's error by the image's opacity, as training does.
+Group = namedtuple("Group", "rows latents embeddings token_ids text_masks loss_masks noise")
+
+
 class HeldOutLoss:
     """The held-out rows encoded once (center crops at the shape they would train at, first captions), and the loss
     of a UNet on them. Build it while the VAE and text encoder are still loaded; call it on every process."""
 
     def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
-                 text_encoder, batch_size, device, dtype, sizes=None, windows=1):  # fmt: skip
+                 text_encoder, batch_size, device, dtype, sizes=None, windows=1, masked_loss=False):  # fmt: skip
         """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares."""
         self.batch_size, self.count = batch_size, len(rows)
         # Images of one shape are measured together, in batches of their own.
@@ -65,23 +75,20 @@ class HeldOutLoss:
         # Noise drawn on the CPU, so that every device gets the same numbers, and kept there (5 times the latents'
         # size) until its batch is used: one tensor per shape and timestep.
         generator = torch.Generator().manual_seed(NOISE_SEED)
-        # per shape: (its rows, latents (n, C, h, w) float32, embeddings (n, 77, dim), token ids (n, 77), masks,
-        # noise). With --max_token_length above 75 the captions are read in windows (sdtoolkit/clip_windows.py):
-        # embeddings (n, 77 x windows, dim), token ids (n, windows, 77), masks (n, 77 x windows) for the UNet;
-        # masks is None with one window.
-        self.groups = []
+        self.groups = []  # one Group per shape
         for size, group in shapes.items():
-            latents, embeddings, token_ids, masks = [], [], [], []
+            latents, embeddings, token_ids, masks, loss_masks = [], [], [], [], []
             for start in range(0, len(group), batch_size):
                 batch = rows.select(group[start : start + batch_size])
                 # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
-                pixels = torch.stack(
-                    [TF.normalize(TF.to_tensor(cache_crop(image, size, interpolation)), [0.5], [0.5])
-                     for image in batch[image_column]]
-                )  # fmt: skip
+                crops = [cache_crop(image, size, interpolation, masked_loss) for image in batch[image_column]]
+                pixels = torch.stack([crop_pixels(crop, flip=False) for crop in crops])
                 with torch.no_grad():
                     mean = vae.encode(pixels.to(device, dtype=dtype)).latent_dist.mean
                     latents.append((mean * vae.config.scaling_factor).float())
+                    if masked_loss:
+                        opacity = [latent_mask(crop_alpha(crop, flip=False), mean.shape[1:]) for crop in crops]
+                        loss_masks.append(torch.stack(opacity).to(device))
                     # Captions: the first one of a row that has several.
                     captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
                     if windows > 1:
@@ -97,8 +104,13 @@ class HeldOutLoss:
                     token_ids.append(ids.to(device))
             latents = torch.cat(latents)
             noise = [torch.randn(latents.shape, generator=generator) for _ in TIMESTEPS]
-            masks = torch.cat(masks) if masks else None
-            self.groups.append((group, latents, torch.cat(embeddings), torch.cat(token_ids), masks, noise))
+            self.groups.append(
+                Group(
+                    rows=group, latents=latents, embeddings=torch.cat(embeddings), token_ids=torch.cat(token_ids),
+                    text_masks=torch.cat(masks) if masks else None,
+                    loss_masks=torch.cat(loss_masks) if loss_masks else None, noise=noise,
+                )
+            )  # fmt: skip
 
     def __len__(self):
         return self.count
@@ -136,12 +148,9 @@ class HeldOutLoss:
         if text_encoder is not None:
             # The captions encoded once for this measurement, by the text encoder as it is now.
             with autocast():
-                groups = [
-                    (rows, latents, self.encode(text_encoder, ids), ids, masks, noise)
-                    for rows, latents, _, ids, masks, noise in self.groups
-                ]
+                groups = [group._replace(embeddings=self.encode(text_encoder, group.token_ids)) for group in groups]
         process, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        batches = [(group, start) for group in groups for start in range(0, len(group[0]), self.batch_size)]
+        batches = [(group, start) for group in groups for start in range(0, len(group.rows), self.batch_size)]
         mine = batches[process::processes]
         rounds = len(batches[::processes])
         scale = noise_scheduler.config.num_train_timesteps / 1000
@@ -150,24 +159,27 @@ class HeldOutLoss:
         for i, step in enumerate(TIMESTEPS):
             t = int(step * scale)
             for n in range(rounds):
-                (rows, group_latents, group_embeddings, _, masks, noise), start = (
-                    mine[n] if n < len(mine) else batches[0]
-                )
-                latents = group_latents[start : start + self.batch_size]
-                batch_noise = noise[i][start : start + self.batch_size].to(latents.device)
+                group, start = mine[n] if n < len(mine) else batches[0]
+                end = start + self.batch_size
+                latents = group.latents[start:end]
+                batch_noise = group.noise[i][start:end].to(latents.device)
                 timesteps = torch.full((len(latents),), t, device=latents.device, dtype=torch.long)
                 noisy = noise_scheduler.add_noise(latents, batch_noise, timesteps)
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, batch_noise, timesteps)
                 else:
                     target = batch_noise
-                embeddings = group_embeddings[start : start + self.batch_size]
-                mask = masks[start : start + self.batch_size] if masks is not None else None
+                text_mask = group.text_masks[start:end] if group.text_masks is not None else None
                 with autocast():
-                    pred = unet(noisy, timesteps, embeddings, encoder_attention_mask=mask, return_dict=False)[0]
+                    pred = unet(
+                        noisy, timesteps, group.embeddings[start:end], encoder_attention_mask=text_mask,
+                        return_dict=False,
+                    )[0]  # fmt: skip
                 if n < len(mine):
-                    error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).cpu()
-                    errors[i, rows[start : start + self.batch_size]] = error.double()
+                    error = F.mse_loss(pred.float(), target, reduction="none")
+                    if group.loss_masks is not None:  # --masked_loss: weighed as training weighs it
+                        error = error * group.loss_masks[start:end]
+                    errors[i, group.rows[start:end]] = error.mean(dim=(1, 2, 3)).cpu().double()
         for model, training in zip(models, was_training):
             model.train(training)
         if processes > 1:  # each image was measured by one process: the sum is its error

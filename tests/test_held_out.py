@@ -102,13 +102,13 @@ def test_with_buckets_the_held_out_images_are_measured_at_their_buckets(tiny_sd,
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     buckets = make_buckets(resolution=64, step=16, min_side=32, max_side=128)
     at_buckets = held_out_of(tiny_sd, pipeline, 2, *flags, data=data, resolution=64, buckets=buckets)
-    shapes = {tuple(latents.shape[2:]) for _, latents, _, _, _, _ in at_buckets.groups}
+    shapes = {tuple(group.latents.shape[2:]) for group in at_buckets.groups}
     assert len(at_buckets) == 3 and any(h != w for h, w in shapes)  # a portrait or landscape bucket among them
     losses, per_image = at_buckets(pipeline.unet, pipeline.scheduler, contextlib.nullcontext)
     assert losses["validation_loss"] == pytest.approx(final, rel=1e-5)
     # Each image's loss is its own, whichever shape's batch measured it: recomputed here one image at a time.
     expected = [0.0] * 3
-    for rows, latents, embeddings, _, _, noise in at_buckets.groups:
+    for rows, latents, embeddings, *_, noise in at_buckets.groups:
         for position, row in enumerate(rows):
             for t, timestep_noise in zip(TIMESTEPS, noise):
                 timestep = torch.tensor([t])

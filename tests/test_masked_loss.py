@@ -73,15 +73,19 @@ def test_cached_masks_are_the_masks_of_the_uncached_images(tiny_sd):
 
 
 def test_transparent_images_teach_nothing(tiny_sd, tmp_path):
+    # Nor do they count in the held-out loss, which weighs its images' errors as training does.
     data = cutout_folder(tmp_path / "data", opaque=False)
-    flags = ["--max_train_steps", "2", "--adam_weight_decay", "0", "--learning_rate", "1e-3"]
+    flags = ["--max_train_steps", "2", "--adam_weight_decay", "0", "--learning_rate", "1e-3", "--validation_split",
+             "0.25"]  # fmt: skip
     train(tiny_sd, tmp_path / "masked", *flags, "--masked_loss", data=data)
     assert [loss for _, loss in logged_losses(tmp_path / "masked")] == [0.0, 0.0]
+    assert [loss for _, loss in logged_losses(tmp_path / "masked", "validation_loss")] == [0.0, 0.0]
     base, trained = unet_weights(Path(tiny_sd) / "unet"), unet_weights(tmp_path / "masked" / "unet")
     assert all(torch.equal(base[k], trained[k]) for k in base)
     # Without the mask the white they are laid on is learned.
     train(tiny_sd, tmp_path / "whole", *flags, data=data)
     assert all(loss > 0.1 for _, loss in logged_losses(tmp_path / "whole"))
+    assert all(loss > 0.1 for _, loss in logged_losses(tmp_path / "whole", "validation_loss"))
 
 
 def test_a_cached_masked_run_trains_as_an_uncached_one(tiny_sd, tmp_path):
