@@ -26,7 +26,8 @@ COMMA_BACKTRACK = 20
 def prompt_windows(tokenizer, text):
     """The token ids of `text` as CLIP windows: lists of 77 ids. One window for a text that fits, as the pipeline
     tokenizes it; one empty window for ""."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    # verbose=False: transformers would warn that a text longer than 77 tokens breaks the model; windows do not.
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     windows, current = [], []
     for token in ids:

@@ -280,7 +280,8 @@ def count_long_captions(dataset, caption_column, tokenizer, windows=1):
         captions.extend([caption] if isinstance(caption, str) else caption)
     if windows > 1:
         return sum(len(prompt_windows(tokenizer, caption)) > windows for caption in captions), len(captions)
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
+    # verbose=False: the caller says how many are cut; transformers would warn of indexing errors.
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False).input_ids]
     return sum(n > tokenizer.model_max_length for n in lengths), len(captions)
 
 
