@@ -122,13 +122,13 @@ from sdtoolkit.lora import (
     adapter_ranks,
     add_lora,
     add_lora_from_file,
+    check_lora_path,
     has_lora_weights,
     has_text_encoder_lora,
     kohya_metadata,
     kohya_state_dict,
     load_lora,
     load_lora_ema,
-    lora_location,
     read_lora,
     save_lora,
     save_lora_ema,
@@ -1435,11 +1435,7 @@ def out_of_memory_message(args, err):
 def check_init_lora(args):
     """--init_lora: the file must hold a UNet adapter that the other flags agree with. Its rank becomes the run's
     --lora_rank (the rank of most of its layers, when they differ)."""
-    folder, name = lora_location(args.init_lora)
-    if not os.path.isfile(os.path.join(folder, name)):
-        raise UserError(
-            f"--init_lora {args.init_lora}: no LoRA there (a .safetensors file, or a folder with {WEIGHTS_NAME})"
-        )
+    check_lora_path(args.init_lora, "--init_lora")
     try:
         state, _, _ = read_lora(args.init_lora)
     except (OSError, ValueError, KeyError) as err:
@@ -1653,11 +1649,18 @@ def fine_tune(args):
     text_encoder.requires_grad_(False)
     # With LoRA, the UNet is frozen too and only adapters on its attention layers train (see sdtoolkit/lora.py).
     # With --init_lora the adapter is the file's, with its alpha and layers (which the model card then shows).
-    if args.init_lora:
+    init_lora = read_lora(args.init_lora) if args.init_lora else None
+
+    def start_from_init_lora(model, part, name):
         try:
-            add_lora_from_file(unet, args.init_lora, part="unet", dropout=args.lora_dropout)
+            return add_lora_from_file(model, init_lora, part=part, dropout=args.lora_dropout)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise UserError(f"could not load --init_lora {args.init_lora} onto this UNet: {first_line(err)}") from err
+            raise UserError(
+                f"could not load --init_lora {args.init_lora} onto this {name}: {first_line(err)}"
+            ) from err
+
+    if init_lora:
+        start_from_init_lora(unet, "unet", "UNet")
         args.lora_alpha, args.lora_target_modules = unet.peft_config["default"].lora_alpha, adapted_layer_names(unet)
         logger.info(
             f"--init_lora: training on from {args.init_lora} (rank {args.lora_rank}, alpha {args.lora_alpha}, on"
@@ -1676,15 +1679,8 @@ def fine_tune(args):
     text_encoder_trained, adapted_text_encoder = [], None
     if args.train_text_encoder:
         text_encoder.to(dtype=half or torch.float32)
-        if args.init_lora and adapter_ranks(read_lora(args.init_lora)[0], "text_encoder"):
-            try:
-                text_encoder_trained = add_lora_from_file(
-                    text_encoder, args.init_lora, part="text_encoder", dropout=args.lora_dropout
-                )
-            except (OSError, ValueError, KeyError, RuntimeError) as err:
-                raise UserError(
-                    f"could not load --init_lora {args.init_lora} onto this text encoder: {first_line(err)}"
-                ) from err
+        if init_lora and adapter_ranks(init_lora[0], "text_encoder"):
+            text_encoder_trained = start_from_init_lora(text_encoder, "text_encoder", "text encoder")
         else:  # a new adapter, also when the --init_lora file has none for the text encoder
             text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha,
                                             dropout=args.lora_dropout, target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip

@@ -117,17 +117,12 @@ class HeldOutLoss:
 
     def encode(self, text_encoder, ids):
         """The embeddings of token ids (n, 77), or of windows (n, windows, 77), a batch at a time."""
-        if ids.dim() == 3:
-            return torch.cat(
-                [encode_windows(text_encoder, ids[start : start + self.batch_size])
-                 for start in range(0, len(ids), self.batch_size)]
-            )  # fmt: skip
+        windows = ids if ids.dim() == 3 else ids[:, None]  # one window each: the text encoder's own output
         return torch.cat(
-            [text_encoder(ids[start : start + self.batch_size], return_dict=False)[0]
+            [encode_windows(text_encoder, windows[start : start + self.batch_size])
              for start in range(0, len(ids), self.batch_size)]
         )  # fmt: skip
 
-    @torch.no_grad()
     def __call__(self, unet, noise_scheduler, autocast, accelerator=None, text_encoder=None):
         """(losses, per_image): {"validation_loss": the mean over timesteps and images, "validation_loss/t=T":
         the mean squared error at T}, and each image's loss (its mean over the timesteps), for compare().

@@ -23,10 +23,10 @@ from safetensors import safe_open
 from sdtoolkit.errors import UserError, first_line
 from sdtoolkit.lora import (
     KOHYA_WEIGHTS_NAME,
+    check_lora_path,
     has_lora_ema,
     has_lora_weights,
     load_lora_ema_weights,
-    lora_location,
     read_lora,
 )
 
@@ -36,11 +36,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def load_lora(pipeline, path):
     """Load a LoRA onto the pipeline (its UNet, and its text encoder when the LoRA has one): a folder holding
     pytorch_lora_weights.safetensors, or one .safetensors file in diffusers' or kohya-ss keys (see sdtoolkit/lora.py)."""
-    folder, weight_name = lora_location(path)
-    if not os.path.isfile(os.path.join(folder, weight_name)):
-        raise UserError(
-            f"--lora {path}: no LoRA there (a .safetensors file, or a folder with pytorch_lora_weights.safetensors)"
-        )
+    check_lora_path(path, "--lora")
     try:
         # What pipeline.load_lora_weights does, with the alphas read_lora mends for the text encoder.
         state, alphas, metadata = read_lora(path)

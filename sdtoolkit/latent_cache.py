@@ -273,14 +273,20 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
                 captions.extend(options)
             tokenizer, windows = examples.tokenizer, examples.windows
             shape = (len(captions), tokenizer.model_max_length * windows, text_encoder.config.hidden_size)
+            # With windows: how many are each caption's own, for its mask (the others are empty windows).
+            own = [] if windows > 1 else None
             if reuse:
                 embeddings, empty = arrays.open("text", shape, dtype), arrays.open("text-empty", shape[1:], dtype)
+                if own is not None:
+                    own = [min(len(prompt_windows(tokenizer, caption)), windows) for caption in captions]
             else:
                 embeddings, empty = arrays.new("text", shape, dtype), arrays.new("text-empty", shape[1:], dtype)
                 for start in range(0, len(captions), batch_size):
                     batch = captions[start : start + batch_size]
                     if windows > 1:  # each caption in its windows (see sdtoolkit/clip_windows.py)
-                        ids = torch.stack([caption_windows(tokenizer, caption, windows)[0] for caption in batch])
+                        read = [caption_windows(tokenizer, caption, windows) for caption in batch]
+                        own += [int(mask.sum()) for _, mask in read]
+                        ids = torch.stack([caption_ids for caption_ids, _ in read])
                         encoded = encode_windows(text_encoder, ids.to(device))
                     else:
                         ids = tokenizer(
@@ -298,12 +304,6 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
                         "", max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt"
                     ).input_ids
                     empty[:] = text_encoder(ids.to(device), return_dict=False)[0].cpu()[0]
-            # How many windows are each caption's own, for its mask (the others are empty windows).
-            own = (
-                [min(len(prompt_windows(tokenizer, caption)), windows) for caption in captions]
-                if windows > 1
-                else None
-            )
             text_cache = (embeddings, first, count, is_list, empty, own)
     except BaseException:
         arrays.abandon()

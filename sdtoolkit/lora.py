@@ -8,7 +8,7 @@ the CLIP text encoder gets an adapter of its own on its attention projections, t
 the same files (under text_encoder. and lora_te_ keys), as kohya-ss trains by default.
 
     add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=DEFAULT_TARGETS)   # or the text encoder
-    add_lora_from_file(unet, "other-lora.safetensors", part="unet", dropout=0.0)   # --init_lora: go on from one
+    add_lora_from_file(unet, read_lora("other.safetensors"), part="unet", dropout=0.0)   # --init_lora
     save_lora(unet, folder, text_encoder)   # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
     load_lora(unet, folder, text_encoder)   # the adapter weights back into the models, bit for bit
     kohya_state_dict(unet, text_encoder)  # the same adapters in kohya-ss / AUTOMATIC1111 keys
@@ -34,6 +34,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sdtoolkit.errors import UserError
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -67,6 +69,13 @@ def lora_location(path):
     return path, WEIGHTS_NAME
 
 
+def check_lora_path(path, flag):
+    """One line, when `path` (given as `flag`) is neither a .safetensors file nor a folder with a LoRA's weights."""
+    folder, name = lora_location(path)
+    if not os.path.isfile(os.path.join(folder, name)):
+        raise UserError(f"{flag} {path}: no LoRA there (a .safetensors file, or a folder with {WEIGHTS_NAME})")
+
+
 def read_lora(path):
     """The adapters saved at `path` as diffusers reads them, kohya-ss keys converted to diffusers':
     (state dict with unet. and text_encoder. keys, kohya-ss's alphas or None, diffusers' metadata or None).
@@ -96,12 +105,12 @@ def adapter_ranks(state, part):
     return [tensor.shape[0] for key, tensor in state.items() if key.startswith(part + ".") and key.endswith(downs)]
 
 
-def add_lora_from_file(model, path, *, part, dropout):
-    """Add to the model the adapter the LoRA at `path` holds for it (`part`: "unet" or "text_encoder"), ready to go
-    on training as add_lora's would be: the model frozen, the adapter trainable, float32, with `dropout`. Its
-    rank, alpha and layers are the file's, as diffusers' load_lora_weights reads them (a kohya-ss file's too).
-    Returns the adapter's parameters."""
-    state, alphas, metadata = read_lora(path)
+def add_lora_from_file(model, lora, *, part, dropout):
+    """Add to the model the adapter a LoRA holds for it (`lora`: what read_lora returned; `part`: "unet" or
+    "text_encoder"), ready to go on training as add_lora's would be: the model frozen, the adapter trainable,
+    float32, with `dropout`. Its rank, alpha and layers are the file's, as diffusers' load_lora_weights reads them
+    (a kohya-ss file's too). Returns the adapter's parameters."""
+    state, alphas, metadata = lora
     load = {
         "unet": StableDiffusionPipeline.load_lora_into_unet,
         "text_encoder": StableDiffusionPipeline.load_lora_into_text_encoder,
