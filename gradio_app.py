@@ -204,8 +204,8 @@ def make_generate(service):
             windows = service.clip_windows(text) if text else 1
             if windows > 1:
                 notes.append(
-                    f"The {name} is longer than CLIP's {tokenizer.model_max_length} tokens: it was read in {windows}"
-                    " windows of 75 tokens, as AUTOMATIC1111 reads long prompts."
+                    f"The {name} was read in {windows} windows of 75 tokens, as AUTOMATIC1111 reads a prompt longer"
+                    f" than CLIP's {tokenizer.model_max_length} tokens or one with BREAK."
                 )
         try:
             images = service.generate(

@@ -337,7 +337,10 @@ def parse_args(argv=None):
         type=str,
         default=None,
         nargs="+",
-        help="A set of prompts evaluated every `--validation_epochs` and logged to `--report_to`.",
+        help=(
+            "A set of prompts evaluated every `--validation_epochs` and logged to `--report_to`. Read as gradio_app.py"
+            " reads prompts: AUTOMATIC1111's emphasis ((word:1.2)) and BREAK, and whole past 77 tokens."
+        ),
     )
     parser.add_argument(
         "--output_dir",
@@ -1196,12 +1199,12 @@ def generate_validation_images(pipeline, args, accelerator):
     images = []
     for prompt in args.validation_prompts:
         with autocast_ctx:
-            text = {"prompt": prompt}
-            if args.max_token_length > 75:  # a long prompt read whole, in windows, as training reads captions
-                embeddings, negative = encode_prompts(pipeline, prompt, None, guidance=True)
-                text = {"prompt_embeds": embeddings, "negative_prompt_embeds": negative}
+            # Read as gradio_app.py reads a prompt (sdtoolkit/clip_windows.py): a plain one as the pipeline reads
+            # it, emphasis such as (word:1.2) and BREAK as AUTOMATIC1111 reads them, a long one whole, in windows.
+            embeddings, negative = encode_prompts(pipeline, prompt, None, guidance=True)
             image = pipeline(
-                **text,
+                prompt_embeds=embeddings,
+                negative_prompt_embeds=negative,
                 num_inference_steps=20,
                 height=args.resolution,
                 width=args.resolution,

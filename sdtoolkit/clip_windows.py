@@ -1,46 +1,125 @@
-"""Text longer than CLIP's 77 tokens, read in windows, as AUTOMATIC1111 reads long prompts.
+r"""Prompts as AUTOMATIC1111 reads them: emphasis, BREAK, and text longer than CLIP's 77 tokens, in windows.
 
 CLIP's text encoder reads 77 tokens: a start token, up to 75 of the text's, an end token, padding. A longer
-text is split into windows of 75 tokens. A window ends after the last comma instead when one is among its last
-20 tokens, so a tag is not cut in two. Each window is encoded on its own, and the outputs are put one after the
-other (77 embeddings per window). gradio_app.py serves long prompts this way, and --max_token_length trains on
-long captions this way. (kohya-ss's trainer joins the windows without their inner start and end tokens.)
+text is split into windows of 75 tokens. When a window is full and more tokens come, it ends after its last
+comma instead, if one is among its last 20 tokens, so a tag is not cut in two. Each window is encoded on its
+own, and the outputs are put one after the other (77 embeddings per window). gradio_app.py serves long prompts
+this way, and --max_token_length trains on long captions this way. (kohya-ss's trainer joins the windows without
+their inner start and end tokens.)
 
-    prompt_windows(tokenizer, text)            # [[77 ids], ...]: as many windows as the text needs
+Prompts (not training captions) may also weight their words in AUTOMATIC1111's syntax: (word) 1.1 times,
+((word)) 1.21 times, [word] 1/1.1 times, (word:1.4) 1.4 times; \( \) \[ \] are the brackets themselves, and
+BREAK starts a new window. A weighted token's embedding is scaled by its weight, then the window's embeddings are
+scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphasis does.
+
+    parse_emphasis(text)                       # [(text, weight), ..., None where BREAK is, ...]
+    token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
+    prompt_windows(tokenizer, text)            # [[77 ids], ...] of a text read literally (a training caption)
     caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count]): padded with empty windows, or cut
     encode_windows(text_encoder, ids)          # ids [n, count, 77] -> embeddings [n, count * 77, dim]
     token_mask(window_mask)                    # [n, count] -> [n, count * 77], the UNet's encoder_attention_mask
-    encode_prompts(pipeline, prompt, negative_prompt, guidance)   # a pipeline's prompt_embeds, long prompts too
+    encode_prompts(pipeline, prompt, negative_prompt, guidance)   # a pipeline's prompt_embeds, parsed as above
 
 A batch of captions with different numbers of windows is padded with empty windows, which the mask keeps out of
 the UNet's cross-attention: each caption conditions the UNet on its own windows alone, as when it is served.
 """
+
+import re
 
 import torch
 
 WINDOW = 77  # ids per window: start, 75 of the text's tokens, end, padding
 WINDOW_TOKENS = 75
 COMMA_BACKTRACK = 20
+BRACKET_WEIGHTS = {"(": 1.1, "[": 1 / 1.1}  # what one pair of round or square brackets multiplies by
+
+# The pieces of a prompt: an escaped bracket or backslash, an opening bracket, ":1.4)" (a weight and the round
+# bracket it closes), a closing bracket, a run of plain text, or a lone backslash or colon.
+EMPHASIS = re.compile(r"\\[()\[\]\\]|[(\[]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[)\]]|[^\\()\[\]:]+|[\\:]")
+BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_emphasis(text):
+    """A prompt as [(text, weight), ...], in order, with None where a BREAK is. Brackets nest and their weights
+    multiply; a bracket left open weights the rest of the prompt, and a closing one with nothing open is text."""
+    pieces = []  # [text, weight] lists while weights are applied; None for BREAK
+    opened = {"(": [], "[": []}  # where each open bracket began, in pieces
+
+    def weigh(start, factor):
+        for piece in pieces[start:]:
+            if piece is not None:
+                piece[1] *= factor
+
+    for match in EMPHASIS.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token in opened:
+            opened[token].append(len(pieces))
+        elif weight is not None and opened["("]:
+            weigh(opened["("].pop(), float(weight))
+        elif token == ")" and opened["("]:
+            weigh(opened["("].pop(), BRACKET_WEIGHTS["("])
+        elif token == "]" and opened["["]:
+            weigh(opened["["].pop(), BRACKET_WEIGHTS["["])
+        else:
+            literal = token[1] if token.startswith("\\") and len(token) == 2 else token
+            for i, part in enumerate(BREAK.split(literal)):
+                if i > 0:
+                    pieces.append(None)
+                pieces.append([part, 1.0])
+    for bracket, starts in opened.items():
+        for start in starts:
+            weigh(start, BRACKET_WEIGHTS[bracket])
+    # Neighbours of the same weight become one piece, tokenized together.
+    merged = []
+    for piece in pieces:
+        if piece is not None and merged and merged[-1] is not None and merged[-1][1] == piece[1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [None if piece is None else tuple(piece) for piece in merged] or [("", 1.0)]
+
+
+def token_windows(tokenizer, pieces):
+    """[(77 ids, 77 weights), ...]: the windows of parsed pieces (see parse_emphasis). One window for a text that
+    fits, tokenized as the pipeline tokenizes it; one empty window for nothing."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    windows = []
+    tokens, weights, last_comma = [], [], -1
+
+    def close():
+        nonlocal tokens, weights, last_comma
+        padding = WINDOW_TOKENS - len(tokens)
+        windows.append(([start, *tokens, end] + [pad] * padding, [1.0, *weights, 1.0] + [1.0] * padding))
+        tokens, weights, last_comma = [], [], -1
+
+    for piece in pieces:
+        if piece is None:  # BREAK
+            close()
+            continue
+        text, weight = piece
+        # verbose=False: transformers would warn that a text longer than 77 tokens breaks the model; windows do not.
+        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif len(tokens) == WINDOW_TOKENS and last_comma >= 0 and WINDOW_TOKENS - last_comma <= COMMA_BACKTRACK:
+                # A full window ends after its last comma; the tokens after it move on to the next window.
+                moved = tokens[last_comma + 1 :], weights[last_comma + 1 :]
+                tokens, weights = tokens[: last_comma + 1], weights[: last_comma + 1]
+                close()
+                tokens, weights = moved
+            if len(tokens) == WINDOW_TOKENS:
+                close()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not windows:
+        close()
+    return windows
 
 
 def prompt_windows(tokenizer, text):
-    """The token ids of `text` as CLIP windows: lists of 77 ids. One window for a text that fits, as the pipeline
-    tokenizes it; one empty window for ""."""
-    # verbose=False: transformers would warn that a text longer than 77 tokens breaks the model; windows do not.
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
-    windows, current = [], []
-    for token in ids:
-        current.append(token)
-        if len(current) == WINDOW_TOKENS:
-            commas = [i for i, t in enumerate(current) if t == comma]
-            cut = commas[-1] + 1 if commas and WINDOW_TOKENS - commas[-1] <= COMMA_BACKTRACK else WINDOW_TOKENS
-            windows.append(current[:cut])
-            current = current[cut:]
-    if current or not windows:
-        windows.append(current)
-    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    return [[start, *window, end] + [pad] * (WINDOW_TOKENS - len(window)) for window in windows]
+    """The token ids of `text`, read literally (no emphasis), as CLIP windows: lists of 77 ids."""
+    return [ids for ids, _ in token_windows(tokenizer, [(text, 1.0)])]
 
 
 def caption_windows(tokenizer, text, count):
@@ -65,22 +144,26 @@ def token_mask(window_mask):
 
 
 def encode_prompts(pipeline, prompt, negative_prompt, guidance):
-    """(prompt embeddings, negative embeddings or None without guidance) for one image. Prompts that fit CLIP's
-    window go through the pipeline's own encode_prompt; a longer one is encoded window by window, and the other
-    prompt is padded with empty windows to as many, as classifier-free guidance needs two of the same length."""
+    """(prompt embeddings, negative embeddings or None without guidance) for one image, both parsed for emphasis
+    and BREAK and read in windows. The shorter is padded with empty windows to as many as the longer, as
+    classifier-free guidance needs two of the same length. A prompt that fits one window, without emphasis, gives
+    the pipeline's own encode_prompt's embeddings."""
     tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
-    windows = prompt_windows(tokenizer, prompt)
-    negative_windows = prompt_windows(tokenizer, negative_prompt or "") if guidance else []
-    if len(windows) == 1 and len(negative_windows) <= 1:
-        return pipeline.encode_prompt(
-            prompt, pipeline.device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-            negative_prompt=negative_prompt or None,
-        )  # fmt: skip
+    windows = token_windows(tokenizer, parse_emphasis(prompt))
+    negative_windows = token_windows(tokenizer, parse_emphasis(negative_prompt or "")) if guidance else []
     count = max(len(windows), len(negative_windows))
-    empty = prompt_windows(tokenizer, "")[0]
+    empty = token_windows(tokenizer, [("", 1.0)])[0]
 
     def encode(windows):
-        ids = torch.tensor([windows + [empty] * (count - len(windows))], device=pipeline.device)
-        return encode_windows(text_encoder, ids).to(text_encoder.dtype)
+        windows = windows + [empty] * (count - len(windows))
+        ids = torch.tensor([ids for ids, _ in windows], device=pipeline.device)
+        weights = torch.tensor([weights for _, weights in windows], device=pipeline.device)
+        hidden = text_encoder(ids, return_dict=False)[0]  # (count, 77, dim)
+        if (weights != 1).any():
+            # AUTOMATIC1111's emphasis: each token's embedding times its weight, then each window back to its mean.
+            mean = hidden.mean(dim=(1, 2), keepdim=True)
+            hidden = hidden * weights[..., None].to(hidden.dtype)
+            hidden = hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
+        return hidden.reshape(1, count * WINDOW, hidden.shape[-1]).to(text_encoder.dtype)
 
     return encode(windows), encode(negative_windows) if guidance else None

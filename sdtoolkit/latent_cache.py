@@ -193,7 +193,9 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
     if examples.masked_loss and latents:  # the cache holds loss masks too (a key that caches without them lack)
         settings["masked_loss"] = True
     if examples.windows > 1 and text:  # captions in several windows (keys of one-window caches stay as they were)
-        settings["windows"] = examples.windows
+        # Named with how windows are cut: caches written when a full window was cut before the next token came (a
+        # caption of exactly 75 tokens then had two windows) are not read as this layout.
+        settings["windows"] = f"{examples.windows}, cut when the next token comes"
     key.update(json.dumps(settings, sort_keys=True).encode())
     return key.hexdigest()[:32]
 

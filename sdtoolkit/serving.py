@@ -34,7 +34,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from sdtoolkit.clip_windows import encode_prompts, prompt_windows
+from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows
 from sdtoolkit.errors import first_line
 
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
@@ -222,9 +222,9 @@ class ImageService:
         self.tokenizer_lock = threading.Lock()
 
     def clip_windows(self, text):
-        """How many of CLIP's 77-token windows `text` is read in (see prompt_windows)."""
+        """How many of CLIP's 77-token windows the prompt `text` is read in (see sdtoolkit/clip_windows.py)."""
         with self.tokenizer_lock:
-            return len(prompt_windows(self.pipeline.tokenizer, text))
+            return len(token_windows(self.pipeline.tokenizer, parse_emphasis(text)))
 
     def generate(
         self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,

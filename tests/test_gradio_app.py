@@ -110,7 +110,12 @@ def test_a_prompt_longer_than_clip_is_read_in_windows_and_says_so(client):
     long_prompt = " ".join(["a very detailed and colourful pokemon"] * 20)
     images, info = generate(client, prompt=long_prompt)
     assert len(images) == 1
-    assert "The prompt is longer than CLIP's 77 tokens: it was read in 2 windows of 75 tokens" in info
+    assert "The prompt was read in 2 windows of 75 tokens" in info
+    # BREAK starts a window of its own; emphasis adds none.
+    _, info = generate(client, prompt="(a red:1.3) creature BREAK [big eyes] BREAK blue")
+    assert "The prompt was read in 3 windows of 75 tokens" in info
+    _, info = generate(client, prompt="((a red creature)), [big eyes]")
+    assert "windows" not in info
 
 
 def test_auth_requires_the_login(tiny_sd):

@@ -26,7 +26,7 @@ from sd_parsers import ParserManager
 from transformers import CLIPTokenizer
 
 import gradio_app
-from sdtoolkit.clip_windows import encode_prompts, prompt_windows
+from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, prompt_windows, token_windows
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
@@ -319,6 +319,81 @@ def test_a_prompt_longer_than_clip_is_read_whole(server, tiny_sd):
     ours = encode_prompts(pipeline, "pikachu", "blurry", guidance=True)
     theirs = pipeline.encode_prompt("pikachu", "cpu", 1, True, negative_prompt="blurry")
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize(
+    "prompt, pieces",
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        (r"\(literal\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        # AUTOMATIC1111's own example: weights nest and multiply, and the bracket left open weights the rest.
+        ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+         [("a ", 1.0), ("house", 1.3 * 1.1 * 1.1), (" ", 1.1), ("on", 1.1 / 1.1), (" a ", 1.1), ("hill", 0.5 * 1.1),
+          (", sun, ", 1.1), ("sky", 1.1**4), (".", 1.1)]),
+        ("a cat BREAK a dog", [("a cat", 1.0), None, ("a dog", 1.0)]),
+        ("closing) nothing] and a: colon", [("closing) nothing] and a: colon", 1.0)]),
+        ("", [("", 1.0)]),
+    ],
+)  # fmt: skip
+def test_prompts_are_parsed_for_emphasis_as_automatic1111_parses_them(prompt, pieces):
+    parsed = parse_emphasis(prompt)
+    assert [p and p[0] for p in parsed] == [p and p[0] for p in pieces]
+    weights = [p[1] if p else 0.0 for p in pieces]  # (None, BREAK, has no weight)
+    assert [p[1] if p else 0.0 for p in parsed] == pytest.approx(weights, rel=1e-12)
+
+
+def test_a_full_window_is_cut_only_when_more_tokens_come(tiny_sd):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    # Exactly 75 tokens with a comma among the last 20: one window, as AUTOMATIC1111 reads it (it once gave two).
+    text = "red " * 70 + ", blue blue blue blue"
+    assert len(tokenizer(text, add_special_tokens=False).input_ids) == 75
+    assert prompt_windows(tokenizer, text) == [tokenizer(text, padding="max_length", max_length=77).input_ids]
+    # One more token: the window ends after the comma and the four words after it start the next window.
+    first, second = prompt_windows(tokenizer, text + " green")
+    assert tokenizer.decode(first, skip_special_tokens=True).endswith(",")
+    assert tokenizer.decode(second, skip_special_tokens=True) == "blue blue blue blue green"
+    # BREAK closes a window early; each token carries the weight of its piece, the start, end and padding 1.
+    (ids_a, weights_a), (ids_b, weights_b) = token_windows(tokenizer, parse_emphasis("a (red:1.5) cat BREAK dog"))
+    assert tokenizer.decode(ids_a, skip_special_tokens=True) == "a red cat"
+    assert tokenizer.decode(ids_b, skip_special_tokens=True) == "dog"
+    assert weights_a[:5] == [1.0, 1.0, 1.5, 1.0, 1.0] and set(weights_a[5:]) == {1.0} and set(weights_b) == {1.0}
+
+
+def test_emphasis_scales_the_weighted_tokens_and_keeps_each_windows_mean(tiny_sd):
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+
+    def embeds(prompt):
+        return encode_prompts(pipeline, prompt, None, guidance=False)[0][0]  # (77 x windows, dim)
+
+    plain, weighted = embeds("a red creature"), embeds("a (red:1.5) creature")
+    # Every token is scaled back by one factor, so that the window's mean is what it was; "red" 1.5 times more.
+    assert weighted.mean().item() == pytest.approx(plain.mean().item(), rel=1e-5)
+    ratio = weighted / plain
+    factor = ratio[0].mean()
+    assert not torch.isclose(factor, torch.tensor(1.0))
+    torch.testing.assert_close(ratio[[0, 1, 3, 4, 76]], torch.full_like(ratio[[0, 1, 3, 4, 76]], factor.item()))
+    torch.testing.assert_close(ratio[2], torch.full_like(ratio[2], 1.5 * factor.item()))
+    # A weight of 1 and escaped brackets change nothing: the pipeline's own embeddings of the literal text.
+    assert torch.equal(embeds("a (red:1.0) creature"), plain)
+    theirs = pipeline.encode_prompt("a (red) creature", "cpu", 1, False)[0][0]
+    assert torch.equal(embeds(r"a \(red\) creature"), theirs)
+    # BREAK: the window before it is the text before it, encoded alone.
+    broken = embeds("a red creature BREAK big eyes")
+    assert broken.shape[0] == 2 * 77 and torch.equal(broken[:77], plain)
+
+
+def test_a_weighted_prompt_changes_the_image_and_its_png_keeps_the_prompt_as_typed(server):
+    prompts = ["a red creature", "(a red creature:1.0)", "a (red:1.8) creature"]
+    results = [
+        sdk(server).images.generate(prompt=prompt, extra_body={**FAST, "seed": 3}).data[0] for prompt in prompts
+    ]
+    plain, weight_one, weighted = (pixels(decode(result.b64_json)) for result in results)
+    # The brackets are read as weights, not as text: at weight 1 the image is the plain prompt's.
+    assert np.array_equal(weight_one, plain) and not np.array_equal(weighted, plain)
+    assert decode(results[2].b64_json).info["parameters"].splitlines()[0] == "a (red:1.8) creature"
 
 
 class SlowEncoding:
