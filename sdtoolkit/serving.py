@@ -28,25 +28,48 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    UniPCMultistepScheduler,
 )
 
 from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows
 from sdtoolkit.errors import first_line
 
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
+# "Karras": the noise levels of Karras et al. (https://arxiv.org/abs/2206.00364), closer together near the end,
+# as AUTOMATIC1111's Karras samplers step; "SDE": DPM-Solver++'s stochastic form, which adds fresh noise at each
+# step (drawn from each image's own generator, so a seed still gives one image).
 SCHEDULERS = {
     "DPM-Solver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+    "DPM-Solver++ Karras": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", use_karras_sigmas=True
+    ),
+    "DPM-Solver++ SDE Karras": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+    ),
     "PNDM": PNDMScheduler.from_config,
     "DDIM": DDIMScheduler.from_config,
+    "Euler": EulerDiscreteScheduler.from_config,
     "Euler ancestral": EulerAncestralDiscreteScheduler.from_config,
+    "UniPC": UniPCMultistepScheduler.from_config,
 }
 # AUTOMATIC1111's names for the same samplers, written into the PNGs and accepted by the API. DPM-Solver++ of
 # order 2 (diffusers' default) is its "DPM++ 2M"; PNDM with SD's skip_prk_steps=True is pseudo linear multistep.
-A1111_SAMPLERS = {"DPM-Solver++": "DPM++ 2M", "PNDM": "PLMS", "DDIM": "DDIM", "Euler ancestral": "Euler a"}
+# (AUTOMATIC1111 1.9 and later write the Karras part as "Schedule type: Karras", and read these names too.)
+A1111_SAMPLERS = {
+    "DPM-Solver++": "DPM++ 2M",
+    "DPM-Solver++ Karras": "DPM++ 2M Karras",
+    "DPM-Solver++ SDE Karras": "DPM++ 2M SDE Karras",
+    "PNDM": "PLMS",
+    "DDIM": "DDIM",
+    "Euler": "Euler",
+    "Euler ancestral": "Euler a",
+    "UniPC": "UniPC",
+}
 DEFAULT_SCHEDULER = "DPM-Solver++"
 DEFAULT_STEPS = 25
 DEFAULT_STRENGTH = 0.75  # an edit's: AUTOMATIC1111's default denoising strength

@@ -253,13 +253,16 @@ def test_out_of_gpu_memory_says_what_would_fit_and_the_server_keeps_serving(serv
     assert post(server, {"prompt": "a creature", **FAST}).status_code == 200
 
 
-def test_png_parameters_round_trip_and_make_the_image_again(server):
+@pytest.mark.parametrize(
+    "scheduler, a1111_name", [("Euler ancestral", "Euler a"), ("DPM-Solver++ SDE Karras", "DPM++ 2M SDE Karras")]
+)
+def test_png_parameters_round_trip_and_make_the_image_again(server, scheduler, a1111_name):
     body = {"prompt": "a red creature, tall", "negative_prompt": "blurry", "seed": 5, "steps": 4,
-            "guidance_scale": 6.5, "scheduler": "Euler ancestral", "size": "64x80"}  # fmt: skip
+            "guidance_scale": 6.5, "scheduler": scheduler, "size": "64x80"}  # fmt: skip
     image = decode(post(server, body).json()["data"][0]["b64_json"])
     found = read_parameters(image)
     assert found["prompt"] == "a red creature, tall" and found["negative"] == "blurry"
-    assert (found["sampler"], found["seed"], found["steps"], found["cfg_scale"]) == ("Euler a", "5", "4", "6.5")
+    assert (found["sampler"], found["seed"], found["steps"], found["cfg_scale"]) == (a1111_name, "5", "4", "6.5")
     assert (found["Size"], found["model"]) == ("64x80", "tiny-sd")
     # Sending back what the PNG says (AUTOMATIC1111's sampler name included) makes the same image.
     width, height = found["Size"].split("x")
@@ -268,6 +271,25 @@ def test_png_parameters_round_trip_and_make_the_image_again(server):
              "scheduler": found["sampler"], "size": f"{width}x{height}"}  # fmt: skip
     remade = decode(post(server, again).json()["data"][0]["b64_json"])
     assert np.array_equal(pixels(remade), pixels(image))
+
+
+@pytest.mark.parametrize("scheduler", ["Euler ancestral", "DPM-Solver++ SDE Karras"])
+def test_a_sampler_that_adds_noise_at_every_step_still_gives_image_i_its_own_seed(server, scheduler):
+    body = {"prompt": "a green creature", "scheduler": scheduler, **FAST}
+    both = post(server, {**body, "seed": 20, "n": 2}).json()["data"]
+    alone = post(server, {**body, "seed": 21}).json()["data"][0]
+    gap = pixels(decode(alone["b64_json"])).astype(int) - pixels(decode(both[1]["b64_json"])).astype(int)
+    assert np.abs(gap).max() <= 1
+
+
+def test_the_karras_samplers_step_through_other_noise_levels(server):
+    def image(scheduler):
+        return pixels(decode(post(server, {"prompt": "a creature", "seed": 2, "scheduler": scheduler, **FAST})
+                             .json()["data"][0]["b64_json"]))  # fmt: skip
+
+    plain = image("DPM++ 2M")
+    assert not np.array_equal(image("DPM++ 2M Karras"), plain)
+    assert not np.array_equal(image("DPM++ 2M SDE Karras"), image("DPM++ 2M Karras"))
 
 
 def test_the_pages_downloads_carry_the_parameters_too(server):
@@ -476,7 +498,7 @@ BAD = [
     ({"steps": 0}, "steps", "between 1 and 150"),
     ({"steps": 151}, "steps", "between 1 and 150"),
     ({"steps": 2.5}, "steps", "whole number"),
-    ({"scheduler": "Nope"}, "scheduler", "DPM-Solver++, PNDM, DDIM, Euler ancestral"),
+    ({"scheduler": "Nope"}, "scheduler", "DPM-Solver++, DPM-Solver++ Karras, DPM-Solver++ SDE Karras, PNDM"),
     ({"guidance_scale": -1}, "guidance_scale", "from 0 to 30"),
     ({"seed": -1}, "seed", "between 0 and"),
     ({"seed": "7"}, "seed", "whole number"),
