@@ -59,6 +59,7 @@ CONFIGS = [
     ("+ in-place EMA", ["--no-cache_latents", "--no-fused_adam"]),
     ("all on (defaults)", []),
     ("all on + 8-bit AdamW", ["--use_8bit_adam"]),
+    ("all on + Adafactor", ["--optimizer", "adafactor"]),
 ]
 
 # LoRA runs compared with the full fine-tune. bf16 autocast also keeps the frozen UNet in bf16.

@@ -56,6 +56,7 @@ CONFIGS = [
     ("defaults + 8-bit AdamW, fp16", ["--use_8bit_adam"], [], "fp16", {}),
     ("defaults + --offload_ema, fp16", ["--offload_ema"], [], "fp16", {}),
     ("defaults + 8-bit AdamW + --offload_ema, fp16", ["--use_8bit_adam", "--offload_ema"], [], "fp16", {}),
+    ("defaults + Adafactor, fp16", ["--optimizer", "adafactor"], [], "fp16", {}),
     ("defaults without gradient checkpointing, fp16", [], ["--gradient_checkpointing"], "fp16", {}),
     ("defaults + torch.compile (inductor), fp16", [], [], "fp16", {"ACCELERATE_DYNAMO_BACKEND": "inductor"}),
     ("LoRA rank 4, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4"], [], "fp16", {}),

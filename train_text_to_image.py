@@ -139,6 +139,7 @@ from sdtoolkit.output_dir import (
     check_output_dir,
     identity_changes,
     lock_output_dir,
+    optimizer_flags,
     run_identity,
     unlock_output_dir,
 )
@@ -348,6 +349,46 @@ def parse_args(argv=None):
         default="sd-model-finetuned",
         help="The output directory where the model predictions and checkpoints will be written.",
     )
+    # Other optimizers (not upstream's text_to_image script; the flags of diffusers' DreamBooth scripts).
+    parser.add_argument(
+        "--optimizer",
+        type=str.lower,
+        default="adamw",
+        choices=["adamw", "adafactor", "prodigy"],
+        help=(
+            'The optimizer, in any case. "AdamW" (default; 8-bit with --use_8bit_adam). "Adafactor": torch\'s'
+            " (arXiv 1804.04235), which keeps no first moment and the second one factored into a row and a column"
+            " per weight matrix, so almost no state where AdamW keeps 8 bytes per trained weight; it takes"
+            ' --learning_rate and --adam_weight_decay. "prodigy": prodigyopt\'s Prodigy (arXiv 2306.06101), which'
+            " estimates the step size itself: give it --learning_rate 1.0 (a multiplier of its estimate); it keeps"
+            " 16 bytes per trained weight, and takes --adam_beta1/2, --adam_epsilon and --adam_weight_decay."
+        ),
+    )
+    parser.add_argument(
+        "--prodigy_beta3",
+        type=float,
+        default=None,
+        help="Prodigy's beta3, the decay of its step-size estimate's running averages (default: the square root of beta2).",
+    )
+    parser.add_argument(
+        "--prodigy_decouple",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prodigy: apply the weight decay to the weights directly, as AdamW does (default), not through the gradient.",
+    )
+    parser.add_argument(
+        "--prodigy_use_bias_correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prodigy: Adam's bias correction of the moments (default on, as in diffusers' DreamBooth scripts).",
+    )
+    parser.add_argument(
+        "--prodigy_safeguard_warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prodigy: leave the learning rate out of its step-size estimate's denominator, for a stable warm-up.",
+    )
+
     # A held-out loss (not upstream): see sdtoolkit/held_out.py.
     parser.add_argument(
         "--validation_split",
@@ -776,6 +817,12 @@ def parse_args(argv=None):
         raise UserError("--text_encoder_lr is the learning rate of --train_text_encoder, which this run does not use")
     if args.text_encoder_lr is not None and not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
         raise UserError(f"--text_encoder_lr must be a positive number, got {args.text_encoder_lr}")
+    if args.use_8bit_adam and args.optimizer != "adamw":
+        raise UserError(
+            f"--use_8bit_adam is 8-bit AdamW, and this run asks for --optimizer {args.optimizer}: drop one"
+        )
+    if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise UserError("--optimizer prodigy needs prodigyopt: pip install prodigyopt")
     if args.use_8bit_adam and not torch.cuda.is_available() and importlib.util.find_spec("torchao") is None:
         raise UserError(
             "--use_8bit_adam without a CUDA GPU needs torchao's 8-bit AdamW (pip install torchao); on a GPU it uses"
@@ -1413,8 +1460,10 @@ def out_of_memory_message(args, err):
         options.append("--gradient_checkpointing")
     if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")) == "no":
         options.append("--mixed_precision fp16 (or bf16)")
-    if not args.use_8bit_adam and not args.lora_rank:
-        options.append("--use_8bit_adam")
+    if not args.lora_rank and args.optimizer == "adamw" and not args.use_8bit_adam:
+        options.append("--use_8bit_adam (or --optimizer Adafactor)")
+    elif not args.lora_rank and args.optimizer == "prodigy":
+        options.append("--optimizer Adafactor (Prodigy keeps 16 bytes per trained weight, Adafactor about 2)")
     if args.use_ema and not args.offload_ema:
         options.append("--offload_ema")
     if args.train_batch_size > 1:
@@ -1485,6 +1534,13 @@ def fine_tune(args):
         raise UserError(
             "--lora_rank is not supported with DeepSpeed or FSDP yet (a LoRA is small enough for DDP); use a DDP"
             " config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
+        )
+    # DeepSpeed's offload brings an AdamW of its own, and FSDP flattens the weights that Adafactor factors: neither is
+    # tried with the other optimizers.
+    if args.optimizer != "adamw" and (fsdp or deepspeed):
+        raise UserError(
+            f"--optimizer {args.optimizer} is not supported with DeepSpeed or FSDP; use --optimizer AdamW there, or a"
+            " DDP config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
         )
 
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
@@ -1620,6 +1676,12 @@ def fine_tune(args):
     if resume_path is not None and args.lora_rank and resumed_state.get("lora_rank") not in (None, args.lora_rank):
         raise UserError(
             f"{resume_path} holds a LoRA of rank {resumed_state['lora_rank']}; resume it with --lora_rank {resumed_state['lora_rank']}"
+        )
+    if resume_path is not None and resumed_state.get("optimizer", optimizer_flags(args)) != optimizer_flags(args):
+        # Another optimizer's state would not load (or would load into the wrong moments): say it before training.
+        raise UserError(
+            f"{resume_path} was trained with {resumed_state['optimizer']}, and its optimizer state needs them:"
+            f" resume it with those flags (this run has {optimizer_flags(args)})"
         )
     if resume_path is not None and args.lora_rank:
         holds = has_text_encoder_lora(resume_path)
@@ -1797,26 +1859,6 @@ def fine_tune(args):
             args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         )
 
-    # Initialize the optimizer
-    if args.use_8bit_adam:
-        # bitsandbytes on a GPU, as upstream; torchao's 8-bit AdamW on a CPU, or on a GPU without bitsandbytes.
-        has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-        if accelerator.device.type == "cuda" and has_bitsandbytes:
-            import bitsandbytes as bnb
-
-            optimizer_cls, extra = bnb.optim.AdamW8bit, {}
-        elif importlib.util.find_spec("torchao") is not None:
-            from torchao.optim import AdamW8bit
-
-            reason = " (bitsandbytes is not installed)" if accelerator.device.type == "cuda" else ""
-            logger.info(f"--use_8bit_adam: torchao's AdamW8bit{reason}")
-            optimizer_cls, extra = AdamW8bit, {}
-        else:
-            raise UserError("--use_8bit_adam needs bitsandbytes on a GPU: pip install bitsandbytes (or torchao)")
-    else:
-        # The fused kernel updates all weights at once (upstream's default on a CPU is one tensor at a time).
-        optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if args.fused_adam else {})
-
     # The text encoder's adapter is a group of its own, at its own learning rate.
     parameters = trained
     if args.train_text_encoder:
@@ -1824,14 +1866,60 @@ def fine_tune(args):
         if args.scale_lr and args.text_encoder_lr:
             text_encoder_lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         parameters = [{"params": unet_trained}, {"params": text_encoder_trained, "lr": text_encoder_lr}]
-    optimizer = optimizer_cls(
-        parameters,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        **extra,
-    )
+
+    # Initialize the optimizer
+    if args.optimizer == "adafactor":
+        # Adafactor (https://arxiv.org/abs/1804.04235), torch's: no first moment, and each weight matrix's second
+        # moment as a row and a column, so its state is a fraction of AdamW's. Its own epsilons and decay of beta2.
+        optimizer = torch.optim.Adafactor(parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    elif args.optimizer == "prodigy":
+        # Prodigy (https://arxiv.org/abs/2306.06101) estimates the step size d as it goes; the learning rate
+        # multiplies d, so 1.0 uses the estimate as it is.
+        import prodigyopt
+
+        if args.learning_rate <= 0.1:
+            logger.warning(
+                f"--optimizer prodigy with --learning_rate {args.learning_rate:g}: Prodigy estimates the step size"
+                " itself and the learning rate multiplies it, so 1.0 is the usual value"
+            )
+        optimizer = prodigyopt.Prodigy(
+            parameters,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            beta3=args.prodigy_beta3,
+            eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay,
+            decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction,
+            safeguard_warmup=args.prodigy_safeguard_warmup,
+        )
+    else:
+        if args.use_8bit_adam:
+            # bitsandbytes on a GPU, as upstream; torchao's 8-bit AdamW on a CPU, or on a GPU without bitsandbytes.
+            has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+            if accelerator.device.type == "cuda" and has_bitsandbytes:
+                import bitsandbytes as bnb
+
+                optimizer_cls, extra = bnb.optim.AdamW8bit, {}
+            elif importlib.util.find_spec("torchao") is not None:
+                from torchao.optim import AdamW8bit
+
+                reason = " (bitsandbytes is not installed)" if accelerator.device.type == "cuda" else ""
+                logger.info(f"--use_8bit_adam: torchao's AdamW8bit{reason}")
+                optimizer_cls, extra = AdamW8bit, {}
+            else:
+                raise UserError("--use_8bit_adam needs bitsandbytes on a GPU: pip install bitsandbytes (or torchao)")
+        else:
+            # The fused kernel updates all weights at once (upstream's default on a CPU is one tensor at a time).
+            optimizer_cls, extra = torch.optim.AdamW, ({"fused": True} if args.fused_adam else {})
+        optimizer = optimizer_cls(
+            parameters,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            **extra,
+        )
 
     # The training examples: transformed images, token ids, and every random draw of the diffusion step,
     # all from a generator seeded by (seed, epoch, row). See sdtoolkit/data.py.

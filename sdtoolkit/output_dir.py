@@ -9,7 +9,7 @@
   run takes the folder over.
 - `check_fresh_run`: a new run (not a resume) refuses a folder that holds an earlier run's checkpoints or
   model, unless told to overwrite it (`clear_earlier_run` then deletes what the script wrote, nothing else).
-- `run_identity` / `identity_changes`: what a run is (seed, batch size, model, data), stored in every
+- `run_identity` / `identity_changes`: what a run is (seed, batch size, model, data, optimizer), stored in every
   checkpoint's training_state.json, so that a resume that changes one of them says what changed.
 """
 
@@ -176,7 +176,13 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "data_fingerprint": data_fingerprint,
         "lora_rank": args.lora_rank,
         "init_lora": local_path_or_name(args.init_lora),
+        "optimizer": optimizer_flags(args),
     }
+
+
+def optimizer_flags(args):
+    """The flags that pick a run's optimizer, as a checkpoint's optimizer state needs them again on resume."""
+    return f"--optimizer {args.optimizer}" + " --use_8bit_adam" * args.use_8bit_adam
 
 
 def identity_changes(saved, current):

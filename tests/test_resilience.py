@@ -264,7 +264,7 @@ def test_out_of_gpu_memory_is_one_line_with_what_to_try_and_the_checkpoints_stay
     assert "Traceback" not in stderr
     assert last.startswith("stopped: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert f"the last checkpoint, {tmp_path / 'checkpoint-2'}, is kept. To fit, try --gradient_checkpointing," in last
-    for option in ("--mixed_precision fp16", "--use_8bit_adam", "--offload_ema", "--lora_rank 4",
+    for option in ("--mixed_precision fp16", "--use_8bit_adam (or --optimizer Adafactor)", "--offload_ema", "--lora_rank 4",
                    "--train_batch_size 1 --gradient_accumulation_steps 2 (the same batch)"):  # fmt: skip
         assert option in last
     assert checkpoints.checkpoint_dirs(tmp_path) == ["checkpoint-2"] and not (tmp_path / "model_index.json").exists()
