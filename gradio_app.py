@@ -22,6 +22,7 @@ import psutil
 from huggingface_hub import ModelCard
 from PIL import Image
 
+from sdtoolkit.embeddings import load_embeddings
 from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.images_api import ImageFiles, images_api
 from sdtoolkit.inference import (
@@ -72,6 +73,15 @@ def parse_args(argv=None):
         "--lora", default=None, help="A LoRA to load on top of --model_path (folder or .safetensors file)."
     )
     add_lora_scale_argument(parser)
+    parser.add_argument(
+        "--embeddings_dir",
+        default=None,
+        help=(
+            "A folder of textual inversion embeddings (.safetensors), as AUTOMATIC1111's embeddings/ folder: each"
+            " file's name becomes a word of the prompt (EasyNegative.safetensors: EasyNegative). Pickle files are"
+            " skipped."
+        ),
+    )
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument(
@@ -363,10 +373,26 @@ def launch(args, block=True):
     pipeline = load_pipeline(
         args.model_path, device, dtype, config=args.model_config, lora=args.lora, lora_scale=args.lora_scale
     )
+    # Textual inversion embeddings: new words of the tokenizer (see sdtoolkit/embeddings.py).
+    embeddings = {}
+    if args.embeddings_dir:
+        try:
+            embeddings, skipped = load_embeddings(pipeline, args.embeddings_dir)
+        except FileNotFoundError as err:
+            raise UserError(str(err)) from None
+        for file_name, reason in skipped:
+            print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
+        words = [f"{name} ({count} vectors)" if count > 1 else name for name, count in sorted(embeddings.items())]
+        print(f"Embeddings ({len(words)}): {', '.join(words) or 'none'}")
     queue = RequestQueue(concurrency=args.concurrency, max_queue=args.max_queue)
     lora_name = model_name(args.lora) if args.lora else None
     service = ImageService(
-        pipeline, model_name=model_name(args.model_path), lora_name=lora_name, lora_scale=args.lora_scale, queue=queue
+        pipeline,
+        model_name=model_name(args.model_path),
+        lora_name=lora_name,
+        lora_scale=args.lora_scale,
+        queue=queue,
+        embeddings=sorted(embeddings),
     )
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(

@@ -28,6 +28,8 @@ import re
 
 import torch
 
+from sdtoolkit.embeddings import embedding_tokens
+
 WINDOW = 77  # ids per window: start, 75 of the text's tokens, end, padding
 WINDOW_TOKENS = 75
 COMMA_BACKTRACK = 20
@@ -84,6 +86,7 @@ def token_windows(tokenizer, pieces):
     fits, tokenized as the pipeline tokenizes it; one empty window for nothing."""
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    vectors = embedding_tokens(tokenizer)  # a textual inversion embedding's name: all of its vectors' tokens
     windows = []
     tokens, weights, last_comma = [], [], -1
 
@@ -99,7 +102,8 @@ def token_windows(tokenizer, pieces):
             continue
         text, weight = piece
         # verbose=False: transformers would warn that a text longer than 77 tokens breaks the model; windows do not.
-        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+        ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        for token in [vector for token in ids for vector in vectors.get(token, [token])]:
             if token == comma:
                 last_comma = len(tokens)
             elif len(tokens) == WINDOW_TOKENS and last_comma >= 0 and WINDOW_TOKENS - last_comma <= COMMA_BACKTRACK:

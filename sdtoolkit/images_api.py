@@ -305,6 +305,7 @@ def images_api(service, *, files, api_key=None):
             "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
             # A request's default lora_scale; null when no LoRA is served (and lora_scale is refused).
             "lora_scale": service.lora_scale if service.scale is not None else None,
+            "embeddings": service.embeddings,  # the words --embeddings_dir added to prompts
             "queue": {
                 "running": queue.running,
                 "waiting": queue.waiting,

@@ -229,8 +229,9 @@ def parameters_text(
 class ImageService:
     """One loaded pipeline behind one RequestQueue, for the web page and the API alike."""
 
-    def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue):
+    def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=()):
         self.pipeline = pipeline
+        self.embeddings = list(embeddings)  # the names of the textual inversion embeddings loaded (for /health)
         self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
         # A LoRA, from --lora or as the model itself (a LoRA run's folder): requests may set its scale.
         self.scale = LoraScale(pipeline, lora_scale) if pipeline.get_active_adapters() else None

@@ -483,6 +483,7 @@ def test_models_and_health(server):
     assert health["model"] == "tiny-sd" and (health["device"], health["dtype"]) == ("cpu", "float32")
     assert health["queue"] == {"running": 0, "waiting": 0, "concurrency": 1, "max_queue": 16}
     assert health["lora_scale"] is None  # no LoRA served, so requests can't set one
+    assert health["embeddings"] == []  # no --embeddings_dir
     assert health["uptime_s"] > 0
 
 
