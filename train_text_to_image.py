@@ -88,6 +88,8 @@ from sdtoolkit.data import (
     parquet_splits,
     scan_images,
     unlisted_images,
+    webdataset_columns,
+    webdataset_shards,
 )
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
@@ -942,6 +944,8 @@ def load_training_dataset(args):
         and has_captioned_images(source, args.caption_extension)
         and (args.dataset_name is None or args.train_data_dir is None)
     )
+    # A folder of WebDataset shards (.tar), as img2dataset writes them (see sdtoolkit/data.py).
+    shards = webdataset_shards(source) if not caption_folder else []
     # A local parquet dataset (a file, or a folder of them such as a hub dataset's snapshot) is read here a row
     # group at a time, so converting it takes the same memory whatever its size (see sdtoolkit/data.py).
     parquet = parquet_files(source) if args.dataset_name is not None and not caption_folder else []
@@ -961,6 +965,8 @@ def load_training_dataset(args):
             for note in notes[1:]:
                 logger.warning(note)
             dataset = {"train": train}
+        elif shards:
+            dataset = load_dataset("webdataset", data_files={"train": shards}, cache_dir=args.cache_dir)
         elif parquet and args.dataset_config_name is None and args.train_data_dir is None:
             splits = parquet_splits(source)
             dataset = {name: load_parquet(files, args.cache_dir) for name, files in splits.items() if name == "train"}
@@ -1009,12 +1015,18 @@ def load_training_dataset(args):
     column_names = train.column_names
     # A caption-file folder's columns are its own: image and text.
     image_column, caption_column = ("image", "text") if caption_folder else (args.image_column, args.caption_column)
+    if shards:  # a WebDataset's columns are its files' extensions: jpg, txt, json
+        image_column, caption_column = webdataset_columns(column_names, image_column, caption_column)
+        logger.info(
+            f"Read {source} as a WebDataset of {len(shards)} .tar shards: images from its .{image_column} files,"
+            f" captions from its .{caption_column} files, {len(train)} rows"
+        )
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in column_names:
             raise UserError(f"{flag} '{column}' is not a column of the dataset; it has: {', '.join(column_names)}")
     if len(train) == 0:
         raise UserError("the training dataset is empty")
-    if not caption_folder and folder is not None:
+    if not caption_folder and not shards and folder is not None:
         logger.info(f"Read {folder} as a dataset folder ({', '.join(column_names)}): {len(train)} rows")
 
     # An imagefolder leaves out the images its metadata does not name: say so instead.

@@ -127,6 +127,45 @@ def parquet_files(source):
     return sorted(files) if files and not others else []
 
 
+# A WebDataset's image files, in the order a column is picked when --image_column is left at "image".
+WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
+
+
+def webdataset_shards(source):
+    """The .tar shards of a local WebDataset folder, searched recursively: img2dataset's output, where each shard
+    holds key.jpg, key.txt and key.json for each image, beside per-shard .parquet and _stats.json files. [] when
+    the folder holds other data too (images, an imagefolder), or is no folder."""
+    if not os.path.isdir(source):
+        return []
+    shards, others = [], False
+    for root, dirs, names in os.walk(source):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.lower().endswith(".tar"):
+                shards.append(os.path.join(root, name))
+            elif not name.startswith(".") and not name.lower().endswith((".parquet", ".json", ".md", ".txt")):
+                others = True
+    return sorted(shards) if shards and not others else []
+
+
+def webdataset_columns(column_names, image_column, caption_column):
+    """(image column, caption column) of a WebDataset, whose columns are its files' extensions: the ones asked
+    for, or, left at "image" and "text", the first image extension there and "txt"."""
+    if image_column == "image" and image_column not in column_names:
+        image_column = next((name for name in WEBDATASET_IMAGES if name in column_names), image_column)
+    if caption_column == "text" and caption_column not in column_names and "txt" in column_names:
+        caption_column = "txt"
+    for flag, column, what in (("--image_column", image_column, "images"), ("--caption_column", caption_column,
+                                                                          "captions")):  # fmt: skip
+        if column not in column_names:
+            raise UserError(
+                f"the WebDataset shards hold no {what} for {flag} '{column}'; their files' extensions are:"
+                f" {', '.join(name for name in column_names if not name.startswith('__'))}; name the column with"
+                f" {flag}" + (" (captions are read from .txt files)" if what == "captions" else "")
+            )
+    return image_column, caption_column
+
+
 def parquet_splits(source):
     """{split: [.parquet files]} of a local parquet dataset (see parquet_files), split by file name as
     `datasets` splits them (train-00000-of-00002.parquet, test-...): a single file is the train split."""

@@ -1,9 +1,12 @@
-"""Data as people keep it: caption-file folders (nested, with kohya's N_name repeat folders), --dataset_repeats,
-caption dropout and tag shuffling, all drawn per example so they are reproducible."""
+"""Data as people keep it: caption-file folders (nested, with kohya's N_name repeat folders), WebDataset shards,
+--dataset_repeats, caption dropout and tag shuffling, all drawn per example so they are reproducible."""
 
 import functools
+import io
+import json
 import logging
 import pathlib
+import tarfile
 from types import SimpleNamespace
 
 import datasets
@@ -305,3 +308,43 @@ def test_a_photo_stored_sideways_trains_upright(tmp_path):
     (tmp_path / "data" / "phone.txt").write_text("a red photo")
     dataset, _ = read_caption_folder(tmp_path / "data")
     assert dataset[0]["image"].size == (20, 40)
+
+
+def webdataset(folder, shards=2, per_shard=3, extensions=("jpg", "txt", "json")):
+    """img2dataset's output: .tar shards holding key.jpg, key.txt and key.json per image (bundled images and
+    captions), with a .parquet and a _stats.json beside each shard."""
+    captions = [json.loads(line)["text"] for line in (DEMO_DATA / "metadata.jsonl").read_text().splitlines()]
+    folder.mkdir(parents=True)
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                row = shard * per_shard + i
+                jpeg = io.BytesIO()
+                demo_image(row).convert("RGB").save(jpeg, "JPEG")
+                files = {
+                    "jpg": jpeg.getvalue(),
+                    "txt": captions[row].encode(),
+                    "json": json.dumps({"key": row}).encode(),
+                }
+                for extension in extensions:
+                    entry = tarfile.TarInfo(f"{shard:05d}{i:04d}.{extension}")
+                    entry.size = len(files[extension])
+                    tar.addfile(entry, io.BytesIO(files[extension]))
+        (folder / f"{shard:05d}_stats.json").write_text("{}")
+        datasets.Dataset.from_dict({"key": [str(shard)]}).to_parquet(folder / f"{shard:05d}.parquet")
+    return folder
+
+
+def test_a_folder_of_webdataset_shards_trains_on_its_jpg_and_txt_files(tiny_sd, tmp_path, caplog):
+    shards = webdataset(tmp_path / "shards")
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--checkpointing_steps", "1", data=shards)
+    assert (f"Read {shards} as a WebDataset of 2 .tar shards: images from its .jpg files, captions from its .txt"
+            " files, 6 rows") in caplog.text  # fmt: skip
+    state = json.loads((tmp_path / "out" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["data_rows"] == 6
+    # Shards without captions: one line naming what they hold.
+    bare = webdataset(tmp_path / "bare", extensions=("jpg", "json"))
+    with pytest.raises(UserError, match="the WebDataset shards hold no captions for --caption_column 'text'; their"
+                                        " files' extensions are: jpg, json; name the column"):  # fmt: skip
+        train(tiny_sd, tmp_path / "out2", "--max_train_steps", "1", data=bare)
