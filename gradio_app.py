@@ -30,6 +30,7 @@ from sdtoolkit.inference import (
     add_lora_scale_argument,
     add_model_config_argument,
     is_lora,
+    load_lora_dir,
     load_pipeline,
     looks_like_local_path,
     pick_device_and_dtype,
@@ -73,6 +74,14 @@ def parse_args(argv=None):
         "--lora", default=None, help="A LoRA to load on top of --model_path (folder or .safetensors file)."
     )
     add_lora_scale_argument(parser)
+    parser.add_argument(
+        "--lora_dir",
+        default=None,
+        help=(
+            "A folder of LoRA files (.safetensors, searched recursively), as AUTOMATIC1111's models/Lora: a"
+            " prompt applies one with <lora:name:weight>, name being its file's name."
+        ),
+    )
     parser.add_argument(
         "--embeddings_dir",
         default=None,
@@ -200,7 +209,7 @@ def make_generate(service):
             if int(int(steps) * strength) < 1:
                 raise gr.Error(f"A strength of {strength:g} with {int(steps)} steps runs no step; raise either.")
         # The LoRA strength slider shows only when a LoRA is served; /generate's callers may leave it out.
-        if service.scale is None:
+        if not service.served:
             if lora_scale is not None and float(lora_scale) != service.lora_scale:
                 raise gr.Error("This server serves no LoRA, so there is no LoRA strength to set.")
             lora_scale = None
@@ -208,6 +217,10 @@ def make_generate(service):
             lora_scale = float(lora_scale)
             if not 0 <= lora_scale <= MAX_LORA_SCALE:
                 raise gr.Error(f"The LoRA strength must be from 0 to {MAX_LORA_SCALE:g}, not {lora_scale:g}.")
+        try:  # the prompt's <lora:name:weight> tags
+            service.lora_mix(prompt, lora_scale or 1.0, negative_prompt)
+        except ValueError as err:
+            raise gr.Error(f"{err}.") from None
 
         notes = [f"Seed: {seed}" + (f" (image i: {seed} + i)" if int(num_images) > 1 else "")]
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
@@ -315,7 +328,7 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
                 # 0 is the base model alone, 1 the LoRA as trained (AUTOMATIC1111's <lora:NAME:strength>).
                 lora_scale = gr.Slider(
                     0, MAX_LORA_SCALE, value=service.lora_scale, step=0.05, label="LoRA strength",
-                    visible=service.scale is not None,
+                    visible=bool(service.served),
                 )  # fmt: skip
                 # Image to image: the image is redrawn under the prompt, from `strength` of the way to noise; with a
                 # mask, only its white part (inpainting).
@@ -384,6 +397,13 @@ def launch(args, block=True):
             print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
         words = [f"{name} ({count} vectors)" if count > 1 else name for name, count in sorted(embeddings.items())]
         print(f"Embeddings ({len(words)}): {', '.join(words) or 'none'}")
+    # LoRAs that prompts apply by name (see load_lora_dir).
+    loras = {}
+    if args.lora_dir:
+        loras, skipped = load_lora_dir(pipeline, args.lora_dir)
+        for file_name, reason in skipped:
+            print(f"warning: --lora_dir: skipped {file_name}: {reason}")
+        print(f"LoRAs for <lora:name:weight> ({len(loras)}): {', '.join(sorted(loras)) or 'none'}")
     queue = RequestQueue(concurrency=args.concurrency, max_queue=args.max_queue)
     lora_name = model_name(args.lora) if args.lora else None
     service = ImageService(
@@ -393,6 +413,7 @@ def launch(args, block=True):
         lora_scale=args.lora_scale,
         queue=queue,
         embeddings=sorted(embeddings),
+        loras=loras,
     )
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(

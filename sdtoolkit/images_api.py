@@ -129,7 +129,7 @@ def parse_generation_request(body, service, known=KNOWN):
         raise BadRequest(f"'guidance_scale' must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}",
                          "guidance_scale")  # fmt: skip
     lora_scale = body.get("lora_scale")
-    if lora_scale is not None and service.scale is None:
+    if lora_scale is not None and not service.served:
         raise BadRequest("'lora_scale' is for a LoRA, and this server serves none", "lora_scale")
     if lora_scale is not None and (
         isinstance(lora_scale, bool)
@@ -138,6 +138,10 @@ def parse_generation_request(body, service, known=KNOWN):
     ):
         raise BadRequest(f"'lora_scale' must be a number from 0 to {MAX_LORA_SCALE:g}, got {lora_scale!r}",
                          "lora_scale")  # fmt: skip
+    try:  # the prompt's <lora:name:weight> tags
+        service.lora_mix(prompt, lora_scale or 1.0, negative_prompt)
+    except ValueError as err:
+        raise BadRequest(str(err), "negative_prompt" if "negative" in str(err) else "prompt") from None
     seed = body.get("seed")
     width, height = parse_size(body.get("size"), service.default_size)
     return dict(
@@ -304,7 +308,8 @@ def images_api(service, *, files, api_key=None):
             "device": str(pipeline.device),
             "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
             # A request's default lora_scale; null when no LoRA is served (and lora_scale is refused).
-            "lora_scale": service.lora_scale if service.scale is not None else None,
+            "lora_scale": service.lora_scale if service.served else None,
+            "loras": sorted(service.loras),  # the names <lora:name:weight> tags may use (--lora_dir)
             "embeddings": service.embeddings,  # the words --embeddings_dir added to prompts
             "queue": {
                 "running": queue.running,

@@ -15,6 +15,7 @@ names (a folder, a hub id or one file; see trained_model):
 
 import json
 import os
+import warnings
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -33,23 +34,70 @@ from sdtoolkit.lora import (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_lora(pipeline, path):
+def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
     """Load a LoRA onto the pipeline (its UNet, and its text encoder when the LoRA has one): a folder holding
-    pytorch_lora_weights.safetensors, or one .safetensors file in diffusers' or kohya-ss keys (see sdtoolkit/lora.py)."""
-    check_lora_path(path, "--lora")
+    pytorch_lora_weights.safetensors, or one .safetensors file in diffusers' or kohya-ss keys (see sdtoolkit/lora.py),
+    as the adapter `adapter_name` (diffusers' next default name when None)."""
+    check_lora_path(path, flag)
     try:
         # What pipeline.load_lora_weights does, with the alphas read_lora mends for the text encoder.
         state, alphas, metadata = read_lora(path)
+        if not state:
+            raise ValueError("it holds no LoRA weights")
         if not all("lora" in key for key in state):
             raise ValueError(
                 f"it holds weights that are not a LoRA's, such as {next(k for k in state if 'lora' not in k)}"
             )
-        pipeline.load_lora_into_unet(state, alphas, pipeline.unet, metadata=metadata, _pipeline=pipeline)
-        pipeline.load_lora_into_text_encoder(
-            state, alphas, pipeline.text_encoder, lora_scale=pipeline.lora_scale, metadata=metadata, _pipeline=pipeline
+        pipeline.load_lora_into_unet(
+            state, alphas, pipeline.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipeline
         )
+        pipeline.load_lora_into_text_encoder(
+            state, alphas, pipeline.text_encoder, lora_scale=pipeline.lora_scale, adapter_name=adapter_name,
+            metadata=metadata, _pipeline=pipeline,
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"could not load the LoRA {path} onto this pipeline: {first_line(err)}") from err
+
+
+def load_lora_dir(pipeline, folder):
+    """Load every LoRA file in `folder` (searched recursively, as AUTOMATIC1111's models/Lora) as an adapter of
+    its own, for prompts' <lora:name:weight> tags, name being the file's name without .safetensors. The LoRA the
+    pipeline serves, if any, stays the one applied. Returns ({name: adapter name}, [(file, why skipped), ...])."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--lora_dir {folder}: no such folder")
+    served = pipeline.get_active_adapters()
+    loras, skipped = {}, []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file_name in sorted(names):
+            path = os.path.join(root, file_name)
+            shown = os.path.relpath(path, folder)
+            name, extension = os.path.splitext(file_name)
+            if extension.lower() in (".pt", ".ckpt", ".bin", ".pth"):
+                skipped.append((shown, "a pickle file, which can run code when loaded; use its .safetensors"))
+                continue
+            if extension.lower() != ".safetensors":
+                continue  # previews and notes beside the LoRAs
+            if name in loras:
+                skipped.append((shown, f"another file is named {name} too"))
+                continue
+            adapter = f"lora_dir_{len(loras)}"
+            try:
+                with warnings.catch_warnings():  # PEFT's warning that a model now holds several adapters: it should
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    load_lora(pipeline, path, adapter_name=adapter, flag="--lora_dir")
+            except UserError as err:
+                if adapter in pipeline.get_list_adapters().get("unet", []):
+                    pipeline.delete_adapters(adapter)  # the UNet's part loaded, the text encoder's did not
+                skipped.append((shown, str(err).split(": ", 1)[-1]))
+                continue
+            loras[name] = adapter
+    # Loading an adapter makes it the one applied: apply the served LoRA again, or none.
+    if served:
+        pipeline.set_adapters(served)
+    elif loras:
+        pipeline.disable_lora()
+    return loras, skipped
 
 
 def add_model_config_argument(parser):

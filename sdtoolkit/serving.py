@@ -19,6 +19,7 @@ uses seed + i, so every image can be made again on its own from the seed written
 import collections
 import json
 import random
+import re
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -158,33 +159,50 @@ class RequestQueue:
                 self.admitted -= 1
 
 
-class LoraScale:
-    """The scale a served LoRA applies at, set per request.
+# AUTOMATIC1111's LoRA tag in a prompt: <lora:name:weight>, or <lora:name> at weight 1.
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?>")
 
-    The scale lives in the UNet's LoRA layers, which every request shares. So requests at one scale run together
-    (as many as the queue lets run), and a request at another scale waits until they are done, then sets it.
-    Requests go in the order they came: one that arrives after a request waiting for another scale waits too,
-    so a steady stream at one scale can't keep a request at another waiting for ever.
+
+def lora_tags(prompt):
+    """(the prompt without its <lora:...> tags, [(name, weight as written or None), ...])."""
+    tags = [(name.strip(), weight.strip() or None) for name, weight in LORA_TAG.findall(prompt)]
+    return LORA_TAG.sub("", prompt), tags
+
+
+class LoraMix:
+    """The LoRAs a request applies, at their weights: ((adapter, weight), ...), sorted; () for none.
+
+    The weights live in the UNet's and text encoder's LoRA layers, which every request shares. So requests with
+    the same mix run together (as many as the queue lets run), and a request with another waits until they are
+    done, then sets its own. Requests go in the order they came: one that arrives after a request waiting for
+    another mix waits too, so a steady stream of one mix can't keep a request with another waiting for ever.
     """
 
-    def __init__(self, pipeline, scale):
-        self.pipeline, self.adapters = pipeline, pipeline.get_active_adapters()
-        self.current, self.running = scale, 0
+    def __init__(self, pipeline, mix):
+        self.pipeline, self.running = pipeline, 0
         self.waiting = collections.deque()  # the requests waiting, first come first
         self.changed = threading.Condition()
+        self.apply(mix)
+
+    def apply(self, mix):
+        if mix:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters([name for name, _ in mix], adapter_weights=[weight for _, weight in mix])
+        else:
+            self.pipeline.disable_lora()
+        self.current = mix
 
     @contextmanager
-    def at(self, scale):
+    def at(self, mix):
         with self.changed:
             ticket = object()
             self.waiting.append(ticket)
-            self.changed.wait_for(lambda: self.waiting[0] is ticket and (self.running == 0 or self.current == scale))
+            self.changed.wait_for(lambda: self.waiting[0] is ticket and (self.running == 0 or self.current == mix))
             self.waiting.popleft()
-            if scale != self.current:
-                self.pipeline.set_adapters(self.adapters, adapter_weights=[scale] * len(self.adapters))
-                self.current = scale
+            if mix != self.current:
+                self.apply(mix)
             self.running += 1
-            self.changed.notify_all()  # the next request may start beside this one, if it is at this scale
+            self.changed.notify_all()  # the next request may start beside this one, if it has this mix
         try:
             yield
         finally:
@@ -229,12 +247,15 @@ def parameters_text(
 class ImageService:
     """One loaded pipeline behind one RequestQueue, for the web page and the API alike."""
 
-    def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=()):
+    def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=(), loras=None):
         self.pipeline = pipeline
         self.embeddings = list(embeddings)  # the names of the textual inversion embeddings loaded (for /health)
         self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
-        # A LoRA, from --lora or as the model itself (a LoRA run's folder): requests may set its scale.
-        self.scale = LoraScale(pipeline, lora_scale) if pipeline.get_active_adapters() else None
+        # The LoRAs --lora_dir loaded, {name: adapter}, which prompts apply with <lora:name:weight> tags.
+        self.loras = dict(loras or {})
+        # The served LoRA, from --lora or as the model itself (a LoRA run's folder): requests may set its scale.
+        self.served = [a for a in pipeline.get_active_adapters() if a not in self.loras.values()]
+        self.mixer = LoraMix(pipeline, self.lora_mix("", lora_scale)) if self.served or self.loras else None
         # What API clients pass as `model` and what /v1/models lists.
         self.model_id = model_name if lora_name is None else f"{model_name}+{lora_name}"
         self.queue = queue
@@ -248,7 +269,28 @@ class ImageService:
     def clip_windows(self, text):
         """How many of CLIP's 77-token windows the prompt `text` is read in (see sdtoolkit/clip_windows.py)."""
         with self.tokenizer_lock:
-            return len(token_windows(self.pipeline.tokenizer, parse_emphasis(text)))
+            return len(token_windows(self.pipeline.tokenizer, parse_emphasis(lora_tags(text)[0])))
+
+    def lora_mix(self, prompt, lora_scale, negative_prompt=""):
+        """The LoraMix of a request: the served LoRA at `lora_scale`, and the --lora_dir LoRAs the prompt's tags
+        name, at their weights. ValueError, saying what to change, for a tag this server can't apply."""
+        weights = {adapter: lora_scale for adapter in self.served}
+        if lora_tags(negative_prompt)[1]:
+            raise ValueError("<lora:...> tags go in the prompt, not in the negative prompt")
+        for name, weight in lora_tags(prompt)[1]:
+            if name not in self.loras:
+                known = ", ".join(sorted(self.loras)) or "none: start the server with --lora_dir"
+                raise ValueError(f"<lora:{name}> names no LoRA of this server; it has: {known}")
+            try:
+                value = 1.0 if weight is None else float(weight)
+            except ValueError:
+                raise ValueError(f"<lora:{name}:{weight}>: the weight must be a number") from None
+            if not -MAX_LORA_SCALE <= value <= MAX_LORA_SCALE:
+                raise ValueError(
+                    f"<lora:{name}:{weight}>: the weight must be from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
+                )
+            weights[self.loras[name]] = value  # a LoRA tagged twice: the last tag's weight
+        return tuple(sorted(weights.items()))
 
     def generate(
         self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
@@ -260,9 +302,10 @@ class ImageService:
         image: an image to edit (resized to width x height), noised to `strength` (0 to 1) of the schedule and
         denoised under the prompt; mask: an "L" image of its size, white where to edit (inpainting; the rest
         is kept), or None to edit all of it."""
-        if lora_scale is not None and self.scale is None:
+        if lora_scale is not None and not self.served:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
+        mix = self.lora_mix(prompt, lora_scale, negative_prompt)
         seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image
         # to image and inpainting are other diffusers pipelines on the same weights.
@@ -286,11 +329,13 @@ class ImageService:
         # from generators[i] alone, so image i is (up to rounding in batched maths) the one-image request's with seeds[i].
         device = "cpu" if pipeline.device.type == "mps" else pipeline.device
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        at_scale = self.scale.at(lora_scale) if self.scale is not None else nullcontext()
-        with self.queue.turn(), at_scale, torch.inference_mode():
-            # The text embeddings first, under the tokenizer's lock, for one image; the pipeline repeats them.
+        at_mix = self.mixer.at(mix) if self.mixer is not None else nullcontext()
+        with self.queue.turn(), at_mix, torch.inference_mode():
+            # The text embeddings first, under the tokenizer's lock, for one image; the pipeline repeats them. The
+            # LoRA tags are the prompt's instructions, not its text.
             with self.tokenizer_lock:
-                prompt_embeds, negative_embeds = encode_prompts(run, prompt, negative_prompt, guidance_scale > 1)
+                text = lora_tags(prompt)[0]
+                prompt_embeds, negative_embeds = encode_prompts(run, text, negative_prompt, guidance_scale > 1)
             try:
                 images = run(
                     prompt_embeds=prompt_embeds,

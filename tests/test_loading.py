@@ -16,7 +16,7 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.images_api import BadRequest, parse_generation_request
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
-from sdtoolkit.serving import ImageService, LoraScale, RequestQueue
+from sdtoolkit.serving import ImageService, LoraMix, RequestQueue
 from tests.conftest import DEMO_DATA, generated_image, train
 
 CPU = torch.device("cpu")
@@ -176,13 +176,13 @@ def test_each_request_sets_the_loras_strength_on_the_page_and_in_v1(tiny_sd, tmp
 
 
 class RecordingPipeline:
-    """What LoraScale uses of a pipeline, recording the scales set."""
+    """What LoraMix uses of a pipeline, recording the scales set."""
 
     def __init__(self):
         self.scales = []
 
-    def get_active_adapters(self):
-        return ["default_0"]
+    def enable_lora(self):
+        pass
 
     def set_adapters(self, adapters, adapter_weights):
         self.scales.append(adapter_weights[0])
@@ -190,13 +190,13 @@ class RecordingPipeline:
 
 def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_its_turn():
     pipeline = RecordingPipeline()
-    gate = LoraScale(pipeline, 1.0)
+    gate = LoraMix(pipeline, (("default_0", 1.0),))
     inside, mixed = [], []
     entered = {name: threading.Event() for name in "abcde"}
     release = {name: threading.Event() for name in "abcde"}
 
     def request(name, scale):
-        with gate.at(scale):
+        with gate.at((("default_0", scale),)):
             inside.append(scale)
             mixed.append(len(set(inside)) > 1)
             entered[name].set()
@@ -222,4 +222,4 @@ def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_its_tur
     release["e"].set()
     for thread in threads.values():
         thread.join(10)
-    assert not any(mixed) and pipeline.scales == [0.5, 1.0, 0.5]
+    assert not any(mixed) and pipeline.scales == [1.0, 0.5, 1.0, 0.5]  # the first, as the server starts

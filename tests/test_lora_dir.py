@@ -1,0 +1,111 @@
+"""LoRAs applied by name from the prompt, as AUTOMATIC1111 applies them (gradio_app.py --lora_dir, <lora:name:weight>
+tags): a tag gives the image of that LoRA served alone at that weight, tags mix, and a request without tags is
+the base model's again."""
+
+import base64
+import io
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdtoolkit.inference import load_lora_dir, load_pipeline
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
+from sdtoolkit.serving import ImageService, RequestQueue
+from tests.conftest import start, train
+
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--max_train_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd, tmp_path_factory):
+    """A folder as AUTOMATIC1111's models/Lora: a kohya-ss file, a diffusers file with a text encoder adapter in a
+    sub-folder, a pickle and a file that is no LoRA; and the two training runs."""
+    root = tmp_path_factory.mktemp("loras")
+    style, character = root / "style-run", root / "character-run"
+    train(tiny_sd, style, *LORA, "--seed", "1")
+    train(tiny_sd, character, *LORA, "--train_text_encoder", "--seed", "2")
+    folder = root / "Lora"
+    (folder / "people").mkdir(parents=True)
+    shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    shutil.copy(character / WEIGHTS_NAME, folder / "people" / "character.safetensors")
+    (folder / "old.pt").write_bytes(b"never unpickled")
+    save_file({"emb_params": torch.zeros(1, 32)}, folder / "not-a-lora.safetensors")
+    return folder, style, character
+
+
+def service(tiny_sd, lora=None, lora_dir=None, lora_scale=1.0):
+    pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=lora, lora_scale=lora_scale)
+    names = load_lora_dir(pipeline, str(lora_dir))[0] if lora_dir else {}
+    queue = RequestQueue(concurrency=1, max_queue=4)
+    return ImageService(pipeline, model_name="tiny-sd", lora_scale=lora_scale, queue=queue, loras=names)
+
+
+def image(service, prompt, negative_prompt=""):
+    (result,) = service.generate(
+        prompt=prompt, negative_prompt=negative_prompt, steps=3, guidance_scale=7.5, seed=3, scheduler="DPM-Solver++",
+        width=64, height=64, num_images=1,
+    )  # fmt: skip
+    return np.asarray(result)
+
+
+def test_a_tag_applies_its_lora_at_its_weight_and_an_untagged_request_is_the_base_model(tiny_sd, loras):
+    folder, style, character = loras
+    pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32)
+    names, skipped = load_lora_dir(pipeline, str(folder))
+    assert sorted(names) == ["character", "style"]
+    reasons = dict(skipped)
+    assert sorted(reasons) == ["not-a-lora.safetensors", "old.pt"]
+    assert "pickle file" in reasons["old.pt"] and "holds no LoRA weights" in reasons["not-a-lora.safetensors"]
+
+    tagged = service(tiny_sd, lora_dir=folder)
+    base = image(service(tiny_sd), "a creature")
+    for prompt, served in [("<lora:style:1> a creature", service(tiny_sd, lora=style)),
+                           ("a creature <lora:style:0.5>", service(tiny_sd, lora=style, lora_scale=0.5)),
+                           ("<lora:character> a creature", service(tiny_sd, lora=character))]:  # fmt: skip
+        assert np.array_equal(image(tagged, prompt), image(served, "a creature")), prompt
+    both = image(tagged, "a creature <lora:style:1> <lora:character:1>")
+    assert not np.array_equal(both, image(tagged, "a creature <lora:style:1>"))
+    assert not np.array_equal(both, image(tagged, "a creature <lora:character:1>"))
+    assert np.array_equal(image(tagged, "a creature"), base)  # the LoRAs of the request before are off again
+    assert np.array_equal(image(tagged, "a creature <lora:style:0>"), base)
+    # Beside a served LoRA (--lora), which stays applied at its strength, and the tags' LoRAs on top.
+    beside = service(tiny_sd, lora=style, lora_dir=folder)
+    assert np.array_equal(image(beside, "a creature"), image(service(tiny_sd, lora=style), "a creature"))
+    assert np.array_equal(image(beside, "<lora:character:1> a creature"), both)
+
+    for prompt, negative, message in [
+        ("<lora:nope:1> a creature", "", "<lora:nope> names no LoRA of this server; it has: character, style"),
+        ("a creature", "<lora:style:1>", "tags go in the prompt, not in the negative prompt"),
+        ("<lora:style:strong> a creature", "", "the weight must be a number"),
+        ("<lora:style:3> a creature", "", "the weight must be from -2 to 2"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            image(tagged, prompt, negative)
+
+
+def test_the_server_applies_tags_from_its_lora_dir(tiny_sd, loras, capsys):
+    folder, style, _ = loras
+    app = start(tiny_sd, "--lora_dir", str(folder))
+    try:
+        out = capsys.readouterr().out
+        assert "LoRAs for <lora:name:weight> (2): character, style" in out
+        assert "warning: --lora_dir: skipped old.pt: a pickle file" in out
+        assert httpx.get(f"{app.local_url}health").json()["loras"] == ["character", "style"]
+        body = {"prompt": "a creature <lora:style:0.5>", "seed": 3, "steps": 3, "size": "64x64"}
+        response = httpx.post(f"{app.local_url}v1/images/generations", json=body, timeout=60)
+        served = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        expected = image(service(tiny_sd, lora=style, lora_scale=0.5), "a creature")
+        assert np.array_equal(np.asarray(served.convert("RGB")), expected)
+        assert (
+            served.info["parameters"].splitlines()[0] == "a creature <lora:style:0.5>"
+        )  # as typed, as A1111 keeps it
+        body["prompt"] = "<lora:nope> a creature"
+        refused = httpx.post(f"{app.local_url}v1/images/generations", json=body, timeout=60)
+        assert refused.status_code == 400 and "names no LoRA of this server" in refused.json()["error"]["message"]
+    finally:
+        app.close()
