@@ -823,6 +823,11 @@ def parse_args(argv=None):
         raise UserError(
             f"--use_8bit_adam is 8-bit AdamW, and this run asks for --optimizer {args.optimizer}: drop one"
         )
+    if args.optimizer == "prodigy" and args.text_encoder_lr not in (None, args.learning_rate):
+        raise UserError(
+            "--optimizer prodigy takes one learning rate for all the weights it trains (it sets each step size"
+            " itself): drop --text_encoder_lr"
+        )
     if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         raise UserError("--optimizer prodigy needs prodigyopt: pip install prodigyopt")
     if args.use_8bit_adam and not torch.cuda.is_available() and importlib.util.find_spec("torchao") is None:

@@ -81,6 +81,9 @@ def test_a_checkpoint_resumes_only_with_its_optimizer_and_contradictions_are_one
         train(tiny_sd, tmp_path / "out", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     with pytest.raises(UserError, match="--use_8bit_adam is 8-bit AdamW, and this run asks for --optimizer prodigy"):
         train(tiny_sd, tmp_path / "other", "--optimizer", "prodigy", "--use_8bit_adam")
+    with pytest.raises(UserError, match="--optimizer prodigy takes one learning rate .* drop --text_encoder_lr"):
+        train(tiny_sd, tmp_path / "other", "--optimizer", "prodigy", "--lora_rank", "4", "--train_text_encoder",
+              "--learning_rate", "1", "--text_encoder_lr", "0.5")  # fmt: skip
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "prodigyopt" else real(name))
     with pytest.raises(UserError, match="--optimizer prodigy needs prodigyopt: pip install prodigyopt"):
