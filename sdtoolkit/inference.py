@@ -20,6 +20,7 @@ import warnings
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
+from transformers.utils import logging as transformers_logging
 
 from sdtoolkit.errors import UserError, first_line
 from sdtoolkit.lora import (
@@ -82,8 +83,12 @@ def load_lora_dir(pipeline, folder):
                 skipped.append((shown, f"another file is named {name} too"))
                 continue
             adapter = f"lora_dir_{len(loras)}"
+            # Said of every file but meant for one adapter alone: PEFT's warning that the model now holds several,
+            # and transformers' report that the text encoder's other adapters are missing from this file.
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()
             try:
-                with warnings.catch_warnings():  # PEFT's warning that a model now holds several adapters: it should
+                with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                     load_lora(pipeline, path, adapter_name=adapter, flag="--lora_dir")
             except UserError as err:
@@ -91,6 +96,8 @@ def load_lora_dir(pipeline, folder):
                     pipeline.delete_adapters(adapter)  # the UNet's part loaded, the text encoder's did not
                 skipped.append((shown, str(err).split(": ", 1)[-1]))
                 continue
+            finally:
+                transformers_logging.set_verbosity(verbosity)
             loras[name] = adapter
     # Loading an adapter makes it the one applied: apply the served LoRA again, or none.
     if served:
