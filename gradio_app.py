@@ -75,6 +75,15 @@ def parse_args(argv=None):
     )
     add_lora_scale_argument(parser)
     parser.add_argument(
+        "--clip_skip",
+        type=int,
+        default=1,
+        help=(
+            "Read prompts from the text encoder's N-th layer from the end, as AUTOMATIC1111's Clip skip setting: 2 for"
+            " models made for it (NovelAI's and most anime models, or a run of train_text_to_image.py --clip_skip 2)."
+        ),
+    )
+    parser.add_argument(
         "--lora_dir",
         default=None,
         help=(
@@ -397,6 +406,9 @@ def launch(args, block=True):
             print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
         words = [f"{name} ({count} vectors)" if count > 1 else name for name, count in sorted(embeddings.items())]
         print(f"Embeddings ({len(words)}): {', '.join(words) or 'none'}")
+    layers = pipeline.text_encoder.config.num_hidden_layers
+    if not 1 <= args.clip_skip <= layers:
+        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {args.clip_skip}")
     # LoRAs that prompts apply by name (see load_lora_dir).
     loras = {}
     if args.lora_dir:
@@ -414,6 +426,7 @@ def launch(args, block=True):
         queue=queue,
         embeddings=sorted(embeddings),
         loras=loras,
+        clip_skip=args.clip_skip,
     )
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(

@@ -71,7 +71,7 @@ from sdtoolkit.checkpoints import (
     save_checkpoint,
     save_pipeline,
 )
-from sdtoolkit.clip_windows import encode_prompts, encode_windows, token_mask
+from sdtoolkit.clip_windows import encode_prompts, encode_text, encode_windows, token_mask
 from sdtoolkit.data import (
     TrainingExamples,
     as_image_column,
@@ -518,6 +518,16 @@ def parse_args(argv=None):
         help="whether to randomly flip images horizontally",
     )
     parser.add_argument(
+        "--clip_skip",
+        type=int,
+        default=1,
+        help=(
+            "Read the captions from the text encoder's N-th layer from the end (through its final layer norm), as"
+            " kohya-ss's --clip_skip and AUTOMATIC1111's \"Clip skip\" do: 2 for a base model made for it (NovelAI's"
+            " and most anime models). Serve and score the result the same way (gradio_app.py --clip_skip)."
+        ),
+    )
+    parser.add_argument(
         "--max_token_length",
         type=int,
         default=75,
@@ -798,6 +808,10 @@ def parse_args(argv=None):
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    if args.clip_skip < 1:
+        raise UserError(
+            f"--clip_skip must be 1 (the text encoder's last layer, the default) or more, got {args.clip_skip}"
+        )
     if args.dream_training and args.max_token_length > 75:
         raise UserError(
             "--dream_training can't pass the windows' mask of --max_token_length above 75 to the UNet; use one of them"
@@ -1265,7 +1279,7 @@ def generate_validation_images(pipeline, args, accelerator):
         with autocast_ctx:
             # Read as gradio_app.py reads a prompt (sdtoolkit/clip_windows.py): a plain one as the pipeline reads
             # it, emphasis such as (word:1.2) and BREAK as AUTOMATIC1111 reads them, a long one whole, in windows.
-            embeddings, negative = encode_prompts(pipeline, prompt, None, guidance=True)
+            embeddings, negative = encode_prompts(pipeline, prompt, None, guidance=True, clip_skip=args.clip_skip)
             image = pipeline(
                 prompt_embeds=embeddings,
                 negative_prompt_embeds=negative,
@@ -1409,6 +1423,13 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     held_out_line = (
         f"\n* Held-out loss ({args.validation_split:g} of the images): {held_out_report}" if held_out_report else ""
     )
+    # Captions read from another layer than the last: the model is to be prompted the same way.
+    clip_skip_line = (
+        f"\n* Clip skip: {args.clip_skip} (captions read from the text encoder's layer {args.clip_skip} from the end;"
+        f" generate with the same, e.g. `gradio_app.py --clip_skip {args.clip_skip}` or AUTOMATIC1111's Clip skip)"
+        if args.clip_skip > 1
+        else ""
+    )
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1441,7 +1462,7 @@ image.save("my_image.png")
 * EMA: {args.use_ema}
 * Seed: {args.seed}
 * Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
-* LoRA: {lora}{held_out_line}
+* LoRA: {lora}{clip_skip_line}{held_out_line}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
@@ -1712,6 +1733,14 @@ def fine_tune(args):
     if args.export_single_file:  # say it now, not after training
         check_sd1(args.pretrained_model_name_or_path, unet.config, vae.config, text_encoder.config.to_dict())
 
+    if args.clip_skip > text_encoder.config.num_hidden_layers:
+        raise UserError(
+            f"--clip_skip {args.clip_skip} asks for a layer this text encoder lacks: it has"
+            f" {text_encoder.config.num_hidden_layers}"
+        )
+    if args.clip_skip > 1 and args.train_text_encoder and accelerator.num_processes > 1:
+        # The adapters of the layers past the one read get no gradient, which DDP takes for an error.
+        raise UserError("--clip_skip with --train_text_encoder runs on one process; drop one of them for several")
     windows = args.max_token_length // 75
     num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer, windows)
     if num_long and windows > 1:
@@ -2043,7 +2072,7 @@ def fine_tune(args):
             interpolation=getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper()),
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
             device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
-            windows=windows, masked_loss=args.masked_loss,
+            windows=windows, masked_loss=args.masked_loss, clip_skip=args.clip_skip,
         )  # fmt: skip
         if accelerator.num_processes > 1:
             logger.info(f"--validation_split: the {accelerator.num_processes} processes share each measurement of the"
@@ -2287,9 +2316,9 @@ def fine_tune(args):
                     if "encoder_hidden_states" in batch:
                         encoder_hidden_states = batch["encoder_hidden_states"]
                     elif windows > 1:
-                        encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"])
+                        encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"], args.clip_skip)
                     else:
-                        encoder_hidden_states = caption_encoder(batch["input_ids"], return_dict=False)[0]
+                        encoder_hidden_states = encode_text(caption_encoder, batch["input_ids"], args.clip_skip)
                     # With captions in windows, the empty windows a caption is padded with are masked out.
                     encoder_attention_mask = token_mask(batch["window_mask"]) if windows > 1 else None
 
@@ -2446,6 +2475,7 @@ def fine_tune(args):
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
+                clip_skip=args.clip_skip,
             )  # fmt: skip
             header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
             adapters = kohya_state_dict(unet, adapted_text_encoder)

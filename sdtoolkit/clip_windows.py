@@ -16,6 +16,7 @@ scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphas
     token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
     prompt_windows(tokenizer, text)            # [[77 ids], ...] of a text read literally (a training caption)
     caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count]): padded with empty windows, or cut
+    encode_text(text_encoder, ids, clip_skip)  # ids [n, 77] -> embeddings [n, 77, dim], of the layer clip_skip asks
     encode_windows(text_encoder, ids)          # ids [n, count, 77] -> embeddings [n, count * 77, dim]
     token_mask(window_mask)                    # [n, count] -> [n, count * 77], the UNet's encoder_attention_mask
     encode_prompts(pipeline, prompt, negative_prompt, guidance)   # a pipeline's prompt_embeds, parsed as above
@@ -135,10 +136,21 @@ def caption_windows(tokenizer, text, count):
     return torch.tensor(windows), torch.tensor(mask)
 
 
-def encode_windows(text_encoder, ids):
+def encode_text(text_encoder, ids, clip_skip=1):
+    """The text encoder's output for token ids [n, 77]. With clip_skip N above 1, the output of its N-th layer from
+    the end instead, through its final layer norm: AUTOMATIC1111's "Clip skip" and kohya-ss's --clip_skip (2 for
+    models trained on CLIP's second-to-last layer, as NovelAI's and most anime models were)."""
+    if clip_skip == 1:
+        return text_encoder(ids, return_dict=False)[0]
+    hidden_states = text_encoder(ids, output_hidden_states=True, return_dict=True).hidden_states  # embeddings, layers
+    # (A text encoder wrapped for several processes keeps its layers in .module.)
+    return getattr(text_encoder, "module", text_encoder).final_layer_norm(hidden_states[-clip_skip])
+
+
+def encode_windows(text_encoder, ids, clip_skip=1):
     """The text encoder's output for ids [n, count, 77], window by window: [n, count * 77, dim]."""
     n, count, length = ids.shape
-    hidden = text_encoder(ids.reshape(n * count, length), return_dict=False)[0]
+    hidden = encode_text(text_encoder, ids.reshape(n * count, length), clip_skip)
     return hidden.reshape(n, count * length, hidden.shape[-1])
 
 
@@ -147,11 +159,11 @@ def token_mask(window_mask):
     return window_mask.repeat_interleave(WINDOW, dim=1)
 
 
-def encode_prompts(pipeline, prompt, negative_prompt, guidance):
+def encode_prompts(pipeline, prompt, negative_prompt, guidance, clip_skip=1):
     """(prompt embeddings, negative embeddings or None without guidance) for one image, both parsed for emphasis
     and BREAK and read in windows. The shorter is padded with empty windows to as many as the longer, as
     classifier-free guidance needs two of the same length. A prompt that fits one window, without emphasis, gives
-    the pipeline's own encode_prompt's embeddings."""
+    the pipeline's own encode_prompt's embeddings; clip_skip, as encode_text."""
     tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
     windows = token_windows(tokenizer, parse_emphasis(prompt))
     negative_windows = token_windows(tokenizer, parse_emphasis(negative_prompt or "")) if guidance else []
@@ -162,7 +174,7 @@ def encode_prompts(pipeline, prompt, negative_prompt, guidance):
         windows = windows + [empty] * (count - len(windows))
         ids = torch.tensor([ids for ids, _ in windows], device=pipeline.device)
         weights = torch.tensor([weights for _, weights in windows], device=pipeline.device)
-        hidden = text_encoder(ids, return_dict=False)[0]  # (count, 77, dim)
+        hidden = encode_text(text_encoder, ids, clip_skip)  # (count, 77, dim)
         if (weights != 1).any():
             # AUTOMATIC1111's emphasis: each token's embedding times its weight, then each window back to its mean.
             mean = hidden.mean(dim=(1, 2), keepdim=True)

@@ -369,6 +369,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.random_flip = args.random_flip
         self.masked_loss = args.masked_loss
         self.windows = args.max_token_length // 75  # CLIP windows per caption (1: 77 tokens, as upstream)
+        self.clip_skip = args.clip_skip  # which of the text encoder's layers a cache encodes captions with
         self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
         self.noise_offset = args.noise_offset
         self.input_perturbation = args.input_perturbation

@@ -65,9 +65,11 @@ class HeldOutLoss:
     of a UNet on them. Build it while the VAE and text encoder are still loaded; call it on every process."""
 
     def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
-                 text_encoder, batch_size, device, dtype, sizes=None, windows=1, masked_loss=False):  # fmt: skip
-        """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares."""
-        self.batch_size, self.count = batch_size, len(rows)
+                 text_encoder, batch_size, device, dtype, sizes=None, windows=1, masked_loss=False,
+                 clip_skip=1):  # fmt: skip
+        """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares.
+        clip_skip: the text encoder's layer the captions are read from, as in training (see encode_text)."""
+        self.batch_size, self.count, self.clip_skip = batch_size, len(rows), clip_skip
         # Images of one shape are measured together, in batches of their own.
         shapes = {}
         for row, size in enumerate(sizes or [resolution] * len(rows)):
@@ -119,7 +121,7 @@ class HeldOutLoss:
         """The embeddings of token ids (n, 77), or of windows (n, windows, 77), a batch at a time."""
         windows = ids if ids.dim() == 3 else ids[:, None]  # one window each: the text encoder's own output
         return torch.cat(
-            [encode_windows(text_encoder, windows[start : start + self.batch_size])
+            [encode_windows(text_encoder, windows[start : start + self.batch_size], self.clip_skip)
              for start in range(0, len(ids), self.batch_size)]
         )  # fmt: skip
 

@@ -310,6 +310,7 @@ def images_api(service, *, files, api_key=None):
             # A request's default lora_scale; null when no LoRA is served (and lora_scale is refused).
             "lora_scale": service.lora_scale if service.served else None,
             "loras": sorted(service.loras),  # the names <lora:name:weight> tags may use (--lora_dir)
+            "clip_skip": service.clip_skip,  # the text encoder's layer prompts are read from (--clip_skip)
             "embeddings": service.embeddings,  # the words --embeddings_dir added to prompts
             "queue": {
                 "running": queue.running,

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
-from sdtoolkit.clip_windows import caption_windows, encode_windows, prompt_windows
+from sdtoolkit.clip_windows import caption_windows, encode_text, encode_windows, prompt_windows
 from sdtoolkit.data import alpha_channel, latent_mask, square_crop, to_rgb
 from sdtoolkit.errors import UserError
 
@@ -192,6 +192,8 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
     }
     if examples.masked_loss and latents:  # the cache holds loss masks too (a key that caches without them lack)
         settings["masked_loss"] = True
+    if examples.clip_skip > 1 and text:  # another layer's output (keys without --clip_skip stay as they were)
+        settings["clip_skip"] = examples.clip_skip
     if examples.windows > 1 and text:  # captions in several windows (keys of one-window caches stay as they were)
         # Named with how windows are cut: caches written when a full window was cut before the next token came (a
         # caption of exactly 75 tokens then had two windows) are not read as this layout.
@@ -289,23 +291,23 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
                         read = [caption_windows(tokenizer, caption, windows) for caption in batch]
                         own += [int(mask.sum()) for _, mask in read]
                         ids = torch.stack([caption_ids for caption_ids, _ in read])
-                        encoded = encode_windows(text_encoder, ids.to(device))
+                        encoded = encode_windows(text_encoder, ids.to(device), examples.clip_skip)
                     else:
                         ids = tokenizer(
                             batch, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                             return_tensors="pt",
                         ).input_ids  # fmt: skip
-                        encoded = text_encoder(ids.to(device), return_dict=False)[0]
+                        encoded = encode_text(text_encoder, ids.to(device), examples.clip_skip)
                     embeddings[start : start + len(batch)] = encoded.cpu()
                 # The empty caption too, for caption dropout.
                 if windows > 1:
                     ids = caption_windows(tokenizer, "", windows)[0][None]
-                    empty[:] = encode_windows(text_encoder, ids.to(device)).cpu()[0]
+                    empty[:] = encode_windows(text_encoder, ids.to(device), examples.clip_skip).cpu()[0]
                 else:
                     ids = tokenizer(
                         "", max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt"
                     ).input_ids
-                    empty[:] = text_encoder(ids.to(device), return_dict=False)[0].cpu()[0]
+                    empty[:] = encode_text(text_encoder, ids.to(device), examples.clip_skip).cpu()[0]
             text_cache = (embeddings, first, count, is_list, empty, own)
     except BaseException:
         arrays.abandon()

@@ -265,7 +265,7 @@ def tag_frequency(captions):
     return dict(counts.most_common())
 
 
-def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None):
+def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip_skip=1):
     """The header of the kohya-ss file (strings only), so that the UIs that load it know what it is.
 
     - kohya-ss's own keys, as its trainer writes them: AUTOMATIC1111 offers ss_output_name (`name`, the output
@@ -278,7 +278,8 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None):
     the LoRA.
 
     facts: the run's identity (model, revision, data, data_rows, seed) with global_step, resolution and
-    learning_rate. tags: the captions' tag_frequency.
+    learning_rate. tags: the captions' tag_frequency. clip_skip: the text encoder's layer the captions were read
+    from (ss_clip_skip, which the UIs show so that the LoRA is prompted the same way).
     """
     model = str(facts["model"])
     resolution = facts["resolution"]
@@ -295,6 +296,7 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None):
         "ss_steps": str(facts["global_step"]),
         "ss_learning_rate": str(facts["learning_rate"]),
         "ss_seed": str(facts["seed"]),
+        "ss_clip_skip": str(clip_skip),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",

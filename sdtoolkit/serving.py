@@ -219,7 +219,7 @@ def a1111_value(value):
 
 def parameters_text(
     *, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora, lora_scale=1.0,
-    strength=None,
+    strength=None, clip_skip=1,
 ):  # fmt: skip
     """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring); an edited
     image's `strength` is A1111's "Denoising strength"."""
@@ -233,6 +233,8 @@ def parameters_text(
     }
     if strength is not None:
         fields["Denoising strength"] = float(strength)
+    if clip_skip > 1:  # AUTOMATIC1111 writes it only when set
+        fields["Clip skip"] = clip_skip
     if lora:
         fields["Lora"] = lora
     if lora_scale != 1:
@@ -247,8 +249,11 @@ def parameters_text(
 class ImageService:
     """One loaded pipeline behind one RequestQueue, for the web page and the API alike."""
 
-    def __init__(self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=(), loras=None):
+    def __init__(
+        self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=(), loras=None, clip_skip=1
+    ):
         self.pipeline = pipeline
+        self.clip_skip = clip_skip  # the text encoder's layer prompts are read from, 1 the last (see encode_text)
         self.embeddings = list(embeddings)  # the names of the textual inversion embeddings loaded (for /health)
         self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
         # The LoRAs --lora_dir loaded, {name: adapter}, which prompts apply with <lora:name:weight> tags.
@@ -335,7 +340,9 @@ class ImageService:
             # LoRA tags are the prompt's instructions, not its text.
             with self.tokenizer_lock:
                 text = lora_tags(prompt)[0]
-                prompt_embeds, negative_embeds = encode_prompts(run, text, negative_prompt, guidance_scale > 1)
+                prompt_embeds, negative_embeds = encode_prompts(
+                    run, text, negative_prompt, guidance_scale > 1, clip_skip=self.clip_skip
+                )
             try:
                 images = run(
                     prompt_embeds=prompt_embeds,
@@ -368,5 +375,6 @@ class ImageService:
                 lora=self.lora_name,
                 lora_scale=lora_scale,
                 strength=strength if image is not None else None,  # an edit's
+                clip_skip=self.clip_skip,
             )
         return images
