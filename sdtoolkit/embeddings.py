@@ -16,9 +16,12 @@ reason, and the others are loaded.
 
 import os
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+# Files in folders of embeddings and LoRAs that are never opened (see also inference.load_lora_dir).
 PICKLES = (".pt", ".bin", ".ckpt", ".pth")
+PICKLE_SKIPPED = "a pickle file, which can run code when loaded; use its .safetensors"
 
 
 def embedding_tokens(tokenizer):
@@ -47,11 +50,15 @@ def load_embeddings(pipeline, folder):
     for file_name in sorted(os.listdir(folder)):
         stem, extension = os.path.splitext(file_name)
         if extension.lower() in PICKLES:
-            skipped.append((file_name, "a pickle file, which can run code when loaded; use its .safetensors"))
+            skipped.append((file_name, PICKLE_SKIPPED))
             continue
         if extension.lower() != ".safetensors":
             continue  # previews and notes beside the embeddings
-        tensors = load_file(os.path.join(folder, file_name))
+        try:
+            tensors = load_file(os.path.join(folder, file_name))
+        except (OSError, SafetensorError) as err:
+            skipped.append((file_name, f"not a readable .safetensors file ({err})"))
+            continue
         if len(tensors) != 1:
             skipped.append((file_name, f"holds {len(tensors)} tensors ({', '.join(sorted(tensors))}), not one"))
             continue

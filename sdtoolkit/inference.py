@@ -19,9 +19,10 @@ import warnings
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
 
+from sdtoolkit.embeddings import PICKLE_SKIPPED, PICKLES
 from sdtoolkit.errors import UserError, first_line
 from sdtoolkit.lora import (
     KOHYA_WEIGHTS_NAME,
@@ -56,7 +57,7 @@ def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
             state, alphas, pipeline.text_encoder, lora_scale=pipeline.lora_scale, adapter_name=adapter_name,
             metadata=metadata, _pipeline=pipeline,
         )  # fmt: skip
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise UserError(f"could not load the LoRA {path} onto this pipeline: {first_line(err)}") from err
 
 
@@ -74,8 +75,8 @@ def load_lora_dir(pipeline, folder):
             path = os.path.join(root, file_name)
             shown = os.path.relpath(path, folder)
             name, extension = os.path.splitext(file_name)
-            if extension.lower() in (".pt", ".ckpt", ".bin", ".pth"):
-                skipped.append((shown, "a pickle file, which can run code when loaded; use its .safetensors"))
+            if extension.lower() in PICKLES:
+                skipped.append((shown, PICKLE_SKIPPED))
                 continue
             if extension.lower() != ".safetensors":
                 continue  # previews and notes beside the LoRAs

@@ -36,6 +36,7 @@ def embeddings_dir(tmp_path, tiny_sd):
     save_file({"emb_params": torch.zeros(1, red.numel() + 1)}, folder / "other-model.safetensors")
     save_file({"clip_l": red[None], "clip_g": torch.zeros(1, 8)}, folder / "sdxl.safetensors")
     (folder / "pickled.pt").write_bytes(b"never unpickled")
+    (folder / "truncated.safetensors").write_bytes(b"not a safetensors file")
     (folder / "Rubyglow.preview.png").write_bytes(b"")
     return folder
 
@@ -45,7 +46,8 @@ def test_an_embedding_is_a_word_whose_vectors_stand_where_it_is(tiny_sd, embeddi
     loaded, skipped = load_embeddings(pipeline, embeddings_dir)
     assert loaded == {"duotone7": 2, "rubyglow": 1}
     reasons = dict(skipped)
-    assert sorted(reasons) == ["other-model.safetensors", "pickled.pt", "sdxl.safetensors"]
+    assert sorted(reasons) == ["other-model.safetensors", "pickled.pt", "sdxl.safetensors", "truncated.safetensors"]
+    assert "not a readable .safetensors file" in reasons["truncated.safetensors"]
     assert "pickle file, which can run code" in reasons["pickled.pt"]
     assert "takes 32" in reasons["other-model.safetensors"] and "2 tensors" in reasons["sdxl.safetensors"]
 

@@ -34,6 +34,7 @@ def loras(tiny_sd, tmp_path_factory):
     shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
     shutil.copy(character / WEIGHTS_NAME, folder / "people" / "character.safetensors")
     (folder / "old.pt").write_bytes(b"never unpickled")
+    (folder / "truncated.safetensors").write_bytes(b"not a safetensors file")
     save_file({"emb_params": torch.zeros(1, 32)}, folder / "not-a-lora.safetensors")
     return folder, style, character
 
@@ -59,7 +60,7 @@ def test_a_tag_applies_its_lora_at_its_weight_and_an_untagged_request_is_the_bas
     names, skipped = load_lora_dir(pipeline, str(folder))
     assert sorted(names) == ["character", "style"]
     reasons = dict(skipped)
-    assert sorted(reasons) == ["not-a-lora.safetensors", "old.pt"]
+    assert sorted(reasons) == ["not-a-lora.safetensors", "old.pt", "truncated.safetensors"]
     assert "pickle file" in reasons["old.pt"] and "holds no LoRA weights" in reasons["not-a-lora.safetensors"]
 
     tagged = service(tiny_sd, lora_dir=folder)
