@@ -637,7 +637,7 @@ def card_args(output_dir, **change):
                   validation_prompts=["yoda", "a robot, shiny"], push_to_hub=False, output_dir=str(output_dir),
                   lora_rank=None, max_train_steps=1, num_train_epochs=1, learning_rate=1e-5, lr_scheduler="constant",
                   lr_warmup_steps=0, train_batch_size=1, gradient_accumulation_steps=4, resolution=512,
-                  center_crop=True, random_flip=True, mixed_precision="fp16", use_ema=True, seed=None)  # fmt: skip
+                  center_crop=True, random_flip=True, mixed_precision="fp16", use_ema=True, seed=None, clip_skip=1)  # fmt: skip
     return Namespace(**{**values, **change})
 
 
