@@ -3,7 +3,7 @@
 An embedding file holds one or more vectors of the text encoder's input size. Its file name, without the
 extension, becomes a word of the prompt: "EasyNegative.safetensors" is used by writing EasyNegative (CLIP reads
 text in lower case, so any case) in a prompt or a negative prompt, also inside emphasis: (EasyNegative:1.2).
-gradio_app.py --embeddings_dir loads a folder of them.
+gradio_app.py --embeddings_dir loads a folder of them, and its sub-folders.
 
     load_embeddings(pipeline, folder)    # ({name: vectors}, [(file name, why it was skipped), ...])
     embedding_tokens(tokenizer)          # {first token id: [the ids of all its vectors]}, for multi-vector ones
@@ -19,9 +19,26 @@ import os
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-# Files in folders of embeddings and LoRAs that are never opened (see also inference.load_lora_dir).
+# Files in folders of embeddings and LoRAs that are never opened.
 PICKLES = (".pt", ".bin", ".ckpt", ".pth")
-PICKLE_SKIPPED = "a pickle file, which can run code when loaded; use its .safetensors"
+
+
+def safetensors_files(folder):
+    """The .safetensors files in `folder` and its sub-folders, as AUTOMATIC1111 searches its folders of embeddings
+    and LoRAs: ([(path, path within the folder, file name without .safetensors), ...], [(path within the folder,
+    why skipped), ...] for the pickle files). Other files (previews, notes) are left alone."""
+    found, pickles = [], []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file_name in sorted(names):
+            path = os.path.join(root, file_name)
+            shown = os.path.relpath(path, folder)
+            stem, extension = os.path.splitext(file_name)
+            if extension.lower() in PICKLES:
+                pickles.append((shown, "a pickle file, which can run code when loaded; use its .safetensors"))
+            elif extension.lower() == ".safetensors":
+                found.append((path, shown, stem))
+    return found, pickles
 
 
 def embedding_tokens(tokenizer):
@@ -41,21 +58,16 @@ def embedding_tokens(tokenizer):
 
 
 def load_embeddings(pipeline, folder):
-    """Load every usable embedding file in `folder` into the pipeline's tokenizer and text encoder. Returns
-    ({name: number of vectors}, [(file name, reason), ...] for the files skipped)."""
+    """Load every usable embedding file in `folder` (and its sub-folders) into the pipeline's tokenizer and text
+    encoder. Returns ({name: number of vectors}, [(file name, reason), ...] for the files skipped)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--embeddings_dir {folder}: no such folder")
     size = pipeline.text_encoder.get_input_embeddings().weight.shape[-1]
-    loaded, skipped = {}, []
-    for file_name in sorted(os.listdir(folder)):
-        stem, extension = os.path.splitext(file_name)
-        if extension.lower() in PICKLES:
-            skipped.append((file_name, PICKLE_SKIPPED))
-            continue
-        if extension.lower() != ".safetensors":
-            continue  # previews and notes beside the embeddings
+    files, skipped = safetensors_files(folder)
+    loaded = {}
+    for path, file_name, stem in files:
         try:
-            tensors = load_file(os.path.join(folder, file_name))
+            tensors = load_file(path)
         except (OSError, SafetensorError) as err:
             skipped.append((file_name, f"not a readable .safetensors file ({err})"))
             continue

@@ -22,7 +22,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
 
-from sdtoolkit.embeddings import PICKLE_SKIPPED, PICKLES
+from sdtoolkit.embeddings import safetensors_files
 from sdtoolkit.errors import UserError, first_line
 from sdtoolkit.lora import (
     KOHYA_WEIGHTS_NAME,
@@ -68,38 +68,29 @@ def load_lora_dir(pipeline, folder):
     if not os.path.isdir(folder):
         raise UserError(f"--lora_dir {folder}: no such folder")
     served = pipeline.get_active_adapters()
-    loras, skipped = {}, []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for file_name in sorted(names):
-            path = os.path.join(root, file_name)
-            shown = os.path.relpath(path, folder)
-            name, extension = os.path.splitext(file_name)
-            if extension.lower() in PICKLES:
-                skipped.append((shown, PICKLE_SKIPPED))
-                continue
-            if extension.lower() != ".safetensors":
-                continue  # previews and notes beside the LoRAs
-            if name in loras:
-                skipped.append((shown, f"another file is named {name} too"))
-                continue
-            adapter = f"lora_dir_{len(loras)}"
-            # Said of every file but meant for one adapter alone: PEFT's warning that the model now holds several,
-            # and transformers' report that the text encoder's other adapters are missing from this file.
-            verbosity = transformers_logging.get_verbosity()
-            transformers_logging.set_verbosity_error()
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    load_lora(pipeline, path, adapter_name=adapter, flag="--lora_dir")
-            except UserError as err:
-                if adapter in pipeline.get_list_adapters().get("unet", []):
-                    pipeline.delete_adapters(adapter)  # the UNet's part loaded, the text encoder's did not
-                skipped.append((shown, str(err).split(": ", 1)[-1]))
-                continue
-            finally:
-                transformers_logging.set_verbosity(verbosity)
-            loras[name] = adapter
+    files, skipped = safetensors_files(folder)
+    loras = {}
+    for path, shown, name in files:
+        if name in loras:
+            skipped.append((shown, f"another file is named {name} too"))
+            continue
+        adapter = f"lora_dir_{len(loras)}"
+        # Said of every file but meant for one adapter alone: PEFT's warning that the model now holds several,
+        # and transformers' report that the text encoder's other adapters are missing from this file.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                load_lora(pipeline, path, adapter_name=adapter, flag="--lora_dir")
+        except UserError as err:
+            if adapter in pipeline.get_list_adapters().get("unet", []):
+                pipeline.delete_adapters(adapter)  # the UNet's part loaded, the text encoder's did not
+            skipped.append((shown, str(err).split(": ", 1)[-1]))
+            continue
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        loras[name] = adapter
     # Loading an adapter makes it the one applied: apply the served LoRA again, or none.
     if served:
         pipeline.set_adapters(served)

@@ -32,7 +32,8 @@ def embeddings_dir(tmp_path, tiny_sd):
     folder = tmp_path / "embeddings"
     folder.mkdir()
     save_file({"emb_params": red[None]}, folder / "Rubyglow.safetensors")  # AUTOMATIC1111's key, one vector
-    save_file({"emb_params": torch.stack([red, blue])}, folder / "duotone7.safetensors")  # two vectors
+    (folder / "two").mkdir()
+    save_file({"emb_params": torch.stack([red, blue])}, folder / "two" / "duotone7.safetensors")  # two vectors
     save_file({"emb_params": torch.zeros(1, red.numel() + 1)}, folder / "other-model.safetensors")
     save_file({"clip_l": red[None], "clip_g": torch.zeros(1, 8)}, folder / "sdxl.safetensors")
     (folder / "pickled.pt").write_bytes(b"never unpickled")
