@@ -333,6 +333,10 @@ def main(argv=None):
             # On a CPU (the dry run) fp16 cannot run: float32 takes its place; bf16 runs as bf16.
             if precision == "fp16" and not torch.cuda.is_available():
                 precision = "no"
+            # And torch.compile traces the UNet with dynamo but leaves out inductor's code generation, which costs
+            # a fresh machine about 50 s of compiling on a CPU, and on a GPU compiles other kernels anyway.
+            if (env or {}).get("ACCELERATE_DYNAMO_BACKEND") == "inductor" and not torch.cuda.is_available():
+                env = {**env, "ACCELERATE_DYNAMO_BACKEND": "eager"}
             if precision:
                 argv += ["--mixed_precision", precision]
             if not upstream:

@@ -27,8 +27,8 @@ os.environ["XDG_CACHE_HOME"] = os.path.join(SCRATCH, "cache")
 os.environ["GRADIO_TEMP_DIR"] = os.path.join(SCRATCH, "gradio")
 os.environ["TMPDIR"] = os.path.join(SCRATCH, "tmp")
 os.makedirs(os.environ["TMPDIR"])
-# Except inductor's compile cache, which stays where torch keeps it by default and serves the next run too:
-# compiling the tiny UNet afresh costs the GPU check's dry run about 50 s.
+# Except inductor's compile cache, which stays where torch keeps it by default and serves the next run too, for
+# what compiles (torchao's 8-bit AdamW, where torchao is installed).
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
 )
