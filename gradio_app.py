@@ -95,9 +95,9 @@ def parse_args(argv=None):
         "--embeddings_dir",
         default=None,
         help=(
-            "A folder of textual inversion embeddings (.safetensors), as AUTOMATIC1111's embeddings/ folder: each"
-            " file's name becomes a word of the prompt (EasyNegative.safetensors: EasyNegative). Pickle files are"
-            " skipped."
+            "A folder of textual inversion embeddings (.safetensors, searched recursively), as AUTOMATIC1111's"
+            " embeddings/ folder: each file's name becomes a word of the prompt (EasyNegative.safetensors:"
+            " EasyNegative). Pickle files are skipped."
         ),
     )
     add_model_config_argument(parser)
@@ -395,20 +395,17 @@ def launch(args, block=True):
     pipeline = load_pipeline(
         args.model_path, device, dtype, config=args.model_config, lora=args.lora, lora_scale=args.lora_scale
     )
+    layers = pipeline.text_encoder.config.num_hidden_layers
+    if not 1 <= args.clip_skip <= layers:
+        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {args.clip_skip}")
     # Textual inversion embeddings: new words of the tokenizer (see sdtoolkit/embeddings.py).
     embeddings = {}
     if args.embeddings_dir:
-        try:
-            embeddings, skipped = load_embeddings(pipeline, args.embeddings_dir)
-        except FileNotFoundError as err:
-            raise UserError(str(err)) from None
+        embeddings, skipped = load_embeddings(pipeline, args.embeddings_dir)
         for file_name, reason in skipped:
             print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
         words = [f"{name} ({count} vectors)" if count > 1 else name for name, count in sorted(embeddings.items())]
         print(f"Embeddings ({len(words)}): {', '.join(words) or 'none'}")
-    layers = pipeline.text_encoder.config.num_hidden_layers
-    if not 1 <= args.clip_skip <= layers:
-        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {args.clip_skip}")
     # LoRAs that prompts apply by name (see load_lora_dir).
     loras = {}
     if args.lora_dir:

@@ -19,6 +19,8 @@ import os
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sdtoolkit.errors import UserError
+
 # Files in folders of embeddings and LoRAs that are never opened.
 PICKLES = (".pt", ".bin", ".ckpt", ".pth")
 
@@ -61,7 +63,7 @@ def load_embeddings(pipeline, folder):
     """Load every usable embedding file in `folder` (and its sub-folders) into the pipeline's tokenizer and text
     encoder. Returns ({name: number of vectors}, [(file name, reason), ...] for the files skipped)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--embeddings_dir {folder}: no such folder")
+        raise UserError(f"--embeddings_dir {folder}: no such folder")
     size = pipeline.text_encoder.get_input_embeddings().weight.shape[-1]
     files, skipped = safetensors_files(folder)
     loaded = {}
