@@ -109,6 +109,20 @@ def as_image_column(dataset, image_column):
     )
 
 
+def data_files(folder, extension, alongside):
+    """The files of `folder` (searched recursively) that end in `extension`, when every other file there ends in
+    one of `alongside` (the notes and metadata that come with such data); [] when other data is there too."""
+    files, others = [], False
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.lower().endswith(extension):
+                files.append(os.path.join(root, name))
+            elif not name.startswith(".") and not name.lower().endswith(alongside):
+                others = True
+    return sorted(files) if files and not others else []
+
+
 def parquet_files(source):
     """The .parquet files of a local --dataset_name: the file itself, or those in the folder (searched
     recursively) when the folder holds no other data. [] for anything else (a hub name, an imagefolder)."""
@@ -116,15 +130,7 @@ def parquet_files(source):
         return [source] if source.lower().endswith(".parquet") else []
     if not os.path.isdir(source):
         return []
-    files, others = [], False
-    for root, dirs, names in os.walk(source):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if name.lower().endswith(".parquet"):
-                files.append(os.path.join(root, name))
-            elif not name.startswith(".") and not name.lower().endswith((".md", ".json", ".txt", ".gitattributes")):
-                others = True
-    return sorted(files) if files and not others else []
+    return data_files(source, ".parquet", alongside=(".md", ".json", ".txt", ".gitattributes"))
 
 
 # A WebDataset's image files, in the order a column is picked when --image_column is left at "image".
@@ -137,15 +143,7 @@ def webdataset_shards(source):
     the folder holds other data too (images, an imagefolder), or is no folder."""
     if not os.path.isdir(source):
         return []
-    shards, others = [], False
-    for root, dirs, names in os.walk(source):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            if name.lower().endswith(".tar"):
-                shards.append(os.path.join(root, name))
-            elif not name.startswith(".") and not name.lower().endswith((".parquet", ".json", ".md", ".txt")):
-                others = True
-    return sorted(shards) if shards and not others else []
+    return data_files(source, ".tar", alongside=(".parquet", ".json", ".md", ".txt"))
 
 
 def webdataset_columns(column_names, image_column, caption_column):
