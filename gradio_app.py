@@ -227,7 +227,7 @@ def make_generate(service):
             if not 0 <= lora_scale <= MAX_LORA_SCALE:
                 raise gr.Error(f"The LoRA strength must be from 0 to {MAX_LORA_SCALE:g}, not {lora_scale:g}.")
         try:  # the prompt's <lora:name:weight> tags
-            service.lora_mix(prompt, lora_scale or 1.0, negative_prompt)
+            service.lora_mix(prompt, service.lora_scale, negative_prompt)
         except ValueError as err:
             raise gr.Error(f"{err}.") from None
 

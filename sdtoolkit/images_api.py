@@ -138,10 +138,12 @@ def parse_generation_request(body, service, known=KNOWN):
     ):
         raise BadRequest(f"'lora_scale' must be a number from 0 to {MAX_LORA_SCALE:g}, got {lora_scale!r}",
                          "lora_scale")  # fmt: skip
-    try:  # the prompt's <lora:name:weight> tags
-        service.lora_mix(prompt, lora_scale or 1.0, negative_prompt)
-    except ValueError as err:
-        raise BadRequest(str(err), "negative_prompt" if "negative" in str(err) else "prompt") from None
+    # <lora:name:weight> tags: each field checked on its own, so that the 400 names the one at fault.
+    for field, text, negative in (("prompt", prompt, ""), ("negative_prompt", "", negative_prompt)):
+        try:
+            service.lora_mix(text, service.lora_scale, negative)
+        except ValueError as err:
+            raise BadRequest(str(err), field) from None
     seed = body.get("seed")
     width, height = parse_size(body.get("size"), service.default_size)
     return dict(
