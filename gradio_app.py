@@ -22,6 +22,7 @@ import psutil
 from huggingface_hub import ModelCard
 from PIL import Image
 
+from sdtoolkit.a1111_api import a1111_api
 from sdtoolkit.embeddings import load_embeddings
 from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.images_api import ImageFiles, images_api
@@ -33,6 +34,7 @@ from sdtoolkit.inference import (
     load_lora_dir,
     load_pipeline,
     looks_like_local_path,
+    pick_clip_skip,
     pick_device_and_dtype,
 )
 from sdtoolkit.serving import (
@@ -77,10 +79,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--clip_skip",
         type=int,
-        default=1,
+        default=None,
         help=(
             "Read prompts from the text encoder's N-th layer from the end, as AUTOMATIC1111's Clip skip setting: 2 for"
-            " models made for it (NovelAI's and most anime models, or a run of train_text_to_image.py --clip_skip 2)."
+            " models made for it (NovelAI's and most anime models). Default: the one the model or LoRA was trained"
+            " with, when its run recorded it (train_text_to_image.py --clip_skip runs and kohya-ss LoRAs do), else 1."
         ),
     )
     parser.add_argument(
@@ -386,7 +389,10 @@ def warn_if_open(args):
             f"warning: the page on {where} has no login: anyone who reaches it can generate; add --auth user:password"
         )
     if public and args.api_key is None and args.auth is None:  # a share link reaches /v1 too
-        print(f"warning: /v1 on {where} has no key: anyone who reaches it can generate; add --api_key or --auth")
+        print(
+            f"warning: /v1 and /sdapi/v1 on {where} have no key: anyone who reaches them can generate; add --api_key"
+            " or --auth"
+        )
 
 
 def launch(args, block=True):
@@ -396,8 +402,14 @@ def launch(args, block=True):
         args.model_path, device, dtype, config=args.model_config, lora=args.lora, lora_scale=args.lora_scale
     )
     layers = pipeline.text_encoder.config.num_hidden_layers
-    if not 1 <= args.clip_skip <= layers:
-        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {args.clip_skip}")
+    clip_skip, source = pick_clip_skip(args.clip_skip, args.model_path, args.lora)
+    if not 1 <= clip_skip <= layers:
+        got = clip_skip if args.clip_skip is not None else f"{clip_skip} ({source})"
+        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {got}")
+    if clip_skip > 1:
+        print(
+            f"Clip skip {clip_skip} ({source}): prompts are read from the text encoder's layer {clip_skip} from the end"
+        )
     # Textual inversion embeddings: new words of the tokenizer (see sdtoolkit/embeddings.py).
     embeddings = {}
     if args.embeddings_dir:
@@ -423,7 +435,7 @@ def launch(args, block=True):
         queue=queue,
         embeddings=sorted(embeddings),
         loras=loras,
-        clip_skip=args.clip_skip,
+        clip_skip=clip_skip,
     )
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(
@@ -444,15 +456,17 @@ def launch(args, block=True):
     # Images /v1 returns as links live beside Gradio's own cache (GRADIO_TEMP_DIR), for as long as its files do.
     files = ImageFiles(app.GRADIO_CACHE, max_age=args.cache_max_age)
     router = images_api(service, files=files, api_key=api_key)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    a1111_router = a1111_api(service, auth=auth, api_key=args.api_key)
 
     @asynccontextmanager
     async def add_images_api(fastapi_app):
         fastapi_app.include_router(router)
+        fastapi_app.include_router(a1111_router)
         yield
         files.remove_all()
 
     warn_if_open(args)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:
         app.launch(
             server_name=args.host,
@@ -468,7 +482,7 @@ def launch(args, block=True):
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({err}); choose another --port") from err
     print(f"Serving {service.model_id} on {app.local_url} (page and /generate), {app.local_url}v1 (OpenAI-compatible"
-          f" API), {app.local_url}health")  # fmt: skip
+          f" API), {app.local_url}sdapi/v1 (AUTOMATIC1111's API), {app.local_url}health")  # fmt: skip
     if app.share_url:
         print(f"Public link (temporary, up to a week): {app.share_url}")
     if args.host == "0.0.0.0":

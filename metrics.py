@@ -38,6 +38,8 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm.auto import tqdm
 
 from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
+from sdtoolkit.clip_windows import encode_prompts, plain_text
+from sdtoolkit.embeddings import load_embeddings
 from sdtoolkit.errors import UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
 from sdtoolkit.inference import (
@@ -45,10 +47,12 @@ from sdtoolkit.inference import (
     add_model_config_argument,
     is_lora,
     load_pipeline,
+    pick_clip_skip,
     pick_device_and_dtype,
 )
 from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
+from sdtoolkit.serving import LORA_TAG
 
 # The seed's validation prompts.
 PROMPTS = [
@@ -115,6 +119,24 @@ def parse_args(argv=None):
             " suits it."
         ),
     )
+    parser.add_argument(
+        "--clip_skip",
+        type=int,
+        default=None,
+        help=(
+            "Read the prompts from the text encoder's N-th layer from the end (AUTOMATIC1111's Clip skip), for every"
+            " model. Default: each model's own, when its training run recorded one (train_text_to_image.py"
+            " --clip_skip runs and kohya-ss LoRAs do), else 1."
+        ),
+    )
+    parser.add_argument(
+        "--embeddings_dir",
+        default=None,
+        help=(
+            "A folder of textual inversion embeddings (.safetensors), each file a word the prompts may use, as"
+            " gradio_app.py --embeddings_dir."
+        ),
+    )
     add_model_config_argument(parser)
     add_device_arguments(parser)
     parser.add_argument("--output_dir", default="clip-scores", help="Where scores.json, scores.csv and grids go.")
@@ -153,6 +175,12 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
 
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UserError(f"--clip_skip must be 1 (the text encoder's last layer) or more, got {args.clip_skip}")
+    if args.doc_protocol and (args.clip_skip is not None or args.embeddings_dir is not None):
+        raise UserError(
+            "--doc_protocol reads the page's prompts as the page did: drop --clip_skip and --embeddings_dir"
+        )
     if not 0 < args.memorisation_threshold <= 1:
         raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8 != 0):
@@ -167,6 +195,12 @@ def parse_args(argv=None):
     return args
 
 
+# Prompts are read as gradio_app.py reads them (emphasis, BREAK, windows, embeddings), but LoRAs are models here.
+LORA_TAGS_ERROR = (
+    "--prompts_file {}, prompt {}: <lora:...> tags are for gradio_app.py; score a LoRA with --lora (and --lora_scale)"
+)
+
+
 def load_prompts(prompts_file):
     """(prompts, negative prompts); the negatives are None when no prompt has one."""
     if prompts_file is None:
@@ -178,6 +212,9 @@ def load_prompts(prompts_file):
     if not lines:
         raise UserError(f"--prompts_file {prompts_file} has no prompts (one prompt a line; # starts a comment)")
     if not (prompts_file.endswith(".jsonl") or lines[0].startswith("{")):
+        for number, line in enumerate(lines, 1):
+            if LORA_TAG.search(line):
+                raise UserError(LORA_TAGS_ERROR.format(prompts_file, number))
         return lines, None
     prompts, negatives = [], []
     for number, line in enumerate(lines, 1):
@@ -187,6 +224,8 @@ def load_prompts(prompts_file):
             raise UserError(f"--prompts_file {prompts_file}, prompt {number}: not JSON ({err.msg})") from err
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise UserError(f'--prompts_file {prompts_file}, prompt {number}: needs a non-empty "prompt" string')
+        if LORA_TAG.search(row["prompt"] + str(row.get("negative_prompt") or "")):
+            raise UserError(LORA_TAGS_ERROR.format(prompts_file, number))
         prompts.append(row["prompt"])
         negatives.append(str(row.get("negative_prompt") or ""))
     return prompts, (negatives if any(negatives) else None)
@@ -325,38 +364,48 @@ def file_label(label):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
-def generate_images(pipeline, prompts, negatives, args):
+def generate_images(pipeline, prompts, negatives, args, clip_skip=1):
     """images[p][j]: image j of prompt p, j running over seeds, then images per seed.
 
     Image k of (prompt, seed) comes from a generator seeded with the seed, drawing in order, so the noise a
     picture starts from does not depend on --batch_size or on which model is scored: the models' images are
-    paired.
+    paired. Prompts are read as gradio_app.py reads them (see sdtoolkit/clip_windows.py), from the text encoder's
+    layer `clip_skip` from the end.
     """
     device = pipeline.device
     images = [[] for _ in prompts]
     generator_device = "cpu" if device.type == "mps" else device
     pipeline.set_progress_bar_config(disable=True)
+    guidance = args.guidance_scale > 1
     calls = [(seed, start) for seed in args.seeds for start in range(0, len(prompts), args.batch_size)]
     for seed, start in tqdm(calls, desc="generating", unit="batch"):
-        batch = list(range(start, min(start + args.batch_size, len(prompts))))
-        generators = []
-        for _ in batch:
-            generator = torch.Generator(generator_device).manual_seed(seed)
-            generators += [generator] * args.num_images_per_prompt
+        batch = range(start, min(start + args.batch_size, len(prompts)))
         with torch.inference_mode():
-            output = pipeline(
-                [prompts[p] for p in batch],
-                negative_prompt=None if negatives is None else [negatives[p] for p in batch],
-                num_images_per_prompt=args.num_images_per_prompt,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                height=args.resolution,
-                width=args.resolution,
-                generator=generators,
-            )
-        for i, p in enumerate(batch):
-            n = args.num_images_per_prompt
-            images[p] += output.images[i * n : (i + 1) * n]
+            embeddings = {
+                p: encode_prompts(pipeline, prompts[p], negatives and negatives[p], guidance, clip_skip) for p in batch
+            }
+            # Prompts generated together need as many CLIP windows as each other: a batch goes in groups.
+            groups = {}
+            for p in batch:
+                groups.setdefault(embeddings[p][0].shape[1], []).append(p)
+            for group in groups.values():
+                generators = []
+                for _ in group:
+                    generator = torch.Generator(generator_device).manual_seed(seed)
+                    generators += [generator] * args.num_images_per_prompt
+                output = pipeline(
+                    prompt_embeds=torch.cat([embeddings[p][0] for p in group]),
+                    negative_prompt_embeds=torch.cat([embeddings[p][1] for p in group]) if guidance else None,
+                    num_images_per_prompt=args.num_images_per_prompt,
+                    num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generators,
+                )
+                for i, p in enumerate(group):
+                    n = args.num_images_per_prompt
+                    images[p] += output.images[i * n : (i + 1) * n]
     return images
 
 
@@ -383,7 +432,8 @@ def to_tensor(image):
 
 
 def score_model(images, prompts, clip, device):
-    """Per-image torchmetrics scores grouped by prompt, and torchmetrics' score over all the images."""
+    """Per-image torchmetrics scores grouped by prompt, and torchmetrics' score over all the images. Each image is
+    scored against its prompt's words, without the emphasis and BREAKs that instruct the generating model."""
     clip_model, clip_processor = clip
 
     def loader():
@@ -392,6 +442,7 @@ def score_model(images, prompts, clip, device):
     per_prompt = []
     all_images, all_texts = [], []
     for prompt, prompt_images in zip(prompts, images):
+        prompt = plain_text(prompt)
         tensors = [to_tensor(image).to(device) for image in prompt_images]
         with torch.no_grad():
             per_prompt.append([clip_score(t, prompt, model_name_or_path=loader).item() for t in tensors])
@@ -419,6 +470,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
         "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
         "lora_scale": args.lora_scale,
+        "embeddings_dir": args.embeddings_dir,
     }
     report = {"settings": settings, "prompts": prompts, "models": []}
     for result in results:
@@ -427,6 +479,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
                 "model_path": result["model_path"],
                 "clip_score": result["overall"],
                 "label": result["label"],
+                "clip_skip": result["clip_skip"],
                 "caption_accuracy": result.get("caption_accuracy"),
                 "doc_protocol_clip_score": result.get("doc_protocol_clip_score"),
                 "training_set": result.get("training_set"),
@@ -536,6 +589,9 @@ def report_markdown(report, grids, nearest_grids):
         rule += " ---: | ---: | ---: |"
     if settings["caption_data"]:
         header, rule = header + " caption accuracy |", rule + " ---: |"
+    clip_skips = any(model["clip_skip"] > 1 for model in models)
+    if clip_skips:  # the text encoder's layer the prompts were read from, 1 the last
+        header, rule = header + " clip skip |", rule + " ---: |"
     lines += [header, rule]
     for model in models:
         row = f"| {model['label']} | {model['clip_score']:.4f} |"
@@ -547,6 +603,8 @@ def report_markdown(report, grids, nearest_grids):
                     f" {t['near_copies']:.1%} |")  # fmt: skip
         if settings["caption_data"]:
             row += f" {model['caption_accuracy']:.4f} |"
+        if clip_skips:
+            row += f" {model['clip_skip']} |"
         lines.append(row)
     if report["comparisons"]:
         lines += ["", "Paired differences of CLIP score, each model against the first, over prompt-seed pairs (95%"
@@ -678,9 +736,21 @@ def evaluate(args):
                 runs.append((base, lora, scale, f"{label} @{scale:g}", f"{model_path} at {scale:g}"))
             else:
                 runs.append((base, lora, scale, label, model_path))
-    for base, lora, scale, label, model_path in runs:
+    for number, (base, lora, scale, label, model_path) in enumerate(runs):
         pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora, lora_scale=scale)
-        result = {"model_path": model_path, "label": label}
+        result = {"model_path": model_path, "label": label, "clip_skip": 1}
+        if not args.doc_protocol:
+            # Prompted as the model is meant to be: its clip skip, and the words of --embeddings_dir.
+            clip_skip, source = pick_clip_skip(args.clip_skip, base, lora)
+            layers = pipeline.text_encoder.config.num_hidden_layers
+            if clip_skip > layers:
+                raise UserError(f"clip skip {clip_skip} ({source}) asks for a layer {model_path}'s text encoder lacks:"
+                                f" it has {layers}")  # fmt: skip
+            result["clip_skip"] = clip_skip
+            if args.embeddings_dir is not None:
+                _, skipped = load_embeddings(pipeline, args.embeddings_dir)
+                for file_name, reason in skipped if number == 0 else []:
+                    print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
         if args.doc_protocol:
             if generator is None:
                 generator = torch.manual_seed(0)
@@ -689,15 +759,17 @@ def evaluate(args):
             result["doc_protocol_clip_score"] = doc_protocol_score(arrays, clip)
             images = [[Image.fromarray((array * 255).astype("uint8"))] for array in arrays]
         else:
+            clip_skip = f" (clip skip {result['clip_skip']}, {source})" if result["clip_skip"] > 1 else ""
             print(
-                f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with {model_path} ..."
+                f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with"
+                f" {model_path}{clip_skip} ..."
             )
-            images = generate_images(pipeline, prompts, negatives, args)
+            images = generate_images(pipeline, prompts, negatives, args, result["clip_skip"])
         result["images"] = images
         if args.caption_data is not None:
             resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
             result["caption_accuracy"] = caption_accuracy(
-                pipeline, caption_images, labels, candidates, resolution=resolution
+                pipeline, caption_images, labels, candidates, resolution=resolution, clip_skip=result["clip_skip"]
             )
         del pipeline
         result["per_prompt"], result["overall"] = score_model(images, prompts, clip, device)

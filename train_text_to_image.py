@@ -1401,6 +1401,9 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     # The hub's example prompts for the model; gradio_app.py offers them on its page. A JSON string is valid YAML.
     if args.validation_prompts:
         metadata.append("widget:" + "".join(f"\n- text: {json.dumps(p)}" for p in args.validation_prompts))
+    # How the model is to be prompted, which metrics.py and gradio_app.py follow (see recorded_clip_skip).
+    if args.clip_skip > 1:
+        metadata.append(f"clip_skip: {args.clip_skip}")
     yaml = "---\nlicense: creativeml-openrail-m\n" + "".join(line + "\n" for line in metadata)
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers"] + ["lora"] * bool(
         args.lora_rank

@@ -13,6 +13,7 @@ BREAK starts a new window. A weighted token's embedding is scaled by its weight,
 scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphasis does.
 
     parse_emphasis(text)                       # [(text, weight), ..., None where BREAK is, ...]
+    plain_text(text)                           # the prompt's words alone
     token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
     prompt_windows(tokenizer, text)            # [[77 ids], ...] of a text read literally (a training caption)
     caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count]): padded with empty windows, or cut
@@ -80,6 +81,12 @@ def parse_emphasis(text):
         else:
             merged.append(piece)
     return [None if piece is None else tuple(piece) for piece in merged] or [("", 1.0)]
+
+
+def plain_text(text):
+    """A prompt's words without its emphasis brackets, weights and BREAKs: "a (red:1.3) cat BREAK hat" -> "a red cat
+    hat", what a reader (or a CLIP score) takes it to say."""
+    return " ".join(" ".join(piece[0] for piece in parse_emphasis(text) if piece is not None).split())
 
 
 def token_windows(tokenizer, pieces):

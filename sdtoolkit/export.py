@@ -227,7 +227,7 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     state.update(training or {})
     if state:
         for key in ("model", "revision", "model_config", "data", "data_rows", "global_step", "seed", "total_batch_size",
-                    "resolution", "learning_rate"):  # fmt: skip
+                    "resolution", "learning_rate", "clip_skip"):  # fmt: skip
             if state.get(key) is not None:
                 metadata[f"sdtoolkit.{key}"] = str(state[key])
     return metadata

@@ -18,7 +18,9 @@ import os
 import warnings
 
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import metadata_load
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
 
@@ -286,6 +288,53 @@ def trained_model(path):
             " this as --lora"
         )
     return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config")}
+
+
+def recorded_clip_skip(path):
+    """The clip skip (see sdtoolkit/clip_windows.py) the model or LoRA at `path` was trained with, as training
+    recorded it, or None: a checkpoint's training_state.json, a model card's `clip_skip`, or a .safetensors
+    header's sdtoolkit.clip_skip or kohya-ss's ss_clip_skip (a file, or a LoRA folder's kohya file). Hub models
+    are not looked up."""
+    found = []
+    if os.path.isfile(path) and path.lower().endswith(".safetensors"):
+        headers = [path]
+    elif os.path.isdir(path):
+        state, card = os.path.join(path, "training_state.json"), os.path.join(path, "README.md")
+        if os.path.isfile(state):
+            with open(state, encoding="utf-8") as f:
+                found.append(json.load(f).get("clip_skip"))
+        if os.path.isfile(card):
+            try:
+                found.append((metadata_load(card) or {}).get("clip_skip"))
+            except (OSError, ValueError, yaml.YAMLError):  # metadata that is not YAML: nothing recorded there
+                pass
+        headers = [os.path.join(path, KOHYA_WEIGHTS_NAME)]
+    else:
+        return None
+    for file in headers:
+        try:
+            with safe_open(file, "pt") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # missing or not safetensors: nothing recorded there
+            continue
+        found += [metadata.get("sdtoolkit.clip_skip"), metadata.get("ss_clip_skip")]
+    for value in found:
+        # kohya-ss writes "None" when its run had no --clip_skip.
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+    return None
+
+
+def pick_clip_skip(clip_skip, model_path, lora=None):
+    """(clip skip, where it came from): --clip_skip when given, else the LoRA's recorded one, else the model's (see
+    recorded_clip_skip), else 1 (the text encoder's last layer)."""
+    if clip_skip is not None:
+        return clip_skip, "--clip_skip"
+    for path in (lora, model_path):
+        recorded = recorded_clip_skip(path) if path else None
+        if recorded is not None:
+            return recorded, f"as {path} was trained"
+    return 1, "the default"
 
 
 def checkpoint_unet(path, ema=None):

@@ -19,6 +19,8 @@ from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 from torchvision.transforms import functional as TF
 
+from sdtoolkit.clip_windows import encode_text
+
 # The two classes of the learning check: visibly different, captioned by what they show.
 TWO_CLASSES = ["a red disc on a white background", "a blue square on a white background"]
 
@@ -60,10 +62,11 @@ def read_imagefolder(folder):
 
 
 @torch.no_grad()
-def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMESTEPS, seed=0):
+def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1):
     """[images, candidates] mean squared error of the UNet's noise prediction, summed over `timesteps`.
 
-    Every image gets the same noise for every candidate, so the candidates are compared on equal terms.
+    Every image gets the same noise for every candidate, so the candidates are compared on equal terms. The
+    captions are read from the text encoder's layer `clip_skip` from the end, as the model was trained.
     """
     device, dtype = pipeline.device, pipeline.unet.dtype
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -81,7 +84,7 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
         candidates, max_length=pipeline.tokenizer.model_max_length, padding="max_length", truncation=True,
         return_tensors="pt",
     ).input_ids  # fmt: skip
-    embeddings = pipeline.text_encoder(ids.to(device), return_dict=False)[0]  # (C, 77, dim)
+    embeddings = encode_text(pipeline.text_encoder, ids.to(device), clip_skip)  # (C, 77, dim)
 
     generator = torch.Generator().manual_seed(seed)
     errors = torch.zeros(len(images), len(candidates))
@@ -100,8 +103,10 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
     return errors
 
 
-def caption_accuracy(pipeline, images, labels, candidates, *, resolution, timesteps=TIMESTEPS, seed=0):
+def caption_accuracy(pipeline, images, labels, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1):
     """The share of images whose own caption (candidates[label]) has the lowest noise-prediction error."""
-    errors = caption_errors(pipeline, images, candidates, resolution=resolution, timesteps=timesteps, seed=seed)
+    errors = caption_errors(
+        pipeline, images, candidates, resolution=resolution, timesteps=timesteps, seed=seed, clip_skip=clip_skip
+    )
     predictions = errors.argmin(dim=1)
     return (predictions == torch.tensor(labels)).float().mean().item()

@@ -299,17 +299,18 @@ class ImageService:
 
     def generate(
         self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-        lora_scale=None, image=None, mask=None, strength=None,
+        lora_scale=None, image=None, mask=None, strength=None, clip_skip=None,
     ):  # fmt: skip
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
         image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too).
         lora_scale: the LoRA's scale for this request (None: the server's --lora_scale).
         image: an image to edit (resized to width x height), noised to `strength` (0 to 1) of the schedule and
         denoised under the prompt; mask: an "L" image of its size, white where to edit (inpainting; the rest
-        is kept), or None to edit all of it."""
+        is kept), or None to edit all of it. clip_skip: this request's (None: the server's --clip_skip)."""
         if lora_scale is not None and not self.served:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
+        clip_skip = self.clip_skip if clip_skip is None else clip_skip
         mix = self.lora_mix(prompt, lora_scale, negative_prompt)
         seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image
@@ -341,7 +342,7 @@ class ImageService:
             with self.tokenizer_lock:
                 text = lora_tags(prompt)[0]
                 prompt_embeds, negative_embeds = encode_prompts(
-                    run, text, negative_prompt, guidance_scale > 1, clip_skip=self.clip_skip
+                    run, text, negative_prompt, guidance_scale > 1, clip_skip=clip_skip
                 )
             try:
                 images = run(
@@ -375,6 +376,6 @@ class ImageService:
                 lora=self.lora_name,
                 lora_scale=lora_scale,
                 strength=strength if image is not None else None,  # an edit's
-                clip_skip=self.clip_skip,
+                clip_skip=clip_skip,
             )
         return images

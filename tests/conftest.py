@@ -315,6 +315,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def recorded_model(tiny_sd, tmp_path, clip_skip):
+    """The tiny pipeline in a folder whose model card records `clip_skip`, as a training run's does (tests/test_clip_skip.py
+    checks that training writes it)."""
+    folder = tmp_path / f"clip-skip-{clip_skip}"
+    shutil.copytree(tiny_sd, folder)
+    (folder / "README.md").write_text(f"---\nlicense: creativeml-openrail-m\nclip_skip: {clip_skip}\n---\n# A model\n")
+    return str(folder)
+
+
 def start(model_path, *extra):
     """gradio_app.py serving `model_path` on CPU on a free port, in this process; call .close() when done."""
     import gradio_app

@@ -627,7 +627,7 @@ def test_localhost_with_no_auth_gives_no_warning(capsys):
     # A public share link reaches the page and /v1 alike.
     gradio_app.warn_if_open(gradio_app.parse_args(["--share"]))
     out = capsys.readouterr().out
-    assert "warning: the page on a public link" in out and "warning: /v1 on a public link" in out
+    assert "warning: the page on a public link" in out and "warning: /v1 and /sdapi/v1 on a public link" in out
 
 
 def card_args(output_dir, **change):

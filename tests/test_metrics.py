@@ -2,18 +2,21 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import save_file
 from torchmetrics.functional.multimodal import clip_score
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPModel, CLIPProcessor, CLIPTextModel
 
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
-from tests.conftest import run_entry_point, run_script
+from tests.conftest import recorded_model, run_entry_point, run_script
 
 FAST = ["--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"]
 TWO_PROMPTS = ["a round green creature", "a tall red creature with a long tail"]
@@ -239,3 +242,72 @@ def test_out_of_gpu_memory_while_generating_is_one_line_with_what_to_try(tiny_sd
     )
     with pytest.raises(UserError, match=r"; try a lower --resolution or --num_images_per_prompt \(other images\)$"):
         score(tiny_sd, tiny_clip, tmp_path)
+
+
+def pixels(images):
+    """The first image of each prompt, as integers."""
+    return [np.asarray(row[0], dtype=int) for row in images]
+
+
+def test_prompts_are_read_as_the_server_reads_them_in_any_batch(tiny_sd):
+    pipeline = load_pipeline(tiny_sd, torch.device("cpu"), torch.float32)
+    long = ", ".join(["a red creature"] * 30)  # 120 tokens: two of CLIP's windows
+    prompts = ["a (red:1.0) creature", "a red creature", "a (red:1.8) creature", long]
+    args = SimpleNamespace(seeds=[3], batch_size=2, num_images_per_prompt=1, num_inference_steps=2,
+                           guidance_scale=7.5, resolution=32)  # fmt: skip
+    batched = pixels(metrics.generate_images(pipeline, prompts, None, args))  # the last two in calls of their own
+    args.batch_size = 1
+    one_by_one = pixels(metrics.generate_images(pipeline, prompts, None, args))
+    for a, b in zip(batched, one_by_one):
+        assert np.abs(a - b).max() <= 1  # batched maths may round differently, nothing more
+    # Emphasis weighs words (a weight of 1 is the plain prompt), and a long prompt is read whole, not cut at 77.
+    assert np.array_equal(one_by_one[0], one_by_one[1]) and not np.array_equal(one_by_one[1], one_by_one[2])
+    generator = torch.Generator().manual_seed(3)
+    cut = pipeline(long, num_inference_steps=2, height=32, width=32, generator=generator).images
+    assert not np.array_equal(one_by_one[3], pixels([cut])[0])
+    # Clip skip 2 reads what the text encoder without its last layer outputs.
+    skipped = pixels(metrics.generate_images(pipeline, prompts[1:2], None, args, clip_skip=2))
+    shorter = StableDiffusionPipeline.from_pretrained(
+        tiny_sd, text_encoder=CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder", num_hidden_layers=1),
+        safety_checker=None,
+    )  # fmt: skip
+    assert np.array_equal(skipped[0], pixels(metrics.generate_images(shorter, prompts[1:2], None, args))[0])
+    assert not np.array_equal(skipped[0], one_by_one[1])
+
+
+def test_each_model_is_prompted_as_its_run_recorded_with_the_embeddings_asked_for(tiny_sd, tiny_clip, tmp_path):
+    recorded = recorded_model(tiny_sd, tmp_path, 2)  # the same weights, with a clip skip of 2 on record
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    (blue,) = pipeline.tokenizer("blue", add_special_tokens=False).input_ids
+    (tmp_path / "embeddings").mkdir()
+    save_file({"emb_params": pipeline.text_encoder.get_input_embeddings().weight[blue][None].detach().clone()},
+              tmp_path / "embeddings" / "zorbly.safetensors")  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zorbly creature\na (red:1.3) creature\n")
+
+    def scores(*extra):
+        argv = ["--model_path", tiny_sd, recorded, "--prompts_file", str(prompts), "--clip_model", tiny_clip,
+                "--output_dir", str(tmp_path / "scores"), *FAST, *extra]  # fmt: skip
+        report = metrics.main(argv)
+        models = report["models"]
+        table = (tmp_path / "scores" / "report.md").read_text()
+        return [m["clip_skip"] for m in models], [[row["scores"] for row in m["per_prompt"]] for m in models], table
+
+    clip_skips, (base, skipped), table = scores()
+    assert clip_skips == [1, 2] and base != skipped and "| clip skip |" in table
+    clip_skips, (base_again, same), table = scores(
+        "--clip_skip", "1", "--embeddings_dir", str(tmp_path / "embeddings")
+    )
+    assert clip_skips == [1, 1] and base_again == same and "clip skip" not in table
+    # The embedding changes what the first prompt says, not the second.
+    assert base_again[0] != base[0] and base_again[1] == base[1]
+    # CLIP scores an image against the prompt's words: emphasis is an instruction to the generating model.
+    clip, red = metrics.load_clip("transformers", tiny_clip), Image.new("RGB", (32, 32), "red")
+    weighted, plain = (metrics.score_model([[red]], [p], clip, "cpu")[1] for p in ("a (red:1.3) cat", "a red cat"))
+    assert weighted == plain
+
+    prompts.write_text("a creature <lora:style:0.8>\n")
+    with pytest.raises(UserError, match="prompt 1: <lora:...> tags are for gradio_app.py; score a LoRA with --lora"):
+        scores()
+    with pytest.raises(UserError, match="--doc_protocol reads the page's prompts as the page did"):
+        metrics.parse_args(["--doc_protocol", "--clip_skip", "2"])
