@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -187,37 +186,22 @@ def run_child(kind, spec, launch=None, env=None):
 
 
 def fork_child(spec, env, output):
-    """child_main(spec) in a fork of this process, its output written to `output`; (exit code, output).
+    """child_main(spec) in a fork of this process (see benchmark.forked), its output written to `output`; (exit
+    code, output).
 
     Without a GPU, each training child forks from this process, which has imported the training script once,
-    instead of importing torch, diffusers and the script afresh (about 5 s each on a 2-core CPU). It is the same
-    function in a process of its own. On a GPU every child starts fresh, so that no CUDA state is shared, and the
-    inference child always does, so the dry run also goes through the `--child` command line.
+    instead of importing torch, diffusers and the script afresh. It is the same function in a process of its own.
+    On a GPU every child starts fresh, so that no CUDA state is shared, and the inference child always does, so
+    the dry run also goes through the `--child` command line.
     """
     import train_text_to_image  # noqa: F401 (imported here once, for every fork)
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            # Both the file descriptors (for libraries' C code) and Python's streams (which may not be them).
-            sys.stdout = sys.stderr = open(output, "w", buffering=1)
-            os.dup2(sys.stdout.fileno(), 1)
-            os.dup2(sys.stdout.fileno(), 2)
-            os.chdir(REPO)
-            os.environ.update(env or {})
-            child_main(spec)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), Path(output).read_text()
+    def child():
+        os.chdir(REPO)
+        os.environ.update(env or {})
+        child_main(spec)
+
+    return benchmark.forked(child, output)
 
 
 def child_main(spec):

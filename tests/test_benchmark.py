@@ -15,8 +15,9 @@ def test_benchmark_writes_a_table_for_the_tiny_workload(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "STARTUP_LAYOUTS", benchmark.STARTUP_LAYOUTS[:1])
     monkeypatch.setattr(benchmark, "CACHE_WORKLOAD", ("tiny", 64))
     out = tmp_path / "BENCHMARKS.md"
+    # Children fork from the test's process (--fork): the same child functions, without importing torch again each.
     benchmark.main(["--workloads", "tiny", "--steps", "1", "--warmup", "1", "--models", str(tmp_path / "models"),
-                    "--out", str(out)])  # fmt: skip
+                    "--out", str(out), "--fork"])  # fmt: skip
     text = out.read_text()
     assert "### tiny: `tiny` preset at 64 px" in text
     for name, _ in benchmark.CONFIGS:

@@ -569,11 +569,11 @@ def test_a_full_queue_is_a_503_for_v1_and_an_error_on_the_page_and_the_server_ke
     app = start(tiny_sd, "--max_queue", "1", "--concurrency", "1")
     try:
         # One slow request runs (from /v1) and one waits (from the page): the queue is shared and now full.
-        slow = {"prompt": "creature", "steps": 150, "scheduler": "PNDM", "size": "128x128", "seed": 1}
+        slow = {"prompt": "creature", "steps": 75, "scheduler": "PNDM", "size": "128x128", "seed": 1}
         api_job = threading.Thread(target=lambda: post(app, slow))
         api_job.start()
         client = Client(app.local_url, verbose=False)
-        ui_job = client.submit("creature", "", 150, 7.5, "1", "PNDM", 128, 128, 1, api_name="/generate")
+        ui_job = client.submit("creature", "", 75, 7.5, "1", "PNDM", 128, 128, 1, api_name="/generate")
         deadline = time.time() + 60
         while time.time() < deadline:
             queue = httpx.get(f"{app.local_url}health").json()["queue"]
@@ -601,7 +601,7 @@ def test_listen_binds_every_interface_prints_the_lan_addresses_and_warns_without
     try:
         out = capsys.readouterr().out
         assert app.server_name == "0.0.0.0"
-        assert "warning: the page on 0.0.0.0" in out and "warning: /v1 on 0.0.0.0" in out
+        assert "warning: the page on 0.0.0.0" in out and "warning: /v1 and /sdapi/v1 on 0.0.0.0" in out
         port = app.server_port
         addresses = gradio_app.lan_addresses()
         for address in addresses:
