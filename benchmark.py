@@ -397,7 +397,9 @@ def run_child(kind, **kwargs):
 def forked(function, output):
     """function() in a fork of this process, its output (stdout and stderr) written to the file `output`; returns
     (exit code, that output). The fork starts with everything this process has imported, so it does not import
-    torch, diffusers and the training script again (about 5 s on a 2-core CPU)."""
+    torch, diffusers and the training script again (about 5 s on a 2-core CPU). Fork only from a process that has
+    not run torch's parallel CPU code yet, as benchmark.py's and gpu_check.py's parents: the OpenMP threads of one
+    that has are not in its fork, which can then hang."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

@@ -80,7 +80,9 @@ def is_off(value, off):
 
 
 def number(body, name, low, high, *, whole=False):
-    value = body.get(name, DEFAULTS.get(name))
+    """body[name] checked, or its AUTOMATIC1111 default when it is left out or null."""
+    value = body.get(name)
+    value = DEFAULTS.get(name) if value is None else value
     kind = int if whole else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise BadRequest(f"'{name}' must be a {'whole number' if whole else 'number'}, got {value!r}", name)

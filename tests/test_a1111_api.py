@@ -112,7 +112,8 @@ def test_a_requests_clip_skip_the_model_the_lists_and_what_this_server_cannot_do
         sdapi(server, "txt2img", {**base, "override_settings": {"CLIP_stop_at_last_layers": n}}).json() for n in (1, 2)
     )
     assert last["images"] != skipped["images"] and '"clip_skip": 2' in skipped["info"]
-    two = sdapi(server, "txt2img", {**base, "n_iter": 2}).json()  # n_iter batches of batch_size images
+    # n_iter batches of batch_size images; a null field is its default, as clients send them.
+    two = sdapi(server, "txt2img", {**base, "n_iter": 2, "batch_size": None}).json()
     assert len(two["images"]) == 2 and '"all_seeds": [1, 2]' in two["info"]
     unsent = sdapi(server, "txt2img", {**base, "send_images": False}).json()  # as AUTOMATIC1111: info, no images
     assert unsent["images"] == [] and '"all_seeds": [1]' in unsent["info"]
