@@ -62,7 +62,8 @@ def test_diffusers_single_file_loader_reads_the_same_pipeline(sd1_layout, tmp_pa
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    assert abs(generated_image(folder, 64) - generated_image(single, 64)).max() <= 1e-5  # measured: 0.0
+    # Measured: 0.0 with two torch threads, 3.4e-05 with one (make test's workers), of pixels from 0 to 1.
+    assert abs(generated_image(folder, 64) - generated_image(single, 64)).max() <= 1e-4
 
 
 def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd, tmp_path):
