@@ -254,14 +254,20 @@ def a1111_api(service, *, auth=None, api_key=None):
         return error(401, "a login is needed: HTTP Basic with the server's --auth user:password (or its API key as"
                           " the password)", headers={"WWW-Authenticate": "Basic"})  # fmt: skip
 
-    async def generate(request, *, edit):
+    async def read_body(request):
+        """(the request's JSON body, None), or (None, the response that turns it away: no login, or not JSON)."""
         denied = refused(request)
         if denied:
-            return denied
+            return None, denied
         try:
-            body = await request.json()
+            return await request.json(), None
         except ValueError:
-            return error(400, "the request body is not valid JSON")
+            return None, error(400, "the request body is not valid JSON")
+
+    async def generate(request, *, edit):
+        body, turned_away = await read_body(request)
+        if turned_away:
+            return turned_away
         try:
             arguments, facts = parse_request(body, service, edit=edit)
         except BadRequest as err:
@@ -324,19 +330,15 @@ def a1111_api(service, *, auth=None, api_key=None):
     @router.post("/options")
     async def set_options(request: Request):
         """Clients pick the model here: the served one is accepted, anything else can't be set on this server."""
-        denied = refused(request)
-        if denied:
-            return denied
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the request body is not valid JSON")
+        body, turned_away = await read_body(request)
+        if turned_away:
+            return turned_away
         now = options_now()
         for key, value in body.items() if isinstance(body, dict) else [(None, body)]:
             if key in now and value == now[key]:  # the served model, the clip skip it serves with, ...
                 continue
-            raise_for = f"{key}={value!r}" if key else "that body"
-            return error(400, f"{raise_for} can't be set here: this server's model and settings are chosen when it"
+            setting = f"{key}={value!r}" if key else "that body"
+            return error(400, f"{setting} can't be set here: this server's model and settings are chosen when it"
                               " starts (gradio_app.py --model_path, --clip_skip)")  # fmt: skip
         return True
 

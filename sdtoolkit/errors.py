@@ -67,7 +67,10 @@ def another_process_stopped():
 
 def last_words(line, exit_code):
     """Print the script's last line, record it for the launcher if there is one, and exit."""
-    print(line, file=sys.stderr)
+    # One write, newline included: the processes of a launch share stderr, and print's two writes (the text, then
+    # the newline) let another process's line in between ("...latest" + "stopped: ..." on one line).
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     record = os.environ.get(LAST_LINE_FILE)
     if record:
         with open(record, "a") as f:
