@@ -72,8 +72,10 @@ def test_blank_seed_is_random_and_shown_so_it_can_be_reused(client):
 
 
 def test_eight_concurrent_calls_all_complete(client):
-    args = ("creature", "", 3, 7.5, "1", "DPM-Solver++", 64, 64, 1)
-    jobs = [client.submit(*args, api_name="/generate") for _ in range(8)]
+    # Eight seeds: eight identical images at once race in Gradio's cache, which writes each image to a path named
+    # by its content (save_pil_to_cache truncates and rewrites it while another download reads it).
+    jobs = [client.submit("creature", "", 3, 7.5, str(seed), "DPM-Solver++", 64, 64, 1, api_name="/generate")
+            for seed in range(8)]  # fmt: skip
     results = [job.result(timeout=120) for job in jobs]
     assert len(results) == 8 and all(len(gallery) == 1 for gallery, _ in results)
 
