@@ -52,7 +52,7 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "  evaluation:           $(DEMO)/clip-scores/report.md, scores.json, scores.csv, grid-*.png, nearest-*.png"
 	@echo "  TensorBoard logs:     $(DEMO)/sd-demo-model/logs  (tensorboard --logdir $(DEMO)/sd-demo-model/logs)"
 	@echo "  base (random) model:  $(DEMO)/tiny-sd, scored with the random CLIP model $(DEMO)/tiny-clip"
-	@echo "  serve it:             $(BIN)/python gradio_app.py --model_path $(DEMO)/sd-demo-model  (page and OpenAI-compatible /v1)"
+	@echo "  serve it:             $(BIN)/python gradio_app.py --model_path $(DEMO)/sd-demo-model  (page, OpenAI-compatible /v1, AUTOMATIC1111's /sdapi/v1)"
 	@echo
 	@echo "What the numbers mean: caption accuracy is the share of the 32 training images for which the model,"
 	@echo "used as a diffusion classifier, picks the image's own caption out of all 32 (chance 1/32); its rise from"

@@ -18,9 +18,10 @@ from sdtoolkit.clip_windows import encode_text
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import single_file_name
 from sdtoolkit.inference import load_pipeline, pick_clip_skip, recorded_clip_skip
+from sdtoolkit.learning_check import caption_errors
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import logged_losses, recorded_model, run_entry_point, start, train
+from tests.conftest import demo_image, logged_losses, recorded_model, run_entry_point, start, train
 
 
 def without_last_layer(tiny_sd):
@@ -127,3 +128,13 @@ def test_the_server_reads_prompts_from_the_layer_asked_for(tiny_sd, tmp_path, ca
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         "error: --clip_skip must be from 1 (the last layer, the default) to 2, got 5"
     )
+
+
+def test_caption_accuracy_reads_the_captions_at_the_clip_skip_asked(tiny_sd):
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    shorter = StableDiffusionPipeline.from_pretrained(tiny_sd, text_encoder=without_last_layer(tiny_sd),
+                                                      safety_checker=None)  # fmt: skip
+    images, captions = [demo_image(0), demo_image(1)], ["a red creature", "a blue creature"]
+    skipped = caption_errors(pipeline, images, captions, resolution=32, clip_skip=2)
+    torch.testing.assert_close(skipped, caption_errors(shorter, images, captions, resolution=32))
+    assert not torch.allclose(skipped, caption_errors(pipeline, images, captions, resolution=32))
