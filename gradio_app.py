@@ -402,10 +402,7 @@ def launch(args, block=True):
         args.model_path, device, dtype, config=args.model_config, lora=args.lora, lora_scale=args.lora_scale
     )
     layers = pipeline.text_encoder.config.num_hidden_layers
-    clip_skip, source = pick_clip_skip(args.clip_skip, args.model_path, args.lora)
-    if not 1 <= clip_skip <= layers:
-        got = clip_skip if args.clip_skip is not None else f"{clip_skip} ({source})"
-        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {got}")
+    clip_skip, source = pick_clip_skip(args.clip_skip, args.model_path, args.lora, layers)
     if clip_skip > 1:
         print(
             f"Clip skip {clip_skip} ({source}): prompts are read from the text encoder's layer {clip_skip} from the end"

@@ -739,18 +739,6 @@ def evaluate(args):
     for number, (base, lora, scale, label, model_path) in enumerate(runs):
         pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora, lora_scale=scale)
         result = {"model_path": model_path, "label": label, "clip_skip": 1}
-        if not args.doc_protocol:
-            # Prompted as the model is meant to be: its clip skip, and the words of --embeddings_dir.
-            clip_skip, source = pick_clip_skip(args.clip_skip, base, lora)
-            layers = pipeline.text_encoder.config.num_hidden_layers
-            if clip_skip > layers:
-                raise UserError(f"clip skip {clip_skip} ({source}) asks for a layer {model_path}'s text encoder lacks:"
-                                f" it has {layers}")  # fmt: skip
-            result["clip_skip"] = clip_skip
-            if args.embeddings_dir is not None:
-                _, skipped = load_embeddings(pipeline, args.embeddings_dir)
-                for file_name, reason in skipped if number == 0 else []:
-                    print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
         if args.doc_protocol:
             if generator is None:
                 generator = torch.manual_seed(0)
@@ -759,10 +747,17 @@ def evaluate(args):
             result["doc_protocol_clip_score"] = doc_protocol_score(arrays, clip)
             images = [[Image.fromarray((array * 255).astype("uint8"))] for array in arrays]
         else:
-            clip_skip = f" (clip skip {result['clip_skip']}, {source})" if result["clip_skip"] > 1 else ""
+            # Prompted as the model is meant to be: its clip skip, and the words of --embeddings_dir.
+            layers = pipeline.text_encoder.config.num_hidden_layers
+            result["clip_skip"], source = pick_clip_skip(args.clip_skip, base, lora, layers)
+            if args.embeddings_dir is not None:
+                _, skipped = load_embeddings(pipeline, args.embeddings_dir)
+                for file_name, reason in skipped if number == 0 else []:
+                    print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
+            skip_note = f" (clip skip {result['clip_skip']}, {source})" if result["clip_skip"] > 1 else ""
             print(
                 f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with"
-                f" {model_path}{clip_skip} ..."
+                f" {model_path}{skip_note} ..."
             )
             images = generate_images(pipeline, prompts, negatives, args, result["clip_skip"])
         result["images"] = images

@@ -325,16 +325,20 @@ def recorded_clip_skip(path):
     return None
 
 
-def pick_clip_skip(clip_skip, model_path, lora=None):
+def pick_clip_skip(clip_skip, model_path, lora=None, layers=None):
     """(clip skip, where it came from): --clip_skip when given, else the LoRA's recorded one, else the model's (see
-    recorded_clip_skip), else 1 (the text encoder's last layer)."""
-    if clip_skip is not None:
-        return clip_skip, "--clip_skip"
-    for path in (lora, model_path):
+    recorded_clip_skip), else 1 (the text encoder's last layer). With `layers`, the text encoder's layer count, a
+    clip skip it can't read is one line."""
+    picked = (clip_skip, "--clip_skip") if clip_skip is not None else (1, "the default")
+    for path in (lora, model_path) if clip_skip is None else ():
         recorded = recorded_clip_skip(path) if path else None
         if recorded is not None:
-            return recorded, f"as {path} was trained"
-    return 1, "the default"
+            picked = (recorded, f"as {path} was trained")
+            break
+    if layers is not None and not 1 <= picked[0] <= layers:
+        got = picked[0] if clip_skip is not None else f"{picked[0]} ({picked[1]})"
+        raise UserError(f"--clip_skip must be from 1 (the last layer, the default) to {layers}, got {got}")
+    return picked
 
 
 def checkpoint_unet(path, ema=None):
