@@ -50,6 +50,7 @@ from sdtoolkit.serving import (
     MAX_STEPS,
     MIN_SIZE,
     SCHEDULERS,
+    Generation,
     ImageService,
     QueueFull,
     RequestQueue,
@@ -195,14 +196,20 @@ def check_request(prompt, steps, width, height, num_images):
             raise gr.Error(f"{name} must be divisible by 8 (the VAE works on 8x8 pixel blocks), got {int(value)}.")
 
 
+def visitor(request):
+    """The Generation source of a page visitor (or gradio_client): its session, so that Stop stops only its own."""
+    return f"page:{request.session_hash}" if request is not None and request.session_hash else "page"
+
+
 def make_generate(service):
     """The function behind the Generate button and the /generate endpoint."""
     tokenizer = service.pipeline.tokenizer  # for its max length; its calls go through the service's lock
 
     def generate(
         prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images, lora_scale=None,
-        image=None, strength=DEFAULT_STRENGTH, mask=None,
+        image=None, strength=DEFAULT_STRENGTH, mask=None, request: gr.Request = None, progress=gr.Progress(),
     ):  # fmt: skip
+        # Gradio fills in `request` (who asks) and `progress` (the bar over the images); they are not API inputs.
         check_request(prompt, steps, width, height, num_images)
         seed = parse_seed(seed)
         # With an image, it is redrawn from `strength` of the schedule (image to image), at the size asked; with a
@@ -242,6 +249,12 @@ def make_generate(service):
                     f"The {name} was read in {windows} windows of 75 tokens, as AUTOMATIC1111 reads a prompt longer"
                     f" than CLIP's {tokenizer.model_max_length} tokens or one with BREAK."
                 )
+        # The bar shows the denoising steps as they are done; Stop ends the run after the step it is in.
+        progress(0, desc="Waiting for a turn")
+        generation = Generation(
+            source=visitor(request),
+            on_step=lambda step, total: progress((step, total), desc="Generating", unit="steps"),
+        )
         try:
             images = service.generate(
                 prompt=prompt,
@@ -257,12 +270,30 @@ def make_generate(service):
                 image=None if image is None else image.convert("RGB"),
                 mask=None if mask is None else mask.convert("L").resize((int(width), int(height)), Image.NEAREST),
                 strength=None if image is None else strength,
+                generation=generation,
             )
         except QueueFull as err:
             raise gr.Error(str(err)) from None
+        if generation.stopped_at == 0:
+            notes.append("Stopped before it started.")
+        elif generation.stopped_at is not None:
+            notes.append(
+                f"Stopped at step {generation.stopped_at} of {generation.steps}: the images are as they stood, not"
+                " finished."
+            )
         return images, "\n".join(notes)
 
     return generate
+
+
+def make_stop(service):
+    """The function behind the Stop button and the /stop endpoint: the caller's own generations, running or
+    waiting, stop after their current step."""
+
+    def stop(request: gr.Request = None):
+        service.stop(visitor(request), waiting=True)
+
+    return stop
 
 
 def model_name(path):
@@ -314,7 +345,7 @@ def describe_model(model_path, lora=None, title=None):
 
 def build_app(service, *, title, description, examples=(), cache_max_age=3600):
     """The demo's gr.Blocks for an ImageService. Nothing is launched."""
-    generate = make_generate(service)
+    generate, stop = make_generate(service), make_stop(service)
 
     # Gradio keeps every image it serves as a file in its cache; delete_cache bounds how long they stay.
     delete_cache = (min(cache_max_age, 600), cache_max_age)
@@ -354,7 +385,9 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
                     strength = gr.Slider(
                         0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength (how much of it is redrawn)"
                     )
-                button = gr.Button("Generate", variant="primary")
+                with gr.Row():
+                    button = gr.Button("Generate", variant="primary", scale=3)
+                    stop_button = gr.Button("Stop", variant="stop", scale=1)
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png")
                 info = gr.Textbox(label="Details", interactive=False)
@@ -364,9 +397,11 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
         inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
                   lora_scale, image, strength, mask]  # fmt: skip
         # The button and Enter in the prompt box run at once: the service's RequestQueue, which /v1 shares, is
-        # what makes requests wait (`concurrency` at a time) or refuses them. Only the button is the public API.
+        # what makes requests wait (`concurrency` at a time) or refuses them. The public API is the two buttons:
+        # /generate, and /stop for the caller's own generations.
         button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)
         prompt.submit(generate, inputs, [gallery, info], api_visibility="private", concurrency_limit=None)
+        stop_button.click(stop, None, None, api_name="stop", concurrency_limit=None)
     return app
 
 

@@ -8,6 +8,10 @@ fine-tuned model.
     POST /sdapi/v1/img2img      the same, with init_images (one base64 image) redrawn to denoising_strength, and
                                 an optional mask (base64, white where to redraw; black with inpainting_mask_invert=1),
                                 blurred by mask_blur pixels
+    GET  /sdapi/v1/progress     how far the oldest running /sdapi/v1 request has got, and how many wait
+    POST /sdapi/v1/interrupt    stop the running /sdapi/v1 requests after their current step (the page's and /v1's
+                                go on); each answers with its images as they stood, "Interrupted at step" in them
+    POST /sdapi/v1/png-info     an image's generation parameters: its text and AUTOMATIC1111's fields
     GET  /sdapi/v1/sd-models    the one model served; GET /sdapi/v1/options its settings (POST may only name it)
     GET  /sdapi/v1/samplers, schedulers, loras, embeddings, scripts, upscalers, sd-vae, prompt-styles
 
@@ -48,9 +52,11 @@ from sdtoolkit.serving import (
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
+    Generation,
     QueueFull,
     image_seeds,
     random_seed,
+    read_parameters,
     scheduler_named,
 )
 
@@ -274,8 +280,9 @@ def a1111_api(service, *, auth=None, api_key=None):
             return error(400, str(err))
 
         # Generation blocks for seconds: it runs in a worker thread, waiting its turn in the shared queue there.
+        # It is an "sdapi" Generation: /progress follows it and /interrupt stops it.
         def run():
-            return service.generate(**arguments)
+            return service.generate(**arguments, generation=Generation(source="sdapi"))
 
         try:
             images = await run_in_threadpool(run)
@@ -311,6 +318,56 @@ def a1111_api(service, *, auth=None, api_key=None):
     @router.post("/img2img")
     async def img2img(request: Request):
         return await generate(request, edit=True)
+
+    @router.get("/progress")
+    def progress(request: Request):
+        """AUTOMATIC1111's progress: the oldest running /sdapi/v1 request's share of its steps done and the seconds
+        it has left, and in "job_count" the /sdapi/v1 requests running or waiting (0: none, the server is free for
+        its clients). No live preview: "current_image" is null, as AUTOMATIC1111's is with previews off."""
+        denied = refused(request)
+        if denied:
+            return denied
+        queued = service.in_queue("sdapi")
+        running = queued[0] if queued and queued[0].started is not None else None
+        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                 "job_count": len(queued), "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                 "sampling_steps": 0}  # fmt: skip
+        done = eta = 0.0
+        if running is not None:
+            done = running.step / max(running.steps, 1)
+            seconds = time.time() - running.started
+            eta = seconds / done - seconds if done else 0.0
+            state.update(interrupted=running.stop.is_set(), job="sdtoolkit", sampling_step=running.step,
+                         sampling_steps=running.steps,
+                         job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(running.started)))  # fmt: skip
+        return {"progress": done, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
+
+    @router.post("/interrupt")
+    def interrupt(request: Request):
+        """Stop the running /sdapi/v1 requests, as AUTOMATIC1111's Interrupt stops its current job; the waiting ones
+        and other front-ends' requests go on."""
+        denied = refused(request)
+        if denied:
+            return denied
+        service.stop("sdapi")
+        return {}
+
+    @router.post("/png-info")
+    async def png_info(request: Request):
+        """An image's parameters text chunk (what this server and AUTOMATIC1111 write in a PNG) as AUTOMATIC1111
+        answers: {"info": the text, "items": the image's other text chunks, "parameters": its fields}."""
+        body, turned_away = await read_body(request)
+        if turned_away:
+            return turned_away
+        try:
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            image = decode_image(body.get("image"), "image")
+        except BadRequest as err:
+            return error(400, str(err))
+        text = image.info.get("parameters") or ""
+        items = {key: value for key, value in image.info.items() if isinstance(value, str) and key != "parameters"}
+        return {"info": text, "items": items, "parameters": read_parameters(text)}
 
     @router.get("/sd-models")
     def sd_models(request: Request):
@@ -380,7 +437,8 @@ def a1111_api(service, *, auth=None, api_key=None):
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def not_here(path: str, request: Request):
         return refused(request) or error(404, f"{request.method} /sdapi/v1/{path} is not served here: only txt2img,"
-                                              " img2img, sd-models, options, samplers, schedulers, loras, embeddings,"
-                                              " scripts, upscalers, sd-vae and prompt-styles")  # fmt: skip
+                                              " img2img, progress, interrupt, png-info, sd-models, options, samplers,"
+                                              " schedulers, loras, embeddings, scripts, upscalers, sd-vae and"
+                                              " prompt-styles")  # fmt: skip
 
     return router

@@ -4,7 +4,9 @@ generation parameters inside every PNG.
 Both front-ends call `ImageService.generate`, so a seed gives the same pixels whichever way it was asked for
 (the API also edits an image: image to image, or inpainting inside a mask, through the same method),
 and both wait in one `RequestQueue`: at most `concurrency` generations run at once, at most `max_queue` more
-wait, and a request beyond that is refused at once (`QueueFull`) instead of hanging.
+wait, and a request beyond that is refused at once (`QueueFull`) instead of hanging. Each request is a
+`Generation` while it waits and runs: how far it has got (the page's progress bar, /sdapi/v1/progress) and a
+switch that stops it after the step it is in (the page's Stop button, /sdapi/v1/interrupt).
 
 Each image carries, in a PNG text chunk named `parameters`, the lines AUTOMATIC1111's web UI writes:
 
@@ -130,8 +132,9 @@ class RequestQueue:
         return max(1, round(per_request * self.admitted / self.concurrency))
 
     @contextmanager
-    def turn(self):
-        """Wait for a generation slot (in the calling thread) and hold it; QueueFull if the queue is full."""
+    def turn(self, stop=None):
+        """Wait for a generation slot (in the calling thread) and hold it; QueueFull if the queue is full.
+        Gives True once it holds a slot, or False if the threading.Event `stop` was set while it waited."""
         with self.lock:
             if self.admitted >= self.concurrency + self.max_queue:
                 retry_after = self.retry_after()
@@ -142,21 +145,55 @@ class RequestQueue:
                 )
             self.admitted += 1
         try:
-            with self.slots:
+            # A request that can be stopped looks at its switch while it waits (acquire returns as soon as a slot
+            # frees, so the timeout only bounds how late a stop is seen).
+            while not self.slots.acquire(timeout=None if stop is None else 0.1):
+                if stop.is_set():
+                    yield False
+                    return
+            try:
                 with self.lock:
                     self.running += 1
                 start = time.perf_counter()
                 try:
-                    yield
+                    yield True
                 finally:
                     seconds = time.perf_counter() - start
                     with self.lock:
                         self.running -= 1
                         mean = self.seconds_per_request
                         self.seconds_per_request = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+            finally:
+                self.slots.release()
         finally:
             with self.lock:
                 self.admitted -= 1
+
+
+class Generation:
+    """One request while it waits and runs: how far it has got, and the switch that stops it.
+
+    source: who asked ("sdapi" for /sdapi/v1, "page:<session>" for a page's visitor), so that a stop reaches only
+    that one's requests. on_step(step, steps) is called after each denoising step, in the generating thread.
+    """
+
+    def __init__(self, *, source="", on_step=None):
+        self.source, self.on_step = source, on_step
+        self.stop = threading.Event()
+        self.started = None  # time.time() when its turn came; None while it waits
+        self.step = self.steps = 0  # denoising steps done, and to do (an edit runs only its strength's share)
+        self.stopped_at = None  # the steps done when a stop ended it early
+
+    def step_done(self, pipeline, index, timestep, tensors):
+        """diffusers' callback_on_step_end: count the step, and end the run here if the switch is on (the pipeline
+        then skips its other steps and decodes the latents as they stand; diffusers documents `_interrupt`)."""
+        self.step, self.steps = index + 1, pipeline.num_timesteps
+        if self.on_step is not None:
+            self.on_step(self.step, self.steps)
+        if self.stop.is_set() and self.step < self.steps and self.stopped_at is None:
+            pipeline._interrupt = True
+            self.stopped_at = self.step
+        return tensors
 
 
 # AUTOMATIC1111's LoRA tag in a prompt: <lora:name:weight>, or <lora:name> at weight 1.
@@ -219,10 +256,10 @@ def a1111_value(value):
 
 def parameters_text(
     *, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora, lora_scale=1.0,
-    strength=None, clip_skip=1,
+    strength=None, clip_skip=1, stopped_at=None,
 ):  # fmt: skip
     """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring); an edited
-    image's `strength` is A1111's "Denoising strength"."""
+    image's `strength` is A1111's "Denoising strength"; `stopped_at`: the steps a stopped run had done."""
     fields = {
         "Steps": steps,
         "Sampler": A1111_SAMPLERS[scheduler],
@@ -239,11 +276,42 @@ def parameters_text(
         fields["Lora"] = lora
     if lora_scale != 1:
         fields["Lora scale"] = float(lora_scale)
+    if stopped_at is not None:  # not the image these settings make: the run was stopped part way
+        fields["Interrupted at step"] = stopped_at
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{key}: {a1111_value(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+# One `key: value` of the last line of a parameters text; a value holding , : or a newline is quoted as JSON.
+PARAMETER = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def read_parameters(text):
+    """A parameters text (ours or AUTOMATIC1111's) as AUTOMATIC1111's PNG Info reads it: {"Prompt", "Negative
+    prompt", and each field of the last line, a string; "Size" as "Size-1" and "Size-2"}; "Clip skip" is "1"
+    when not written."""
+    *lines, last = text.strip().split("\n")
+    if len(PARAMETER.findall(last)) < 3:  # no settings line: all of it is the prompt
+        lines, last = [*lines, last], ""
+    prompt, negative = [], []
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            negative.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            (negative if negative else prompt).append(line)
+    fields = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
+    for key, value in PARAMETER.findall(last):
+        value = json.loads(value) if value.startswith('"') else value.strip()
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        if size:
+            fields[f"{key}-1"], fields[f"{key}-2"] = size.groups()
+        else:
+            fields[key] = value
+    fields.setdefault("Clip skip", "1")
+    return fields
 
 
 class ImageService:
@@ -264,6 +332,8 @@ class ImageService:
         # What API clients pass as `model` and what /v1/models lists.
         self.model_id = model_name if lora_name is None else f"{model_name}+{lora_name}"
         self.queue = queue
+        # The requests in the queue (a Generation each), first come first, for /sdapi/v1/progress and stops.
+        self.generations, self.generations_lock = [], threading.Lock()
         self.default_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         self.started = time.time()
         # The tokenizer keeps its padding and truncation settings in state its calls share: two threads using it
@@ -297,16 +367,33 @@ class ImageService:
             weights[self.loras[name]] = value  # a LoRA tagged twice: the last tag's weight
         return tuple(sorted(weights.items()))
 
+    def in_queue(self, source):
+        """The Generations of `source` waiting or running, the running ones first, oldest first."""
+        with self.generations_lock:
+            mine = [g for g in self.generations if g.source == source]
+        return sorted(mine, key=lambda g: g.started is None)
+
+    def stop(self, source, *, waiting=False):
+        """Stop the running generations of `source` after their current step (and its waiting ones too, with
+        waiting=True: they leave the queue); how many were told."""
+        told = [g for g in self.in_queue(source) if waiting or g.started is not None]
+        for generation in told:
+            generation.stop.set()
+        return len(told)
+
     def generate(
         self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-        lora_scale=None, image=None, mask=None, strength=None, clip_skip=None,
+        lora_scale=None, image=None, mask=None, strength=None, clip_skip=None, generation=None,
     ):  # fmt: skip
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
         image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too).
         lora_scale: the LoRA's scale for this request (None: the server's --lora_scale).
         image: an image to edit (resized to width x height), noised to `strength` (0 to 1) of the schedule and
         denoised under the prompt; mask: an "L" image of its size, white where to edit (inpainting; the rest
-        is kept), or None to edit all of it. clip_skip: this request's (None: the server's --clip_skip)."""
+        is kept), or None to edit all of it. clip_skip: this request's (None: the server's --clip_skip).
+        generation: the request's Generation, to watch it or stop it. A run stopped part way gives the images as
+        its latents stood (generation.stopped_at says when, and so does each image's parameters text); one stopped
+        while it waited gives no images."""
         if lora_scale is not None and not self.served:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
@@ -336,32 +423,46 @@ class ImageService:
         device = "cpu" if pipeline.device.type == "mps" else pipeline.device
         generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         at_mix = self.mixer.at(mix) if self.mixer is not None else nullcontext()
-        with self.queue.turn(), at_mix, torch.inference_mode():
-            # The text embeddings first, under the tokenizer's lock, for one image; the pipeline repeats them. The
-            # LoRA tags are the prompt's instructions, not its text.
-            with self.tokenizer_lock:
-                text = lora_tags(prompt)[0]
-                prompt_embeds, negative_embeds = encode_prompts(
-                    run, text, negative_prompt, guidance_scale > 1, clip_skip=clip_skip
-                )
-            try:
-                images = run(
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_embeds,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    num_images_per_prompt=num_images,
-                    generator=generators,
-                    **inputs,
-                ).images
-            except torch.OutOfMemoryError as err:
-                # Give the memory back for the next request, and say what would fit (the page and /v1 show it).
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise RuntimeError(
-                    f"out of GPU memory for {num_images} image(s) of {width}x{height} ({first_line(err)}); ask for"
-                    " fewer images or a smaller size"
-                ) from None
+        generation = generation or Generation()
+        generation.steps = min(int(steps * strength), steps) if image is not None else steps  # until it runs
+        with self.generations_lock:
+            self.generations.append(generation)
+        try:
+            with self.queue.turn(generation.stop) as started:
+                if not started:  # stopped while it waited
+                    generation.stopped_at = 0
+                    return []
+                generation.started = time.time()
+                with at_mix, torch.inference_mode():
+                    # The text embeddings first, under the tokenizer's lock, for one image; the pipeline repeats them.
+                    # The LoRA tags are the prompt's instructions, not its text.
+                    with self.tokenizer_lock:
+                        text = lora_tags(prompt)[0]
+                        prompt_embeds, negative_embeds = encode_prompts(
+                            run, text, negative_prompt, guidance_scale > 1, clip_skip=clip_skip
+                        )
+                    try:
+                        images = run(
+                            prompt_embeds=prompt_embeds,
+                            negative_prompt_embeds=negative_embeds,
+                            num_inference_steps=steps,
+                            guidance_scale=guidance_scale,
+                            num_images_per_prompt=num_images,
+                            generator=generators,
+                            callback_on_step_end=generation.step_done,
+                            **inputs,
+                        ).images
+                    except torch.OutOfMemoryError as err:
+                        # Give the memory back for the next request, and say what would fit (the page and /v1 say).
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        raise RuntimeError(
+                            f"out of GPU memory for {num_images} image(s) of {width}x{height} ({first_line(err)}); ask"
+                            " for fewer images or a smaller size"
+                        ) from None
+        finally:
+            with self.generations_lock:
+                self.generations.remove(generation)
         for result, image_seed in zip(images, seeds):
             result.info["parameters"] = parameters_text(
                 prompt=prompt,
@@ -377,5 +478,6 @@ class ImageService:
                 lora_scale=lora_scale,
                 strength=strength if image is not None else None,  # an edit's
                 clip_skip=clip_skip,
+                stopped_at=generation.stopped_at,
             )
         return images
