@@ -402,6 +402,9 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
         button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)
         prompt.submit(generate, inputs, [gallery, info], api_visibility="private", concurrency_limit=None)
         stop_button.click(stop, None, None, api_name="stop", concurrency_limit=None)
+        # A visitor who closes or reloads the tab will not see the images: its requests stop too (Gradio calls this
+        # when the page's heartbeat connection drops, within GRADIO_HEARTBEAT_INTERVAL, 15 s by default).
+        app.unload(stop)
     return app
 
 

@@ -40,10 +40,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
-from starlette.concurrency import run_in_threadpool
 
 from sdtoolkit.errors import first_line
-from sdtoolkit.images_api import MAX_UPLOAD_BYTES, BadRequest, png_bytes
+from sdtoolkit.images_api import MAX_UPLOAD_BYTES, BadRequest, generate_while_connected, png_bytes
 from sdtoolkit.serving import (
     A1111_SAMPLERS,
     MAX_GUIDANCE,
@@ -52,7 +51,6 @@ from sdtoolkit.serving import (
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
-    Generation,
     QueueFull,
     image_seeds,
     random_seed,
@@ -279,13 +277,9 @@ def a1111_api(service, *, auth=None, api_key=None):
         except BadRequest as err:
             return error(400, str(err))
 
-        # Generation blocks for seconds: it runs in a worker thread, waiting its turn in the shared queue there.
-        # It is an "sdapi" Generation: /progress follows it and /interrupt stops it.
-        def run():
-            return service.generate(**arguments, generation=Generation(source="sdapi"))
-
+        # An "sdapi" Generation: /progress follows it, /interrupt stops it, and so does the client hanging up.
         try:
-            images = await run_in_threadpool(run)
+            images = await generate_while_connected(request, service, arguments, source="sdapi")
         except QueueFull as err:
             return error(503, str(err), headers={"Retry-After": str(err.retry_after)})
         except Exception as err:  # a failed generation (out of memory, ...) must not look like a success

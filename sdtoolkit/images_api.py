@@ -16,6 +16,7 @@ OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 names the f
 valid key, 404 an unknown model, 503 (with Retry-After) a full queue.
 """
 
+import asyncio
 import base64
 import io
 import secrets
@@ -45,6 +46,7 @@ from sdtoolkit.serving import (
     MAX_STEPS,
     MIN_SIZE,
     SCHEDULERS,
+    Generation,
     QueueFull,
     image_seeds,
     random_seed,
@@ -238,6 +240,20 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
+async def generate_while_connected(request, service, arguments, *, source):
+    """service.generate(**arguments) for an HTTP request, as a Generation of `source`. Generation blocks for
+    seconds, so it runs in a worker thread, waiting its turn in the shared queue there. Meanwhile the connection
+    is looked at every half second: if the client hangs up (its timeout, a closed app), the request is stopped,
+    waiting or running, so that its turn goes to someone who will read the images."""
+    generation = Generation(source=source)
+    task = asyncio.ensure_future(run_in_threadpool(lambda: service.generate(**arguments, generation=generation)))
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if not task.done() and not generation.stop.is_set() and await request.is_disconnected():
+            generation.stop.set()
+    return task.result()  # the images, or what generate raised
+
+
 class ImageFiles:
     """The PNGs of "url" responses: in a folder of their own under `parent` (made at the first one), each named
     by an unguessable token, which is what lets a browser or an <img> tag fetch it without the API key (as
@@ -373,12 +389,9 @@ def images_api(service, *, files, api_key=None):
                 param="model", code="model_not_found",
             )  # fmt: skip
 
-        # Generation blocks for seconds: it runs in a worker thread, waiting its turn in the shared queue there.
-        def generate_pngs():
-            return [png_bytes(image) for image in service.generate(**arguments)]
-
         try:
-            pngs = await run_in_threadpool(generate_pngs)
+            images = await generate_while_connected(request, service, arguments, source="v1")
+            pngs = [png_bytes(image) for image in images]
         except QueueFull as err:
             return error_response(
                 503, str(err), type="server_error", code="queue_full", headers={"Retry-After": str(err.retry_after)}

@@ -3,13 +3,17 @@ interrupt and png-info, and what a stopped request gives back."""
 
 import base64
 import io
+import re
+import shutil
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import webuiapi
+from diffusers import UNet2DConditionModel
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from gradio_client import Client
@@ -22,6 +26,7 @@ from sdtoolkit.serving import Generation, ImageService, RequestQueue, parameters
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 REQUEST = dict(prompt="a creature", negative_prompt="", guidance_scale=7.5, seed=1, scheduler="DPM-Solver++",
                width=64, height=64, num_images=1)  # fmt: skip
@@ -140,6 +145,39 @@ def test_sdapi_progress_follows_a_request_and_interrupt_stops_it(service):
     assert api.get_progress()["state"]["job_count"] == 0
 
 
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("v1/images/generations", {"prompt": "a creature", "size": "64x64", "steps": 20}),
+        ("sdapi/v1/txt2img", {"prompt": "a creature", "width": 64, "height": 64, "steps": 20}),
+    ],
+)
+def test_a_client_that_hangs_up_frees_its_turn(server, path, body):
+    # Every UNet call of the server (it runs in this process) is counted, and the second is held until the client
+    # has given up and the server has had time to see it (it looks every half second).
+    calls, go = [], threading.Event()
+
+    def hold(module, args):
+        if isinstance(module, UNet2DConditionModel):
+            calls.append(1)
+            if len(calls) == 2:
+                go.wait(60)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hold)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.local_url}{path}", json=body, timeout=3)
+        time.sleep(1.5)
+        go.set()
+        deadline = time.time() + 60
+        while httpx.get(f"{server.local_url}health").json()["queue"]["running"] and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        go.set()
+        handle.remove()
+    assert len(calls) == 2  # stopped after the held step, not run to its 20th
+
+
 def test_png_info_reads_txt2imgs_parameters_and_they_make_the_image_again(server):
     api = webuiapi.WebUIApi(baseurl=f"{server.local_url}sdapi/v1")
     made = api.txt2img(prompt="a red, round creature", negative_prompt="blue: square", seed=11, steps=3, width=64,
@@ -200,6 +238,55 @@ def test_the_pages_bar_follows_the_steps_and_stop_stops_only_the_callers_own(ser
         hold.release()
         gallery, details = job.result(timeout=60)
         assert len(gallery) == 1 and "Stopped at step 3 of 8: the images are as they stood" in details
+    finally:
+        hold.release()
+        app.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package 'chromium'); .ci/run installs it")
+def test_in_a_browser_stop_and_closing_the_tab_end_the_visitors_request(service, monkeypatch):
+    from playwright.sync_api import expect, sync_playwright
+
+    # Gradio calls the page's unload handler when the tab's heartbeat connection drops, found at its next
+    # heartbeat: every 15 s, a quarter second here.
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.25")
+    app = gradio_app.build_app(service, title="Tiny", description="A tiny model.")
+    app.queue(max_size=None, default_concurrency_limit=None)
+    app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+    def start_generating(browser):
+        page = browser.new_page()
+        page.goto(app.local_url, wait_until="domcontentloaded")
+        page.get_by_label("Prompt", exact=True).fill("a creature")
+        page.get_by_label("Seed (blank = random)").fill("4")
+        page.get_by_role("button", name="Generate").click()
+        return page
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+            hold = Hold(service.pipeline, at=3)
+            page = start_generating(browser)
+            assert hold.reached.wait(60)
+            page.get_by_role("button", name="Stop").click()
+            deadline = time.time() + 20
+            while not service.generations[0].stop.is_set() and time.time() < deadline:
+                time.sleep(0.05)
+            hold.release()
+            expect(page.get_by_label("Details")).to_have_value(re.compile("Stopped at step 3 of 25"), timeout=60_000)
+            # Closing the tab: nobody will see the images, so the request stops.
+            hold = Hold(service.pipeline, at=3)
+            page = start_generating(browser)
+            assert hold.reached.wait(60)
+            page.close()
+            deadline = time.time() + 20
+            while not service.generations[0].stop.is_set() and time.time() < deadline:
+                time.sleep(0.05)
+            assert service.generations[0].stop.is_set()
+            hold.release()
+            browser.close()
     finally:
         hold.release()
         app.close()
