@@ -20,6 +20,7 @@ import warnings
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.peft_utils import get_adapter_name
 from huggingface_hub import metadata_load
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
@@ -32,8 +33,10 @@ from sdtoolkit.lora import (
     has_lora_ema,
     has_lora_weights,
     load_lora_ema_weights,
+    lora_location,
     read_lora,
 )
+from sdtoolkit.lycoris import load_lycoris, lycoris_kind
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,6 +47,12 @@ def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
     as the adapter `adapter_name` (diffusers' next default name when None)."""
     check_lora_path(path, flag)
     try:
+        # LyCORIS's LoHa and LoKr files are not LoRAs: PEFT's layers of their kinds take them (sdtoolkit/lycoris.py).
+        folder, name = lora_location(path)
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            if lycoris_kind(f.keys()):
+                load_lycoris(pipeline, os.path.join(folder, name), adapter_name or get_adapter_name(pipeline.unet))
+                return
         # What pipeline.load_lora_weights does, with the alphas read_lora mends for the text encoder.
         state, alphas, metadata = read_lora(path)
         if not state:

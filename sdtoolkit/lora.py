@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdtoolkit.errors import UserError
+from sdtoolkit.lycoris import lycoris_kind
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -85,6 +86,13 @@ def read_lora(path):
     would be loaded with the usual one. Without the text_model. part the name matches either version's layer.
     """
     folder, name = lora_location(path)
+    with safe_open(os.path.join(folder, name), "pt") as f:
+        kind = lycoris_kind(f.keys())
+    if kind:
+        raise ValueError(
+            f"it is a LyCORIS {kind} file, not a LoRA: gradio_app.py and metrics.py apply it (--lora, --lora_dir), and"
+            " training goes on from LoRAs only"
+        )
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
         folder, weight_name=name, return_lora_metadata=True
     )

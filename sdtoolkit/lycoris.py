@@ -1,0 +1,129 @@
+"""LyCORIS files, LoHa and LoKr in kohya-ss keys, as AUTOMATIC1111 applies them from its models/Lora folder: loaded
+as PEFT adapters on the UNet and the text encoder, so that the server and metrics.py apply, mix and weigh them per
+request as they do a LoRA (sdtoolkit/inference.py's load_lora sends these files here). LoCon, a LoRA that reaches
+the convolutions too, is a LoRA: diffusers loads it as one.
+
+Each module of such a file adds to its layer's weight W (out x in) an update of W's shape, scaled by alpha / rank,
+as LyCORIS and AUTOMATIC1111 compute it:
+
+    LoHa  (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)     the Hadamard (elementwise) product of two low-rank
+                                                                  products; rank: hada_w1_b's rows
+    LoKr  kron(lokr_w1, lokr_w2)                                 a Kronecker product, each factor a full matrix or a
+                                                                  low-rank product (lokr_w1_a @ lokr_w1_b); rank: that
+                                                                  product's inner size, and no scaling when both are full
+
+PEFT's LoHa and LoKr layers hold the same tensors under the same names and compute the same update
+(https://arxiv.org/abs/2108.06098 for LoHa, https://arxiv.org/abs/2309.14859 for both).
+"""
+
+import collections
+import re
+
+import torch
+from diffusers.loaders.lora_conversion_utils import _bake_lokr_alpha_
+from diffusers.utils.peft_utils import _create_lokr_config
+from peft import LoHaConfig, inject_adapter_in_model
+from safetensors.torch import load_file
+
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def lycoris_kind(keys):
+    """ "LoHa" or "LoKr" for a file holding these keys, else None (a LoRA, or something else)."""
+    if any(key.endswith(".hada_w1_a") for key in keys):
+        return "LoHa"
+    if any(".lokr_w" in key for key in keys):
+        return "LoKr"
+    return None
+
+
+def kohya_names(pipeline):
+    """{kohya-ss module name: (component, module path)}: kohya-ss names a layer by its path with '_' for '.', under
+    lora_unet_ (the UNet's diffusers paths) or lora_te_ (the text encoder's, text_model.encoder..., a prefix
+    transformers 5.6 and later leave out of the module paths)."""
+    names = {}
+    for name, _ in pipeline.unet.named_modules():
+        names["lora_unet_" + name.replace(".", "_")] = ("unet", name)
+    for name, _ in pipeline.text_encoder.named_modules():
+        full = name if name.startswith("text_model.") else f"text_model.{name}"
+        names["lora_te_" + full.replace(".", "_")] = ("text_encoder", name)
+    return names
+
+
+def loha_config(layers):
+    """The LoHaConfig that makes PEFT build each layer's LoHa module with the file's rank and alpha."""
+    ranks = {path: tensors["hada_w1_b"].shape[0] for path, tensors in layers.items()}
+    alphas = {path: float(tensors.get("alpha", ranks[path])) for path, tensors in layers.items()}
+    # One rank and alpha for most layers, the others by pattern (PEFT matches a pattern at the end of a path).
+    rank = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return LoHaConfig(
+        r=rank,
+        alpha=alpha,
+        target_modules=list(layers),
+        rank_pattern={re.escape(path): r for path, r in ranks.items() if r != rank},
+        alpha_pattern={re.escape(path): a for path, a in alphas.items() if a != alpha},
+        use_effective_conv2d=any("hada_t1" in tensors for tensors in layers.values()),
+    )
+
+
+def lokr_config(layers):
+    """The LoKrConfig that makes PEFT build each layer's LoKr module with the file's factor shapes, alpha baked
+    into the first factor (diffusers' reading of LyCORIS LoKr files; it infers the factorization from the shapes)."""
+    flat = {f"{path}.{name}": tensor for path, tensors in layers.items() for name, tensor in tensors.items()}
+    _bake_lokr_alpha_(flat)  # in place: w1 *= alpha / rank, the alpha keys dropped
+    baked = collections.defaultdict(dict)
+    for key, tensor in flat.items():
+        path, _, name = key.rpartition(".")
+        baked[path][name] = tensor
+    return _create_lokr_config(flat, None), dict(baked)
+
+
+def load_lycoris(pipeline, path, adapter_name):
+    """Load the LoHa or LoKr file at `path` onto the pipeline's UNet and text encoder as the adapter `adapter_name`,
+    active at weight 1. ValueError, saying what does not fit, for a file this model can't take."""
+    state = load_file(path)
+    kind = lycoris_kind(state)
+    known = set(LOHA if kind == "LoHa" else LOKR) | {"alpha"}
+    names = kohya_names(pipeline)
+    parts = {"unet": {}, "text_encoder": {}}
+    for key, tensor in state.items():
+        name, _, tensor_name = key.partition(".")
+        if tensor_name not in known:
+            raise ValueError(f"it holds {key}, which this server can't apply (a {kind} file holds {', '.join(known)})")
+        if name not in names:
+            raise ValueError(f"{name} is no layer of this model (is the file made for another one, such as SDXL?)")
+        part, module_path = names[name]
+        parts[part].setdefault(module_path, {})[tensor_name] = tensor
+    for part, layers in parts.items():
+        if not layers:
+            continue
+        model = getattr(pipeline, part)
+        if kind == "LoHa":
+            config = loha_config(layers)
+        else:
+            config, layers = lokr_config(layers)
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        model._hf_peft_config_loaded = True  # what diffusers and transformers mark a model holding adapters with
+        for module_path, tensors in layers.items():
+            module = model.get_submodule(module_path)
+            # Every tensor PEFT made for the layer must come from the file: one left out would stay random.
+            made = {name for name in LOHA + LOKR + ("lokr_t2",) if adapter_name in getattr(module, name, {})}
+            if made - set(tensors):
+                raise ValueError(f"its {module_path} lacks {', '.join(sorted(made - set(tensors)))}")
+            for tensor_name, tensor in tensors.items():
+                if tensor_name == "alpha":
+                    continue
+                parameters = getattr(module, tensor_name)
+                if adapter_name not in parameters:  # a full factor where PEFT made a low-rank one, or the reverse
+                    raise ValueError(f"its {module_path} holds {tensor_name}, which this model's {kind} layer lacks")
+                parameter = parameters[adapter_name]
+                if parameter.numel() != tensor.numel():
+                    raise ValueError(
+                        f"its {module_path}.{tensor_name} is {tuple(tensor.shape)}, and this model's layer takes"
+                        f" {tuple(parameter.shape)}"
+                    )
+                with torch.no_grad():
+                    parameter.copy_(tensor.reshape(parameter.shape))
+    return kind
