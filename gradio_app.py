@@ -74,7 +74,9 @@ def parse_args(argv=None):
         "--model_path", default="sd-pokemon-model", help="Pipeline folder, hub id, or SD 1.x .safetensors file."
     )
     parser.add_argument(
-        "--lora", default=None, help="A LoRA to load on top of --model_path (folder or .safetensors file)."
+        "--lora",
+        default=None,
+        help="A LoRA to load on top of --model_path (folder or .safetensors file; LyCORIS's LoHa and LoKr too).",
     )
     add_lora_scale_argument(parser)
     parser.add_argument(
@@ -91,8 +93,8 @@ def parse_args(argv=None):
         "--lora_dir",
         default=None,
         help=(
-            "A folder of LoRA files (.safetensors, searched recursively), as AUTOMATIC1111's models/Lora: a"
-            " prompt applies one with <lora:name:weight>, name being its file's name."
+            "A folder of LoRA files (.safetensors, searched recursively; LyCORIS's LoHa and LoKr too), as"
+            " AUTOMATIC1111's models/Lora: a prompt applies one with <lora:name:weight>, name being its file's name."
         ),
     )
     parser.add_argument(

@@ -105,7 +105,8 @@ def parse_args(argv=None):
         default=[],
         help=(
             "LoRA(s) to score as more models: each on top of the first --model_path (a folder with"
-            " pytorch_lora_weights.safetensors, or a .safetensors file in diffusers' or kohya keys)."
+            " pytorch_lora_weights.safetensors, or a .safetensors file in diffusers' or kohya keys, LyCORIS's LoHa and"
+            " LoKr files too)."
         ),
     )
     parser.add_argument(
