@@ -13,7 +13,8 @@ fine-tuned model.
                                 go on); each answers with its images as they stood, "Interrupted at step" in them
     POST /sdapi/v1/png-info     an image's generation parameters: its text and AUTOMATIC1111's fields
     GET  /sdapi/v1/sd-models    the one model served; GET /sdapi/v1/options its settings (POST may only name it)
-    GET  /sdapi/v1/samplers, schedulers, loras, embeddings, scripts, upscalers, sd-vae, prompt-styles
+    GET  /sdapi/v1/samplers, schedulers, loras, embeddings, scripts, upscalers, latent-upscale-modes, sd-vae,
+         prompt-styles
 
 Answers have AUTOMATIC1111's shape, {"images": [base64 PNG, ...], "parameters": {the request}, "info": "<JSON>"},
 and each PNG carries its parameters as AUTOMATIC1111 writes them. Requests go through the same ImageService and
@@ -424,7 +425,7 @@ def a1111_api(service, *, auth=None, api_key=None):
         return refused(request) or []
 
     # What this server has none of, answered as AUTOMATIC1111 answers when it has none.
-    for path in ("/upscalers", "/sd-vae", "/prompt-styles"):
+    for path in ("/upscalers", "/latent-upscale-modes", "/sd-vae", "/prompt-styles"):
         router.add_api_route(path, none_here, methods=["GET"])
 
     # Anything else under /sdapi/v1 is an AUTOMATIC1111 endpoint this server does not have; say so.
@@ -432,7 +433,7 @@ def a1111_api(service, *, auth=None, api_key=None):
     def not_here(path: str, request: Request):
         return refused(request) or error(404, f"{request.method} /sdapi/v1/{path} is not served here: only txt2img,"
                                               " img2img, progress, interrupt, png-info, sd-models, options, samplers,"
-                                              " schedulers, loras, embeddings, scripts, upscalers, sd-vae and"
-                                              " prompt-styles")  # fmt: skip
+                                              " schedulers, loras, embeddings, scripts, upscalers,"
+                                              " latent-upscale-modes, sd-vae and prompt-styles")  # fmt: skip
 
     return router

@@ -173,3 +173,13 @@ def test_a_login_or_the_key_is_needed_when_the_server_has_one(tiny_sd):
     assert client.get("/sdapi/v1/options", auth=("anyone", "s3cret")).status_code == 200
     assert client.get("/sdapi/v1/options", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/sdapi/v1/unknown").status_code == 401  # not even what exists is said without a login
+
+
+def test_every_list_sillytavern_reads_when_it_connects_answers(server):
+    # SillyTavern's "SD Web UI" source reads these to fill its menus (its server's stable-diffusion endpoints);
+    # one failing breaks its menu. The upscalers it merges with the latent upscale modes.
+    for path in ("options", "sd-models", "samplers", "schedulers", "upscalers", "latent-upscale-modes", "sd-vae",
+                 "progress"):  # fmt: skip
+        response = httpx.get(f"{server.local_url}sdapi/v1/{path}")
+        assert response.status_code == 200, (path, response.text)
+    assert httpx.get(f"{server.local_url}sdapi/v1/latent-upscale-modes").json() == []
