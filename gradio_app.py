@@ -404,9 +404,8 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
         button.click(generate, inputs, [gallery, info], api_name="generate", concurrency_limit=None)
         prompt.submit(generate, inputs, [gallery, info], api_visibility="private", concurrency_limit=None)
         stop_button.click(stop, None, None, api_name="stop", concurrency_limit=None)
-        # A visitor who closes or reloads the tab will not see the images: its requests stop too (Gradio calls this
-        # when the page's heartbeat connection drops, within GRADIO_HEARTBEAT_INTERVAL, 15 s by default).
-        app.unload(stop)
+        # (Not app.unload(stop), which would stop a closed tab's requests: with an unload handler, Gradio 6.31 takes
+        # over its 5 s limit to shut down while a client is connected, and its cache is left behind.)
     return app
 
 
