@@ -196,18 +196,55 @@ class Generation:
         return tensors
 
 
-# AUTOMATIC1111's LoRA tag in a prompt: <lora:name:weight>, or <lora:name> at weight 1.
-LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?>")
+# AUTOMATIC1111's LoRA tag in a prompt: <lora:name:weight>, <lora:name> at weight 1, or the text encoder's and the
+# UNet's weights apart: <lora:name:0.5:1>, or <lora:name:te=0.5:unet=1>.
+LORA_TAG = re.compile(r"<lora:([^:<>]+)((?::[^:<>]*)*)>")
 
 
 def lora_tags(prompt):
-    """(the prompt without its <lora:...> tags, [(name, weight as written or None), ...])."""
-    tags = [(name.strip(), weight.strip() or None) for name, weight in LORA_TAG.findall(prompt)]
+    """(the prompt without its <lora:...> tags, [(name, [its arguments as written, after the name]), ...])."""
+    tags = [
+        (name.strip(), [a.strip() for a in arguments.split(":")[1:]]) for name, arguments in LORA_TAG.findall(prompt)
+    ]
     return LORA_TAG.sub("", prompt), tags
 
 
+def tag_weights(name, arguments):
+    """(text encoder weight, UNet weight) of a <lora:name:...> tag, as AUTOMATIC1111 reads them: the first number is
+    the text encoder's and the second the UNet's, which is the first's when left out; te= and unet= name them.
+    ValueError, saying what to change."""
+    positional, named = [], {}
+    for argument in arguments:
+        key, is_named, value = argument.partition("=")
+        if is_named:
+            if key.strip() not in ("te", "unet"):
+                raise ValueError(f"<lora:{name}:{argument}>: {key.strip()}= is not supported here; te= and unet= are")
+            named[key.strip()] = value.strip()
+        elif argument:
+            positional.append(argument)
+    if len(positional) > 2:
+        raise ValueError(
+            f"<lora:{name}:{':'.join(arguments)}>: at most two weights, the text encoder's and the UNet's"
+        )
+    written = {"te": named.get("te", positional[0] if positional else "1")}
+    written["unet"] = named.get("unet", positional[1] if len(positional) > 1 else written["te"])
+    weights = []
+    for part in ("te", "unet"):
+        try:
+            weight = float(written[part])
+        except ValueError:
+            raise ValueError(f"<lora:{name}:{written[part]}>: the weight must be a number") from None
+        if not -MAX_LORA_SCALE <= weight <= MAX_LORA_SCALE:
+            raise ValueError(
+                f"<lora:{name}:{written[part]}>: the weight must be from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
+            )
+        weights.append(weight)
+    return tuple(weights)
+
+
 class LoraMix:
-    """The LoRAs a request applies, at their weights: ((adapter, weight), ...), sorted; () for none.
+    """The LoRAs a request applies, at their weights: ((adapter, (text encoder weight, UNet weight)), ...), sorted;
+    () for none.
 
     The weights live in the UNet's and text encoder's LoRA layers, which every request shares. So requests with
     the same mix run together (as many as the queue lets run), and a request with another waits until they are
@@ -224,7 +261,11 @@ class LoraMix:
     def apply(self, mix):
         if mix:
             self.pipeline.enable_lora()
-            self.pipeline.set_adapters([name for name, _ in mix], adapter_weights=[weight for _, weight in mix])
+            # One weight where both parts share it, else each part's (diffusers warns of a part the LoRA lacks).
+            with_text = set(self.pipeline.get_list_adapters().get("text_encoder", []))
+            weights = [{"unet": unet, "text_encoder": te} if te != unet and name in with_text else unet
+                       for name, (te, unet) in mix]  # fmt: skip
+            self.pipeline.set_adapters([name for name, _ in mix], adapter_weights=weights)
         else:
             self.pipeline.disable_lora()
         self.current = mix
@@ -349,22 +390,14 @@ class ImageService:
     def lora_mix(self, prompt, lora_scale, negative_prompt=""):
         """The LoraMix of a request: the served LoRA at `lora_scale`, and the --lora_dir LoRAs the prompt's tags
         name, at their weights. ValueError, saying what to change, for a tag this server can't apply."""
-        weights = {adapter: lora_scale for adapter in self.served}
+        weights = {adapter: (lora_scale, lora_scale) for adapter in self.served}
         if lora_tags(negative_prompt)[1]:
             raise ValueError("<lora:...> tags go in the prompt, not in the negative prompt")
-        for name, weight in lora_tags(prompt)[1]:
+        for name, arguments in lora_tags(prompt)[1]:
             if name not in self.loras:
                 known = ", ".join(sorted(self.loras)) or "none: start the server with --lora_dir"
                 raise ValueError(f"<lora:{name}> names no LoRA of this server; it has: {known}")
-            try:
-                value = 1.0 if weight is None else float(weight)
-            except ValueError:
-                raise ValueError(f"<lora:{name}:{weight}>: the weight must be a number") from None
-            if not -MAX_LORA_SCALE <= value <= MAX_LORA_SCALE:
-                raise ValueError(
-                    f"<lora:{name}:{weight}>: the weight must be from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
-                )
-            weights[self.loras[name]] = value  # a LoRA tagged twice: the last tag's weight
+            weights[self.loras[name]] = tag_weights(name, arguments)  # a LoRA tagged twice: the last tag's weights
         return tuple(sorted(weights.items()))
 
     def in_queue(self, source):

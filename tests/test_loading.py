@@ -184,19 +184,22 @@ class RecordingPipeline:
     def enable_lora(self):
         pass
 
+    def get_list_adapters(self):
+        return {"unet": ["default_0"]}
+
     def set_adapters(self, adapters, adapter_weights):
         self.scales.append(adapter_weights[0])
 
 
 def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_its_turn():
     pipeline = RecordingPipeline()
-    gate = LoraMix(pipeline, (("default_0", 1.0),))
+    gate = LoraMix(pipeline, (("default_0", (1.0, 1.0)),))
     inside, mixed = [], []
     entered = {name: threading.Event() for name in "abcde"}
     release = {name: threading.Event() for name in "abcde"}
 
     def request(name, scale):
-        with gate.at((("default_0", scale),)):
+        with gate.at((("default_0", (scale, scale)),)):
             inside.append(scale)
             mixed.append(len(set(inside)) > 1)
             entered[name].set()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sdtoolkit.inference import load_lora_dir, load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
@@ -110,3 +111,37 @@ def test_the_server_applies_tags_from_its_lora_dir(tiny_sd, loras, capsys):
         assert refused.status_code == 400 and "names no LoRA of this server" in refused.json()["error"]["message"]
     finally:
         app.close()
+
+
+def test_a_tag_weighs_the_text_encoder_and_the_unet_apart_as_automatic1111_does(tiny_sd, loras, tmp_path):
+    # <lora:name:te:unet> (and te=, unet=): the character LoRA's two parts apart give the images of files holding
+    # only one of them.
+    _, _, character = loras
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    state = load_file(character / WEIGHTS_NAME)
+    with safe_open(character / WEIGHTS_NAME, "pt") as f:
+        metadata = f.metadata()  # each part's alpha
+    shutil.copy(character / WEIGHTS_NAME, folder / "character.safetensors")
+    for part, prefix in (("te", "text_encoder."), ("unet", "unet.")):
+        only = {k: v for k, v in state.items() if k.startswith(prefix)}
+        save_file(only, folder / f"character-{part}.safetensors", metadata=metadata)
+    tagged = service(tiny_sd, lora_dir=folder)
+
+    def same(prompt, other):
+        assert np.abs(image(tagged, prompt).astype(int) - image(tagged, other).astype(int)).max() <= 1, prompt
+
+    same("<lora:character:0:1> a creature", "<lora:character-unet:1> a creature")
+    same("<lora:character:1:0> a creature", "<lora:character-te:1> a creature")
+    same("<lora:character:te=0.5:unet=1.5> a creature", "<lora:character-te:0.5> <lora:character-unet:1.5> a creature")
+    same("<lora:character:0.7> a creature", "<lora:character:0.7:0.7> a creature")
+    assert not np.array_equal(
+        image(tagged, "<lora:character:1:0> a creature"), image(tagged, "<lora:character:1> a creature")
+    )
+    for prompt, message in [
+        ("<lora:character:1:1:1> a creature", "at most two weights, the text encoder's and the UNet's"),
+        ("<lora:character:dyn=4> a creature", "dyn= is not supported here; te= and unet= are"),
+        ("<lora:character:1:x> a creature", "<lora:character:x>: the weight must be a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            image(tagged, prompt)
