@@ -472,6 +472,7 @@ def launch(args, block=True):
         embeddings=sorted(embeddings),
         loras=loras,
         clip_skip=clip_skip,
+        lora_dir=args.lora_dir,
     )
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(

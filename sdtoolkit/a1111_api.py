@@ -12,6 +12,7 @@ fine-tuned model.
     POST /sdapi/v1/interrupt    stop the running /sdapi/v1 requests after their current step (the page's and /v1's
                                 go on); each answers with its images as they stood, "Interrupted at step" in them
     POST /sdapi/v1/png-info     an image's generation parameters: its text and AUTOMATIC1111's fields
+    POST /sdapi/v1/refresh-loras   read --lora_dir again: files added since become tags, removed ones stop being
     GET  /sdapi/v1/sd-models    the one model served; GET /sdapi/v1/options its settings (POST may only name it)
     GET  /sdapi/v1/samplers, schedulers, loras, embeddings, scripts, upscalers, latent-upscale-modes, sd-vae,
          prompt-styles
@@ -41,6 +42,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from sdtoolkit.errors import first_line
 from sdtoolkit.images_api import MAX_UPLOAD_BYTES, BadRequest, generate_while_connected, png_bytes
@@ -364,6 +366,19 @@ def a1111_api(service, *, auth=None, api_key=None):
         items = {key: value for key, value in image.info.items() if isinstance(value, str) and key != "parameters"}
         return {"info": text, "items": items, "parameters": read_parameters(text)}
 
+    @router.post("/refresh-loras")
+    async def refresh_loras(request: Request):
+        """Read --lora_dir again, as AUTOMATIC1111's refresh does: new files become tags, removed ones stop being.
+        It waits for the running requests (the LoRA layers can't change under them). Answers what changed."""
+        denied = refused(request)
+        if denied:
+            return denied
+        try:
+            added, removed, skipped = await run_in_threadpool(service.refresh_loras)
+        except ValueError as err:
+            return error(400, str(err))
+        return {"loras": sorted(service.loras), "added": added, "removed": removed, "skipped": dict(skipped)}
+
     @router.get("/sd-models")
     def sd_models(request: Request):
         return refused(request) or [
@@ -432,8 +447,8 @@ def a1111_api(service, *, auth=None, api_key=None):
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def not_here(path: str, request: Request):
         return refused(request) or error(404, f"{request.method} /sdapi/v1/{path} is not served here: only txt2img,"
-                                              " img2img, progress, interrupt, png-info, sd-models, options, samplers,"
-                                              " schedulers, loras, embeddings, scripts, upscalers,"
-                                              " latent-upscale-modes, sd-vae and prompt-styles")  # fmt: skip
+                                              " img2img, progress, interrupt, png-info, refresh-loras, sd-models,"
+                                              " options, samplers, schedulers, loras, embeddings, scripts,"
+                                              " upscalers, latent-upscale-modes, sd-vae and prompt-styles")  # fmt: skip
 
     return router

@@ -72,20 +72,26 @@ def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
         raise UserError(f"could not load the LoRA {path} onto this pipeline: {first_line(err)}") from err
 
 
-def load_lora_dir(pipeline, folder):
+def load_lora_dir(pipeline, folder, loaded=None):
     """Load every LoRA file in `folder` (searched recursively, as AUTOMATIC1111's models/Lora) as an adapter of
-    its own, for prompts' <lora:name:weight> tags, name being the file's name without .safetensors. The LoRA the
-    pipeline serves, if any, stays the one applied. Returns ({name: adapter name}, [(file, why skipped), ...])."""
+    its own, for prompts' <lora:name:weight> tags, name being the file's name without .safetensors; with `loaded`
+    ({name: adapter} loaded before), only the files whose names are not in it. The LoRA the pipeline serves, if
+    any, stays the one applied. Returns ({name: adapter name} of the files loaded, [(file, why skipped), ...])."""
     if not os.path.isdir(folder):
         raise UserError(f"--lora_dir {folder}: no such folder")
     served = pipeline.get_active_adapters()
     files, skipped = safetensors_files(folder)
-    loras = {}
+    loras, seen = {}, set()
+    adapters = {a for names in pipeline.get_list_adapters().values() for a in names}
     for path, shown, name in files:
-        if name in loras:
+        if name in seen:
             skipped.append((shown, f"another file is named {name} too"))
             continue
-        adapter = f"lora_dir_{len(loras)}"
+        seen.add(name)
+        if name in (loaded or {}):
+            continue
+        adapter = next(f"lora_dir_{i}" for i in range(len(adapters) + 1) if f"lora_dir_{i}" not in adapters)
+        adapters.add(adapter)
         # Said of every file but meant for one adapter alone: PEFT's warning that the model now holds several,
         # and transformers' report that the text encoder's other adapters are missing from this file.
         verbosity = transformers_logging.get_verbosity()

@@ -40,7 +40,9 @@ from diffusers import (
 )
 
 from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows
+from sdtoolkit.embeddings import safetensors_files
 from sdtoolkit.errors import first_line
+from sdtoolkit.inference import load_lora_dir
 
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
 # "Karras": the noise levels of Karras et al. (https://arxiv.org/abs/2206.00364), closer together near the end,
@@ -288,6 +290,22 @@ class LoraMix:
                 self.running -= 1
                 self.changed.notify_all()
 
+    @contextmanager
+    def alone(self):
+        """Hold the LoRA layers alone, in turn with the requests: for loading or deleting adapters, which would
+        change them under a running request. The mix of before is applied again after."""
+        with self.changed:
+            ticket = object()
+            self.waiting.append(ticket)
+            self.changed.wait_for(lambda: self.waiting[0] is ticket and self.running == 0)
+            try:
+                yield
+            finally:
+                self.waiting.popleft()
+                present = {name for names in self.pipeline.get_list_adapters().values() for name in names}
+                self.apply(tuple(item for item in self.current if item[0] in present))
+                self.changed.notify_all()
+
 
 def a1111_value(value):
     """A value as AUTOMATIC1111 writes it in its key: value list: quoted as JSON if it holds , : or a newline."""
@@ -359,17 +377,20 @@ class ImageService:
     """One loaded pipeline behind one RequestQueue, for the web page and the API alike."""
 
     def __init__(
-        self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=(), loras=None, clip_skip=1
-    ):
+        self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=(), loras=None, clip_skip=1,
+        lora_dir=None,
+    ):  # fmt: skip
         self.pipeline = pipeline
         self.clip_skip = clip_skip  # the text encoder's layer prompts are read from, 1 the last (see encode_text)
         self.embeddings = list(embeddings)  # the names of the textual inversion embeddings loaded (for /health)
         self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
-        # The LoRAs --lora_dir loaded, {name: adapter}, which prompts apply with <lora:name:weight> tags.
-        self.loras = dict(loras or {})
+        # The LoRAs --lora_dir loaded, {name: adapter}, which prompts apply with <lora:name:weight> tags; the folder,
+        # which refresh_loras reads again.
+        self.loras, self.lora_dir = dict(loras or {}), lora_dir
         # The served LoRA, from --lora or as the model itself (a LoRA run's folder): requests may set its scale.
         self.served = [a for a in pipeline.get_active_adapters() if a not in self.loras.values()]
-        self.mixer = LoraMix(pipeline, self.lora_mix("", lora_scale)) if self.served or self.loras else None
+        with_loras = self.served or self.loras or lora_dir
+        self.mixer = LoraMix(pipeline, self.lora_mix("", lora_scale)) if with_loras else None
         # What API clients pass as `model` and what /v1/models lists.
         self.model_id = model_name if lora_name is None else f"{model_name}+{lora_name}"
         self.queue = queue
@@ -399,6 +420,21 @@ class ImageService:
                 raise ValueError(f"<lora:{name}> names no LoRA of this server; it has: {known}")
             weights[self.loras[name]] = tag_weights(name, arguments)  # a LoRA tagged twice: the last tag's weights
         return tuple(sorted(weights.items()))
+
+    def refresh_loras(self):
+        """Read --lora_dir again, as AUTOMATIC1111's refresh: load the files added since, and let go of the LoRAs
+        whose files are gone. Waits for the running requests, and requests that come meanwhile wait for it.
+        Returns ([names added], [names removed], [(file, why skipped), ...])."""
+        if self.lora_dir is None:
+            raise ValueError("this server has no --lora_dir to read again")
+        with self.mixer.alone():
+            present = {name for _, _, name in safetensors_files(self.lora_dir)[0]}
+            removed = sorted(name for name in self.loras if name not in present)
+            for name in removed:
+                self.pipeline.delete_adapters(self.loras.pop(name))
+            added, skipped = load_lora_dir(self.pipeline, self.lora_dir, loaded=self.loras)
+            self.loras.update(added)
+        return sorted(added), removed, skipped
 
     def in_queue(self, source):
         """The Generations of `source` waiting or running, the running ones first, oldest first."""

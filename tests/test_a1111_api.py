@@ -143,6 +143,8 @@ def test_a_requests_clip_skip_the_model_the_lists_and_what_this_server_cannot_do
         assert response.status_code == 400 and message in response.json()["detail"], (body, response.text)
     assert sdapi(server, "img2img", {**base, "init_images": ["bm90IGFuIGltYWdl"]}).status_code == 400
     assert "is not served here" in httpx.post(f"{server.local_url}sdapi/v1/skip").json()["detail"]
+    refresh = httpx.post(f"{server.local_url}sdapi/v1/refresh-loras")
+    assert refresh.status_code == 400 and "no --lora_dir" in refresh.json()["detail"]
 
 
 def test_samplers_and_schedule_types_by_automatic1111s_names():

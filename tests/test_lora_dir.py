@@ -5,6 +5,7 @@ the base model's again."""
 import base64
 import io
 import shutil
+import threading
 
 import httpx
 import numpy as np
@@ -145,3 +146,73 @@ def test_a_tag_weighs_the_text_encoder_and_the_unet_apart_as_automatic1111_does(
     ]:
         with pytest.raises(ValueError, match=message):
             image(tagged, prompt)
+
+
+def test_refresh_loras_takes_in_new_files_lets_go_of_removed_ones_and_waits_for_running_requests(
+    tiny_sd, loras, tmp_path
+):
+    _, style, character = loras
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    app = start(tiny_sd, "--lora_dir", str(folder))
+    try:
+        body = {"prompt": "<lora:character:1> a creature", "seed": 3, "steps": 3, "width": 64, "height": 64,
+                "cfg_scale": 7.5, "sampler_name": "DPM++ 2M", "scheduler": "Uniform"}  # fmt: skip
+        sdapi = f"{app.local_url}sdapi/v1"
+        assert httpx.post(f"{sdapi}/txt2img", json=body, timeout=60).status_code == 400  # not there yet
+        shutil.copy(character / WEIGHTS_NAME, folder / "character.safetensors")
+        (folder / "style.safetensors").unlink()
+        (folder / "old.pt").write_bytes(b"never unpickled")
+        answer = httpx.post(f"{sdapi}/refresh-loras", timeout=60).json()
+        assert (answer["added"], answer["removed"], answer["loras"]) == (["character"], ["style"], ["character"])
+        assert "pickle file" in answer["skipped"]["old.pt"]
+        assert [lora["name"] for lora in httpx.get(f"{sdapi}/loras").json()] == ["character"]
+        response = httpx.post(f"{sdapi}/txt2img", json=body, timeout=60)
+        png = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        assert np.array_equal(np.asarray(png.convert("RGB")), image(service(tiny_sd, lora=character), "a creature"))
+        gone = httpx.post(f"{sdapi}/txt2img", json={**body, "prompt": "<lora:style:1> a creature"}, timeout=60)
+        assert gone.status_code == 400 and "it has: character" in gone.json()["detail"]
+    finally:
+        app.close()
+
+
+def test_a_refresh_waits_until_the_running_request_is_done(tiny_sd, loras, tmp_path):
+    _, style, character = loras
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    tagged = service(tiny_sd, lora_dir=folder)
+    tagged.lora_dir = str(folder)
+    expected = image(tagged, "<lora:style:0.5> a creature")
+    reached, go = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        reached.set()
+        go.wait(30)
+
+    handle = tagged.pipeline.unet.register_forward_pre_hook(hold)
+    result, refreshed = [], []
+    running = threading.Thread(target=lambda: result.append(image(tagged, "<lora:style:0.5> a creature")))
+    running.start()
+    try:
+        assert reached.wait(30)
+        shutil.copy(character / WEIGHTS_NAME, folder / "character.safetensors")
+        refresh = threading.Thread(target=lambda: refreshed.append(tagged.refresh_loras()))
+        refresh.start()
+        refresh.join(1)
+        assert refresh.is_alive() and refreshed == []  # the LoRA layers don't change under a running request
+    finally:
+        handle.remove()
+        go.set()
+    running.join(30)
+    refresh.join(30)
+    assert np.array_equal(result[0], expected) and refreshed[0][0] == ["character"]
+    assert np.array_equal(
+        image(tagged, "<lora:style:0.5> a creature"), expected
+    )  # and applied as before, at its weight
+    # A file taken away: its LoRA is let go of, weights and all.
+    adapter = tagged.loras["style"]
+    (folder / "style.safetensors").unlink()
+    assert tagged.refresh_loras()[1] == ["style"] and sorted(tagged.loras) == ["character"]
+    assert adapter not in {a for names in tagged.pipeline.get_list_adapters().values() for a in names}
