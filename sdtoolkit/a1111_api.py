@@ -11,7 +11,8 @@ fine-tuned model.
     GET  /sdapi/v1/progress     how far the oldest running /sdapi/v1 request has got, and how many wait
     POST /sdapi/v1/interrupt    stop the running /sdapi/v1 requests after their current step (the page's and /v1's
                                 go on); each answers with its images as they stood, "Interrupted at step" in them
-    POST /sdapi/v1/png-info     an image's generation parameters: its text and AUTOMATIC1111's fields
+    POST /sdapi/v1/png-info     an image's generation parameters (a PNG's text chunk, a JPEG's or WebP's EXIF
+                                comment): its text and AUTOMATIC1111's fields
     POST /sdapi/v1/refresh-loras   read --lora_dir again: files added since become tags, removed ones stop being
     GET  /sdapi/v1/sd-models    the one model served; GET /sdapi/v1/options its settings (POST may only name it)
     GET  /sdapi/v1/samplers, schedulers, loras, embeddings, scripts, upscalers, latent-upscale-modes, sd-vae,
@@ -139,6 +140,20 @@ def decode_image(value, name):
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise BadRequest(f"'{name}' is not an image this server can read ({first_line(err)})", name) from err
     return ImageOps.exif_transpose(image)
+
+
+def exif_comment(image):
+    """The EXIF UserComment of a JPEG or WebP, where AUTOMATIC1111 writes their parameters (piexif's "UNICODE"
+    comment: UTF-16, big-endian), as text; None without one."""
+    comment = image.getexif().get_ifd(0x8769).get(0x9286)  # the Exif IFD's UserComment
+    if not isinstance(comment, bytes):
+        return comment or None
+    prefix, body = comment[:8], comment[8:]
+    if prefix == b"UNICODE\0":
+        return body.decode("utf-16-be", errors="replace")
+    if prefix in (b"ASCII\0\0\0", b"\0" * 8):
+        return body.decode("utf-8", errors="replace").rstrip("\0")
+    return comment.decode("utf-8", errors="replace")
 
 
 def parse_request(body, service, *, edit=False):
@@ -351,8 +366,9 @@ def a1111_api(service, *, auth=None, api_key=None):
 
     @router.post("/png-info")
     async def png_info(request: Request):
-        """An image's parameters text chunk (what this server and AUTOMATIC1111 write in a PNG) as AUTOMATIC1111
-        answers: {"info": the text, "items": the image's other text chunks, "parameters": its fields}."""
+        """An image's parameters text (the PNG text chunk this server and AUTOMATIC1111 write, or the EXIF comment
+        AUTOMATIC1111 writes in a JPEG or WebP) as AUTOMATIC1111 answers: {"info": the text, "items": the image's
+        other text chunks, "parameters": its fields}."""
         body, turned_away = await read_body(request)
         if turned_away:
             return turned_away
@@ -362,7 +378,7 @@ def a1111_api(service, *, auth=None, api_key=None):
             image = decode_image(body.get("image"), "image")
         except BadRequest as err:
             return error(400, str(err))
-        text = image.info.get("parameters") or ""
+        text = image.info.get("parameters") or exif_comment(image) or ""
         items = {key: value for key, value in image.info.items() if isinstance(value, str) and key != "parameters"}
         return {"info": text, "items": items, "parameters": read_parameters(text)}
 

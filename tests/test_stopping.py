@@ -198,6 +198,16 @@ def test_png_info_reads_txt2imgs_parameters_and_they_make_the_image_again(server
     assert np.abs(pixels(again.image) - pixels(made.images[1])).max() <= 1
     plain = api.png_info(Image.open(REPO / "data" / "creatures" / "0000.png")).json
     assert plain["info"] == "" and plain["parameters"]["Prompt"] == ""
+    # AUTOMATIC1111 writes a JPEG's or WebP's parameters in its EXIF comment, as piexif's UTF-16 "UNICODE" one.
+    text = "a crëature\nSteps: 20, Sampler: Euler a, Seed: 5, Size: 64x64"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    for kind in ("jpeg", "webp"):
+        buffer = io.BytesIO()
+        made.images[0].save(buffer, kind, exif=exif.tobytes())
+        body = {"image": base64.b64encode(buffer.getvalue()).decode()}
+        info = httpx.post(f"{server.local_url}sdapi/v1/png-info", json=body).json()
+        assert info["info"] == text and info["parameters"]["Prompt"] == "a crëature", kind
 
 
 def test_parameters_read_back_as_automatic1111_reads_them():
