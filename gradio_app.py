@@ -238,8 +238,8 @@ def make_generate(service):
             lora_scale = float(lora_scale)
             if not 0 <= lora_scale <= MAX_LORA_SCALE:
                 raise gr.Error(f"The LoRA strength must be from 0 to {MAX_LORA_SCALE:g}, not {lora_scale:g}.")
-        try:  # the prompt's <lora:name:weight> tags
-            service.lora_mix(prompt, service.lora_scale, negative_prompt)
+        try:  # syntax this server does not read, and the prompt's <lora:name:weight> tags
+            service.check_prompt(prompt, negative_prompt)
         except ValueError as err:
             raise gr.Error(f"{err}.") from None
 

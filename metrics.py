@@ -38,7 +38,7 @@ from torchvision.transforms.functional import to_pil_image
 from tqdm.auto import tqdm
 
 from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
-from sdtoolkit.clip_windows import encode_prompts, plain_text
+from sdtoolkit.clip_windows import encode_prompts, plain_text, unsupported_syntax
 from sdtoolkit.embeddings import load_embeddings
 from sdtoolkit.errors import UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
@@ -202,6 +202,15 @@ LORA_TAGS_ERROR = (
 )
 
 
+def check_prompt(text, prompts_file, number):
+    """One line for a prompt (and its negative) that metrics.py can't read as gradio_app.py would."""
+    if LORA_TAG.search(text):
+        raise UserError(LORA_TAGS_ERROR.format(prompts_file, number))
+    problem = unsupported_syntax(text)
+    if problem:
+        raise UserError(f"--prompts_file {prompts_file}, prompt {number}: {problem}")
+
+
 def load_prompts(prompts_file):
     """(prompts, negative prompts); the negatives are None when no prompt has one."""
     if prompts_file is None:
@@ -214,8 +223,7 @@ def load_prompts(prompts_file):
         raise UserError(f"--prompts_file {prompts_file} has no prompts (one prompt a line; # starts a comment)")
     if not (prompts_file.endswith(".jsonl") or lines[0].startswith("{")):
         for number, line in enumerate(lines, 1):
-            if LORA_TAG.search(line):
-                raise UserError(LORA_TAGS_ERROR.format(prompts_file, number))
+            check_prompt(line, prompts_file, number)
         return lines, None
     prompts, negatives = [], []
     for number, line in enumerate(lines, 1):
@@ -225,8 +233,7 @@ def load_prompts(prompts_file):
             raise UserError(f"--prompts_file {prompts_file}, prompt {number}: not JSON ({err.msg})") from err
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise UserError(f'--prompts_file {prompts_file}, prompt {number}: needs a non-empty "prompt" string')
-        if LORA_TAG.search(row["prompt"] + str(row.get("negative_prompt") or "")):
-            raise UserError(LORA_TAGS_ERROR.format(prompts_file, number))
+        check_prompt(row["prompt"] + " " + str(row.get("negative_prompt") or ""), prompts_file, number)
         prompts.append(row["prompt"])
         negatives.append(str(row.get("negative_prompt") or ""))
     return prompts, (negatives if any(negatives) else None)

@@ -167,10 +167,10 @@ def parse_request(body, service, *, edit=False):
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(text, str):
             raise BadRequest(f"'{name}' must be a string", name)
-    # <lora:name:weight> tags: each field checked on its own, so that the 400 names the one at fault.
+    # Syntax and <lora:name:weight> tags: each field checked on its own, so that the 400 names the one at fault.
     for field, text, negative in (("prompt", prompt, ""), ("negative_prompt", "", negative_prompt)):
         try:
-            service.lora_mix(text, service.lora_scale, negative)
+            service.check_prompt(text, negative)
         except ValueError as err:
             raise BadRequest(str(err), field) from None
     seed = body.get("seed", -1)

@@ -83,6 +83,28 @@ def parse_emphasis(text):
     return [None if piece is None else tuple(piece) for piece in merged] or [("", 1.0)]
 
 
+# AUTOMATIC1111 syntax that this toolkit does not read: prompt editing ([from:to:when], [to:when], [from::when],
+# `when` a step or a fraction of the steps), alternation ([a|b], one word a step) and composable diffusion's AND.
+# Read as plain text, they would give another image than AUTOMATIC1111's without a word, so they are refused.
+PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*:\s*(\d+\.?\d*|\.\d+)\s*\]")
+ALTERNATION = re.compile(r"(?<!\\)\[[^\[\]]*\|[^\[\]]*\]")
+COMPOSABLE = re.compile(r"\bAND\b")
+
+
+def unsupported_syntax(text):
+    """What of AUTOMATIC1111's prompt syntax `text` uses that is not read here, as a sentence; None if nothing."""
+    brackets = "escape the brackets as \\[ \\] to mean them as text"
+    for pattern, what, instead in (
+        (PROMPT_EDITING, "prompt editing ([from:to:when])", brackets),
+        (ALTERNATION, "alternation ([a|b])", brackets),
+        (COMPOSABLE, "composable diffusion (AND)", "write 'and' to mean the word"),
+    ):
+        found = pattern.search(text)
+        if found:
+            return f"{found.group(0)!r} is AUTOMATIC1111's {what}, which this toolkit does not read; {instead}"
+    return None
+
+
 def plain_text(text):
     """A prompt's words without its emphasis brackets, weights and BREAKs: "a (red:1.3) cat BREAK hat" -> "a red cat
     hat", what a reader (or a CLIP score) takes it to say."""

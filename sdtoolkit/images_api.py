@@ -140,10 +140,10 @@ def parse_generation_request(body, service, known=KNOWN):
     ):
         raise BadRequest(f"'lora_scale' must be a number from 0 to {MAX_LORA_SCALE:g}, got {lora_scale!r}",
                          "lora_scale")  # fmt: skip
-    # <lora:name:weight> tags: each field checked on its own, so that the 400 names the one at fault.
+    # Syntax and <lora:name:weight> tags: each field checked on its own, so that the 400 names the one at fault.
     for field, text, negative in (("prompt", prompt, ""), ("negative_prompt", "", negative_prompt)):
         try:
-            service.lora_mix(text, service.lora_scale, negative)
+            service.check_prompt(text, negative)
         except ValueError as err:
             raise BadRequest(str(err), field) from None
     seed = body.get("seed")

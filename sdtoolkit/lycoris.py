@@ -91,7 +91,9 @@ def load_lycoris(pipeline, path, adapter_name):
     for key, tensor in state.items():
         name, _, tensor_name = key.partition(".")
         if tensor_name not in known:
-            raise ValueError(f"it holds {key}, which this server can't apply (a {kind} file holds {', '.join(sorted(known))})")
+            raise ValueError(
+                f"it holds {key}, which this server can't apply (a {kind} file holds {', '.join(sorted(known))})"
+            )
         if name not in names:
             raise ValueError(f"{name} is no layer of this model (is the file made for another one, such as SDXL?)")
         part, module_path = names[name]

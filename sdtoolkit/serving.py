@@ -39,7 +39,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows
+from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows, unsupported_syntax
 from sdtoolkit.embeddings import safetensors_files
 from sdtoolkit.errors import first_line
 from sdtoolkit.inference import load_lora_dir
@@ -408,6 +408,15 @@ class ImageService:
         with self.tokenizer_lock:
             return len(token_windows(self.pipeline.tokenizer, parse_emphasis(lora_tags(text)[0])))
 
+    def check_prompt(self, prompt, negative_prompt=""):
+        """ValueError, saying what to change, for a prompt or negative prompt this server can't read as written:
+        AUTOMATIC1111 syntax it does not have (see unsupported_syntax), or a <lora:...> tag it can't apply."""
+        for text in (prompt, negative_prompt):
+            problem = unsupported_syntax(text)
+            if problem:
+                raise ValueError(problem)
+        self.lora_mix(prompt, self.lora_scale, negative_prompt)
+
     def lora_mix(self, prompt, lora_scale, negative_prompt=""):
         """The LoraMix of a request: the served LoRA at `lora_scale`, and the --lora_dir LoRAs the prompt's tags
         name, at their weights. ValueError, saying what to change, for a tag this server can't apply."""
@@ -467,6 +476,7 @@ class ImageService:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
         clip_skip = self.clip_skip if clip_skip is None else clip_skip
+        self.check_prompt(prompt, negative_prompt)
         mix = self.lora_mix(prompt, lora_scale, negative_prompt)
         seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image

@@ -138,6 +138,7 @@ def test_a_requests_clip_skip_the_model_the_lists_and_what_this_server_cannot_do
         ({"override_settings": {"sd_vae": "x"}}, "'override_settings' 'sd_vae' can't be changed per request"),
         ({"override_settings": {"sd_model_checkpoint": "sdxl"}}, "the model 'sdxl' is not served here"),
         ({"prompt": "<lora:style:1> a creature"}, "names no LoRA of this server"),
+        ({"prompt": "a creature AND a dragon"}, "composable diffusion (AND), which this toolkit does not read"),
     ):
         response = sdapi(server, "txt2img", {**base, **body})
         assert response.status_code == 400 and message in response.json()["detail"], (body, response.text)

@@ -94,6 +94,10 @@ def test_eight_concurrent_calls_all_complete(client):
         (dict(width=100), "Width must be divisible by 8"),
         (dict(height=2048), "Value 2048 is greater than maximum value 1024"),
         (dict(scheduler="Nope"), "Nope is not in the list of choices"),
+        (
+            dict(prompt="a [creature|dragon]"),
+            "is AUTOMATIC1111's alternation .* which this toolkit does not read",
+        ),
         # Image to image runs the last `strength` of the steps: here none.
         (
             dict(steps=3, image=handle_file(str(DEMO_DATA / "0000.png")), strength=0.2),

@@ -26,7 +26,7 @@ from sd_parsers import ParserManager
 from transformers import CLIPTokenizer
 
 import gradio_app
-from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, prompt_windows, token_windows
+from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, prompt_windows, token_windows, unsupported_syntax
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
@@ -344,6 +344,22 @@ def test_a_prompt_longer_than_clip_is_read_whole(server, tiny_sd):
 
 
 @pytest.mark.parametrize(
+    "prompt, found",
+    [
+        ("a [cat:dog:0.5]", "prompt editing"), ("[dog:10] in a field", "prompt editing"),
+        ("[cat::0.3]", "prompt editing"), ("[[a:b:3]]", "prompt editing"), ("[cat|dog|bird]", "alternation"),
+        ("cat AND dog", "composable diffusion"),
+        # What it reads, or what AUTOMATIC1111 reads as text too.
+        ("a [cat] ((dog)) (bird:1.2)", None), ("a \\[cat:dog:5\\]", None), ("black and white", None),
+        ("ANDROID", None), ("[style: anime]", None), ("<lora:style:0.5> a cat", None),
+    ],
+)  # fmt: skip
+def test_automatic1111_syntax_this_toolkit_does_not_read_is_named(prompt, found):
+    problem = unsupported_syntax(prompt)
+    assert (problem is None) if found is None else (found in problem and "does not read" in problem), problem
+
+
+@pytest.mark.parametrize(
     "prompt, pieces",
     [
         ("normal text", [("normal text", 1.0)]),
@@ -513,6 +529,8 @@ BAD = [
     ({"quality": "hd"}, "quality", "not supported"),
     ({"colour": "red"}, "colour", "unknown field"),
     ({"lora_scale": 0.5}, "lora_scale", "is for a LoRA, and this server serves none"),
+    ({"prompt": "a [cat:dog:0.5]"}, "prompt", "prompt editing ([from:to:when]), which this toolkit does not read"),
+    ({"negative_prompt": "blur AND noise"}, "negative_prompt", "composable diffusion (AND)"),
 ]
 
 
