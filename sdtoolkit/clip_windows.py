@@ -14,6 +14,7 @@ scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphas
 
     parse_emphasis(text)                       # [(text, weight), ..., None where BREAK is, ...]
     plain_text(text)                           # the prompt's words alone
+    unsupported_syntax(text)                   # AUTOMATIC1111 syntax not read here (prompt editing, [a|b], AND)
     token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
     prompt_windows(tokenizer, text)            # [[77 ids], ...] of a text read literally (a training caption)
     caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count]): padded with empty windows, or cut
