@@ -61,6 +61,10 @@ def test_validation_steps_draw_every_n_steps_instead_of_every_epoch(tiny_sd, tmp
     with pytest.raises(UserError, match="--validation_steps draws the --validation_prompts"):
         train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x",
                                         "--validation_steps", "2"])  # fmt: skip
+    # Drawn as the server draws prompts, they are refused as it refuses AUTOMATIC1111 syntax it does not read.
+    with pytest.raises(UserError, match=r"--validation_prompts: '\[cat\|dog\]' is AUTOMATIC1111's alternation"):
+        train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x",
+                                        "--validation_prompts", "a creature", "a [cat|dog]"])  # fmt: skip
 
 
 def test_model_card_is_written_without_validation_prompts(tiny_sd, tmp_path):
