@@ -819,8 +819,9 @@ def parse_args(argv=None):
     if args.validation_steps is not None and args.validation_prompts is None:
         raise UserError("--validation_steps draws the --validation_prompts, which this run does not give")
     for prompt in args.validation_prompts or []:  # read as gradio_app.py reads prompts, so refused as it refuses
-        if unsupported_syntax(prompt):
-            raise UserError(f"--validation_prompts: {unsupported_syntax(prompt)}")
+        problem = unsupported_syntax(prompt)
+        if problem:
+            raise UserError(f"--validation_prompts: {problem}")
     if args.offload_ema and not args.use_ema:
         raise UserError("--offload_ema moves the EMA weights to the CPU, so it needs --use_ema")
     if args.lora_rank is not None and args.lora_rank < 1:

@@ -134,7 +134,7 @@ class RequestQueue:
         return max(1, round(per_request * self.admitted / self.concurrency))
 
     @contextmanager
-    def turn(self, stop=None):
+    def turn(self, stop):
         """Wait for a generation slot (in the calling thread) and hold it; QueueFull if the queue is full.
         Gives True once it holds a slot, or False if the threading.Event `stop` was set while it waited."""
         with self.lock:
@@ -147,9 +147,9 @@ class RequestQueue:
                 )
             self.admitted += 1
         try:
-            # A request that can be stopped looks at its switch while it waits (acquire returns as soon as a slot
-            # frees, so the timeout only bounds how late a stop is seen).
-            while not self.slots.acquire(timeout=None if stop is None else 0.1):
+            # The request looks at its switch while it waits (acquire returns as soon as a slot frees, so the
+            # timeout only bounds how late a stop is seen).
+            while not self.slots.acquire(timeout=0.1):
                 if stop.is_set():
                     yield False
                     return
@@ -408,14 +408,15 @@ class ImageService:
         with self.tokenizer_lock:
             return len(token_windows(self.pipeline.tokenizer, parse_emphasis(lora_tags(text)[0])))
 
-    def check_prompt(self, prompt, negative_prompt=""):
-        """ValueError, saying what to change, for a prompt or negative prompt this server can't read as written:
-        AUTOMATIC1111 syntax it does not have (see unsupported_syntax), or a <lora:...> tag it can't apply."""
+    def check_prompt(self, prompt, negative_prompt="", lora_scale=None):
+        """The request's LoraMix (see lora_mix; lora_scale None: the server's); ValueError, saying what to change,
+        for a prompt or negative prompt this server can't read as written: AUTOMATIC1111 syntax it does not have
+        (see unsupported_syntax), or a <lora:...> tag it can't apply."""
         for text in (prompt, negative_prompt):
             problem = unsupported_syntax(text)
             if problem:
                 raise ValueError(problem)
-        self.lora_mix(prompt, self.lora_scale, negative_prompt)
+        return self.lora_mix(prompt, self.lora_scale if lora_scale is None else lora_scale, negative_prompt)
 
     def lora_mix(self, prompt, lora_scale, negative_prompt=""):
         """The LoraMix of a request: the served LoRA at `lora_scale`, and the --lora_dir LoRAs the prompt's tags
@@ -476,8 +477,7 @@ class ImageService:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
         clip_skip = self.clip_skip if clip_skip is None else clip_skip
-        self.check_prompt(prompt, negative_prompt)
-        mix = self.lora_mix(prompt, lora_scale, negative_prompt)
+        mix = self.check_prompt(prompt, negative_prompt, lora_scale)
         seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image
         # to image and inpainting are other diffusers pipelines on the same weights.
