@@ -151,6 +151,14 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
+        "--weighted_captions",
+        action="store_true",
+        help=(
+            "Read --caption_data's captions for AUTOMATIC1111's emphasis, as a run with --weighted_captions trained"
+            " on them; without it, as words."
+        ),
+    )
+    parser.add_argument(
         "--reference_data",
         default=None,
         help=(
@@ -182,6 +190,8 @@ def parse_args(argv=None):
         raise UserError(
             "--doc_protocol reads the page's prompts as the page did: drop --clip_skip and --embeddings_dir"
         )
+    if args.weighted_captions and args.caption_data is None:
+        raise UserError("--weighted_captions reads --caption_data's captions: give --caption_data too, or drop it")
     if not 0 < args.memorisation_threshold <= 1:
         raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8 != 0):
@@ -470,6 +480,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
         "reference_data": args.reference_data,
         "memorisation_threshold": args.memorisation_threshold,
         "caption_data": args.caption_data,
+        "weighted_captions": args.weighted_captions,
         "clip_backend": args.clip_backend,
         "clip_model": args.clip_model,
         "seeds": args.seeds,
@@ -772,8 +783,9 @@ def evaluate(args):
         if args.caption_data is not None:
             resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
             result["caption_accuracy"] = caption_accuracy(
-                pipeline, caption_images, labels, candidates, resolution=resolution, clip_skip=result["clip_skip"]
-            )
+                pipeline, caption_images, labels, candidates, resolution=resolution, clip_skip=result["clip_skip"],
+                weighted=args.weighted_captions,
+            )  # fmt: skip
         del pipeline
         result["per_prompt"], result["overall"] = score_model(images, prompts, clip, device)
         if reference is not None:

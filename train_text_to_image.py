@@ -71,12 +71,20 @@ from sdtoolkit.checkpoints import (
     save_checkpoint,
     save_pipeline,
 )
-from sdtoolkit.clip_windows import encode_prompts, encode_text, encode_windows, token_mask, unsupported_syntax
+from sdtoolkit.clip_windows import (
+    emphasize,
+    encode_prompts,
+    encode_text,
+    encode_windows,
+    token_mask,
+    unsupported_syntax,
+)
 from sdtoolkit.data import (
     TrainingExamples,
     as_image_column,
     available_memory,
     balance_regularization,
+    check_caption_syntax,
     check_captions,
     collate,
     count_long_captions,
@@ -537,6 +545,16 @@ def parse_args(argv=None):
             " is read in windows of 75 tokens, each encoded on its own, as AUTOMATIC1111 and gradio_app.py read long"
             " prompts (see sdtoolkit/clip_windows.py); a caption's empty windows are masked out of the UNet's"
             " cross-attention, so a short caption conditions the UNet as at 75."
+        ),
+    )
+    parser.add_argument(
+        "--weighted_captions",
+        action="store_true",
+        help=(
+            "Read captions as prompts are read (not upstream; kohya-ss's flag): AUTOMATIC1111's emphasis, e.g."
+            ' "a (red:1.3) dragon" or "((red)) dragon", weighs those words\' embeddings, and BREAK starts a new'
+            " window (see sdtoolkit/clip_windows.py). Without it, brackets and weights are read as words. Keep"
+            " commas out of brackets with --shuffle_tags, which splits captions at commas."
         ),
     )
     parser.add_argument(
@@ -1437,6 +1455,12 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         if args.clip_skip > 1
         else ""
     )
+    # Captions read for emphasis: so are prompts, wherever the model is served.
+    weighted_line = (
+        "\n* Captions: read for AUTOMATIC1111's emphasis and BREAK (--weighted_captions)"
+        if args.weighted_captions
+        else ""
+    )
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1469,7 +1493,7 @@ image.save("my_image.png")
 * EMA: {args.use_ema}
 * Seed: {args.seed}
 * Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
-* LoRA: {lora}{clip_skip_line}{held_out_line}
+* LoRA: {lora}{clip_skip_line}{weighted_line}{held_out_line}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
@@ -1685,6 +1709,16 @@ def fine_tune(args):
         (train_rows, repeats, image_column, caption_column, num_skipped, data_fingerprint, image_sizes, cache_crops,
          loss_weights, held_out_split) = load_training_dataset(args)  # fmt: skip
     held_out_rows, held_out_sizes = held_out_split or (None, None)
+    # Captions in AUTOMATIC1111's prompt syntax: read for emphasis with --weighted_captions, else as words.
+    num_weighted = sum(
+        check_caption_syntax(rows, caption_column, weighted=args.weighted_captions)
+        for rows in [train_rows] + [held_out_rows] * (held_out_rows is not None)
+    )
+    if num_weighted and not args.weighted_captions:
+        logger.warning(
+            f"{num_weighted} captions weigh words in AUTOMATIC1111's syntax, e.g. (word:1.2); they are read as"
+            " text, brackets and numbers included (--weighted_captions reads them as weights)"
+        )
     # Group the images into aspect-ratio buckets (see sdtoolkit/buckets.py).
     buckets_used = None
     if args.aspect_buckets:
@@ -1749,7 +1783,8 @@ def fine_tune(args):
         # The adapters of the layers past the one read get no gradient, which DDP takes for an error.
         raise UserError("--clip_skip with --train_text_encoder runs on one process; drop one of them for several")
     windows = args.max_token_length // 75
-    num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer, windows)
+    num_long, num_captions = count_long_captions(train_rows, caption_column, tokenizer, windows,
+                                                 weighted=args.weighted_captions)  # fmt: skip
     if num_long and windows > 1:
         logger.warning(
             f"{num_long} of {num_captions} captions take more than --max_token_length {args.max_token_length}"
@@ -2080,6 +2115,7 @@ def fine_tune(args):
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
             device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
             windows=windows, masked_loss=args.masked_loss, clip_skip=args.clip_skip,
+            weighted_captions=args.weighted_captions,
         )  # fmt: skip
         if accelerator.num_processes > 1:
             logger.info(f"--validation_split: the {accelerator.num_processes} processes share each measurement of the"
@@ -2326,6 +2362,8 @@ def fine_tune(args):
                         encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"], args.clip_skip)
                     else:
                         encoder_hidden_states = encode_text(caption_encoder, batch["input_ids"], args.clip_skip)
+                    if "token_weights" in batch:  # --weighted_captions: the words' emphasis (see emphasize)
+                        encoder_hidden_states = emphasize(encoder_hidden_states, batch["token_weights"])
                     # With captions in windows, the empty windows a caption is padded with are masked out.
                     encoder_attention_mask = token_mask(batch["window_mask"]) if windows > 1 else None
 

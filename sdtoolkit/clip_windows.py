@@ -7,7 +7,7 @@ own, and the outputs are put one after the other (77 embeddings per window). gra
 this way, and --max_token_length trains on long captions this way. (kohya-ss's trainer joins the windows without
 their inner start and end tokens.)
 
-Prompts (not training captions) may also weight their words in AUTOMATIC1111's syntax: (word) 1.1 times,
+Prompts (and, with --weighted_captions, training captions) may also weight their words in AUTOMATIC1111's syntax: (word) 1.1 times,
 ((word)) 1.21 times, [word] 1/1.1 times, (word:1.4) 1.4 times; \( \) \[ \] are the brackets themselves, and
 BREAK starts a new window. A weighted token's embedding is scaled by its weight, then the window's embeddings are
 scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphasis does.
@@ -17,10 +17,12 @@ scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphas
     unsupported_syntax(text)                   # AUTOMATIC1111 syntax not read here (prompt editing, [a|b], AND)
     token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
     prompt_windows(tokenizer, text)            # [[77 ids], ...] of a text read literally (a training caption)
-    caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count]): padded with empty windows, or cut
+    caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count], weights [count, 77]): padded with
+                                               # empty windows, or cut; weighted=True parses emphasis and BREAK
     encode_text(text_encoder, ids, clip_skip)  # ids [n, 77] -> embeddings [n, 77, dim], of the layer clip_skip asks
     encode_windows(text_encoder, ids)          # ids [n, count, 77] -> embeddings [n, count * 77, dim]
     token_mask(window_mask)                    # [n, count] -> [n, count * 77], the UNet's encoder_attention_mask
+    emphasize(hidden, weights)                 # embeddings scaled by their tokens' weights, each window to its mean
     encode_prompts(pipeline, prompt, negative_prompt, guidance)   # a pipeline's prompt_embeds, parsed as above
 
 A batch of captions with different numbers of windows is padded with empty windows, which the mask keeps out of
@@ -157,13 +159,19 @@ def prompt_windows(tokenizer, text):
     return [ids for ids, _ in token_windows(tokenizer, [(text, 1.0)])]
 
 
-def caption_windows(tokenizer, text, count):
-    """(ids [count, 77], mask [count]) of a caption read in at most `count` windows: its own windows (mask 1),
-    cut after the count-th, then empty windows (mask 0)."""
-    windows = prompt_windows(tokenizer, text)[:count]
+def caption_windows(tokenizer, text, count, weighted=False):
+    """(ids [count, 77], mask [count], weights [count, 77]) of a caption read in at most `count` windows: its own
+    windows (mask 1), cut after the count-th, then empty windows (mask 0). A caption is read literally, its weights
+    all 1; weighted=True (--weighted_captions) reads it as a prompt, for emphasis and BREAK (see parse_emphasis)."""
+    pieces = parse_emphasis(text) if weighted else [(text, 1.0)]
+    windows = token_windows(tokenizer, pieces)[:count]
     mask = [1.0] * len(windows) + [0.0] * (count - len(windows))
-    windows += prompt_windows(tokenizer, "") * (count - len(windows))
-    return torch.tensor(windows), torch.tensor(mask)
+    windows += token_windows(tokenizer, [("", 1.0)]) * (count - len(windows))
+    return (
+        torch.tensor([ids for ids, _ in windows]),
+        torch.tensor(mask),
+        torch.tensor([weights for _, weights in windows]),
+    )
 
 
 def encode_text(text_encoder, ids, clip_skip=1):
@@ -189,6 +197,20 @@ def token_mask(window_mask):
     return window_mask.repeat_interleave(WINDOW, dim=1)
 
 
+def emphasize(hidden, weights):
+    """AUTOMATIC1111's emphasis ("Original"): each token's embedding times its weight, then each window scaled back
+    to the mean it had (over its 77 tokens and their features). hidden: [..., dim] with 77 tokens a window, e.g.
+    [count, 77, dim] or [n, count * 77, dim]; weights: as many, e.g. [count, 77] or [n, count, 77]."""
+    if not (weights != 1).any():
+        return hidden
+    shape = hidden.shape
+    windows = hidden.reshape(-1, WINDOW, shape[-1])
+    mean = windows.mean(dim=(1, 2), keepdim=True)
+    windows = windows * weights.reshape(-1, WINDOW, 1).to(windows.dtype)
+    windows = windows * (mean / windows.mean(dim=(1, 2), keepdim=True))
+    return windows.reshape(shape)
+
+
 def encode_prompts(pipeline, prompt, negative_prompt, guidance, clip_skip=1):
     """(prompt embeddings, negative embeddings or None without guidance) for one image, both parsed for emphasis
     and BREAK and read in windows. The shorter is padded with empty windows to as many as the longer, as
@@ -204,12 +226,7 @@ def encode_prompts(pipeline, prompt, negative_prompt, guidance, clip_skip=1):
         windows = windows + [empty] * (count - len(windows))
         ids = torch.tensor([ids for ids, _ in windows], device=pipeline.device)
         weights = torch.tensor([weights for _, weights in windows], device=pipeline.device)
-        hidden = encode_text(text_encoder, ids, clip_skip)  # (count, 77, dim)
-        if (weights != 1).any():
-            # AUTOMATIC1111's emphasis: each token's embedding times its weight, then each window back to its mean.
-            mean = hidden.mean(dim=(1, 2), keepdim=True)
-            hidden = hidden * weights[..., None].to(hidden.dtype)
-            hidden = hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
+        hidden = emphasize(encode_text(text_encoder, ids, clip_skip), weights)  # (count, 77, dim)
         return hidden.reshape(1, count * WINDOW, hidden.shape[-1]).to(text_encoder.dtype)
 
     return encode(windows), encode(negative_windows) if guidance else None

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
-from sdtoolkit.clip_windows import caption_windows, prompt_windows
+from sdtoolkit.clip_windows import caption_windows, parse_emphasis, token_windows, unsupported_syntax
 from sdtoolkit.errors import UserError
 
 # The files in which an imagefolder names its images and their captions.
@@ -309,14 +310,40 @@ def check_captions(dataset, caption_column):
     return empty
 
 
-def count_long_captions(dataset, caption_column, tokenizer, windows=1):
-    """(captions longer than `windows` of CLIP's windows can hold, all captions): with one window, longer than the
-    tokenizer's model_max_length, start and end tokens included (see sdtoolkit/clip_windows.py)."""
+def all_captions(dataset, caption_column):
+    """Every caption of every row, in order (a row may hold a list of them)."""
     captions = []
     for caption in dataset[caption_column]:
         captions.extend([caption] if isinstance(caption, str) else caption)
-    if windows > 1:
-        return sum(len(prompt_windows(tokenizer, caption)) > windows for caption in captions), len(captions)
+    return captions
+
+
+# AUTOMATIC1111's explicit weight, "(word:1.2)": in a caption read literally, the brackets and number are words.
+EXPLICIT_WEIGHT = re.compile(r"(?<!\\)\([^()]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
+
+
+def check_caption_syntax(dataset, caption_column, *, weighted):
+    """With weighted (--weighted_captions), raise UserError at the first caption that holds AUTOMATIC1111 syntax
+    the toolkit does not read (see unsupported_syntax). Returns how many captions hold an explicit weight such as
+    "(word:1.2)": without weighted, they are read as text, which the caller says."""
+    weights = 0
+    for caption in all_captions(dataset, caption_column):
+        problem = unsupported_syntax(caption) if weighted else None
+        if problem:
+            shown = caption if len(caption) <= 60 else caption[:57] + "..."
+            raise UserError(f"--weighted_captions: the caption {shown!r} can't be read: {problem}")
+        weights += bool(EXPLICIT_WEIGHT.search(caption))
+    return weights
+
+
+def count_long_captions(dataset, caption_column, tokenizer, windows=1, weighted=False):
+    """(captions longer than `windows` of CLIP's windows can hold, all captions): with one window, longer than the
+    tokenizer's model_max_length, start and end tokens included (see sdtoolkit/clip_windows.py). weighted: the
+    captions are read as prompts (--weighted_captions), their windows those of their words and BREAKs."""
+    captions = all_captions(dataset, caption_column)
+    if windows > 1 or weighted:
+        read = parse_emphasis if weighted else lambda caption: [(caption, 1.0)]
+        return sum(len(token_windows(tokenizer, read(caption))) > windows for caption in captions), len(captions)
     # verbose=False: the caller says how many are cut; transformers would warn of indexing errors.
     lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False).input_ids]
     return sum(n > tokenizer.model_max_length for n in lengths), len(captions)
@@ -344,7 +371,8 @@ class TrainingExamples(torch.utils.data.Dataset):
     With --masked_loss each item also holds `loss_mask`, the weight of each latent pixel (see latent_mask).
     With --max_token_length above 75, a caption is read in windows (see sdtoolkit/clip_windows.py): `input_ids`
     is [windows, 77], or `encoder_hidden_states` [windows * 77, dim] from the cache, and `window_mask` says which
-    windows are the caption's own.
+    windows are the caption's own. With --weighted_captions, `token_weights` (shaped as `input_ids`) holds each
+    token's emphasis, which the training step applies to the text encoder's output (a cache holds it applied).
     """
 
     def __init__(
@@ -367,6 +395,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.random_flip = args.random_flip
         self.masked_loss = args.masked_loss
         self.windows = args.max_token_length // 75  # CLIP windows per caption (1: 77 tokens, as upstream)
+        self.weighted_captions = args.weighted_captions  # captions read for emphasis, as prompts are
         self.clip_skip = args.clip_skip  # which of the text encoder's layers a cache encodes captions with
         self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
         self.noise_offset = args.noise_offset
@@ -464,8 +493,16 @@ class TrainingExamples(torch.utils.data.Dataset):
                 caption = ""
             elif self.shuffle_tags:
                 caption = shuffle_tags(caption, keep=self.keep_tags, generator=generator)
-            if self.windows > 1:
-                example["input_ids"], example["window_mask"] = caption_windows(self.tokenizer, caption, self.windows)
+            if self.weighted_captions:  # read as a prompt: token ids with their weights (see emphasize)
+                ids, mask, weights = caption_windows(self.tokenizer, caption, self.windows, weighted=True)
+                one = self.windows == 1  # then [77], as upstream's input_ids
+                example["input_ids"], example["token_weights"] = (ids[0], weights[0]) if one else (ids, weights)
+                if not one:
+                    example["window_mask"] = mask
+            elif self.windows > 1:
+                example["input_ids"], example["window_mask"], _ = caption_windows(
+                    self.tokenizer, caption, self.windows
+                )
             else:
                 example["input_ids"] = self.tokenizer(
                     caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,

@@ -18,7 +18,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from sdtoolkit.clip_windows import caption_windows, encode_windows, token_mask
+from sdtoolkit.clip_windows import caption_windows, emphasize, encode_windows, token_mask
 from sdtoolkit.data import latent_mask
 from sdtoolkit.errors import UserError
 from sdtoolkit.evaluation import paired_bootstrap, verdict
@@ -55,9 +55,10 @@ def split_held_out(digests, fraction):
 # The held-out images of one training shape: their rows, latents (n, C, h, w) float32, caption embeddings
 # (n, 77, dim) and token ids (n, 77), the noise per timestep, and two masks or None. With --max_token_length above
 # 75 the captions are read in windows (sdtoolkit/clip_windows.py): embeddings (n, 77 x windows, dim), token ids
-# (n, windows, 77), and text_masks (n, 77 x windows) for the UNet. With --masked_loss, loss_masks (n, 1, h, w)
-# weigh each latent pixel's error by the image's opacity, as training does.
-Group = namedtuple("Group", "rows latents embeddings token_ids text_masks loss_masks noise")
+# (n, windows, 77), and text_masks (n, 77 x windows) for the UNet. With --weighted_captions, token_weights (shaped
+# as token_ids) hold each token's emphasis (see emphasize). With --masked_loss, loss_masks (n, 1, h, w) weigh each
+# latent pixel's error by the image's opacity, as training does.
+Group = namedtuple("Group", "rows latents embeddings token_ids token_weights text_masks loss_masks noise")
 
 
 class HeldOutLoss:
@@ -66,9 +67,10 @@ class HeldOutLoss:
 
     def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
                  text_encoder, batch_size, device, dtype, sizes=None, windows=1, masked_loss=False,
-                 clip_skip=1):  # fmt: skip
+                 clip_skip=1, weighted_captions=False):  # fmt: skip
         """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares.
-        clip_skip: the text encoder's layer the captions are read from, as in training (see encode_text)."""
+        clip_skip: the text encoder's layer the captions are read from, as in training (see encode_text).
+        weighted_captions: captions read for emphasis, as training reads them (--weighted_captions)."""
         self.batch_size, self.count, self.clip_skip = batch_size, len(rows), clip_skip
         # Images of one shape are measured together, in batches of their own.
         shapes = {}
@@ -79,7 +81,7 @@ class HeldOutLoss:
         generator = torch.Generator().manual_seed(NOISE_SEED)
         self.groups = []  # one Group per shape
         for size, group in shapes.items():
-            latents, embeddings, token_ids, masks, loss_masks = [], [], [], [], []
+            latents, embeddings, token_ids, token_weights, masks, loss_masks = [], [], [], [], [], []
             for start in range(0, len(group), batch_size):
                 batch = rows.select(group[start : start + batch_size])
                 # Latents: the VAE's mean (a trained VAE is nearly deterministic), scaled as in training.
@@ -93,22 +95,29 @@ class HeldOutLoss:
                         loss_masks.append(torch.stack(opacity).to(device))
                     # Captions: the first one of a row that has several.
                     captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
-                    if windows > 1:
-                        read = [caption_windows(tokenizer, caption, windows) for caption in captions]
-                        ids = torch.stack([caption_ids for caption_ids, _ in read])
-                        masks.append(token_mask(torch.stack([mask for _, mask in read])).to(device))
+                    if windows > 1 or weighted_captions:
+                        read = [
+                            caption_windows(tokenizer, caption, windows, weighted_captions) for caption in captions
+                        ]
+                        ids = torch.stack([caption_ids for caption_ids, _, _ in read])
+                        token_weights.append(torch.stack([weights for _, _, weights in read]).to(device))
+                        if windows > 1:
+                            masks.append(token_mask(torch.stack([mask for _, mask, _ in read])).to(device))
                     else:
                         ids = tokenizer(
                             captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                             return_tensors="pt",
                         ).input_ids  # fmt: skip
-                    embeddings.append(self.encode(text_encoder, ids.to(device)))
+                    embeddings.append(
+                        self.encode(text_encoder, ids.to(device), token_weights[-1] if token_weights else None)
+                    )
                     token_ids.append(ids.to(device))
             latents = torch.cat(latents)
             noise = [torch.randn(latents.shape, generator=generator) for _ in TIMESTEPS]
             self.groups.append(
                 Group(
                     rows=group, latents=latents, embeddings=torch.cat(embeddings), token_ids=torch.cat(token_ids),
+                    token_weights=torch.cat(token_weights) if token_weights else None,
                     text_masks=torch.cat(masks) if masks else None,
                     loss_masks=torch.cat(loss_masks) if loss_masks else None, noise=noise,
                 )
@@ -117,13 +126,15 @@ class HeldOutLoss:
     def __len__(self):
         return self.count
 
-    def encode(self, text_encoder, ids):
-        """The embeddings of token ids (n, 77), or of windows (n, windows, 77), a batch at a time."""
+    def encode(self, text_encoder, ids, weights=None):
+        """The embeddings of token ids (n, 77), or of windows (n, windows, 77), a batch at a time; with weights
+        (shaped as ids), emphasized by them (see emphasize)."""
         windows = ids if ids.dim() == 3 else ids[:, None]  # one window each: the text encoder's own output
-        return torch.cat(
+        embeddings = torch.cat(
             [encode_windows(text_encoder, windows[start : start + self.batch_size], self.clip_skip)
              for start in range(0, len(ids), self.batch_size)]
         )  # fmt: skip
+        return embeddings if weights is None else emphasize(embeddings, weights)
 
     def __call__(self, unet, noise_scheduler, autocast, accelerator=None, text_encoder=None):
         """(losses, per_image): {"validation_loss": the mean over timesteps and images, "validation_loss/t=T":
@@ -145,7 +156,10 @@ class HeldOutLoss:
         if text_encoder is not None:
             # The captions encoded once for this measurement, by the text encoder as it is now.
             with autocast():
-                groups = [group._replace(embeddings=self.encode(text_encoder, group.token_ids)) for group in groups]
+                groups = [
+                    group._replace(embeddings=self.encode(text_encoder, group.token_ids, group.token_weights))
+                    for group in groups
+                ]
         process, processes = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         batches = [(group, start) for group in groups for start in range(0, len(group.rows), self.batch_size)]
         mine = batches[process::processes]

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
-from sdtoolkit.clip_windows import caption_windows, encode_text, encode_windows, prompt_windows
+from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text, encode_windows
 from sdtoolkit.data import alpha_channel, latent_mask, square_crop, to_rgb
 from sdtoolkit.errors import UserError
 
@@ -198,6 +198,8 @@ def cache_key(examples, vae, text_encoder, *, data_fingerprint, dtype, latents=T
         # Named with how windows are cut: caches written when a full window was cut before the next token came (a
         # caption of exactly 75 tokens then had two windows) are not read as this layout.
         settings["windows"] = f"{examples.windows}, cut when the next token comes"
+    if examples.weighted_captions and text:  # captions read for emphasis (keys of literal captions stay as they were)
+        settings["weighted_captions"] = True
     key.update(json.dumps(settings, sort_keys=True).encode())
     return key.hexdigest()[:32]
 
@@ -275,23 +277,28 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
                 count.append(len(options))
                 is_list.append(not isinstance(caption, str))
                 captions.extend(options)
-            tokenizer, windows = examples.tokenizer, examples.windows
+            tokenizer, windows, weighted = examples.tokenizer, examples.windows, examples.weighted_captions
             shape = (len(captions), tokenizer.model_max_length * windows, text_encoder.config.hidden_size)
             # With windows: how many are each caption's own, for its mask (the others are empty windows).
             own = [] if windows > 1 else None
             if reuse:
                 embeddings, empty = arrays.open("text", shape, dtype), arrays.open("text-empty", shape[1:], dtype)
                 if own is not None:
-                    own = [min(len(prompt_windows(tokenizer, caption)), windows) for caption in captions]
+                    own = [
+                        int(caption_windows(tokenizer, caption, windows, weighted)[1].sum()) for caption in captions
+                    ]
             else:
                 embeddings, empty = arrays.new("text", shape, dtype), arrays.new("text-empty", shape[1:], dtype)
                 for start in range(0, len(captions), batch_size):
                     batch = captions[start : start + batch_size]
-                    if windows > 1:  # each caption in its windows (see sdtoolkit/clip_windows.py)
-                        read = [caption_windows(tokenizer, caption, windows) for caption in batch]
-                        own += [int(mask.sum()) for _, mask in read]
-                        ids = torch.stack([caption_ids for caption_ids, _ in read])
+                    if windows > 1 or weighted:  # each caption in its windows (see sdtoolkit/clip_windows.py)
+                        read = [caption_windows(tokenizer, caption, windows, weighted) for caption in batch]
+                        if own is not None:
+                            own += [int(mask.sum()) for _, mask, _ in read]
+                        ids = torch.stack([caption_ids for caption_ids, _, _ in read])
                         encoded = encode_windows(text_encoder, ids.to(device), examples.clip_skip)
+                        # --weighted_captions: the emphasis applied once, here (see emphasize)
+                        encoded = emphasize(encoded, torch.stack([weights for _, _, weights in read]).to(device))
                     else:
                         ids = tokenizer(
                             batch, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,

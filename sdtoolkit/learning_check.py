@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 from torchvision.transforms import functional as TF
 
-from sdtoolkit.clip_windows import encode_text
+from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text
 
 # The two classes of the learning check: visibly different, captioned by what they show.
 TWO_CLASSES = ["a red disc on a white background", "a blue square on a white background"]
@@ -62,11 +62,13 @@ def read_imagefolder(folder):
 
 
 @torch.no_grad()
-def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1):
+def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1,
+                   weighted=False):  # fmt: skip
     """[images, candidates] mean squared error of the UNet's noise prediction, summed over `timesteps`.
 
     Every image gets the same noise for every candidate, so the candidates are compared on equal terms. The
-    captions are read from the text encoder's layer `clip_skip` from the end, as the model was trained.
+    captions are read from the text encoder's layer `clip_skip` from the end, and with `weighted` for emphasis
+    (in their first window, see caption_windows), as the model was trained.
     """
     device, dtype = pipeline.device, pipeline.unet.dtype
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -80,11 +82,17 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
     )
     latents = pipeline.vae.encode(pixels.to(device, dtype)).latent_dist.mean * pipeline.vae.config.scaling_factor
 
-    ids = pipeline.tokenizer(
-        candidates, max_length=pipeline.tokenizer.model_max_length, padding="max_length", truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-    embeddings = encode_text(pipeline.text_encoder, ids.to(device), clip_skip)  # (C, 77, dim)
+    if weighted:  # --weighted_captions: read as training read them
+        read = [caption_windows(pipeline.tokenizer, candidate, 1, weighted=True) for candidate in candidates]
+        ids = torch.stack([caption_ids[0] for caption_ids, _, _ in read])
+        weights = torch.stack([caption_weights[0] for _, _, caption_weights in read])
+        embeddings = emphasize(encode_text(pipeline.text_encoder, ids.to(device), clip_skip), weights.to(device))
+    else:
+        ids = pipeline.tokenizer(
+            candidates, max_length=pipeline.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        embeddings = encode_text(pipeline.text_encoder, ids.to(device), clip_skip)  # (C, 77, dim)
 
     generator = torch.Generator().manual_seed(seed)
     errors = torch.zeros(len(images), len(candidates))
@@ -103,10 +111,12 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
     return errors
 
 
-def caption_accuracy(pipeline, images, labels, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1):
+def caption_accuracy(pipeline, images, labels, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1,
+                     weighted=False):  # fmt: skip
     """The share of images whose own caption (candidates[label]) has the lowest noise-prediction error."""
     errors = caption_errors(
-        pipeline, images, candidates, resolution=resolution, timesteps=timesteps, seed=seed, clip_skip=clip_skip
-    )
+        pipeline, images, candidates, resolution=resolution, timesteps=timesteps, seed=seed, clip_skip=clip_skip,
+        weighted=weighted,
+    )  # fmt: skip
     predictions = errors.argmin(dim=1)
     return (predictions == torch.tensor(labels)).float().mean().item()

@@ -163,7 +163,8 @@ def examples(tokenizer, captions, images=None, repeats=None, **flags):
     rows = datasets.Dataset.from_dict({"image": images, "text": captions})
     settings = dict(resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="bilinear",
                     noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
-                    keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1)  # fmt: skip
+                    keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1,
+                    weighted_captions=False)  # fmt: skip
     args = SimpleNamespace(**{**settings, **flags})
     return TrainingExamples(
         rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000, repeats=repeats

@@ -16,12 +16,12 @@ def test_a_caption_is_its_windows_then_empty_masked_ones(tiny_sd):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     standard = tokenizer("a red creature", padding="max_length", max_length=77, truncation=True).input_ids
     empty = tokenizer("", padding="max_length", max_length=77).input_ids
-    ids, mask = caption_windows(tokenizer, "a red creature", 3)
+    ids, mask, _ = caption_windows(tokenizer, "a red creature", 3)
     assert ids.tolist() == [standard, empty, empty] and mask.tolist() == [1, 0, 0]
-    ids, mask = caption_windows(tokenizer, LONG, 3)
+    ids, mask, _ = caption_windows(tokenizer, LONG, 3)
     assert ids.shape == (3, 77) and mask.tolist() == [1, 1, 0] and ids[2].tolist() == empty
     longer = " ".join([LONG] * 2)  # three windows' worth, cut after two
-    ids, mask = caption_windows(tokenizer, longer, 2)
+    ids, mask, _ = caption_windows(tokenizer, longer, 2)
     assert len(prompt_windows(tokenizer, longer)) == 3
     assert mask.tolist() == [1, 1] and ids.tolist() == prompt_windows(tokenizer, longer)[:2]
 
