@@ -52,6 +52,7 @@ from sdtoolkit.serving import (
     SCHEDULERS,
     Generation,
     ImageService,
+    LoraRemoved,
     QueueFull,
     RequestQueue,
     random_seed,
@@ -274,7 +275,7 @@ def make_generate(service):
                 strength=None if image is None else strength,
                 generation=generation,
             )
-        except QueueFull as err:
+        except (QueueFull, LoraRemoved) as err:
             raise gr.Error(str(err)) from None
         if generation.stopped_at == 0:
             notes.append("Stopped before it started.")

@@ -55,6 +55,7 @@ from sdtoolkit.serving import (
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
+    LoraRemoved,
     QueueFull,
     image_seeds,
     random_seed,
@@ -300,6 +301,8 @@ def a1111_api(service, *, auth=None, api_key=None):
             images = await generate_while_connected(request, service, arguments, source="sdapi")
         except QueueFull as err:
             return error(503, str(err), headers={"Retry-After": str(err.retry_after)})
+        except LoraRemoved as err:
+            return error(400, str(err))
         except Exception as err:  # a failed generation (out of memory, ...) must not look like a success
             return error(500, f"generation failed: {first_line(err)}")
         seeds = image_seeds(arguments["seed"], len(images))

@@ -244,6 +244,10 @@ def tag_weights(name, arguments):
     return tuple(weights)
 
 
+class LoraRemoved(ValueError):
+    """A request's LoRA was let go of (ImageService.refresh_loras) while the request waited for its turn."""
+
+
 class LoraMix:
     """The LoRAs a request applies, at their weights: ((adapter, (text encoder weight, UNet weight)), ...), sorted;
     () for none.
@@ -279,6 +283,11 @@ class LoraMix:
             self.waiting.append(ticket)
             self.changed.wait_for(lambda: self.waiting[0] is ticket and (self.running == 0 or self.current == mix))
             self.waiting.popleft()
+            # A refresh that went first may have deleted an adapter of this mix while it waited.
+            gone = [name for name, _ in mix if name not in self.adapters()]
+            if gone:
+                self.changed.notify_all()
+                raise LoraRemoved(f"the LoRA adapters {', '.join(gone)} were deleted while the request waited")
             if mix != self.current:
                 self.apply(mix)
             self.running += 1
@@ -289,6 +298,10 @@ class LoraMix:
             with self.changed:
                 self.running -= 1
                 self.changed.notify_all()
+
+    def adapters(self):
+        """The names of the adapters the pipeline has, in the UNet or the text encoder."""
+        return {name for names in self.pipeline.get_list_adapters().values() for name in names}
 
     @contextmanager
     def alone(self):
@@ -302,7 +315,7 @@ class LoraMix:
                 yield
             finally:
                 self.waiting.popleft()
-                present = {name for names in self.pipeline.get_list_adapters().values() for name in names}
+                present = self.adapters()
                 self.apply(tuple(item for item in self.current if item[0] in present))
                 self.changed.notify_all()
 
@@ -539,6 +552,13 @@ class ImageService:
                             f"out of GPU memory for {num_images} image(s) of {width}x{height} ({first_line(err)}); ask"
                             " for fewer images or a smaller size"
                         ) from None
+        except LoraRemoved:
+            # /sdapi/v1/refresh-loras let go of a LoRA the prompt names, after the prompt was checked.
+            gone = ", ".join(f"<lora:{name}>" for name, _ in lora_tags(prompt)[1] if name not in self.loras)
+            raise LoraRemoved(
+                f"a refresh of --lora_dir let go of {gone or 'a LoRA the prompt names'} while this request waited"
+                " (its file was removed)"
+            ) from None
         finally:
             with self.generations_lock:
                 self.generations.remove(generation)

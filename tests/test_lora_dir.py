@@ -6,15 +6,20 @@ import base64
 import io
 import shutil
 import threading
+import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtoolkit.a1111_api import a1111_api
+from sdtoolkit.images_api import ImageFiles, images_api
 from sdtoolkit.inference import load_lora_dir, load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
 from sdtoolkit.serving import ImageService, RequestQueue
@@ -216,3 +221,57 @@ def test_a_refresh_waits_until_the_running_request_is_done(tiny_sd, loras, tmp_p
     (folder / "style.safetensors").unlink()
     assert tagged.refresh_loras()[1] == ["style"] and sorted(tagged.loras) == ["character"]
     assert adapter not in {a for names in tagged.pipeline.get_list_adapters().values() for a in names}
+
+
+def test_a_request_whose_lora_a_refresh_lets_go_of_while_it_waits_is_a_400_naming_its_tag(tiny_sd, loras, tmp_path):
+    _, style, _ = loras
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    tagged = service(tiny_sd, lora_dir=folder)
+    tagged.lora_dir = str(folder)
+    app = FastAPI()
+    app.include_router(images_api(tagged, files=ImageFiles(tmp_path / "files", 3600)))
+    app.include_router(a1111_api(tagged))
+    client = TestClient(app)
+    reached, go = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        reached.set()
+        go.wait(30)
+
+    handle = tagged.pipeline.unet.register_forward_pre_hook(hold)
+    answers = {}
+
+    def post(url, body):
+        answers[url] = client.post(url, json={"prompt": "<lora:style:0.5> a creature", "steps": 2, **body})
+
+    running = threading.Thread(target=lambda: image(tagged, "a creature"))
+    waiting = [
+        threading.Thread(target=post, args=("/sdapi/v1/txt2img", {"width": 64, "height": 64})),
+        threading.Thread(target=post, args=("/v1/images/generations", {"size": "64x64"})),
+    ]
+    running.start()
+    try:
+        assert reached.wait(30)
+        for thread in waiting:
+            thread.start()
+        deadline = time.time() + 30
+        while len(tagged.generations) < 3 and time.time() < deadline:  # both checked, and waiting their turn
+            time.sleep(0.05)
+        (folder / "style.safetensors").unlink()
+        refresh = threading.Thread(target=tagged.refresh_loras)
+        refresh.start()
+    finally:
+        handle.remove()
+        go.set()
+    for thread in [running, refresh, *waiting]:
+        thread.join(60)
+    message = "a refresh of --lora_dir let go of <lora:style> while this request waited (its file was removed)"
+    assert answers["/sdapi/v1/txt2img"].status_code == 400
+    assert answers["/sdapi/v1/txt2img"].json()["detail"] == message
+    assert answers["/v1/images/generations"].status_code == 400
+    assert answers["/v1/images/generations"].json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": "prompt", "code": None,
+    }  # fmt: skip
+    assert np.array_equal(image(tagged, "a creature"), image(service(tiny_sd), "a creature"))  # and on it goes
