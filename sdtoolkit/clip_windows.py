@@ -200,9 +200,9 @@ def token_mask(window_mask):
 def emphasize(hidden, weights):
     """AUTOMATIC1111's emphasis ("Original"): each token's embedding times its weight, then each window scaled back
     to the mean it had (over its 77 tokens and their features). hidden: [..., dim] with 77 tokens a window, e.g.
-    [count, 77, dim] or [n, count * 77, dim]; weights: as many, e.g. [count, 77] or [n, count, 77]."""
-    if not (weights != 1).any():
-        return hidden
+    [count, 77, dim] or [n, count * 77, dim]; weights: as many, e.g. [count, 77] or [n, count, 77]. Applied whatever
+    the weights are (no look at them, which on a GPU would wait for it): weights of 1 change the numbers by rounding
+    alone."""
     shape = hidden.shape
     windows = hidden.reshape(-1, WINDOW, shape[-1])
     mean = windows.mean(dim=(1, 2), keepdim=True)
@@ -226,7 +226,9 @@ def encode_prompts(pipeline, prompt, negative_prompt, guidance, clip_skip=1):
         windows = windows + [empty] * (count - len(windows))
         ids = torch.tensor([ids for ids, _ in windows], device=pipeline.device)
         weights = torch.tensor([weights for _, weights in windows], device=pipeline.device)
-        hidden = emphasize(encode_text(text_encoder, ids, clip_skip), weights)  # (count, 77, dim)
+        hidden = encode_text(text_encoder, ids, clip_skip)  # (count, 77, dim)
+        if (weights != 1).any():  # else exactly the pipeline's own embeddings
+            hidden = emphasize(hidden, weights)
         return hidden.reshape(1, count * WINDOW, hidden.shape[-1]).to(text_encoder.dtype)
 
     return encode(windows), encode(negative_windows) if guidance else None
