@@ -144,6 +144,7 @@ from sdtoolkit.lora import (
     save_lora_ema,
     tag_frequency,
 )
+from sdtoolkit.losses import HUBER_SCHEDULES, LOSS_TYPES, debiased_weights, huber_thresholds, loss_per_element
 from sdtoolkit.output_dir import (
     check_fresh_run,
     check_output_dir,
@@ -639,6 +640,49 @@ def parse_args(argv=None):
         default=1.0,
         help="Dream detail preservation factor p (should be greater than 0; default=1.0, as suggested in the paper)",
     )
+    # The loss (not upstream; kohya-ss's flags): robust losses, debiased estimation, a range of timesteps.
+    parser.add_argument(
+        "--loss_type",
+        default="l2",
+        choices=LOSS_TYPES,
+        help=(
+            "The loss between the UNet's prediction and its target: l2 (squared error, upstream's), l1, or huber and"
+            " smooth_l1, squared for small errors and linear past a threshold, so that a few broken or badly"
+            " captioned images pull less on the weights (see sdtoolkit/losses.py)."
+        ),
+    )
+    parser.add_argument(
+        "--huber_schedule",
+        default=None,
+        choices=HUBER_SCHEDULES,
+        help=(
+            "With --loss_type huber or smooth_l1, the threshold at each timestep: snr (the default; about 1 at low"
+            " noise, --huber_c at high noise), exponential (from 1 down to --huber_c), or constant (--huber_c)."
+        ),
+    )
+    parser.add_argument(
+        "--huber_c",
+        type=float,
+        default=None,
+        help="With --loss_type huber or smooth_l1, the threshold the schedule goes down to, above 0 (default 0.1).",
+    )
+    parser.add_argument(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="Weigh each example by 1/sqrt(SNR) of its timestep (arXiv 2310.08442), as kohya-ss's flag does.",
+    )
+    parser.add_argument(
+        "--min_timestep",
+        type=int,
+        default=None,
+        help="Train on timesteps from this one on (default 0, the least noise).",
+    )
+    parser.add_argument(
+        "--max_timestep",
+        type=int,
+        default=None,
+        help="Train on timesteps below this one (default: the schedule's count, 1000 for SD).",
+    )
     parser.add_argument(
         "--use_8bit_adam", action="store_true", help="Whether or not to use 8-bit Adam from bitsandbytes."
     )
@@ -826,6 +870,18 @@ def parse_args(argv=None):
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    huber = args.loss_type in ("huber", "smooth_l1")
+    for flag in ("huber_schedule", "huber_c"):
+        if getattr(args, flag) is not None and not huber:
+            raise UserError(f"--{flag} is for --loss_type huber or smooth_l1, not {args.loss_type}")
+    if huber:
+        args.huber_schedule = args.huber_schedule or "snr"
+        args.huber_c = 0.1 if args.huber_c is None else args.huber_c
+        if not (math.isfinite(args.huber_c) and args.huber_c > 0):
+            raise UserError(f"--huber_c must be a number above 0, got {args.huber_c}")
+    low, high = args.min_timestep or 0, args.max_timestep
+    if low < 0 or (high is not None and high <= low):
+        raise UserError(f"--min_timestep and --max_timestep must make a range: 0 <= min < max, got {low} and {high}")
     if args.clip_skip < 1:
         raise UserError(
             f"--clip_skip must be 1 (the text encoder's last layer, the default) or more, got {args.clip_skip}"
@@ -1461,6 +1517,18 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         if args.weighted_captions
         else ""
     )
+    # The loss, when not upstream's (squared error over every timestep).
+    loss = [args.loss_type]
+    if args.loss_type in ("huber", "smooth_l1"):
+        loss[0] += f" ({args.huber_schedule} schedule, c {args.huber_c:g})"
+    if args.snr_gamma is not None:
+        loss.append(f"Min-SNR weighting (gamma {args.snr_gamma:g})")
+    if args.debiased_estimation_loss:
+        loss.append("debiased estimation")
+    if args.min_timestep or args.max_timestep:
+        below = f" below {args.max_timestep}" if args.max_timestep else ""
+        loss.append(f"timesteps from {args.min_timestep or 0}{below}")
+    loss_line = f"\n* Loss: {', '.join(loss)}" if loss != ["l2"] else ""
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)
@@ -1493,7 +1561,7 @@ image.save("my_image.png")
 * EMA: {args.use_ema}
 * Seed: {args.seed}
 * Aspect-ratio buckets: {buckets_used or f"none (square {args.resolution}x{args.resolution} crops)"}
-* LoRA: {lora}{clip_skip_line}{weighted_line}{held_out_line}
+* LoRA: {lora}{clip_skip_line}{weighted_line}{loss_line}{held_out_line}
 """
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write(yaml + card)
@@ -1747,6 +1815,12 @@ def fine_tune(args):
     if args.prediction_type is not None:
         # set prediction_type of scheduler if defined (once, here: the held-out loss measures with it too)
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    if (args.max_timestep or 0) > num_timesteps or (args.min_timestep or 0) >= num_timesteps:
+        raise UserError(
+            f"--min_timestep and --max_timestep must lie in the noise schedule's {num_timesteps} timesteps (0 to"
+            f" {num_timesteps}), got {args.min_timestep} and {args.max_timestep}"
+        )
     if resume_path is not None and bool(args.lora_rank) != has_lora_weights(resume_path):
         raise UserError(
             f"{resume_path} is a {'LoRA' if has_lora_weights(resume_path) else 'full fine-tuning'} checkpoint:"
@@ -2313,6 +2387,8 @@ def fine_tune(args):
             ema_unet.restore(trained)
 
     saved_at_step = None
+    # Upstream's loss is the squared error's mean over the batch; these options weigh it per element or example.
+    weighed = args.loss_type != "l2" or args.snr_gamma is not None or args.debiased_estimation_loss or args.masked_loss
     on = dict(device=accelerator.device, dtype=torch.float32)
     loss_sum, micro_steps, last = torch.zeros((), **on), 0, time.perf_counter()
     stop = StopRequest()
@@ -2394,10 +2470,16 @@ def fine_tune(args):
                         return_dict=False,
                     )[0]  # fmt: skip
 
-                    if args.snr_gamma is None and "loss_weight" not in batch and not args.masked_loss:
+                    if not weighed and "loss_weight" not in batch:
                         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
                     else:
-                        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                        # Upstream's squared error, or --loss_type's (see sdtoolkit/losses.py).
+                        thresholds = None
+                        if args.loss_type in ("huber", "smooth_l1"):
+                            thresholds = huber_thresholds(
+                                noise_scheduler, timesteps, args.huber_schedule, args.huber_c
+                            )
+                        loss = loss_per_element(model_pred.float(), target.float(), args.loss_type, thresholds)
                         if args.masked_loss:
                             # Each latent pixel weighs the image's opacity there; the mean is still over all of
                             # them, as kohya-ss takes it, so an image that is half transparent counts half.
@@ -2416,6 +2498,8 @@ def fine_tune(args):
                             elif noise_scheduler.config.prediction_type == "v_prediction":
                                 mse_loss_weights = mse_loss_weights / (snr + 1)
                             loss = loss * mse_loss_weights
+                        if args.debiased_estimation_loss:
+                            loss = loss * debiased_weights(noise_scheduler, timesteps)
                         if "loss_weight" in batch:
                             # Regularization images (--reg_data_dir) weigh --prior_loss_weight in the mean.
                             loss = loss * batch["loss_weight"]

@@ -408,7 +408,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.bucket_sizes = None  # set by use_buckets: (width, height) per row
         self.seed = args.seed
         self.latent_shape = latent_shape
-        self.num_train_timesteps = num_train_timesteps
+        # Timesteps are drawn from [low, high): the whole schedule unless --min_timestep/--max_timestep narrow it.
+        self.timesteps = (args.min_timestep or 0, args.max_timestep or num_train_timesteps)
         self.epoch = 0
 
     def __len__(self):
@@ -480,7 +481,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         latent_shape = self.latent_shape_of(image_row)
         example["latent_noise"] = torch.randn(latent_shape, generator=generator)
         example["noise"] = torch.randn(latent_shape, generator=generator)
-        example["timestep"] = torch.randint(0, self.num_train_timesteps, (), generator=generator)
+        example["timestep"] = torch.randint(*self.timesteps, (), generator=generator)
         if self.noise_offset:
             example["offset_noise"] = torch.randn((latent_shape[0], 1, 1), generator=generator)
         if self.input_perturbation:

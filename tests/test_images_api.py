@@ -657,7 +657,8 @@ def card_args(output_dir, **change):
                   lora_rank=None, max_train_steps=1, num_train_epochs=1, learning_rate=1e-5, lr_scheduler="constant",
                   lr_warmup_steps=0, train_batch_size=1, gradient_accumulation_steps=4, resolution=512,
                   center_crop=True, random_flip=True, mixed_precision="fp16", use_ema=True, seed=None, clip_skip=1,
-                  weighted_captions=False)  # fmt: skip
+                  weighted_captions=False, loss_type="l2", snr_gamma=None, debiased_estimation_loss=False,
+                  min_timestep=None, max_timestep=None)  # fmt: skip
     return Namespace(**{**values, **change})
 
 

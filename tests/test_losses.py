@@ -1,0 +1,171 @@
+"""kohya-ss's loss options: --loss_type (l1, huber, smooth_l1) with --huber_schedule and --huber_c,
+--debiased_estimation_loss, and --min_timestep/--max_timestep."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+import train_text_to_image
+from sdtoolkit.errors import UserError
+from sdtoolkit.losses import debiased_weights, huber_thresholds, loss_per_element
+from tests.conftest import DEMO_DATA, logged_losses, train
+
+# SD v1-4's noise schedule.
+SCHEDULER = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def test_huber_losses_are_squared_below_the_threshold_and_linear_above_it():
+    # In float64: in float32, sqrt(e^2 + c^2) - c loses an error of 0.001 to rounding (as in kohya-ss's own).
+    target, c = torch.zeros(1, 1, 1, 3, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    small = torch.tensor([[[[0.001, -0.002, 0.003]]]], dtype=torch.float64)
+    large = torch.tensor([[[[40.0, -50.0, 60.0]]]], dtype=torch.float64)
+    # Below c: the squared error (huber), or it over c (smooth_l1).
+    torch.testing.assert_close(loss_per_element(small, target, "huber", c), small**2, rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss_per_element(small, target, "smooth_l1", c), small**2 / 0.5, rtol=1e-4, atol=0)
+    # Far above c: 2c|e| - 2c^2 (huber), 2|e| - 2c (smooth_l1).
+    torch.testing.assert_close(loss_per_element(large, target, "huber", c), 2 * 0.5 * large.abs() - 0.5, rtol=1e-4,
+                               atol=0)  # fmt: skip
+    torch.testing.assert_close(loss_per_element(large, target, "smooth_l1", c), 2 * large.abs() - 1, rtol=1e-4,
+                               atol=0)  # fmt: skip
+    torch.testing.assert_close(loss_per_element(large, target, "l1"), large.abs())
+    torch.testing.assert_close(loss_per_element(large, target, "l2"), large**2)
+    # So an outlier pulls on the prediction with a force of at most 2c, where the squared error's grows with it.
+    pred = large.clone().requires_grad_()
+    loss_per_element(pred, target, "huber", c).sum().backward()
+    assert pred.grad.abs().max() < 2 * 0.5 and pred.grad.abs().min() > 0.99 * 2 * 0.5
+    # Each example has its own threshold.
+    two = loss_per_element(torch.full((2, 1, 1, 1), 3.0), torch.zeros(2, 1, 1, 1), "huber", torch.tensor([0.1, 1.0]))
+    assert two.flatten().tolist() == pytest.approx([2 * 0.1 * (math.sqrt(9.01) - 0.1), 2 * (math.sqrt(10) - 1)])
+
+
+def test_the_huber_threshold_schedules():
+    t = torch.tensor([0, 250, 500, 999])
+    assert huber_thresholds(SCHEDULER, t, "constant", 0.1).tolist() == pytest.approx([0.1] * 4)
+    assert huber_thresholds(SCHEDULER, t, "exponential", 0.1).tolist() == pytest.approx(
+        [0.1 ** (step / 1000) for step in t.tolist()]
+    )
+    # snr: (1 - c) / (1 + sigma)^2 + c, sigma = sqrt((1 - alpha_bar) / alpha_bar): near 1 at little noise, near c at
+    # pure noise.
+    alpha_bar = SCHEDULER.alphas_cumprod[t].double()
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    expected = (0.9 / (1 + sigma) ** 2 + 0.1).tolist()
+    got = huber_thresholds(SCHEDULER, t, "snr", 0.1).tolist()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got[0] > 0.9 and got[-1] < 0.11 and got == sorted(got, reverse=True)
+
+
+def test_debiased_estimation_weighs_by_one_over_the_square_root_of_snr():
+    t = torch.tensor([0, 10, 500, 999])
+    alpha_bar = SCHEDULER.alphas_cumprod[t].double()
+    snr = (alpha_bar / (1 - alpha_bar)).clamp(max=1000)  # timestep 0's SNR (1175) capped at 1000
+    assert snr[0] == 1000
+    assert debiased_weights(SCHEDULER, t).tolist() == pytest.approx((1 / snr.sqrt()).tolist(), rel=1e-5)
+    v = DDPMScheduler.from_config(SCHEDULER.config, prediction_type="v_prediction")
+    assert debiased_weights(v, t).tolist() == pytest.approx((1 / (snr + 1)).tolist(), rel=1e-5)
+
+
+@pytest.fixture
+def step_inputs(monkeypatch):
+    """The UNet's predictions and the noise and timesteps of every add_noise call, recorded."""
+    recorded = {"pred": [], "noise": [], "timesteps": []}
+    forward, add_noise = UNet2DConditionModel.forward, DDPMScheduler.add_noise
+
+    def recorded_forward(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        recorded["pred"].append(output[0].detach().clone())
+        return output
+
+    def recorded_add_noise(self, samples, noise, timesteps):
+        recorded["noise"].append(noise.detach().clone())
+        recorded["timesteps"].append(timesteps.clone())
+        return add_noise(self, samples, noise, timesteps)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recorded_forward)
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recorded_add_noise)
+    return recorded
+
+
+def expected_loss(pred, noise, timesteps, flags):
+    """The step's loss, computed here from kohya-ss's formulas, from what the step fed the UNet and got back."""
+    error = (pred.double() - noise.double()).flatten(1)  # epsilon prediction: the target is the noise
+    alpha_bar = SCHEDULER.alphas_cumprod[timesteps].double()
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    c = torch.full_like(alpha_bar, float(flags.get("--huber_c", 0.1)))
+    if flags.get("--huber_schedule", "snr") == "snr":
+        c = (1 - c) / (1 + sigma) ** 2 + c
+    elif flags["--huber_schedule"] == "exponential":
+        c = c ** (timesteps.double() / 1000)
+    c = c[:, None]
+    loss = {
+        "l2": error**2,
+        "l1": error.abs(),
+        "huber": 2 * c * ((error**2 + c**2).sqrt() - c),
+        "smooth_l1": 2 * ((error**2 + c**2).sqrt() - c),
+    }[flags.get("--loss_type", "l2")].mean(dim=1)
+    if "--debiased_estimation_loss" in flags:
+        loss = loss / (1 / sigma**2).clamp(max=1000).sqrt()
+    return loss.mean().item()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"--loss_type": "huber"},  # kohya-ss's defaults: the snr schedule, c 0.1
+        {"--loss_type": "smooth_l1", "--huber_schedule": "exponential", "--huber_c": "0.3"},
+        {
+            "--loss_type": "huber",
+            "--huber_schedule": "constant",
+            "--huber_c": "0.05",
+            "--debiased_estimation_loss": "",
+        },
+        {"--loss_type": "l1"},
+        {"--debiased_estimation_loss": ""},
+    ],
+    ids=["huber-snr", "smooth-l1-exponential", "huber-constant-debiased", "l1", "l2-debiased"],
+)
+def test_the_training_step_takes_the_loss_it_is_asked_for(tiny_sd, tmp_path, step_inputs, flags):
+    # The logged loss of the first step is the loss of the UNet's predictions against the step's noise, computed
+    # here from the formulas, at the step's timesteps.
+    argv = [item for flag, value in flags.items() for item in (flag, value) if item]
+    train(tiny_sd, tmp_path, "--max_train_steps", "1", "--train_batch_size", "4", "--center_crop", *argv)
+    pred, noise, timesteps = step_inputs["pred"][0], step_inputs["noise"][0], step_inputs["timesteps"][0]
+    assert len(set(timesteps.tolist())) == 4
+    (_, logged), *_ = logged_losses(tmp_path)
+    assert logged == pytest.approx(expected_loss(pred, noise, timesteps, flags), rel=1e-5)
+    assert logged != pytest.approx(expected_loss(pred, noise, timesteps, {}), rel=1e-3)  # not the squared error
+    card = (tmp_path / "README.md").read_text()
+    assert "* Loss: " in card
+
+
+def test_timesteps_are_drawn_from_the_range_asked_for(tiny_sd, tmp_path, step_inputs):
+    train(tiny_sd, tmp_path, "--max_train_steps", "4", "--train_batch_size", "4", "--center_crop",
+          "--min_timestep", "200", "--max_timestep", "300")  # fmt: skip
+    drawn = torch.cat(step_inputs["timesteps"])
+    assert len(drawn) == 16 and drawn.min() >= 200 and drawn.max() < 300 and len(set(drawn.tolist())) > 8
+    assert "* Loss: l2, timesteps from 200 below 300" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--huber_c", "0.2"], "--huber_c is for --loss_type huber or smooth_l1, not l2"),
+        (["--loss_type", "l1", "--huber_schedule", "snr"], "--huber_schedule is for --loss_type huber or smooth_l1"),
+        (["--loss_type", "huber", "--huber_c", "0"], "--huber_c must be a number above 0, got 0.0"),
+        (["--min_timestep", "500", "--max_timestep", "500"], "must make a range: 0 <= min < max, got 500 and 500"),
+        (["--min_timestep", "-1"], "must make a range: 0 <= min < max, got -1 and None"),
+    ],
+)
+def test_loss_flags_that_mean_nothing_or_make_no_range_are_one_line(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        train_text_to_image.parse_args(
+            ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(DEMO_DATA), *argv]
+        )
+
+
+def test_timesteps_past_the_schedule_are_one_line(tiny_sd, tmp_path):
+    with pytest.raises(
+        UserError, match="must lie in the noise schedule's 1000 timesteps .0 to 1000., got None and 1001"
+    ):
+        train(tiny_sd, tmp_path, "--max_train_steps", "1", "--max_timestep", "1001")
