@@ -554,8 +554,8 @@ def parse_args(argv=None):
         help=(
             "Read captions as prompts are read (not upstream; kohya-ss's flag): AUTOMATIC1111's emphasis, e.g."
             ' "a (red:1.3) dragon" or "((red)) dragon", weighs those words\' embeddings, and BREAK starts a new'
-            " window (see sdtoolkit/clip_windows.py). Without it, brackets and weights are read as words. Keep"
-            " commas out of brackets with --shuffle_tags, which splits captions at commas."
+            " window (see sdtoolkit/clip_windows.py). Without it, brackets and weights are read as words. With"
+            " --shuffle_tags, which splits captions at commas, a comma inside brackets is refused."
         ),
     )
     parser.add_argument(
@@ -1778,10 +1778,11 @@ def fine_tune(args):
          loss_weights, held_out_split) = load_training_dataset(args)  # fmt: skip
     held_out_rows, held_out_sizes = held_out_split or (None, None)
     # Captions in AUTOMATIC1111's prompt syntax: read for emphasis with --weighted_captions, else as words.
-    num_weighted = sum(
-        check_caption_syntax(rows, caption_column, weighted=args.weighted_captions)
-        for rows in [train_rows] + [held_out_rows] * (held_out_rows is not None)
+    num_weighted = check_caption_syntax(
+        train_rows, caption_column, weighted=args.weighted_captions, shuffled=args.shuffle_tags
     )
+    if held_out_rows is not None:  # read as they are, never shuffled
+        num_weighted += check_caption_syntax(held_out_rows, caption_column, weighted=args.weighted_captions)
     if num_weighted and not args.weighted_captions:
         logger.warning(
             f"{num_weighted} captions weigh words in AUTOMATIC1111's syntax, e.g. (word:1.2); they are read as"

@@ -322,16 +322,37 @@ def all_captions(dataset, caption_column):
 EXPLICIT_WEIGHT = re.compile(r"(?<!\\)\([^()]*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
 
 
-def check_caption_syntax(dataset, caption_column, *, weighted):
+def comma_in_brackets(caption):
+    """Whether a comma of the caption is inside emphasis brackets, as in "(red hair, blue eyes:1.2)"."""
+    depth = 0
+    for match in re.finditer(r"\\.|[()\[\],]", caption):
+        token = match.group(0)
+        if token in "([":
+            depth += 1
+        elif token in ")]":
+            depth = max(depth - 1, 0)
+        elif token == "," and depth:
+            return True
+    return False
+
+
+def check_caption_syntax(dataset, caption_column, *, weighted, shuffled=False):
     """With weighted (--weighted_captions), raise UserError at the first caption that holds AUTOMATIC1111 syntax
-    the toolkit does not read (see unsupported_syntax). Returns how many captions hold an explicit weight such as
+    the toolkit does not read (see unsupported_syntax), or, when its tags are shuffled (--shuffle_tags, which splits
+    captions at commas), a comma inside brackets. Returns how many captions hold an explicit weight such as
     "(word:1.2)": without weighted, they are read as text, which the caller says."""
     weights = 0
     for caption in all_captions(dataset, caption_column):
+        shown = caption if len(caption) <= 60 else caption[:57] + "..."
         problem = unsupported_syntax(caption) if weighted else None
         if problem:
-            shown = caption if len(caption) <= 60 else caption[:57] + "..."
             raise UserError(f"--weighted_captions: the caption {shown!r} can't be read: {problem}")
+        if weighted and shuffled and comma_in_brackets(caption):
+            raise UserError(
+                f"--weighted_captions with --shuffle_tags: the caption {shown!r} has a comma inside brackets, where"
+                " shuffling would split it and its weight; weigh each tag on its own, e.g. (red hair:1.2), (blue"
+                " eyes:1.2)"
+            )
         weights += bool(EXPLICIT_WEIGHT.search(caption))
     return weights
 

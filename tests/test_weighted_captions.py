@@ -99,6 +99,17 @@ def test_syntax_the_toolkit_does_not_read_is_refused_and_weights_read_as_words_a
     with caplog.at_level(logging.WARNING):
         train(tiny_sd, tmp_path / "literal", "--max_train_steps", "1", data=data)
     assert "2 captions weigh words in AUTOMATIC1111's syntax, e.g. (word:1.2); they are read as text" in caplog.text
+    # Shuffled tags are split at commas: a comma inside brackets would split a weight from its words.
+    rows = [(f"{i}.png", demo_image(i), "(red hair, blue eyes:1.2), smile") for i in range(2)]
+    rows += [(f"{i}.png", demo_image(i), r"(red hair:1.2), \(blue, eyes\), smile") for i in range(2, 4)]
+    data = image_folder(tmp_path / "commas", rows)
+    with pytest.raises(UserError, match=r"the caption '\(red hair, blue eyes:1.2\), smile' has a comma inside brack"):
+        train(tiny_sd, tmp_path / "shuffled", "--max_train_steps", "1", "--weighted_captions", "--shuffle_tags",
+              data=data)  # fmt: skip
+    train(tiny_sd, tmp_path / "unshuffled", "--max_train_steps", "1", "--weighted_captions", data=data)
+    data = image_folder(tmp_path / "no-commas", rows[2:])
+    train(tiny_sd, tmp_path / "shuffled-fine", "--max_train_steps", "1", "--weighted_captions", "--shuffle_tags",
+          data=data)  # fmt: skip
 
 
 def test_caption_accuracy_reads_weighted_captions_when_told(tiny_sd):
