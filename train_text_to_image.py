@@ -794,6 +794,19 @@ def parse_args(argv=None):
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers."
     )
     parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    # Multi-resolution noise (not upstream; kohya-ss's flags, see multires_noise in sdtoolkit/data.py).
+    parser.add_argument(
+        "--multires_noise_iterations",
+        type=int,
+        default=0,
+        help="Add noise drawn at this many coarser sizes to the noise (kohya-ss suggests 6 to 10); 0: white noise.",
+    )
+    parser.add_argument(
+        "--multires_noise_discount",
+        type=float,
+        default=None,
+        help="With --multires_noise_iterations, how much each coarser size weighs relative to the last (default 0.3).",
+    )
     parser.add_argument(
         "--validation_epochs",
         type=int,
@@ -870,6 +883,16 @@ def parse_args(argv=None):
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    if args.multires_noise_iterations < 0:
+        raise UserError(f"--multires_noise_iterations must be 0 or more, got {args.multires_noise_iterations}")
+    if args.multires_noise_discount is not None and not args.multires_noise_iterations:
+        raise UserError("--multires_noise_discount is for --multires_noise_iterations N, which is not given")
+    if args.multires_noise_iterations:
+        args.multires_noise_discount = 0.3 if args.multires_noise_discount is None else args.multires_noise_discount
+        if not (math.isfinite(args.multires_noise_discount) and 0 < args.multires_noise_discount <= 1):
+            raise UserError(
+                f"--multires_noise_discount must be above 0 and at most 1, got {args.multires_noise_discount}"
+            )
     huber = args.loss_type in ("huber", "smooth_l1")
     for flag in ("huber_schedule", "huber_c"):
         if getattr(args, flag) is not None and not huber:
@@ -1528,6 +1551,10 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     if args.min_timestep or args.max_timestep:
         below = f" below {args.max_timestep}" if args.max_timestep else ""
         loss.append(f"timesteps from {args.min_timestep or 0}{below}")
+    if args.multires_noise_iterations:
+        loss.append(
+            f"multi-resolution noise ({args.multires_noise_iterations} sizes, discount {args.multires_noise_discount:g})"
+        )
     loss_line = f"\n* Loss: {', '.join(loss)}" if loss != ["l2"] else ""
     samples = ""
     if images:

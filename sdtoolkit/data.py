@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Image as ImageFeature
 from PIL import Image
 from torchvision.transforms import functional as TF
@@ -420,6 +421,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.clip_skip = args.clip_skip  # which of the text encoder's layers a cache encodes captions with
         self.interpolation = getattr(TF.InterpolationMode, args.image_interpolation_mode.upper())
         self.noise_offset = args.noise_offset
+        self.multires_noise_iterations = args.multires_noise_iterations
+        self.multires_noise_discount = args.multires_noise_discount
         self.input_perturbation = args.input_perturbation
         # Caption dropout trains a share of examples unconditioned, which classifier-free guidance needs;
         # tag shuffling reorders comma-separated tags after the first keep_tags (kohya's shuffle_caption).
@@ -536,9 +539,34 @@ class TrainingExamples(torch.utils.data.Dataset):
             if self.windows > 1:
                 own = 1 if dropped else own_windows[caption]
                 example["window_mask"] = torch.tensor([1.0] * own + [0.0] * (self.windows - own))
+        # Multi-resolution noise, drawn after all else so that runs without it draw exactly as before.
+        if self.multires_noise_iterations:
+            example["noise"] = multires_noise(
+                example["noise"], generator, iterations=self.multires_noise_iterations,
+                discount=self.multires_noise_discount,
+            )  # fmt: skip
         if self.loss_weights is not None:
             example["loss_weight"] = torch.tensor(self.loss_weights[image_row], dtype=torch.float32)
         return example
+
+
+def multires_noise(noise, generator, *, iterations, discount):
+    """kohya-ss's multi-resolution ("pyramid") noise: `noise` [C, h, w] plus, for i = 0, 1, ..., iterations - 1,
+    noise drawn at a size (h, w) / r^i (r between 2 and 4, drawn each time; i = 0 is another full-size draw) and
+    enlarged bilinearly, weighed discount^i, until a size of 1; the sum then scaled to unit standard deviation.
+    Its low frequencies let the model learn to change an image's overall brightness and colour, which white noise
+    hardly masks. (kohya-ss scales by the whole batch's standard deviation; here each example by its own, so that
+    an example's noise does not depend on the batch it lands in.)"""
+    channels, height, width = noise.shape
+    total = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand(1, generator=generator)) * 2 + 2
+        size = (max(1, int(height / r**i)), max(1, int(width / r**i)))
+        coarse = torch.randn((1, channels, *size), generator=generator)
+        total += F.interpolate(coarse, size=(height, width), mode="bilinear")[0] * discount**i
+        if 1 in size:
+            break
+    return total / total.std()
 
 
 def shuffle_tags(caption, *, keep, generator):

@@ -164,7 +164,8 @@ def examples(tokenizer, captions, images=None, repeats=None, **flags):
     settings = dict(resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="bilinear",
                     noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
                     keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1,
-                    weighted_captions=False, min_timestep=None, max_timestep=None)  # fmt: skip
+                    weighted_captions=False, min_timestep=None, max_timestep=None,
+                    multires_noise_iterations=0, multires_noise_discount=None)  # fmt: skip
     args = SimpleNamespace(**{**settings, **flags})
     return TrainingExamples(
         rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000, repeats=repeats

@@ -658,7 +658,7 @@ def card_args(output_dir, **change):
                   lr_warmup_steps=0, train_batch_size=1, gradient_accumulation_steps=4, resolution=512,
                   center_crop=True, random_flip=True, mixed_precision="fp16", use_ema=True, seed=None, clip_skip=1,
                   weighted_captions=False, loss_type="l2", snr_gamma=None, debiased_estimation_loss=False,
-                  min_timestep=None, max_timestep=None)  # fmt: skip
+                  min_timestep=None, max_timestep=None, multires_noise_iterations=0)  # fmt: skip
     return Namespace(**{**values, **change})
 
 

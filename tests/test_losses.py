@@ -1,13 +1,15 @@
-"""kohya-ss's loss options: --loss_type (l1, huber, smooth_l1) with --huber_schedule and --huber_c,
---debiased_estimation_loss, and --min_timestep/--max_timestep."""
+"""kohya-ss's loss and noise options: --loss_type (l1, huber, smooth_l1) with --huber_schedule and --huber_c,
+--debiased_estimation_loss, --min_timestep/--max_timestep, and --multires_noise_iterations."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 import train_text_to_image
+from sdtoolkit.data import multires_noise
 from sdtoolkit.errors import UserError
 from sdtoolkit.losses import debiased_weights, huber_thresholds, loss_per_element
 from tests.conftest import DEMO_DATA, logged_losses, train
@@ -155,6 +157,8 @@ def test_timesteps_are_drawn_from_the_range_asked_for(tiny_sd, tmp_path, step_in
         (["--loss_type", "huber", "--huber_c", "0"], "--huber_c must be a number above 0, got 0.0"),
         (["--min_timestep", "500", "--max_timestep", "500"], "must make a range: 0 <= min < max, got 500 and 500"),
         (["--min_timestep", "-1"], "must make a range: 0 <= min < max, got -1 and None"),
+        (["--multires_noise_discount", "0.3"], "--multires_noise_discount is for --multires_noise_iterations N"),
+        (["--multires_noise_iterations", "6", "--multires_noise_discount", "0"], "must be above 0 and at most 1"),
     ],
 )
 def test_loss_flags_that_mean_nothing_or_make_no_range_are_one_line(argv, message):
@@ -169,3 +173,54 @@ def test_timesteps_past_the_schedule_are_one_line(tiny_sd, tmp_path):
         UserError, match="must lie in the noise schedule's 1000 timesteps .0 to 1000., got None and 1001"
     ):
         train(tiny_sd, tmp_path, "--max_train_steps", "1", "--max_timestep", "1001")
+
+
+def test_multires_noise_has_unit_variance_and_low_frequencies():
+    def draw(seed, **options):
+        generator = torch.Generator().manual_seed(seed)
+        return multires_noise(torch.randn(4, 64, 64, generator=generator), generator, **options)
+
+    assert torch.equal(draw(0, iterations=6, discount=0.3), draw(0, iterations=6, discount=0.3))  # its own draws
+    noises = torch.stack([draw(seed, iterations=6, discount=0.3) for seed in range(100)])
+    white = torch.randn(noises.shape, generator=torch.Generator().manual_seed(1))
+    assert noises.flatten(1).std(dim=1).tolist() == pytest.approx([1.0] * 100, abs=1e-5)
+    # A channel's mean over the image: about 1/64 for white noise (0.017 measured); the coarse draws make it larger,
+    # the more so the more they weigh (0.024 at discount 0.3, 0.26 at 0.8).
+    heavier = torch.stack([draw(seed, iterations=6, discount=0.8) for seed in range(100)])
+    spread = [x.mean(dim=(2, 3)).std().item() for x in (white, noises, heavier)]
+    assert spread[0] < 0.02 and spread[1] > 1.2 * spread[0] and spread[2] > 10 * spread[0]
+
+
+def test_training_adds_multires_noise_after_the_other_draws(tiny_sd, tmp_path, step_inputs):
+    common = ["--max_train_steps", "2", "--train_batch_size", "4", "--center_crop", "--resolution", "64"]
+    train(tiny_sd, tmp_path / "white", *common)
+    white, white_timesteps = list(step_inputs["noise"]), list(step_inputs["timesteps"])
+    step_inputs["noise"].clear(), step_inputs["timesteps"].clear()
+    train(tiny_sd, tmp_path / "multires", *common, "--multires_noise_iterations", "6")
+    for before, after, t_before, t_after in zip(
+        white, step_inputs["noise"], white_timesteps, step_inputs["timesteps"]
+    ):
+        assert torch.equal(t_before, t_after)  # the draws before it are unchanged
+        assert not torch.allclose(before, after)
+        assert after.flatten(1).std(dim=1).tolist() == pytest.approx([1.0] * 4, abs=1e-5)
+    assert "multi-resolution noise (6 sizes, discount 0.3)" in (tmp_path / "multires" / "README.md").read_text()
+
+
+def test_multires_noise_is_kohya_sss_pyramid_on_the_examples_own_generator():
+    # kohya-ss's loop, written out: at each size a draw of r in [2, 4), noise at (h, w) / r^i enlarged and weighed
+    # discount^i, stopping after a size of 1; then unit standard deviation (here per example).
+    for shape, iterations, discount in (((4, 8, 8), 6, 0.8), ((4, 16, 12), 3, 0.5)):
+        generator = torch.Generator().manual_seed(7)
+        got = multires_noise(torch.randn(shape, generator=generator), generator, iterations=iterations,
+                             discount=discount)  # fmt: skip
+        generator = torch.Generator().manual_seed(7)
+        noise = torch.randn(shape, generator=generator)[None]
+        _, c, h, w = noise.shape
+        for i in range(iterations):
+            r = torch.rand(1, generator=generator).item() * 2 + 2
+            hn, wn = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
+            noise = noise + F.interpolate(torch.randn(1, c, hn, wn, generator=generator), size=(h, w),
+                                          mode="bilinear") * discount**i  # fmt: skip
+            if hn == 1 or wn == 1:
+                break
+        torch.testing.assert_close(got, (noise / noise.std())[0])

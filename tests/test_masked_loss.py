@@ -28,7 +28,8 @@ def examples_of(tiny_sd, images, **flags):
     settings = dict(resolution=32, center_crop=False, random_flip=True, image_interpolation_mode="lanczos",
                     noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
                     keep_tags=0, masked_loss=True, max_token_length=75, clip_skip=1,
-                    weighted_captions=False, min_timestep=None, max_timestep=None)  # fmt: skip
+                    weighted_captions=False, min_timestep=None, max_timestep=None,
+                    multires_noise_iterations=0, multires_noise_discount=None)  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     return TrainingExamples(
         rows, "image", "text", tokenizer, SimpleNamespace(**{**settings, **flags}), latent_shape=(4, 4, 4),
