@@ -462,7 +462,16 @@ def parse_args(argv=None):
         help="Shuffle the comma-separated tags of each caption at every step, keeping the first --keep_tags in place.",
     )
     parser.add_argument(
-        "--keep_tags", type=int, default=0, help="With --shuffle_tags, the number of leading tags kept in place."
+        "--caption_tag_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Leave out each comma-separated tag after the first --keep_tags at this rate, drawn at every step, e.g. 0.1.",
+    )
+    parser.add_argument(
+        "--keep_tags",
+        type=int,
+        default=0,
+        help="With --shuffle_tags or --caption_tag_dropout_rate, the number of leading tags kept as they are.",
     )
     # Aspect-ratio buckets (not upstream): see sdtoolkit/buckets.py.
     parser.add_argument(
@@ -879,6 +888,8 @@ def parse_args(argv=None):
         raise UserError(f"--prior_loss_weight must be a number >= 0, got {args.prior_loss_weight}")
     if not (math.isfinite(args.caption_dropout_rate) and 0 <= args.caption_dropout_rate <= 1):
         raise UserError(f"--caption_dropout_rate must be between 0 and 1, got {args.caption_dropout_rate}")
+    if not (math.isfinite(args.caption_tag_dropout_rate) and 0 <= args.caption_tag_dropout_rate <= 1):
+        raise UserError(f"--caption_tag_dropout_rate must be between 0 and 1, got {args.caption_tag_dropout_rate}")
     if args.keep_tags < 0:
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
@@ -1806,8 +1817,9 @@ def fine_tune(args):
     held_out_rows, held_out_sizes = held_out_split or (None, None)
     # Captions in AUTOMATIC1111's prompt syntax: read for emphasis with --weighted_captions, else as words.
     num_weighted = check_caption_syntax(
-        train_rows, caption_column, weighted=args.weighted_captions, shuffled=args.shuffle_tags
-    )
+        train_rows, caption_column, weighted=args.weighted_captions,
+        shuffled=args.shuffle_tags or bool(args.caption_tag_dropout_rate),
+    )  # fmt: skip
     if held_out_rows is not None:  # read as they are, never shuffled
         num_weighted += check_caption_syntax(held_out_rows, caption_column, weighted=args.weighted_captions)
     if num_weighted and not args.weighted_captions:
@@ -2225,16 +2237,20 @@ def fine_tune(args):
 
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
     # cached only for center crops, where they are exact; random crops are encoded at every step.
-    # Shuffled tags make a new caption at every step, so they are encoded at every step too.
+    # Shuffled or dropped tags make a new caption at every step, so they are encoded at every step too.
     # A text encoder that trains encodes differently at every step, so its captions are not cached either.
     cache_images = args.cache_latents and args.center_crop
-    cache_text = args.cache_latents and not args.shuffle_tags and not args.train_text_encoder
+    tags_drawn = args.shuffle_tags or args.caption_tag_dropout_rate
+    cache_text = args.cache_latents and not tags_drawn and not args.train_text_encoder
     if args.cache_latents and not cache_images and cache_text:
         logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
     elif args.cache_latents and not cache_images:
         logger.info("--cache_latents: caching nothing; without --center_crop each step crops anew")
-    if args.cache_latents and args.shuffle_tags:
-        logger.info("--cache_latents: with --shuffle_tags every step encodes its own caption; captions are not cached")
+    if args.cache_latents and tags_drawn:
+        logger.info(
+            "--cache_latents: with --shuffle_tags or --caption_tag_dropout_rate every step encodes its own caption;"
+            " captions are not cached"
+        )
     elif args.cache_latents and args.train_text_encoder:
         logger.info("--cache_latents: with --train_text_encoder every step encodes its captions; they are not cached")
     if cache_images or cache_text:

@@ -339,8 +339,8 @@ def comma_in_brackets(caption):
 
 def check_caption_syntax(dataset, caption_column, *, weighted, shuffled=False):
     """With weighted (--weighted_captions), raise UserError at the first caption that holds AUTOMATIC1111 syntax
-    the toolkit does not read (see unsupported_syntax), or, when its tags are shuffled (--shuffle_tags, which splits
-    captions at commas), a comma inside brackets. Returns how many captions hold an explicit weight such as
+    the toolkit does not read (see unsupported_syntax), or, when its tags are shuffled or dropped (--shuffle_tags,
+    --caption_tag_dropout_rate, which split captions at commas), a comma inside brackets. Returns how many captions hold an explicit weight such as
     "(word:1.2)": without weighted, they are read as text, which the caller says."""
     weights = 0
     for caption in all_captions(dataset, caption_column):
@@ -350,9 +350,9 @@ def check_caption_syntax(dataset, caption_column, *, weighted, shuffled=False):
             raise UserError(f"--weighted_captions: the caption {shown!r} can't be read: {problem}")
         if weighted and shuffled and comma_in_brackets(caption):
             raise UserError(
-                f"--weighted_captions with --shuffle_tags: the caption {shown!r} has a comma inside brackets, where"
-                " shuffling would split it and its weight; weigh each tag on its own, e.g. (red hair:1.2), (blue"
-                " eyes:1.2)"
+                f"--weighted_captions with --shuffle_tags or --caption_tag_dropout_rate: the caption {shown!r} has a"
+                " comma inside brackets, where those split it from its weight; weigh each tag on its own, e.g. (red"
+                " hair:1.2), (blue eyes:1.2)"
             )
         weights += bool(EXPLICIT_WEIGHT.search(caption))
     return weights
@@ -425,9 +425,11 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.multires_noise_discount = args.multires_noise_discount
         self.input_perturbation = args.input_perturbation
         # Caption dropout trains a share of examples unconditioned, which classifier-free guidance needs;
-        # tag shuffling reorders comma-separated tags after the first keep_tags (kohya's shuffle_caption).
+        # tag shuffling reorders comma-separated tags after the first keep_tags (kohya's shuffle_caption), and
+        # tag dropout leaves each of them out at a rate (kohya's caption_tag_dropout_rate).
         self.caption_dropout_rate = args.caption_dropout_rate
         self.shuffle_tags = args.shuffle_tags
+        self.tag_dropout_rate = args.caption_tag_dropout_rate
         self.keep_tags = args.keep_tags
         self.bucket_sizes = None  # set by use_buckets: (width, height) per row
         self.seed = args.seed
@@ -452,8 +454,8 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def use_cache(self, latents, text):
         """Serve cached latent distributions and/or text embeddings (either may be None) instead of encoding."""
-        if text is not None and self.shuffle_tags:
-            raise ValueError("shuffled tags can't come from a text cache: each draw is another caption")
+        if text is not None and (self.shuffle_tags or self.tag_dropout_rate):
+            raise ValueError("shuffled or dropped tags can't come from a text cache: each draw is another caption")
         self.latents, self.text = latents, text
 
     def __getitem__(self, index):
@@ -516,8 +518,11 @@ class TrainingExamples(torch.utils.data.Dataset):
         if self.text is None:
             if dropped:
                 caption = ""
-            elif self.shuffle_tags:
-                caption = shuffle_tags(caption, keep=self.keep_tags, generator=generator)
+            elif self.shuffle_tags or self.tag_dropout_rate:
+                caption = edit_tags(
+                    caption, keep=self.keep_tags, generator=generator, shuffle=self.shuffle_tags,
+                    dropout=self.tag_dropout_rate,
+                )  # fmt: skip
             if self.weighted_captions:  # read as a prompt: token ids with their weights (see emphasize)
                 ids, mask, weights = caption_windows(self.tokenizer, caption, self.windows, weighted=True)
                 one = self.windows == 1  # then [77], as upstream's input_ids
@@ -569,12 +574,18 @@ def multires_noise(noise, generator, *, iterations, discount):
     return total / total.std()
 
 
-def shuffle_tags(caption, *, keep, generator):
-    """The caption's comma-separated tags with all but the first `keep` in a random order."""
+def edit_tags(caption, *, keep, generator, shuffle=True, dropout=0.0):
+    """The caption's comma-separated tags, the first `keep` as they are; of the others, with shuffle, put in a
+    random order, and with dropout, each one left out at that rate."""
     tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
     head, tail = tags[:keep], tags[keep:]
-    order = torch.randperm(len(tail), generator=generator).tolist()
-    return ", ".join(head + [tail[i] for i in order])
+    if shuffle:
+        order = torch.randperm(len(tail), generator=generator).tolist()
+        tail = [tail[i] for i in order]
+    if dropout:
+        kept = (torch.rand(len(tail), generator=generator) >= dropout).tolist()
+        tail = [tag for tag, keep_it in zip(tail, kept) if keep_it]
+    return ", ".join(head + tail)
 
 
 def balance_regularization(reg_repeats, num_examples):

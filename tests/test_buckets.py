@@ -56,7 +56,7 @@ def bucketed_examples(tiny_sd, center_crop):
                            noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0, shuffle_tags=False,
                            keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1,
                            weighted_captions=False, min_timestep=None, max_timestep=None,
-                           multires_noise_iterations=0, multires_noise_discount=None)  # fmt: skip
+                           multires_noise_iterations=0, multires_noise_discount=None, caption_tag_dropout_rate=0.0)  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     examples = TrainingExamples(
         rows, "image", "text", tokenizer, args, latent_shape=(4, 8, 8), num_train_timesteps=1000

@@ -165,7 +165,7 @@ def examples(tokenizer, captions, images=None, repeats=None, **flags):
                     noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
                     keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1,
                     weighted_captions=False, min_timestep=None, max_timestep=None,
-                    multires_noise_iterations=0, multires_noise_discount=None)  # fmt: skip
+                    multires_noise_iterations=0, multires_noise_discount=None, caption_tag_dropout_rate=0.0)  # fmt: skip
     args = SimpleNamespace(**{**settings, **flags})
     return TrainingExamples(
         rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000, repeats=repeats
@@ -260,6 +260,22 @@ def test_tag_shuffling_keeps_the_first_tags_and_shuffles_the_rest(tokenizer):
     assert captions_drawn(examples(tokenizer, [tags] * 10, shuffle_tags=True, keep_tags=2), 5) == drawn
 
 
+def test_tag_dropout_leaves_out_tags_at_its_rate_keeping_the_first(tokenizer):
+    tags = "pikachu, yellow, electric, cute, mouse, cartoon"
+    drawn = captions_drawn(examples(tokenizer, [tags] * 10, caption_tag_dropout_rate=0.3, keep_tags=1), 20)
+    kept = [caption.split(", ") for caption in drawn]
+    assert all(caption[0] == "pikachu" for caption in kept)
+    # Without shuffling the others keep their order; each is left out about 30% of the time (200 draws each).
+    assert all(caption[1:] == [tag for tag in tags.split(", ")[1:] if tag in caption] for caption in kept)
+    left_out = [sum(tag not in caption for caption in kept) / len(kept) for tag in tags.split(", ")[1:]]
+    assert all(0.2 < share < 0.4 for share in left_out), left_out
+    # With shuffling too: shuffled, then dropped; the same draws on a second pass.
+    both = examples(tokenizer, [tags] * 10, caption_tag_dropout_rate=0.3, shuffle_tags=True, keep_tags=1)
+    drawn = captions_drawn(both, 5)
+    assert len({caption for caption in drawn if len(caption.split(", ")) == 6}) > 3
+    assert captions_drawn(both, 5) == drawn
+
+
 def test_without_the_new_flags_the_draws_are_unchanged(tokenizer):
     # Dropout and shuffling draw last: with them off, every example is what it was before they existed.
     plain = examples(tokenizer, ["a creature, green"] * 4)
@@ -279,9 +295,10 @@ def test_cached_dropout_trains_like_encoding_every_step(tiny_sd, tmp_path):
         assert a == pytest.approx(b, rel=1e-5)
 
 
-def test_shuffled_tags_train_with_the_latent_cache(tiny_sd, tmp_path, caplog):
+@pytest.mark.parametrize("flag", [["--shuffle_tags"], ["--caption_tag_dropout_rate", "0.2"]])
+def test_shuffled_or_dropped_tags_train_with_the_latent_cache(tiny_sd, tmp_path, caplog, flag):
     with caplog.at_level(logging.INFO):
-        train(tiny_sd, tmp_path, "--max_train_steps", "2", "--center_crop", "--shuffle_tags", "--keep_tags", "1")
+        train(tiny_sd, tmp_path, "--max_train_steps", "2", "--center_crop", *flag, "--keep_tags", "1")
     assert "captions are not cached" in caplog.text and "Cached latents of 32 images" in caplog.text
     assert (tmp_path / "model_index.json").exists()
 
@@ -291,6 +308,8 @@ def test_bad_values_are_one_line(tmp_path):
 
     for flags, message in ((["--dataset_repeats", "0"], "--dataset_repeats must be at least 1"),
                            (["--caption_dropout_rate", "1.5"], "--caption_dropout_rate must be between 0 and 1"),
+                           (["--caption_tag_dropout_rate", "-0.1"],
+                            "--caption_tag_dropout_rate must be between 0 and 1"),
                            (["--keep_tags", "-1"], "--keep_tags must be 0 or more")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir",

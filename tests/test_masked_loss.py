@@ -29,7 +29,7 @@ def examples_of(tiny_sd, images, **flags):
                     noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
                     keep_tags=0, masked_loss=True, max_token_length=75, clip_skip=1,
                     weighted_captions=False, min_timestep=None, max_timestep=None,
-                    multires_noise_iterations=0, multires_noise_discount=None)  # fmt: skip
+                    multires_noise_iterations=0, multires_noise_discount=None, caption_tag_dropout_rate=0.0)  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     return TrainingExamples(
         rows, "image", "text", tokenizer, SimpleNamespace(**{**settings, **flags}), latent_shape=(4, 4, 4),

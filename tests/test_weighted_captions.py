@@ -106,6 +106,9 @@ def test_syntax_the_toolkit_does_not_read_is_refused_and_weights_read_as_words_a
     with pytest.raises(UserError, match=r"the caption '\(red hair, blue eyes:1.2\), smile' has a comma inside brack"):
         train(tiny_sd, tmp_path / "shuffled", "--max_train_steps", "1", "--weighted_captions", "--shuffle_tags",
               data=data)  # fmt: skip
+    with pytest.raises(UserError, match="--shuffle_tags or --caption_tag_dropout_rate: the caption"):
+        train(tiny_sd, tmp_path / "dropped", "--max_train_steps", "1", "--weighted_captions",
+              "--caption_tag_dropout_rate", "0.1", data=data)  # fmt: skip
     train(tiny_sd, tmp_path / "unshuffled", "--max_train_steps", "1", "--weighted_captions", data=data)
     data = image_folder(tmp_path / "no-commas", rows[2:])
     train(tiny_sd, tmp_path / "shuffled-fine", "--max_train_steps", "1", "--weighted_captions", "--shuffle_tags",
