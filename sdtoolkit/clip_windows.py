@@ -200,15 +200,18 @@ def token_mask(window_mask):
 def emphasize(hidden, weights):
     """AUTOMATIC1111's emphasis ("Original"): each token's embedding times its weight, then each window scaled back
     to the mean it had (over its 77 tokens and their features). hidden: [..., dim] with 77 tokens a window, e.g.
-    [count, 77, dim] or [n, count * 77, dim]; weights: as many, e.g. [count, 77] or [n, count, 77]. Applied whatever
-    the weights are (no look at them, which on a GPU would wait for it): weights of 1 change the numbers by rounding
-    alone."""
+    [count, 77, dim] or [n, count * 77, dim]; weights: as many, e.g. [count, 77] or [n, count, 77]. A window whose
+    weights are all 1 is left exactly as it is; which ones those are is worked out on the device, without looking
+    at the weights from the host (which on a GPU would wait for it)."""
     shape = hidden.shape
     windows = hidden.reshape(-1, WINDOW, shape[-1])
-    mean = windows.mean(dim=(1, 2), keepdim=True)
-    windows = windows * weights.reshape(-1, WINDOW, 1).to(windows.dtype)
-    windows = windows * (mean / windows.mean(dim=(1, 2), keepdim=True))
-    return windows.reshape(shape)
+    weights = weights.reshape(-1, WINDOW, 1).to(windows.dtype)
+    weighted = windows * weights
+    plain = (weights == 1).all(dim=1, keepdim=True)  # (windows, 1, 1)
+    one = torch.ones_like(plain, dtype=windows.dtype)
+    mean, new_mean = windows.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    # A plain window's factor is 1, not mean / mean: a window whose mean is 0 would make that NaN.
+    return (weighted * torch.where(plain, one, mean / torch.where(plain, one, new_mean))).reshape(shape)
 
 
 def encode_prompts(pipeline, prompt, negative_prompt, guidance, clip_skip=1):

@@ -100,7 +100,8 @@ class HeldOutLoss:
                             caption_windows(tokenizer, caption, windows, weighted_captions) for caption in captions
                         ]
                         ids = torch.stack([caption_ids for caption_ids, _, _ in read])
-                        token_weights.append(torch.stack([weights for _, _, weights in read]).to(device))
+                        if weighted_captions:
+                            token_weights.append(torch.stack([weights for _, _, weights in read]).to(device))
                         if windows > 1:
                             masks.append(token_mask(torch.stack([mask for _, mask, _ in read])).to(device))
                     else:

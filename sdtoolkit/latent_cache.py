@@ -297,8 +297,8 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
                             own += [int(mask.sum()) for _, mask, _ in read]
                         ids = torch.stack([caption_ids for caption_ids, _, _ in read])
                         encoded = encode_windows(text_encoder, ids.to(device), examples.clip_skip)
-                        # --weighted_captions: the emphasis applied once, here (see emphasize)
-                        encoded = emphasize(encoded, torch.stack([weights for _, _, weights in read]).to(device))
+                        if weighted:  # --weighted_captions: the emphasis applied once, here (see emphasize)
+                            encoded = emphasize(encoded, torch.stack([weights for _, _, weights in read]).to(device))
                     else:
                         ids = tokenizer(
                             batch, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,

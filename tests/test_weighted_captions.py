@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 import metrics
-from sdtoolkit.clip_windows import caption_windows, encode_prompts
+from sdtoolkit.clip_windows import caption_windows, emphasize, encode_prompts
 from sdtoolkit.data import count_long_captions
 from sdtoolkit.errors import UserError
 from sdtoolkit.learning_check import caption_errors
@@ -34,6 +34,19 @@ def test_a_weighted_caption_is_its_words_with_their_weights(tiny_sd):
     ids, mask, _ = caption_windows(tokenizer, BROKEN, 3, weighted=True)
     assert mask.tolist() == [1, 1, 0]
     assert ids[1].tolist() == tokenizer("on a white background", padding="max_length", max_length=77).input_ids
+
+
+def test_emphasis_leaves_windows_of_weight_1_exactly_as_they_are():
+    hidden = torch.randn(2, 3 * 77, 8)  # two captions, three windows each
+    hidden[0, 77:154] = 0  # a window whose mean is 0: mean / mean would be NaN
+    weights = torch.ones(2, 3, 77)
+    weights[1, 2, 5] = 1.5  # one emphasized token, in the second caption's third window
+    out = emphasize(hidden, weights)
+    assert torch.equal(out[0], hidden[0]) and torch.equal(out[1, : 2 * 77], hidden[1, : 2 * 77])
+    window, emphasized = hidden[1, 154:], out[1, 154:]
+    factor = window.mean() / (window * weights[1, 2, :, None]).mean()
+    torch.testing.assert_close(emphasized[5], window[5] * 1.5 * factor)
+    torch.testing.assert_close(emphasized.mean(), window.mean())
 
 
 def test_a_break_counts_as_a_window_of_the_caption(tiny_sd):
