@@ -564,7 +564,8 @@ def parse_args(argv=None):
             "Read captions as prompts are read (not upstream; kohya-ss's flag): AUTOMATIC1111's emphasis, e.g."
             ' "a (red:1.3) dragon" or "((red)) dragon", weighs those words\' embeddings, and BREAK starts a new'
             " window (see sdtoolkit/clip_windows.py). Without it, brackets and weights are read as words. With"
-            " --shuffle_tags, which splits captions at commas, a comma inside brackets is refused."
+            " --shuffle_tags or --caption_tag_dropout_rate, which split captions at commas, a comma inside brackets"
+            " is refused."
         ),
     )
     parser.add_argument(
@@ -808,7 +809,10 @@ def parse_args(argv=None):
         "--multires_noise_iterations",
         type=int,
         default=0,
-        help="Add noise drawn at this many coarser sizes to the noise (kohya-ss suggests 6 to 10); 0: white noise.",
+        help=(
+            "Add to the noise noise drawn at this many sizes, from the full size down, each 2 to 4 times smaller than"
+            " the last (kohya-ss suggests 6 to 10); 0: white noise alone."
+        ),
     )
     parser.add_argument(
         "--multires_noise_discount",
@@ -1566,7 +1570,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         loss.append(
             f"multi-resolution noise ({args.multires_noise_iterations} sizes, discount {args.multires_noise_discount:g})"
         )
-    loss_line = f"\n* Loss: {', '.join(loss)}" if loss != ["l2"] else ""
+    loss_line = f"\n* Loss and noise: {', '.join(loss)}" if loss != ["l2"] else ""
     samples = ""
     if images:
         listed = "; ".join(f'"{p}"' for p in args.validation_prompts)

@@ -6,6 +6,7 @@
 - buckets: aspect-ratio buckets (shapes, assignment, cover-and-crop, one bucket per batch).
 - caption_folders: folders of images with same-named caption files, and kohya's N_name repeat folders.
 - learning_check: the diffusion classifier that tells whether a model learned its captions.
+- losses: kohya-ss's loss options for the training step (pseudo-Huber losses, debiased estimation).
 - checkpoints: atomic checkpoints and final pipeline saves.
 - output_dir: the lock on --output_dir, one run per folder, and the run identity stored in checkpoints.
 - ema: an in-place, multi-tensor EMA of the UNet weights.

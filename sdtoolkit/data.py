@@ -340,8 +340,9 @@ def comma_in_brackets(caption):
 def check_caption_syntax(dataset, caption_column, *, weighted, shuffled=False):
     """With weighted (--weighted_captions), raise UserError at the first caption that holds AUTOMATIC1111 syntax
     the toolkit does not read (see unsupported_syntax), or, when its tags are shuffled or dropped (--shuffle_tags,
-    --caption_tag_dropout_rate, which split captions at commas), a comma inside brackets. Returns how many captions hold an explicit weight such as
-    "(word:1.2)": without weighted, they are read as text, which the caller says."""
+    --caption_tag_dropout_rate, which split captions at commas), a comma inside brackets. Returns how many
+    captions hold an explicit weight such as "(word:1.2)": without weighted, they are read as text, which the
+    caller says."""
     weights = 0
     for caption in all_captions(dataset, caption_column):
         shown = caption if len(caption) <= 60 else caption[:57] + "..."

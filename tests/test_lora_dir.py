@@ -50,7 +50,18 @@ def service(tiny_sd, lora=None, lora_dir=None, lora_scale=1.0):
     pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=lora, lora_scale=lora_scale)
     names = load_lora_dir(pipeline, str(lora_dir))[0] if lora_dir else {}
     queue = RequestQueue(concurrency=1, max_queue=4)
-    return ImageService(pipeline, model_name="tiny-sd", lora_scale=lora_scale, queue=queue, loras=names)
+    return ImageService(
+        pipeline, model_name="tiny-sd", lora_scale=lora_scale, queue=queue, loras=names,
+        lora_dir=str(lora_dir) if lora_dir else None,
+    )  # fmt: skip
+
+
+def style_only(loras, tmp_path):
+    """A --lora_dir of its own, which a test may change: the style LoRA alone."""
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    shutil.copy(loras[1] / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    return folder
 
 
 def image(service, prompt, negative_prompt=""):
@@ -183,12 +194,9 @@ def test_refresh_loras_takes_in_new_files_lets_go_of_removed_ones_and_waits_for_
 
 
 def test_a_refresh_waits_until_the_running_request_is_done(tiny_sd, loras, tmp_path):
-    _, style, character = loras
-    folder = tmp_path / "Lora"
-    folder.mkdir()
-    shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    _, _, character = loras
+    folder = style_only(loras, tmp_path)
     tagged = service(tiny_sd, lora_dir=folder)
-    tagged.lora_dir = str(folder)
     expected = image(tagged, "<lora:style:0.5> a creature")
     reached, go = threading.Event(), threading.Event()
 
@@ -224,12 +232,8 @@ def test_a_refresh_waits_until_the_running_request_is_done(tiny_sd, loras, tmp_p
 
 
 def test_a_request_whose_lora_a_refresh_lets_go_of_while_it_waits_is_a_400_naming_its_tag(tiny_sd, loras, tmp_path):
-    _, style, _ = loras
-    folder = tmp_path / "Lora"
-    folder.mkdir()
-    shutil.copy(style / KOHYA_WEIGHTS_NAME, folder / "style.safetensors")
+    folder = style_only(loras, tmp_path)
     tagged = service(tiny_sd, lora_dir=folder)
-    tagged.lora_dir = str(folder)
     app = FastAPI()
     app.include_router(images_api(tagged, files=ImageFiles(tmp_path / "files", 3600)))
     app.include_router(a1111_api(tagged))

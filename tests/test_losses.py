@@ -138,7 +138,7 @@ def test_the_training_step_takes_the_loss_it_is_asked_for(tiny_sd, tmp_path, ste
     assert logged == pytest.approx(expected_loss(pred, noise, timesteps, flags), rel=1e-5)
     assert logged != pytest.approx(expected_loss(pred, noise, timesteps, {}), rel=1e-3)  # not the squared error
     card = (tmp_path / "README.md").read_text()
-    assert "* Loss: " in card
+    assert "* Loss and noise: " in card
 
 
 def test_timesteps_are_drawn_from_the_range_asked_for(tiny_sd, tmp_path, step_inputs):
@@ -146,7 +146,7 @@ def test_timesteps_are_drawn_from_the_range_asked_for(tiny_sd, tmp_path, step_in
           "--min_timestep", "200", "--max_timestep", "300")  # fmt: skip
     drawn = torch.cat(step_inputs["timesteps"])
     assert len(drawn) == 16 and drawn.min() >= 200 and drawn.max() < 300 and len(set(drawn.tolist())) > 8
-    assert "* Loss: l2, timesteps from 200 below 300" in (tmp_path / "README.md").read_text()
+    assert "* Loss and noise: l2, timesteps from 200 below 300" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
