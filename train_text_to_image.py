@@ -159,9 +159,45 @@ logger = get_logger(__name__, log_level="INFO")
 
 INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMode]
 
+# Flags of kohya-ss's sd-scripts and of diffusers' other training scripts, and what does their work here: an
+# error that names one of them says so.
+KNOWN_ELSEWHERE = {
+    "--shuffle_caption": "--shuffle_tags here",
+    "--keep_tokens": "--keep_tags here",
+    "--min_snr_gamma": "--snr_gamma here",
+    "--ip_noise_gamma": "--input_perturbation here",
+    "--network_dim": "--lora_rank here",
+    "--rank": "--lora_rank here",
+    "--network_alpha": "--lora_alpha here",
+    "--network_dropout": "--lora_dropout here",
+    "--network_weights": "--init_lora here",
+    "--network_module": "--lora_rank N here, which trains a LoRA, not a LyCORIS module",
+    "--network_train_unet_only": "what --lora_rank does here without --train_text_encoder",
+    "--unet_lr": "--learning_rate here (--text_encoder_lr for the text encoder)",
+    "--optimizer_type": "--optimizer here (AdamW, Adafactor, prodigy; --use_8bit_adam for AdamW8bit)",
+    "--enable_bucket": "--aspect_buckets here",
+    "--min_bucket_reso": "--min_bucket_side here",
+    "--max_bucket_reso": "--max_bucket_side here",
+    "--bucket_reso_steps": "--bucket_step here",
+    "--xformers": "--enable_xformers_memory_efficient_attention here",
+    "--max_train_epochs": "--num_train_epochs here",
+    "--save_every_n_steps": "--checkpointing_steps here",
+    "--sample_every_n_steps": "--validation_steps here",
+    "--sample_every_n_epochs": "--validation_epochs here",
+    "--sample_prompts": "--validation_prompts here, which takes the prompts themselves",
+    "--max_data_loader_n_workers": "--dataloader_num_workers here",
+    "--cache_latents_to_disk": "--latent_cache_dir DIR here",
+    "--alpha_mask": "part of --masked_loss here, which reads the images' alpha channel",
+    "--v_parameterization": "--prediction_type v_prediction here",
+    "--save_model_as": "--export_single_file here, for one .safetensors file beside the diffusers folder",
+    "--dataset_config": "not read here: give the folder as --train_data_dir (N_name sub-folders set repeats)",
+}
+
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Fine-tune a Stable Diffusion UNet on image-caption pairs.")
+    parser = ArgumentParser(
+        description="Fine-tune a Stable Diffusion UNet on image-caption pairs.", known_elsewhere=KNOWN_ELSEWHERE
+    )
     parser.add_argument(
         "--input_perturbation", type=float, default=0, help="The scale of input perturbation. Recommended 0.1."
     )

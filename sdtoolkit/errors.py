@@ -16,6 +16,7 @@ the reason.
 """
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -29,10 +30,30 @@ class UserError(Exception):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors (a flag without its value, an unknown flag) are UserErrors: the usage, then
-    the one `error:` line with exit code 2, which the launcher repeats last like any other bad input."""
+    the one `error:` line with exit code 2, which the launcher repeats last like any other bad input.
+
+    An unknown flag that another trainer has (known_elsewhere: {"--flag": "what it is here"}) is named with what
+    does its work here, and one that is a near miss of a flag of this parser with that flag."""
+
+    def __init__(self, *args, known_elsewhere=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.known_elsewhere = known_elsewhere or {}
 
     def error(self, message):
         self.print_usage(sys.stderr)
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [word.split("=")[0] for word in message[len(prefix) :].split() if word.startswith("--")]
+            ours = [flag for action in self._actions for flag in action.option_strings]
+            hints = []
+            for flag in dict.fromkeys(flags):
+                near = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), ours, n=1, cutoff=0.85)
+                if flag in self.known_elsewhere:
+                    hints.append(f"{flag} is {self.known_elsewhere[flag]}")
+                elif near:
+                    hints.append(f"did you mean {near[0]}?")
+            if hints:
+                message += " -- " + "; ".join(hints)
         raise UserError(message)
 
 

@@ -5,6 +5,7 @@ folder outside the toolkit, with relative paths, as a user would.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,11 +77,30 @@ def test_an_error_through_train_sh_is_the_last_line_with_exit_code_2(user_folder
 
 
 def test_a_mistyped_flag_through_train_sh_is_one_error_line(user_folder):
-    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=1", "--learning-rate=1e-4", model="my-model",
-                           data="my-data", output_dir="out", timeout=60)  # fmt: skip
+    # A near miss is named with the flag it misses, and a kohya-ss flag with the one that does its work here.
+    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=1", "--learning-rate=1e-4", "--shuffle_caption",
+                           "--keep_tokens=1", "--no-such-flag", model="my-model", data="my-data", output_dir="out",
+                           timeout=60)  # fmt: skip
     assert code == 2, "\n".join(lines[-20:])
-    assert lines[-1] == "error: unrecognized arguments: --learning-rate=1e-4"
+    assert lines[-1] == (
+        "error: unrecognized arguments: --learning-rate=1e-4 --shuffle_caption --keep_tokens=1 --no-such-flag -- did"
+        " you mean --learning_rate?; --shuffle_caption is --shuffle_tags here; --keep_tokens is --keep_tags here"
+    )
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_every_flag_named_for_another_trainers_is_a_flag_here_and_theirs_is_not(capsys):
+    import train_text_to_image
+
+    with pytest.raises(SystemExit):
+        train_text_to_image.parse_args(["--help"])
+    # The flags --help lists, one per option line (their help texts name other trainers' flags too).
+    ours = set(re.findall(r"^  (--[\w-]+)", capsys.readouterr().out, flags=re.MULTILINE))
+    assert {"--learning_rate", "--shuffle_tags", "--lora_rank"} <= ours
+    for theirs, here in train_text_to_image.KNOWN_ELSEWHERE.items():
+        assert theirs not in ours, theirs
+        named = [word.rstrip(",;:") for word in here.split() if word.startswith("--")]
+        assert named and all(flag in ours for flag in named), (theirs, here)
 
 
 def start_holder(tiny_sd, output_dir):
