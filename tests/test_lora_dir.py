@@ -3,6 +3,7 @@ tags): a tag gives the image of that LoRA served alone at that weight, tags mix,
 the base model's again."""
 
 import base64
+import collections
 import io
 import shutil
 import threading
@@ -22,7 +23,7 @@ from sdtoolkit.a1111_api import a1111_api
 from sdtoolkit.images_api import ImageFiles, images_api
 from sdtoolkit.inference import load_lora_dir, load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from sdtoolkit.serving import ImageService, RequestQueue
+from sdtoolkit.serving import ImageService, LoraMix, LoraRemoved, RequestQueue
 from tests.conftest import start, train
 
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--max_train_steps", "4"]
@@ -279,3 +280,68 @@ def test_a_request_whose_lora_a_refresh_lets_go_of_while_it_waits_is_a_400_namin
         "message": message, "type": "invalid_request_error", "param": "prompt", "code": None,
     }  # fmt: skip
     assert np.array_equal(image(tagged, "a creature"), image(service(tiny_sd), "a creature"))  # and on it goes
+
+
+class Adapters:
+    """What LoraMix uses of a pipeline, without a model: the adapters there are, and the mix set last."""
+
+    def __init__(self, names):
+        self.names, self.set = set(names), None
+
+    def get_list_adapters(self):
+        return {"unet": sorted(self.names)}
+
+    def enable_lora(self):
+        pass
+
+    def disable_lora(self):
+        self.set = ()
+
+    def set_adapters(self, names, adapter_weights):
+        self.set = tuple(names)
+
+
+def test_a_request_refused_for_a_removed_lora_lets_the_next_one_in_line_go_on():
+    pipeline = Adapters(["a", "b"])
+    mixer = LoraMix(pipeline, ())
+    release, results = threading.Event(), {}
+
+    def request(name, mix, hold=None):
+        try:
+            with mixer.at(mix):
+                if hold is not None:
+                    hold.wait(30)
+            results[name] = "ran"
+        except LoraRemoved:
+            results[name] = "refused"
+
+    def refresh():
+        with mixer.alone():
+            pipeline.names.discard("b")  # its file is gone
+        results["refresh"] = "done"
+
+    def then(target, *args):
+        waiting = len(mixer.waiting)
+        thread = threading.Thread(target=target, args=args, daemon=True)  # one stuck in line fails, not hangs
+        thread.start()
+        deadline = time.time() + 10
+        while len(mixer.waiting) == waiting and time.time() < deadline:  # in line before the next one comes
+            time.sleep(0.01)
+        return thread
+
+    running = threading.Thread(target=request, args=("running", (("a", (1.0, 1.0)),), release), daemon=True)
+    running.start()
+    deadline = time.time() + 10
+    while mixer.running == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    # In line: the refresh, a request with the LoRA it removes, and one with another mix behind them.
+    threads = [
+        then(refresh),
+        then(request, "tagged", (("b", (1.0, 1.0)),)),
+        then(request, "next", (("a", (0.5, 0.5)),)),
+    ]
+    release.set()
+    for thread in [running, *threads]:
+        thread.join(10)
+    assert results == {"running": "ran", "refresh": "done", "tagged": "refused", "next": "ran"}
+    assert pipeline.set == ("a",) and mixer.waiting == collections.deque() and mixer.running == 0
