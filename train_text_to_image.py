@@ -840,6 +840,17 @@ def parse_args(argv=None):
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers."
     )
     parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    # A random strength per example (not upstream; kohya-ss's flags).
+    parser.add_argument(
+        "--noise_offset_random_strength",
+        action="store_true",
+        help="Give each example a noise offset of a random strength from 0 to --noise_offset.",
+    )
+    parser.add_argument(
+        "--ip_noise_gamma_random_strength",
+        action="store_true",
+        help="Give each example an input perturbation of a random strength from 0 to --input_perturbation.",
+    )
     # Multi-resolution noise (not upstream; kohya-ss's flags, see multires_noise in sdtoolkit/data.py).
     parser.add_argument(
         "--multires_noise_iterations",
@@ -934,6 +945,9 @@ def parse_args(argv=None):
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
+    for flag, scale in (("noise_offset", "noise_offset"), ("ip_noise_gamma", "input_perturbation")):
+        if getattr(args, f"{flag}_random_strength") and not getattr(args, scale):
+            raise UserError(f"--{flag}_random_strength draws a strength up to --{scale}, which is not given")
     if args.multires_noise_iterations < 0:
         raise UserError(f"--multires_noise_iterations must be 0 or more, got {args.multires_noise_iterations}")
     if args.multires_noise_discount is not None and not args.multires_noise_iterations:

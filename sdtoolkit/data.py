@@ -424,6 +424,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.noise_offset = args.noise_offset
         self.multires_noise_iterations = args.multires_noise_iterations
         self.multires_noise_discount = args.multires_noise_discount
+        self.noise_offset_random_strength = args.noise_offset_random_strength
+        self.ip_noise_gamma_random_strength = args.ip_noise_gamma_random_strength
         self.input_perturbation = args.input_perturbation
         # Caption dropout trains a share of examples unconditioned, which classifier-free guidance needs;
         # tag shuffling reorders comma-separated tags after the first keep_tags (kohya's shuffle_caption), and
@@ -545,12 +547,17 @@ class TrainingExamples(torch.utils.data.Dataset):
             if self.windows > 1:
                 own = 1 if dropped else own_windows[caption]
                 example["window_mask"] = torch.tensor([1.0] * own + [0.0] * (self.windows - own))
-        # Multi-resolution noise, drawn after all else so that runs without it draw exactly as before.
+        # Multi-resolution noise and random strengths, drawn after all else so that runs without them draw exactly as
+        # before.
         if self.multires_noise_iterations:
             example["noise"] = multires_noise(
                 example["noise"], generator, iterations=self.multires_noise_iterations,
                 discount=self.multires_noise_discount,
             )  # fmt: skip
+        if self.noise_offset and self.noise_offset_random_strength:  # from 0 to --noise_offset
+            example["offset_noise"] = example["offset_noise"] * torch.rand(1, generator=generator)
+        if self.input_perturbation and self.ip_noise_gamma_random_strength:  # from 0 to --input_perturbation
+            example["perturbation"] = example["perturbation"] * torch.rand(1, generator=generator)
         if self.loss_weights is not None:
             example["loss_weight"] = torch.tensor(self.loss_weights[image_row], dtype=torch.float32)
         return example

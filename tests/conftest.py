@@ -184,6 +184,17 @@ def demo_image(i=0):
     return Image.open(DEMO_DATA / f"{i:04d}.png")
 
 
+def example_args(**settings):
+    """The training script's arguments at their defaults, as TrainingExamples reads them, with `settings` changed."""
+    import train_text_to_image
+
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", str(DEMO_DATA)])
+    for name, value in settings.items():
+        assert hasattr(args, name), name
+        setattr(args, name, value)
+    return args
+
+
 def train_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
     """The training script's arguments with small, fast settings; extra flags win."""
     return [

@@ -14,7 +14,7 @@ import train_text_to_image
 from sdtoolkit.buckets import BucketBatchSampler, assign_buckets, make_buckets
 from sdtoolkit.data import TrainingExamples
 from tests.conftest import MIXED_SHAPES as SHAPES
-from tests.conftest import demo_image, logged_losses, mixed_aspect_folder, train, unet_weights
+from tests.conftest import demo_image, example_args, logged_losses, mixed_aspect_folder, train, unet_weights
 
 # The tiny pipeline's settings: 64 px, sides multiples of 16 (its UNet halves the 8x smaller latents once).
 BUCKETS = ["--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--min_bucket_side", "32",
@@ -52,11 +52,8 @@ def bucketed_examples(tiny_sd, center_crop):
     assigned, _ = assign_buckets(SHAPES, buckets)
     images = [demo_image(i).convert("RGB").resize(size) for i, size in enumerate(SHAPES)]
     rows = datasets.Dataset.from_dict({"image": images, "text": ["a creature"] * len(SHAPES)})
-    args = SimpleNamespace(resolution=64, center_crop=center_crop, random_flip=True, image_interpolation_mode="bilinear",
-                           noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0, shuffle_tags=False,
-                           keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1,
-                           weighted_captions=False, min_timestep=None, max_timestep=None,
-                           multires_noise_iterations=0, multires_noise_discount=None, caption_tag_dropout_rate=0.0)  # fmt: skip
+    args = example_args(resolution=64, center_crop=center_crop, random_flip=True, image_interpolation_mode="bilinear",
+                        seed=0)  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     examples = TrainingExamples(
         rows, "image", "text", tokenizer, args, latent_shape=(4, 8, 8), num_train_timesteps=1000

@@ -7,7 +7,6 @@ import json
 import logging
 import pathlib
 import tarfile
-from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -17,7 +16,7 @@ from transformers import CLIPTokenizer
 from sdtoolkit.data import TrainingExamples
 from sdtoolkit.errors import UserError
 from sdtoolkit.latent_cache import cache_bytes, encode_cache
-from tests.conftest import DEMO_DATA, demo_image, logged_losses, train, train_args, unet_weights
+from tests.conftest import DEMO_DATA, demo_image, example_args, logged_losses, train, train_args, unet_weights
 
 
 def caption_folder(root, rows):
@@ -161,12 +160,8 @@ def examples(tokenizer, captions, images=None, repeats=None, **flags):
     tokenized)."""
     images = images or [demo_image(i % 32) for i in range(len(captions))]
     rows = datasets.Dataset.from_dict({"image": images, "text": captions})
-    settings = dict(resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="bilinear",
-                    noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
-                    keep_tags=0, masked_loss=False, max_token_length=75, clip_skip=1,
-                    weighted_captions=False, min_timestep=None, max_timestep=None,
-                    multires_noise_iterations=0, multires_noise_discount=None, caption_tag_dropout_rate=0.0)  # fmt: skip
-    args = SimpleNamespace(**{**settings, **flags})
+    settings = dict(resolution=8, center_crop=True, random_flip=False, image_interpolation_mode="bilinear", seed=0)
+    args = example_args(**{**settings, **flags})
     return TrainingExamples(
         rows, "image", "text", tokenizer, args, latent_shape=(4, 1, 1), num_train_timesteps=1000, repeats=repeats
     )
@@ -276,6 +271,25 @@ def test_tag_dropout_leaves_out_tags_at_its_rate_keeping_the_first(tokenizer):
     assert captions_drawn(both, 5) == drawn
 
 
+@pytest.mark.parametrize(
+    "flags, key", [({"noise_offset": 0.1}, "offset_noise"), ({"input_perturbation": 0.1}, "perturbation")]
+)
+def test_a_random_strength_scales_each_examples_draw_from_0_to_1(tokenizer, flags, key):
+    # kohya-ss's --noise_offset_random_strength and --ip_noise_gamma_random_strength, drawn per example after its
+    # other draws: the same draw, times a factor of its own.
+    random = {f"{'noise_offset' if key == 'offset_noise' else 'ip_noise_gamma'}_random_strength": True}
+    fixed, scaled = examples(tokenizer, ["a creature"] * 8, **flags), examples(tokenizer, ["a creature"] * 8, **flags,
+                                                                                  **random)  # fmt: skip
+    factors = []
+    for i in range(8):
+        assert torch.equal(fixed[i]["noise"], scaled[i]["noise"]) and torch.equal(fixed[i]["timestep"],
+                                                                                  scaled[i]["timestep"])  # fmt: skip
+        ratio = scaled[i][key] / fixed[i][key]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))
+        factors.append(ratio.flatten()[0].item())
+    assert all(0 <= factor < 1 for factor in factors) and len(set(factors)) == 8
+
+
 def test_without_the_new_flags_the_draws_are_unchanged(tokenizer):
     # Dropout and shuffling draw last: with them off, every example is what it was before they existed.
     plain = examples(tokenizer, ["a creature, green"] * 4)
@@ -310,7 +324,9 @@ def test_bad_values_are_one_line(tmp_path):
                            (["--caption_dropout_rate", "1.5"], "--caption_dropout_rate must be between 0 and 1"),
                            (["--caption_tag_dropout_rate", "-0.1"],
                             "--caption_tag_dropout_rate must be between 0 and 1"),
-                           (["--keep_tags", "-1"], "--keep_tags must be 0 or more")):  # fmt: skip
+                           (["--keep_tags", "-1"], "--keep_tags must be 0 or more"),
+                           (["--noise_offset_random_strength"], "draws a strength up to --noise_offset, which is not"),
+                           (["--ip_noise_gamma_random_strength"], "up to --input_perturbation, which is not given")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir",
                                             str(DEMO_DATA), *flags])  # fmt: skip

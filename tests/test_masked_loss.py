@@ -2,7 +2,6 @@
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -13,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtoolkit.data import TrainingExamples
 from sdtoolkit.latent_cache import encode_cache
-from tests.conftest import DEMO_DATA, cutout, cutout_folder, logged_losses, train, unet_weights
+from tests.conftest import DEMO_DATA, cutout, cutout_folder, example_args, logged_losses, train, unet_weights
 
 
 def opacity_seen(pixel_values, latent_shape):
@@ -25,14 +24,11 @@ def opacity_seen(pixel_values, latent_shape):
 
 def examples_of(tiny_sd, images, **flags):
     rows = datasets.Dataset.from_dict({"image": images, "text": ["a creature"] * len(images)})
-    settings = dict(resolution=32, center_crop=False, random_flip=True, image_interpolation_mode="lanczos",
-                    noise_offset=0, input_perturbation=0, seed=0, caption_dropout_rate=0.0, shuffle_tags=False,
-                    keep_tags=0, masked_loss=True, max_token_length=75, clip_skip=1,
-                    weighted_captions=False, min_timestep=None, max_timestep=None,
-                    multires_noise_iterations=0, multires_noise_discount=None, caption_tag_dropout_rate=0.0)  # fmt: skip
+    settings = dict(resolution=32, center_crop=False, random_flip=True, image_interpolation_mode="lanczos", seed=0,
+                    masked_loss=True)  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     return TrainingExamples(
-        rows, "image", "text", tokenizer, SimpleNamespace(**{**settings, **flags}), latent_shape=(4, 4, 4),
+        rows, "image", "text", tokenizer, example_args(**{**settings, **flags}), latent_shape=(4, 4, 4),
         num_train_timesteps=1000,
     )  # fmt: skip
 
