@@ -7,16 +7,15 @@ own, and the outputs are put one after the other (77 embeddings per window). gra
 this way, and --max_token_length trains on long captions this way. (kohya-ss's trainer joins the windows without
 their inner start and end tokens.)
 
-Prompts (and, with --weighted_captions, training captions) may also weight their words in AUTOMATIC1111's syntax: (word) 1.1 times,
-((word)) 1.21 times, [word] 1/1.1 times, (word:1.4) 1.4 times; \( \) \[ \] are the brackets themselves, and
-BREAK starts a new window. A weighted token's embedding is scaled by its weight, then the window's embeddings are
-scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphasis does.
+Prompts (and, with --weighted_captions, training captions) may also weight their words in AUTOMATIC1111's syntax:
+(word) 1.1 times, ((word)) 1.21 times, [word] 1/1.1 times, (word:1.4) 1.4 times; \( \) \[ \] are the brackets
+themselves, and BREAK starts a new window. A weighted token's embedding is scaled by its weight, then the window's
+embeddings are scaled back to the mean they had, as AUTOMATIC1111's default ("Original") emphasis does.
 
     parse_emphasis(text)                       # [(text, weight), ..., None where BREAK is, ...]
     plain_text(text)                           # the prompt's words alone
     unsupported_syntax(text)                   # AUTOMATIC1111 syntax not read here (prompt editing, [a|b], AND)
     token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
-    prompt_windows(tokenizer, text)            # [[77 ids], ...] of a text read literally (a training caption)
     caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count], weights [count, 77]): padded with
                                                # empty windows, or cut; weighted=True parses emphasis and BREAK
     encode_text(text_encoder, ids, clip_skip)  # ids [n, 77] -> embeddings [n, 77, dim], of the layer clip_skip asks
@@ -152,11 +151,6 @@ def token_windows(tokenizer, pieces):
     if tokens or not windows:
         close()
     return windows
-
-
-def prompt_windows(tokenizer, text):
-    """The token ids of `text`, read literally (no emphasis), as CLIP windows: lists of 77 ids."""
-    return [ids for ids, _ in token_windows(tokenizer, [(text, 1.0)])]
 
 
 def caption_windows(tokenizer, text, count, weighted=False):

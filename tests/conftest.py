@@ -184,6 +184,13 @@ def demo_image(i=0):
     return Image.open(DEMO_DATA / f"{i:04d}.png")
 
 
+def literal_windows(tokenizer, text):
+    """The token ids of `text` read literally (no emphasis), as CLIP windows: lists of 77 ids."""
+    from sdtoolkit.clip_windows import token_windows
+
+    return [ids for ids, _ in token_windows(tokenizer, [(text, 1.0)])]
+
+
 def example_args(**settings):
     """The training script's arguments at their defaults, as TrainingExamples reads them, with `settings` changed."""
     import train_text_to_image

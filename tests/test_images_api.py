@@ -26,11 +26,11 @@ from sd_parsers import ParserManager
 from transformers import CLIPTokenizer
 
 import gradio_app
-from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, prompt_windows, token_windows, unsupported_syntax
+from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows, unsupported_syntax
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import REPO, free_port, generate, start, train
+from tests.conftest import REPO, free_port, generate, literal_windows, start, train
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -303,23 +303,23 @@ def test_the_pages_downloads_carry_the_parameters_too(server):
     )
 
 
-def test_prompt_windows_split_a_long_prompt_as_automatic1111_does(tiny_sd):
+def test_windows_split_a_long_prompt_as_automatic1111_does(tiny_sd):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     # A prompt that fits is one window, tokenized as the pipeline tokenizes it; "" one empty window.
     short = "a red creature, big eyes"
-    assert prompt_windows(tokenizer, short) == [
+    assert literal_windows(tokenizer, short) == [
         tokenizer(short, padding="max_length", max_length=77, truncation=True).input_ids
     ]
-    assert prompt_windows(tokenizer, "") == [tokenizer("", padding="max_length", max_length=77).input_ids]
+    assert literal_windows(tokenizer, "") == [tokenizer("", padding="max_length", max_length=77).input_ids]
     # A long one in windows of 77 ids (start, up to 75 of its tokens, end, padding) that hold all of its tokens.
     long = " ".join(["a very detailed and colourful pokemon"] * 20)
-    windows = prompt_windows(tokenizer, long)
+    windows = literal_windows(tokenizer, long)
     assert [len(window) for window in windows] == [77, 77] and all(w[0] == tokenizer.bos_token_id for w in windows)
     text_tokens = [t for window in windows for t in window[1:] if t != tokenizer.eos_token_id]
     assert text_tokens == tokenizer(long, add_special_tokens=False).input_ids
     # Tags: a window ends after the last comma among its last 20 tokens, so no tag is cut in two.
     tags = ", ".join(f"tag{i} with several words" for i in range(30))
-    for window in prompt_windows(tokenizer, tags)[:-1]:
+    for window in literal_windows(tokenizer, tags)[:-1]:
         text = tokenizer.decode(window[1:], skip_special_tokens=True)
         assert text.endswith(","), text
 
@@ -388,9 +388,9 @@ def test_a_full_window_is_cut_only_when_more_tokens_come(tiny_sd):
     # Exactly 75 tokens with a comma among the last 20: one window, as AUTOMATIC1111 reads it (it once gave two).
     text = "red " * 70 + ", blue blue blue blue"
     assert len(tokenizer(text, add_special_tokens=False).input_ids) == 75
-    assert prompt_windows(tokenizer, text) == [tokenizer(text, padding="max_length", max_length=77).input_ids]
+    assert literal_windows(tokenizer, text) == [tokenizer(text, padding="max_length", max_length=77).input_ids]
     # One more token: the window ends after the comma and the four words after it start the next window.
-    first, second = prompt_windows(tokenizer, text + " green")
+    first, second = literal_windows(tokenizer, text + " green")
     assert tokenizer.decode(first, skip_special_tokens=True).endswith(",")
     assert tokenizer.decode(second, skip_special_tokens=True) == "blue blue blue blue green"
     # BREAK closes a window early; each token carries the weight of its piece, the start, end and padding 1.

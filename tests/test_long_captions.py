@@ -5,9 +5,9 @@ import torch
 from transformers import CLIPTokenizer
 
 import train_text_to_image
-from sdtoolkit.clip_windows import caption_windows, prompt_windows
+from sdtoolkit.clip_windows import caption_windows
 from sdtoolkit.errors import UserError
-from tests.conftest import DEMO_DATA, demo_image, image_folder, logged_losses, train
+from tests.conftest import DEMO_DATA, demo_image, image_folder, literal_windows, logged_losses, train
 
 LONG = " ".join(["a very detailed and colourful pokemon"] * 14)  # 84 tokens: two windows
 
@@ -22,8 +22,8 @@ def test_a_caption_is_its_windows_then_empty_masked_ones(tiny_sd):
     assert ids.shape == (3, 77) and mask.tolist() == [1, 1, 0] and ids[2].tolist() == empty
     longer = " ".join([LONG] * 2)  # three windows' worth, cut after two
     ids, mask, _ = caption_windows(tokenizer, longer, 2)
-    assert len(prompt_windows(tokenizer, longer)) == 3
-    assert mask.tolist() == [1, 1] and ids.tolist() == prompt_windows(tokenizer, longer)[:2]
+    assert len(literal_windows(tokenizer, longer)) == 3
+    assert mask.tolist() == [1, 1] and ids.tolist() == literal_windows(tokenizer, longer)[:2]
 
 
 def test_short_captions_train_as_at_75_tokens(tiny_sd, tmp_path):
