@@ -49,6 +49,7 @@ from sdtoolkit.inference import (
     load_pipeline,
     pick_clip_skip,
     pick_device_and_dtype,
+    recorded_weighted_captions,
 )
 from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
@@ -155,7 +156,7 @@ def parse_args(argv=None):
         action="store_true",
         help=(
             "Read --caption_data's captions for AUTOMATIC1111's emphasis, as a run with --weighted_captions trained"
-            " on them; without it, as words."
+            " on them, for every model; without it, so for the runs that recorded it, and as words for the others."
         ),
     )
     parser.add_argument(
@@ -500,6 +501,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
                 "label": result["label"],
                 "clip_skip": result["clip_skip"],
                 "caption_accuracy": result.get("caption_accuracy"),
+                "caption_accuracy_weighted_captions": result.get("weighted_captions"),
                 "doc_protocol_clip_score": result.get("doc_protocol_clip_score"),
                 "training_set": result.get("training_set"),
                 "per_prompt": [
@@ -781,10 +783,15 @@ def evaluate(args):
             images = generate_images(pipeline, prompts, negatives, args, result["clip_skip"])
         result["images"] = images
         if args.caption_data is not None:
+            # The captions read as the model's run read them: for emphasis with --weighted_captions, or when the
+            # run recorded that it did.
+            result["weighted_captions"] = args.weighted_captions or any(
+                recorded_weighted_captions(path) for path in (lora, base) if path
+            )
             resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
             result["caption_accuracy"] = caption_accuracy(
                 pipeline, caption_images, labels, candidates, resolution=resolution, clip_skip=result["clip_skip"],
-                weighted=args.weighted_captions,
+                weighted=result["weighted_captions"],
             )  # fmt: skip
         del pipeline
         result["per_prompt"], result["overall"] = score_model(images, prompts, clip, device)
@@ -830,6 +837,7 @@ def evaluate(args):
             print(
                 f"Caption accuracy on {args.caption_data} ({result['label']}): {result['caption_accuracy']:.4f}"
                 f" ({right} of {len(labels)} images; chance {chance:.4f})"
+                + ("; captions read for emphasis" if result["weighted_captions"] else "")
             )
     print()
     for path in paths:

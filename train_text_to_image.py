@@ -1570,6 +1570,8 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     # How the model is to be prompted, which metrics.py and gradio_app.py follow (see recorded_clip_skip).
     if args.clip_skip > 1:
         metadata.append(f"clip_skip: {args.clip_skip}")
+    if args.weighted_captions:  # metrics.py reads caption accuracy's captions the same way
+        metadata.append("weighted_captions: true")
     yaml = "---\nlicense: creativeml-openrail-m\n" + "".join(line + "\n" for line in metadata)
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers"] + ["lora"] * bool(
         args.lora_rank

@@ -305,6 +305,28 @@ def trained_model(path):
     return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config")}
 
 
+def recorded_in_folder(path, key):
+    """What training recorded under `key` in the folder `path` (a run's output, checkpoint or LoRA folder): the
+    values in its training_state.json and in its model card's metadata, None where absent."""
+    found = []
+    state, card = os.path.join(path, "training_state.json"), os.path.join(path, "README.md")
+    if os.path.isfile(state):
+        with open(state, encoding="utf-8") as f:
+            found.append(json.load(f).get(key))
+    if os.path.isfile(card):
+        try:
+            found.append((metadata_load(card) or {}).get(key))
+        except (OSError, ValueError, yaml.YAMLError):  # metadata that is not YAML: nothing recorded there
+            pass
+    return found
+
+
+def recorded_weighted_captions(path):
+    """Whether the model or LoRA folder at `path` was trained with --weighted_captions, as training recorded it (a
+    checkpoint's training_state.json, a model card's `weighted_captions`). False for a file or a hub model."""
+    return os.path.isdir(path) and True in recorded_in_folder(path, "weighted_captions")
+
+
 def recorded_clip_skip(path):
     """The clip skip (see sdtoolkit/clip_windows.py) the model or LoRA at `path` was trained with, as training
     recorded it, or None: a checkpoint's training_state.json, a model card's `clip_skip`, or a .safetensors
@@ -314,15 +336,7 @@ def recorded_clip_skip(path):
     if os.path.isfile(path) and path.lower().endswith(".safetensors"):
         headers = [path]
     elif os.path.isdir(path):
-        state, card = os.path.join(path, "training_state.json"), os.path.join(path, "README.md")
-        if os.path.isfile(state):
-            with open(state, encoding="utf-8") as f:
-                found.append(json.load(f).get("clip_skip"))
-        if os.path.isfile(card):
-            try:
-                found.append((metadata_load(card) or {}).get("clip_skip"))
-            except (OSError, ValueError, yaml.YAMLError):  # metadata that is not YAML: nothing recorded there
-                pass
+        found = recorded_in_folder(path, "clip_skip")
         headers = [os.path.join(path, KOHYA_WEIGHTS_NAME)]
     else:
         return None

@@ -178,6 +178,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "init_lora": local_path_or_name(args.init_lora),
         "optimizer": optimizer_flags(args),
         "clip_skip": args.clip_skip,  # how the model is to be prompted: metrics.py and gradio_app.py read it
+        "weighted_captions": args.weighted_captions,  # how its captions were read: metrics.py's caption accuracy
     }
 
 

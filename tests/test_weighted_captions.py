@@ -155,3 +155,34 @@ def test_train_sh_trains_a_caption_folder_on_weighted_captions_from_the_users_fo
                            model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
     assert code == 0, "\n".join(lines[-20:])
     assert "Captions: read for AUTOMATIC1111's emphasis and BREAK" in (home / "my-output" / "README.md").read_text()
+
+
+def test_caption_accuracy_reads_the_captions_as_the_run_recorded(tiny_sd, tiny_clip, tmp_path, capsys, monkeypatch):
+    # A --weighted_captions run records it (its model card, its checkpoints' training_state.json): metrics.py then
+    # reads --caption_data's captions for emphasis without being told, as it would with --weighted_captions.
+    rows = [(f"{i}.png", demo_image(i), f"a ((red)) creature, (number {i}:1.3)") for i in range(4)]
+    data = image_folder(tmp_path / "data", rows)
+    train(tiny_sd, tmp_path / "weighted", "--max_train_steps", "2", "--checkpointing_steps", "2",
+          "--weighted_captions", data=data)  # fmt: skip
+    train(tiny_sd, tmp_path / "literal", "--max_train_steps", "2", data=data)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a creature\n")
+    asked, measure = [], metrics.caption_accuracy  # how each model's captions were asked to be read
+
+    def recorded_call(*args, **kwargs):
+        asked.append(kwargs["weighted"])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "caption_accuracy", recorded_call)
+
+    def scores(*models, flags=()):
+        report = metrics.main(["--model_path", *map(str, models), "--clip_model", tiny_clip, "--prompts_file",
+                               str(prompts), "--caption_data", str(data), "--output_dir", str(tmp_path / "scores"),
+                               "--num_inference_steps", "2", "--resolution", "32", "--device", "cpu", *flags])  # fmt: skip
+        return [(m["caption_accuracy_weighted_captions"], m["caption_accuracy"]) for m in report["models"]]
+
+    recorded = scores(tmp_path / "weighted", tmp_path / "weighted" / "checkpoint-2", tmp_path / "literal")
+    assert [weighted for weighted, _ in recorded] == [True, True, False] and asked == [True, True, False]
+    assert "captions read for emphasis" in capsys.readouterr().out
+    told = scores(tmp_path / "weighted", tmp_path / "literal", flags=["--weighted_captions"])
+    assert told == [recorded[0], (True, told[1][1])] and asked[3:] == [True, True]
