@@ -144,7 +144,14 @@ from sdtoolkit.lora import (
     save_lora_ema,
     tag_frequency,
 )
-from sdtoolkit.losses import HUBER_SCHEDULES, LOSS_TYPES, debiased_weights, huber_thresholds, loss_per_element
+from sdtoolkit.losses import (
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
+    THRESHOLD_LOSSES,
+    debiased_weights,
+    huber_thresholds,
+    loss_per_element,
+)
 from sdtoolkit.output_dir import (
     check_fresh_run,
     check_output_dir,
@@ -958,7 +965,7 @@ def parse_args(argv=None):
             raise UserError(
                 f"--multires_noise_discount must be above 0 and at most 1, got {args.multires_noise_discount}"
             )
-    huber = args.loss_type in ("huber", "smooth_l1")
+    huber = args.loss_type in THRESHOLD_LOSSES
     for flag in ("huber_schedule", "huber_c"):
         if getattr(args, flag) is not None and not huber:
             raise UserError(f"--{flag} is for --loss_type huber or smooth_l1, not {args.loss_type}")
@@ -1609,7 +1616,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     )
     # The loss, when not upstream's (squared error over every timestep).
     loss = [args.loss_type]
-    if args.loss_type in ("huber", "smooth_l1"):
+    if args.loss_type in THRESHOLD_LOSSES:
         loss[0] += f" ({args.huber_schedule} schedule, c {args.huber_c:g})"
     if args.snr_gamma is not None:
         loss.append(f"Min-SNR weighting (gamma {args.snr_gamma:g})")
@@ -2575,7 +2582,7 @@ def fine_tune(args):
                     else:
                         # Upstream's squared error, or --loss_type's (see sdtoolkit/losses.py).
                         thresholds = None
-                        if args.loss_type in ("huber", "smooth_l1"):
+                        if args.loss_type in THRESHOLD_LOSSES:
                             thresholds = huber_thresholds(
                                 noise_scheduler, timesteps, args.huber_schedule, args.huber_c
                             )

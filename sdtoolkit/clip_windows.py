@@ -16,6 +16,7 @@ embeddings are scaled back to the mean they had, as AUTOMATIC1111's default ("Or
     plain_text(text)                           # the prompt's words alone
     unsupported_syntax(text)                   # AUTOMATIC1111 syntax not read here (prompt editing, [a|b], AND)
     token_windows(tokenizer, pieces)           # [(77 ids, 77 weights), ...]: as many windows as the text needs
+    read_caption(tokenizer, text, weighted)    # [(77 ids, 77 weights), ...]: a caption's own windows, however many
     caption_windows(tokenizer, text, count)    # (ids [count, 77], mask [count], weights [count, 77]): padded with
                                                # empty windows, or cut; weighted=True parses emphasis and BREAK
     encode_text(text_encoder, ids, clip_skip)  # ids [n, 77] -> embeddings [n, 77, dim], of the layer clip_skip asks
@@ -153,12 +154,16 @@ def token_windows(tokenizer, pieces):
     return windows
 
 
+def read_caption(tokenizer, text, weighted=False):
+    """A training caption's windows, [(77 ids, 77 weights), ...]: read literally, its weights all 1, or with
+    weighted=True (--weighted_captions) as a prompt, for emphasis and BREAK (see parse_emphasis)."""
+    return token_windows(tokenizer, parse_emphasis(text) if weighted else [(text, 1.0)])
+
+
 def caption_windows(tokenizer, text, count, weighted=False):
-    """(ids [count, 77], mask [count], weights [count, 77]) of a caption read in at most `count` windows: its own
-    windows (mask 1), cut after the count-th, then empty windows (mask 0). A caption is read literally, its weights
-    all 1; weighted=True (--weighted_captions) reads it as a prompt, for emphasis and BREAK (see parse_emphasis)."""
-    pieces = parse_emphasis(text) if weighted else [(text, 1.0)]
-    windows = token_windows(tokenizer, pieces)[:count]
+    """(ids [count, 77], mask [count], weights [count, 77]) of a caption read in at most `count` windows (see
+    read_caption): its own windows (mask 1), cut after the count-th, then empty windows (mask 0)."""
+    windows = read_caption(tokenizer, text, weighted)[:count]
     mask = [1.0] * len(windows) + [0.0] * (count - len(windows))
     windows += token_windows(tokenizer, [("", 1.0)]) * (count - len(windows))
     return (

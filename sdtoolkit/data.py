@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
-from sdtoolkit.clip_windows import caption_windows, parse_emphasis, token_windows, unsupported_syntax
+from sdtoolkit.clip_windows import caption_windows, read_caption, unsupported_syntax
 from sdtoolkit.errors import UserError
 
 # The files in which an imagefolder names its images and their captions.
@@ -365,8 +365,7 @@ def count_long_captions(dataset, caption_column, tokenizer, windows=1, weighted=
     captions are read as prompts (--weighted_captions), their windows those of their words and BREAKs."""
     captions = all_captions(dataset, caption_column)
     if windows > 1 or weighted:
-        read = parse_emphasis if weighted else lambda caption: [(caption, 1.0)]
-        return sum(len(token_windows(tokenizer, read(caption))) > windows for caption in captions), len(captions)
+        return sum(len(read_caption(tokenizer, caption, weighted)) > windows for caption in captions), len(captions)
     # verbose=False: the caller says how many are cut; transformers would warn of indexing errors.
     lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False).input_ids]
     return sum(n > tokenizer.model_max_length for n in lengths), len(captions)

@@ -47,7 +47,8 @@ class ArgumentParser(argparse.ArgumentParser):
             ours = [flag for action in self._actions for flag in action.option_strings]
             hints = []
             for flag in dict.fromkeys(flags):
-                near = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), ours, n=1, cutoff=0.85)
+                # "--learning-rate" -> "--learning_rate": hyphens inside a name are the commonest near miss.
+                near = difflib.get_close_matches("--" + flag[2:].replace("-", "_"), ours, n=1, cutoff=0.85)
                 if flag in self.known_elsewhere:
                     hints.append(f"{flag} is {self.known_elsewhere[flag]}")
                 elif near:

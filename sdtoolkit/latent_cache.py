@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.buckets import cover_and_crop
-from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text, encode_windows
+from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text, encode_windows, read_caption
 from sdtoolkit.data import alpha_channel, latent_mask, square_crop, to_rgb
 from sdtoolkit.errors import UserError
 
@@ -284,9 +284,7 @@ def encode_cache(examples, vae, text_encoder, device, dtype, *, arrays=None, cro
             if reuse:
                 embeddings, empty = arrays.open("text", shape, dtype), arrays.open("text-empty", shape[1:], dtype)
                 if own is not None:
-                    own = [
-                        int(caption_windows(tokenizer, caption, windows, weighted)[1].sum()) for caption in captions
-                    ]
+                    own = [min(len(read_caption(tokenizer, caption, weighted)), windows) for caption in captions]
             else:
                 embeddings, empty = arrays.new("text", shape, dtype), arrays.new("text-empty", shape[1:], dtype)
                 for start in range(0, len(captions), batch_size):

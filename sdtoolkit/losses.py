@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+THRESHOLD_LOSSES = ("huber", "smooth_l1")  # the loss types with a threshold, which --huber_schedule sets
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 MAX_SNR = 1000  # timestep 0's SNR is nearly infinite; debiased estimation caps it, as kohya-ss does
 
