@@ -155,10 +155,12 @@ from sdtoolkit.losses import (
 from sdtoolkit.output_dir import (
     check_fresh_run,
     check_output_dir,
+    flag_changes,
     identity_changes,
     lock_output_dir,
     optimizer_flags,
     run_identity,
+    training_flags,
     unlock_output_dir,
 )
 
@@ -2396,8 +2398,10 @@ def fine_tune(args):
 
     # Train!
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    # What this run is (seed, batch size, model, data), written into every checkpoint.
+    # What this run is (seed, batch size, model, data) and the flags that decide what it trains, written into
+    # every checkpoint, so that a resume with other ones says so.
     identity = run_identity(args, total_batch_size, data_fingerprint, len(train_dataset))
+    flags = training_flags(args)
 
     logger.info("***** Running training *****")
     logger.info(
@@ -2427,6 +2431,12 @@ def fine_tune(args):
                 f"{resume_path} was written by a run with other settings ({'; '.join(changes)}): training continues"
                 f" from step {global_step}, but not on the same data order as the original run would have"
             )
+        changed_flags = flag_changes(resumed_state.get("flags", {}), flags)
+        if changed_flags:
+            logger.warning(
+                f"{resume_path} was trained with other flags than this command's ({'; '.join(changed_flags)}):"
+                f" training continues from step {global_step} with this command's"
+            )
     initial_global_step = global_step
 
     # The held-out losses measured so far, [step, loss] each, and each image's loss at the first measurement (what
@@ -2437,7 +2447,8 @@ def fine_tune(args):
     held_out_last = None  # each image's loss at the latest measurement
 
     def training_state(epoch):
-        state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, **identity}
+        state = {"global_step": global_step, "epoch": epoch, "num_processes": accelerator.num_processes, **identity,
+                 "flags": flags}  # fmt: skip
         if held_out is not None:
             state.update(validation_losses=held_out_losses, validation_first_per_image=held_out_first)
         return state

@@ -11,6 +11,8 @@
   model, unless told to overwrite it (`clear_earlier_run` then deletes what the script wrote, nothing else).
 - `run_identity` / `identity_changes`: what a run is (seed, batch size, model, data, optimizer), stored in every
   checkpoint's training_state.json, so that a resume that changes one of them says what changed.
+- `training_flags` / `flag_changes`: the rest of the flags that decide what a run trains (learning rate, loss,
+  resolution, augmentations, ...), stored beside it, so that a resume that changes one of them says so too.
 """
 
 import atexit
@@ -198,4 +200,50 @@ def identity_changes(saved, current):
             f"data content {saved.get('data_rows')} rows ({saved['data_fingerprint'][:12]}) ->"
             f" {current['data_rows']} rows ({current['data_fingerprint'][:12]})"
         )
+    return changes
+
+
+# Flags that say where a run writes, how often it reports or saves, or how fast it goes, and not what it trains:
+# a resume may change them without a word. The seed, model and data are in the run's identity (identity_changes
+# names them), the optimizer's flags must match (optimizer_flags), and --hub_token is a secret, never written.
+NOT_TRAINING_FLAGS = {
+    "seed", "pretrained_model_name_or_path", "revision", "dataset_name", "train_data_dir",
+    "optimizer", "use_8bit_adam", "hub_token",
+    "output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name", "local_rank",
+    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "export_single_file",
+    "push_to_hub", "hub_model_id", "validation_prompts", "validation_epochs", "validation_steps",
+    "cache_dir", "latent_cache_dir", "dataloader_num_workers",
+    # Speed and memory: the same training, done another way (tests/test_speed.py checks the cache gives the same
+    # losses). A resume on another GPU may well need other ones.
+    "cache_latents", "fused_adam", "inplace_ema", "foreach_ema", "offload_ema", "channels_last",
+    "enable_xformers_memory_efficient_attention", "allow_tf32", "gradient_checkpointing",
+    # The run's length is --max_train_steps (--num_train_epochs decides it or is worked out from it), and going on
+    # past the first run's end is what a resume is often for; see flag_changes.
+    "num_train_epochs",
+}  # fmt: skip
+PATH_FLAGS = ("model_config", "init_lora", "reg_data_dir")  # compared as absolute paths, wherever the run starts
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def training_flags(args):
+    """{flag: value} for the flags that decide what this run trains, for training_state.json."""
+    flags = {key: value for key, value in vars(args).items() if key not in NOT_TRAINING_FLAGS}
+    for key in PATH_FLAGS:
+        flags[key] = local_path_or_name(flags[key])
+    return flags
+
+
+def flag_changes(saved, current):
+    """['--learning_rate 1e-05 -> 2e-05', ...] for the training flags that differ between a checkpoint's run
+    (saved: its training_flags, {} for a checkpoint from before they were kept) and this one.
+
+    A longer or shorter --max_train_steps is only a change of what is trained when the learning rate schedule
+    depends on it (cosine, linear, polynomial: the rates from the resumed step on follow the new length)."""
+    changes = []
+    for key, value in current.items():
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "max_train_steps" and current["lr_scheduler"] in CONSTANT_SCHEDULES:
+            continue
+        changes.append(f"--{key} {saved[key]} -> {value}")
     return changes

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from sdtoolkit import checkpoints
 from sdtoolkit.errors import UserError
+from sdtoolkit.output_dir import flag_changes, training_flags
 from tests.conftest import (
     REPO,
     demo_image,
@@ -25,6 +26,7 @@ from tests.conftest import (
     unet_weights,
     wait_for_step,
 )
+from train_text_to_image import parse_args
 
 TWO_STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "1"]
 
@@ -86,6 +88,50 @@ def test_a_resume_that_changes_the_seed_or_the_data_says_what_changed(tiny_sd, t
     with caplog.at_level(logging.WARNING):  # the same settings: nothing to say
         train(tiny_sd, out, "--max_train_steps", "4", "--seed", "1", "--resume_from_checkpoint", "latest", data=other)
     assert "other settings" not in caplog.text
+
+
+def test_a_resume_with_other_training_flags_names_each(tiny_sd, tmp_path, caplog):
+    out = tmp_path / "out"
+    train(tiny_sd, out, *TWO_STEPS, "--learning_rate", "1e-4")
+    flags = json.loads((out / "checkpoint-2" / "training_state.json").read_text())["flags"]
+    assert flags["learning_rate"] == 1e-4 and flags["loss_type"] == "l2" and "output_dir" not in flags
+
+    with caplog.at_level(logging.WARNING):
+        train(tiny_sd, out, "--learning_rate", "2e-4", "--loss_type", "huber", "--random_flip",
+              "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")  # fmt: skip
+    warning = next(r.message for r in caplog.records if "other flags than this command's" in r.message)
+    assert "--learning_rate 0.0001 -> 0.0002" in warning and "--loss_type l2 -> huber" in warning
+    assert "--random_flip False -> True" in warning and "continues from step 2" in warning
+    assert "max_train_steps" not in warning  # a constant schedule: a longer run trains the first steps alike
+    assert "other settings" not in caplog.text  # seed, batch, model and data are the same
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same training, saved more often, with other speed flags
+        train(tiny_sd, out, "--learning_rate", "2e-4", "--loss_type", "huber", "--random_flip",
+              "--max_train_steps", "4", "--checkpointing_steps", "5", "--no-cache_latents", "--no-fused_adam",
+              "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert "other flags" not in caplog.text
+
+
+def test_which_flag_changes_a_resume_reports(tmp_path, monkeypatch):
+    def flags(*extra):
+        return training_flags(parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *extra]))
+
+    # A secret is never written into a checkpoint.
+    assert "hub_token" not in flags("--hub_token", "hf_s3cret")
+    # A longer run changes what is trained only when the learning rate schedule follows its length.
+    assert flag_changes(flags("--max_train_steps", "10"), flags("--max_train_steps", "20")) == []
+    cosine = flag_changes(flags("--max_train_steps", "10", "--lr_scheduler", "cosine"),
+                          flags("--max_train_steps", "20", "--lr_scheduler", "cosine"))  # fmt: skip
+    assert cosine == ["--max_train_steps 10 -> 20"]
+    # A relative path to the same folder, from another working directory, is the same flag.
+    (tmp_path / "a" / "reg").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    before = flags("--reg_data_dir", "a/reg")
+    monkeypatch.chdir(tmp_path / "a")
+    assert flag_changes(before, flags("--reg_data_dir", "reg")) == []
+    # A checkpoint written before the flags were kept compares nothing.
+    assert flag_changes({}, flags("--learning_rate", "1")) == []
 
 
 # --resume_from_checkpoint: names and paths ----------------------------------------------------------------------

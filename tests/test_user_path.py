@@ -56,6 +56,16 @@ def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
         p: t for p, t in before.items() if p.name not in (".lock", ".lock.json")
     }
 
+    # The first command resumed, to a later step: it continues with nothing to report (the same recipe, flags and
+    # relative paths), and a changed learning rate is named.
+    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=3", "--checkpointing_steps=1",
+                           "--validation_split=0.25", "--reg_data_dir=my-reg", "--resume_from_checkpoint=latest",
+                           "--learning_rate=2e-3", model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
+    assert code == 0, "\n".join(lines[-20:])
+    changed = [line for line in lines if "other flags" in line or "other settings" in line]
+    assert len(changed) == 1 and "(--learning_rate 0.001 -> 0.002): training continues from step 2" in changed[0]
+    assert (user_folder / "my-output" / "checkpoint-3").is_dir()
+
 
 @pytest.mark.parametrize(
     "launch_args",
