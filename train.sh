@@ -11,7 +11,8 @@
 # accelerate config of this machine applies (`accelerate config`). The launch goes through sdtoolkit/launch.py,
 # which is `accelerate launch` with the script's own `error:` line last and its exit code (2 for bad input).
 # PYTHON is the interpreter to launch with (default: python).
-# DATASET_NAME may also be a local folder of images with a metadata.jsonl (file_name, text), or a .parquet file.
+# DATASET_NAME may also be a local folder of images with a metadata.jsonl (file_name, text), or a .parquet file,
+# or a kohya-ss dataset config (.toml or .json, or --dataset_config FILE), whose values win over the recipe's.
 # lambdalabs/pokemon-blip-captions was taken down from the hub in 2024; lambdalabs/naruto-blip-captions has
 # the same columns.
 set -euo pipefail
@@ -20,6 +21,13 @@ MODEL_NAME="${MODEL_NAME:-CompVis/stable-diffusion-v1-4}"
 DATASET_NAME="${DATASET_NAME:-lambdalabs/pokemon-blip-captions}"
 OUTPUT_DIR="${OUTPUT_DIR:-sd-pokemon-model}"
 
+# A kohya-ss dataset config names the data instead of --dataset_name.
+DATA_ARGS=(--dataset_name="$DATASET_NAME")
+case "$DATASET_NAME" in *.toml | *.json) DATA_ARGS=(--dataset_config="$DATASET_NAME") ;; esac
+for arg in "$@"; do
+  case "$arg" in --dataset_config | --dataset_config=*) DATA_ARGS=() ;; esac
+done
+
 # The toolkit's folder, for its script and its package; the current folder stays the user's.
 TOOLKIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -27,7 +35,7 @@ TOOLKIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHONPATH="$TOOLKIT${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m sdtoolkit.launch ${LAUNCH_ARGS:-} \
   "$TOOLKIT/train_text_to_image.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \
-  --dataset_name="$DATASET_NAME" \
+  "${DATA_ARGS[@]}" \
   --use_ema \
   --resolution=512 --center_crop --random_flip \
   --train_batch_size=1 \

@@ -99,6 +99,7 @@ from sdtoolkit.data import (
     webdataset_columns,
     webdataset_shards,
 )
+from sdtoolkit.dataset_config import describe_flag, read_dataset_config
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
@@ -199,7 +200,6 @@ KNOWN_ELSEWHERE = {
     "--alpha_mask": "part of --masked_loss here, which reads the images' alpha channel",
     "--v_parameterization": "--prediction_type v_prediction here",
     "--save_model_as": "--export_single_file here, for one .safetensors file beside the diffusers folder",
-    "--dataset_config": "not read here: give the folder as --train_data_dir (N_name sub-folders set repeats)",
 }
 
 
@@ -478,6 +478,17 @@ def parse_args(argv=None):
             "A caption-file folder of regularization images (kohya-ss's reg_data_dir, DreamBooth's class images):"
             " each epoch also trains on as many examples of them as of the training images, their loss weighed by"
             " --prior_loss_weight, so the model keeps drawing what their captions name."
+        ),
+    )
+    parser.add_argument(
+        "--dataset_config",
+        type=str,
+        default=None,
+        help=(
+            "A kohya-ss sd-scripts dataset config (.toml or .json) instead of --train_data_dir and --reg_data_dir:"
+            " its [[datasets.subsets]] image folders with their num_repeats, class_tokens, caption_extension and"
+            " is_reg, and its data options as this script's flags (resolution, batch_size, enable_bucket,"
+            " shuffle_caption, keep_tokens, flip_aug, ...), which must then hold for every subset."
         ),
     )
     parser.add_argument(
@@ -902,13 +913,24 @@ def parse_args(argv=None):
     )
 
     args = parser.parse_args(argv)
+    # A kohya-ss dataset config names the data and sets data flags, over the command line's as in sd-scripts
+    # (see sdtoolkit/dataset_config.py; the log lists them).
+    if args.dataset_config is not None:
+        for flag in ("dataset_name", "train_data_dir", "reg_data_dir"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} and --dataset_config both name training data: give it in one of them")
+        config_flags, _ = read_dataset_config(args.dataset_config, caption_extension=args.caption_extension)
+        vars(args).update(config_flags)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
 
     # Sanity checks: one line each, before anything is loaded.
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise UserError("need either --dataset_name (a hub dataset) or --train_data_dir (a local imagefolder)")
+    if args.dataset_name is None and args.train_data_dir is None and args.dataset_config is None:
+        raise UserError(
+            "need either --dataset_name (a hub dataset), --train_data_dir (a local folder) or --dataset_config (a"
+            " kohya-ss dataset config)"
+        )
     if args.resolution <= 0 or args.resolution % 8 != 0:
         raise UserError(
             f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
@@ -1131,8 +1153,19 @@ def load_training_dataset(args):
     (None when not kept, see cache_crop_maker), each row's loss weight (None without --reg_data_dir), and the
     rows held out by --validation_split with their image sizes (or None).
     """
-    source = args.dataset_name or args.train_data_dir
-    caption_folder = (
+    source = args.dataset_name or args.train_data_dir or args.dataset_config
+    # A kohya-ss dataset config's folders (see sdtoolkit/dataset_config.py): read like caption-file folders.
+    config_folders = None
+    if args.dataset_config is not None:
+        config_flags, config_folders = read_dataset_config(
+            args.dataset_config, caption_extension=args.caption_extension
+        )
+        logger.info(
+            f"Read --dataset_config {args.dataset_config}: {len(config_folders)} image folders; it sets "
+            + (", ".join(describe_flag(flag, value) for flag, value in config_flags.items()) or "no flags")
+            + " (over the command line's, as in sd-scripts)"
+        )
+    caption_folder = config_folders is not None or (
         os.path.isdir(source)
         and not has_metadata_file(source)
         and has_captioned_images(source, args.caption_extension)
@@ -1150,7 +1183,9 @@ def load_training_dataset(args):
             " (datasets' Dataset.to_parquet keeps them under 100 MB; pyarrow: row_group_size=100)"
         )
     try:
-        if caption_folder:
+        if config_folders is not None:
+            dataset = {"train": read_config_folders(args, [f for f in config_folders if not f.is_reg])}
+        elif caption_folder:
             # Images with their captions in same-named text files (see sdtoolkit/caption_folders.py).
             train, notes = read_caption_folder(
                 source, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
@@ -1290,10 +1325,11 @@ def load_training_dataset(args):
 
     # Regularization images come after the training images, weighed by --prior_loss_weight in the loss.
     loss_weights = None
-    if args.reg_data_dir is not None:
+    reg_folders = [f for f in config_folders if f.is_reg] if config_folders is not None else []
+    if args.reg_data_dir is not None or reg_folders:
         reg, reg_repeats, reg_digests, reg_sizes, reg_crops = read_regularization_images(
-            args, train.features, image_column, caption_column, sum(repeats), keep_crops=crops is not None,
-            keep_bytes=keep_bytes,
+            args, reg_folders, train.features, image_column, caption_column, sum(repeats),
+            keep_crops=crops is not None, keep_bytes=keep_bytes,
         )  # fmt: skip
         loss_weights = [1.0] * len(train) + [args.prior_loss_weight] * len(reg)
         train = datasets.concatenate_datasets([train.select_columns([image_column, caption_column]), reg])
@@ -1307,26 +1343,54 @@ def load_training_dataset(args):
             held_out)  # fmt: skip
 
 
-def read_regularization_images(args, features, image_column, caption_column, num_examples, *, keep_crops,
-                               keep_bytes):  # fmt: skip
-    """The caption-file folder --reg_data_dir as rows like the training rows (same columns and types), checked
-    like them, with how many examples each makes per epoch: about num_examples in all, as kohya-ss balances
-    them (see balance_regularization). Returns (rows, repeats, digests, sizes, crops), for the images used."""
-    folder = args.reg_data_dir
-    if not has_captioned_images(folder, args.caption_extension):
-        raise UserError(
-            f"--reg_data_dir {folder} holds no captioned images: give images with {args.caption_extension} caption"
-            " files, or in N_name folders, which caption them by their name"
+def read_config_folders(args, folders):
+    """A --dataset_config's folders (sdtoolkit/dataset_config.Folder) as one caption-file dataset (image, text,
+    repeats), in the file's order; a folder that is missing or holds no images is an error naming it."""
+    parts = []
+    for folder in folders:
+        if not os.path.isdir(folder.image_dir):
+            raise UserError(f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} is not a folder")
+        part, notes = read_caption_folder(
+            folder.image_dir, caption_extension=folder.caption_extension,
+            allow_missing_captions=args.allow_missing_captions, subset=folder,
+        )  # fmt: skip
+        if len(part) == 0:
+            raise UserError(
+                f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} holds no images (its"
+                " sub-folders' are not read, as in sd-scripts: give each its own subset)"
+            )
+        logger.info(notes[0])
+        for note in notes[1:]:
+            logger.warning(note)
+        parts.append(part)
+    return datasets.concatenate_datasets(parts)
+
+
+def read_regularization_images(args, config_folders, features, image_column, caption_column, num_examples, *,
+                               keep_crops, keep_bytes):  # fmt: skip
+    """The regularization images (the caption-file folder --reg_data_dir, or a --dataset_config's is_reg
+    folders) as rows like the training rows (same columns and types), checked like them, with how many examples
+    each makes per epoch: about num_examples in all, as kohya-ss balances them (see balance_regularization).
+    Returns (rows, repeats, digests, sizes, crops), for the images used."""
+    folder = args.reg_data_dir or ", ".join(f.image_dir for f in config_folders)
+    if config_folders:
+        reg = read_config_folders(args, config_folders)
+    else:
+        if not has_captioned_images(folder, args.caption_extension):
+            raise UserError(
+                f"--reg_data_dir {folder} holds no captioned images: give images with {args.caption_extension}"
+                " caption files, or in N_name folders, which caption them by their name"
+            )
+        reg, notes = read_caption_folder(
+            folder, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
         )
-    reg, notes = read_caption_folder(
-        folder, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
-    )
-    for note in notes[1:]:
-        logger.warning(f"--reg_data_dir: {note}")
+        for note in notes[1:]:
+            logger.warning(f"--reg_data_dir: {note}")
     repeats = balance_regularization([n * args.dataset_repeats for n in reg["repeats"]], num_examples)
     used = [row for row, count in enumerate(repeats) if count > 0]
     logger.info(
-        f"--reg_data_dir: {len(used)} of the {len(reg)} regularization images in {folder} make {sum(repeats)}"
+        f"{'--reg_data_dir' if args.reg_data_dir else 'is_reg subsets'}: {len(used)} of the {len(reg)}"
+        f" regularization images in {folder} make {sum(repeats)}"
         f" examples per epoch, beside the {num_examples} training examples; their loss weighs"
         f" {args.prior_loss_weight:g}"
     )
@@ -1558,7 +1622,10 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         image_grid = make_image_grid(images, 1, len(images))
         image_grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
         img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
-    model, dataset = args.pretrained_model_name_or_path, args.dataset_name or args.train_data_dir
+    model, dataset = (
+        args.pretrained_model_name_or_path,
+        args.dataset_name or args.train_data_dir or args.dataset_config,
+    )
     prompt = args.validation_prompts[0] if args.validation_prompts else "a cartoon creature"
     # Pushed to the hub, the card loads the repository; kept locally, the folder it is in.
     load_from = repo_id if args.push_to_hub else args.output_dir

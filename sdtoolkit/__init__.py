@@ -8,6 +8,7 @@
 - clip_windows: prompts and captions as AUTOMATIC1111 reads them (emphasis, BREAK, 75-token windows).
 - buckets: aspect-ratio buckets (shapes, assignment, cover-and-crop, one bucket per batch).
 - caption_folders: folders of images with same-named caption files, and kohya's N_name repeat folders.
+- dataset_config: kohya-ss's --dataset_config files (image folders and data options in TOML or JSON).
 - learning_check: the diffusion classifier that tells whether a model learned its captions.
 - losses: kohya-ss's loss options for the training step (pseudo-Huber losses, debiased estimation).
 - evaluation: paired bootstrap comparisons and distances between image sets in CLIP space (metrics.py).

@@ -36,10 +36,13 @@ def repeat_folder(relative_dir):
     return 1, None
 
 
-def find_images_and_captions(folder, caption_extension):
-    """(images, caption files, orphan caption files): paths relative to folder, sorted."""
+def find_images_and_captions(folder, caption_extension, recursive=True):
+    """(images, caption files, orphan caption files): paths relative to folder, sorted; with recursive=False,
+    only the folder's own files, not its sub-folders' (as sd-scripts reads a dataset config's image_dir)."""
     images, captions = [], set()
-    for root, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        if not recursive:
+            dirs.clear()
         for name in files:
             path = os.path.relpath(os.path.join(root, name), folder)
             if name.endswith(caption_extension):
@@ -71,19 +74,25 @@ def read_caption(path):
         raise UserError(f"caption file {path} is not UTF-8 text ({err.reason}); save it as UTF-8") from err
 
 
-def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_captions=False):
+def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_captions=False, subset=None):
     """The folder's images and captions as a Dataset (image, text, repeats), and what to tell the user.
 
     Returns (dataset, notes): notes is a list of log lines (counts, orphan caption files, captions missing or
     empty when allowed). An image with no caption file in an N_name folder is captioned by the name, as kohya-ss
     does (its class tokens). Without allow_missing_captions, any other image with no caption file, or an empty
     one, is an error listing the first few.
+
+    subset: a --dataset_config folder (sdtoolkit/dataset_config.Folder): then only the folder's own images are
+    read, its num_repeats and class_tokens stand for the N_name folders', and folder names mean nothing.
     """
-    images, captions, orphans = find_images_and_captions(folder, caption_extension)
+    images, captions, orphans = find_images_and_captions(folder, caption_extension, recursive=subset is None)
     rows, missing, empty, by_folder = [], [], [], 0
     for path in images:
         caption_path = os.path.splitext(path)[0] + caption_extension
-        repeats, folder_name = repeat_folder(os.path.dirname(path))
+        if subset is None:
+            repeats, folder_name = repeat_folder(os.path.dirname(path))
+        else:
+            repeats, folder_name = subset.num_repeats, subset.class_tokens
         text = read_caption(os.path.join(folder, caption_path)) if caption_path in captions else None
         if text is None and folder_name:
             text, by_folder = folder_name, by_folder + 1
@@ -102,18 +111,27 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
             problems.append(f"{len(missing)} images have no {caption_extension} caption file: {listed(missing)}")
         if empty:
             problems.append(f"{len(empty)} caption files are empty: {listed(empty)}")
+        class_tokens = f", give its {subset.name} class_tokens" if subset is not None else ""
         raise UserError(
-            f"{'; '.join(problems)} (in {folder}) -- write their captions, or pass --allow_missing_captions to"
-            " train those images with an empty caption"
+            f"{'; '.join(problems)} (in {folder}) -- write their captions{class_tokens}, or pass"
+            " --allow_missing_captions to train those images with an empty caption"
         )
 
     repeated = sum(1 for _, _, n in rows if n > 1)
-    notes = [
-        f"Read {folder} as a caption-file folder: {len(images)} images, {len(images) - len(missing) - by_folder}"
-        f" with a {caption_extension} caption"
-        + (f", {by_folder} captioned by their N_name folder's name" if by_folder else "")
-        + (f", {repeated} in N_name repeat folders" if repeated else "")
-    ]
+    if subset is None:
+        notes = [
+            f"Read {folder} as a caption-file folder: {len(images)} images, {len(images) - len(missing) - by_folder}"
+            f" with a {caption_extension} caption"
+            + (f", {by_folder} captioned by their N_name folder's name" if by_folder else "")
+            + (f", {repeated} in N_name repeat folders" if repeated else "")
+        ]
+    else:
+        notes = [
+            f"Read {folder} ({subset.name}): {len(images)} images, {len(images) - len(missing) - by_folder} with a"
+            f" {caption_extension} caption"
+            + (f", {by_folder} captioned by class_tokens" if by_folder else "")
+            + (f", each {subset.num_repeats} times per epoch" if subset.num_repeats > 1 else "")
+        ]
     if missing or empty:
         notes.append(f"--allow_missing_captions: {len(missing) + len(empty)} images train with an empty caption")
     if orphans:

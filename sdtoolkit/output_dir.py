@@ -173,7 +173,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "model": local_path_or_name(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "model_config": local_path_or_name(args.model_config),
-        "data": local_path_or_name(args.dataset_name or args.train_data_dir),
+        "data": local_path_or_name(args.dataset_name or args.train_data_dir or args.dataset_config),
         "data_rows": num_rows,
         "data_fingerprint": data_fingerprint,
         "lora_rank": args.lora_rank,
@@ -207,7 +207,7 @@ def identity_changes(saved, current):
 # a resume may change them without a word. The seed, model and data are in the run's identity (identity_changes
 # names them), the optimizer's flags must match (optimizer_flags), and --hub_token is a secret, never written.
 NOT_TRAINING_FLAGS = {
-    "seed", "pretrained_model_name_or_path", "revision", "dataset_name", "train_data_dir",
+    "seed", "pretrained_model_name_or_path", "revision", "dataset_name", "train_data_dir", "dataset_config",
     "optimizer", "use_8bit_adam", "hub_token",
     "output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name", "local_rank",
     "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "export_single_file",
