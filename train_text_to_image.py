@@ -81,6 +81,7 @@ from sdtoolkit.clip_windows import (
 )
 from sdtoolkit.data import (
     TrainingExamples,
+    affix_caption,
     as_image_column,
     available_memory,
     balance_regularization,
@@ -98,6 +99,7 @@ from sdtoolkit.data import (
     unlisted_images,
     webdataset_columns,
     webdataset_shards,
+    with_affixes,
 )
 from sdtoolkit.dataset_config import describe_flag, read_dataset_config
 from sdtoolkit.ema import InPlaceEMAModel
@@ -505,6 +507,18 @@ def parse_args(argv=None):
             "Show every image this many times per epoch. In a caption-file folder, a sub-folder named N_name also"
             " repeats its images N times (kohya-ss's convention); the two multiply."
         ),
+    )
+    parser.add_argument(
+        "--caption_prefix",
+        type=str,
+        default=None,
+        help=(
+            "Words put before every caption (training and regularization images'), kohya-ss's flag: e.g. 'sks,'"
+            " to make the trigger word the first tag. Added as read, before tags are shuffled or dropped."
+        ),
+    )
+    parser.add_argument(
+        "--caption_suffix", type=str, default=None, help="Words put after every caption, as --caption_prefix."
     )
     parser.add_argument(
         "--caption_dropout_rate",
@@ -1303,6 +1317,8 @@ def load_training_dataset(args):
     num_empty = check_captions(train, caption_column)
     if num_empty and not caption_folder:  # a caption folder has said so already
         logger.warning(f"{num_empty} of {len(train)} captions are empty; those images train without a caption")
+    if config_folders is None:  # a dataset config's folders have theirs (see read_config_folders)
+        train = with_affixes(train, caption_column, args.caption_prefix, args.caption_suffix)
 
     # Hold out a share of the images for the held-out loss (see sdtoolkit/held_out.py); they never train.
     held_out = None
@@ -1362,7 +1378,10 @@ def read_config_folders(args, folders):
         logger.info(notes[0])
         for note in notes[1:]:
             logger.warning(note)
-        parts.append(part)
+        # A subset's caption_prefix and caption_suffix, else --caption_prefix and --caption_suffix (sd-scripts' way).
+        prefix = folder.caption_prefix if folder.caption_prefix is not None else args.caption_prefix
+        suffix = folder.caption_suffix if folder.caption_suffix is not None else args.caption_suffix
+        parts.append(with_affixes(part, "text", prefix, suffix))
     return datasets.concatenate_datasets(parts)
 
 
@@ -1397,6 +1416,8 @@ def read_regularization_images(args, config_folders, features, image_column, cap
     # The training rows' columns and types (a list of captions stays a list).
     reg = reg.select(used)
     texts = reg["text"]
+    if not config_folders:
+        texts = [affix_caption(text, args.caption_prefix, args.caption_suffix) for text in texts]
     if not isinstance(features[caption_column], datasets.Value):
         texts = [[text] for text in texts]
     paths = reg.cast_column("image", datasets.Image(decode=False))["image"]

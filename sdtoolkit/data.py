@@ -311,6 +311,23 @@ def check_captions(dataset, caption_column):
     return empty
 
 
+def affix_caption(caption, prefix, suffix):
+    """kohya-ss's --caption_prefix and --caption_suffix: the caption (or each of a list) with words around it."""
+    if not isinstance(caption, str):
+        return [affix_caption(c, prefix, suffix) for c in caption]
+    return " ".join(part for part in (prefix, caption, suffix) if part)
+
+
+def with_affixes(dataset, caption_column, prefix, suffix):
+    """The dataset with affix_caption applied to its captions. Only the caption column is rebuilt, so the images
+    of a large dataset are neither read nor copied."""
+    if not prefix and not suffix:
+        return dataset
+    captions = [affix_caption(caption, prefix, suffix) for caption in dataset[caption_column]]
+    feature = dataset.features[caption_column]
+    return dataset.remove_columns(caption_column).add_column(caption_column, captions, feature=feature)
+
+
 def all_captions(dataset, caption_column):
     """Every caption of every row, in order (a row may hold a list of them)."""
     captions = []

@@ -21,7 +21,8 @@ read as sd-scripts reads it, so a kohya-ss user's file trains here as it is:
       is_reg = true                  # regularization images (--reg_data_dir's, weighed by --prior_loss_weight)
 
 A value is looked up in the subset, then its dataset, then [general], as sd-scripts does. What is a folder's own
-(image_dir, num_repeats, class_tokens, caption_extension, is_reg) may differ between subsets; every other option
+(image_dir, num_repeats, class_tokens, caption_extension, is_reg, caption_prefix, caption_suffix) may differ
+between subsets; every other option
 is one of this script's flags (`FLAGS`) and must come out the same for every subset, since it holds for the whole
 run. sd-scripts' options this toolkit does not have are accepted at their sd-scripts default and refused at any
 other value, in one line, as is any key sd-scripts does not know either.
@@ -58,12 +59,12 @@ FLAGS = {
 }
 # A folder's own options, with sd-scripts' defaults (caption_extension: --caption_extension's, see below).
 FOLDER_OPTIONS = {"image_dir": None, "num_repeats": 1, "class_tokens": None, "caption_extension": None,
-                  "is_reg": False}  # fmt: skip
+                  "is_reg": False, "caption_prefix": None, "caption_suffix": None}  # fmt: skip
 # sd-scripts' options that this toolkit does not have, at the values that ask for nothing.
 NOT_DONE_HERE = {
     "color_aug": False, "face_crop_aug_range": None, "keep_tokens_separator": "", "secondary_separator": None,
     "caption_separator": ",", "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0,
-    "caption_prefix": None, "caption_suffix": None, "custom_attributes": None, "caption_dropout_every_n_epochs": 0,
+    "custom_attributes": None, "caption_dropout_every_n_epochs": 0,
     "network_multiplier": 1.0, "debug_dataset": False, "resize_interpolation": None, "metadata_file": None,
     "conditioning_data_dir": None,
 }  # fmt: skip
@@ -76,7 +77,8 @@ DATASET_ONLY = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", 
 SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioning_data_dir"}
 TYPES = {"resolution": int, "batch_size": int, "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int,
          "keep_tokens": int, "num_repeats": int, "validation_split": float, "caption_dropout_rate": float,
-         "caption_tag_dropout_rate": float, "image_dir": str, "class_tokens": str, "caption_extension": str}  # fmt: skip
+         "caption_tag_dropout_rate": float, "image_dir": str, "class_tokens": str, "caption_extension": str,
+         "caption_prefix": str, "caption_suffix": str}  # fmt: skip
 BOOLEANS = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "alpha_mask", "is_reg"}
 
 
@@ -89,6 +91,8 @@ class Folder:
     class_tokens: str | None
     caption_extension: str
     is_reg: bool
+    caption_prefix: str | None  # None: --caption_prefix's
+    caption_suffix: str | None
     name: str  # where it is in the file, for messages: "[[datasets.subsets]] 2 of dataset 1"
 
 
@@ -187,6 +191,8 @@ def read_dataset_config(path, *, caption_extension):
                     class_tokens=values.get("class_tokens"),
                     caption_extension=values.get("caption_extension", caption_extension),
                     is_reg=values.get("is_reg", False),
+                    caption_prefix=values.get("caption_prefix"),
+                    caption_suffix=values.get("caption_suffix"),
                     name=where,
                 )
             )

@@ -317,6 +317,28 @@ def test_shuffled_or_dropped_tags_train_with_the_latent_cache(tiny_sd, tmp_path,
     assert (tmp_path / "model_index.json").exists()
 
 
+def test_a_caption_prefix_and_suffix_train_as_if_written_in_every_caption(tiny_sd, tmp_path):
+    # kohya-ss's --caption_prefix / --caption_suffix on a metadata folder and on regularization images: the same
+    # run, bit for bit, as the same words written into the captions themselves (and kept first by --keep_tags 1).
+    rows = [(f"{i}.png", i, f"creature {i}, round") for i in range(6)]
+    reg = [(f"1_creature/{i}.png", 6 + i, None) for i in range(2)]
+    written = caption_folder(tmp_path / "written", [(n, i, f"sks, {c} best") for n, i, c in rows])
+    written_reg = caption_folder(
+        tmp_path / "written-reg", [(f"{i}.png", 6 + i, "sks, creature best") for i in range(2)]
+    )
+    flags = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--shuffle_tags",
+             "--keep_tags", "1"]  # fmt: skip
+    affixed = tmp_path / "affixed"
+    train(tiny_sd, affixed, *flags, "--caption_prefix", "sks,", "--caption_suffix", "best", "--reg_data_dir",
+          str(caption_folder(tmp_path / "reg", reg)), data=caption_folder(tmp_path / "data", rows))  # fmt: skip
+    train(tiny_sd, tmp_path / "plain", *flags, "--reg_data_dir", str(written_reg), data=written)
+    states = [json.loads((tmp_path / run / "checkpoint-2" / "training_state.json").read_text())
+              for run in ("affixed", "plain")]  # fmt: skip
+    assert states[0]["data_fingerprint"] == states[1]["data_fingerprint"]
+    a, b = unet_weights(affixed / "unet"), unet_weights(tmp_path / "plain" / "unet")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_bad_values_are_one_line(tmp_path):
     import train_text_to_image
 

@@ -159,8 +159,8 @@ validation_split = 0.25
          " [[datasets]] 2"),
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ncolour_aug = true\n',
          "[[datasets.subsets]] 1 of [[datasets]] 1 has colour_aug, which is not an sd-scripts dataset option"),
-        ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ncaption_prefix = "photo of"\n',
-         "sets caption_prefix = 'photo of', which this toolkit does not do"),
+        ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ncolor_aug = true\n',
+         "sets color_aug = True, which this toolkit does not do"),
         ('[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = "a"\n',
          "sets resolution = [512, 768]; this toolkit trains at one square resolution"),
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nbatch_size = 2\n',
@@ -196,6 +196,36 @@ network_multiplier = 1
   image_dir = "a"
 """)  # fmt: skip
     assert read_dataset_config(path, caption_extension=".txt")[0] == {}
+
+
+def test_a_subsets_caption_prefix_stands_for_the_flags(tiny_sd, tmp_path):
+    import train_text_to_image
+
+    # sd-scripts' way: a subset's caption_prefix, else --caption_prefix; --caption_suffix for both here.
+    caption_folder(tmp_path / "a", [("one.png", 0, "a creature, round")])
+    caption_folder(tmp_path / "b", [("two.png", 1, "another creature")])
+    path = config_file(tmp_path, f"""
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / "a"}"
+  caption_prefix = "sks,"
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / "b"}"
+""")  # fmt: skip
+    argv = without_data_dir(
+        train_args(tiny_sd, tmp_path / "config", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    )
+    train_text_to_image.main(argv + ["--dataset_config", path, "--caption_prefix", "ohwx,", "--caption_suffix", "4k"])
+    written = caption_folder(tmp_path / "written", [("a/one.png", 0, "sks, a creature, round 4k"),
+                                                    ("b/two.png", 1, "ohwx, another creature 4k")])  # fmt: skip
+    train_text_to_image.main(
+        train_args(
+            tiny_sd, tmp_path / "written-run", "--max_train_steps", "1", "--checkpointing_steps", "1", data=written
+        )
+    )
+    states = [json.loads((tmp_path / run / "checkpoint-1" / "training_state.json").read_text())
+              for run in ("config", "written-run")]  # fmt: skip
+    assert states[0]["data_fingerprint"] == states[1]["data_fingerprint"]
 
 
 def test_a_subset_reads_its_own_folder_only_and_names_a_missing_one(tiny_sd, tmp_path):
