@@ -113,6 +113,7 @@ from sdtoolkit.inference import (
     load_single_file,
     looks_like_local_path,
     safetensors_metadata,
+    with_prediction_type,
 )
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
@@ -1564,19 +1565,23 @@ def save_validation_images(images, args, folder_name):
 
 
 def base_pipeline(args, dtype=None, **components):
-    """The base model's pipeline with `components` (the trained UNet, ...) in place of its own."""
+    """The base model's pipeline with `components` (the trained UNet, ...) in place of its own, sampling with the
+    --prediction_type the UNet is trained for (upstream's script saves the base's scheduler as it is, so a
+    v-prediction fine-tune of an epsilon model would be sampled as epsilon)."""
     if is_single_file(args.pretrained_model_name_or_path):
-        return load_single_file(
+        pipeline = load_single_file(
             args.pretrained_model_name_or_path, dtype or torch.float32, args.model_config, **components
         )
-    return StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        **components,
-        revision=args.revision,
-        variant=args.variant,
-        dtype=dtype,
-        cache_dir=args.cache_dir,
-    )
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path,
+            **components,
+            revision=args.revision,
+            variant=args.variant,
+            dtype=dtype,
+            cache_dir=args.cache_dir,
+        )
+    return with_prediction_type(pipeline, args.prediction_type, "the trained UNet")
 
 
 def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step):
@@ -2489,6 +2494,7 @@ def fine_tune(args):
     # What this run is (seed, batch size, model, data) and the flags that decide what it trains, written into
     # every checkpoint, so that a resume with other ones says so.
     identity = run_identity(args, total_batch_size, data_fingerprint, len(train_dataset))
+    identity["prediction_type"] = noise_scheduler.config.prediction_type  # how to sample it: see base_pipeline
     flags = training_flags(args)
 
     logger.info("***** Running training *****")

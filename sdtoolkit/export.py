@@ -227,9 +227,13 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     state.update(training or {})
     if state:
         for key in ("model", "revision", "model_config", "data", "data_rows", "global_step", "seed", "total_batch_size",
-                    "resolution", "learning_rate", "clip_skip"):  # fmt: skip
+                    "resolution", "learning_rate", "clip_skip", "prediction_type"):  # fmt: skip
             if state.get(key) is not None:
                 metadata[f"sdtoolkit.{key}"] = str(state[key])
+    # What the UNet predicts, in the ModelSpec key that kohya-ss writes and other tools read (one file holds no
+    # scheduler to say it).
+    if state.get("prediction_type") in ("epsilon", "v_prediction"):
+        metadata["modelspec.prediction_type"] = "v" if state["prediction_type"] == "v_prediction" else "epsilon"
     return metadata
 
 
@@ -275,6 +279,11 @@ def export_single_file(path, out, *, half=True, ema=None, training=None):
         training = {**facts, **(training or {})}
     else:
         (unet, vae, text), configs, state = sources(path, ema)
+        # A pipeline folder's scheduler says what its UNet predicts (a checkpoint's training state says it too).
+        scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.isfile(scheduler_config):
+            with open(scheduler_config, encoding="utf-8") as f:
+                training = {"prediction_type": json.load(f).get("prediction_type"), **(training or {})}
     check_sd1(path, *configs)
     tensors = {}
     tensors.update(rename(unet, unet_prefixes(configs[0]), "model.diffusion_model.", "UNet"))

@@ -302,7 +302,27 @@ def trained_model(path):
             f"'{path}' is a LoRA that does not name its base model; pass the base model as --model_path and"
             " this as --lora"
         )
-    return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config")}
+    return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config"),
+            "prediction_type": recorded_prediction_type(record)}  # fmt: skip
+
+
+def recorded_prediction_type(record):
+    """What a run's record (training_state.json, or a .safetensors header without its "sdtoolkit." prefixes) says
+    the model predicts, "epsilon" or "v_prediction", or None: this toolkit's prediction_type, else the ModelSpec
+    key kohya-ss writes ("v" or "epsilon")."""
+    modelspec = {"v": "v_prediction", "epsilon": "epsilon"}.get(record.get("modelspec.prediction_type"))
+    return record.get("prediction_type") or modelspec
+
+
+def with_prediction_type(pipeline, prediction_type, source):
+    """The pipeline sampling as its UNet was trained: its scheduler's prediction_type set to the one the run recorded
+    (a checkpoint or LoRA of a --prediction_type v_prediction run on an epsilon base, or a file it exported, which
+    holds no scheduler). None leaves the scheduler as it is."""
+    if prediction_type is not None and prediction_type != pipeline.scheduler.config.prediction_type:
+        scheduler = pipeline.scheduler
+        pipeline.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+        print(f"{source}: sampled with prediction_type {prediction_type}, as it was trained")
+    return pipeline
 
 
 def recorded_in_folder(path, key):
@@ -393,8 +413,11 @@ def load_trained(path, trained, dtype, config=None):
         except (OSError, ValueError) as err:
             raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
         print(f"{path}: a checkpoint, its {os.path.basename(folder)}/ on its base model {base}")
-        return load_base_model(base, dtype, trained["revision"], config, unet=unet)
-    pipeline = load_base_model(base, dtype, trained["revision"], config)
+        pipeline = load_base_model(base, dtype, trained["revision"], config, unet=unet)
+        return with_prediction_type(pipeline, trained["prediction_type"], path)
+    pipeline = with_prediction_type(
+        load_base_model(base, dtype, trained["revision"], config), trained["prediction_type"], path
+    )
     load_lora(pipeline, path)
     weights = "adapter"
     if kind == "LoRA checkpoint" and has_lora_ema(path):
@@ -416,7 +439,7 @@ def load_single_file(path, dtype, config=None, **components):
     single_file_config); components given (a trained UNet, ...) are used as they are."""
     folder = single_file_config(path, config)
     try:
-        return StableDiffusionPipeline.from_single_file(
+        pipeline = StableDiffusionPipeline.from_single_file(
             path, config=folder, local_files_only=True, torch_dtype=dtype, **{"safety_checker": None, **components}
         )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -431,6 +454,9 @@ def load_single_file(path, dtype, config=None, **components):
             f"could not load '{path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
             " file, and --model_config a pipeline of the same architecture?"
         ) from err
+    # One file holds no scheduler: a file this toolkit exported says in its header what its UNet predicts.
+    header = {key.removeprefix("sdtoolkit."): value for key, value in safetensors_metadata(path).items()}
+    return with_prediction_type(pipeline, recorded_prediction_type(header), path)
 
 
 def load_base_model(name, dtype, revision=None, config=None, **components):

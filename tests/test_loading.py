@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import gradio_app
 import metrics
@@ -66,6 +67,50 @@ def test_a_lora_loads_from_its_folder_its_kohya_file_and_its_checkpoints(tiny_sd
     assert title == "my-lora/checkpoint-2"
     assert description.startswith("This LoRA adapter was fine-tuned from a local folder `tiny-sd`")
     assert examples == ["a red disc"]
+
+
+def test_a_v_prediction_run_is_sampled_as_v_prediction_wherever_it_loads(tiny_sd, tmp_path, monkeypatch):
+    # tiny_sd's scheduler predicts epsilon. A run trained with --prediction_type v_prediction must sample with
+    # v_prediction: its validation images, its saved pipeline, its checkpoints, its exported file and its LoRA.
+    import train_text_to_image
+
+    validated = []
+    original = train_text_to_image.generate_validation_images
+
+    def spy(pipeline, args, accelerator):
+        validated.append(pipeline.scheduler.config.prediction_type)
+        return original(pipeline, args, accelerator)
+
+    monkeypatch.setattr(train_text_to_image, "generate_validation_images", spy)
+    v = ["--prediction_type", "v_prediction", "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    out, lora = tmp_path / "full", tmp_path / "lora"
+    train(tiny_sd, out, *v, "--export_single_file", "--validation_prompts", "a red disc")
+    train(tiny_sd, lora, *v, *LORA)
+    assert validated and set(validated) == {"v_prediction"}
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    with safe_open(str(out / "full.safetensors"), "pt") as f:
+        header = f.metadata()
+    assert header["modelspec.prediction_type"] == "v" and header["sdtoolkit.prediction_type"] == "v_prediction"
+    for path, kwargs in ((out, {}), (out / "checkpoint-2", {}), (out / "full.safetensors", {"config": str(tiny_sd)}),
+                         (lora, {}), (lora / KOHYA_WEIGHTS_NAME, {}), (lora / "checkpoint-2", {})):  # fmt: skip
+        pipeline = load_pipeline(str(path), CPU, torch.float32, **kwargs)
+        assert pipeline.scheduler.config.prediction_type == "v_prediction", path
+    # Training goes on from the exported file as a v-prediction model, without being told.
+    again = tmp_path / "again"
+    train(out / "full.safetensors", again, "--model_config", str(tiny_sd), "--max_train_steps", "1",
+          "--checkpointing_steps", "1")  # fmt: skip
+    assert (
+        json.loads((again / "checkpoint-1" / "training_state.json").read_text())["prediction_type"] == "v_prediction"
+    )
+    # Another trainer's file that says it in ModelSpec's key alone (as kohya-ss writes it) loads the same way.
+    tensors = load_file(out / "full.safetensors")
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"modelspec.prediction_type": "v"})
+    pipeline = load_pipeline(str(tmp_path / "theirs.safetensors"), CPU, torch.float32, config=str(tiny_sd))
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    # A run with the base's own prediction type loads as it did.
+    train(tiny_sd, tmp_path / "epsilon", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    for path in (tmp_path / "epsilon", tmp_path / "epsilon" / "checkpoint-1"):
+        assert load_pipeline(str(path), CPU, torch.float32).scheduler.config.prediction_type == "epsilon"
 
 
 def test_tags_are_counted_as_kohya_counts_them():
