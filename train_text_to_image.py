@@ -203,6 +203,19 @@ KNOWN_ELSEWHERE = {
     "--alpha_mask": "part of --masked_loss here, which reads the images' alpha channel",
     "--v_parameterization": "--prediction_type v_prediction here",
     "--save_model_as": "--export_single_file here, for one .safetensors file beside the diffusers folder",
+    "--save_precision": "--export_single_file here, which writes float16 (python -m sdtoolkit.export can write float32)",
+    "--output_name": "the name of the --output_dir folder here, which names the exported file and the LoRA",
+    "--flip_aug": "--random_flip here",
+    "--random_crop": "what training does without --center_crop here",
+    "--save_every_n_epochs": "not here: --checkpointing_steps N saves every N optimizer steps",
+    "--save_state": "what every --checkpointing_steps checkpoint holds here (resume it with --resume_from_checkpoint)",
+    "--save_last_n_steps": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
+    "--sdpa": "the default here (PyTorch's SDPA attention); --enable_xformers_memory_efficient_attention for xformers",
+    "--mem_eff_attn": "PyTorch's SDPA attention here, the default; --enable_xformers_memory_efficient_attention for xformers",
+    "--full_fp16": "not here: --mixed_precision fp16 keeps float32 weights (--use_8bit_adam, --offload_ema save memory)",
+    "--full_bf16": "not here: --mixed_precision bf16 keeps float32 weights (--use_8bit_adam, --offload_ema save memory)",
+    "--cache_text_encoder_outputs": "what --cache_latents does here: captions are encoded once with the images",
+    "--in_json": "not read here: give --train_data_dir a folder with a metadata.jsonl or .txt captions",
 }
 
 

@@ -109,7 +109,7 @@ def test_every_flag_named_for_another_trainers_is_a_flag_here_and_theirs_is_not(
     assert {"--learning_rate", "--shuffle_tags", "--lora_rank"} <= ours
     for theirs, here in train_text_to_image.KNOWN_ELSEWHERE.items():
         assert theirs not in ours, theirs
-        named = [word.rstrip(",;:") for word in here.split() if word.startswith("--")]
+        named = re.findall(r"--[\w-]+", here)
         assert named and all(flag in ours for flag in named), (theirs, here)
 
 
