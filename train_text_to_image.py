@@ -111,6 +111,7 @@ from sdtoolkit.inference import (
     check_file_exists,
     is_single_file,
     load_single_file,
+    load_vae,
     looks_like_local_path,
     safetensors_metadata,
     with_prediction_type,
@@ -202,6 +203,7 @@ KNOWN_ELSEWHERE = {
     "--cache_latents_to_disk": "--latent_cache_dir DIR here",
     "--alpha_mask": "part of --masked_loss here, which reads the images' alpha channel",
     "--v_parameterization": "--prediction_type v_prediction here",
+    "--vae": "--pretrained_vae_model_name_or_path here",
     "--save_model_as": "--export_single_file here, for one .safetensors file beside the diffusers folder",
     "--save_precision": "--export_single_file here, which writes float16 (python -m sdtoolkit.export can write float32)",
     "--output_name": "the name of the --output_dir folder here, which names the exported file and the LoRA",
@@ -244,6 +246,16 @@ def parse_args(argv=None):
             "For a --pretrained_model_name_or_path that is one file: a diffusers SD 1.x pipeline (folder or hub"
             " id) whose configs match it, e.g. CompVis/stable-diffusion-v1-4. Found by itself when the file sits"
             " in a pipeline folder or names a local one in its metadata; else diffusers takes SD 1.5's from the hub."
+        ),
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help=(
+            "A VAE to train and save with instead of the base model's (kohya-ss's --vae; diffusers' SDXL script's"
+            " flag): a diffusers VAE folder or hub id, e.g. stabilityai/sd-vae-ft-mse, or one .safetensors VAE file"
+            " as AUTOMATIC1111 loads, e.g. vae-ft-mse-840000-ema-pruned.safetensors."
         ),
     )
     parser.add_argument(
@@ -1142,7 +1154,10 @@ def load_models(args, unet_dtype=None):
             text_encoder = CLIPTextModel.from_pretrained(
                 name, subfolder="text_encoder", variant=args.variant, **common
             )
-            vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
+            if args.pretrained_vae_model_name_or_path:  # a VAE of its own (see sdtoolkit/inference.py)
+                vae = load_vae_for_training(args)
+            else:
+                vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **common)
         unet = UNet2DConditionModel.from_pretrained(
             name, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir, torch_dtype=unet_dtype
         )
@@ -1594,7 +1609,17 @@ def base_pipeline(args, dtype=None, **components):
             dtype=dtype,
             cache_dir=args.cache_dir,
         )
+    if args.pretrained_vae_model_name_or_path and "vae" not in components:  # the VAE trained with, freed after caching
+        pipeline.vae = load_vae_for_training(args, dtype)
     return with_prediction_type(pipeline, args.prediction_type, "the trained UNet")
+
+
+def load_vae_for_training(args, dtype=None):
+    """--pretrained_vae_model_name_or_path's VAE (see sdtoolkit/inference.py)."""
+    return load_vae(
+        args.pretrained_vae_model_name_or_path, dtype or torch.float32, base=args.pretrained_model_name_or_path,
+        config=args.model_config,
+    )  # fmt: skip
 
 
 def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step):

@@ -29,6 +29,7 @@ from sdtoolkit.inference import (
     is_single_file,
     load_base_model,
     load_pipeline,
+    load_vae,
     looks_like_local_path,
     trained_model,
 )
@@ -199,7 +200,12 @@ def sources(path, ema):
     if is_single_file(base) or not looks_like_local_path(base):
         # A base model in one file, or on the hub (or in its local cache): its VAE and text encoder as diffusers
         # loads them.
-        pipeline = load_base_model(base, torch.float32, trained["revision"], trained["config"], unet=None)
+        vae = (
+            {"vae": load_vae(trained["vae"], torch.float32, base=base, config=trained["config"])}
+            if trained["vae"]
+            else {}
+        )
+        pipeline = load_base_model(base, torch.float32, trained["revision"], trained["config"], unet=None, **vae)
         weights = [read_weights(unet), pipeline.vae.state_dict(), pipeline.text_encoder.state_dict()]
         configs = [read_config(unet), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
         return weights, configs, state
@@ -209,7 +215,11 @@ def sources(path, ema):
             " the run's saved pipeline instead"
         )
     folders = [unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder")]
-    return [read_weights(d) for d in folders], [read_config(d) for d in folders], state
+    weights, configs = [read_weights(d) for d in folders], [read_config(d) for d in folders]
+    if trained["vae"] is not None:  # the VAE the run trained with (--pretrained_vae_model_name_or_path)
+        vae = load_vae(trained["vae"], torch.float32, base=base, config=trained["config"])
+        weights[1], configs[1] = vae.state_dict(), dict(vae.config)
+    return weights, configs, state
 
 
 def single_file_name(output_dir):
@@ -227,7 +237,7 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     state.update(training or {})
     if state:
         for key in ("model", "revision", "model_config", "data", "data_rows", "global_step", "seed", "total_batch_size",
-                    "resolution", "learning_rate", "clip_skip", "prediction_type"):  # fmt: skip
+                    "resolution", "learning_rate", "clip_skip", "prediction_type", "vae"):  # fmt: skip
             if state.get(key) is not None:
                 metadata[f"sdtoolkit.{key}"] = str(state[key])
     # What the UNet predicts, in the ModelSpec key that kohya-ss writes and other tools read (one file holds no

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.peft_utils import get_adapter_name
 from huggingface_hub import metadata_load
 from safetensors import SafetensorError, safe_open
@@ -303,7 +303,7 @@ def trained_model(path):
             " this as --lora"
         )
     return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config"),
-            "prediction_type": recorded_prediction_type(record)}  # fmt: skip
+            "prediction_type": recorded_prediction_type(record), "vae": record.get("vae")}  # fmt: skip
 
 
 def recorded_prediction_type(record):
@@ -406,6 +406,10 @@ def load_trained(path, trained, dtype, config=None):
     if looks_like_local_path(base) and not os.path.exists(base):
         fix = "pass the base model as --model_path and this as --lora" if "LoRA" in kind else "put it back there"
         raise UserError(f"'{path}' is a {kind} of the base model {base}, which is no longer there; {fix}")
+    # A run with its own VAE (--pretrained_vae_model_name_or_path) is sampled with it.
+    if trained["vae"] is not None:
+        print(f"{path}: with the VAE it was trained with, {trained['vae']}")
+    vae = {"vae": load_vae(trained["vae"], dtype, base=base, config=config)} if trained["vae"] is not None else {}
     if kind == "checkpoint":
         folder = checkpoint_unet(path)
         try:
@@ -413,10 +417,10 @@ def load_trained(path, trained, dtype, config=None):
         except (OSError, ValueError) as err:
             raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
         print(f"{path}: a checkpoint, its {os.path.basename(folder)}/ on its base model {base}")
-        pipeline = load_base_model(base, dtype, trained["revision"], config, unet=unet)
+        pipeline = load_base_model(base, dtype, trained["revision"], config, unet=unet, **vae)
         return with_prediction_type(pipeline, trained["prediction_type"], path)
     pipeline = with_prediction_type(
-        load_base_model(base, dtype, trained["revision"], config), trained["prediction_type"], path
+        load_base_model(base, dtype, trained["revision"], config, **vae), trained["prediction_type"], path
     )
     load_lora(pipeline, path)
     weights = "adapter"
@@ -457,6 +461,26 @@ def load_single_file(path, dtype, config=None, **components):
     # One file holds no scheduler: a file this toolkit exported says in its header what its UNet predicts.
     header = {key.removeprefix("sdtoolkit."): value for key, value in safetensors_metadata(path).items()}
     return with_prediction_type(pipeline, recorded_prediction_type(header), path)
+
+
+def load_vae(name, dtype, *, base, config=None):
+    """A VAE in place of the base model's (--pretrained_vae_model_name_or_path, kohya-ss's --vae): a diffusers
+    AutoencoderKL folder or hub id (stabilityai/sd-vae-ft-mse), a pipeline folder (its vae/), or one .safetensors
+    VAE file in the original layout (vae-ft-mse-840000-ema-pruned.safetensors, as A1111 loads), whose config is the
+    base model's VAE's (config: for a base model that is one file, the pipeline whose configs describe it)."""
+    check_file_exists(name)
+    try:
+        if is_single_file(name):
+            safetensors_metadata(name)  # a pickle is refused here
+            pipeline = single_file_config(base, config) if is_single_file(base) else config or base
+            return AutoencoderKL.from_single_file(name, config=pipeline, subfolder="vae", torch_dtype=dtype)
+        subfolder = "vae" if os.path.isfile(os.path.join(name, "vae", "config.json")) else None
+        return AutoencoderKL.from_pretrained(name, subfolder=subfolder, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(
+            f"could not load the VAE '{name}': {first_line(err)} -- give a diffusers VAE folder or hub id, or one"
+            " .safetensors VAE file"
+        ) from err
 
 
 def load_base_model(name, dtype, revision=None, config=None, **components):

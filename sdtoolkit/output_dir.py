@@ -174,6 +174,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "revision": args.revision,
         "model_config": local_path_or_name(args.model_config),
         "data": local_path_or_name(args.dataset_name or args.train_data_dir or args.dataset_config),
+        "vae": local_path_or_name(args.pretrained_vae_model_name_or_path),  # sampled with it: see inference.py
         "data_rows": num_rows,
         "data_fingerprint": data_fingerprint,
         "lora_rank": args.lora_rank,
@@ -221,7 +222,12 @@ NOT_TRAINING_FLAGS = {
     # past the first run's end is what a resume is often for; see flag_changes.
     "num_train_epochs",
 }  # fmt: skip
-PATH_FLAGS = ("model_config", "init_lora", "reg_data_dir")  # compared as absolute paths, wherever the run starts
+PATH_FLAGS = (
+    "model_config",
+    "init_lora",
+    "reg_data_dir",
+    "pretrained_vae_model_name_or_path",
+)  # compared as absolute paths, wherever the run starts
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 

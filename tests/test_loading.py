@@ -8,12 +8,14 @@ import threading
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gradio_app
 import metrics
 from sdtoolkit.errors import UserError
+from sdtoolkit.export import export_single_file
 from sdtoolkit.images_api import BadRequest, parse_generation_request
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
@@ -111,6 +113,57 @@ def test_a_v_prediction_run_is_sampled_as_v_prediction_wherever_it_loads(tiny_sd
     train(tiny_sd, tmp_path / "epsilon", "--max_train_steps", "1", "--checkpointing_steps", "1")
     for path in (tmp_path / "epsilon", tmp_path / "epsilon" / "checkpoint-1"):
         assert load_pipeline(str(path), CPU, torch.float32).scheduler.config.prediction_type == "epsilon"
+
+
+def own_vae(tiny_sd, folder):
+    """Another VAE of tiny_sd's shape (its encoder scaled by 1.1, its decoder by 0.9) as a diffusers folder and as
+    one file in the original layout, as AUTOMATIC1111 loads a VAE. Returns (folder, file, its weights)."""
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    with torch.no_grad():
+        for name, weight in vae.named_parameters():
+            weight.mul_(1.1 if name.startswith("encoder.") else 0.9)
+    vae.save_pretrained(folder / "vae-folder")
+    pipeline = folder / "pipeline"
+    shutil.copytree(tiny_sd, pipeline)
+    shutil.rmtree(pipeline / "vae")
+    vae.save_pretrained(pipeline / "vae")
+    export_single_file(str(pipeline), str(folder / "whole.safetensors"), half=False)
+    prefix = "first_stage_model."
+    tensors = {k.removeprefix(prefix): v for k, v in load_file(folder / "whole.safetensors").items() if prefix in k}
+    save_file(tensors, folder / "vae.safetensors")
+    return folder / "vae-folder", folder / "vae.safetensors", vae.state_dict()
+
+
+def test_a_run_with_its_own_vae_trains_and_is_sampled_with_it_wherever_it_loads(tiny_sd, tmp_path):
+    vae_folder, vae_file, weights = own_vae(tiny_sd, tmp_path)
+
+    def same_vae(vae_weights):
+        return all(torch.equal(vae_weights[key], weights[key]) for key in weights)
+
+    steps = ["--max_train_steps", "2", "--checkpointing_steps", "2", "--center_crop"]
+    train(tiny_sd, tmp_path / "base", *steps)
+    train(tiny_sd, tmp_path / "folder", *steps, "--pretrained_vae_model_name_or_path", str(vae_folder),
+          "--export_single_file")  # fmt: skip
+    train(tiny_sd, tmp_path / "file", *steps, "--pretrained_vae_model_name_or_path", str(vae_file))
+    train(tiny_sd, tmp_path / "lora", *steps, *LORA, "--pretrained_vae_model_name_or_path", str(vae_file))
+    # Its latents trained the UNet (the VAE file as its folder, bit for bit; the base's VAE otherwise).
+    base, folder, file = (UNet2DConditionModel.from_pretrained(tmp_path / run / "unet").conv_in.weight
+                          for run in ("base", "folder", "file"))  # fmt: skip
+    assert torch.equal(folder, file) and not torch.equal(folder, base)
+    # It is saved with the pipeline, and every other output loads with it.
+    assert same_vae(AutoencoderKL.from_pretrained(tmp_path / "folder" / "vae").state_dict())
+    for path in ("folder/checkpoint-2", "lora", f"lora/{KOHYA_WEIGHTS_NAME}", "lora/checkpoint-2"):
+        assert same_vae(load_pipeline(str(tmp_path / path), CPU, torch.float32).vae.state_dict()), path
+    assert not same_vae(load_pipeline(str(tmp_path / "base" / "checkpoint-2"), CPU, torch.float32).vae.state_dict())
+    for exported in (tmp_path / "folder" / "folder.safetensors", tmp_path / "checkpoint.safetensors"):
+        if not exported.exists():
+            export_single_file(str(tmp_path / "folder" / "checkpoint-2"), str(exported), half=False)
+        pipeline = load_pipeline(str(exported), CPU, torch.float32, config=str(tiny_sd))
+        assert all(torch.allclose(pipeline.vae.state_dict()[k], weights[k], rtol=1e-3, atol=1e-5) for k in weights), (
+            exported
+        )
+    with pytest.raises(UserError, match="could not load the VAE '.*nowhere': .* give a diffusers VAE folder"):
+        train(tiny_sd, tmp_path / "bad", *steps, "--pretrained_vae_model_name_or_path", str(tmp_path / "nowhere"))
 
 
 def test_tags_are_counted_as_kohya_counts_them():
