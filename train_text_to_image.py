@@ -204,6 +204,8 @@ KNOWN_ELSEWHERE = {
     "--alpha_mask": "part of --masked_loss here, which reads the images' alpha channel",
     "--v_parameterization": "--prediction_type v_prediction here",
     "--vae": "--pretrained_vae_model_name_or_path here",
+    "--lr_scheduler_num_cycles": "--lr_num_cycles here",
+    "--lr_scheduler_power": "--lr_power here",
     "--save_model_as": "--export_single_file here, for one .safetensors file beside the diffusers folder",
     "--save_precision": "--export_single_file here, which writes float16 (python -m sdtoolkit.export can write float32)",
     "--output_name": "the name of the --output_dir folder here, which names the exported file and the LoRA",
@@ -725,6 +727,19 @@ def parse_args(argv=None):
     parser.add_argument(
         "--lr_warmup_steps", type=int, default=500, help="Number of steps for the warmup in the lr scheduler."
     )
+    # The two schedules' shapes (not upstream here; the flags of diffusers' DreamBooth and LoRA scripts).
+    parser.add_argument(
+        "--lr_num_cycles",
+        type=int,
+        default=1,
+        help="With --lr_scheduler cosine_with_restarts: how many cosine cycles, each starting again from the top.",
+    )
+    parser.add_argument(
+        "--lr_power",
+        type=float,
+        default=1.0,
+        help="With --lr_scheduler polynomial: the power of the decay (1 is linear).",
+    )
     parser.add_argument(
         "--snr_gamma",
         type=float,
@@ -981,6 +996,13 @@ def parse_args(argv=None):
     for flag in ("checkpoints_total_limit", "max_train_steps", "max_train_samples", "validation_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.lr_num_cycles < 1:
+        raise UserError(f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}")
+    if not (math.isfinite(args.lr_power) and args.lr_power > 0):
+        raise UserError(f"--lr_power must be a positive number, got {args.lr_power}")
+    for flag, default, schedule in (("lr_num_cycles", 1, "cosine_with_restarts"), ("lr_power", 1.0, "polynomial")):
+        if getattr(args, flag) != default and args.lr_scheduler != schedule:
+            raise UserError(f"--{flag} shapes --lr_scheduler {schedule}, not {args.lr_scheduler}")
     if args.num_train_epochs < 1:
         raise UserError(f"--num_train_epochs must be at least 1, got {args.num_train_epochs}")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
@@ -2378,6 +2400,8 @@ def fine_tune(args):
         optimizer=optimizer,
         num_warmup_steps=num_warmup_steps_for_scheduler,
         num_training_steps=num_training_steps_for_scheduler,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
 
     # For mixed precision training we cast the frozen text_encoder and vae weights to half-precision:

@@ -1,8 +1,10 @@
 """--optimizer: Adafactor and Prodigy beside AdamW. Each trains, keeps the optimizer state it should, resumes bit
-for bit, and a checkpoint resumes only with the optimizer that wrote it."""
+for bit, and a checkpoint resumes only with the optimizer that wrote it. And the learning rate schedules' shapes
+(--lr_num_cycles, --lr_power)."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 
 from sdtoolkit.errors import UserError
 from sdtoolkit.fixtures import PRESETS
-from tests.conftest import train
+from tests.conftest import logged_losses, train
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -88,3 +90,28 @@ def test_a_checkpoint_resumes_only_with_its_optimizer_and_contradictions_are_one
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "prodigyopt" else real(name))
     with pytest.raises(UserError, match="--optimizer prodigy needs prodigyopt: pip install prodigyopt"):
         train(tiny_sd, tmp_path / "other", "--optimizer", "prodigy")
+
+
+@pytest.mark.parametrize(
+    "flags, factor",
+    [
+        # Two cosine cycles in 8 steps: from the top down to 0 by step 4, then again from the top.
+        (["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2"],
+         lambda k: 0.5 * (1 + math.cos(math.pi * ((2 * k / 8) % 1))) if k < 8 else 0.0),
+        # A quadratic decay down to diffusers' floor of 1e-7.
+        (["--lr_scheduler", "polynomial", "--lr_power", "2"],
+         lambda k: ((1e-3 - 1e-7) * (1 - k / 8) ** 2 + 1e-7) / 1e-3),
+    ],
+    ids=["cosine-restarts", "polynomial"],
+)  # fmt: skip
+def test_the_learning_rate_follows_the_schedules_shape(tiny_sd, tmp_path, flags, factor):
+    train(tiny_sd, tmp_path, *flags, "--lr_warmup_steps", "0", "--max_train_steps", "8", "--learning_rate", "1e-3")
+    logged = [lr for _, lr in logged_losses(tmp_path, tag="lr")]
+    assert logged == pytest.approx([1e-3 * factor(k) for k in range(1, 9)], rel=1e-5, abs=1e-12)
+
+
+def test_a_schedules_shape_flag_for_another_schedule_is_one_line(tiny_sd, tmp_path):
+    with pytest.raises(UserError, match="--lr_num_cycles shapes --lr_scheduler cosine_with_restarts, not cosine"):
+        train(tiny_sd, tmp_path, "--lr_scheduler", "cosine", "--lr_num_cycles", "3", "--max_train_steps", "1")
+    with pytest.raises(UserError, match="--lr_power must be a positive number, got 0.0"):
+        train(tiny_sd, tmp_path, "--lr_scheduler", "polynomial", "--lr_power", "0", "--max_train_steps", "1")
