@@ -1618,6 +1618,8 @@ def base_pipeline(args, dtype=None, **components):
     """The base model's pipeline with `components` (the trained UNet, ...) in place of its own, sampling with the
     --prediction_type the UNet is trained for (upstream's script saves the base's scheduler as it is, so a
     v-prediction fine-tune of an epsilon model would be sampled as epsilon)."""
+    if args.pretrained_vae_model_name_or_path and "vae" not in components:  # the VAE trained with, freed after caching
+        components["vae"] = load_vae_for_training(args, dtype)
     if is_single_file(args.pretrained_model_name_or_path):
         pipeline = load_single_file(
             args.pretrained_model_name_or_path, dtype or torch.float32, args.model_config, **components
@@ -1631,8 +1633,6 @@ def base_pipeline(args, dtype=None, **components):
             dtype=dtype,
             cache_dir=args.cache_dir,
         )
-    if args.pretrained_vae_model_name_or_path and "vae" not in components:  # the VAE trained with, freed after caching
-        pipeline.vae = load_vae_for_training(args, dtype)
     return with_prediction_type(pipeline, args.prediction_type, "the trained UNet")
 
 

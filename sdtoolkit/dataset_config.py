@@ -21,10 +21,8 @@ read as sd-scripts reads it, so a kohya-ss user's file trains here as it is:
       is_reg = true                  # regularization images (--reg_data_dir's, weighed by --prior_loss_weight)
 
 A value is looked up in the subset, then its dataset, then [general], as sd-scripts does. What is a folder's own
-(image_dir, num_repeats, class_tokens, caption_extension, is_reg, caption_prefix, caption_suffix) may differ
-between subsets; every other option
-is one of this script's flags (`FLAGS`) and must come out the same for every subset, since it holds for the whole
-run. sd-scripts' options this toolkit does not have are accepted at their sd-scripts default and refused at any
+(`FOLDER_KEYS`: image_dir, num_repeats, class_tokens, ...) may differ between subsets; every other option is one
+of this script's flags (`FLAGS`) and must come out the same for every subset, since it holds for the whole run. sd-scripts' options this toolkit does not have are accepted at their sd-scripts default and refused at any
 other value, in one line, as is any key sd-scripts does not know either.
 
 `read_dataset_config` returns the flags' values and the folders. The file's values win over the command line's, as
@@ -57,9 +55,9 @@ FLAGS = {
     "caption_tag_dropout_rate": ("caption_tag_dropout_rate", None),
     "alpha_mask": ("masked_loss", None),
 }
-# A folder's own options, with sd-scripts' defaults (caption_extension: --caption_extension's, see below).
-FOLDER_OPTIONS = {"image_dir": None, "num_repeats": 1, "class_tokens": None, "caption_extension": None,
-                  "is_reg": False, "caption_prefix": None, "caption_suffix": None}  # fmt: skip
+# A folder's own options (see Folder).
+FOLDER_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "is_reg", "caption_prefix",
+               "caption_suffix"}  # fmt: skip
 # sd-scripts' options that this toolkit does not have, at the values that ask for nothing.
 NOT_DONE_HERE = {
     "color_aug": False, "face_crop_aug_range": None, "keep_tokens_separator": "", "secondary_separator": None,
@@ -93,7 +91,7 @@ class Folder:
     is_reg: bool
     caption_prefix: str | None  # None: --caption_prefix's
     caption_suffix: str | None
-    name: str  # where it is in the file, for messages: "[[datasets.subsets]] 2 of dataset 1"
+    name: str  # where it is in the file, for messages: "[[datasets.subsets]] 2 of [[datasets]] 1"
 
 
 def load_file(path):
@@ -133,7 +131,7 @@ def check_value(path, where, key, value):
 
 def check_table(path, where, table, level):
     """Refuse keys sd-scripts does not know at this level and options this toolkit does not have."""
-    known = set(FLAGS) | set(FOLDER_OPTIONS) | set(NOT_DONE_HERE) | IGNORED
+    known = set(FLAGS) | FOLDER_KEYS | set(NOT_DONE_HERE) | IGNORED
     for key, value in table.items():
         if key == "subsets" and level == "dataset":
             continue
@@ -157,18 +155,29 @@ def read_dataset_config(path, *, caption_extension):
 
     caption_extension: --caption_extension, for subsets that set none (sd-scripts' own default is ".caption")."""
     config = load_file(path)
+
+    def tables(value, where, many):
+        """The table (or with many, the array of tables) at `where`, or one line saying what it should be."""
+        if (many and isinstance(value, list) and all(isinstance(v, dict) for v in value)) or (
+            not many and isinstance(value, dict)
+        ):
+            return value
+        shape = "an array of tables ([[...]])" if many else "a table ([...])"
+        raise UserError(f"--dataset_config {path}: {where} must be {shape}, as sd-scripts reads it")
+
+    config = tables(config, "the file", many=False)
     unknown = set(config) - {"general", "datasets"}
     if unknown:
         raise UserError(
             f"--dataset_config {path} has [{sorted(unknown)[0]}]; sd-scripts reads [general] and [[datasets]]"
         )
-    general = config.get("general", {})
+    general = tables(config.get("general", {}), "general", many=False)
     check_table(path, "[general]", general, "general")
-    datasets = config.get("datasets", [])
+    datasets = tables(config.get("datasets", []), "datasets", many=True)
     folders, settings = [], []  # settings: each subset's (where, {flag: value}) for the options it has
     for d, dataset in enumerate(datasets, start=1):
         check_table(path, f"[[datasets]] {d}", dataset, "dataset")
-        subsets = dataset.get("subsets", [])
+        subsets = tables(dataset.get("subsets", []), f"the subsets of [[datasets]] {d}", many=True)
         if not subsets:
             raise UserError(f"--dataset_config {path}: [[datasets]] {d} has no [[datasets.subsets]] (image folders)")
         for s, subset in enumerate(subsets, start=1):

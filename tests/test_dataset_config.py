@@ -145,6 +145,8 @@ validation_split = 0.25
     # JSON holds the same tables; --caption_extension stands for a subset that sets none.
     same = config_file(tmp_path, json.dumps({"datasets": [{"subsets": [{"image_dir": "a"}]}]}), "data.json")
     assert read_dataset_config(same, caption_extension=".cap")[1][0].caption_extension == ".cap"
+    with pytest.raises(UserError, match="the file must be a table"):  # JSON's top level may be anything
+        read_dataset_config(config_file(tmp_path, "[1]", "list.json"), caption_extension=".txt")
 
 
 @pytest.mark.parametrize(
@@ -172,9 +174,12 @@ validation_split = 0.25
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nis_reg = true\n', "lists no training images"),
         ('[[datasets]]\n', "[[datasets]] 1 has no [[datasets.subsets]]"),
         ("[[datasets]\n", "is not valid TOML"),
+        ("datasets = 1\n", "datasets must be an array of tables ([[...]]), as sd-scripts reads it"),
+        ("[[datasets]]\nsubsets = [1]\n", "the subsets of [[datasets]] 1 must be an array of tables"),
     ],
     ids=["set-in-one-subset", "two-resolutions", "unknown-key", "not-done-here", "not-square", "dataset-key-in-subset",
-         "subset-key-in-general", "no-image-dir", "wrong-type", "not-a-bool", "only-reg", "no-subsets", "bad-toml"],
+         "subset-key-in-general", "no-image-dir", "wrong-type", "not-a-bool", "only-reg", "no-subsets", "bad-toml",
+         "datasets-not-tables", "subsets-not-tables"],
 )  # fmt: skip
 def test_what_cannot_be_read_as_asked_is_one_line(tmp_path, text, message):
     with pytest.raises(UserError, match="^--dataset_config ") as error:
