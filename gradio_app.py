@@ -52,9 +52,9 @@ from sdtoolkit.serving import (
     SCHEDULERS,
     Generation,
     ImageService,
-    LoraRemoved,
     QueueFull,
     RequestQueue,
+    RequestRefused,
     random_seed,
 )
 
@@ -275,7 +275,7 @@ def make_generate(service):
                 strength=None if image is None else strength,
                 generation=generation,
             )
-        except (QueueFull, LoraRemoved) as err:
+        except (QueueFull, RequestRefused) as err:
             raise gr.Error(str(err)) from None
         if generation.stopped_at == 0:
             notes.append("Stopped before it started.")

@@ -114,7 +114,7 @@ from sdtoolkit.inference import (
     load_vae,
     looks_like_local_path,
     safetensors_metadata,
-    with_prediction_type,
+    sample_as_trained,
 )
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
@@ -915,6 +915,17 @@ def parse_args(argv=None):
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers."
     )
     parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    # Zero terminal SNR (not upstream; kohya-ss's flag).
+    parser.add_argument(
+        "--zero_terminal_snr",
+        action="store_true",
+        help=(
+            "Rescale the noise schedule so that its last timestep is pure noise (zero SNR), as Lin et al. 2023"
+            " (arXiv 2305.08891) do, so the model learns to make images from noise alone, as it must when sampling"
+            " (SD's schedule leaves some of the image in, and the model never learns very dark or bright images)."
+            " Needs --prediction_type v_prediction. The saved pipeline samples with DDIM from the last timestep."
+        ),
+    )
     # A random strength per example (not upstream; kohya-ss's flags).
     parser.add_argument(
         "--noise_offset_random_strength",
@@ -1633,7 +1644,9 @@ def base_pipeline(args, dtype=None, **components):
             dtype=dtype,
             cache_dir=args.cache_dir,
         )
-    return with_prediction_type(pipeline, args.prediction_type, "the trained UNet")
+    return sample_as_trained(
+        pipeline, "the trained UNet", prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr
+    )
 
 
 def load_vae_for_training(args, dtype=None):
@@ -2073,6 +2086,17 @@ def fine_tune(args):
     if args.prediction_type is not None:
         # set prediction_type of scheduler if defined (once, here: the held-out loss measures with it too)
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    # Zero terminal SNR (Lin et al., 2023, arXiv 2305.08891): the betas rescaled so that the last timestep's input is
+    # pure noise. There the noise is the input itself, so only v (or x0) prediction learns anything from it. A base
+    # model saved by such a run has its scheduler rescaled already.
+    if args.zero_terminal_snr:
+        noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+    zero_terminal_snr = bool(noise_scheduler.config.get("rescale_betas_zero_snr"))
+    if zero_terminal_snr and noise_scheduler.config.prediction_type != "v_prediction":
+        raise UserError(
+            "zero terminal SNR (--zero_terminal_snr, or a base model trained with it) needs --prediction_type"
+            " v_prediction: at the last timestep the input is the noise itself, so predicting the noise learns nothing"
+        )
     num_timesteps = noise_scheduler.config.num_train_timesteps
     if (args.max_timestep or 0) > num_timesteps or (args.min_timestep or 0) >= num_timesteps:
         raise UserError(
@@ -2557,6 +2581,7 @@ def fine_tune(args):
     # every checkpoint, so that a resume with other ones says so.
     identity = run_identity(args, total_batch_size, data_fingerprint, len(train_dataset))
     identity["prediction_type"] = noise_scheduler.config.prediction_type  # how to sample it: see base_pipeline
+    identity["zero_terminal_snr"] = zero_terminal_snr
     flags = training_flags(args)
 
     logger.info("***** Running training *****")

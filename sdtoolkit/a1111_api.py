@@ -55,8 +55,8 @@ from sdtoolkit.serving import (
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
-    LoraRemoved,
     QueueFull,
+    RequestRefused,
     image_seeds,
     random_seed,
     read_parameters,
@@ -301,7 +301,7 @@ def a1111_api(service, *, auth=None, api_key=None):
             images = await generate_while_connected(request, service, arguments, source="sdapi")
         except QueueFull as err:
             return error(503, str(err), headers={"Retry-After": str(err.retry_after)})
-        except LoraRemoved as err:
+        except RequestRefused as err:
             return error(400, str(err))
         except Exception as err:  # a failed generation (out of memory, ...) must not look like a success
             return error(500, f"generation failed: {first_line(err)}")

@@ -47,8 +47,8 @@ from sdtoolkit.serving import (
     MIN_SIZE,
     SCHEDULERS,
     Generation,
-    LoraRemoved,
     QueueFull,
+    RequestRefused,
     image_seeds,
     random_seed,
     scheduler_named,
@@ -397,8 +397,8 @@ def images_api(service, *, files, api_key=None):
             return error_response(
                 503, str(err), type="server_error", code="queue_full", headers={"Retry-After": str(err.retry_after)}
             )
-        except LoraRemoved as err:
-            return error_response(400, str(err), param="prompt")
+        except RequestRefused as err:
+            return error_response(400, str(err), param=err.param)
         except Exception as err:  # a failed generation (out of memory, ...) must not look like a success
             return error_response(500, f"generation failed: {first_line(err)}", type="server_error")
 

@@ -13,13 +13,14 @@ names (a folder, a hub id or one file; see trained_model):
     lora-model/pytorch_lora_weights_kohya.safetensors   the LoRA file alone
 """
 
+import inspect
 import json
 import os
 import warnings
 
 import torch
 import yaml
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.peft_utils import get_adapter_name
 from huggingface_hub import metadata_load
 from safetensors import SafetensorError, safe_open
@@ -303,7 +304,8 @@ def trained_model(path):
             " this as --lora"
         )
     return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config"),
-            "prediction_type": recorded_prediction_type(record), "vae": record.get("vae")}  # fmt: skip
+            "prediction_type": recorded_prediction_type(record), "vae": record.get("vae"),
+            "zero_terminal_snr": recorded_zero_terminal_snr(record)}  # fmt: skip
 
 
 def recorded_prediction_type(record):
@@ -314,14 +316,38 @@ def recorded_prediction_type(record):
     return record.get("prediction_type") or modelspec
 
 
-def with_prediction_type(pipeline, prediction_type, source):
-    """The pipeline sampling as its UNet was trained: its scheduler's prediction_type set to the one the run recorded
-    (a checkpoint or LoRA of a --prediction_type v_prediction run on an epsilon base, or a file it exported, which
-    holds no scheduler). None leaves the scheduler as it is."""
-    if prediction_type is not None and prediction_type != pipeline.scheduler.config.prediction_type:
-        scheduler = pipeline.scheduler
-        pipeline.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
-        print(f"{source}: sampled with prediction_type {prediction_type}, as it was trained")
+def recorded_zero_terminal_snr(record):
+    """Whether a run's record (as for recorded_prediction_type; a header holds strings) says it was trained with
+    --zero_terminal_snr."""
+    return record.get("zero_terminal_snr") in (True, "True")
+
+
+def supports_zero_terminal_snr(scheduler_class):
+    """Whether a diffusers scheduler can rescale its betas to zero SNR at the last timestep (PNDM can't)."""
+    return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
+
+
+def sample_as_trained(pipeline, source, *, prediction_type=None, zero_terminal_snr=False):
+    """The pipeline sampling as its UNet was trained, as the run recorded it (a checkpoint or LoRA on its base model,
+    or a file it exported, which holds no scheduler; or the pipeline a run saves):
+
+    - prediction_type: its scheduler's prediction type set to it (a --prediction_type v_prediction run of an epsilon
+      base). None leaves it.
+    - zero_terminal_snr: a --zero_terminal_snr run's: the scheduler's betas rescaled to zero SNR at the last
+      timestep, and its steps taken from that timestep down ("trailing"), as Lin et al. sample (arXiv 2305.08891,
+      sections 3.1 and 3.3). PNDM can't rescale, so DDIM takes its place, as in the paper."""
+    scheduler, changes = pipeline.scheduler, {}
+    if prediction_type is not None and prediction_type != scheduler.config.prediction_type:
+        changes["prediction_type"] = prediction_type
+    if zero_terminal_snr and not scheduler.config.get("rescale_betas_zero_snr"):
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if changes:
+        kind = type(scheduler)
+        if zero_terminal_snr and not supports_zero_terminal_snr(kind):
+            kind = DDIMScheduler
+        pipeline.scheduler = kind.from_config(scheduler.config, **changes)
+        shown = ", ".join(f"{key}={value}" for key, value in changes.items())
+        print(f"{source}: sampled as it was trained, with {kind.__name__} ({shown})")
     return pipeline
 
 
@@ -418,10 +444,9 @@ def load_trained(path, trained, dtype, config=None):
             raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
         print(f"{path}: a checkpoint, its {os.path.basename(folder)}/ on its base model {base}")
         pipeline = load_base_model(base, dtype, trained["revision"], config, unet=unet, **vae)
-        return with_prediction_type(pipeline, trained["prediction_type"], path)
-    pipeline = with_prediction_type(
-        load_base_model(base, dtype, trained["revision"], config, **vae), trained["prediction_type"], path
-    )
+        return sample_as_trained(pipeline, path, **trained_sampling(trained))
+    pipeline = load_base_model(base, dtype, trained["revision"], config, **vae)
+    pipeline = sample_as_trained(pipeline, path, **trained_sampling(trained))
     load_lora(pipeline, path)
     weights = "adapter"
     if kind == "LoRA checkpoint" and has_lora_ema(path):
@@ -436,6 +461,11 @@ def load_trained(path, trained, dtype, config=None):
         weights = "adapter's EMA weights"
     print(f"{path}: a {kind}, its {weights} on its base model {base}")
     return pipeline
+
+
+def trained_sampling(trained):
+    """sample_as_trained's arguments from trained_model's record."""
+    return {"prediction_type": trained["prediction_type"], "zero_terminal_snr": trained["zero_terminal_snr"]}
 
 
 def load_single_file(path, dtype, config=None, **components):
@@ -458,9 +488,12 @@ def load_single_file(path, dtype, config=None, **components):
             f"could not load '{path}' with the configs of {folder}: {first_line(err)} -- is it an SD 1.x"
             " file, and --model_config a pipeline of the same architecture?"
         ) from err
-    # One file holds no scheduler: a file this toolkit exported says in its header what its UNet predicts.
+    # One file holds no scheduler: a file this toolkit exported says in its header how its UNet was trained.
     header = {key.removeprefix("sdtoolkit."): value for key, value in safetensors_metadata(path).items()}
-    return with_prediction_type(pipeline, recorded_prediction_type(header), path)
+    return sample_as_trained(
+        pipeline, path, prediction_type=recorded_prediction_type(header),
+        zero_terminal_snr=recorded_zero_terminal_snr(header),
+    )  # fmt: skip
 
 
 def load_vae(name, dtype, *, base, config=None):

@@ -42,7 +42,7 @@ from diffusers import (
 from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows, unsupported_syntax
 from sdtoolkit.embeddings import safetensors_files
 from sdtoolkit.errors import first_line
-from sdtoolkit.inference import load_lora_dir
+from sdtoolkit.inference import load_lora_dir, supports_zero_terminal_snr
 
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
 # "Karras": the noise levels of Karras et al. (https://arxiv.org/abs/2206.00364), closer together near the end,
@@ -93,6 +93,21 @@ def scheduler_named(name):
         if name.strip().lower() in (ours.lower(), theirs.lower()):
             return ours
     return None
+
+
+def sampler(name, config):
+    """The SCHEDULERS entry `name` made from the model's scheduler config (its prediction type, its betas). A model
+    trained with zero terminal SNR (train_text_to_image.py --zero_terminal_snr) is refused a sampler that can't
+    rescale its betas so (PNDM), naming those that can."""
+    made = SCHEDULERS[name](config)
+    if config.get("rescale_betas_zero_snr") and not supports_zero_terminal_snr(type(made)):
+        able = [other for other, make in SCHEDULERS.items() if supports_zero_terminal_snr(type(make(config)))]
+        raise RequestRefused(
+            f"the scheduler {name} can't sample this model, which was trained with zero terminal SNR; choose one of"
+            f" {', '.join(able)}",
+            param="scheduler",
+        )
+    return made
 
 
 def random_seed():
@@ -244,8 +259,20 @@ def tag_weights(name, arguments):
     return tuple(weights)
 
 
-class LoraRemoved(ValueError):
+class RequestRefused(ValueError):
+    """A request this server's model can't run as asked: the client's error (400, naming `param`), not a failed
+    generation."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+class LoraRemoved(RequestRefused):
     """A request's LoRA was let go of (ImageService.refresh_loras) while the request waited for its turn."""
+
+    def __init__(self, message):
+        super().__init__(message, param="prompt")
 
 
 class LoraMix:
@@ -495,7 +522,7 @@ class ImageService:
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image
         # to image and inpainting are other diffusers pipelines on the same weights.
         pipeline = self.pipeline
-        components = {**pipeline.components, "scheduler": SCHEDULERS[scheduler](pipeline.scheduler.config)}
+        components = {**pipeline.components, "scheduler": sampler(scheduler, pipeline.scheduler.config)}
         size = {"width": width, "height": height}
         if image is None:
             pipeline_cls, inputs = StableDiffusionPipeline, size

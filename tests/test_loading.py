@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,8 +20,8 @@ from sdtoolkit.export import export_single_file
 from sdtoolkit.images_api import BadRequest, parse_generation_request
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
-from sdtoolkit.serving import ImageService, LoraMix, RequestQueue
-from tests.conftest import DEMO_DATA, generated_image, train
+from sdtoolkit.serving import SCHEDULERS, ImageService, LoraMix, RequestQueue, RequestRefused, sampler
+from tests.conftest import DEMO_DATA, demo_image, generated_image, image_folder, train
 
 CPU = torch.device("cpu")
 # Two checkpoints of an EMA run: the last one's EMA weights are what the final save holds; the raw weights differ.
@@ -113,6 +114,58 @@ def test_a_v_prediction_run_is_sampled_as_v_prediction_wherever_it_loads(tiny_sd
     train(tiny_sd, tmp_path / "epsilon", "--max_train_steps", "1", "--checkpointing_steps", "1")
     for path in (tmp_path / "epsilon", tmp_path / "epsilon" / "checkpoint-1"):
         assert load_pipeline(str(path), CPU, torch.float32).scheduler.config.prediction_type == "epsilon"
+
+
+def test_zero_terminal_snr_trains_from_pure_noise_and_samples_as_it_was_trained(tiny_sd, tmp_path, monkeypatch):
+    # Lin et al. 2023 (arXiv 2305.08891): at the last timestep the UNet's input is the noise alone. So two runs on
+    # different images, with the same seed and only the last timestep drawn, give the UNet the same input; without
+    # --zero_terminal_snr SD's schedule leaves a little of each image in.
+    first_inputs = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, *args, **kwargs):
+        first_inputs.append(sample.detach().clone())
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    others = image_folder(tmp_path / "others", [(f"{i}.png", ImageOps.invert(demo_image(i)), f"thing {i}")
+                                                for i in range(32)])  # fmt: skip
+    last = ["--prediction_type", "v_prediction", "--min_timestep", "999", "--max_timestep", "1000",
+            "--max_train_steps", "1", "--checkpointing_steps", "1"]  # fmt: skip
+    inputs = {}
+    for name, flags, data in (("zero", ["--zero_terminal_snr"], DEMO_DATA), ("zero-others", ["--zero_terminal_snr"], others),
+                              ("sd", [], DEMO_DATA), ("sd-others", [], others)):  # fmt: skip
+        first_inputs.clear()
+        train(tiny_sd, tmp_path / name, *last, *flags, "--export_single_file", data=data)
+        inputs[name] = first_inputs[0]
+    assert torch.equal(inputs["zero"], inputs["zero-others"])
+    assert not torch.allclose(inputs["sd"], inputs["sd-others"], atol=1e-3)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+
+    # The saved pipeline, its checkpoint and its exported file sample with DDIM (PNDM can't rescale its betas) from
+    # the last timestep, rescaled and predicting v; so does the server's default, and PNDM is refused in one line.
+    out = tmp_path / "zero"
+    for path, kwargs in ((out, {}), (out / "checkpoint-1", {}), (out / "zero.safetensors", {"config": str(tiny_sd)})):
+        pipeline = load_pipeline(str(path), CPU, torch.float32, **kwargs)
+        config = pipeline.scheduler.config
+        assert type(pipeline.scheduler).__name__ == "DDIMScheduler", path
+        assert config.rescale_betas_zero_snr and config.timestep_spacing == "trailing", path
+        assert config.prediction_type == "v_prediction", path
+    pipeline.scheduler.set_timesteps(5)
+    assert pipeline.scheduler.timesteps[0] == 999
+    assert np.isfinite(generated_image(pipeline, 32)).all()
+    for name in SCHEDULERS:
+        if name != "PNDM":
+            made = sampler(name, pipeline.scheduler.config)
+            made.set_timesteps(5)
+            assert made.alphas_cumprod[-1] < 1e-6 and made.timesteps[0] == 999, name
+    with pytest.raises(
+        RequestRefused, match="the scheduler PNDM can't sample this model, .* choose one of DPM-Solver"
+    ):
+        sampler("PNDM", pipeline.scheduler.config)
+    # Noise prediction learns nothing at zero SNR: one line.
+    with pytest.raises(UserError, match="zero terminal SNR .* needs --prediction_type v_prediction"):
+        train(tiny_sd, tmp_path / "epsilon", "--zero_terminal_snr", "--max_train_steps", "1")
 
 
 def own_vae(tiny_sd, folder):
