@@ -1797,6 +1797,8 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         loss.append(
             f"multi-resolution noise ({args.multires_noise_iterations} sizes, discount {args.multires_noise_discount:g})"
         )
+    if args.zero_terminal_snr:
+        loss.append("zero terminal SNR (sampled with DDIM from the last timestep)")
     loss_line = f"\n* Loss and noise: {', '.join(loss)}" if loss != ["l2"] else ""
     samples = ""
     if images:

@@ -237,7 +237,8 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     state.update(training or {})
     if state:
         for key in ("model", "revision", "model_config", "data", "data_rows", "global_step", "seed", "total_batch_size",
-                    "resolution", "learning_rate", "clip_skip", "prediction_type", "vae", "zero_terminal_snr"):  # fmt: skip
+                    "resolution", "learning_rate", "clip_skip", "prediction_type", "vae",
+                    "zero_terminal_snr"):  # fmt: skip
             if state.get(key) is not None:
                 metadata[f"sdtoolkit.{key}"] = str(state[key])
     # What the UNet predicts, in the ModelSpec key that kohya-ss writes and other tools read (one file holds no

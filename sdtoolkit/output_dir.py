@@ -222,12 +222,8 @@ NOT_TRAINING_FLAGS = {
     # past the first run's end is what a resume is often for; see flag_changes.
     "num_train_epochs",
 }  # fmt: skip
-PATH_FLAGS = (
-    "model_config",
-    "init_lora",
-    "reg_data_dir",
-    "pretrained_vae_model_name_or_path",
-)  # compared as absolute paths, wherever the run starts
+# Compared as absolute paths, wherever the run starts.
+PATH_FLAGS = ("model_config", "init_lora", "reg_data_dir", "pretrained_vae_model_name_or_path")
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 
 

@@ -145,6 +145,10 @@ def test_zero_terminal_snr_trains_from_pure_noise_and_samples_as_it_was_trained(
     # The saved pipeline, its checkpoint and its exported file sample with DDIM (PNDM can't rescale its betas) from
     # the last timestep, rescaled and predicting v; so does the server's default, and PNDM is refused in one line.
     out = tmp_path / "zero"
+    assert (
+        "* Loss and noise: l2, timesteps from 999 below 1000, zero terminal SNR (sampled with DDIM"
+        in (out / "README.md").read_text()
+    )
     for path, kwargs in ((out, {}), (out / "checkpoint-1", {}), (out / "zero.safetensors", {"config": str(tiny_sd)})):
         pipeline = load_pipeline(str(path), CPU, torch.float32, **kwargs)
         config = pipeline.scheduler.config
