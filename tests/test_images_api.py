@@ -30,7 +30,7 @@ from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import REPO, free_port, generate, literal_windows, start, train
+from tests.conftest import REPO, example_args, free_port, generate, literal_windows, start, train
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -650,16 +650,15 @@ def test_localhost_with_no_auth_gives_no_warning(capsys):
 
 
 def card_args(output_dir, **change):
-    """What save_model_card reads from training's arguments."""
+    """Training's arguments for save_model_card: the script's defaults (so a flag added later is there too), the
+    seed's recipe on the hub's names, and `change`."""
     values = dict(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4",
                   dataset_name="lambdalabs/pokemon-blip-captions", train_data_dir=None,
-                  validation_prompts=["yoda", "a robot, shiny"], push_to_hub=False, output_dir=str(output_dir),
-                  lora_rank=None, max_train_steps=1, num_train_epochs=1, learning_rate=1e-5, lr_scheduler="constant",
-                  lr_warmup_steps=0, train_batch_size=1, gradient_accumulation_steps=4, resolution=512,
-                  center_crop=True, random_flip=True, mixed_precision="fp16", use_ema=True, seed=None, clip_skip=1,
-                  weighted_captions=False, loss_type="l2", snr_gamma=None, debiased_estimation_loss=False,
-                  min_timestep=None, max_timestep=None, multires_noise_iterations=0)  # fmt: skip
-    return Namespace(**{**values, **change})
+                  validation_prompts=["yoda", "a robot, shiny"], output_dir=str(output_dir), max_train_steps=1,
+                  num_train_epochs=1, learning_rate=1e-5, lr_warmup_steps=0, train_batch_size=1,
+                  gradient_accumulation_steps=4, center_crop=True, random_flip=True, mixed_precision="fp16",
+                  use_ema=True)  # fmt: skip
+    return example_args(**{**values, **change})
 
 
 def page(server):
