@@ -155,6 +155,17 @@ def image_folder(folder, rows):
     return folder
 
 
+def caption_folder(root, rows):
+    """A folder of images with same-named caption files, from (relative path, image index, caption or None)."""
+    for path, i, caption in rows:
+        image_path = root / path
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        demo_image(i).save(image_path)
+        if caption is not None:
+            image_path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return root
+
+
 def cutout(width, height, seed=0):
     """An RGBA image: opaque black in its left third and top quarter, transparent elsewhere (with colours behind
     the transparency, which training never sees: it lays transparent pixels on white)."""

@@ -16,18 +16,16 @@ from transformers import CLIPTokenizer
 from sdtoolkit.data import TrainingExamples
 from sdtoolkit.errors import UserError
 from sdtoolkit.latent_cache import cache_bytes, encode_cache
-from tests.conftest import DEMO_DATA, demo_image, example_args, logged_losses, train, train_args, unet_weights
-
-
-def caption_folder(root, rows):
-    """A folder of images with same-named caption files, from (relative path, image index, caption or None)."""
-    for path, i, caption in rows:
-        image_path = root / path
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        demo_image(i).save(image_path)
-        if caption is not None:
-            image_path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return root
+from tests.conftest import (
+    DEMO_DATA,
+    caption_folder,
+    demo_image,
+    example_args,
+    logged_losses,
+    train,
+    train_args,
+    unet_weights,
+)
 
 
 def test_a_nested_caption_folder_with_a_repeat_folder_trains(tiny_sd, tmp_path, caplog):

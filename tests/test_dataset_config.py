@@ -8,8 +8,7 @@ import pytest
 
 from sdtoolkit.dataset_config import read_dataset_config
 from sdtoolkit.errors import UserError
-from tests.conftest import SMALL, train_args, train_sh, unet_weights
-from tests.test_data_layouts import caption_folder
+from tests.conftest import SMALL, caption_folder, train_args, train_sh, unet_weights
 
 # Two image folders in kohya's N_name layout (2 and 3 repeats; the first image has no caption file, so its
 # folder's name captions it) and a folder of regularization images captioned by their folder's name.
