@@ -2581,9 +2581,7 @@ def fine_tune(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     # What this run is (seed, batch size, model, data) and the flags that decide what it trains, written into
     # every checkpoint, so that a resume with other ones says so.
-    identity = run_identity(args, total_batch_size, data_fingerprint, len(train_dataset))
-    identity["prediction_type"] = noise_scheduler.config.prediction_type  # how to sample it: see base_pipeline
-    identity["zero_terminal_snr"] = zero_terminal_snr
+    identity = run_identity(args, total_batch_size, data_fingerprint, len(train_dataset), noise_scheduler)
     flags = training_flags(args)
 
     logger.info("***** Running training *****")

@@ -290,11 +290,14 @@ def export_single_file(path, out, *, half=True, ema=None, training=None):
         training = {**facts, **(training or {})}
     else:
         (unet, vae, text), configs, state = sources(path, ema)
-        # A pipeline folder's scheduler says what its UNet predicts (a checkpoint's training state says it too).
+        # A pipeline folder's scheduler says how to sample its UNet (a checkpoint's training state says it too).
         scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
         if os.path.isfile(scheduler_config):
             with open(scheduler_config, encoding="utf-8") as f:
-                training = {"prediction_type": json.load(f).get("prediction_type"), **(training or {})}
+                scheduler = json.load(f)
+            sampling = {"prediction_type": scheduler.get("prediction_type"),
+                        "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr"))}  # fmt: skip
+            training = {**sampling, **(training or {})}
     check_sd1(path, *configs)
     tensors = {}
     tensors.update(rename(unet, unet_prefixes(configs[0]), "model.diffusion_model.", "UNet"))

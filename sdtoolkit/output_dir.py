@@ -165,7 +165,7 @@ def local_path_or_name(name):
     return os.path.abspath(name) if name and os.path.exists(name) else name
 
 
-def run_identity(args, total_batch_size, data_fingerprint, num_rows):
+def run_identity(args, total_batch_size, data_fingerprint, num_rows, noise_scheduler):
     """What makes a run this run, for training_state.json."""
     return {
         "seed": args.seed,
@@ -174,7 +174,10 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows):
         "revision": args.revision,
         "model_config": local_path_or_name(args.model_config),
         "data": local_path_or_name(args.dataset_name or args.train_data_dir or args.dataset_config),
-        "vae": local_path_or_name(args.pretrained_vae_model_name_or_path),  # sampled with it: see inference.py
+        # How its outputs are to be sampled (see sdtoolkit/inference.py's sample_as_trained).
+        "vae": local_path_or_name(args.pretrained_vae_model_name_or_path),
+        "prediction_type": noise_scheduler.config.prediction_type,
+        "zero_terminal_snr": bool(noise_scheduler.config.get("rescale_betas_zero_snr")),
         "data_rows": num_rows,
         "data_fingerprint": data_fingerprint,
         "lora_rank": args.lora_rank,

@@ -149,7 +149,15 @@ def test_zero_terminal_snr_trains_from_pure_noise_and_samples_as_it_was_trained(
         "* Loss and noise: l2, timesteps from 999 below 1000, zero terminal SNR (sampled with DDIM"
         in (out / "README.md").read_text()
     )
-    for path, kwargs in ((out, {}), (out / "checkpoint-1", {}), (out / "zero.safetensors", {"config": str(tiny_sd)})):
+    # The final folder alone (no checkpoint left to say it) exports with it too: its scheduler says so.
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone, ignore=shutil.ignore_patterns("checkpoint-*"))
+    export_single_file(str(alone), str(tmp_path / "alone.safetensors"), half=False)
+    exported = (
+        (out / "zero.safetensors", {"config": str(tiny_sd)}),
+        (tmp_path / "alone.safetensors", {"config": str(tiny_sd)}),
+    )
+    for path, kwargs in ((out, {}), (out / "checkpoint-1", {}), *exported):
         pipeline = load_pipeline(str(path), CPU, torch.float32, **kwargs)
         config = pipeline.scheduler.config
         assert type(pipeline.scheduler).__name__ == "DDIMScheduler", path
