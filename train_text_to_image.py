@@ -147,6 +147,7 @@ from sdtoolkit.lora import (
     read_lora,
     save_lora,
     save_lora_ema,
+    store_in_float8,
     tag_frequency,
 )
 from sdtoolkit.losses import (
@@ -186,6 +187,7 @@ KNOWN_ELSEWHERE = {
     "--network_dropout": "--lora_dropout here",
     "--network_weights": "--init_lora here",
     "--network_module": "--lora_rank N here, which trains a LoRA, not a LyCORIS module",
+    "--fp8_base_unet": "--fp8_base here, which leaves the text encoder as it is unless --train_text_encoder trains it",
     "--network_train_unet_only": "what --lora_rank does here without --train_text_encoder",
     "--unet_lr": "--learning_rate here (--text_encoder_lr for the text encoder)",
     "--optimizer_type": "--optimizer here (AdamW, Adafactor, prodigy; --use_8bit_adam for AdamW8bit)",
@@ -353,6 +355,16 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="The learning rate of the text encoder's LoRA (--train_text_encoder). Default: --learning_rate.",
+    )
+    parser.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help=(
+            "With --lora_rank (kohya-ss's flag): keep the frozen UNet's weights, and with --train_text_encoder the"
+            " text encoder's, in float8, each layer cast up to the training precision while it runs: half the"
+            " UNet's memory under fp16 or bf16, a quarter under float32. It pays off with --gradient_checkpointing."
+            " The adapter learns on the rounded weights."
+        ),
     )
     # Export (not upstream): see sdtoolkit/export.py.
     parser.add_argument(
@@ -1099,6 +1111,11 @@ def parse_args(argv=None):
             "--train_text_encoder trains a LoRA on the text encoder, so it needs --lora_rank (training all of the"
             " text encoder's weights is not supported)"
         )
+    if args.fp8_base and not args.lora_rank:
+        raise UserError(
+            "--fp8_base keeps the frozen base model's weights in float8, so it needs --lora_rank (a full fine-tune"
+            " trains those weights)"
+        )
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise UserError("--text_encoder_lr is the learning rate of --train_text_encoder, which this run does not use")
     if args.text_encoder_lr is not None and not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
@@ -1765,6 +1782,8 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
             lora += f" and the text encoder's {' '.join(text_encoder_targets)}"
         if args.init_lora:
             lora += f", trained on from {shown(args.init_lora)}"
+        if args.fp8_base:
+            lora += ", on the base's weights rounded to float8 (--fp8_base)"
     # The held-out loss (--validation_split) of the base model and of the result.
     held_out_line = (
         f"\n* Held-out loss ({args.validation_split:g} of the images): {held_out_report}" if held_out_report else ""
@@ -1879,6 +1898,8 @@ def out_of_memory_message(args, err):
         options.append(f"--train_batch_size 1 --gradient_accumulation_steps {batch} (the same batch)")
     if not args.lora_rank:
         options.append("--lora_rank 4 (a LoRA instead of the whole UNet)")
+    elif not args.fp8_base:
+        options.append("--fp8_base (the frozen UNet in float8)")
     if not options:
         options.append("a lower --resolution")
     peak = ""
@@ -2453,6 +2474,12 @@ def fine_tune(args):
             unet, optimizer, train_dataloader, lr_scheduler
         )
     trained_models = [unet] + [caption_encoder] * args.train_text_encoder
+    # --fp8_base: the frozen weights go to float8 once the models are prepared, since DDP first makes every process
+    # hold the main process's weights, and cannot send float8 ones.
+    if args.fp8_base:
+        store_in_float8(accelerator.unwrap_model(unet), half or torch.float32)
+        if args.train_text_encoder:
+            store_in_float8(text_encoder, half or torch.float32)
 
     if args.use_ema:
         if args.offload_ema and accelerator.device.type == "cuda":

@@ -14,6 +14,7 @@ the same files (under text_encoder. and lora_te_ keys), as kohya-ss trains by de
     kohya_state_dict(unet, text_encoder)  # the same adapters in kohya-ss / AUTOMATIC1111 keys
     kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read
     tag_frequency(captions)              # the captions' tags and their counts, for that header
+    store_in_float8(unet, torch.float16)   # --fp8_base: the frozen weights kept in float8, cast up layer by layer
 """
 
 import collections
@@ -34,6 +35,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.utils import parametrize
 
 from sdtoolkit.errors import UserError
 from sdtoolkit.lycoris import lycoris_kind
@@ -60,6 +62,32 @@ def add_lora(model, *, rank, alpha, dropout, target_modules):
     for parameter in parameters:
         parameter.data = parameter.data.float()
     return parameters
+
+
+class ReadAs(torch.nn.Module):
+    """A parametrization: the weight is stored as it is (float8) and read in `dtype`, as a new tensor each time."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight):
+        return weight.to(self.dtype)
+
+
+def store_in_float8(model, compute_dtype):
+    """--fp8_base: keep the frozen weights of the model's linear and convolution layers in float8 (e4m3), and read
+    them in `compute_dtype` while a layer runs. The adapters, biases, norms and embeddings keep their precision.
+
+    Each read makes a new tensor, which is what autograd saves for the backward pass: the float8 weights stay as
+    they are. (diffusers' layerwise casting casts a layer's own weights up and back instead, and a convolution's
+    backward then finds them in float8.) Call it after the adapter is added: PEFT gives a new adapter the dtype of
+    the layer it wraps."""
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or re.search(r"lora_|embed", name):
+            continue
+        module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+        parametrize.register_parametrization(module, "weight", ReadAs(compute_dtype), unsafe=True)
 
 
 def lora_location(path):

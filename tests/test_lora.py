@@ -1,11 +1,13 @@
 """--lora_rank: adapters trained on a frozen UNet, saved in diffusers' and kohya's keys, resumed bit for bit."""
 
 import logging
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -133,10 +135,19 @@ def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_
 
 
 @pytest.mark.parametrize(
-    "ema, text_encoder", [(False, False), (True, False), (True, True)], ids=["no-ema", "ema", "ema-text-encoder"]
+    "ema, text_encoder, extra",
+    [
+        (False, False, []),
+        (True, False, []),
+        (True, True, []),
+        (False, True, ["--fp8_base", "--gradient_checkpointing"]),
+    ],
+    ids=["no-ema", "ema", "ema-text-encoder", "fp8-base"],
 )
-def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder):
-    flags = [*LORA, "--checkpointing_steps", "2"] + ["--use_ema"] * ema + ["--train_text_encoder"] * text_encoder
+def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
+    flags = (
+        [*LORA, "--checkpointing_steps", "2", *extra] + ["--use_ema"] * ema + ["--train_text_encoder"] * text_encoder
+    )
     train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
     train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
     train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
@@ -360,8 +371,9 @@ def assert_two_finite_steps_and_a_float32_adapter_that_moved(out):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision, flags", [("fp16", LORA), ("bf16", LORA), ("fp16", TEXT_ENCODER)],
-                         ids=["fp16", "bf16", "fp16-text-encoder"])  # fmt: skip
+@pytest.mark.parametrize("precision, flags", [("fp16", LORA), ("bf16", LORA), ("fp16", TEXT_ENCODER),
+                                              ("fp16", [*TEXT_ENCODER, "--fp8_base"])],
+                         ids=["fp16", "bf16", "fp16-text-encoder", "fp16-fp8-base"])  # fmt: skip
 def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision, flags):
     # The adapters stay float32 under autocast, so fp16's GradScaler can unscale their gradients (upstream's LoRA
     # script failed here: "Attempting to unscale FP16 gradients").
@@ -388,3 +400,52 @@ def test_under_mixed_precision_the_frozen_models_are_half_and_the_adapters_float
         dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in model.parameters()}
         assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}, type(model).__name__
     assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
+
+
+# --fp8_base -----------------------------------------------------------------------------------------------------
+
+
+def test_fp8_base_keeps_the_frozen_weights_in_float8_and_the_adapters_in_float32(tiny_sd, tmp_path, monkeypatch):
+    models = keep_the_models(monkeypatch)
+    train(tiny_sd, tmp_path, *TEXT_ENCODER, "--fp8_base", "--max_train_steps", "2", "--mixed_precision", "bf16",
+          "--gradient_checkpointing", "--use_ema", "--validation_prompts", "a creature")  # fmt: skip
+    assert (tmp_path / "val_imgs_grid.png").exists()  # validation draws with the float8 UNet
+    for model in models:  # the UNet and the text encoder
+        dtypes = {(parameter.requires_grad, parameter.dtype) for parameter in model.parameters()}
+        # float8: the linear and convolution layers; bf16: the norms and embeddings (and the UNet's time MLP).
+        assert dtypes == {(False, torch.float8_e4m3fn), (False, torch.bfloat16), (True, torch.float32)}
+        weights = {
+            name: p.dtype for name, p in model.named_parameters() if not re.search("lora_|embed|norm|bias", name)
+        }
+        assert set(weights.values()) == {torch.float8_e4m3fn}, type(model).__name__
+    assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
+
+
+def rounded_to_float8(tiny_sd, folder, *, text_encoder):
+    """A copy of the tiny pipeline, in float32, with the weights --fp8_base trains on: those of the UNet's linear
+    and convolution layers (and with `text_encoder` the text encoder's) rounded to float8, but for embeddings."""
+    shutil.copytree(tiny_sd, folder)
+    parts = [("unet", UNet2DConditionModel)] + [("text_encoder", CLIPTextModel)] * text_encoder
+    for name, cls in parts:
+        model = cls.from_pretrained(tiny_sd, subfolder=name)
+        for layer_name, layer in model.named_modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and "embed" not in layer_name:
+                layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn).float()
+        model.save_pretrained(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet-and-text-encoder"])
+def test_fp8_base_trains_the_adapter_that_a_base_rounded_to_float8_trains(tiny_sd, tmp_path, text_encoder):
+    # Each layer computes with its float8 weights cast up, exactly: the run is the same, bit for bit, as a plain
+    # LoRA run on the rounded weights, gradient checkpointing's recomputation included.
+    flags = [*LORA, "--max_train_steps", "3", "--gradient_checkpointing"] + ["--train_text_encoder"] * text_encoder
+    train(tiny_sd, tmp_path / "fp8", *flags, "--fp8_base")
+    rounded = rounded_to_float8(tiny_sd, tmp_path / "rounded-sd", text_encoder=text_encoder)
+    train(rounded, tmp_path / "rounded", *flags)
+    train(tiny_sd, tmp_path / "plain", *flags)
+    fp8, on_rounded, plain = (load_file(tmp_path / run / WEIGHTS_NAME) for run in ("fp8", "rounded", "plain"))
+    assert fp8.keys() == on_rounded.keys() and all(torch.equal(fp8[k], on_rounded[k]) for k in fp8)
+    assert any(not torch.equal(fp8[k], plain[k]) for k in fp8)  # and the rounding does change what is learned
+    if text_encoder:
+        assert any(key.startswith("text_encoder.") for key in fp8)

@@ -274,7 +274,13 @@ def test_out_of_gpu_memory_offers_only_what_the_run_does_not_use_yet(tiny_sd, tm
     flags = ["--max_train_steps", "2", "--gradient_checkpointing", "--use_ema", "--offload_ema", "--lora_rank", "4",
              "--train_batch_size", "1"]  # fmt: skip
     with pytest.raises(TrainingStopped) as stopped:
-        train(tiny_sd, tmp_path, *flags)
+        train(tiny_sd, tmp_path / "lora", *flags)
+    assert str(stopped.value).endswith(
+        "; no checkpoint was saved. To fit, try --mixed_precision fp16 (or bf16), --fp8_base (the frozen UNet in float8)"
+    )
+    monkeypatch.setattr(accelerate.Accelerator, "backward", out_of_memory_at_step(1))
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_sd, tmp_path / "fp8", *flags, "--fp8_base")
     assert str(stopped.value).endswith("; no checkpoint was saved. To fit, try --mixed_precision fp16 (or bf16)")
 
 
@@ -348,6 +354,7 @@ def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
         # The bundled data is an imagefolder with a metadata file: no caption files, no N_name folders.
         (["--reg_data_dir", str(DEMO_DATA)], "--reg_data_dir .* holds no captioned images"),
         (["--text_encoder_lr", "1e-5"], "--text_encoder_lr is the learning rate of --train_text_encoder"),
+        (["--fp8_base"], "--fp8_base keeps the frozen base model's weights in float8, so it needs --lora_rank"),
         (["--resolution", "0"], "--resolution must be a positive multiple of 8"),
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),
         pytest.param(["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU", marks=pytest.mark.skipif(
