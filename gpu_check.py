@@ -59,6 +59,7 @@ CONFIGS = [
     ("defaults without gradient checkpointing, fp16", [], ["--gradient_checkpointing"], "fp16", {}),
     ("defaults + torch.compile (inductor), fp16", [], [], "fp16", {"ACCELERATE_DYNAMO_BACKEND": "inductor"}),
     ("LoRA rank 4, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4"], [], "fp16", {}),
+    ("LoRA rank 4 + --fp8_base, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4", "--fp8_base"], [], "fp16", {}),
 ]
 # The shipped accelerate configs, on one process (--distributed). FSDP refuses EMA, so it trains without it.
 DISTRIBUTED = [
