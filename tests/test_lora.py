@@ -17,8 +17,16 @@ import metrics
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
+from sdtoolkit.fixtures import PRESETS, text_encoder_config
 from sdtoolkit.inference import load_pipeline
-from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
+from sdtoolkit.lora import (
+    DEFAULT_TARGETS,
+    KOHYA_WEIGHTS_NAME,
+    TEXT_ENCODER_TARGETS,
+    WEIGHTS_NAME,
+    add_lora,
+    store_in_float8,
+)
 from tests.conftest import DEMO_DATA, generated_image, logged_losses, reset_accelerate_state, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
@@ -449,3 +457,19 @@ def test_fp8_base_trains_the_adapter_that_a_base_rounded_to_float8_trains(tiny_s
     assert any(not torch.equal(fp8[k], plain[k]) for k in fp8)  # and the rounding does change what is learned
     if text_encoder:
         assert any(key.startswith("text_encoder.") for key in fp8)
+
+
+def test_fp8_base_halves_the_memory_of_sd_v1_4s_frozen_unet_under_fp16():
+    # SD v1-4's architecture built on the meta device: its shapes and dtypes, without the memory. The numbers are
+    # the ones docs/lora.md gives, in MB, the float32 adapter included.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**PRESETS["sd-v1-4"]["unet"]).to(torch.float16)
+        text_encoder = CLIPTextModel(text_encoder_config("sd-v1-4")).to(torch.float16)
+    for model, targets, before, after in [
+        (unet, DEFAULT_TARGETS, 1722, 865),
+        (text_encoder, TEXT_ENCODER_TARGETS, 247, 162),
+    ]:
+        add_lora(model, rank=4, alpha=4, dropout=0.0, target_modules=targets)
+        assert round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6) == before
+        store_in_float8(model, torch.float16)
+        assert round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6) == after
