@@ -2478,6 +2478,12 @@ def fine_tune(args):
     # hold the main process's weights, and cannot send float8 ones.
     if args.fp8_base:
         store_in_float8(accelerator.unwrap_model(unet), half or torch.float32)
+        if not args.gradient_checkpointing:
+            logger.warning(
+                "--fp8_base without --gradient_checkpointing: the backward pass needs each layer's weights as they"
+                " were read, in the training precision, and holds them all at its peak, so little memory is saved;"
+                " add --gradient_checkpointing"
+            )
         if args.train_text_encoder:
             store_in_float8(text_encoder, half or torch.float32)
 

@@ -429,6 +429,14 @@ def test_fp8_base_keeps_the_frozen_weights_in_float8_and_the_adapters_in_float32
     assert_two_finite_steps_and_a_float32_adapter_that_moved(tmp_path)
 
 
+def test_fp8_base_without_gradient_checkpointing_says_what_it_saves(tiny_sd, tmp_path, caplog):
+    train(tiny_sd, tmp_path / "without", *LORA, "--fp8_base", "--max_train_steps", "1")
+    assert "--fp8_base without --gradient_checkpointing:" in caplog.text
+    caplog.clear()
+    train(tiny_sd, tmp_path / "with", *LORA, "--fp8_base", "--max_train_steps", "1", "--gradient_checkpointing")
+    assert "--fp8_base without" not in caplog.text
+
+
 def rounded_to_float8(tiny_sd, folder, *, text_encoder):
     """A copy of the tiny pipeline, in float32, with the weights --fp8_base trains on: those of the UNet's linear
     and convolution layers (and with `text_encoder` the text encoder's) rounded to float8, but for embeddings."""
