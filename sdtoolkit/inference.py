@@ -91,6 +91,16 @@ def load_lora_dir(pipeline, folder, loaded=None):
         seen.add(name)
         if name in (loaded or {}):
             continue
+        # A tag applies a LoRA to the model as it samples; one trained for another objective can't share it.
+        sampling, scheduler = lora_sampling(path), pipeline.scheduler.config
+        if sampling["prediction_type"] not in (None, scheduler.prediction_type):
+            skipped.append((shown, f"it was trained for {sampling['prediction_type']}, and this model predicts"
+                                   f" {scheduler.prediction_type}; serve it with --lora, which samples as it was trained"))  # fmt: skip
+            continue
+        if sampling["zero_terminal_snr"] and not scheduler.get("rescale_betas_zero_snr"):
+            skipped.append((shown, "it was trained with zero terminal SNR, and this model samples without it; serve it"
+                                   " with --lora, which samples as it was trained"))  # fmt: skip
+            continue
         adapter = next(f"lora_dir_{i}" for i in range(len(adapters) + 1) if f"lora_dir_{i}" not in adapters)
         adapters.add(adapter)
         # Said of every file but meant for one adapter alone: PEFT's warning that the model now holds several,
@@ -251,6 +261,7 @@ def load_pipeline(model_path, device, dtype, config=None, lora=None, lora_scale=
     else:
         pipeline = load_folder_or_hub(model_path, dtype)
     if lora is not None:
+        pipeline = sample_as_trained(pipeline, lora, **lora_sampling(lora))
         load_lora(pipeline, lora)
     adapters = pipeline.get_active_adapters()
     if adapters and lora_scale != 1:
@@ -276,7 +287,6 @@ def trained_model(path):
         except Exception:  # not safetensors: load_single_file says so
             return None
         kind, folder = "LoRA", os.path.dirname(path) or "."
-        state = os.path.join(folder, "training_state.json")
     elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         folder, metadata = path, {}
         state = os.path.join(folder, "training_state.json")
@@ -289,14 +299,7 @@ def trained_model(path):
     else:
         return None
     # The base model: the file's own header, else the kohya file beside it, else the folder's training state.
-    record = {key.removeprefix("sdtoolkit."): value for key, value in metadata.items()}
-    kohya = os.path.join(folder, KOHYA_WEIGHTS_NAME)
-    if "model" not in record and os.path.isfile(kohya):
-        with safe_open(kohya, "pt") as f:
-            record = {key.removeprefix("sdtoolkit."): value for key, value in (f.metadata() or {}).items()}
-    if "model" not in record and os.path.isfile(state):
-        with open(state, encoding="utf-8") as f:
-            record = json.load(f)
+    record = run_record(folder, metadata)
     base = record.get("model")
     if base is None:
         raise UserError(
@@ -306,6 +309,39 @@ def trained_model(path):
     return {"kind": kind, "base": base, "revision": record.get("revision"), "config": record.get("model_config"),
             "prediction_type": recorded_prediction_type(record), "vae": record.get("vae"),
             "zero_terminal_snr": recorded_zero_terminal_snr(record)}  # fmt: skip
+
+
+def run_record(folder, metadata):
+    """What the training run recorded of what it wrote in `folder`: the header `metadata` of the file given (without
+    its "sdtoolkit." prefixes) if it is this toolkit's, else the header of the kohya-ss file beside it, else the
+    folder's training_state.json; the header given, when none of them is this toolkit's."""
+    record = {key.removeprefix("sdtoolkit."): value for key, value in metadata.items()}
+    kohya = os.path.join(folder, KOHYA_WEIGHTS_NAME)
+    if "model" not in record and os.path.isfile(kohya):
+        with safe_open(kohya, "pt") as f:
+            record = {key.removeprefix("sdtoolkit."): value for key, value in (f.metadata() or {}).items()}
+    if "model" not in record and os.path.isfile(os.path.join(folder, "training_state.json")):
+        with open(os.path.join(folder, "training_state.json"), encoding="utf-8") as f:
+            record = json.load(f)
+    return record
+
+
+def lora_sampling(path):
+    """sample_as_trained's arguments for a LoRA loaded on top of a model (--lora, --lora_dir): what its run trained
+    the model to predict, when the run changed it. A v-prediction or zero terminal SNR run's LoRA makes the model it
+    is on one too; any other LoRA samples as the model does, whatever base it was trained on."""
+    folder, name = lora_location(path)
+    try:
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # load_lora says what is wrong with the file
+        return {"prediction_type": None, "zero_terminal_snr": False}
+    record = run_record(folder, metadata)
+    prediction_type = recorded_prediction_type(record)
+    return {
+        "prediction_type": prediction_type if prediction_type == "v_prediction" else None,
+        "zero_terminal_snr": recorded_zero_terminal_snr(record),
+    }
 
 
 def recorded_prediction_type(record):

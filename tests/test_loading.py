@@ -18,7 +18,7 @@ import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.images_api import BadRequest, parse_generation_request
-from sdtoolkit.inference import load_pipeline
+from sdtoolkit.inference import load_lora_dir, load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
 from sdtoolkit.serving import SCHEDULERS, ImageService, LoraMix, RequestQueue, RequestRefused, sampler
 from tests.conftest import DEMO_DATA, demo_image, generated_image, image_folder, train
@@ -114,6 +114,44 @@ def test_a_v_prediction_run_is_sampled_as_v_prediction_wherever_it_loads(tiny_sd
     train(tiny_sd, tmp_path / "epsilon", "--max_train_steps", "1", "--checkpointing_steps", "1")
     for path in (tmp_path / "epsilon", tmp_path / "epsilon" / "checkpoint-1"):
         assert load_pipeline(str(path), CPU, torch.float32).scheduler.config.prediction_type == "epsilon"
+
+
+def test_a_lora_trained_for_v_prediction_and_zero_snr_brings_them_to_the_model_it_is_loaded_on(tiny_sd, tmp_path):
+    # Given with --lora on the base model, such a LoRA samples as it was trained, from its folder or its file alone
+    # (a copy elsewhere, as a user shares it). --lora_dir, whose LoRAs a prompt's tags apply to the one model the
+    # server samples, skips it and says why. A LoRA that kept the base's objective leaves the model as it is.
+    train(tiny_sd, tmp_path / "zero", "--prediction_type", "v_prediction", "--zero_terminal_snr",
+          "--max_train_steps", "1", *LORA)  # fmt: skip
+    train(tiny_sd, tmp_path / "plain", "--max_train_steps", "1", *LORA)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("zero", "plain"):
+        shutil.copy(tmp_path / name / KOHYA_WEIGHTS_NAME, folder / f"{name}.safetensors")
+    for lora in (tmp_path / "zero", folder / "zero.safetensors"):
+        config = load_pipeline(str(tiny_sd), CPU, torch.float32, lora=str(lora)).scheduler.config
+        assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr, lora
+        assert config.timestep_spacing == "trailing", lora
+    for lora in (tmp_path / "plain", folder / "plain.safetensors"):
+        config = load_pipeline(str(tiny_sd), CPU, torch.float32, lora=str(lora)).scheduler.config
+        assert config.prediction_type == "epsilon" and not config.get("rescale_betas_zero_snr"), lora
+    # On a v-prediction model, such a LoRA stays v-prediction: what it records of its epsilon base is not its own.
+    v_model = tmp_path / "v-model"
+    shutil.copytree(tiny_sd, v_model)
+    scheduler = json.loads((v_model / "scheduler" / "scheduler_config.json").read_text())
+    (v_model / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**scheduler, "prediction_type": "v_prediction"})
+    )
+    config = load_pipeline(str(v_model), CPU, torch.float32, lora=str(tmp_path / "plain")).scheduler.config
+    assert config.prediction_type == "v_prediction"
+    loras, skipped = load_lora_dir(load_pipeline(str(tiny_sd), CPU, torch.float32), str(folder))
+    assert list(loras) == ["plain"]
+    assert skipped == [("zero.safetensors", "it was trained for v_prediction, and this model predicts epsilon; serve"
+                                            " it with --lora, which samples as it was trained")]  # fmt: skip
+    # On a v-prediction model that does not rescale, it is its zero terminal SNR that --lora_dir can't serve.
+    loras, skipped = load_lora_dir(load_pipeline(str(v_model), CPU, torch.float32), str(folder))
+    assert list(loras) == ["plain"]
+    assert skipped == [("zero.safetensors", "it was trained with zero terminal SNR, and this model samples without"
+                                            " it; serve it with --lora, which samples as it was trained")]  # fmt: skip
 
 
 def test_zero_terminal_snr_trains_from_pure_noise_and_samples_as_it_was_trained(tiny_sd, tmp_path, monkeypatch):
