@@ -91,6 +91,16 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
+        "--guidance_rescale",
+        type=float,
+        default=None,
+        help=(
+            "The page's and APIs' default guidance rescale for text to image, 0 to 1 (the Forge web UIs' Rescale"
+            " CFG; requests may set their own). Default: the model's own, 0.7 for a model that samples with zero"
+            " terminal SNR (a --zero_terminal_snr run), else 0."
+        ),
+    )
+    parser.add_argument(
         "--lora_dir",
         default=None,
         help=(
@@ -154,6 +164,8 @@ def parse_args(argv=None):
         raise UserError("--api_key (or SDTOOLKIT_API_KEY) is empty; give a key or leave it out")
     if args.max_queue < 1 or args.concurrency < 1:
         raise UserError("--max_queue and --concurrency must be at least 1")
+    if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
+        raise UserError(f"--guidance_rescale must be from 0 (off) to 1, got {args.guidance_rescale}")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if args.cache_max_age < 1:
@@ -210,7 +222,8 @@ def make_generate(service):
 
     def generate(
         prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images, lora_scale=None,
-        image=None, strength=DEFAULT_STRENGTH, mask=None, request: gr.Request = None, progress=gr.Progress(),
+        image=None, strength=DEFAULT_STRENGTH, mask=None, guidance_rescale=None, request: gr.Request = None,
+        progress=gr.Progress(),
     ):  # fmt: skip
         # Gradio fills in `request` (who asks) and `progress` (the bar over the images); they are not API inputs.
         check_request(prompt, steps, width, height, num_images)
@@ -239,6 +252,15 @@ def make_generate(service):
             lora_scale = float(lora_scale)
             if not 0 <= lora_scale <= MAX_LORA_SCALE:
                 raise gr.Error(f"The LoRA strength must be from 0 to {MAX_LORA_SCALE:g}, not {lora_scale:g}.")
+        # The guidance rescale is text to image's (None: the server's); an edit goes without, and says so.
+        if guidance_rescale is not None:
+            guidance_rescale = float(guidance_rescale)
+            if not 0 <= guidance_rescale <= 1:
+                raise gr.Error(f"The guidance rescale must be from 0 to 1, not {guidance_rescale:g}.")
+        rescale_note = None
+        if image is not None and guidance_rescale:
+            rescale_note = "Guidance rescale is for text to image only: this edit ran without it."
+            guidance_rescale = None
         try:  # syntax this server does not read, and the prompt's <lora:name:weight> tags
             service.check_prompt(prompt, negative_prompt)
         except ValueError as err:
@@ -273,10 +295,13 @@ def make_generate(service):
                 image=None if image is None else image.convert("RGB"),
                 mask=None if mask is None else mask.convert("L").resize((int(width), int(height)), Image.NEAREST),
                 strength=None if image is None else strength,
+                guidance_rescale=guidance_rescale,
                 generation=generation,
             )
         except (QueueFull, RequestRefused) as err:
             raise gr.Error(str(err)) from None
+        if rescale_note:
+            notes.append(rescale_note)
         if generation.stopped_at == 0:
             notes.append("Stopped before it started.")
         elif generation.stopped_at is not None:
@@ -363,6 +388,10 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
                     guidance_scale = gr.Slider(
                         0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale"
                     )
+                    # Lin et al.'s rescale: the model's own by default (0.7 for a zero terminal SNR model).
+                    guidance_rescale = gr.Slider(
+                        0, 1, value=service.guidance_rescale, step=0.05, label="Guidance rescale (0: off)"
+                    )
                 with gr.Row():
                     seed = gr.Textbox(label="Seed (blank = random)", value="")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SCHEDULER, label="Scheduler")
@@ -398,7 +427,7 @@ def build_app(service, *, title, description, examples=(), cache_max_age=3600):
             gr.Examples(examples=[[e] for e in examples], inputs=[prompt])
 
         inputs = [prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-                  lora_scale, image, strength, mask]  # fmt: skip
+                  lora_scale, image, strength, mask, guidance_rescale]  # fmt: skip
         # The button and Enter in the prompt box run at once: the service's RequestQueue, which /v1 shares, is
         # what makes requests wait (`concurrency` at a time) or refuses them. The public API is the two buttons:
         # /generate, and /stop for the caller's own generations.
@@ -474,7 +503,10 @@ def launch(args, block=True):
         loras=loras,
         clip_skip=clip_skip,
         lora_dir=args.lora_dir,
+        guidance_rescale=args.guidance_rescale,
     )
+    if service.guidance_rescale > 0:
+        print(f"Guidance rescale {service.guidance_rescale:g} for text to image (requests may set their own)")
     title, description, examples = describe_model(args.model_path, args.lora, args.title)
     app = build_app(
         service,

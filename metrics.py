@@ -45,6 +45,7 @@ from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_
 from sdtoolkit.inference import (
     add_device_arguments,
     add_model_config_argument,
+    default_guidance_rescale,
     is_lora,
     load_pipeline,
     pick_clip_skip,
@@ -96,6 +97,16 @@ def parse_args(argv=None):
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance_rescale",
+        type=float,
+        default=None,
+        help=(
+            "Rescale the guided prediction toward the prompt-only one by this much, 0 to 1 (diffusers'"
+            " guidance_rescale, Lin et al.'s phi). Default: each model's own, 0.7 for a model that samples with zero"
+            " terminal SNR (a --zero_terminal_snr run), else 0."
+        ),
+    )
     parser.add_argument(
         "--resolution", type=int, default=None, help="Image side in pixels (default: the model's own, 512 for SD)."
     )
@@ -187,10 +198,12 @@ def parse_args(argv=None):
 
     if args.clip_skip is not None and args.clip_skip < 1:
         raise UserError(f"--clip_skip must be 1 (the text encoder's last layer) or more, got {args.clip_skip}")
-    if args.doc_protocol and (args.clip_skip is not None or args.embeddings_dir is not None):
+    if args.doc_protocol and (args.clip_skip, args.embeddings_dir, args.guidance_rescale) != (None, None, None):
         raise UserError(
-            "--doc_protocol reads the page's prompts as the page did: drop --clip_skip and --embeddings_dir"
+            "--doc_protocol samples as the page did: drop --clip_skip, --embeddings_dir and --guidance_rescale"
         )
+    if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
+        raise UserError(f"--guidance_rescale must be from 0 (off) to 1, got {args.guidance_rescale}")
     if args.weighted_captions and args.caption_data is None:
         raise UserError("--weighted_captions reads --caption_data's captions: give --caption_data too, or drop it")
     if not 0 < args.memorisation_threshold <= 1:
@@ -383,8 +396,9 @@ def file_label(label):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
-def generate_images(pipeline, prompts, negatives, args, clip_skip=1):
-    """images[p][j]: image j of prompt p, j running over seeds, then images per seed.
+def generate_images(pipeline, prompts, negatives, args, clip_skip=1, guidance_rescale=0.0):
+    """images[p][j]: image j of prompt p, j running over seeds, then images per seed, with the guidance rescaled by
+    `guidance_rescale`.
 
     Image k of (prompt, seed) comes from a generator seeded with the seed, drawing in order, so the noise a
     picture starts from does not depend on --batch_size or on which model is scored: the models' images are
@@ -418,6 +432,7 @@ def generate_images(pipeline, prompts, negatives, args, clip_skip=1):
                     num_images_per_prompt=args.num_images_per_prompt,
                     num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale,
+                    guidance_rescale=guidance_rescale,
                     height=args.resolution,
                     width=args.resolution,
                     generator=generators,
@@ -488,6 +503,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
         "num_images_per_prompt": args.num_images_per_prompt,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
+        "guidance_rescale": args.guidance_rescale,
         "resolution": args.resolution,
         "lora_scale": args.lora_scale,
         "embeddings_dir": args.embeddings_dir,
@@ -500,6 +516,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
                 "clip_score": result["overall"],
                 "label": result["label"],
                 "clip_skip": result["clip_skip"],
+                "guidance_rescale": result["guidance_rescale"],
                 "caption_accuracy": result.get("caption_accuracy"),
                 "caption_accuracy_weighted_captions": result.get("weighted_captions"),
                 "doc_protocol_clip_score": result.get("doc_protocol_clip_score"),
@@ -613,6 +630,9 @@ def report_markdown(report, grids, nearest_grids):
     clip_skips = any(model["clip_skip"] > 1 for model in models)
     if clip_skips:  # the text encoder's layer the prompts were read from, 1 the last
         header, rule = header + " clip skip |", rule + " ---: |"
+    rescaled = any(model["guidance_rescale"] > 0 for model in models)
+    if rescaled:
+        header, rule = header + " guidance rescale |", rule + " ---: |"
     lines += [header, rule]
     for model in models:
         row = f"| {model['label']} | {model['clip_score']:.4f} |"
@@ -626,6 +646,8 @@ def report_markdown(report, grids, nearest_grids):
             row += f" {model['caption_accuracy']:.4f} |"
         if clip_skips:
             row += f" {model['clip_skip']} |"
+        if rescaled:
+            row += f" {model['guidance_rescale']:g} |"
         lines.append(row)
     if report["comparisons"]:
         lines += ["", "Paired differences of CLIP score, each model against the first, over prompt-seed pairs (95%"
@@ -759,7 +781,7 @@ def evaluate(args):
                 runs.append((base, lora, scale, label, model_path))
     for number, (base, lora, scale, label, model_path) in enumerate(runs):
         pipeline = load_pipeline(base, device, dtype, config=args.model_config, lora=lora, lora_scale=scale)
-        result = {"model_path": model_path, "label": label, "clip_skip": 1}
+        result = {"model_path": model_path, "label": label, "clip_skip": 1, "guidance_rescale": 0.0}
         if args.doc_protocol:
             if generator is None:
                 generator = torch.manual_seed(0)
@@ -775,12 +797,19 @@ def evaluate(args):
                 _, skipped = load_embeddings(pipeline, args.embeddings_dir)
                 for file_name, reason in skipped if number == 0 else []:
                     print(f"warning: --embeddings_dir: skipped {file_name}: {reason}")
-            skip_note = f" (clip skip {result['clip_skip']}, {source})" if result["clip_skip"] > 1 else ""
+            # Its guidance rescaled as it is meant to be sampled (a zero terminal SNR model's), unless told.
+            rescale = args.guidance_rescale
+            result["guidance_rescale"] = default_guidance_rescale(pipeline.scheduler) if rescale is None else rescale
+            notes = [f"clip skip {result['clip_skip']}, {source}"] if result["clip_skip"] > 1 else []
+            if result["guidance_rescale"] > 0:
+                notes.append(f"guidance rescale {result['guidance_rescale']:g}")
             print(
                 f"Generating {len(prompts) * len(args.seeds) * args.num_images_per_prompt} images with"
-                f" {model_path}{skip_note} ..."
+                f" {model_path}{''.join(f' ({note})' for note in notes)} ..."
             )
-            images = generate_images(pipeline, prompts, negatives, args, result["clip_skip"])
+            images = generate_images(
+                pipeline, prompts, negatives, args, result["clip_skip"], result["guidance_rescale"]
+            )
         result["images"] = images
         if args.caption_data is not None:
             # The captions read as the model's run read them: for emphasis with --weighted_captions, or when the

@@ -109,6 +109,7 @@ from sdtoolkit.held_out import TIMESTEPS as HELD_OUT_TIMESTEPS
 from sdtoolkit.held_out import HeldOutLoss, compare, split_held_out
 from sdtoolkit.inference import (
     check_file_exists,
+    default_guidance_rescale,
     is_single_file,
     load_single_file,
     load_vae,
@@ -1623,6 +1624,8 @@ def generate_validation_images(pipeline, args, accelerator):
                 prompt_embeds=embeddings,
                 negative_prompt_embeds=negative,
                 num_inference_steps=20,
+                # A --zero_terminal_snr run's images with its guidance rescaled, as Lin et al. sample.
+                guidance_rescale=default_guidance_rescale(pipeline.scheduler),
                 height=args.resolution,
                 width=args.resolution,
                 generator=generator,

@@ -4,7 +4,9 @@ fine-tuned model.
 
     POST /sdapi/v1/txt2img      prompt, negative_prompt, seed (-1: a random one), steps, cfg_scale, width, height,
                                 sampler_name (or sampler_index) and scheduler, batch_size x n_iter images,
-                                override_settings' CLIP_stop_at_last_layers (the clip skip of this request)
+                                override_settings' CLIP_stop_at_last_layers (the clip skip of this request),
+                                rescale_cfg (the guidance rescale, 0 to 1, as the Forge web UIs name it; left
+                                out, the model's own: 0.7 for a model that samples with zero terminal SNR)
     POST /sdapi/v1/img2img      the same, with init_images (one base64 image) redrawn to denoising_strength, and
                                 an optional mask (base64, white where to redraw; black with inpainting_mask_invert=1),
                                 blurred by mask_blur pixels
@@ -217,7 +219,12 @@ def parse_request(body, service, *, edit=False):
         clip_skip=clip_skip,
         **size,
     )
+    if body.get("rescale_cfg") is not None:
+        arguments["guidance_rescale"] = float(number(body, "rescale_cfg", 0, 1))
     if edit:
+        if arguments.get("guidance_rescale"):
+            raise BadRequest("'rescale_cfg' is for txt2img: diffusers' image to image and inpainting have none",
+                             "rescale_cfg")  # fmt: skip
         arguments.update(parse_edit(body, arguments))
     facts = {"batch_size": batch_size, "sampler_name": A1111_SAMPLERS[scheduler], "clip_skip": clip_skip}
     return arguments, facts

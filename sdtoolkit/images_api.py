@@ -2,7 +2,7 @@
 
     POST /v1/images/generations   OpenAI's images API: prompt, n, size, response_format ("b64_json" or "url"),
                                   plus this model's own fields: negative_prompt, seed, steps, guidance_scale,
-                                  scheduler, and lora_scale when a LoRA is served
+                                  guidance_rescale, scheduler, and lora_scale when a LoRA is served
     POST /v1/images/edits         the same as a multipart form, with an image to edit (image to image) and an
                                   optional mask whose transparent part is what may change (inpainting), as
                                   OpenAI's edits take them; strength: how much of it is redrawn (0 to 1)
@@ -57,7 +57,7 @@ from sdtoolkit.serving import (
 # OpenAI fields that change the result and that this server can't honour: refused, not silently ignored.
 UNSUPPORTED = ("quality", "style", "background", "moderation", "output_compression", "partial_images", "stream")
 KNOWN = {"prompt", "model", "n", "size", "response_format", "output_format", "user", "negative_prompt", "seed",
-         "steps", "guidance_scale", "scheduler", "lora_scale"}  # fmt: skip
+         "steps", "guidance_scale", "guidance_rescale", "scheduler", "lora_scale"}  # fmt: skip
 # An edit's own fields; its files are `image` (or one `image[]`, as the openai SDK sends a list) and `mask`.
 EDIT_FIELDS = {"strength"}
 MAX_UPLOAD_BYTES = 20 * 1024**2
@@ -131,6 +131,11 @@ def parse_generation_request(body, service, known=KNOWN):
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
         raise BadRequest(f"'guidance_scale' must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}",
                          "guidance_scale")  # fmt: skip
+    rescale = body.get("guidance_rescale")
+    if rescale is not None and (
+        isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale <= 1
+    ):
+        raise BadRequest(f"'guidance_rescale' must be a number from 0 to 1, got {rescale!r}", "guidance_rescale")
     lora_scale = body.get("lora_scale")
     if lora_scale is not None and not service.served:
         raise BadRequest("'lora_scale' is for a LoRA, and this server serves none", "lora_scale")
@@ -160,6 +165,7 @@ def parse_generation_request(body, service, known=KNOWN):
         height=height,
         num_images=whole_number(body, "n", 1, 1, MAX_IMAGES),
         lora_scale=None if lora_scale is None else float(lora_scale),
+        guidance_rescale=None if rescale is None else float(rescale),
     )
 
 
@@ -167,7 +173,7 @@ def form_value(name, value):
     """A multipart form field's text as the JSON value it stands for: numbers for the numeric fields."""
     if name in ("n", "seed", "steps"):
         return int(value) if value.strip().isdigit() else value
-    if name in ("guidance_scale", "lora_scale", "strength"):
+    if name in ("guidance_scale", "guidance_rescale", "lora_scale", "strength"):
         try:
             return float(value)
         except ValueError:
@@ -211,6 +217,9 @@ async def parse_edit_request(form, service):
     if "size" not in body:
         body["size"] = "x".join(map(str, edit_size(image, service.default_size)))
     arguments = parse_generation_request(body, service, known=KNOWN | EDIT_FIELDS)
+    if arguments["guidance_rescale"]:
+        raise BadRequest("'guidance_rescale' is for generations: diffusers' image to image and inpainting have none",
+                         "guidance_rescale")  # fmt: skip
     if int(arguments["steps"] * strength) < 1:  # the steps that run are the last `strength` of the schedule
         raise BadRequest(
             f"'strength' {strength:g} of {arguments['steps']} 'steps' runs no step; raise either", "strength"

@@ -363,6 +363,18 @@ def supports_zero_terminal_snr(scheduler_class):
     return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
 
 
+# Lin et al. (arXiv 2305.08891, section 3.4) rescale classifier-free guidance for a model with zero terminal SNR:
+# its guided prediction's spread is brought back toward the prompt-only prediction's, with phi = 0.7, so that high
+# guidance does not overexpose the image. diffusers' pipeline does it with `guidance_rescale`.
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
+
+
+def default_guidance_rescale(scheduler):
+    """The guidance rescale a pipeline with this scheduler samples with unless told otherwise: 0.7 when it
+    samples with zero terminal SNR (see sample_as_trained), else 0 (off)."""
+    return ZERO_SNR_GUIDANCE_RESCALE if scheduler.config.get("rescale_betas_zero_snr") else 0.0
+
+
 def sample_as_trained(pipeline, source, *, prediction_type=None, zero_terminal_snr=False):
     """The pipeline sampling as its UNet was trained, as the run recorded it (a checkpoint or LoRA on its base model,
     or a file it exported, which holds no scheduler; or the pipeline a run saves):
@@ -371,7 +383,8 @@ def sample_as_trained(pipeline, source, *, prediction_type=None, zero_terminal_s
       base). None leaves it.
     - zero_terminal_snr: a --zero_terminal_snr run's: the scheduler's betas rescaled to zero SNR at the last
       timestep, and its steps taken from that timestep down ("trailing"), as Lin et al. sample (arXiv 2305.08891,
-      sections 3.1 and 3.3). PNDM can't rescale, so DDIM takes its place, as in the paper."""
+      sections 3.1 and 3.3). PNDM can't rescale, so DDIM takes its place, as in the paper. Its guidance is then
+      rescaled too (see default_guidance_rescale), by whoever calls the pipeline."""
     scheduler, changes = pipeline.scheduler, {}
     if prediction_type is not None and prediction_type != scheduler.config.prediction_type:
         changes["prediction_type"] = prediction_type

@@ -42,7 +42,7 @@ from diffusers import (
 from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows, unsupported_syntax
 from sdtoolkit.embeddings import safetensors_files
 from sdtoolkit.errors import first_line
-from sdtoolkit.inference import load_lora_dir, supports_zero_terminal_snr
+from sdtoolkit.inference import default_guidance_rescale, load_lora_dir, supports_zero_terminal_snr
 
 # DPM-Solver++ (https://arxiv.org/abs/2211.01095): its paper samples well in 15-25 steps; 25 is half PNDM's 50.
 # "Karras": the noise levels of Karras et al. (https://arxiv.org/abs/2206.00364), closer together near the end,
@@ -355,10 +355,11 @@ def a1111_value(value):
 
 def parameters_text(
     *, prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width, height, model, lora, lora_scale=1.0,
-    strength=None, clip_skip=1, stopped_at=None,
+    strength=None, clip_skip=1, guidance_rescale=0.0, stopped_at=None,
 ):  # fmt: skip
     """The `parameters` text chunk of one image, in AUTOMATIC1111's layout (see the module docstring); an edited
-    image's `strength` is A1111's "Denoising strength"; `stopped_at`: the steps a stopped run had done."""
+    image's `strength` is A1111's "Denoising strength"; a guidance rescale is "Rescale CFG", as the web UIs of the
+    Forge family write theirs; `stopped_at`: the steps a stopped run had done."""
     fields = {
         "Steps": steps,
         "Sampler": A1111_SAMPLERS[scheduler],
@@ -371,6 +372,8 @@ def parameters_text(
         fields["Denoising strength"] = float(strength)
     if clip_skip > 1:  # AUTOMATIC1111 writes it only when set
         fields["Clip skip"] = clip_skip
+    if guidance_rescale > 0:
+        fields["Rescale CFG"] = float(guidance_rescale)
     if lora:
         fields["Lora"] = lora
     if lora_scale != 1:
@@ -418,10 +421,15 @@ class ImageService:
 
     def __init__(
         self, pipeline, *, model_name, lora_name=None, lora_scale=1.0, queue, embeddings=(), loras=None, clip_skip=1,
-        lora_dir=None,
+        lora_dir=None, guidance_rescale=None,
     ):  # fmt: skip
         self.pipeline = pipeline
         self.clip_skip = clip_skip  # the text encoder's layer prompts are read from, 1 the last (see encode_text)
+        # How much text-to-image requests rescale their guidance unless they say (None: the model's own, 0.7 for a
+        # model that samples with zero terminal SNR). diffusers' image to image and inpainting have no rescale.
+        if guidance_rescale is None:
+            guidance_rescale = default_guidance_rescale(pipeline.scheduler)
+        self.guidance_rescale = guidance_rescale
         self.embeddings = list(embeddings)  # the names of the textual inversion embeddings loaded (for /health)
         self.model_name, self.lora_name, self.lora_scale = model_name, lora_name, lora_scale
         # The LoRAs --lora_dir loaded, {name: adapter}, which prompts apply with <lora:name:weight> tags; the folder,
@@ -502,7 +510,7 @@ class ImageService:
 
     def generate(
         self, *, prompt, negative_prompt, steps, guidance_scale, seed, scheduler, width, height, num_images,
-        lora_scale=None, image=None, mask=None, strength=None, clip_skip=None, generation=None,
+        lora_scale=None, image=None, mask=None, strength=None, clip_skip=None, guidance_rescale=None, generation=None,
     ):  # fmt: skip
         """`num_images` PIL images for checked inputs, image i from seed + i, each with its parameters text in
         image.info["parameters"] (PIL writes str entries of .info as PNG text chunks; Gradio keeps them too).
@@ -510,6 +518,7 @@ class ImageService:
         image: an image to edit (resized to width x height), noised to `strength` (0 to 1) of the schedule and
         denoised under the prompt; mask: an "L" image of its size, white where to edit (inpainting; the rest
         is kept), or None to edit all of it. clip_skip: this request's (None: the server's --clip_skip).
+        guidance_rescale: this text to image request's, 0 to 1 (None: the server's; an edit has none).
         generation: the request's Generation, to watch it or stop it. A run stopped part way gives the images as
         its latents stood (generation.stopped_at says when, and so does each image's parameters text); one stopped
         while it waited gives no images."""
@@ -517,6 +526,12 @@ class ImageService:
             raise ValueError("lora_scale is for a LoRA, and this pipeline has none")
         lora_scale = self.lora_scale if lora_scale is None else lora_scale
         clip_skip = self.clip_skip if clip_skip is None else clip_skip
+        if image is not None and guidance_rescale:
+            raise ValueError(
+                "guidance_rescale is for text to image: diffusers' image to image and inpainting have none"
+            )
+        if guidance_rescale is None:
+            guidance_rescale = self.guidance_rescale if image is None else 0.0
         mix = self.check_prompt(prompt, negative_prompt, lora_scale)
         seeds = image_seeds(seed, num_images)
         # A pipeline of our own per request: it shares the weights, but the scheduler holds per-run state. Image
@@ -525,7 +540,7 @@ class ImageService:
         components = {**pipeline.components, "scheduler": sampler(scheduler, pipeline.scheduler.config)}
         size = {"width": width, "height": height}
         if image is None:
-            pipeline_cls, inputs = StableDiffusionPipeline, size
+            pipeline_cls, inputs = StableDiffusionPipeline, {**size, "guidance_rescale": guidance_rescale}
         elif mask is None:
             pipeline_cls, inputs = (
                 StableDiffusionImg2ImgPipeline,
@@ -604,6 +619,7 @@ class ImageService:
                 lora_scale=lora_scale,
                 strength=strength if image is not None else None,  # an edit's
                 clip_skip=clip_skip,
+                guidance_rescale=guidance_rescale,
                 stopped_at=generation.stopped_at,
             )
         return images

@@ -177,8 +177,10 @@ def test_an_edit_with_a_mask_redraws_its_transparent_part(server):
          "'steps' must be a whole number"),
         ({"image": ("a.png", png_file(SOURCE), "image/png")}, {"prompt": "x", "steps": "1", "strength": "0.5"},
          "strength", "'strength' 0.5 of 1 'steps' runs no step"),
+        ({"image": ("a.png", png_file(SOURCE), "image/png")}, {"prompt": "x", "guidance_rescale": "0.7"},
+         "guidance_rescale", "'guidance_rescale' is for generations: diffusers' image to image and inpainting"),
     ],
-    ids=["no-image", "not-an-image", "strength", "mask-without-alpha", "mask-size", "steps", "no-step"],
+    ids=["no-image", "not-an-image", "strength", "mask-without-alpha", "mask-size", "steps", "no-step", "rescale"],
 )  # fmt: skip
 def test_a_bad_edit_is_a_400_naming_the_field(server, files, data, param, message):
     response = httpx.post(f"{server.local_url}v1/images/edits", files=files or None, data=data, timeout=60)
@@ -522,6 +524,7 @@ BAD = [
     ({"steps": 2.5}, "steps", "whole number"),
     ({"scheduler": "Nope"}, "scheduler", "DPM-Solver++, DPM-Solver++ Karras, DPM-Solver++ SDE Karras, PNDM"),
     ({"guidance_scale": -1}, "guidance_scale", "from 0 to 30"),
+    ({"guidance_rescale": 1.5}, "guidance_rescale", "from 0 to 1"),
     ({"seed": -1}, "seed", "between 0 and"),
     ({"seed": "7"}, "seed", "whole number"),
     ({"negative_prompt": 3}, "negative_prompt", "string"),

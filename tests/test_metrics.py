@@ -312,5 +312,5 @@ def test_each_model_is_prompted_as_its_run_recorded_with_the_embeddings_asked_fo
     prompts.write_text("a creature\na [creature|dragon]\n")  # AUTOMATIC1111 syntax not read here
     with pytest.raises(UserError, match=r"prompt 2: '\[creature\|dragon\]' is AUTOMATIC1111's alternation"):
         scores()
-    with pytest.raises(UserError, match="--doc_protocol reads the page's prompts as the page did"):
+    with pytest.raises(UserError, match="--doc_protocol samples as the page did: drop --clip_skip"):
         metrics.parse_args(["--doc_protocol", "--clip_skip", "2"])
