@@ -13,6 +13,8 @@
 # PYTHON is the interpreter to launch with (default: python).
 # DATASET_NAME may also be a local folder of images with a metadata.jsonl (file_name, text), or a .parquet file,
 # or a kohya-ss dataset config (.toml or .json, or --dataset_config FILE), whose values win over the recipe's.
+# kohya-ss's fine-tuning metadata goes in the arguments instead: bash train.sh --in_json meta_cap.json
+# --train_data_dir my-images.
 # lambdalabs/pokemon-blip-captions was taken down from the hub in 2024; lambdalabs/naruto-blip-captions has
 # the same columns.
 set -euo pipefail
@@ -25,7 +27,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-sd-pokemon-model}"
 DATA_ARGS=(--dataset_name="$DATASET_NAME")
 case "$DATASET_NAME" in *.toml | *.json) DATA_ARGS=(--dataset_config="$DATASET_NAME") ;; esac
 for arg in "$@"; do
-  case "$arg" in --dataset_config | --dataset_config=*) DATA_ARGS=() ;; esac
+  case "$arg" in --dataset_config | --dataset_config=* | --in_json | --in_json=*) DATA_ARGS=() ;; esac
 done
 
 # The toolkit's folder, for its script and its package; the current folder stays the user's.

@@ -117,6 +117,7 @@ from sdtoolkit.inference import (
     safetensors_metadata,
     sample_as_trained,
 )
+from sdtoolkit.kohya_metadata import read_kohya_metadata
 from sdtoolkit.latent_cache import (
     DEFAULT_DISK_FOLDER,
     DiskArrays,
@@ -222,7 +223,6 @@ KNOWN_ELSEWHERE = {
     "--full_fp16": "not here: --mixed_precision fp16 keeps float32 weights (--use_8bit_adam, --offload_ema save memory)",
     "--full_bf16": "not here: --mixed_precision bf16 keeps float32 weights (--use_8bit_adam, --offload_ema save memory)",
     "--cache_text_encoder_outputs": "what --cache_latents does here: captions are encoded once with the images",
-    "--in_json": "not read here: give --train_data_dir a folder with a metadata.jsonl or .txt captions",
 }
 
 
@@ -511,7 +511,19 @@ def parse_args(argv=None):
     parser.add_argument(
         "--allow_missing_captions",
         action="store_true",
-        help="In a caption-file folder, train images without a caption file (or with an empty one) on an empty caption.",
+        help=(
+            "In a caption-file folder (or --in_json), train images without a caption file (or with an empty one) on"
+            " an empty caption."
+        ),
+    )
+    parser.add_argument(
+        "--in_json",
+        type=str,
+        default=None,
+        help=(
+            "kohya-ss's fine-tuning metadata file (.json, or .jsonl), as its fine_tune.py reads it: each image's key"
+            " (a path, absolute or in --train_data_dir, with or without its extension) to its caption and tags."
+        ),
     )
     parser.add_argument(
         "--reg_data_dir",
@@ -1005,10 +1017,15 @@ def parse_args(argv=None):
         args.local_rank = env_local_rank
 
     # Sanity checks: one line each, before anything is loaded.
-    if args.dataset_name is None and args.train_data_dir is None and args.dataset_config is None:
+    if args.dataset_name is None and args.train_data_dir is None and args.dataset_config is None and not args.in_json:
         raise UserError(
             "need either --dataset_name (a hub dataset), --train_data_dir (a local folder) or --dataset_config (a"
             " kohya-ss dataset config)"
+        )
+    if args.in_json is not None and (args.dataset_name is not None or args.dataset_config is not None):
+        raise UserError(
+            "--in_json lists the training images, in --train_data_dir or by their whole paths: drop"
+            f" {'--dataset_name' if args.dataset_name is not None else '--dataset_config'}"
         )
     if args.resolution <= 0 or args.resolution % 8 != 0:
         raise UserError(
@@ -1247,7 +1264,7 @@ def load_training_dataset(args):
     (None when not kept, see cache_crop_maker), each row's loss weight (None without --reg_data_dir), and the
     rows held out by --validation_split with their image sizes (or None).
     """
-    source = args.dataset_name or args.train_data_dir or args.dataset_config
+    source = args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config
     # A kohya-ss dataset config's folders (see sdtoolkit/dataset_config.py): read like caption-file folders.
     config_folders = None
     if args.dataset_config is not None:
@@ -1259,11 +1276,17 @@ def load_training_dataset(args):
             + (", ".join(describe_flag(flag, value) for flag, value in config_flags.items()) or "no flags")
             + " (over the command line's, as in sd-scripts)"
         )
-    caption_folder = config_folders is not None or (
-        os.path.isdir(source)
-        and not has_metadata_file(source)
-        and has_captioned_images(source, args.caption_extension)
-        and (args.dataset_name is None or args.train_data_dir is None)
+    # kohya-ss's fine-tuning metadata, a dataset config's folders and caption-file folders all give the columns
+    # image and text.
+    caption_folder = (
+        args.in_json is not None
+        or config_folders is not None
+        or (
+            os.path.isdir(source)
+            and not has_metadata_file(source)
+            and has_captioned_images(source, args.caption_extension)
+            and (args.dataset_name is None or args.train_data_dir is None)
+        )
     )
     # A folder of WebDataset shards (.tar), as img2dataset writes them (see sdtoolkit/data.py).
     shards = webdataset_shards(source) if not caption_folder else []
@@ -1277,7 +1300,16 @@ def load_training_dataset(args):
             " (datasets' Dataset.to_parquet keeps them under 100 MB; pyarrow: row_group_size=100)"
         )
     try:
-        if config_folders is not None:
+        if args.in_json is not None:
+            # Images captioned by kohya-ss's fine-tuning metadata file (see sdtoolkit/kohya_metadata.py).
+            train, notes = read_kohya_metadata(
+                args.in_json, args.train_data_dir, allow_missing_captions=args.allow_missing_captions
+            )
+            logger.info(notes[0])
+            for note in notes[1:]:
+                logger.warning(note)
+            dataset = {"train": train}
+        elif config_folders is not None:
             dataset = {"train": read_config_folders(args, [f for f in config_folders if not f.is_reg])}
         elif caption_folder:
             # Images with their captions in same-named text files (see sdtoolkit/caption_folders.py).
@@ -1743,7 +1775,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
     model, dataset = (
         args.pretrained_model_name_or_path,
-        args.dataset_name or args.train_data_dir or args.dataset_config,
+        args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config,
     )
     prompt = args.validation_prompts[0] if args.validation_prompts else "a cartoon creature"
     # Pushed to the hub, the card loads the repository; kept locally, the folder it is in.

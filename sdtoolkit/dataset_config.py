@@ -167,6 +167,12 @@ def read_dataset_config(path, *, caption_extension):
 
     config = tables(config, "the file", many=False)
     unknown = set(config) - {"general", "datasets"}
+    entries = [value for value in config.values() if isinstance(value, dict)]
+    if unknown and len(entries) == len(config) and any("caption" in e or "tags" in e for e in entries):
+        raise UserError(
+            f"--dataset_config {path} is kohya-ss's fine-tuning metadata (each image's caption), not a dataset config:"
+            " give it as --in_json, with the folder of its images as --train_data_dir"
+        )
     if unknown:
         raise UserError(
             f"--dataset_config {path} has [{sorted(unknown)[0]}]; sd-scripts reads [general] and [[datasets]]"

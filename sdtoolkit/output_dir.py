@@ -173,7 +173,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows, noise_sched
         "model": local_path_or_name(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "model_config": local_path_or_name(args.model_config),
-        "data": local_path_or_name(args.dataset_name or args.train_data_dir or args.dataset_config),
+        "data": local_path_or_name(args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config),
         # How its outputs are to be sampled (see sdtoolkit/inference.py's sample_as_trained).
         "vae": local_path_or_name(args.pretrained_vae_model_name_or_path),
         "prediction_type": noise_scheduler.config.prediction_type,
