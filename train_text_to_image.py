@@ -1473,20 +1473,28 @@ def load_training_dataset(args):
 
 def read_config_folders(args, folders):
     """A --dataset_config's folders (sdtoolkit/dataset_config.Folder) as one caption-file dataset (image, text,
-    repeats), in the file's order; a folder that is missing or holds no images is an error naming it."""
+    repeats), in the file's order; a folder that is missing or holds no images is an error naming it. A fine-tuning
+    subset's images are those its metadata_file lists."""
     parts = []
     for folder in folders:
-        if not os.path.isdir(folder.image_dir):
-            raise UserError(f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} is not a folder")
-        part, notes = read_caption_folder(
-            folder.image_dir, caption_extension=folder.caption_extension,
-            allow_missing_captions=args.allow_missing_captions, subset=folder,
-        )  # fmt: skip
-        if len(part) == 0:
-            raise UserError(
-                f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} holds no images (its"
-                " sub-folders' are not read, as in sd-scripts: give each its own subset)"
-            )
+        if folder.metadata_file is not None:
+            # A fine-tuning subset: its metadata file captions its images (see sdtoolkit/kohya_metadata.py).
+            part, notes = read_kohya_metadata(
+                folder.metadata_file, folder.image_dir, allow_missing_captions=args.allow_missing_captions,
+                repeats=folder.num_repeats, subset=folder.name,
+            )  # fmt: skip
+        else:
+            if not os.path.isdir(folder.image_dir):
+                raise UserError(f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} is not a folder")
+            part, notes = read_caption_folder(
+                folder.image_dir, caption_extension=folder.caption_extension,
+                allow_missing_captions=args.allow_missing_captions, subset=folder,
+            )  # fmt: skip
+            if len(part) == 0:
+                raise UserError(
+                    f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} holds no images (its"
+                    " sub-folders' are not read, as in sd-scripts: give each its own subset)"
+                )
         logger.info(notes[0])
         for note in notes[1:]:
             logger.warning(note)

@@ -20,8 +20,13 @@ read as sd-scripts reads it, so a kohya-ss user's file trains here as it is:
       image_dir = "reg/dragons"
       is_reg = true                  # regularization images (--reg_data_dir's, weighed by --prior_loss_weight)
 
+    [[datasets]]                     # a fine-tuning dataset: its subsets' captions come from a metadata file
+      [[datasets.subsets]]
+      metadata_file = "meta_cap.json"   # kohya-ss's fine-tuning metadata (see sdtoolkit/kohya_metadata.py)
+      image_dir = "img/others"          # where its relative keys are
+
 A value is looked up in the subset, then its dataset, then [general], as sd-scripts does. What is a folder's own
-(`FOLDER_KEYS`: image_dir, num_repeats, class_tokens, ...) may differ between subsets; every other option is one
+(`FOLDER_KEYS`: image_dir, metadata_file, num_repeats, class_tokens, ...) may differ between subsets; every other option is one
 of this script's flags (`FLAGS`) and must come out the same for every subset, since it holds for the whole run. sd-scripts' options this toolkit does not have are accepted at their sd-scripts default and refused at any
 other value, in one line, as is any key sd-scripts does not know either.
 
@@ -56,14 +61,16 @@ FLAGS = {
     "alpha_mask": ("masked_loss", None),
 }
 # A folder's own options (see Folder).
-FOLDER_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "is_reg", "caption_prefix",
-               "caption_suffix"}  # fmt: skip
+FOLDER_KEYS = {"image_dir", "metadata_file", "num_repeats", "class_tokens", "caption_extension", "is_reg",
+               "caption_prefix", "caption_suffix"}  # fmt: skip
+# What only the subsets of images with caption files (sd-scripts' DreamBooth subsets) take, not fine-tuning subsets.
+CAPTION_FILE_ONLY = {"class_tokens", "caption_extension", "is_reg", "cache_info"}
 # sd-scripts' options that this toolkit does not have, at the values that ask for nothing.
 NOT_DONE_HERE = {
     "color_aug": False, "face_crop_aug_range": None, "keep_tokens_separator": "", "secondary_separator": None,
     "caption_separator": ",", "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0,
     "custom_attributes": None, "caption_dropout_every_n_epochs": 0,
-    "network_multiplier": 1.0, "debug_dataset": False, "resize_interpolation": None, "metadata_file": None,
+    "network_multiplier": 1.0, "debug_dataset": False, "resize_interpolation": None,
     "conditioning_data_dir": None,
 }  # fmt: skip
 # A cache of image sizes for sd-scripts' start-up, and the seed of its held-out split (here the split is drawn from
@@ -76,7 +83,7 @@ SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioni
 TYPES = {"resolution": int, "batch_size": int, "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int,
          "keep_tokens": int, "num_repeats": int, "validation_split": float, "caption_dropout_rate": float,
          "caption_tag_dropout_rate": float, "image_dir": str, "class_tokens": str, "caption_extension": str,
-         "caption_prefix": str, "caption_suffix": str}  # fmt: skip
+         "caption_prefix": str, "caption_suffix": str, "metadata_file": str}  # fmt: skip
 BOOLEANS = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "alpha_mask", "is_reg"}
 
 
@@ -84,7 +91,8 @@ BOOLEANS = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug",
 class Folder:
     """One subset: a folder of images, how many times each counts per epoch, and how it is captioned."""
 
-    image_dir: str
+    image_dir: str | None  # None: a metadata file's images, named by their whole paths
+    metadata_file: str | None  # kohya-ss's fine-tuning metadata, which captions the images; None: caption files
     num_repeats: int
     class_tokens: str | None
     caption_extension: str
@@ -186,22 +194,42 @@ def read_dataset_config(path, *, caption_extension):
         subsets = tables(dataset.get("subsets", []), f"the subsets of [[datasets]] {d}", many=True)
         if not subsets:
             raise UserError(f"--dataset_config {path}: [[datasets]] {d} has no [[datasets.subsets]] (image folders)")
+        # A dataset is of fine-tuning subsets (each with a metadata_file) or of caption-file ones, as in sd-scripts.
+        fine_tuning = ["metadata_file" in subset for subset in subsets]
+        if any(fine_tuning) and not all(fine_tuning):
+            raise UserError(
+                f"--dataset_config {path}: [[datasets]] {d} mixes subsets with a metadata_file and subsets without;"
+                " as in sd-scripts, give each kind a [[datasets]] of its own"
+            )
+        refused = sorted(CAPTION_FILE_ONLY & set(dataset)) if all(fine_tuning) else []
+        if refused:
+            raise UserError(
+                f"--dataset_config {path}: [[datasets]] {d} sets {refused[0]}, which its fine-tuning subsets"
+                " (metadata_file) do not take, as in sd-scripts"
+            )
         for s, subset in enumerate(subsets, start=1):
             where = f"[[datasets.subsets]] {s} of [[datasets]] {d}"
             check_table(path, where, subset, "subset")
+            refused = sorted(CAPTION_FILE_ONLY & set(subset)) if "metadata_file" in subset else []
+            if refused:
+                raise UserError(
+                    f"--dataset_config {path}: {where} sets {refused[0]}, which a fine-tuning subset (metadata_file)"
+                    " does not take, as in sd-scripts"
+                )
             # Each value from the subset, else its dataset, else [general], as sd-scripts looks it up.
             values = {}
             for table in (general, dataset, subset):
                 values.update({k: check_value(path, where, k, v) for k, v in table.items() if k != "subsets"})
-            if values.get("image_dir") is None:
-                raise UserError(f"--dataset_config {path}: {where} has no image_dir")
+            if values.get("image_dir") is None and values.get("metadata_file") is None:
+                raise UserError(f"--dataset_config {path}: {where} has no image_dir (or metadata_file)")
             if values.get("num_repeats", 1) < 1:
                 raise UserError(
                     f"--dataset_config {path}: {where} sets num_repeats = {values['num_repeats']}; give 1 or more"
                 )
             folders.append(
                 Folder(
-                    image_dir=values["image_dir"],
+                    image_dir=values.get("image_dir"),
+                    metadata_file=values.get("metadata_file"),
                     num_repeats=values.get("num_repeats", 1),
                     class_tokens=values.get("class_tokens"),
                     caption_extension=values.get("caption_extension", caption_extension),

@@ -1,5 +1,5 @@
-"""kohya-ss's fine-tuning metadata (`--in_json`): one JSON file that captions a folder of images, as sd-scripts'
-fine_tune.py reads it, so a kohya-ss user's prepared data trains here as it is:
+"""kohya-ss's fine-tuning metadata (`--in_json`, or a dataset config's `metadata_file`): one JSON file that captions
+a folder of images, as sd-scripts' fine_tune.py reads it, so a kohya-ss user's prepared data trains here as it is:
 
     {
       "dragon1": {"caption": "a green dragon in the sky", "tags": "dragon, flying, watercolor"},
@@ -8,7 +8,8 @@ fine_tune.py reads it, so a kohya-ss user's prepared data trains here as it is:
 
 or the same as JSON lines, one image a line: {"image_path": "dragon1.png", "caption": "...", "tags": "..."}.
 
-A key is an image's path, absolute or relative to --train_data_dir, with its extension or without it
+A key is an image's path, absolute or relative to the images' folder (--train_data_dir, or the subset's image_dir),
+with its extension or without it
 (sd-scripts' merge_captions_to_metadata.py writes the file name without it, or the whole path with --full_path).
 An image's caption is its "caption", then its "tags" after a comma, as sd-scripts joins them with its default
 caption separator. Other fields (image_size, train_resolution) are sizes for sd-scripts' buckets: the images are
@@ -30,11 +31,11 @@ from sdtoolkit.errors import UserError
 CAPTION_SEPARATOR = ","  # sd-scripts' default --caption_separator, between an image's caption and its tags
 
 
-def read_metadata_file(path):
+def read_metadata_file(path, name):
     """{key: entry} of a metadata .json (an object of objects) or .jsonl (objects with an "image_path"), in the
-    file's order; UserError naming what is wrong with it."""
+    file's order; UserError naming what is wrong with it, the file called `name`."""
     if not os.path.isfile(path):
-        raise UserError(f"--in_json {path}: no such file")
+        raise UserError(f"{name}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             if path.lower().endswith(".jsonl"):
@@ -44,24 +45,24 @@ def read_metadata_file(path):
                         continue
                     entry = json.loads(line)
                     if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str):
-                        raise UserError(f"--in_json {path}, line {number}: each line must be an object with an"
+                        raise UserError(f"{name}, line {number}: each line must be an object with an"
                                         " \"image_path\"")  # fmt: skip
                     metadata[entry["image_path"]] = entry
             else:
                 metadata = json.load(f)
     except UnicodeDecodeError as err:
-        raise UserError(f"--in_json {path} is not UTF-8 text ({err.reason})") from err
+        raise UserError(f"{name} is not UTF-8 text ({err.reason})") from err
     except json.JSONDecodeError as err:
-        raise UserError(f"--in_json {path} is not valid JSON: {err}") from err
+        raise UserError(f"{name} is not valid JSON: {err}") from err
     if not isinstance(metadata, dict) or not all(isinstance(entry, dict) for entry in metadata.values()):
         raise UserError(
-            f"--in_json {path} must hold one object that maps each image's key to an object of its fields (caption,"
+            f"{name} must hold one object that maps each image's key to an object of its fields (caption,"
             " tags), as sd-scripts' merge_captions_to_metadata.py writes"
         )
     for key, entry in metadata.items():
         for field in ("caption", "tags"):
             if entry.get(field) is not None and not isinstance(entry[field], str):
-                raise UserError(f"--in_json {path}: the {field} of {key!r} must be text, got {entry[field]!r}")
+                raise UserError(f"{name}: the {field} of {key!r} must be text, got {entry[field]!r}")
     return metadata
 
 
@@ -98,13 +99,18 @@ class ImageFinder:
         return None if found is None else os.path.join(folder, found)
 
 
-def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False):
-    """The images and captions of the metadata file `path` as a Dataset (image, text, repeats of 1), and what to
-    tell the user, as read_caption_folder returns them. Relative keys are looked up in image_dir. An entry whose
-    image is not found is an error listing the first few; so is an empty caption, unless allow_missing_captions."""
-    metadata = read_metadata_file(path)
+def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False, repeats=1, subset=None):
+    """The images and captions of the metadata file `path` as a Dataset (image, text, repeats), and what to tell
+    the user, as read_caption_folder returns them. Relative keys are looked up in image_dir. An entry whose image is
+    not found is an error listing the first few; so is an empty caption, unless allow_missing_captions.
+
+    subset: where a --dataset_config names the file ("[[datasets.subsets]] 1 of [[datasets]] 1"), for messages;
+    None for --in_json."""
+    name = f"--in_json {path}" if subset is None else f"the metadata_file {path} of {subset}"
+    folder_option = "--train_data_dir" if subset is None else "the subset's image_dir"
+    metadata = read_metadata_file(path, name)
     if not metadata:
-        raise UserError(f"--in_json {path} lists no images")
+        raise UserError(f"{name} lists no images")
     finder = ImageFinder()
     rows, missing, empty, cached = [], [], [], []
     for key, entry in metadata.items():
@@ -129,8 +135,8 @@ def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False):
     if missing:
         if image_dir is None and any(not os.path.isabs(key) for key in missing):
             raise UserError(
-                f"--in_json {path} names its images by relative paths ({listed(missing)}): give the folder they are"
-                " in as --train_data_dir"
+                f"{name} names its images by relative paths ({listed(missing)}): give the folder they are in as"
+                f" {folder_option}"
             )
         latents = (
             f"; {len(cached)} have sd-scripts' cached latents (.npz) beside them, which are not read here: the"
@@ -139,23 +145,24 @@ def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False):
             else ""
         )
         raise UserError(
-            f"{len(missing)} of the {len(metadata)} images --in_json {path} lists are not found"
+            f"{len(missing)} of the {len(metadata)} images {name} lists are not found"
             f"{f' in {image_dir}' if image_dir else ''}: {listed(missing)}{latents}"
         )
     if empty and not allow_missing_captions:
         raise UserError(
-            f"{len(empty)} images of --in_json {path} have neither a caption nor tags: {listed(empty)} -- write"
+            f"{len(empty)} images of {name} have neither a caption nor tags: {listed(empty)} -- write"
             " their captions, or pass --allow_missing_captions to train those images with an empty caption"
         )
     with_tags = sum(1 for entry in metadata.values() if entry.get("tags"))
     notes = [
-        f"Read --in_json {path}: {len(rows)} images"
+        f"Read {name}: {len(rows)} images"
         + (f" in {image_dir}" if image_dir else "")
         + (f", {with_tags} with tags after their caption" if with_tags else "")
+        + (f", each {repeats} times per epoch" if repeats > 1 else "")
     ]
     if empty:
         notes.append(f"--allow_missing_captions: {len(empty)} images train with an empty caption")
     dataset = Dataset.from_dict(
-        {"image": [image for image, _ in rows], "text": [text for _, text in rows], "repeats": [1] * len(rows)}
+        {"image": [image for image, _ in rows], "text": [text for _, text in rows], "repeats": [repeats] * len(rows)}
     )
     return dataset.cast_column("image", ImageFeature()), notes

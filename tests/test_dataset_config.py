@@ -175,10 +175,21 @@ validation_split = 0.25
         ("[[datasets]\n", "is not valid TOML"),
         ("datasets = 1\n", "datasets must be an array of tables ([[...]]), as sd-scripts reads it"),
         ("[[datasets]]\nsubsets = [1]\n", "the subsets of [[datasets]] 1 must be an array of tables"),
+        ('[[datasets]]\n[[datasets.subsets]]\nmetadata_file = "m.json"\n[[datasets.subsets]]\nimage_dir = "a"\n',
+         "[[datasets]] 1 mixes subsets with a metadata_file and subsets without; as in sd-scripts, give each kind a"
+         " [[datasets]] of its own"),
+        ('[[datasets]]\n[[datasets.subsets]]\nmetadata_file = "m.json"\nclass_tokens = "sks"\n',
+         "[[datasets.subsets]] 1 of [[datasets]] 1 sets class_tokens, which a fine-tuning subset (metadata_file) does"
+         " not take"),
+        ('[[datasets]]\nis_reg = true\n[[datasets.subsets]]\nmetadata_file = "m.json"\n',
+         "[[datasets]] 1 sets is_reg, which only a [[datasets.subsets]] may set"),
+        ('[[datasets]]\ncaption_extension = ".txt"\n[[datasets.subsets]]\nmetadata_file = "m.json"\n',
+         "[[datasets]] 1 sets caption_extension, which its fine-tuning subsets (metadata_file) do not take"),
     ],
     ids=["set-in-one-subset", "two-resolutions", "unknown-key", "not-done-here", "not-square", "dataset-key-in-subset",
          "subset-key-in-general", "no-image-dir", "wrong-type", "not-a-bool", "only-reg", "no-subsets", "bad-toml",
-         "datasets-not-tables", "subsets-not-tables"],
+         "datasets-not-tables", "subsets-not-tables", "mixed-kinds", "class-tokens-fine-tuning",
+         "is-reg-in-dataset", "caption-extension-fine-tuning"],
 )  # fmt: skip
 def test_what_cannot_be_read_as_asked_is_one_line(tmp_path, text, message):
     with pytest.raises(UserError, match="^--dataset_config ") as error:

@@ -12,7 +12,7 @@ import torch
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.kohya_metadata import read_kohya_metadata
-from tests.conftest import SMALL, caption_folder, demo_image, train, train_sh, unet_weights
+from tests.conftest import SMALL, caption_folder, demo_image, train, train_args, train_sh, unet_weights
 
 CAPTIONS = [("a green creature", "round, small"), ("a red creature", ""), ("", "blue, tall"), ("a yellow one", None)]
 
@@ -122,6 +122,46 @@ def test_it_trains_bit_for_bit_as_the_same_captions_in_text_files(tiny_sd, tmp_p
     state = json.loads((tmp_path / "from-json" / "checkpoint-2" / "training_state.json").read_text())
     assert state["data"] == str(meta)
     assert "a local file `meta_cap.json`" in (tmp_path / "from-json" / "README.md").read_text()
+
+
+def test_a_dataset_configs_metadata_file_subset_trains_as_the_same_caption_files(tiny_sd, tmp_path):
+    # sd-scripts' fine-tuning subset (metadata_file, image_dir, num_repeats) beside a subset of caption files.
+    rows = [(f"{i:02d}.png", i, kohya_caption(*CAPTIONS[i % 4])) for i in range(4)]
+    folder = caption_folder(tmp_path / "captions", rows)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, _, _ in rows:
+        shutil.copy(folder / name, images / name)
+    meta = write_json(tmp_path / "meta_cap.json", {name[:2]: entry(*CAPTIONS[i % 4]) for name, i, _ in rows})
+    others = caption_folder(tmp_path / "others", [(f"{i}.png", i, f"another creature {i}") for i in range(4, 8)])
+    subset = {
+        "captions": f'image_dir = "{folder}"\nnum_repeats = 2',
+        "metadata": f'metadata_file = "{meta}"\nimage_dir = "{images}"\nnum_repeats = 2',
+    }
+    steps = ["--max_train_steps", "3", "--learning_rate", "1e-3"]
+    for name, first in subset.items():
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"[[datasets]]\n[[datasets.subsets]]\n{first}\n[[datasets]]\n[[datasets.subsets]]\n"
+                          f'image_dir = "{others}"\n')  # fmt: skip
+        train_text_to_image.main(
+            without_data_dir(train_args(tiny_sd, tmp_path / name, "--dataset_config", str(config), *steps))
+        )
+    a, b = unet_weights(tmp_path / "captions" / "unet"), unet_weights(tmp_path / "metadata" / "unet")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # A subset whose keys are relative needs its image_dir, named in the error.
+    config = tmp_path / "no-dir.toml"
+    config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nmetadata_file = "{meta}"\n')
+    with pytest.raises(UserError, match=r"the metadata_file .* of \[\[datasets.subsets\]\] 1 of \[\[datasets\]\] 1"
+                                        " names its images by relative paths .* give the folder they are in as the"
+                                        " subset's image_dir"):  # fmt: skip
+        train_text_to_image.main(
+            without_data_dir(train_args(tiny_sd, tmp_path / "x", "--dataset_config", str(config)))
+        )
+
+
+def without_data_dir(argv):
+    i = argv.index("--train_data_dir")
+    return argv[:i] + argv[i + 2 :]
 
 
 def test_train_sh_reads_it_from_the_users_folder(tiny_sd, tmp_path):
