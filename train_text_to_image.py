@@ -159,6 +159,7 @@ from sdtoolkit.losses import (
     debiased_weights,
     huber_thresholds,
     loss_per_element,
+    snr_scale,
 )
 from sdtoolkit.output_dir import (
     check_fresh_run,
@@ -813,9 +814,32 @@ def parse_args(argv=None):
         help="With --loss_type huber or smooth_l1, the threshold the schedule goes down to, above 0 (default 0.1).",
     )
     parser.add_argument(
+        "--huber_scale",
+        type=float,
+        default=None,
+        help="With --huber_schedule constant or exponential, multiply the threshold by this (default 1), as kohya-ss.",
+    )
+    parser.add_argument(
         "--debiased_estimation_loss",
         action="store_true",
         help="Weigh each example by 1/sqrt(SNR) of its timestep (arXiv 2310.08442), as kohya-ss's flag does.",
+    )
+    parser.add_argument(
+        "--scale_v_pred_loss_like_noise_pred",
+        action="store_true",
+        help=(
+            "With v-prediction, weigh each example's loss by SNR/(SNR+1), which makes it the loss of the noise the"
+            " prediction implies: the timesteps weigh as a noise-predicting model's do (kohya-ss's flag)."
+        ),
+    )
+    parser.add_argument(
+        "--v_pred_like_loss",
+        type=float,
+        default=None,
+        help=(
+            "With noise prediction, add this share of the loss in v that the prediction implies, which weighs the"
+            " noisy timesteps more (kohya-ss's flag, e.g. 0.1)."
+        ),
     )
     parser.add_argument(
         "--min_timestep",
@@ -958,6 +982,15 @@ def parse_args(argv=None):
         help="Give each example a noise offset of a random strength from 0 to --noise_offset.",
     )
     parser.add_argument(
+        "--adaptive_noise_scale",
+        type=float,
+        default=None,
+        help=(
+            "Add this times the absolute mean of each latent channel to its --noise_offset (kohya-ss's flag): more"
+            " offset for images far from mid-grey in a channel. Needs --noise_offset."
+        ),
+    )
+    parser.add_argument(
         "--ip_noise_gamma_random_strength",
         action="store_true",
         help="Give each example an input perturbation of a random strength from 0 to --input_perturbation.",
@@ -1096,11 +1129,27 @@ def parse_args(argv=None):
     for flag in ("huber_schedule", "huber_c"):
         if getattr(args, flag) is not None and not huber:
             raise UserError(f"--{flag} is for --loss_type huber or smooth_l1, not {args.loss_type}")
+    if args.huber_scale is not None and not huber:
+        raise UserError(f"--huber_scale is for --loss_type huber or smooth_l1, not {args.loss_type}")
     if huber:
         args.huber_schedule = args.huber_schedule or "snr"
         args.huber_c = 0.1 if args.huber_c is None else args.huber_c
         if not (math.isfinite(args.huber_c) and args.huber_c > 0):
             raise UserError(f"--huber_c must be a number above 0, got {args.huber_c}")
+        if args.huber_scale is not None and args.huber_schedule == "snr":
+            raise UserError(
+                "--huber_scale scales the constant and exponential schedules' threshold (as in kohya-ss), not the snr"
+                " schedule's: give --huber_schedule constant or exponential, or leave it out"
+            )
+        args.huber_scale = 1.0 if args.huber_scale is None else args.huber_scale
+        if not (math.isfinite(args.huber_scale) and args.huber_scale > 0):
+            raise UserError(f"--huber_scale must be a number above 0, got {args.huber_scale}")
+    if args.adaptive_noise_scale is not None and not args.noise_offset:
+        raise UserError("--adaptive_noise_scale adds to --noise_offset, which is not given")
+    if args.adaptive_noise_scale is not None and not math.isfinite(args.adaptive_noise_scale):
+        raise UserError(f"--adaptive_noise_scale must be a number, got {args.adaptive_noise_scale}")
+    if args.v_pred_like_loss is not None and not (math.isfinite(args.v_pred_like_loss) and args.v_pred_like_loss > 0):
+        raise UserError(f"--v_pred_like_loss must be a number above 0, got {args.v_pred_like_loss}")
     low, high = args.min_timestep or 0, args.max_timestep
     if low < 0 or (high is not None and high <= low):
         raise UserError(f"--min_timestep and --max_timestep must make a range: 0 <= min < max, got {low} and {high}")
@@ -1847,11 +1896,18 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     # The loss, when not upstream's (squared error over every timestep).
     loss = [args.loss_type]
     if args.loss_type in THRESHOLD_LOSSES:
-        loss[0] += f" ({args.huber_schedule} schedule, c {args.huber_c:g})"
+        scale = f", scale {args.huber_scale:g}" if args.huber_scale != 1 else ""
+        loss[0] += f" ({args.huber_schedule} schedule, c {args.huber_c:g}{scale})"
     if args.snr_gamma is not None:
         loss.append(f"Min-SNR weighting (gamma {args.snr_gamma:g})")
     if args.debiased_estimation_loss:
         loss.append("debiased estimation")
+    if args.scale_v_pred_loss_like_noise_pred:
+        loss.append("v-prediction loss weighed as noise prediction's")
+    if args.v_pred_like_loss:
+        loss.append(f"plus {args.v_pred_like_loss:g} of the v loss")
+    if args.adaptive_noise_scale is not None:
+        loss.append(f"noise offset {args.noise_offset:g} plus {args.adaptive_noise_scale:g} of the latents' mean")
     if args.min_timestep or args.max_timestep:
         below = f" below {args.max_timestep}" if args.max_timestep else ""
         loss.append(f"timesteps from {args.min_timestep or 0}{below}")
@@ -2162,6 +2218,16 @@ def fine_tune(args):
         raise UserError(
             "zero terminal SNR (--zero_terminal_snr, or a base model trained with it) needs --prediction_type"
             " v_prediction: at the last timestep the input is the noise itself, so predicting the noise learns nothing"
+        )
+    # kohya-ss's loss weights between the two objectives, each for the one it is not (see sdtoolkit/losses.py).
+    prediction_type = noise_scheduler.config.prediction_type
+    if args.scale_v_pred_loss_like_noise_pred and prediction_type != "v_prediction":
+        raise UserError(
+            f"--scale_v_pred_loss_like_noise_pred weighs a v-prediction loss, and this run predicts {prediction_type}"
+        )
+    if args.v_pred_like_loss and prediction_type != "epsilon":
+        raise UserError(
+            f"--v_pred_like_loss adds a v loss to noise prediction, and this run predicts {prediction_type}"
         )
     num_timesteps = noise_scheduler.config.num_train_timesteps
     if (args.max_timestep or 0) > num_timesteps or (args.min_timestep or 0) >= num_timesteps:
@@ -2763,7 +2829,14 @@ def fine_tune(args):
 
     saved_at_step = None
     # Upstream's loss is the squared error's mean over the batch; these options weigh it per element or example.
-    weighed = args.loss_type != "l2" or args.snr_gamma is not None or args.debiased_estimation_loss or args.masked_loss
+    weighed = (
+        args.loss_type != "l2"
+        or args.snr_gamma is not None
+        or args.debiased_estimation_loss
+        or args.masked_loss
+        or args.scale_v_pred_loss_like_noise_pred
+        or args.v_pred_like_loss
+    )
     on = dict(device=accelerator.device, dtype=torch.float32)
     loss_sum, micro_steps, last = torch.zeros((), **on), 0, time.perf_counter()
     stop = StopRequest()
@@ -2793,7 +2866,14 @@ def fine_tune(args):
                     noise = batch["noise"]
                     if args.noise_offset:
                         # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-                        noise = noise + args.noise_offset * batch["offset_noise"]
+                        offset = args.noise_offset
+                        if "offset_strength" in batch:  # --noise_offset_random_strength: a share of it per example
+                            offset = offset * batch["offset_strength"].view(-1, 1, 1, 1)
+                        if args.adaptive_noise_scale is not None:
+                            # kohya-ss's: more offset for a channel whose latents' mean is far from 0, [B, C, 1, 1]
+                            mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+                            offset = (offset + args.adaptive_noise_scale * mean).clamp(min=0)
+                        noise = noise + offset * batch["offset_noise"]
                     if args.input_perturbation:
                         # https://arxiv.org/abs/2301.11706
                         new_noise = noise + args.input_perturbation * batch["perturbation"]
@@ -2852,7 +2932,7 @@ def fine_tune(args):
                         thresholds = None
                         if args.loss_type in THRESHOLD_LOSSES:
                             thresholds = huber_thresholds(
-                                noise_scheduler, timesteps, args.huber_schedule, args.huber_c
+                                noise_scheduler, timesteps, args.huber_schedule, args.huber_c, args.huber_scale
                             )
                         loss = loss_per_element(model_pred.float(), target.float(), args.loss_type, thresholds)
                         if args.masked_loss:
@@ -2873,6 +2953,10 @@ def fine_tune(args):
                             elif noise_scheduler.config.prediction_type == "v_prediction":
                                 mse_loss_weights = mse_loss_weights / (snr + 1)
                             loss = loss * mse_loss_weights
+                        if args.scale_v_pred_loss_like_noise_pred:
+                            loss = loss * snr_scale(noise_scheduler, timesteps)
+                        if args.v_pred_like_loss:
+                            loss = loss + args.v_pred_like_loss * loss / snr_scale(noise_scheduler, timesteps)
                         if args.debiased_estimation_loss:
                             loss = loss * debiased_weights(noise_scheduler, timesteps)
                         if "loss_weight" in batch:

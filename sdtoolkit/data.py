@@ -398,7 +398,8 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     Each item holds `pixel_values` (3 x resolution x resolution, in [-1, 1]), `input_ids` (77 token ids),
     and the random draws the training step needs for it: `latent_noise` (to sample the VAE's latent
-    distribution), `noise`, `timestep`, and, when asked for, `offset_noise` and `perturbation`.
+    distribution), `noise`, `timestep`, and, when asked for, `offset_noise` (with `offset_strength`, its share of
+    --noise_offset, under --noise_offset_random_strength) and `perturbation`.
     Set `.epoch` before each epoch.
 
     repeats: how many examples each row makes per epoch (kohya's N_name folders, --dataset_repeats). Example i
@@ -570,8 +571,8 @@ class TrainingExamples(torch.utils.data.Dataset):
                 example["noise"], generator, iterations=self.multires_noise_iterations,
                 discount=self.multires_noise_discount,
             )  # fmt: skip
-        if self.noise_offset and self.noise_offset_random_strength:  # from 0 to --noise_offset
-            example["offset_noise"] = example["offset_noise"] * torch.rand(1, generator=generator)
+        if self.noise_offset and self.noise_offset_random_strength:  # from 0 to --noise_offset, applied in training
+            example["offset_strength"] = torch.rand(1, generator=generator)
         if self.input_perturbation and self.ip_noise_gamma_random_strength:  # from 0 to --input_perturbation
             example["perturbation"] = example["perturbation"] * torch.rand(1, generator=generator)
         if self.loss_weights is not None:

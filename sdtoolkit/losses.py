@@ -8,9 +8,14 @@ low noise, where the image's detail is learned, the loss stays close to squared;
 image is hard to tell from noise, it is robust. --debiased_estimation_loss weighs each example by 1/sqrt(SNR) (Yu et
 al., 2023, arXiv 2310.08442), against the low-noise timesteps' share of the loss.
 
+A v-prediction model's error in v is its error in the noise over sqrt(alpha_bar): weighing its loss by
+alpha_bar = SNR / (SNR + 1) gives the noise prediction's loss (--scale_v_pred_loss_like_noise_pred), and a noise
+prediction model's loss over that weight is the v loss it stands for, which --v_pred_like_loss adds in a share.
+
     loss_per_element(pred, target, loss_type, thresholds)   # [B, C, h, w]: l2, l1, huber or smooth_l1
     huber_thresholds(noise_scheduler, timesteps, schedule, c)   # [B]: each example's c
     debiased_weights(noise_scheduler, timesteps)                # [B]
+    snr_scale(noise_scheduler, timesteps)                       # [B]: SNR / (SNR + 1)
 """
 
 import math
@@ -25,15 +30,16 @@ HUBER_SCHEDULES = ("snr", "exponential", "constant")
 MAX_SNR = 1000  # timestep 0's SNR is nearly infinite; debiased estimation caps it, as kohya-ss does
 
 
-def huber_thresholds(noise_scheduler, timesteps, schedule, c):
+def huber_thresholds(noise_scheduler, timesteps, schedule, c, scale=1.0):
     """Each example's threshold, [B], from its timestep: "constant" c at every timestep; "exponential" from 1 at
     timestep 0 down to c at the last; "snr" (kohya-ss's default) (1 - c) / (1 + sigma)^2 + c, with sigma the
-    noise-to-signal ratio sqrt((1 - alpha_bar) / alpha_bar): nearly 1 at low noise, c at high noise."""
+    noise-to-signal ratio sqrt((1 - alpha_bar) / alpha_bar): nearly 1 at low noise, c at high noise. `scale`
+    (--huber_scale) multiplies the constant and exponential thresholds, as kohya-ss applies it."""
     timesteps = timesteps.float()
     if schedule == "constant":
-        return torch.full_like(timesteps, c)
+        return torch.full_like(timesteps, c * scale)
     if schedule == "exponential":
-        return torch.exp(math.log(c) * timesteps / noise_scheduler.config.num_train_timesteps)
+        return torch.exp(math.log(c) * timesteps / noise_scheduler.config.num_train_timesteps) * scale
     sigma = compute_snr(noise_scheduler, timesteps.long()) ** -0.5
     return (1 - c) / (1 + sigma) ** 2 + c
 
@@ -59,3 +65,10 @@ def debiased_weights(noise_scheduler, timesteps):
     if noise_scheduler.config.prediction_type == "v_prediction":
         return 1 / (snr + 1)
     return 1 / torch.sqrt(snr)
+
+
+def snr_scale(noise_scheduler, timesteps):
+    """Each example's SNR / (SNR + 1) (= alpha_bar), [B], the SNR capped at MAX_SNR as kohya-ss caps it: the weight
+    that turns a v-prediction loss into the noise prediction's."""
+    snr = compute_snr(noise_scheduler, timesteps).clamp(max=MAX_SNR)
+    return snr / (snr + 1)

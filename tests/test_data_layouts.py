@@ -282,9 +282,14 @@ def test_a_random_strength_scales_each_examples_draw_from_0_to_1(tokenizer, flag
     for i in range(8):
         assert torch.equal(fixed[i]["noise"], scaled[i]["noise"]) and torch.equal(fixed[i]["timestep"],
                                                                                   scaled[i]["timestep"])  # fmt: skip
-        ratio = scaled[i][key] / fixed[i][key]
-        torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))
-        factors.append(ratio.flatten()[0].item())
+        if key == "offset_noise":  # the same draw, and its strength beside it (training scales it, with
+            # --adaptive_noise_scale's share added)
+            assert torch.equal(scaled[i][key], fixed[i][key]) and "offset_strength" not in fixed[i]
+            factors.append(scaled[i]["offset_strength"].item())
+        else:
+            ratio = scaled[i][key] / fixed[i][key]
+            torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.flatten()[0].item()))
+            factors.append(ratio.flatten()[0].item())
     assert all(0 <= factor < 1 for factor in factors) and len(set(factors)) == 8
 
 

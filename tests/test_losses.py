@@ -1,5 +1,6 @@
-"""kohya-ss's loss and noise options: --loss_type (l1, huber, smooth_l1) with --huber_schedule and --huber_c,
---debiased_estimation_loss, --min_timestep/--max_timestep, and --multires_noise_iterations."""
+"""kohya-ss's loss and noise options: --loss_type (l1, huber, smooth_l1) with --huber_schedule, --huber_c and
+--huber_scale, --debiased_estimation_loss, --scale_v_pred_loss_like_noise_pred, --v_pred_like_loss,
+--min_timestep/--max_timestep, --multires_noise_iterations and --adaptive_noise_scale."""
 
 import math
 
@@ -70,8 +71,8 @@ def test_debiased_estimation_weighs_by_one_over_the_square_root_of_snr():
 
 @pytest.fixture
 def step_inputs(monkeypatch):
-    """The UNet's predictions and the noise and timesteps of every add_noise call, recorded."""
-    recorded = {"pred": [], "noise": [], "timesteps": []}
+    """The UNet's predictions and the latents, noise and timesteps of every add_noise call, recorded."""
+    recorded = {"pred": [], "latents": [], "noise": [], "timesteps": []}
     forward, add_noise = UNet2DConditionModel.forward, DDPMScheduler.add_noise
 
     def recorded_forward(self, *args, **kwargs):
@@ -80,6 +81,7 @@ def step_inputs(monkeypatch):
         return output
 
     def recorded_add_noise(self, samples, noise, timesteps):
+        recorded["latents"].append(samples.detach().clone())
         recorded["noise"].append(noise.detach().clone())
         recorded["timesteps"].append(timesteps.clone())
         return add_noise(self, samples, noise, timesteps)
@@ -89,16 +91,22 @@ def step_inputs(monkeypatch):
     return recorded
 
 
-def expected_loss(pred, noise, timesteps, flags):
+def expected_loss(pred, latents, noise, timesteps, flags):
     """The step's loss, computed here from kohya-ss's formulas, from what the step fed the UNet and got back."""
-    error = (pred.double() - noise.double()).flatten(1)  # epsilon prediction: the target is the noise
     alpha_bar = SCHEDULER.alphas_cumprod[timesteps].double()
+    target = noise.double()  # epsilon prediction: the target is the noise
+    if flags.get("--prediction_type") == "v_prediction":  # v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) latents
+        shape = (-1, 1, 1, 1)
+        target = alpha_bar.sqrt().view(shape) * target - (1 - alpha_bar).sqrt().view(shape) * latents.double()
+    error = (pred.double() - target).flatten(1)
     sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
     c = torch.full_like(alpha_bar, float(flags.get("--huber_c", 0.1)))
     if flags.get("--huber_schedule", "snr") == "snr":
         c = (1 - c) / (1 + sigma) ** 2 + c
     elif flags["--huber_schedule"] == "exponential":
-        c = c ** (timesteps.double() / 1000)
+        c = c ** (timesteps.double() / 1000) * float(flags.get("--huber_scale", 1))
+    else:
+        c = c * float(flags.get("--huber_scale", 1))
     c = c[:, None]
     loss = {
         "l2": error**2,
@@ -106,8 +114,13 @@ def expected_loss(pred, noise, timesteps, flags):
         "huber": 2 * c * ((error**2 + c**2).sqrt() - c),
         "smooth_l1": 2 * ((error**2 + c**2).sqrt() - c),
     }[flags.get("--loss_type", "l2")].mean(dim=1)
+    snr = (1 / sigma**2).clamp(max=1000)
+    if "--scale_v_pred_loss_like_noise_pred" in flags:
+        loss = loss * snr / (snr + 1)
+    if "--v_pred_like_loss" in flags:
+        loss = loss + float(flags["--v_pred_like_loss"]) * loss / (snr / (snr + 1))
     if "--debiased_estimation_loss" in flags:
-        loss = loss / (1 / sigma**2).clamp(max=1000).sqrt()
+        loss = loss / snr.sqrt()
     return loss.mean().item()
 
 
@@ -124,8 +137,22 @@ def expected_loss(pred, noise, timesteps, flags):
         },
         {"--loss_type": "l1"},
         {"--debiased_estimation_loss": ""},
+        {"--loss_type": "smooth_l1", "--huber_schedule": "exponential", "--huber_c": "0.3", "--huber_scale": "2"},
+        {"--loss_type": "huber", "--huber_schedule": "constant", "--huber_scale": "0.5"},
+        {"--prediction_type": "v_prediction", "--scale_v_pred_loss_like_noise_pred": ""},
+        {"--v_pred_like_loss": "0.1"},
     ],
-    ids=["huber-snr", "smooth-l1-exponential", "huber-constant-debiased", "l1", "l2-debiased"],
+    ids=[
+        "huber-snr",
+        "smooth-l1-exponential",
+        "huber-constant-debiased",
+        "l1",
+        "l2-debiased",
+        "smooth-l1-exponential-scaled",
+        "huber-constant-scaled",
+        "v-scaled-like-noise",
+        "plus-v-like-loss",
+    ],
 )
 def test_the_training_step_takes_the_loss_it_is_asked_for(tiny_sd, tmp_path, step_inputs, flags):
     # The logged loss of the first step is the loss of the UNet's predictions against the step's noise, computed
@@ -133,10 +160,13 @@ def test_the_training_step_takes_the_loss_it_is_asked_for(tiny_sd, tmp_path, ste
     argv = [item for flag, value in flags.items() for item in (flag, value) if item]
     train(tiny_sd, tmp_path, "--max_train_steps", "1", "--train_batch_size", "4", "--center_crop", *argv)
     pred, noise, timesteps = step_inputs["pred"][0], step_inputs["noise"][0], step_inputs["timesteps"][0]
+    latents = step_inputs["latents"][0]
     assert len(set(timesteps.tolist())) == 4
     (_, logged), *_ = logged_losses(tmp_path)
-    assert logged == pytest.approx(expected_loss(pred, noise, timesteps, flags), rel=1e-5)
-    assert logged != pytest.approx(expected_loss(pred, noise, timesteps, {}), rel=1e-3)  # not the squared error
+    assert logged == pytest.approx(expected_loss(pred, latents, noise, timesteps, flags), rel=1e-5)
+    # Not the loss without the option (the squared error, or the v-prediction's without its weight).
+    without = {key: value for key, value in flags.items() if key == "--prediction_type"}
+    assert logged != pytest.approx(expected_loss(pred, latents, noise, timesteps, without), rel=1e-3)
     card = (tmp_path / "README.md").read_text()
     assert "* Loss and noise: " in card
 
@@ -159,6 +189,14 @@ def test_timesteps_are_drawn_from_the_range_asked_for(tiny_sd, tmp_path, step_in
         (["--min_timestep", "-1"], "must make a range: 0 <= min < max, got -1 and None"),
         (["--multires_noise_discount", "0.3"], "--multires_noise_discount is for --multires_noise_iterations N"),
         (["--multires_noise_iterations", "6", "--multires_noise_discount", "0"], "must be above 0 and at most 1"),
+        (["--huber_scale", "2"], "--huber_scale is for --loss_type huber or smooth_l1, not l2"),
+        (
+            ["--loss_type", "huber", "--huber_scale", "2"],
+            "--huber_scale scales the constant and exponential schedules' threshold (as in kohya-ss), not the snr",
+        ),
+        (["--loss_type", "huber", "--huber_schedule", "constant", "--huber_scale", "0"], "must be a number above 0"),
+        (["--adaptive_noise_scale", "0.1"], "--adaptive_noise_scale adds to --noise_offset, which is not given"),
+        (["--v_pred_like_loss", "0"], "--v_pred_like_loss must be a number above 0, got 0.0"),
     ],
 )
 def test_loss_flags_that_mean_nothing_or_make_no_range_are_one_line(argv, message):
@@ -166,6 +204,42 @@ def test_loss_flags_that_mean_nothing_or_make_no_range_are_one_line(argv, messag
         train_text_to_image.parse_args(
             ["--pretrained_model_name_or_path", "x", "--train_data_dir", str(DEMO_DATA), *argv]
         )
+
+
+def test_the_loss_weights_between_objectives_are_refused_on_the_other_one(tiny_sd, tmp_path):
+    with pytest.raises(UserError, match="--scale_v_pred_loss_like_noise_pred weighs a v-prediction loss, and this run"
+                                        " predicts epsilon"):  # fmt: skip
+        train(tiny_sd, tmp_path / "a", "--max_train_steps", "1", "--scale_v_pred_loss_like_noise_pred")
+    with pytest.raises(UserError, match="--v_pred_like_loss adds a v loss to noise prediction, and this run predicts"
+                                        " v_prediction"):  # fmt: skip
+        train(tiny_sd, tmp_path / "b", "--max_train_steps", "1", "--v_pred_like_loss", "0.1", "--prediction_type",
+              "v_prediction")  # fmt: skip
+
+
+def test_adaptive_noise_scale_adds_the_latents_channel_means_to_the_offset(tiny_sd, tmp_path, step_inputs):
+    # kohya-ss: the offset of channel c of an example is --noise_offset + scale * |mean of its latents in c|,
+    # floored at 0, times the same offset draw.
+    runs = {"none": [], "offset": ["--noise_offset", "0.1"],
+            "adaptive": ["--noise_offset", "0.1", "--adaptive_noise_scale", "0.5"],
+            "floored": ["--noise_offset", "0.1", "--adaptive_noise_scale", "-1000"],
+            "random": ["--noise_offset", "0.1", "--noise_offset_random_strength"]}  # fmt: skip
+    noise, latents = {}, {}
+    for name, flags in runs.items():
+        train(tiny_sd, tmp_path / name, "--max_train_steps", "1", "--train_batch_size", "4", "--center_crop", *flags)
+        noise[name], latents[name] = step_inputs["noise"][-1].double(), step_inputs["latents"][-1].double()
+    assert all(torch.equal(latents[name], latents["none"]) for name in runs)
+    offset_draw = (noise["offset"] - noise["none"]) / 0.1  # [B, C, 1, 1]: one draw per example and channel
+    assert torch.allclose(offset_draw, offset_draw[:, :, :1, :1].expand_as(offset_draw), atol=1e-5)
+    mean = latents["none"].mean(dim=(2, 3), keepdim=True).abs()
+    assert mean.min() > 0.01  # the adaptive part is not negligible
+    torch.testing.assert_close(noise["adaptive"] - noise["none"], (0.1 + 0.5 * mean) * offset_draw, atol=1e-5, rtol=0)
+    torch.testing.assert_close(noise["floored"], noise["none"], atol=1e-6, rtol=0)
+    # --noise_offset_random_strength: each example's offset a share of --noise_offset, the same in every channel.
+    share = (noise["random"] - noise["none"]) / (noise["offset"] - noise["none"])
+    per_example = share.flatten(1).median(dim=1).values
+    torch.testing.assert_close(share, per_example.view(-1, 1, 1, 1).expand_as(share), atol=1e-3, rtol=1e-3)
+    assert all(0 <= value < 1 for value in per_example.tolist()) and len(set(per_example.tolist())) == 4
+    assert "noise offset 0.1 plus 0.5 of the latents' mean" in (tmp_path / "adaptive" / "README.md").read_text()
 
 
 def test_timesteps_past_the_schedule_are_one_line(tiny_sd, tmp_path):
