@@ -224,6 +224,16 @@ KNOWN_ELSEWHERE = {
     "--full_fp16": "not here: --mixed_precision fp16 keeps float32 weights (--use_8bit_adam, --offload_ema save memory)",
     "--full_bf16": "not here: --mixed_precision bf16 keeps float32 weights (--use_8bit_adam, --offload_ema save memory)",
     "--cache_text_encoder_outputs": "what --cache_latents does here: captions are encoded once with the images",
+    "--caption_extention": "--caption_extension here",
+    "--log_with": "--report_to here",
+    "--log_tracker_name": "--tracker_project_name here",
+    "--learning_rate_te": "--text_encoder_lr here",
+    "--optimizer_args": (
+        "not here: each is a flag of its own (--adam_weight_decay, --adam_beta1, --adam_beta2, --adam_epsilon,"
+        " --prodigy_decouple, ...)"
+    ),
+    "--validate_every_n_steps": "not here: the held-out loss of --validation_split is measured at every checkpoint",
+    "--validation_seed": "not needed here: --validation_split holds out images chosen by their contents",
 }
 
 
