@@ -104,7 +104,7 @@ from sdtoolkit.data import (
 from sdtoolkit.dataset_config import describe_flag, read_dataset_config
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
-from sdtoolkit.export import check_sd1, export_single_file, single_file_name, training_metadata
+from sdtoolkit.export import check_sd1, export_single_file, ldm_config_path, single_file_name, training_metadata
 from sdtoolkit.held_out import TIMESTEPS as HELD_OUT_TIMESTEPS
 from sdtoolkit.held_out import HeldOutLoss, compare, split_held_out
 from sdtoolkit.inference import (
@@ -3090,6 +3090,8 @@ def fine_tune(args):
             export_single_file(args.output_dir, single_file, training=facts)
             merged = ", the LoRA merged into its base model" if args.lora_rank else ""
             logger.info(f"Exported it as one file (float16, SD 1.x keys{merged}) to {single_file}")
+            if os.path.isfile(ldm_config_path(single_file)):
+                logger.info(f"... and {ldm_config_path(single_file)}, which tells AUTOMATIC1111 that it predicts v")
 
         # Run a final round of inference.
         images = []

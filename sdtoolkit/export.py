@@ -13,6 +13,10 @@ original layout (input_blocks, middle_block, output_blocks), where diffusers nes
 and a few layers have other names. The VAE's attention projections are 1x1 convolutions there, linear layers
 here. Nothing is written until every tensor has a place, and the file is written under a temporary name and
 renamed, so a failed export leaves no half-written file.
+
+A v-prediction model gets a second file beside it, `<name>.yaml`: the original code's config with
+`parameterization: "v"`, which AUTOMATIC1111 (and the web UIs built on it) read beside a checkpoint of the same
+name. Without it they take any SD 1.x file for a noise-predicting one, and its images come out as noise.
 """
 
 import argparse
@@ -20,6 +24,7 @@ import json
 import os
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -222,6 +227,118 @@ def sources(path, ema):
     return weights, configs, state
 
 
+LDM_CONFIG_HEADER = (
+    "# The original training code's config of a v-prediction SD 1.x model; written by sdtoolkit.export\n"
+)
+
+
+def ldm_config(unet, vae, scheduler):
+    """The config the original code (CompVis's ldm, which AUTOMATIC1111 runs) builds a v-predicting SD 1.x model
+    from, as its v1-inference.yaml is laid out, with the sizes of these diffusers configs (UNet, VAE, scheduler)."""
+    base, ch = unet["block_out_channels"][0], vae["block_out_channels"][0]
+    heads = unet["attention_head_dim"]  # SD 1.x's diffusers configs give the number of heads under this name
+    return {
+        "model": {
+            "base_learning_rate": 1.0e-04,
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "parameterization": "v",
+                "linear_start": scheduler.get("beta_start", 0.00085),
+                "linear_end": scheduler.get("beta_end", 0.012),
+                "num_timesteps_cond": 1,
+                "log_every_t": 200,
+                "timesteps": scheduler.get("num_train_timesteps", 1000),
+                "first_stage_key": "jpg",
+                "cond_stage_key": "txt",
+                "image_size": unet["sample_size"],
+                "channels": unet["in_channels"],
+                "cond_stage_trainable": False,
+                "conditioning_key": "crossattn",
+                "monitor": "val/loss_simple_ema",
+                "scale_factor": vae.get("scaling_factor", 0.18215),
+                "use_ema": False,
+                "unet_config": {
+                    "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                    "params": {
+                        "image_size": 32,  # unused
+                        "in_channels": unet["in_channels"],
+                        "out_channels": unet["out_channels"],
+                        "model_channels": base,
+                        # The downsampling factors whose blocks have attention: [4, 2, 1] for SD 1.x.
+                        "attention_resolutions": [
+                            2**i
+                            for i, kind in reversed(list(enumerate(unet["down_block_types"])))
+                            if "CrossAttn" in kind
+                        ],
+                        "num_res_blocks": unet["layers_per_block"],
+                        "channel_mult": [channels // base for channels in unet["block_out_channels"]],
+                        "num_heads": heads if isinstance(heads, int) else heads[0],
+                        "use_spatial_transformer": True,
+                        "transformer_depth": 1,
+                        "context_dim": unet["cross_attention_dim"],
+                        "use_checkpoint": False,
+                        "legacy": False,
+                    },
+                },
+                "first_stage_config": {
+                    "target": "ldm.models.autoencoder.AutoencoderKL",
+                    "params": {
+                        "embed_dim": vae["latent_channels"],
+                        "monitor": "val/rec_loss",
+                        "ddconfig": {
+                            "double_z": True,
+                            "z_channels": vae["latent_channels"],
+                            "resolution": 256,
+                            "in_channels": vae["in_channels"],
+                            "out_ch": vae["out_channels"],
+                            "ch": ch,
+                            "ch_mult": [channels // ch for channels in vae["block_out_channels"]],
+                            "num_res_blocks": vae["layers_per_block"],
+                            "attn_resolutions": [],
+                            "dropout": 0.0,
+                        },
+                        "lossconfig": {"target": "torch.nn.Identity"},
+                    },
+                },
+                "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+            },
+        }
+    }
+
+
+def ldm_config_path(out):
+    """The .yaml beside the exported file `out`, which AUTOMATIC1111 reads with it."""
+    return os.path.splitext(out)[0] + ".yaml"
+
+
+def written_ldm_config(path):
+    """Whether the file at `path` is a .yaml an export wrote (see write_ldm_config)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline() == LDM_CONFIG_HEADER
+
+
+def write_ldm_config(out, config):
+    """Write `config` (see ldm_config) as the .yaml beside the exported file `out`, under a temporary name first; with
+    config None, remove a .yaml that an earlier export of a v-prediction model left there."""
+    path = ldm_config_path(out)
+    if config is None:
+        if written_ldm_config(path):  # it would make the web UI sample this model as v-prediction
+            os.remove(path)
+        return
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(LDM_CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False))
+        os.replace(partial, path)
+    except OSError as err:
+        raise UserError(f"could not write {path}: {err.strerror or err}") from err
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def single_file_name(output_dir):
     """The file --export_single_file writes in a training run's output_dir: named after the folder."""
     return os.path.basename(os.path.abspath(output_dir)) + ".safetensors"
@@ -279,6 +396,7 @@ def export_single_file(path, out, *, half=True, ema=None, training=None):
     training: facts of the run for the file's metadata (model, data, global_step, seed, resolution, ...), over
     those of the newest checkpoint's training_state.json.
     """
+    scheduler = {}  # a pipeline folder's scheduler config, for the betas of a v-prediction model's .yaml
     merged = lora_merged(path)
     if merged is not None:
         if ema is not None:
@@ -316,15 +434,19 @@ def export_single_file(path, out, *, half=True, ema=None, training=None):
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = training_metadata(state, training)
     partial = f"{out}.partial-{os.getpid()}"
     try:
-        save_file(tensors, partial, metadata=training_metadata(state, training))
+        save_file(tensors, partial, metadata=metadata)
         os.replace(partial, out)
     except OSError as err:
         raise UserError(f"could not write {out}: {err.strerror or err}") from err
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+    # A v-prediction model's config beside it, for AUTOMATIC1111 (see the module's docstring).
+    v_prediction = metadata.get("modelspec.prediction_type") == "v"
+    write_ldm_config(out, ldm_config(configs[0], configs[1], scheduler) if v_prediction else None)
     return len(tensors)
 
 
@@ -358,6 +480,8 @@ def main(argv=None):
     count = export_single_file(args.path, args.out, half=args.half, ema=args.ema)
     size = os.path.getsize(args.out) / 1024**2
     print(f"Wrote {args.out}: {count} tensors, {size:.1f} MB, {'float16' if args.half else 'float32'}")
+    if os.path.isfile(ldm_config_path(args.out)):
+        print(f"Wrote {ldm_config_path(args.out)} beside it: the model predicts v, which AUTOMATIC1111 reads there")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 
 from sdtoolkit.checkpoints import checkpoint_dirs
 from sdtoolkit.errors import UserError, first_line
-from sdtoolkit.export import single_file_name
+from sdtoolkit.export import ldm_config_path, single_file_name, written_ldm_config
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, has_lora_weights
 
 LOCK_FILE = ".lock"
@@ -147,6 +147,9 @@ def clear_earlier_run(output_dir, *, logging_dir):
         names += components + ["model_index.json"]
     names += ["validation", "val_imgs_grid.png", "README.md", logging_dir, single_file_name(output_dir),
               WEIGHTS_NAME, KOHYA_WEIGHTS_NAME]  # fmt: skip
+    ldm_config = ldm_config_path(single_file_name(output_dir))  # a v-prediction export's, when the export wrote it
+    if written_ldm_config(os.path.join(output_dir, ldm_config)):
+        names.append(ldm_config)
     deleted = []
     for name in names:
         path = os.path.join(output_dir, name)

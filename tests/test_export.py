@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from gradio_client import Client
 from PIL import Image
@@ -18,7 +19,9 @@ from safetensors import safe_open
 import gradio_app
 import metrics
 from sdtoolkit.errors import UserError
-from sdtoolkit.export import export_single_file
+from sdtoolkit.export import export_single_file, ldm_config
+from sdtoolkit.export import main as export_main
+from sdtoolkit.fixtures import PRESETS, sd_scheduler
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 from tests.conftest import REPO, generated_image, train, unet_weights
@@ -221,3 +224,39 @@ def test_the_demo_serves_a_single_file_found_in_its_pipeline_folder(tiny_sd, tmp
         assert Image.open(gallery[0]["image"]).size == (64, 64)
     finally:
         app.close()
+
+
+def test_a_v_prediction_export_brings_the_config_automatic1111_reads_beside_it(sd1_layout, tmp_path, capsys):
+    # SD v1-4's architecture gives the values of the original code's v1-inference.yaml (CompVis's, which
+    # AUTOMATIC1111 ships), with parameterization "v".
+    sd14 = PRESETS["sd-v1-4"]
+    params = ldm_config(sd14["unet"], sd14["vae"], dict(sd_scheduler().config))["model"]["params"]
+    unet, vae = params["unet_config"]["params"], params["first_stage_config"]["params"]
+    assert params["parameterization"] == "v" and params["timesteps"] == 1000 and params["scale_factor"] == 0.18215
+    assert (params["linear_start"], params["linear_end"], params["image_size"], params["channels"]) == (
+        0.00085, 0.012, 64, 4)  # fmt: skip
+    assert unet == {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+                    "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+                    "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768,
+                    "use_checkpoint": False, "legacy": False}  # fmt: skip
+    assert vae["embed_dim"] == 4 and vae["ddconfig"] == {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+
+    # A v-prediction pipeline's export writes it beside the file, with the model's own sizes.
+    v_model = tmp_path / "v-model"
+    shutil.copytree(sd1_layout, v_model)
+    config_path = v_model / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "v_prediction"}))
+    out = tmp_path / "exported.safetensors"
+    export_main([str(v_model), str(out)])
+    assert f"Wrote {tmp_path / 'exported.yaml'} beside it: the model predicts v" in capsys.readouterr().out
+    written = yaml.safe_load((tmp_path / "exported.yaml").read_text())["model"]["params"]
+    assert written["parameterization"] == "v"
+    assert written["unet_config"]["params"]["channel_mult"] == [1, 1, 2, 2]  # sd1_layout's 32, 32, 64, 64 channels
+    # An epsilon model exported to the same name takes away the .yaml an earlier export wrote; a user's own stays.
+    export_single_file(str(sd1_layout), str(out), half=False)
+    assert not (tmp_path / "exported.yaml").exists()
+    (tmp_path / "exported.yaml").write_text("model: {}\n")
+    export_single_file(str(sd1_layout), str(out), half=False)
+    assert (tmp_path / "exported.yaml").read_text() == "model: {}\n"

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import ImageOps
 from safetensors import safe_open
@@ -94,6 +95,8 @@ def test_a_v_prediction_run_is_sampled_as_v_prediction_wherever_it_loads(tiny_sd
     with safe_open(str(out / "full.safetensors"), "pt") as f:
         header = f.metadata()
     assert header["modelspec.prediction_type"] == "v" and header["sdtoolkit.prediction_type"] == "v_prediction"
+    # Beside it, the config AUTOMATIC1111 reads to sample it as v-prediction (tests/test_export.py checks it).
+    assert yaml.safe_load((out / "full.yaml").read_text())["model"]["params"]["parameterization"] == "v"
     for path, kwargs in ((out, {}), (out / "checkpoint-2", {}), (out / "full.safetensors", {"config": str(tiny_sd)}),
                          (lora, {}), (lora / KOHYA_WEIGHTS_NAME, {}), (lora / "checkpoint-2", {})):  # fmt: skip
         pipeline = load_pipeline(str(path), CPU, torch.float32, **kwargs)
@@ -110,6 +113,9 @@ def test_a_v_prediction_run_is_sampled_as_v_prediction_wherever_it_loads(tiny_sd
     save_file(tensors, tmp_path / "theirs.safetensors", metadata={"modelspec.prediction_type": "v"})
     pipeline = load_pipeline(str(tmp_path / "theirs.safetensors"), CPU, torch.float32, config=str(tiny_sd))
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    # A new run into the same folder deletes the export's .yaml with the rest of the earlier run.
+    train(tiny_sd, out, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert not (out / "full.safetensors").exists() and not (out / "full.yaml").exists()
     # A run with the base's own prediction type loads as it did.
     train(tiny_sd, tmp_path / "epsilon", "--max_train_steps", "1", "--checkpointing_steps", "1")
     for path in (tmp_path / "epsilon", tmp_path / "epsilon" / "checkpoint-1"):
