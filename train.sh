@@ -15,6 +15,8 @@
 # or a kohya-ss dataset config (.toml or .json, or --dataset_config FILE), whose values win over the recipe's.
 # kohya-ss's fine-tuning metadata goes in the arguments instead: bash train.sh --in_json meta_cap.json
 # --train_data_dir my-images.
+# A kohya-ss style --config_file run.toml (this script's flags, one `flag = value` a line) replaces the recipe:
+# bash train.sh --config_file run.toml runs the file's flags alone (flags after it still win).
 # lambdalabs/pokemon-blip-captions was taken down from the hub in 2024; lambdalabs/naruto-blip-captions has
 # the same columns.
 set -euo pipefail
@@ -32,6 +34,18 @@ done
 
 # The toolkit's folder, for its script and its package; the current folder stays the user's.
 TOOLKIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# A --config_file holds the whole run's flags: it takes the place of the recipe below (and of MODEL_NAME,
+# DATASET_NAME and OUTPUT_DIR), which as command-line flags would win over it.
+for arg in "$@"; do
+  case "$arg" in
+    --config_file | --config_file=*)
+      # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
+      exec env PYTHONPATH="$TOOLKIT${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m sdtoolkit.launch \
+        ${LAUNCH_ARGS:-} "$TOOLKIT/train_text_to_image.py" "$@"
+      ;;
+  esac
+done
 
 # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
 PYTHONPATH="$TOOLKIT${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m sdtoolkit.launch ${LAUNCH_ARGS:-} \

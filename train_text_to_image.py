@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -79,6 +80,7 @@ from sdtoolkit.clip_windows import (
     token_mask,
     unsupported_syntax,
 )
+from sdtoolkit.config_file import config_argv, write_config
 from sdtoolkit.data import (
     TrainingExamples,
     affix_caption,
@@ -1036,6 +1038,21 @@ def parse_args(argv=None):
             " kohya-ss's --sample_every_n_steps): for data sets whose epochs are long."
         ),
     )
+    # kohya-ss's config files (not upstream): see sdtoolkit/config_file.py.
+    parser.add_argument(
+        "--config_file",
+        type=str,
+        default=None,
+        help=(
+            "A TOML file of this script's flags, `flag = value` a line (kohya-ss's flag); the command line's flags"
+            " win over it. With --output_config, the file to write."
+        ),
+    )
+    parser.add_argument(
+        "--output_config",
+        action="store_true",
+        help="Write the flags given (those not at their defaults) to --config_file, and stop (kohya-ss's flag).",
+    )
     parser.add_argument(
         "--tracker_project_name",
         type=str,
@@ -1046,7 +1063,21 @@ def parse_args(argv=None):
         ),
     )
 
+    # kohya-ss's --config_file: the file's flags go before the command line's, which win (see
+    # sdtoolkit/config_file.py). With --output_config, the command line's flags are written to it instead.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--config_file")
+    peek.add_argument("--output_config", action="store_true")
+    given, _ = peek.parse_known_args(argv)
+    if given.config_file is not None and not given.output_config:
+        argv = config_argv(given.config_file, parser, KNOWN_ELSEWHERE) + argv
     args = parser.parse_args(argv)
+    if args.output_config:
+        if args.config_file is None:
+            raise UserError("--output_config writes the flags to --config_file FILE, which is not given")
+        print(f"Wrote the flags to {write_config(args.config_file, parser, args)}")
+        raise SystemExit(0)
     # A kohya-ss dataset config names the data and sets data flags, over the command line's as in sd-scripts
     # (see sdtoolkit/dataset_config.py; the log lists them).
     if args.dataset_config is not None:
