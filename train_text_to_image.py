@@ -218,7 +218,6 @@ KNOWN_ELSEWHERE = {
     "--output_name": "the name of the --output_dir folder here, which names the exported file and the LoRA",
     "--flip_aug": "--random_flip here",
     "--random_crop": "what training does without --center_crop here",
-    "--save_every_n_epochs": "not here: --checkpointing_steps N saves every N optimizer steps",
     "--save_state": "what every --checkpointing_steps checkpoint holds here (resume it with --resume_from_checkpoint)",
     "--save_last_n_steps": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
     "--sdpa": "the default here (PyTorch's SDPA attention); --enable_xformers_memory_efficient_attention for xformers",
@@ -958,6 +957,15 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
+        "--save_every_n_epochs",
+        type=int,
+        default=None,
+        help=(
+            "Also save a checkpoint at the end of every N-th epoch (not upstream; kohya-ss's flag). The last epoch's"
+            " is the final save."
+        ),
+    )
+    parser.add_argument(
         "--checkpoints_total_limit",
         type=int,
         default=None,
@@ -1108,7 +1116,8 @@ def parse_args(argv=None):
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("checkpoints_total_limit", "max_train_steps", "max_train_samples", "validation_steps"):
+    for flag in ("checkpoints_total_limit", "max_train_steps", "max_train_samples", "validation_steps",
+                 "save_every_n_epochs"):  # fmt: skip
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.lr_num_cycles < 1:
@@ -3075,6 +3084,18 @@ def fine_tune(args):
                 and epoch % args.validation_epochs == 0
             ):
                 validate()
+            # A checkpoint at the end of every N-th epoch (kohya-ss's --save_every_n_epochs).
+            if (
+                args.save_every_n_epochs
+                and (epoch + 1) % args.save_every_n_epochs == 0
+                and global_step < args.max_train_steps  # the last epoch's is the final save
+                and saved_at_step != global_step  # a step's checkpoint has just saved this one
+            ):
+                if held_out is not None:
+                    measure_held_out()
+                save_path = checkpoint(epoch)
+                saved_at_step = global_step
+                logger.info(f"Saved state to {save_path} at the end of epoch {epoch + 1}")
     finally:
         progress_bar.close()  # ends the bar's line, so a message after it starts on its own
         stop.uninstall()

@@ -215,9 +215,10 @@ def identity_changes(saved, current):
 # names them), the optimizer's flags must match (optimizer_flags), and --hub_token is a secret, never written.
 NOT_TRAINING_FLAGS = {
     "seed", "pretrained_model_name_or_path", "revision", "dataset_name", "train_data_dir", "dataset_config",
-    "optimizer", "use_8bit_adam", "hub_token",
+    "in_json", "optimizer", "use_8bit_adam", "hub_token", "config_file", "output_config",
     "output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name", "local_rank",
-    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "export_single_file",
+    "checkpointing_steps", "save_every_n_epochs", "checkpoints_total_limit", "resume_from_checkpoint",
+    "export_single_file",
     "push_to_hub", "hub_model_id", "validation_prompts", "validation_epochs", "validation_steps",
     "cache_dir", "latent_cache_dir", "dataloader_num_workers",
     # Speed and memory: the same training, done another way (tests/test_speed.py checks the cache gives the same

@@ -130,6 +130,8 @@ def test_which_flag_changes_a_resume_reports(tmp_path, monkeypatch):
     before = flags("--reg_data_dir", "a/reg")
     monkeypatch.chdir(tmp_path / "a")
     assert flag_changes(before, flags("--reg_data_dir", "reg")) == []
+    # How often it saves is not what it trains.
+    assert flag_changes(flags(), flags("--save_every_n_epochs", "1", "--checkpointing_steps", "10")) == []
     # A checkpoint written before the flags were kept compares nothing.
     assert flag_changes({}, flags("--learning_rate", "1")) == []
 

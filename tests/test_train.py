@@ -110,6 +110,25 @@ def test_use_ema_writes_unet_ema_and_saves_the_ema_weights(tiny_sd, tmp_path):
     assert not torch.equal(ema.conv_in.weight, raw.conv_in.weight)
 
 
+def test_save_every_n_epochs_checkpoints_each_epochs_end_and_resumes_from_it_bitwise(tiny_sd, tmp_path):
+    # 8 images at batch 2: 4 steps an epoch, 3 epochs. The first two epochs end in checkpoints; the last in the
+    # final save.
+    run = ["--max_train_samples", "8", "--num_train_epochs", "3", "--save_every_n_epochs", "1", "--learning_rate",
+           "1e-3"]  # fmt: skip
+    train(tiny_sd, tmp_path, *run)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert [step for step, _ in logged_losses(tmp_path)] == list(range(1, 13))
+    final = unet_weights(tmp_path / "unet")
+    # Resumed from the end of the second epoch, the third epoch trains as it did.
+    train(tiny_sd, tmp_path, *run, "--resume_from_checkpoint", "checkpoint-8")
+    again = unet_weights(tmp_path / "unet")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    # Every second epoch (step 8), beside every third step's checkpoints.
+    train(tiny_sd, tmp_path / "two", *run, "--save_every_n_epochs", "2", "--checkpointing_steps", "3")
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "two").glob("checkpoint-*"))
+    assert steps == [3, 6, 8, 9, 12]
+
+
 def test_resume_from_a_named_checkpoint_loads_its_weights(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
     shutil.rmtree(tmp_path / "unet")
