@@ -148,6 +148,7 @@ from sdtoolkit.lora import (
     kohya_state_dict,
     load_lora,
     load_lora_ema,
+    max_norm_regularize,
     read_lora,
     save_lora,
     save_lora_ema,
@@ -377,6 +378,15 @@ def parse_args(argv=None):
             " text encoder's, in float8, each layer cast up to the training precision while it runs: half the"
             " UNet's memory under fp16 or bf16, a quarter under float32. It pays off with --gradient_checkpointing."
             " The adapter learns on the rounded weights."
+        ),
+    )
+    parser.add_argument(
+        "--scale_weight_norms",
+        type=float,
+        default=None,
+        help=(
+            "With --lora_rank (kohya-ss's flag): after each step, scale down any adapter whose update's norm is above"
+            " this (1 is kohya-ss's suggestion), against updates that grow without bound. Logged as lora_keys_scaled."
         ),
     )
     # Export (not upstream): see sdtoolkit/export.py.
@@ -1233,6 +1243,12 @@ def parse_args(argv=None):
             "--fp8_base keeps the frozen base model's weights in float8, so it needs --lora_rank (a full fine-tune"
             " trains those weights)"
         )
+    if args.scale_weight_norms is not None and not args.lora_rank:
+        raise UserError("--scale_weight_norms bounds the norms of LoRA adapters, so it needs --lora_rank")
+    if args.scale_weight_norms is not None and not (
+        math.isfinite(args.scale_weight_norms) and args.scale_weight_norms > 0
+    ):
+        raise UserError(f"--scale_weight_norms must be a number above 0, got {args.scale_weight_norms}")
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise UserError("--text_encoder_lr is the learning rate of --train_text_encoder, which this run does not use")
     if args.text_encoder_lr is not None and not (math.isfinite(args.text_encoder_lr) and args.text_encoder_lr > 0):
@@ -1926,6 +1942,8 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
             lora += f", trained on from {shown(args.init_lora)}"
         if args.fp8_base:
             lora += ", on the base's weights rounded to float8 (--fp8_base)"
+        if args.scale_weight_norms:
+            lora += f", each update's norm held to at most {args.scale_weight_norms:g} (--scale_weight_norms)"
     # The held-out loss (--validation_split) of the base model and of the result.
     held_out_line = (
         f"\n* Held-out loss ({args.validation_split:g} of the images): {held_out_report}" if held_out_report else ""
@@ -3039,6 +3057,10 @@ def fine_tune(args):
 
                 # Checks if the accelerator has performed an optimization step behind the scenes
                 if accelerator.sync_gradients:
+                    if args.scale_weight_norms:
+                        # kohya-ss's max-norm regularization of the adapters' updates (see sdtoolkit/lora.py).
+                        adapted = [unet] + ([adapted_text_encoder] if adapted_text_encoder is not None else [])
+                        norm_stats = max_norm_regularize(adapted, args.scale_weight_norms)
                     if args.use_ema:
                         if args.offload_ema:
                             ema_unet.to(device=accelerator.device, non_blocking=True)
@@ -3049,6 +3071,9 @@ def fine_tune(args):
                     global_step += 1
                     now = time.perf_counter()
                     logs = {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], "step_seconds": now - last}
+                    if args.scale_weight_norms:
+                        names = ("lora_keys_scaled", "lora_mean_norm", "lora_max_norm")
+                        logs.update(zip(names, torch.stack(norm_stats).tolist()))
                     last = now
                     accelerator.log(logs, step=global_step)
                     progress_bar.set_postfix(step_loss=train_loss, lr=logs["lr"])

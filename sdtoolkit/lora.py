@@ -15,6 +15,7 @@ the same files (under text_encoder. and lora_te_ keys), as kohya-ss trains by de
     kohya_metadata(facts, ...)           # that file's header: what A1111 and Forge read
     tag_frequency(captions)              # the captions' tags and their counts, for that header
     store_in_float8(unet, torch.float16)   # --fp8_base: the frozen weights kept in float8, cast up layer by layer
+    max_norm_regularize([unet, text_encoder], 1.0)   # --scale_weight_norms: each update's norm held to at most 1
 """
 
 import collections
@@ -88,6 +89,32 @@ def store_in_float8(model, compute_dtype):
             continue
         module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
         parametrize.register_parametrization(module, "weight", ReadAs(compute_dtype), unsafe=True)
+
+
+def max_norm_regularize(models, max_norm):
+    """kohya-ss's --scale_weight_norms, after each optimizer step: an adapter whose update (B @ A times its scaling,
+    the weight it adds) has a Frobenius norm above max_norm is scaled down to it, A and B each by the square root of
+    the ratio, so that no layer's update grows without bound. Returns (how many were scaled, the mean and the
+    largest norm after it), as tensors: reading them waits for the device, which only the log needs."""
+    norms, scaled = [], []
+    with torch.no_grad():
+        for model in models:
+            for module in model.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                for name in module.lora_A:
+                    down, up = module.lora_A[name].weight, module.lora_B[name].weight
+                    # The update as a matrix (out, in x kernel): a convolution's has the same norm.
+                    norm = (up.flatten(1) @ down.flatten(1)).norm() * module.scaling[name]
+                    # As kohya-ss: a norm below half the bound counts as half of it, against dividing by ~0.
+                    floored = norm.clamp(min=max_norm / 2)
+                    ratio = floored.clamp(max=max_norm) / floored  # exactly 1 when within the bound
+                    down.mul_(ratio.sqrt())
+                    up.mul_(ratio.sqrt())
+                    norms.append(norm * ratio)
+                    scaled.append(ratio < 1)
+    norms = torch.stack(norms)
+    return torch.stack(scaled).sum(), norms.mean(), norms.max()
 
 
 def lora_location(path):

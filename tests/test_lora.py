@@ -25,6 +25,7 @@ from sdtoolkit.lora import (
     TEXT_ENCODER_TARGETS,
     WEIGHTS_NAME,
     add_lora,
+    max_norm_regularize,
     store_in_float8,
 )
 from tests.conftest import DEMO_DATA, generated_image, logged_losses, reset_accelerate_state, train, unet_weights
@@ -481,3 +482,50 @@ def test_fp8_base_halves_the_memory_of_sd_v1_4s_frozen_unet_under_fp16():
         assert round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6) == before
         store_in_float8(model, torch.float16)
         assert round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6) == after
+
+
+def kohya_max_norm(down, up, scale, max_norm):
+    """kohya-ss's max-norm step for one adapter, written out: (new down, new up, scaled?, norm after)."""
+    norm = ((up @ down) * scale).norm()
+    floored = max(norm.item(), max_norm / 2)
+    ratio = min(floored, max_norm) / floored
+    return down * ratio**0.5, up * ratio**0.5, ratio != 1, norm.item() * ratio
+
+
+def test_scale_weight_norms_holds_each_adapters_update_to_the_bound_as_kohya_ss_does(tiny_sd, tmp_path):
+    # The function: every adapter of a UNet, some of them pushed past the bound, against kohya-ss's formula.
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    add_lora(unet, rank=4, alpha=8, dropout=0.0, target_modules=DEFAULT_TARGETS)
+    layers = [module for module in unet.modules() if hasattr(module, "lora_A") and "default" in module.lora_A]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i, layer in enumerate(layers[1:]):  # the first keeps its B of zeros, as a new adapter has it
+            layer.lora_B["default"].weight.normal_(std=0.2 if i % 2 else 0.001)  # big and small updates
+    expected = [kohya_max_norm(layer.lora_A["default"].weight.clone(), layer.lora_B["default"].weight.clone(), 2.0,
+                               0.5) for layer in layers]  # fmt: skip
+    scaled, mean, largest = max_norm_regularize([unet], 0.5)
+    for layer, (down, up, _, _) in zip(layers, expected):
+        torch.testing.assert_close(layer.lora_A["default"].weight, down, rtol=1e-6, atol=0)
+        torch.testing.assert_close(layer.lora_B["default"].weight, up, rtol=1e-6, atol=0)
+    assert scaled.item() == sum(was for _, _, was, _ in expected) and 0 < scaled.item() < len(layers)
+    norms = [after for _, _, _, after in expected]
+    assert largest.item() == pytest.approx(max(norms), rel=1e-5) and largest.item() <= 0.5 * (1 + 1e-6)
+    assert mean.item() == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+
+    # Training: with a learning rate that grows the updates past the bound, the saved adapter stays within it.
+    def update_norms(folder):
+        state = load_file(folder / WEIGHTS_NAME)
+        return [((state[key.replace("lora_A", "lora_B")] @ value) * 2).norm().item()
+                for key, value in state.items() if "lora_A" in key]  # fmt: skip
+
+    steep = [*LORA, "--learning_rate", "0.1", "--max_train_steps", "3", "--train_text_encoder"]
+    train(tiny_sd, tmp_path / "free", *steep)
+    train(tiny_sd, tmp_path / "bounded", *steep, "--scale_weight_norms", "0.02")
+    assert max(update_norms(tmp_path / "free")) > 0.02
+    assert max(update_norms(tmp_path / "bounded")) <= 0.02 * (1 + 1e-5)
+    assert len(update_norms(tmp_path / "bounded")) == len(update_norms(tmp_path / "free"))
+    scaled = [value for _, value in logged_losses(tmp_path / "bounded", "lora_keys_scaled")]
+    assert len(scaled) == 3 and scaled[-1] > 0
+    assert "each update's norm held to at most 0.02" in (tmp_path / "bounded" / "README.md").read_text()
+    with pytest.raises(UserError, match="--scale_weight_norms bounds the norms of LoRA adapters, so it needs"):
+        train(tiny_sd, tmp_path / "full", "--scale_weight_norms", "1")
