@@ -185,6 +185,7 @@ INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMod
 KNOWN_ELSEWHERE = {
     "--shuffle_caption": "--shuffle_tags here",
     "--keep_tokens": "--keep_tags here",
+    "--keep_tokens_separator": "--keep_tags_separator here",
     "--min_snr_gamma": "--snr_gamma here",
     "--ip_noise_gamma": "--input_perturbation here",
     "--network_dim": "--lora_rank here",
@@ -617,6 +618,16 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="With --shuffle_tags or --caption_tag_dropout_rate, the number of leading tags kept as they are.",
+    )
+    parser.add_argument(
+        "--keep_tags_separator",
+        type=str,
+        default=None,
+        help=(
+            'With --shuffle_tags or --caption_tag_dropout_rate (kohya-ss\'s keep_tokens_separator, e.g. "|||"): in a'
+            " caption that holds it, the tags before it are kept as they are instead of the first --keep_tags, and"
+            " those after a second one stay at the end. The separators are not trained on."
+        ),
     )
     # Aspect-ratio buckets (not upstream): see sdtoolkit/buckets.py.
     parser.add_argument(
@@ -1170,6 +1181,15 @@ def parse_args(argv=None):
         raise UserError(f"--caption_tag_dropout_rate must be between 0 and 1, got {args.caption_tag_dropout_rate}")
     if args.keep_tags < 0:
         raise UserError(f"--keep_tags must be 0 or more, got {args.keep_tags}")
+    if args.keep_tags_separator is not None and not (args.shuffle_tags or args.caption_tag_dropout_rate):
+        raise UserError(
+            "--keep_tags_separator marks the tags that --shuffle_tags and --caption_tag_dropout_rate leave in place;"
+            " without either, it would be trained on as text: give one, or take the separators out of the captions"
+        )
+    if args.keep_tags_separator is not None and (
+        not args.keep_tags_separator.strip() or "," in args.keep_tags_separator
+    ):
+        raise UserError(f"--keep_tags_separator must be text without a comma, got {args.keep_tags_separator!r}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise UserError(f"--snr_gamma must be a positive number, got {args.snr_gamma}")
     for flag, scale in (("noise_offset", "noise_offset"), ("ip_noise_gamma", "input_perturbation")):

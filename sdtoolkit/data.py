@@ -451,6 +451,7 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.shuffle_tags = args.shuffle_tags
         self.tag_dropout_rate = args.caption_tag_dropout_rate
         self.keep_tags = args.keep_tags
+        self.keep_tags_separator = args.keep_tags_separator
         self.bucket_sizes = None  # set by use_buckets: (width, height) per row
         self.seed = args.seed
         self.latent_shape = latent_shape
@@ -541,7 +542,7 @@ class TrainingExamples(torch.utils.data.Dataset):
             elif self.shuffle_tags or self.tag_dropout_rate:
                 caption = edit_tags(
                     caption, keep=self.keep_tags, generator=generator, shuffle=self.shuffle_tags,
-                    dropout=self.tag_dropout_rate,
+                    dropout=self.tag_dropout_rate, separator=self.keep_tags_separator,
                 )  # fmt: skip
             if self.weighted_captions:  # read as a prompt: token ids with their weights (see emphasize)
                 ids, mask, weights = caption_windows(self.tokenizer, caption, self.windows, weighted=True)
@@ -599,18 +600,29 @@ def multires_noise(noise, generator, *, iterations, discount):
     return total / total.std()
 
 
-def edit_tags(caption, *, keep, generator, shuffle=True, dropout=0.0):
+def edit_tags(caption, *, keep, generator, shuffle=True, dropout=0.0, separator=None):
     """The caption's comma-separated tags, the first `keep` as they are; of the others, with shuffle, put in a
-    random order, and with dropout, each one left out at that rate."""
-    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
-    head, tail = tags[:keep], tags[keep:]
+    random order, and with dropout, each one left out at that rate. A caption holding `separator` (kohya-ss's
+    keep_tokens_separator, such as "|||") keeps the tags before it instead, and those after a second one, at the
+    end; the separators are left out."""
+
+    def split(text):
+        return [tag.strip() for tag in text.split(",") if tag.strip()]
+
+    if separator and separator in caption:
+        head, _, rest = caption.partition(separator)
+        middle, _, end = rest.partition(separator)
+        head, tail, end = split(head), split(middle), split(end)
+    else:
+        tags = split(caption)
+        head, tail, end = tags[:keep], tags[keep:], []
     if shuffle:
         order = torch.randperm(len(tail), generator=generator).tolist()
         tail = [tail[i] for i in order]
     if dropout:
         kept = (torch.rand(len(tail), generator=generator) >= dropout).tolist()
         tail = [tag for tag, keep_it in zip(tail, kept) if keep_it]
-    return ", ".join(head + tail)
+    return ", ".join(head + tail + end)
 
 
 def balance_regularization(reg_repeats, num_examples):

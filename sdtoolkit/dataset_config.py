@@ -54,6 +54,7 @@ FLAGS = {
     "validation_split": ("validation_split", None),
     "shuffle_caption": ("shuffle_tags", None),
     "keep_tokens": ("keep_tags", None),
+    "keep_tokens_separator": ("keep_tags_separator", lambda separator: separator or None),  # "" is none
     "flip_aug": ("random_flip", None),
     "random_crop": ("center_crop", lambda random_crop: not random_crop),
     "caption_dropout_rate": ("caption_dropout_rate", None),
@@ -67,7 +68,7 @@ FOLDER_KEYS = {"image_dir", "metadata_file", "num_repeats", "class_tokens", "cap
 CAPTION_FILE_ONLY = {"class_tokens", "caption_extension", "is_reg", "cache_info"}
 # sd-scripts' options that this toolkit does not have, at the values that ask for nothing.
 NOT_DONE_HERE = {
-    "color_aug": False, "face_crop_aug_range": None, "keep_tokens_separator": "", "secondary_separator": None,
+    "color_aug": False, "face_crop_aug_range": None, "secondary_separator": None,
     "caption_separator": ",", "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0,
     "custom_attributes": None, "caption_dropout_every_n_epochs": 0,
     "network_multiplier": 1.0, "debug_dataset": False, "resize_interpolation": None,
@@ -83,7 +84,7 @@ SUBSET_ONLY = {"image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioni
 TYPES = {"resolution": int, "batch_size": int, "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int,
          "keep_tokens": int, "num_repeats": int, "validation_split": float, "caption_dropout_rate": float,
          "caption_tag_dropout_rate": float, "image_dir": str, "class_tokens": str, "caption_extension": str,
-         "caption_prefix": str, "caption_suffix": str, "metadata_file": str}  # fmt: skip
+         "caption_prefix": str, "caption_suffix": str, "metadata_file": str, "keep_tokens_separator": str}  # fmt: skip
 BOOLEANS = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "alpha_mask", "is_reg"}
 
 

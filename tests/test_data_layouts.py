@@ -253,6 +253,24 @@ def test_tag_shuffling_keeps_the_first_tags_and_shuffles_the_rest(tokenizer):
     assert captions_drawn(examples(tokenizer, [tags] * 10, shuffle_tags=True, keep_tags=2), 5) == drawn
 
 
+def test_a_keep_tags_separator_keeps_the_tags_around_the_shuffled_ones(tokenizer):
+    # kohya-ss's keep_tokens_separator: before the first |||, kept in front; after a second one, kept at the end;
+    # a caption without it keeps its first --keep_tags. The separators are not in the text.
+    captions = ["sks dog, photo ||| red, blue, green, yellow ||| best quality, sharp", "pikachu, yellow, cute, mouse"]
+    dataset = examples(tokenizer, captions * 5, shuffle_tags=True, keep_tags=1, keep_tags_separator="|||")
+    drawn = captions_drawn(dataset, 5)
+    separated, plain = drawn[0::2], drawn[1::2]
+    assert all(c.startswith("sks dog, photo, ") and c.endswith(", best quality, sharp") for c in separated)
+    assert all(sorted(c.split(", ")[2:6]) == ["blue", "green", "red", "yellow"] for c in separated)
+    assert len(set(separated)) > 5 and all("|" not in c for c in drawn)
+    assert all(c.startswith("pikachu, ") for c in plain) and len(set(plain)) > 3
+    # Tag dropout leaves the kept ones too.
+    dropped = captions_drawn(examples(tokenizer, captions[:1] * 10, caption_tag_dropout_rate=0.5,
+                                      keep_tags_separator="|||"), 3)  # fmt: skip
+    assert all(c.startswith("sks dog, photo") and c.endswith("best quality, sharp") for c in dropped)
+    assert min(len(c.split(", ")) for c in dropped) < 8
+
+
 def test_tag_dropout_leaves_out_tags_at_its_rate_keeping_the_first(tokenizer):
     tags = "pikachu, yellow, electric, cute, mouse, cartoon"
     drawn = captions_drawn(examples(tokenizer, [tags] * 10, caption_tag_dropout_rate=0.3, keep_tags=1), 20)
@@ -350,6 +368,8 @@ def test_bad_values_are_one_line(tmp_path):
                            (["--caption_tag_dropout_rate", "-0.1"],
                             "--caption_tag_dropout_rate must be between 0 and 1"),
                            (["--keep_tags", "-1"], "--keep_tags must be 0 or more"),
+                           (["--keep_tags_separator", "|||"], "--keep_tags_separator marks the tags that --shuffle_tags"),
+                           (["--shuffle_tags", "--keep_tags_separator", ", "], "must be text without a comma"),
                            (["--noise_offset_random_strength"], "draws a strength up to --noise_offset, which is not"),
                            (["--ip_noise_gamma_random_strength"], "up to --input_perturbation, which is not given")):  # fmt: skip
         with pytest.raises(UserError, match=message):

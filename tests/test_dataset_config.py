@@ -146,6 +146,12 @@ validation_split = 0.25
     assert read_dataset_config(same, caption_extension=".cap")[1][0].caption_extension == ".cap"
     with pytest.raises(UserError, match="the file must be a table"):  # JSON's top level may be anything
         read_dataset_config(config_file(tmp_path, "[1]", "list.json"), caption_extension=".txt")
+    # keep_tokens_separator is --keep_tags_separator; sd-scripts' default "" is none.
+    separated = '[general]\nshuffle_caption = true\nkeep_tokens_separator = "{}"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n'
+    flags, _ = read_dataset_config(config_file(tmp_path, separated.format("|||")), caption_extension=".txt")
+    assert flags == {"shuffle_tags": True, "keep_tags_separator": "|||"}
+    flags, _ = read_dataset_config(config_file(tmp_path, separated.format("")), caption_extension=".txt")
+    assert flags == {"shuffle_tags": True}
 
 
 @pytest.mark.parametrize(
