@@ -53,6 +53,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents,
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
+from PIL import ImageOps
 from safetensors.torch import save_file
 from torchvision import transforms
 from tqdm.auto import tqdm
@@ -175,6 +176,7 @@ from sdtoolkit.output_dir import (
     training_flags,
     unlock_output_dir,
 )
+from sdtoolkit.sample_prompts import read_sample_prompts
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -207,7 +209,6 @@ KNOWN_ELSEWHERE = {
     "--save_every_n_steps": "--checkpointing_steps here",
     "--sample_every_n_steps": "--validation_steps here",
     "--sample_every_n_epochs": "--validation_epochs here",
-    "--sample_prompts": "--validation_prompts here, which takes the prompts themselves",
     "--max_data_loader_n_workers": "--dataloader_num_workers here",
     "--cache_latents_to_disk": "--latent_cache_dir DIR here",
     "--alpha_mask": "part of --masked_loss here, which reads the images' alpha channel",
@@ -463,6 +464,16 @@ def parse_args(argv=None):
         help=(
             "A set of prompts evaluated every `--validation_epochs` and logged to `--report_to`. Read as gradio_app.py"
             " reads prompts: AUTOMATIC1111's emphasis ((word:1.2)) and BREAK, and whole past 77 tokens."
+        ),
+    )
+    parser.add_argument(
+        "--sample_prompts",
+        type=str,
+        default=None,
+        help=(
+            "The validation prompts from a .txt file instead, one a line, each with its own settings after it as"
+            " kohya-ss writes them: --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s"
+            " steps (see sdtoolkit/sample_prompts.py)."
         ),
     )
     parser.add_argument(
@@ -1241,6 +1252,14 @@ def parse_args(argv=None):
         raise UserError(
             "--dream_training can't pass the windows' mask of --max_token_length above 75 to the UNet; use one of them"
         )
+    # kohya-ss's prompt file: the validation prompts, each with its settings (see sdtoolkit/sample_prompts.py).
+    args.validation_settings = None
+    if args.sample_prompts is not None:
+        if args.validation_prompts is not None:
+            raise UserError("--sample_prompts and --validation_prompts both give the validation prompts: give one")
+        prompts = read_sample_prompts(args.sample_prompts)
+        args.validation_prompts = [prompt for prompt, _ in prompts]
+        args.validation_settings = [settings for _, settings in prompts]
     if args.validation_steps is not None and args.validation_prompts is None:
         raise UserError("--validation_steps draws the --validation_prompts, which this run does not give")
     for prompt in args.validation_prompts or []:  # read as gradio_app.py reads prompts, so refused as it refuses
@@ -1766,7 +1785,8 @@ def check_same_architecture(unet, resume_path, resumed_state):
 
 
 def generate_validation_images(pipeline, args, accelerator):
-    """One image per validation prompt, 20 inference steps as upstream, seeded by --seed."""
+    """One image per validation prompt, 20 inference steps as upstream, seeded by --seed; with --sample_prompts, each
+    with the negative prompt, size, seed, guidance scale and steps its line sets."""
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     if args.enable_xformers_memory_efficient_attention:
@@ -1790,20 +1810,27 @@ def generate_validation_images(pipeline, args, accelerator):
     for model in models:
         model.eval()
     images = []
-    for prompt in args.validation_prompts:
+    for i, prompt in enumerate(args.validation_prompts):
+        settings = args.validation_settings[i] if args.validation_settings else {}
+        seeded = generator
+        if "seed" in settings:
+            seeded = torch.Generator(device=accelerator.device).manual_seed(settings["seed"])
         with autocast_ctx:
             # Read as gradio_app.py reads a prompt (sdtoolkit/clip_windows.py): a plain one as the pipeline reads
             # it, emphasis such as (word:1.2) and BREAK as AUTOMATIC1111 reads them, a long one whole, in windows.
-            embeddings, negative = encode_prompts(pipeline, prompt, None, guidance=True, clip_skip=args.clip_skip)
+            embeddings, negative = encode_prompts(
+                pipeline, prompt, settings.get("negative_prompt"), guidance=True, clip_skip=args.clip_skip
+            )
             image = pipeline(
                 prompt_embeds=embeddings,
                 negative_prompt_embeds=negative,
-                num_inference_steps=20,
+                num_inference_steps=settings.get("num_inference_steps", 20),
+                guidance_scale=settings.get("guidance_scale", 7.5),
                 # A --zero_terminal_snr run's images with its guidance rescaled, as Lin et al. sample.
                 guidance_rescale=default_guidance_rescale(pipeline.scheduler),
-                height=args.resolution,
-                width=args.resolution,
-                generator=generator,
+                height=settings.get("height", args.resolution),
+                width=settings.get("width", args.resolution),
+                generator=seeded,
             ).images[0]
         images.append(image)
     for model, was_training in zip(models, training):
@@ -1870,7 +1897,10 @@ def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight
     logger.info(f"Saved validation images to {folder}")
 
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
+        if tracker.name == "tensorboard" and len({image.size for image in images}) > 1:
+            for i, image in enumerate(images):  # sizes of their own (--sample_prompts): one at a time
+                tracker.writer.add_image(f"validation/{i}", np.asarray(image), global_step, dataformats="HWC")
+        elif tracker.name == "tensorboard":
             np_images = np.stack([np.asarray(img) for img in images])
             tracker.writer.add_images("validation", np_images, global_step, dataformats="NHWC")
         elif tracker.name == "wandb":
@@ -1913,7 +1943,9 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     """
     img_str = ""
     if images:
-        image_grid = make_image_grid(images, 1, len(images))
+        # Images of other sizes (--sample_prompts) side by side, each in a cell the size of the largest.
+        cell = (max(image.width for image in images), max(image.height for image in images))
+        image_grid = make_image_grid([ImageOps.pad(image, cell, color="white") for image in images], 1, len(images))
         image_grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
         img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
     model, dataset = (
@@ -2801,7 +2833,9 @@ def fine_tune(args):
     # We need to initialize the trackers we use, and also store our configuration.
     # The trackers initializes automatically on the main process. The hub token is never logged.
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in vars(args).items() if k not in ("validation_prompts", "hub_token")}
+        tracker_config = {
+            k: v for k, v in vars(args).items() if k not in ("validation_prompts", "validation_settings", "hub_token")
+        }
         tracker_config = {
             k: ("" if v is None else " ".join(v) if isinstance(v, list) else v) for k, v in tracker_config.items()
         }

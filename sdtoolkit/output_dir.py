@@ -219,7 +219,8 @@ NOT_TRAINING_FLAGS = {
     "output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name", "local_rank",
     "checkpointing_steps", "save_every_n_epochs", "checkpoints_total_limit", "resume_from_checkpoint",
     "export_single_file",
-    "push_to_hub", "hub_model_id", "validation_prompts", "validation_epochs", "validation_steps",
+    "push_to_hub", "hub_model_id", "validation_prompts", "sample_prompts", "validation_settings", "validation_epochs",
+    "validation_steps",
     "cache_dir", "latent_cache_dir", "dataloader_num_workers",
     # Speed and memory: the same training, done another way (tests/test_speed.py checks the cache gives the same
     # losses). A resume on another GPU may well need other ones.

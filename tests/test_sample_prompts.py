@@ -1,0 +1,80 @@
+"""--sample_prompts: kohya-ss's .txt prompt file, each validation prompt with its own negative prompt, size, seed,
+guidance scale and steps."""
+
+import pytest
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+import train_text_to_image
+from sdtoolkit.errors import UserError
+from sdtoolkit.sample_prompts import read_sample_prompts
+from tests.conftest import train
+
+FILE = """# sample prompts, as kohya-ss writes them
+a blue square
+
+a red disc --n blurry, dark --w 48 --h 32 --d 5 --l 4 --s 3
+"""
+
+
+def test_a_prompt_file_is_read_as_sd_scripts_reads_it(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text(FILE)
+    assert read_sample_prompts(str(path)) == [
+        ("a blue square", {}),
+        ("a red disc", {"negative_prompt": "blurry, dark", "width": 48, "height": 32, "seed": 5, "guidance_scale": 4.0,
+                        "num_inference_steps": 3}),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, name, message",
+    [
+        ("a cat --ss euler_a\n", "p.txt", "line 1: --ss is a sampler of its own (validation images use the pipeline's"
+                                          " scheduler), which this toolkit does not use"),
+        ("a cat --x 3\n", "p.txt", "line 1: --x 3 is not an option; give --n, --w, --h, --d, --l or --s"),
+        ("a cat --w wide\n", "p.txt", "line 1: --w takes a int, got 'wide'"),
+        ("a cat --w 50\n", "p.txt", "line 1: --w must be a positive multiple of 8, got 50"),
+        ("a cat --s 0\n", "p.txt", "line 1: --s must be at least 1 and --l at least 0"),
+        ("# only a comment\n", "p.txt", "holds no prompts"),
+        ("[prompt]\n", "p.toml", "this toolkit reads sd-scripts' .txt prompt files"),
+    ],
+    ids=["other-sampler", "unknown", "not-a-number", "not-multiple-of-8", "no-steps", "empty", "toml"],
+)  # fmt: skip
+def test_what_cannot_be_read_is_one_line(tmp_path, text, name, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        read_sample_prompts(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_validation_draws_each_prompt_with_its_settings(tiny_sd, tmp_path, monkeypatch):
+    calls, negatives = [], []
+    call, encode = StableDiffusionPipeline.__call__, train_text_to_image.encode_prompts
+
+    def spy_call(self, *args, **kwargs):
+        calls.append({key: kwargs[key] for key in ("num_inference_steps", "guidance_scale", "height", "width")})
+        calls[-1]["seed"] = kwargs["generator"].initial_seed()
+        return call(self, *args, **kwargs)
+
+    def spy_encode(pipeline, prompt, negative, **kwargs):
+        negatives.append(negative)
+        return encode(pipeline, prompt, negative, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy_call)
+    monkeypatch.setattr(train_text_to_image, "encode_prompts", spy_encode)
+    (tmp_path / "prompts.txt").write_text(FILE)
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--max_train_steps", "1", "--seed", "11", "--sample_prompts", str(tmp_path / "prompts.txt"))
+    # Validated at the last step and at the end: each time the two prompts, the second with its own settings.
+    own = {"num_inference_steps": 3, "guidance_scale": 4.0, "height": 32, "width": 48, "seed": 5}
+    default = {"num_inference_steps": 20, "guidance_scale": 7.5, "height": 32, "width": 32, "seed": 11}
+    assert calls == [default, own] * 2 and negatives == [None, "blurry, dark"] * 2
+    assert Image.open(out / "validation" / "final" / "00.png").size == (32, 32)
+    assert Image.open(out / "validation" / "final" / "01.png").size == (48, 32)
+    assert Image.open(out / "val_imgs_grid.png").size == (96, 32)  # two cells the size of the largest
+    assert "a red disc" in (out / "README.md").read_text()
+    with pytest.raises(UserError, match="--sample_prompts and --validation_prompts both give the validation prompts"):
+        train(tiny_sd, tmp_path / "both", "--sample_prompts", str(tmp_path / "prompts.txt"), "--validation_prompts",
+              "x")  # fmt: skip
