@@ -238,6 +238,17 @@ KNOWN_ELSEWHERE = {
     ),
     "--validate_every_n_steps": "not here: the held-out loss of --validation_split is measured at every checkpoint",
     "--validation_seed": "not needed here: --validation_split holds out images chosen by their contents",
+    "--persistent_data_loader_workers": (
+        "not here: the --dataloader_num_workers start anew each epoch, which the examples' draws for it rely on"
+    ),
+    "--sample_sampler": "not here: validation images use the model's own scheduler (--sample_prompts sets steps)",
+    "--network_args": (
+        "not here: --lora_target_modules picks the layers, --lora_rank and --lora_alpha their size (LyCORIS's"
+        " arguments are not read)"
+    ),
+    "--resume": "--resume_from_checkpoint here (a checkpoint folder, or latest)",
+    "--save_last_n_epochs": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
+    "--huggingface_repo_id": "--hub_model_id here, with --push_to_hub",
 }
 
 
