@@ -941,7 +941,9 @@ def parse_args(argv=None):
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
     parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
-    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument(
+        "--max_grad_norm", default=1.0, type=float, help="Max gradient norm; 0 for no clipping (as kohya-ss reads it)."
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Whether or not to push the model to the Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
     parser.add_argument(
@@ -3115,7 +3117,9 @@ def fine_tune(args):
                             raise TrainingStopped(
                                 nonfinite_loss_message(train_loss, global_step + 1, args.output_dir), 1
                             )
-                        accelerator.clip_grad_norm_(trained, args.max_grad_norm)
+                        # 0 is no clipping, as kohya-ss reads it (a bound of 0 would zero every gradient).
+                        if args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trained, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad()

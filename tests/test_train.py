@@ -294,6 +294,18 @@ def test_snr_gamma_dream_and_noise_tricks_run(tiny_sd, tmp_path):
     assert [step for step, _ in logged_losses(tmp_path)] == [1, 2]
 
 
+def test_max_grad_norm_0_is_no_clipping(tiny_sd, tmp_path):
+    # kohya-ss's reading: 0 turns clipping off, which is training with a bound no gradient reaches; a bound of 0
+    # would scale every gradient to nothing.
+    def trained(name, norm):
+        train(tiny_sd, tmp_path / name, "--max_train_steps", "2", "--learning_rate", "1e-3", "--max_grad_norm", norm)
+        return unet_weights(tmp_path / name / "unet")
+
+    off, unreached, tight = trained("off", "0"), trained("unreached", "1e9"), trained("tight", "1e-4")
+    assert all(torch.equal(off[k], unreached[k]) for k in off)
+    assert not all(torch.equal(off[k], tight[k]) for k in off)
+
+
 def test_accelerate_launch_runs_the_script(tiny_sd, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
