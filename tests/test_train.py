@@ -306,6 +306,19 @@ def test_max_grad_norm_0_is_no_clipping(tiny_sd, tmp_path):
     assert not all(torch.equal(off[k], tight[k]) for k in off)
 
 
+def test_a_fraction_of_warmup_steps_is_that_share_of_the_training_steps(tiny_sd, tmp_path):
+    # kohya-ss's reading of --lr_warmup_steps below 1: half of 4 steps is the warmup of 2 steps.
+    schedule = ["--max_train_steps", "4", "--lr_scheduler", "linear", "--learning_rate", "1e-3"]
+    train(tiny_sd, tmp_path / "share", *schedule, "--lr_warmup_steps", "0.5")
+    train(tiny_sd, tmp_path / "steps", *schedule, "--lr_warmup_steps", "2")
+    share, steps = logged_losses(tmp_path / "share", "lr"), logged_losses(tmp_path / "steps", "lr")
+    assert share == steps and [lr for _, lr in share] == pytest.approx([5e-4, 1e-3, 5e-4, 0])
+    assert "linear schedule, 50% of the steps as warmup" in (tmp_path / "share" / "README.md").read_text()
+    for bad in ("1.5", "-0.1", "some"):
+        with pytest.raises(UserError, match="give a whole number of steps, or a fraction below 1 of them"):
+            train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--lr_warmup_steps", bad])
+
+
 def test_accelerate_launch_runs_the_script(tiny_sd, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
