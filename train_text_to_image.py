@@ -1438,6 +1438,8 @@ def has_images(folder):
     return False
 
 
+# The caption files' extensions other tools write: .txt, and sd-scripts' default .caption.
+CAPTION_EXTENSIONS = (".txt", ".caption")
 # A --dataset_name that is one local file is read by the `datasets` builder for its type.
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
@@ -1487,6 +1489,14 @@ def load_training_dataset(args):
             " whole, so loading it needs several times that in memory. Write the file with smaller row groups"
             " (datasets' Dataset.to_parquet keeps them under 100 MB; pyarrow: row_group_size=100)"
         )
+    # Images captioned by files of another extension than this run reads (sd-scripts' default is .caption).
+    if os.path.isdir(source) and not (caption_folder or shards or parquet or has_metadata_file(source)):
+        for extension in [ext for ext in CAPTION_EXTENSIONS if ext != args.caption_extension]:
+            if has_captioned_images(source, extension):
+                raise UserError(
+                    f"{source} has images with {extension} caption files beside them, and this run reads"
+                    f" {args.caption_extension} ones: pass --caption_extension {extension}"
+                )
     try:
         if args.in_json is not None:
             # Images captioned by kohya-ss's fine-tuning metadata file (see sdtoolkit/kohya_metadata.py).

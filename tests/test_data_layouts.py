@@ -18,12 +18,14 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.latent_cache import cache_bytes, encode_cache
 from tests.conftest import (
     DEMO_DATA,
+    SMALL,
     caption_folder,
     demo_image,
     example_args,
     logged_losses,
     train,
     train_args,
+    train_sh,
     unet_weights,
 )
 
@@ -430,3 +432,17 @@ def test_a_folder_of_webdataset_shards_trains_on_its_jpg_and_txt_files(tiny_sd, 
     with pytest.raises(UserError, match="the WebDataset shards hold no captions for --caption_column 'text'; their"
                                         " files' extensions are: jpg, json; name the column"):  # fmt: skip
         train(tiny_sd, tmp_path / "out2", "--max_train_steps", "1", data=bare)
+
+
+def test_caption_files_of_another_extension_are_named_with_the_flag_that_reads_them(tiny_sd, tmp_path):
+    # sd-scripts' default extension is .caption; this script's is .txt. From the user's folder, through train.sh.
+    user = tmp_path / "user"
+    caption_folder(user / "img", [(f"{i}.png", i, f"a creature {i}") for i in range(3)])
+    for i in range(3):
+        (user / "img" / f"{i}.txt").rename(user / "img" / f"{i}.caption")
+    code, lines = train_sh(user, *SMALL, "--max_train_steps=1", model=tiny_sd, data="img", output_dir="out")
+    assert code == 2 and lines[-1] == (
+        "error: img has images with .caption caption files beside them, and this run reads .txt ones: pass"
+        " --caption_extension .caption"
+    )
+    assert not (user / "out" / "model_index.json").exists()
