@@ -252,6 +252,19 @@ KNOWN_ELSEWHERE = {
 }
 
 
+def square_side(text):
+    """--resolution: one side in pixels, or kohya-ss's "W,H" when it is square."""
+    sides = [side.strip() for side in text.split(",")]
+    if len(sides) == 2 and sides[0] == sides[1]:
+        sides = sides[:1]
+    if len(sides) != 1 or not sides[0].lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(
+            f"give one side in pixels, not {text!r}: training is at one square resolution (other aspect ratios go in"
+            " buckets: --aspect_buckets)"
+        )
+    return int(sides[0])
+
+
 def warmup_steps(text):
     """--lr_warmup_steps: a whole number of steps, or a fraction from 0 to 1 of the training steps (kohya-ss's)."""
     try:
@@ -707,7 +720,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=square_side,
         default=512,
         help=(
             "The resolution for input images, all the images in the train/validation dataset will be resized to this"

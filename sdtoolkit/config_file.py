@@ -68,8 +68,6 @@ def config_argv(path, parser, known_elsewhere):
         elif isinstance(value, list):
             argv += [option, *(str(item) for item in value)]
         else:
-            if key == "resolution" and isinstance(value, str) and "," in value:
-                value = square_resolution(path, value)  # sd-scripts writes it "512,512"
             argv.append(f"{option}={value}")  # one token, so that a value starting with "-" stays a value
     if refused:
         raise UserError(
@@ -77,17 +75,6 @@ def config_argv(path, parser, known_elsewhere):
             " of this script; write the file with this script's flag names"
         )
     return argv
-
-
-def square_resolution(path, value):
-    """sd-scripts' "W,H" resolution as this script's one side, when it is square."""
-    sides = [side.strip() for side in value.split(",")]
-    if len(sides) == 2 and sides[0] == sides[1]:
-        return sides[0]
-    raise UserError(
-        f"--config_file {path}: resolution = {value!r}; this script trains at one square resolution (other aspect"
-        " ratios go in buckets: aspect_buckets = true), so give one number"
-    )
 
 
 def write_config(path, parser, args):

@@ -54,7 +54,8 @@ def test_sections_are_merged_and_sd_scripts_resolution_is_read(tmp_path):
          " my_own_key are not flags of this script; write the file with this script's flag names"),
         ('use_ema = "yes"\n', "use_ema = 'yes' must be true or false"),
         ('learning_rate = "fast"\n', "argument --learning_rate: invalid float value: 'fast'"),
-        ('resolution = "512,768"\n', "resolution = '512,768'; this script trains at one square resolution"),
+        ('resolution = "512,768"\n', "argument --resolution: give one side in pixels, not '512,768': training is at"
+                                     " one square resolution"),
         ('learning_rate = [1, 2]\n', "learning_rate = [1, 2] is not a value --learning_rate takes"),
         ('hub_token = "x"\n', "hub_token is not a flag of this script"),
         ("learning_rate = \n", "is not valid TOML"),

@@ -229,6 +229,7 @@ def test_missing_model_is_one_clear_line(tmp_path):
     "flags, message",
     [
         (["--resolution", "100"], "--resolution must be a positive multiple of 8"),
+        (["--resolution", "512,768"], "give one side in pixels, not '512,768': training is at one square resolution"),
         ([], "need either --dataset_name"),
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
     ],
@@ -239,6 +240,12 @@ def test_bad_flags_fail_before_loading_anything(flags, message):
         argv += ["--train_data_dir", "x"]
     with pytest.raises(UserError, match=message):
         train_text_to_image.parse_args(argv)
+
+
+def test_a_square_resolution_written_as_kohya_ss_writes_it_is_one_side():
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x",
+                                           "--resolution", "384,384"])  # fmt: skip
+    assert args.resolution == 384
 
 
 def test_missing_data_folder_is_an_error(tiny_sd, tmp_path):
