@@ -51,7 +51,9 @@ def config_argv(path, parser, known_elsewhere):
     for key, value in flat.items():
         option = f"--{key}"
         action = parser._option_string_actions.get(option)
-        if action is None or key in NOT_WRITTEN:
+        if key in NOT_WRITTEN:
+            raise UserError(f"--config_file {path}: {key} is for the command line, not a file")
+        if action is None:
             hint = known_elsewhere.get(option)
             refused.append(f"{key} ({option} is {hint})" if hint else key)
             continue

@@ -57,7 +57,7 @@ def test_sections_are_merged_and_sd_scripts_resolution_is_read(tmp_path):
         ('resolution = "512,768"\n', "argument --resolution: give one side in pixels, not '512,768': training is at"
                                      " one square resolution"),
         ('learning_rate = [1, 2]\n', "learning_rate = [1, 2] is not a value --learning_rate takes"),
-        ('hub_token = "x"\n', "hub_token is not a flag of this script"),
+        ('hub_token = "x"\n', "hub_token is for the command line, not a file"),
         ("learning_rate = \n", "is not valid TOML"),
     ],
     ids=["kohya-names", "not-a-bool", "not-a-number", "not-square", "list-for-one-value", "no-secrets", "bad-toml"],
