@@ -9,8 +9,8 @@ a folder of images, as sd-scripts' fine_tune.py reads it, so a kohya-ss user's p
 or the same as JSON lines, one image a line: {"image_path": "dragon1.png", "caption": "...", "tags": "..."}.
 
 A key is an image's path, absolute or relative to the images' folder (--train_data_dir, or the subset's image_dir),
-with its extension or without it
-(sd-scripts' merge_captions_to_metadata.py writes the file name without it, or the whole path with --full_path).
+with its extension or without it (sd-scripts' merge_captions_to_metadata.py writes the file name without it, or
+the whole path with --full_path).
 An image's caption is its "caption", then its "tags" after a comma, as sd-scripts joins them with its default
 caption separator. Other fields (image_size, train_resolution) are sizes for sd-scripts' buckets: the images are
 read here, so they are not needed.
@@ -19,6 +19,7 @@ read here, so they are not needed.
 folder gives (image, text, repeats; see sdtoolkit/caption_folders.py), so training treats it as any other data.
 """
 
+import glob
 import json
 import os
 
@@ -121,7 +122,7 @@ def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False, r
         if image is None:
             missing.append(key)
             where = key if os.path.isabs(key) or image_dir is None else os.path.join(image_dir, key)
-            if os.path.isfile(os.path.splitext(where)[0] + ".npz"):
+            if glob.glob(glob.escape(os.path.splitext(where)[0]) + "*.npz"):  # <stem>.npz, or <stem>_<size>_sd.npz
                 cached.append(key)
             continue
         caption = caption_of(entry)
