@@ -20,6 +20,7 @@ import json
 import os
 import tomllib
 
+from sdtoolkit.atomic_files import written_atomically
 from sdtoolkit.errors import UserError
 
 # Flags never written to a file: where the file goes, and secrets.
@@ -96,14 +97,9 @@ def write_config(path, parser, args):
         value = list(value) if isinstance(value, tuple) else value
         key = action.option_strings[0].removeprefix("--")
         lines.append(f"{key} = {json.dumps(value)}")  # JSON's strings, numbers, booleans and arrays are TOML's
-    partial = f"{path}.partial-{os.getpid()}"
     try:
-        with open(partial, "w", encoding="utf-8") as f:
+        with written_atomically(path) as partial, open(partial, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-        os.replace(partial, path)
     except OSError as err:
         raise UserError(f"--output_config: could not write {path}: {err.strerror or err}") from err
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return path

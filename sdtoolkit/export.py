@@ -28,6 +28,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sdtoolkit.atomic_files import written_atomically
 from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.inference import (
     checkpoint_unet,
@@ -327,16 +328,11 @@ def write_ldm_config(out, config):
         if written_ldm_config(path):  # it would make the web UI sample this model as v-prediction
             os.remove(path)
         return
-    partial = f"{path}.partial-{os.getpid()}"
     try:
-        with open(partial, "w", encoding="utf-8") as f:
+        with written_atomically(path) as partial, open(partial, "w", encoding="utf-8") as f:
             f.write(LDM_CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False))
-        os.replace(partial, path)
     except OSError as err:
         raise UserError(f"could not write {path}: {err.strerror or err}") from err
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def single_file_name(output_dir):
@@ -435,15 +431,11 @@ def export_single_file(path, out, *, half=True, ema=None, training=None):
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = training_metadata(state, training)
-    partial = f"{out}.partial-{os.getpid()}"
     try:
-        save_file(tensors, partial, metadata=metadata)
-        os.replace(partial, out)
+        with written_atomically(out) as partial:
+            save_file(tensors, partial, metadata=metadata)
     except OSError as err:
         raise UserError(f"could not write {out}: {err.strerror or err}") from err
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     # A v-prediction model's config beside it, for AUTOMATIC1111 (see the module's docstring).
     v_prediction = metadata.get("modelspec.prediction_type") == "v"
     write_ldm_config(out, ldm_config(configs[0], configs[1], scheduler) if v_prediction else None)

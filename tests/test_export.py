@@ -260,3 +260,18 @@ def test_a_v_prediction_export_brings_the_config_automatic1111_reads_beside_it(s
     (tmp_path / "exported.yaml").write_text("model: {}\n")
     export_single_file(str(sd1_layout), str(out), half=False)
     assert (tmp_path / "exported.yaml").read_text() == "model: {}\n"
+
+
+def test_a_failed_write_leaves_the_earlier_file_as_it_was_and_nothing_beside_it(sd1_layout, tmp_path, monkeypatch):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"the earlier export")
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half of it")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sdtoolkit.export.save_file", full_disk)
+    with pytest.raises(UserError, match="could not write .*model.safetensors: No space left on device"):
+        export_single_file(str(sd1_layout), str(out), half=False)
+    assert out.read_bytes() == b"the earlier export" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -102,16 +102,22 @@ def test_what_is_wrong_with_the_file_is_one_line(tmp_path):
     assert dataset["text"] == [""] and "1 images train with an empty caption" in notes[1]
 
 
-def test_it_trains_bit_for_bit_as_the_same_captions_in_text_files(tiny_sd, tmp_path):
-    # The same eight images and captions, once as a caption-file folder, once as kohya-ss's metadata.
-    rows = [(f"{i:02d}.png", i, kohya_caption(*CAPTIONS[i % 4])) for i in range(8)]
+def captioned_both_ways(tmp_path, count):
+    """The same images and captions twice: a caption-file folder, and a folder of the images alone with kohya-ss's
+    metadata file (keys without extension). Returns (caption folder, image folder, metadata file)."""
+    rows = [(f"{i:02d}.png", i, kohya_caption(*CAPTIONS[i % 4])) for i in range(count)]
     folder = caption_folder(tmp_path / "captions", rows)
     images = tmp_path / "images"
     images.mkdir()
     for name, _, _ in rows:
         shutil.copy(folder / name, images / name)
-    metadata = {name.removesuffix(".png"): entry(*CAPTIONS[i % 4]) for name, i, _ in rows}
-    meta = write_json(tmp_path / "meta_cap.json", metadata)
+    meta = write_json(tmp_path / "meta_cap.json", {name[:2]: entry(*CAPTIONS[i % 4]) for name, i, _ in rows})
+    return folder, images, meta
+
+
+def test_it_trains_bit_for_bit_as_the_same_captions_in_text_files(tiny_sd, tmp_path):
+    # The same eight images and captions, once as a caption-file folder, once as kohya-ss's metadata.
+    folder, images, meta = captioned_both_ways(tmp_path, 8)
     steps = ["--max_train_steps", "2", "--learning_rate", "1e-3", "--checkpointing_steps", "2"]
     train(tiny_sd, tmp_path / "from-captions", *steps, data=folder)
     train(tiny_sd, tmp_path / "from-json", *steps, "--in_json", str(meta), data=images)
@@ -126,13 +132,7 @@ def test_it_trains_bit_for_bit_as_the_same_captions_in_text_files(tiny_sd, tmp_p
 
 def test_a_dataset_configs_metadata_file_subset_trains_as_the_same_caption_files(tiny_sd, tmp_path):
     # sd-scripts' fine-tuning subset (metadata_file, image_dir, num_repeats) beside a subset of caption files.
-    rows = [(f"{i:02d}.png", i, kohya_caption(*CAPTIONS[i % 4])) for i in range(4)]
-    folder = caption_folder(tmp_path / "captions", rows)
-    images = tmp_path / "images"
-    images.mkdir()
-    for name, _, _ in rows:
-        shutil.copy(folder / name, images / name)
-    meta = write_json(tmp_path / "meta_cap.json", {name[:2]: entry(*CAPTIONS[i % 4]) for name, i, _ in rows})
+    folder, images, meta = captioned_both_ways(tmp_path, 4)
     others = caption_folder(tmp_path / "others", [(f"{i}.png", i, f"another creature {i}") for i in range(4, 8)])
     subset = {
         "captions": f'image_dir = "{folder}"\nnum_repeats = 2',
