@@ -15,8 +15,8 @@ here. Nothing is written until every tensor has a place, and the file is written
 renamed, so a failed export leaves no half-written file.
 
 A v-prediction model gets a second file beside it, `<name>.yaml`: the original code's config with
-`parameterization: "v"`, which AUTOMATIC1111 (and the web UIs built on it) read beside a checkpoint of the same
-name. Without it they take any SD 1.x file for a noise-predicting one, and its images come out as noise.
+`parameterization: "v"`, which AUTOMATIC1111 reads beside a checkpoint of the same name. Without it, it takes
+any SD 1.x file for a noise-predicting one, and its images come out as noise.
 """
 
 import argparse
