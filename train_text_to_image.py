@@ -173,6 +173,7 @@ from sdtoolkit.output_dir import (
     lock_output_dir,
     optimizer_flags,
     run_identity,
+    training_data,
     training_flags,
     unlock_output_dir,
 )
@@ -1467,7 +1468,7 @@ def load_training_dataset(args):
     (None when not kept, see cache_crop_maker), each row's loss weight (None without --reg_data_dir), and the
     rows held out by --validation_split with their image sizes (or None).
     """
-    source = args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config
+    source = training_data(args)
     # A kohya-ss dataset config's folders (see sdtoolkit/dataset_config.py): read like caption-file folders.
     config_folders = None
     if args.dataset_config is not None:
@@ -2005,10 +2006,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         image_grid = make_image_grid([ImageOps.pad(image, cell, color="white") for image in images], 1, len(images))
         image_grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
         img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
-    model, dataset = (
-        args.pretrained_model_name_or_path,
-        args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config,
-    )
+    model, dataset = args.pretrained_model_name_or_path, training_data(args)
     prompt = args.validation_prompts[0] if args.validation_prompts else "a cartoon creature"
     # Pushed to the hub, the card loads the repository; kept locally, the folder it is in.
     load_from = repo_id if args.push_to_hub else args.output_dir

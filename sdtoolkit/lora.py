@@ -82,8 +82,8 @@ def store_in_float8(model, compute_dtype):
 
     Each read makes a new tensor, which is what autograd saves for the backward pass: the float8 weights stay as
     they are. (diffusers' layerwise casting casts a layer's own weights up and back instead, and in training SD
-    v1-4's UNet the backward pass then finds them in float8.) Call it after the adapter is added: PEFT gives a new adapter the dtype of
-    the layer it wraps."""
+    v1-4's UNet the backward pass then finds them in float8.) Call it after the adapter is added: PEFT gives a new
+    adapter the dtype of the layer it wraps."""
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or re.search(r"lora_|embed", name):
             continue

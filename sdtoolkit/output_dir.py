@@ -168,6 +168,12 @@ def local_path_or_name(name):
     return os.path.abspath(name) if name and os.path.exists(name) else name
 
 
+def training_data(args):
+    """What names a run's training data: --dataset_name, --in_json, --train_data_dir or --dataset_config, the
+    first given."""
+    return args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config
+
+
 def run_identity(args, total_batch_size, data_fingerprint, num_rows, noise_scheduler):
     """What makes a run this run, for training_state.json."""
     return {
@@ -176,7 +182,7 @@ def run_identity(args, total_batch_size, data_fingerprint, num_rows, noise_sched
         "model": local_path_or_name(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "model_config": local_path_or_name(args.model_config),
-        "data": local_path_or_name(args.dataset_name or args.in_json or args.train_data_dir or args.dataset_config),
+        "data": local_path_or_name(training_data(args)),
         # How its outputs are to be sampled (see sdtoolkit/inference.py's sample_as_trained).
         "vae": local_path_or_name(args.pretrained_vae_model_name_or_path),
         "prediction_type": noise_scheduler.config.prediction_type,
