@@ -85,15 +85,18 @@ from sdtoolkit.config_file import config_argv, write_config
 from sdtoolkit.data import (
     TrainingExamples,
     affix_caption,
+    all_captions,
     as_image_column,
     available_memory,
     balance_regularization,
+    caption_lines,
     check_caption_syntax,
     check_captions,
     collate,
     count_long_captions,
     fingerprint,
     has_metadata_file,
+    has_wildcards,
     large_row_groups,
     load_parquet,
     parquet_files,
@@ -103,6 +106,7 @@ from sdtoolkit.data import (
     webdataset_columns,
     webdataset_shards,
     with_affixes,
+    with_caption_lines,
 )
 from sdtoolkit.dataset_config import describe_flag, read_dataset_config
 from sdtoolkit.ema import InPlaceEMAModel
@@ -678,6 +682,15 @@ def parse_args(argv=None):
             'With --shuffle_tags or --caption_tag_dropout_rate (kohya-ss\'s keep_tokens_separator, e.g. "|||"): in a'
             " caption that holds it, the tags before it are kept as they are instead of the first --keep_tags, and"
             " those after a second one stay at the end. The separators are not trained on."
+        ),
+    )
+    parser.add_argument(
+        "--enable_wildcard",
+        action="store_true",
+        help=(
+            "kohya-ss's flag: a caption of several lines (a caption file's, or any caption's) is that many captions,"
+            " one drawn per example, and in a caption {red|blue|green} is one of them, drawn per example ({{ and }}"
+            " are braces). Without it a caption's lines are read as one caption, and braces as text."
         ),
     )
     # Aspect-ratio buckets (not upstream): see sdtoolkit/buckets.py.
@@ -1642,7 +1655,25 @@ def load_training_dataset(args):
     if num_empty and not caption_folder:  # a caption folder has said so already
         logger.warning(f"{num_empty} of {len(train)} captions are empty; those images train without a caption")
     if config_folders is None:  # a dataset config's folders have theirs (see read_config_folders)
+        if args.enable_wildcard:  # before the affixes, which each line then gets
+            train = with_caption_lines(train, caption_column)
         train = with_affixes(train, caption_column, args.caption_prefix, args.caption_suffix)
+    # kohya-ss's captions of several lines and {a|b} wildcards: read with --enable_wildcard, named without it.
+    captions = all_captions(train, caption_column)
+    num_wildcards = sum(map(has_wildcards, captions))
+    if args.enable_wildcard:
+        logger.info(
+            f"--enable_wildcard: {sum(len(row) > 1 for row in train[caption_column])} images have several captions"
+            f" (a caption's lines), one drawn per example; {num_wildcards} captions hold {{a|b}} wildcards, one"
+            " option drawn per example"
+        )
+    elif num_wildcards or any(len(caption_lines(caption)) > 1 for caption in captions):
+        num_lines = sum(len(caption_lines(caption)) > 1 for caption in captions)
+        logger.warning(
+            f"{num_lines} captions have several lines, read as one caption each, and {num_wildcards} hold {{a|b}}"
+            " wildcards, read as text; --enable_wildcard draws one line and one option per example, as kohya-ss"
+            " does with it"
+        )
 
     # Hold out a share of the images for the held-out loss (see sdtoolkit/held_out.py); they never train.
     held_out = None
@@ -1713,6 +1744,8 @@ def read_config_folders(args, folders):
         # A subset's caption_prefix and caption_suffix, else --caption_prefix and --caption_suffix (sd-scripts' way).
         prefix = folder.caption_prefix if folder.caption_prefix is not None else args.caption_prefix
         suffix = folder.caption_suffix if folder.caption_suffix is not None else args.caption_suffix
+        if args.enable_wildcard:  # each line of a caption gets them
+            part = with_caption_lines(part, "text")
         parts.append(with_affixes(part, "text", prefix, suffix))
     return datasets.concatenate_datasets(parts)
 
@@ -1748,10 +1781,12 @@ def read_regularization_images(args, config_folders, features, image_column, cap
     # The training rows' columns and types (a list of captions stays a list).
     reg = reg.select(used)
     texts = reg["text"]
+    if args.enable_wildcard and not config_folders:
+        texts = [caption_lines(text) for text in texts]
     if not config_folders:
         texts = [affix_caption(text, args.caption_prefix, args.caption_suffix) for text in texts]
     if not isinstance(features[caption_column], datasets.Value):
-        texts = [[text] for text in texts]
+        texts = [text if isinstance(text, list) else [text] for text in texts]
     paths = reg.cast_column("image", datasets.Image(decode=False))["image"]
     rows = datasets.Dataset.from_dict({image_column: [p["path"] for p in paths], caption_column: texts})
     rows = rows.cast(
@@ -2797,7 +2832,7 @@ def fine_tune(args):
             tokenizer=tokenizer, vae=vae, text_encoder=text_encoder, batch_size=args.train_batch_size,
             device=accelerator.device, dtype=weight_dtype, sizes=held_out_sizes if args.aspect_buckets else None,
             windows=windows, masked_loss=args.masked_loss, clip_skip=args.clip_skip,
-            weighted_captions=args.weighted_captions,
+            weighted_captions=args.weighted_captions, wildcards=args.enable_wildcard,
         )  # fmt: skip
         if accelerator.num_processes > 1:
             logger.info(f"--validation_split: the {accelerator.num_processes} processes share each measurement of the"
@@ -2805,10 +2840,10 @@ def fine_tune(args):
 
     # Encode the dataset once and free the encoders that are no longer needed (see --cache_latents). Latents are
     # cached only for center crops, where they are exact; random crops are encoded at every step.
-    # Shuffled or dropped tags make a new caption at every step, so they are encoded at every step too.
+    # Shuffled or dropped tags and wildcards make a new caption at every step, so they are encoded at every step too.
     # A text encoder that trains encodes differently at every step, so its captions are not cached either.
     cache_images = args.cache_latents and args.center_crop
-    tags_drawn = args.shuffle_tags or args.caption_tag_dropout_rate
+    tags_drawn = args.shuffle_tags or args.caption_tag_dropout_rate or train_dataset.wildcards
     cache_text = args.cache_latents and not tags_drawn and not args.train_text_encoder
     if args.cache_latents and not cache_images and cache_text:
         logger.info("--cache_latents: caching captions only; without --center_crop each step crops anew")
@@ -2816,8 +2851,8 @@ def fine_tune(args):
         logger.info("--cache_latents: caching nothing; without --center_crop each step crops anew")
     if args.cache_latents and tags_drawn:
         logger.info(
-            "--cache_latents: with --shuffle_tags or --caption_tag_dropout_rate every step encodes its own caption;"
-            " captions are not cached"
+            "--cache_latents: with --shuffle_tags, --caption_tag_dropout_rate or wildcards every step encodes its own"
+            " caption; captions are not cached"
         )
     elif args.cache_latents and args.train_text_encoder:
         logger.info("--cache_latents: with --train_text_encoder every step encodes its captions; they are not cached")

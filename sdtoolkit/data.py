@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Image as ImageFeature
+from datasets import List, Value
 from PIL import Image
 from torchvision.transforms import functional as TF
 
@@ -328,6 +329,46 @@ def with_affixes(dataset, caption_column, prefix, suffix):
     return dataset.remove_columns(caption_column).add_column(caption_column, captions, feature=feature)
 
 
+def caption_lines(caption):
+    """--enable_wildcard: the captions a caption stands for, one per non-empty line (each line of a caption file is
+    a caption of its own, as kohya-ss reads it with its --enable_wildcard); a list's captions each split the same
+    way. Always a non-empty list."""
+    texts = [caption] if isinstance(caption, str) else caption
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    return lines or [""]
+
+
+def with_caption_lines(dataset, caption_column):
+    """The dataset with every caption made the list of its lines (caption_lines), a list column whatever the
+    column was, so that one line is drawn per example as one of a list's captions is."""
+    captions = [caption_lines(caption) for caption in dataset[caption_column]]
+    feature = List(Value("string"))
+    return dataset.remove_columns(caption_column).add_column(caption_column, captions, feature=feature)
+
+
+# kohya-ss's wildcards: "{red|blue|green}" is one of the three; "{{" and "}}" are braces.
+WILDCARD = re.compile(r"\{\{|\}\}|\{([^{}]+)\}")
+
+
+def resolve_wildcards(caption, generator=None):
+    """The caption with each {a|b|c} replaced by one of its options, drawn with `generator` (None: the first);
+    {{ and }} become { and }. Draws nothing for a caption without wildcards."""
+
+    def replace(match):
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        options = match.group(1).split("|")
+        if generator is None:
+            return options[0]
+        return options[int(torch.randint(0, len(options), (1,), generator=generator))]
+
+    return WILDCARD.sub(replace, caption)
+
+
+def has_wildcards(caption):
+    return any(match.group(1) is not None for match in WILDCARD.finditer(caption))
+
+
 def all_captions(dataset, caption_column):
     """Every caption of every row, in order (a row may hold a list of them)."""
     captions = []
@@ -452,6 +493,9 @@ class TrainingExamples(torch.utils.data.Dataset):
         self.tag_dropout_rate = args.caption_tag_dropout_rate
         self.keep_tags = args.keep_tags
         self.keep_tags_separator = args.keep_tags_separator
+        # kohya-ss's wildcards, {a|b|c}, each drawn per example with --enable_wildcard (a caption's lines are made
+        # a list of captions as the data is read: see with_caption_lines).
+        self.wildcards = args.enable_wildcard and any(map(has_wildcards, all_captions(dataset, caption_column)))
         self.bucket_sizes = None  # set by use_buckets: (width, height) per row
         self.seed = args.seed
         self.latent_shape = latent_shape
@@ -475,8 +519,10 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     def use_cache(self, latents, text):
         """Serve cached latent distributions and/or text embeddings (either may be None) instead of encoding."""
-        if text is not None and (self.shuffle_tags or self.tag_dropout_rate):
-            raise ValueError("shuffled or dropped tags can't come from a text cache: each draw is another caption")
+        if text is not None and (self.shuffle_tags or self.tag_dropout_rate or self.wildcards):
+            raise ValueError(
+                "shuffled or dropped tags and wildcards can't come from a text cache: each draw is another caption"
+            )
         self.latents, self.text = latents, text
 
     def __getitem__(self, index):
@@ -534,9 +580,11 @@ class TrainingExamples(torch.utils.data.Dataset):
         if self.input_perturbation:
             example["perturbation"] = torch.randn(latent_shape, generator=generator)
 
-        # Caption dropout and tag shuffling, drawn last so that runs without them draw exactly as before.
+        # Caption dropout, wildcards and tag shuffling, drawn last so that runs without them draw exactly as before.
         dropped = bool(self.caption_dropout_rate and torch.rand(1, generator=generator) < self.caption_dropout_rate)
         if self.text is None:
+            if self.wildcards and not dropped:
+                caption = resolve_wildcards(caption, generator)
             if dropped:
                 caption = ""
             elif self.shuffle_tags or self.tag_dropout_rate:

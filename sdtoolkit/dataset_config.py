@@ -60,6 +60,7 @@ FLAGS = {
     "caption_dropout_rate": ("caption_dropout_rate", None),
     "caption_tag_dropout_rate": ("caption_tag_dropout_rate", None),
     "alpha_mask": ("masked_loss", None),
+    "enable_wildcard": ("enable_wildcard", None),
 }
 # A folder's own options (see Folder).
 FOLDER_KEYS = {"image_dir", "metadata_file", "num_repeats", "class_tokens", "caption_extension", "is_reg",
@@ -69,7 +70,7 @@ CAPTION_FILE_ONLY = {"class_tokens", "caption_extension", "is_reg", "cache_info"
 # sd-scripts' options that this toolkit does not have, at the values that ask for nothing.
 NOT_DONE_HERE = {
     "color_aug": False, "face_crop_aug_range": None, "secondary_separator": None,
-    "caption_separator": ",", "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0,
+    "caption_separator": ",", "token_warmup_min": 1, "token_warmup_step": 0,
     "custom_attributes": None, "caption_dropout_every_n_epochs": 0,
     "network_multiplier": 1.0, "debug_dataset": False, "resize_interpolation": None,
     "conditioning_data_dir": None,
@@ -85,7 +86,8 @@ TYPES = {"resolution": int, "batch_size": int, "min_bucket_reso": int, "max_buck
          "keep_tokens": int, "num_repeats": int, "validation_split": float, "caption_dropout_rate": float,
          "caption_tag_dropout_rate": float, "image_dir": str, "class_tokens": str, "caption_extension": str,
          "caption_prefix": str, "caption_suffix": str, "metadata_file": str, "keep_tokens_separator": str}  # fmt: skip
-BOOLEANS = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "alpha_mask", "is_reg"}
+BOOLEANS = {"enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "alpha_mask", "is_reg",
+            "enable_wildcard"}  # fmt: skip
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtoolkit.clip_windows import caption_windows, emphasize, encode_windows, token_mask
-from sdtoolkit.data import latent_mask
+from sdtoolkit.data import latent_mask, resolve_wildcards
 from sdtoolkit.errors import UserError
 from sdtoolkit.evaluation import paired_bootstrap, verdict
 from sdtoolkit.latent_cache import cache_crop, crop_alpha, crop_pixels
@@ -67,10 +67,11 @@ class HeldOutLoss:
 
     def __init__(self, rows, *, image_column, caption_column, resolution, interpolation, tokenizer, vae,
                  text_encoder, batch_size, device, dtype, sizes=None, windows=1, masked_loss=False,
-                 clip_skip=1, weighted_captions=False):  # fmt: skip
+                 clip_skip=1, weighted_captions=False, wildcards=False):  # fmt: skip
         """sizes: each row's aspect-ratio bucket (width, height) with --aspect_buckets; None: resolution² squares.
         clip_skip: the text encoder's layer the captions are read from, as in training (see encode_text).
-        weighted_captions: captions read for emphasis, as training reads them (--weighted_captions)."""
+        weighted_captions: captions read for emphasis, as training reads them (--weighted_captions).
+        wildcards: each {a|b} wildcard of a caption read as its first option (--enable_wildcard)."""
         self.batch_size, self.count, self.clip_skip = batch_size, len(rows), clip_skip
         # Images of one shape are measured together, in batches of their own.
         shapes = {}
@@ -95,6 +96,8 @@ class HeldOutLoss:
                         loss_masks.append(torch.stack(opacity).to(device))
                     # Captions: the first one of a row that has several.
                     captions = [c if isinstance(c, str) else c[0] for c in batch[caption_column]]
+                    if wildcards:
+                        captions = [resolve_wildcards(caption) for caption in captions]
                     if windows > 1 or weighted_captions:
                         read = [
                             caption_windows(tokenizer, caption, windows, weighted_captions) for caption in captions

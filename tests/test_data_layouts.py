@@ -22,7 +22,9 @@ from tests.conftest import (
     caption_folder,
     demo_image,
     example_args,
+    image_folder,
     logged_losses,
+    reset_accelerate_state,
     train,
     train_args,
     train_sh,
@@ -360,6 +362,92 @@ def test_a_caption_prefix_and_suffix_train_as_if_written_in_every_caption(tiny_s
     assert states[0]["data_fingerprint"] == states[1]["data_fingerprint"]
     a, b = unet_weights(affixed / "unet"), unet_weights(tmp_path / "plain" / "unet")
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_wildcards_draw_one_option_each_per_example(tokenizer):
+    # kohya-ss's --enable_wildcard: {a|b|c} is one of its options, drawn per example and the same for a seed;
+    # {{ and }} are braces. Without the flag the braces are words.
+    caption = "a {red|blue|green} creature, {round|square}, {{sks}}"
+    drawn = captions_drawn(examples(tokenizer, [caption] * 10, enable_wildcard=True), 10)
+    colours = [c.split()[1] for c in drawn]
+    assert {colours.count(colour) for colour in ("red", "blue", "green")} <= set(range(20, 48))  # 100 draws, 1/3 each
+
+    def decoded(text):  # as captions_drawn reads it back
+        return tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True).replace(" ,", ",")
+
+    assert {c.split(", ")[1] for c in drawn} == {"round", "square"} and all(
+        c.endswith(decoded(", {sks}")) for c in drawn
+    )
+    assert captions_drawn(examples(tokenizer, [caption] * 10, enable_wildcard=True), 10) == drawn
+    assert captions_drawn(examples(tokenizer, [caption], enable_wildcard=False), 1) == [decoded(caption)]
+    # A caption without wildcards draws as it did without the flag.
+    plain = examples(tokenizer, ["a creature"] * 4)
+    flagged = examples(tokenizer, ["a creature"] * 4, enable_wildcard=True)
+    assert all(torch.equal(plain[i]["input_ids"], flagged[i]["input_ids"]) for i in range(4))
+
+
+def test_a_caption_files_lines_train_as_a_list_of_captions_with_enable_wildcard(tiny_sd, tmp_path, caplog):
+    # Caption files of several lines with --enable_wildcard train bit for bit as a metadata file whose captions are
+    # the lists of those lines: one line drawn per example, cached alike, --caption_prefix on each line.
+    lines = [[f"creature {i}", f"a drawing of creature {i}", "sks"][: 1 + i % 3] for i in range(6)]
+    files = caption_folder(tmp_path / "files", [(f"{i}.png", i, "\n\n".join(c) + "\n") for i, c in enumerate(lines)])
+    listed = image_folder(tmp_path / "listed", [(f"{i}.png", demo_image(i), c) for i, c in enumerate(lines)])
+    reg = caption_folder(tmp_path / "reg", [("1_creature/r.png", 7, "a creature")])
+    flags = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--center_crop", "--reg_data_dir", str(reg),
+             "--caption_prefix", "sks"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "from-files", *flags, "--enable_wildcard", data=files)
+    read = "--enable_wildcard: 4 images have several captions (a caption's lines), one drawn per example; 0 captions"
+    assert read in caplog.text and "Cached latents and text" in caplog.text
+    train(tiny_sd, tmp_path / "from-lists", *flags, data=listed)
+    a, b = unet_weights(tmp_path / "from-files" / "unet"), unet_weights(tmp_path / "from-lists" / "unet")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    # A regularization image's caption lines are its captions too, with --caption_prefix on each.
+    from accelerate import PartialState
+
+    import train_text_to_image
+
+    (reg / "1_creature" / "r.txt").write_text("a creature\na drawing")
+    args = train_text_to_image.parse_args(train_args(tiny_sd, "unused", *flags, "--enable_wildcard", data=files))
+    PartialState()  # for the lines it logs
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.List(datasets.Value("string"))})
+    rows = train_text_to_image.read_regularization_images(args, [], features, "image", "text", 4, keep_crops=False,
+                                                          keep_bytes=0)[0]  # fmt: skip
+    reset_accelerate_state()
+    assert rows["text"] == [["sks a creature", "sks a drawing"]]
+
+
+def test_held_out_images_are_measured_on_their_first_line_and_first_options(tiny_sd, tmp_path):
+    # --validation_split reads each held-out caption one way, always: its first line, each wildcard's first option.
+    drawn = caption_folder(tmp_path / "drawn", [(f"{i}.png", i, f"a {{pink|green}} creature {{{{{i}}}}}\nline two")
+                                                for i in range(4)])  # fmt: skip
+    first = caption_folder(tmp_path / "first", [(f"{i}.png", i, f"a pink creature {{{i}}}") for i in range(4)])
+    flags = ["--max_train_steps", "1", "--validation_split", "0.5"]
+    train(tiny_sd, tmp_path / "a", *flags, "--enable_wildcard", data=drawn)
+    train(tiny_sd, tmp_path / "b", *flags, data=first)
+    a, b = (logged_losses(tmp_path / run, "validation_loss") for run in ("a", "b"))
+    assert a[0] == b[0] and a[0][0] == 0
+
+
+def test_wildcards_train_from_a_dataset_config_through_train_sh_and_are_named_without_it(tiny_sd, tmp_path, caplog):
+    data = caption_folder(tmp_path / "data", [("0.png", 0, "a {pink|green} creature\nsks, {round|square}"),
+                                              ("1.png", 1, "a creature {{sks}}")])  # fmt: skip
+    config = tmp_path / "data.toml"
+    config.write_text(f'[general]\nenable_wildcard = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{data}"\n')
+    code, lines = train_sh(tmp_path, *SMALL, "--max_train_steps=2", "--dataset_config", str(config),
+                           "--validation_split", "0.5", model=tiny_sd, data=data, output_dir="out")  # fmt: skip
+    output = "\n".join(lines)
+    assert code == 0, output[-3000:]
+    read = "--enable_wildcard: 1 images have several captions (a caption's lines), one drawn per example; 2 captions"
+    assert read in output
+    assert "captions are not cached" in output and "it sets --enable_wildcard" in output
+    # Without the flag the run trains on the captions as written, and says what the flag would do.
+    with caplog.at_level(logging.WARNING):
+        train(tiny_sd, tmp_path / "plain", "--max_train_steps", "1", data=data)
+    assert (
+        "1 captions have several lines, read as one caption each, and 1 hold {a|b} wildcards, read as text;"
+        " --enable_wildcard draws one line and one option per example" in caplog.text
+    )
 
 
 def test_bad_values_are_one_line(tmp_path):
