@@ -241,7 +241,7 @@ def load_prompts(prompts_file):
         return list(PROMPTS), None
     if not os.path.isfile(prompts_file):
         raise UserError(f"--prompts_file {prompts_file} does not exist")
-    with open(prompts_file, encoding="utf-8") as f:
+    with open(prompts_file, encoding="utf-8-sig") as f:  # a byte-order mark first is skipped
         lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise UserError(f"--prompts_file {prompts_file} has no prompts (one prompt a line; # starts a comment)")

@@ -66,9 +66,10 @@ def has_captioned_images(folder, caption_extension=".txt"):
 
 
 def read_caption(path):
-    """A caption file's text, stripped; a file that is not UTF-8 is an error naming it."""
+    """A caption file's text, stripped; a file that is not UTF-8 is an error naming it. A byte-order mark, which
+    Windows tools often write first, is not part of the text (CLIP would read it as three tokens)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read().strip()
     except UnicodeDecodeError as err:
         raise UserError(f"caption file {path} is not UTF-8 text ({err.reason}); save it as UTF-8") from err

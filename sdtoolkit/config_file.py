@@ -39,8 +39,8 @@ def config_argv(path, parser, known_elsewhere):
     if not os.path.isfile(path):
         raise UserError(f"--config_file {path}: no such file")
     try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark first is skipped
+            config = tomllib.loads(f.read())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--config_file {path} is not valid TOML: {err}") from err
     # Every section's keys as one table, as sd-scripts merges them.

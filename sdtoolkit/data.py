@@ -720,12 +720,13 @@ def unlisted_images(folder):
 
 
 def metadata_file_names(path):
-    """The file_name entries of an imagefolder metadata file (.jsonl, .csv or .parquet)."""
+    """The file_name entries of an imagefolder metadata file (.jsonl, .csv or .parquet), read as datasets reads
+    them: a byte-order mark first is not part of the text."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     elif path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
     else:
         import pyarrow.parquet as pq

@@ -111,12 +111,12 @@ def load_file(path):
         raise UserError(f"--dataset_config {path}: no such file")
     suffix = os.path.splitext(path)[1].lower()
     try:
-        with open(path, "rb") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark first is skipped
             if suffix == ".toml":
-                return tomllib.load(f)
+                return tomllib.loads(f.read())
             if suffix == ".json":
                 return json.load(f)
-    except (tomllib.TOMLDecodeError, ValueError) as err:
+    except (tomllib.TOMLDecodeError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise UserError(f"--dataset_config {path} is not valid {suffix[1:].upper()}: {err}") from err
     raise UserError(f"--dataset_config {path}: give a .toml or .json file, as sd-scripts reads")
 

@@ -38,7 +38,7 @@ def read_metadata_file(path, name):
     if not os.path.isfile(path):
         raise UserError(f"{name}: no such file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark first is skipped
             if path.lower().endswith(".jsonl"):
                 metadata = {}
                 for number, line in enumerate(f, 1):

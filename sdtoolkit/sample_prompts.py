@@ -49,7 +49,7 @@ def read_sample_prompts(path):
     if not os.path.isfile(path):
         raise UserError(f"--sample_prompts {path}: no such file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark first is skipped
             lines = f.read().splitlines()
     except UnicodeDecodeError as err:
         raise UserError(f"--sample_prompts {path} is not UTF-8 text ({err.reason})") from err
