@@ -54,6 +54,7 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
 from PIL import ImageOps
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torchvision import transforms
 from tqdm.auto import tqdm
@@ -169,6 +170,7 @@ from sdtoolkit.losses import (
     loss_per_element,
     snr_scale,
 )
+from sdtoolkit.lycoris import add_lycoris, load_lycoris_weights, lycoris_kind, save_lycoris
 from sdtoolkit.output_dir import (
     check_fresh_run,
     check_output_dir,
@@ -200,7 +202,7 @@ KNOWN_ELSEWHERE = {
     "--network_alpha": "--lora_alpha here",
     "--network_dropout": "--lora_dropout here",
     "--network_weights": "--init_lora here",
-    "--network_module": "--lora_rank N here, which trains a LoRA, not a LyCORIS module",
+    "--network_module": "--lora_rank N here, with --lora_type loha or lokr for LyCORIS's LoHa and LoKr",
     "--fp8_base_unet": "--fp8_base here, which leaves the text encoder as it is unless --train_text_encoder trains it",
     "--network_train_unet_only": "what --lora_rank does here without --train_text_encoder",
     "--unet_lr": "--learning_rate here (--text_encoder_lr for the text encoder)",
@@ -248,8 +250,8 @@ KNOWN_ELSEWHERE = {
     ),
     "--sample_sampler": "not here: validation images use the model's own scheduler (--sample_prompts sets steps)",
     "--network_args": (
-        "not here: --lora_target_modules picks the layers, --lora_rank and --lora_alpha their size (LyCORIS's"
-        " arguments are not read)"
+        "not read here: --lora_type loha or lokr picks LyCORIS's algo, --lora_target_modules the layers, --lora_rank"
+        " and --lora_alpha their size"
     ),
     "--resume": "--resume_from_checkpoint here (a checkpoint folder, or latest)",
     "--save_last_n_epochs": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
@@ -385,6 +387,17 @@ def parse_args(argv=None):
         "--lora_alpha", type=float, default=None, help="LoRA's alpha: updates scale by alpha/rank. Default: the rank."
     )
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
+    parser.add_argument(
+        "--lora_type",
+        choices=["lora", "loha", "lokr"],
+        default="lora",
+        help=(
+            "With --lora_rank: the adapter's kind. lora: B @ A. loha and lokr: LyCORIS's LoHa (the elementwise product"
+            " of two low-rank products) and LoKr (a Kronecker product of two small factors), saved in LyCORIS's"
+            " keys, which AUTOMATIC1111, ComfyUI, gradio_app.py and metrics.py load (diffusers' load_lora_weights"
+            " does not)."
+        ),
+    )
     parser.add_argument(
         "--lora_target_modules",
         nargs="+",
@@ -1345,6 +1358,16 @@ def parse_args(argv=None):
         )
     if args.scale_weight_norms is not None and not args.lora_rank:
         raise UserError("--scale_weight_norms bounds the norms of LoRA adapters, so it needs --lora_rank")
+    if args.lora_type != "lora":  # LyCORIS's LoHa and LoKr (see sdtoolkit/lycoris.py)
+        kind = {"loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
+        if not args.lora_rank:
+            raise UserError(f"--lora_type {args.lora_type} trains a {kind} adapter of --lora_rank N: give its rank")
+        refused = [flag for flag, given in (("--init_lora", args.init_lora), ("--lora_dropout", args.lora_dropout),
+                                            ("--scale_weight_norms", args.scale_weight_norms)) if given]  # fmt: skip
+        if refused:
+            raise UserError(
+                f"--lora_type {args.lora_type}: {', '.join(refused)} works on LoRA adapters only, not {kind}"
+            )
     if args.scale_weight_norms is not None and not (
         math.isfinite(args.scale_weight_norms) and args.scale_weight_norms > 0
     ):
@@ -2065,8 +2088,10 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     if args.weighted_captions:  # metrics.py reads caption accuracy's captions the same way
         metadata.append("weighted_captions: true")
     yaml = "---\nlicense: creativeml-openrail-m\n" + "".join(line + "\n" for line in metadata)
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers"] + ["lora"] * bool(
-        args.lora_rank
+    tags = (
+        ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers"]
+        + ["lora"] * bool(args.lora_rank)
+        + ["lycoris"] * (bool(args.lora_rank) and args.lora_type != "lora")
     )
     yaml += "tags:\n" + "".join(f"- {tag}\n" for tag in tags) + "inference: true\n---\n"
     # A LoRA run saved only its adapter: load the base model, then the adapter on top.
@@ -2075,9 +2100,29 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
+    kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
+    usage = f"""```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.{loader}({usage_source}, torch_dtype=torch.float16).to("cuda"){lora_line}
+image = pipeline("{prompt}").images[0]
+image.save("my_image.png")
+```"""
+    if args.lora_rank and args.lora_type != "lora":
+        # diffusers' load_lora_weights reads no LyCORIS adapter (see sdtoolkit/lycoris.py).
+        usage = f"""A {kind} adapter is LyCORIS's, which diffusers' `load_lora_weights` does not read. This toolkit's
+`gradio_app.py` and `metrics.py` load it on its base model, and AUTOMATIC1111 and ComfyUI load
+`{KOHYA_WEIGHTS_NAME}` from their `models/Lora` and `models/loras` folders:
+
+```bash
+python gradio_app.py --model_path {load_from}
+```"""
     lora = "no (all UNet weights trained)"
     if args.lora_rank:
         lora = f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}"
+        if args.lora_type != "lora":
+            lora = f"{kind} (LyCORIS), {lora}"
         if text_encoder_targets:
             lora += f" and the text encoder's {' '.join(text_encoder_targets)}"
         if args.init_lora:
@@ -2138,18 +2183,11 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
     card = f"""
 # Text-to-image fine-tuning - {repo_id}
 
-{"This LoRA adapter" if args.lora_rank else "This pipeline"} was fine-tuned from {shown(model)} on {shown(dataset)}.
+{f"This {kind} adapter" if args.lora_rank else "This pipeline"} was fine-tuned from {shown(model)} on {shown(dataset)}.
 {samples}
 ## Usage
 
-```python
-import torch
-from diffusers import StableDiffusionPipeline
-
-pipeline = StableDiffusionPipeline.{loader}({usage_source}, torch_dtype=torch.float16).to("cuda"){lora_line}
-image = pipeline("{prompt}").images[0]
-image.save("my_image.png")
-```
+{usage}
 
 ## Training
 
@@ -2457,6 +2495,13 @@ def fine_tune(args):
         raise UserError(
             f"{resume_path} holds a LoRA of rank {resumed_state['lora_rank']}; resume it with --lora_rank {resumed_state['lora_rank']}"
         )
+    if resume_path is not None and args.lora_rank:
+        with safe_open(os.path.join(resume_path, WEIGHTS_NAME), "pt") as f:
+            held = lycoris_kind(f.keys())  # "LoHa", "LoKr", or None for a LoRA
+        if (held or "LoRA").lower() != args.lora_type:
+            raise UserError(
+                f"{resume_path} holds a {held or 'LoRA'} adapter; resume it with --lora_type {(held or 'LoRA').lower()}"
+            )
     if resume_path is not None and resumed_state.get("optimizer", optimizer_flags(args)) != optimizer_flags(args):
         # Another optimizer's state would not load (or would load into the wrong moments): say it before training.
         raise UserError(
@@ -2521,7 +2566,12 @@ def fine_tune(args):
             f" {' '.join(args.lora_target_modules)})"
         )
     lora_alpha = args.lora_alpha or args.lora_rank
-    if args.lora_rank and not args.init_lora:
+    lycoris = args.lora_rank and args.lora_type != "lora"  # LyCORIS's LoHa or LoKr (see sdtoolkit/lycoris.py)
+    if lycoris:
+        add_lycoris(
+            unet, args.lora_type, rank=args.lora_rank, alpha=lora_alpha, target_modules=args.lora_target_modules
+        )
+    elif args.lora_rank and not args.init_lora:
         add_lora(unet, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
                  target_modules=args.lora_target_modules)  # fmt: skip
     unet_trained = [p for p in unet.parameters() if p.requires_grad]
@@ -2533,7 +2583,10 @@ def fine_tune(args):
     text_encoder_trained, adapted_text_encoder = [], None
     if args.train_text_encoder:
         text_encoder.to(dtype=half or torch.float32)
-        if init_lora and adapter_ranks(init_lora[0], "text_encoder"):
+        if lycoris:
+            text_encoder_trained = add_lycoris(text_encoder, args.lora_type, rank=args.lora_rank, alpha=lora_alpha,
+                                               target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
+        elif init_lora and adapter_ranks(init_lora[0], "text_encoder"):
             text_encoder_trained = start_from_init_lora(text_encoder, "text_encoder", "text encoder")
         else:  # a new adapter, also when the --init_lora file has none for the text encoder
             text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha,
@@ -2588,7 +2641,9 @@ def fine_tune(args):
     # Every process calls the save hook; only the main process writes. DeepSpeed and FSDP also save their own
     # (sharded) model files, which accelerate's load_state reads back.
     def save_model_hook(models, weights, output_dir):
-        if args.lora_rank and accelerator.is_main_process:
+        if lycoris and accelerator.is_main_process:
+            save_lycoris(os.path.join(output_dir, WEIGHTS_NAME), accelerator.unwrap_model(unet), adapted_text_encoder)
+        elif args.lora_rank and accelerator.is_main_process:
             # The adapters only (a LoRA trains under DDP or on one process, so the main process has them whole).
             save_lora(accelerator.unwrap_model(unet), output_dir, adapted_text_encoder)
         elif not args.lora_rank:
@@ -2606,7 +2661,11 @@ def fine_tune(args):
         if args.lora_rank:
             if args.use_ema:
                 load_lora_ema(ema_unet, input_dir)
-            load_lora(accelerator.unwrap_model(unet), input_dir, adapted_text_encoder)
+            if lycoris:
+                weights = os.path.join(input_dir, WEIGHTS_NAME)
+                load_lycoris_weights(weights, accelerator.unwrap_model(unet), adapted_text_encoder)
+            else:
+                load_lora(accelerator.unwrap_model(unet), input_dir, adapted_text_encoder)
             models.clear()  # so that accelerate does not load them again
             return
         if args.use_ema:
@@ -3296,18 +3355,24 @@ def fine_tune(args):
         if args.lora_rank:
             # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py). The kohya file's
             # header names the run and its base model, for A1111 and for metrics.py and gradio_app.py.
-            save_lora(unet, args.output_dir, adapted_text_encoder)
+            if not lycoris:
+                save_lora(unet, args.output_dir, adapted_text_encoder)
             kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
-                clip_skip=args.clip_skip,
+                clip_skip=args.clip_skip, algo=args.lora_type if lycoris else None,
             )  # fmt: skip
             header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
-            adapters = kohya_state_dict(unet, adapted_text_encoder)
-            save_file(adapters, kohya + ".partial", metadata=header)
-            os.replace(kohya + ".partial", kohya)
-            logger.info(f"Saved the LoRA adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
+            if lycoris:  # one format, LyCORIS's in kohya-ss keys, in both files (see sdtoolkit/lycoris.py)
+                for name in (WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
+                    save_lycoris(os.path.join(args.output_dir, name), unet, adapted_text_encoder, metadata=header)
+            else:
+                adapters = kohya_state_dict(unet, adapted_text_encoder)
+                save_file(adapters, kohya + ".partial", metadata=header)
+                os.replace(kohya + ".partial", kohya)
+            kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
+            logger.info(f"Saved the {kind} adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
         else:
             save_pipeline(pipeline, args.output_dir)
             logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")

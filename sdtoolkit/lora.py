@@ -33,6 +33,7 @@ from diffusers.utils import (
 )
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -218,7 +219,7 @@ def adapted_layer_names(model):
     """The names of the layers that carry the model's adapter, within their blocks ("to_q", "to_out.0", "ff.net.2"),
     for the model card."""
     return sorted(
-        {BLOCK_PATH.sub("", name) for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+        {BLOCK_PATH.sub("", name) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
     )
 
 
@@ -285,9 +286,10 @@ def copy_adapter_weights(model, state, part):
 
 
 def has_text_encoder_lora(folder):
-    """Whether the adapter file in `folder` holds a text encoder's adapter (a --train_text_encoder run's)."""
+    """Whether the adapter file in `folder` holds a text encoder's adapter (a --train_text_encoder run's), in
+    diffusers' keys or in kohya-ss's (a LoHa or LoKr run's)."""
     with safe_open(os.path.join(folder, WEIGHTS_NAME), "pt") as f:
-        return any(key.startswith("text_encoder.") for key in f.keys())
+        return any(key.startswith(("text_encoder.", "lora_te_")) for key in f.keys())
 
 
 def kohya_state_dict(unet, text_encoder=None):
@@ -328,7 +330,7 @@ def tag_frequency(captions):
     return dict(counts.most_common())
 
 
-def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip_skip=1):
+def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip_skip=1, algo=None):
     """The header of the kohya-ss file (strings only), so that the UIs that load it know what it is.
 
     - kohya-ss's own keys, as its trainer writes them: AUTOMATIC1111 offers ss_output_name (`name`, the output
@@ -342,7 +344,9 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip
 
     facts: the run's identity (model, revision, data, data_rows, seed) with global_step, resolution and
     learning_rate. tags: the captions' tag_frequency. clip_skip: the text encoder's layer the captions were read
-    from (ss_clip_skip, which the UIs show so that the LoRA is prompted the same way).
+    from (ss_clip_skip, which the UIs show so that the LoRA is prompted the same way). algo: "loha" or "lokr" for
+    LyCORIS's adapters, named as kohya-ss names a LyCORIS run's (ss_network_module lycoris.kohya, its algo in
+    ss_network_args).
     """
     model = str(facts["model"])
     resolution = facts["resolution"]
@@ -368,6 +372,9 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.date": datetime.date.today().isoformat(),
     }
+    if algo:
+        metadata["ss_network_module"] = "lycoris.kohya"
+        metadata["ss_network_args"] = json.dumps({"algo": algo})
     if tags:
         # kohya-ss counts per dataset folder; this run has one data source.
         metadata["ss_tag_frequency"] = json.dumps({os.path.basename(str(facts["data"]).rstrip("/")): tags})

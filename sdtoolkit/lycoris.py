@@ -14,6 +14,13 @@ as LyCORIS and AUTOMATIC1111 compute it:
 
 PEFT's LoHa and LoKr layers hold the same tensors under the same names and compute the same update
 (https://arxiv.org/abs/2108.06098 for LoHa, https://arxiv.org/abs/2309.14859 for both).
+
+Training (--lora_type loha or lokr) adds such PEFT layers to the UNet (and the text encoder) with add_lycoris, and
+saves them with save_lycoris in the keys above, the file load_lycoris and AUTOMATIC1111 read:
+
+    add_lycoris(unet, "loha", rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    save_lycoris(path, unet, text_encoder, metadata={...})
+    load_lycoris_weights(path, unet, text_encoder)   # the weights back into the adapters, bit for bit (resuming)
 """
 
 import collections
@@ -22,8 +29,12 @@ import re
 import torch
 from diffusers.loaders.lora_conversion_utils import _bake_lokr_alpha_
 from diffusers.utils.peft_utils import _create_lokr_config
-from peft import LoHaConfig, inject_adapter_in_model
-from safetensors.torch import load_file
+from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+from peft.tuners.lokr.layer import LoKrLayer
+from peft.tuners.lycoris_utils import LycorisLayer
+from safetensors.torch import load_file, save_file
+
+from sdtoolkit.atomic_files import written_atomically
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -129,3 +140,66 @@ def load_lycoris(pipeline, path, adapter_name):
                 with torch.no_grad():
                     parameter.copy_(tensor.reshape(parameter.shape))
     return kind
+
+
+def add_lycoris(model, kind, *, rank, alpha, target_modules):
+    """Add a trainable LoHa or LoKr adapter (`kind`: "loha" or "lokr") of this rank and alpha to the target layers of
+    the model (the UNet or the text encoder), whose own weights PEFT then freezes; returns the adapter's parameters,
+    in float32. PEFT starts it at a zero update (LoHa's hada_w2_b, LoKr's lokr_w1 are zeros), so training starts
+    from the model as it is.
+
+    A LoKr layer whose two factors are full matrices (LoKr's usual form: its factors are small, and a rank at least
+    half the second one's side makes it full) is not scaled by alpha / rank, as LyCORIS trains and AUTOMATIC1111
+    applies it; a layer with a low-rank factor is."""
+    config = {"loha": LoHaConfig, "lokr": LoKrConfig}[kind]
+    model.add_adapter(config(r=rank, alpha=alpha, target_modules=target_modules))
+    for module in model.modules():
+        if isinstance(module, LoKrLayer) and "default" in module.lokr_w1 and "default" in module.lokr_w2:
+            module.scaling["default"] = 1.0
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.data = parameter.data.float()
+    return parameters
+
+
+def lycoris_layers(unet, text_encoder=None):
+    """{kohya-ss module name: PEFT LoHa or LoKr layer} of the models' adapters (see kohya_names for the names)."""
+    layers = {}
+    models = [("lora_unet_", unet)] + [("lora_te_", text_encoder)] * (text_encoder is not None)
+    for prefix, model in models:
+        for name, module in model.named_modules():
+            if isinstance(module, LycorisLayer):
+                if prefix == "lora_te_" and not name.startswith("text_model."):
+                    name = f"text_model.{name}"
+                layers[prefix + name.replace(".", "_")] = module
+    return layers
+
+
+def save_lycoris(path, unet, text_encoder=None, metadata=None):
+    """The models' LoHa or LoKr adapters as one file in LyCORIS's kohya-ss keys, with each layer's alpha (a LoKr
+    layer of two full factors, which is not scaled, gets alpha = rank, as LyCORIS writes it), and `metadata` as
+    its header. Written under another name and renamed into place."""
+    state = {}
+    for name, layer in lycoris_layers(unet, text_encoder).items():
+        for tensor_name in layer.adapter_layer_names:
+            if "default" in getattr(layer, tensor_name):
+                state[f"{name}.{tensor_name}"] = getattr(layer, tensor_name)["default"].detach().contiguous()
+        unscaled = isinstance(layer, LoKrLayer) and layer.scaling["default"] == 1.0
+        state[f"{name}.alpha"] = torch.tensor(float(layer.r["default"] if unscaled else layer.alpha["default"]))
+    with written_atomically(path) as partial:
+        save_file(state, partial, metadata=metadata)
+
+
+def load_lycoris_weights(path, unet, text_encoder=None):
+    """Copy the adapter weights of a file save_lycoris wrote back into the models' adapters, bit for bit; ValueError
+    when it does not hold every weight of theirs, or holds others."""
+    layers = lycoris_layers(unet, text_encoder)
+    expected = {f"{name}.{tensor_name}": getattr(layer, tensor_name)["default"] for name, layer in layers.items()
+                for tensor_name in layer.adapter_layer_names if "default" in getattr(layer, tensor_name)}  # fmt: skip
+    state = {key: tensor for key, tensor in load_file(path).items() if not key.endswith(".alpha")}
+    if state.keys() != expected.keys():
+        differ = sorted(state.keys() ^ expected.keys())
+        raise ValueError(f"{path} holds other adapter weights than this run's, such as {differ[0]}")
+    with torch.no_grad():
+        for key, parameter in expected.items():
+            parameter.copy_(state[key])
