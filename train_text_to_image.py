@@ -528,9 +528,9 @@ def parse_args(argv=None):
         type=str,
         default=None,
         help=(
-            "The validation prompts from a .txt file instead, one a line, each with its own settings after it as"
-            " kohya-ss writes them: --n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s"
-            " steps (see sdtoolkit/sample_prompts.py)."
+            "The validation prompts from kohya-ss's prompt file instead: a .txt file, one a line, each with its own"
+            " settings after it (--n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s"
+            " steps), or a .toml or .json file that names them (see sdtoolkit/sample_prompts.py)."
         ),
     )
     parser.add_argument(

@@ -1,5 +1,7 @@
-"""--sample_prompts: kohya-ss's .txt prompt file, each validation prompt with its own negative prompt, size, seed,
-guidance scale and steps."""
+"""--sample_prompts: kohya-ss's .txt, .toml and .json prompt files, each validation prompt with its own negative
+prompt, size, seed, guidance scale and steps."""
+
+import json
 
 import pytest
 from diffusers import StableDiffusionPipeline
@@ -27,6 +29,23 @@ def test_a_prompt_file_is_read_as_sd_scripts_reads_it(tmp_path):
     ]  # fmt: skip
 
 
+def test_toml_and_json_prompt_files_are_read_as_sd_scripts_reads_them(tmp_path):
+    # A .toml's [prompt] values stand for each [[prompt.subset]]'s, which win; a .json lists tables or lines.
+    toml = tmp_path / "prompts.toml"
+    toml.write_text('[prompt]\nsample_steps = 3\nscale = 4\nnegative_prompt = "blurry"\n'
+                    '[[prompt.subset]]\nprompt = "a blue square"\n'
+                    '[[prompt.subset]]\nprompt = "a red disc"\nwidth = 48\nheight = 32\nseed = 5\nsample_steps = 2\n')  # fmt: skip
+    assert read_sample_prompts(str(toml)) == [
+        ("a blue square", {"num_inference_steps": 3, "guidance_scale": 4.0, "negative_prompt": "blurry"}),
+        ("a red disc", {"num_inference_steps": 2, "guidance_scale": 4.0, "negative_prompt": "blurry", "width": 48,
+                        "height": 32, "seed": 5}),
+    ]  # fmt: skip
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps([{"prompt": "a red disc", "width": 48, "scale": 4.5}, "a blue square --s 3"]))
+    assert read_sample_prompts(str(listed)) == [
+        ("a red disc", {"width": 48, "guidance_scale": 4.5}), ("a blue square", {"num_inference_steps": 3})]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "text, name, message",
     [
@@ -34,12 +53,24 @@ def test_a_prompt_file_is_read_as_sd_scripts_reads_it(tmp_path):
                                           " scheduler), which this toolkit does not use"),
         ("a cat --x 3\n", "p.txt", "line 1: --x 3 is not an option; give --n, --w, --h, --d, --l or --s"),
         ("a cat --w wide\n", "p.txt", "line 1: --w takes a int, got 'wide'"),
-        ("a cat --w 50\n", "p.txt", "line 1: --w must be a positive multiple of 8, got 50"),
-        ("a cat --s 0\n", "p.txt", "line 1: --s must be at least 1 and --l at least 0"),
+        ("a cat --w 50\n", "p.txt", "line 1: its width must be a positive multiple of 8, got 50"),
+        ("a cat --s 0\n", "p.txt", "line 1: its steps must be at least 1 and its guidance scale at least 0"),
         ("# only a comment\n", "p.txt", "holds no prompts"),
-        ("[prompt]\n", "p.toml", "this toolkit reads sd-scripts' .txt prompt files"),
+        ("[prompt]\n", "p.toml", "sd-scripts' .toml holds a [prompt] table and a [[prompt.subset]] table for each"),
+        ('[prompt]\nsample_sampler = "euler"\n[[prompt.subset]]\nprompt = "a cat"\n', "p.toml",
+         "[[prompt.subset]] 1: sample_sampler is a sampler of its own"),
+        ('[prompt]\n[[prompt.subset]]\nprompt = "a cat"\nwidth = "wide"\n', "p.toml",
+         "[[prompt.subset]] 1: width takes a int, got 'wide'"),
+        ('[{"prompt": "a cat", "steps": 3}]', "p.json", "prompt 1: steps is not a setting; give prompt,"),
+        ('[{"negative_prompt": "blur"}]', "p.json", "prompt 1: it has no prompt (a string)"),
+        ('[{"prompt": "a cat", "width": 48.5}]', "p.json", "prompt 1: width takes a int, got 48.5"),
+        ('{"prompt": "a cat"}', "p.json", "sd-scripts' .json holds a list of prompts"),
+        ("[3]", "p.json", "prompt 1: a prompt is a table of its settings or a line, got 3"),
+        ("a cat\n", "p.yaml", "give one of sd-scripts' prompt files, .txt, .toml or .json"),
     ],
-    ids=["other-sampler", "unknown", "not-a-number", "not-multiple-of-8", "no-steps", "empty", "toml"],
+    ids=["other-sampler", "unknown", "not-a-number", "not-multiple-of-8", "no-steps", "empty", "toml-no-subset",
+         "toml-sampler", "toml-not-a-number", "json-unknown", "json-no-prompt", "json-fraction", "json-not-a-list", "json-not-a-prompt",
+         "yaml"],
 )  # fmt: skip
 def test_what_cannot_be_read_is_one_line(tmp_path, text, name, message):
     path = tmp_path / name
