@@ -3018,7 +3018,13 @@ def fine_tune(args):
     # Potentially load in the weights and states from a previous save
     if resume_path is not None:
         logger.info(f"Resuming from checkpoint {os.path.basename(resume_path)}", main_process_only=False)
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except ValueError as err:  # the load hooks' and torch's word for a checkpoint of another shape
+            raise UserError(
+                f"could not resume from {resume_path}: {first_line(err)} -- resume it with the flags it was trained"
+                " with (its training_state.json lists them)"
+            ) from err
         global_step = checkpoint_step(resume_path)
         # The LR schedule counts process-steps; recount it for this run's number of processes.
         recount_lr_schedule(lr_scheduler.scheduler, optimizer, global_step * accelerator.num_processes)

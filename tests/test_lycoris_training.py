@@ -133,6 +133,11 @@ def test_a_checkpoint_resumes_only_as_the_kind_it_holds(tiny_sd, tmp_path):
     with pytest.raises(UserError, match="holds a LoRA adapter; resume it with --lora_type lora"):
         train(tiny_sd, tmp_path / "lora", *RUNS["lokr-full"][:4], "--max_train_steps", "4", "--resume_from_checkpoint",
               "latest")  # fmt: skip
+    # A checkpoint of adapters on other layers: one line, for a LoRA's and for a LoHa's.
+    for run, flags in (("loha", RUNS["loha"]), ("lora", ["--lora_rank", "4"])):
+        with pytest.raises(UserError, match=r"could not resume from .*checkpoint-2: .* -- resume it with the flags"):
+            train(tiny_sd, tmp_path / run, *flags, "--lora_target_modules", "to_q", "--max_train_steps", "4",
+                  "--resume_from_checkpoint", "latest")  # fmt: skip
 
 
 @pytest.mark.parametrize(
