@@ -116,7 +116,11 @@ def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp
 KOHYA_TARGETS = ["--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
 
 
-@pytest.mark.parametrize("targets", [[], KOHYA_TARGETS], ids=["attention", "kohya-targets"])
+# kohya-ss's LoCon: its LoRA on the ResNet blocks' convolutions too (here at the same rank).
+LOCON_TARGETS = [*KOHYA_TARGETS, "conv1", "conv2", "conv_shortcut"]
+
+
+@pytest.mark.parametrize("targets", [[], KOHYA_TARGETS, LOCON_TARGETS], ids=["attention", "kohya-targets", "locon"])
 def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_path, targets):
     # diffusers' own loader, as the model card shows it, reads every layer of either file.
     out = tmp_path / "out"
