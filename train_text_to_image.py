@@ -251,7 +251,7 @@ KNOWN_ELSEWHERE = {
     "--sample_sampler": "not here: validation images use the model's own scheduler (--sample_prompts sets steps)",
     "--network_args": (
         "not read here: --lora_type loha or lokr picks LyCORIS's algo, --lora_target_modules the layers, --lora_rank"
-        " and --lora_alpha their size"
+        " and --lora_alpha their size, --lora_conv_rank and --lora_conv_alpha the convolutions' (conv_dim, conv_alpha)"
     ),
     "--resume": "--resume_from_checkpoint here (a checkpoint folder, or latest)",
     "--save_last_n_epochs": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
@@ -387,6 +387,21 @@ def parse_args(argv=None):
         "--lora_alpha", type=float, default=None, help="LoRA's alpha: updates scale by alpha/rank. Default: the rank."
     )
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA path.")
+    parser.add_argument(
+        "--lora_conv_rank",
+        type=int,
+        default=None,
+        help=(
+            "With --lora_rank, the rank of the adapters on the targeted 3x3 convolutions (kohya-ss's LoCon conv_dim;"
+            " add conv1 conv2 to --lora_target_modules). Default: --lora_rank."
+        ),
+    )
+    parser.add_argument(
+        "--lora_conv_alpha",
+        type=float,
+        default=None,
+        help="With --lora_conv_rank, their alpha (kohya-ss's conv_alpha). Default: --lora_conv_rank.",
+    )
     parser.add_argument(
         "--lora_type",
         choices=["lora", "loha", "lokr"],
@@ -1358,6 +1373,10 @@ def parse_args(argv=None):
         )
     if args.scale_weight_norms is not None and not args.lora_rank:
         raise UserError("--scale_weight_norms bounds the norms of LoRA adapters, so it needs --lora_rank")
+    if args.lora_conv_alpha is not None and args.lora_conv_rank is None:
+        raise UserError("--lora_conv_alpha is the alpha of --lora_conv_rank's adapters, which is not given")
+    if args.lora_conv_rank is not None and (not args.lora_rank or args.lora_conv_rank < 1):
+        raise UserError(f"--lora_conv_rank must be at least 1, with --lora_rank; got {args.lora_conv_rank}")
     if args.lora_type != "lora":  # LyCORIS's LoHa and LoKr (see sdtoolkit/lycoris.py)
         kind = {"loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
         if not args.lora_rank:
@@ -2121,6 +2140,8 @@ python gradio_app.py --model_path {load_from}
     lora = "no (all UNet weights trained)"
     if args.lora_rank:
         lora = f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}"
+        if args.lora_conv_rank:
+            lora += f", its 3x3 convolutions at rank {args.lora_conv_rank}, alpha {args.lora_conv_alpha or args.lora_conv_rank}"
         if args.lora_type != "lora":
             lora = f"{kind} (LyCORIS), {lora}"
         if text_encoder_targets:
@@ -2277,9 +2298,10 @@ def check_init_lora(args):
     rank = Counter(ranks).most_common(1)[0][0]
     if args.lora_rank not in (None, rank):
         raise UserError(f"--init_lora {args.init_lora} is a LoRA of rank {rank}; leave --lora_rank out or give {rank}")
-    if args.lora_alpha is not None or args.lora_target_modules != LORA_TARGETS:
+    if args.lora_alpha is not None or args.lora_target_modules != LORA_TARGETS or args.lora_conv_rank is not None:
         raise UserError(
-            "--init_lora keeps the adapter's own alpha and layers; leave --lora_alpha and --lora_target_modules out"
+            "--init_lora keeps the adapter's own alphas, ranks and layers; leave --lora_alpha, --lora_target_modules"
+            " and --lora_conv_rank out"
         )
     if adapter_ranks(state, "text_encoder") and not args.train_text_encoder:
         raise UserError(
@@ -2495,6 +2517,12 @@ def fine_tune(args):
         raise UserError(
             f"{resume_path} holds a LoRA of rank {resumed_state['lora_rank']}; resume it with --lora_rank {resumed_state['lora_rank']}"
         )
+    resumed_conv_rank = resumed_state.get("flags", {}).get("lora_conv_rank")
+    if resume_path is not None and args.lora_rank and resumed_conv_rank != args.lora_conv_rank:
+        trained_with = (
+            f"with --lora_conv_rank {resumed_conv_rank}" if resumed_conv_rank else "without --lora_conv_rank"
+        )
+        raise UserError(f"{resume_path} was trained {trained_with}; resume it so")
     if resume_path is not None and args.lora_rank:
         with safe_open(os.path.join(resume_path, WEIGHTS_NAME), "pt") as f:
             held = lycoris_kind(f.keys())  # "LoHa", "LoKr", or None for a LoRA
@@ -2568,12 +2596,12 @@ def fine_tune(args):
     lora_alpha = args.lora_alpha or args.lora_rank
     lycoris = args.lora_rank and args.lora_type != "lora"  # LyCORIS's LoHa or LoKr (see sdtoolkit/lycoris.py)
     if lycoris:
-        add_lycoris(
-            unet, args.lora_type, rank=args.lora_rank, alpha=lora_alpha, target_modules=args.lora_target_modules
-        )
+        add_lycoris(unet, args.lora_type, rank=args.lora_rank, alpha=lora_alpha, target_modules=args.lora_target_modules,
+                    conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha)  # fmt: skip
     elif args.lora_rank and not args.init_lora:
         add_lora(unet, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
-                 target_modules=args.lora_target_modules)  # fmt: skip
+                 target_modules=args.lora_target_modules, conv_rank=args.lora_conv_rank,
+                 conv_alpha=args.lora_conv_alpha)  # fmt: skip
     unet_trained = [p for p in unet.parameters() if p.requires_grad]
     unet.train()
     logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet_trained):,}")
@@ -3367,7 +3395,8 @@ def fine_tune(args):
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
                 prediction_type=noise_scheduler.config.prediction_type, tags=tag_frequency(train_rows[caption_column]),
-                clip_skip=args.clip_skip, algo=args.lora_type if lycoris else None,
+                clip_skip=args.clip_skip, algo=args.lora_type if lycoris else None, conv_rank=args.lora_conv_rank,
+                conv_alpha=args.lora_conv_alpha or args.lora_conv_rank,
             )  # fmt: skip
             header.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
             if lycoris:  # one format, LyCORIS's in kohya-ss keys, in both files (see sdtoolkit/lycoris.py)

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
 from sdtoolkit.errors import UserError
-from sdtoolkit.lycoris import lycoris_kind
+from sdtoolkit.lycoris import conv_patterns, lycoris_kind
 
 # The attention projections of every transformer block: what upstream's LoRA script and kohya train.
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -51,13 +51,21 @@ KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 EMA_NAME = "lora_ema.safetensors"
 
 
-def add_lora(model, *, rank, alpha, dropout, target_modules):
+def add_lora(model, *, rank, alpha, dropout, target_modules, conv_rank=None, conv_alpha=None):
     """Freeze the model (the UNet or the text encoder) and add a trainable LoRA adapter; returns its parameters,
-    in float32."""
+    in float32. With conv_rank, the targeted 3x3 convolutions take that rank and conv_alpha (LoCon's conv_dim, see
+    sdtoolkit/lycoris.py's conv_patterns)."""
     model.requires_grad_(False)
+    rank_pattern, alpha_pattern = conv_patterns(model, target_modules, conv_rank, conv_alpha)
     model.add_adapter(
         LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target_modules
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=target_modules,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
         )  # fmt: skip
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -330,7 +338,8 @@ def tag_frequency(captions):
     return dict(counts.most_common())
 
 
-def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip_skip=1, algo=None):
+def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip_skip=1, algo=None, conv_rank=None,
+                   conv_alpha=None):  # fmt: skip
     """The header of the kohya-ss file (strings only), so that the UIs that load it know what it is.
 
     - kohya-ss's own keys, as its trainer writes them: AUTOMATIC1111 offers ss_output_name (`name`, the output
@@ -346,7 +355,8 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip
     learning_rate. tags: the captions' tag_frequency. clip_skip: the text encoder's layer the captions were read
     from (ss_clip_skip, which the UIs show so that the LoRA is prompted the same way). algo: "loha" or "lokr" for
     LyCORIS's adapters, named as kohya-ss names a LyCORIS run's (ss_network_module lycoris.kohya, its algo in
-    ss_network_args).
+    ss_network_args). conv_rank and conv_alpha: the 3x3 convolutions' (--lora_conv_rank), kohya-ss's conv_dim and
+    conv_alpha in ss_network_args.
     """
     model = str(facts["model"])
     resolution = facts["resolution"]
@@ -372,9 +382,14 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.date": datetime.date.today().isoformat(),
     }
+    network_args = {}
     if algo:
         metadata["ss_network_module"] = "lycoris.kohya"
-        metadata["ss_network_args"] = json.dumps({"algo": algo})
+        network_args["algo"] = algo
+    if conv_rank:
+        network_args.update(conv_dim=str(conv_rank), conv_alpha=str(float(conv_alpha)))
+    if network_args:
+        metadata["ss_network_args"] = json.dumps(network_args)
     if tags:
         # kohya-ss counts per dataset folder; this run has one data source.
         metadata["ss_tag_frequency"] = json.dumps({os.path.basename(str(facts["data"]).rstrip("/")): tags})

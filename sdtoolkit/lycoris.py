@@ -35,6 +35,7 @@ from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import load_file, save_file
 
 from sdtoolkit.atomic_files import written_atomically
+from sdtoolkit.errors import UserError
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -142,17 +143,43 @@ def load_lycoris(pipeline, path, adapter_name):
     return kind
 
 
-def add_lycoris(model, kind, *, rank, alpha, target_modules):
+def conv_patterns(model, target_modules, conv_rank, conv_alpha):
+    """(rank_pattern, alpha_pattern) for PEFT that give the model's targeted convolutions with a kernel larger than
+    1x1 (the ResNet blocks' conv1 and conv2, the samplers' conv) their own rank and alpha, as kohya-ss's LoCon gives
+    them conv_dim and conv_alpha (alpha: the rank unless given); empty without conv_rank. 1x1 convolutions (proj_in,
+    conv_shortcut) are linear layers in all but shape, and keep the adapter's rank, as in kohya-ss."""
+    if not conv_rank:
+        return {}, {}
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+        and any(name == target or name.endswith("." + target) for target in target_modules)
+    ]  # fmt: skip
+    if not names:
+        raise UserError(
+            "--lora_conv_rank is for the 3x3 convolutions, and --lora_target_modules names none: add conv1 conv2"
+        )
+    # PEFT reads each key as a pattern for the end of a module's path: the whole path, escaped, is that module only.
+    return {re.escape(name): conv_rank for name in names}, {re.escape(name): conv_alpha or conv_rank for name in names}
+
+
+def add_lycoris(model, kind, *, rank, alpha, target_modules, conv_rank=None, conv_alpha=None):
     """Add a trainable LoHa or LoKr adapter (`kind`: "loha" or "lokr") of this rank and alpha to the target layers of
     the model (the UNet or the text encoder), whose own weights PEFT then freezes; returns the adapter's parameters,
     in float32. PEFT starts it at a zero update (LoHa's hada_w2_b, LoKr's lokr_w1 are zeros), so training starts
-    from the model as it is.
+    from the model as it is. With conv_rank, the targeted 3x3 convolutions take that rank and conv_alpha (see
+    conv_patterns).
 
     A LoKr layer whose two factors are full matrices (LoKr's usual form: its factors are small, and a rank at least
     half the second one's side makes it full) is not scaled by alpha / rank, as LyCORIS trains and AUTOMATIC1111
     applies it; a layer with a low-rank factor is."""
     config = {"loha": LoHaConfig, "lokr": LoKrConfig}[kind]
-    model.add_adapter(config(r=rank, alpha=alpha, target_modules=target_modules))
+    rank_pattern, alpha_pattern = conv_patterns(model, target_modules, conv_rank, conv_alpha)
+    model.add_adapter(
+        config(
+            r=rank, alpha=alpha, target_modules=target_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+        )
+    )
     for module in model.modules():
         if isinstance(module, LoKrLayer) and "default" in module.lokr_w1 and "default" in module.lokr_w2:
             module.scaling["default"] = 1.0

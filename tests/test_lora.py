@@ -1,5 +1,6 @@
 """--lora_rank: adapters trained on a frozen UNet, saved in diffusers' and kohya's keys, resumed bit for bit."""
 
+import json
 import logging
 import re
 import shutil
@@ -116,8 +117,8 @@ def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp
 KOHYA_TARGETS = ["--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
 
 
-# kohya-ss's LoCon: its LoRA on the ResNet blocks' convolutions too (here at the same rank).
-LOCON_TARGETS = [*KOHYA_TARGETS, "conv1", "conv2", "conv_shortcut"]
+# kohya-ss's LoCon: its LoRA on the ResNet blocks' convolutions too, the 3x3 ones at a rank and alpha of their own.
+LOCON_TARGETS = [*KOHYA_TARGETS, "conv1", "conv2", "conv_shortcut", "--lora_conv_rank", "2", "--lora_conv_alpha", "1"]
 
 
 @pytest.mark.parametrize("targets", [[], KOHYA_TARGETS, LOCON_TARGETS], ids=["attention", "kohya-targets", "locon"])
@@ -144,7 +145,18 @@ def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_
         pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(upstream))
         assert abs(generated_image(pipeline, 32) - with_peft).max() <= 1e-4
     kohya = load_file(out / KOHYA_WEIGHTS_NAME)
-    assert all(value.item() == 8.0 for key, value in kohya.items() if key.endswith(".alpha"))
+    convolution = re.compile(r"_conv[12]\.")  # a ResNet block's 3x3 convolutions (conv_shortcut is 1x1)
+    ranks = {key: kohya[key].shape[0] for key in kohya if key.endswith(".lora_down.weight")}
+    if "--lora_conv_rank" in targets:
+        assert {rank for key, rank in ranks.items() if convolution.search(key)} == {2}
+        assert all(kohya[key].item() == 1.0 for key in kohya if key.endswith(".alpha") and convolution.search(key))
+        with safe_open(str(out / KOHYA_WEIGHTS_NAME), "pt") as f:
+            assert json.loads(f.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+        assert "its 3x3 convolutions at rank 2, alpha 1.0" in (out / "README.md").read_text()
+    assert {rank for key, rank in ranks.items() if not convolution.search(key)} == {4}
+    assert all(
+        value.item() == 8.0 for key, value in kohya.items() if key.endswith(".alpha") and not convolution.search(key)
+    )
 
 
 @pytest.mark.parametrize(
@@ -176,10 +188,28 @@ def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
         assert any(not torch.equal(final[k], last[k]) for k in final)
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora_rank", "4", "--lora_conv_rank", "2"], "--lora_conv_rank is for the 3x3 convolutions, and"
+                                                         " --lora_target_modules names none: add conv1 conv2"),
+        (["--lora_rank", "4", "--lora_conv_alpha", "1"], "--lora_conv_alpha is the alpha of --lora_conv_rank's"),
+        (["--lora_conv_rank", "2"], "--lora_conv_rank must be at least 1, with --lora_rank; got 2"),
+    ],
+    ids=["no-convolution", "alpha-alone", "no-lora"],
+)  # fmt: skip
+def test_a_convolution_rank_that_does_not_fit_is_one_line(tiny_sd, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        train(tiny_sd, tmp_path / "out", *flags, "--max_train_steps", "1")
+
+
 def test_a_lora_checkpoint_resumes_only_as_lora(tiny_sd, tmp_path):
     train(tiny_sd, tmp_path / "out", *LORA, "--max_train_steps", "2", "--checkpointing_steps", "2")
     with pytest.raises(UserError, match="is a LoRA checkpoint: resume it with the same --lora_rank"):
         train(tiny_sd, tmp_path / "out", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError, match="was trained without --lora_conv_rank; resume it so"):
+        train(tiny_sd, tmp_path / "out", *LORA, "--lora_target_modules", "to_q", "conv1", "--lora_conv_rank", "2",
+              "--max_train_steps", "4", "--resume_from_checkpoint", "latest")  # fmt: skip
     with pytest.raises(UserError, match="holds a LoRA of rank 4; resume it with --lora_rank 4"):
         train(
             tiny_sd,
@@ -355,12 +385,13 @@ def misfit(a1111, out, change):
     [
         (["--init_lora", "missing.safetensors"], "--init_lora missing.safetensors: no LoRA there"),
         (["--init_lora", "A1111", "--train_text_encoder", "--lora_rank", "8"], "is a LoRA of rank 4; leave --lora_rank out or give 4"),
-        (["--init_lora", "A1111", "--train_text_encoder", "--lora_alpha", "4"], "keeps the adapter's own alpha and layers"),
+        (["--init_lora", "A1111", "--train_text_encoder", "--lora_alpha", "4"], "keeps the adapter's own alphas, ranks and layers"),
+        (["--init_lora", "A1111", "--train_text_encoder", "--lora_conv_rank", "2"], "leave --lora_alpha, --lora_target_modules and --lora_conv_rank out"),
         (["--init_lora", "A1111"], "holds a LoRA on the text encoder too; add --train_text_encoder"),
         (["--init_lora", "a layer too many", "--train_text_encoder"], "onto this UNet: 1 of its 61 unet adapter layers match no layer"),
         (["--init_lora", "a misshapen layer", "--train_text_encoder"], "onto this UNet: 1 of its layers have other shapes than this model's"),
     ],
-    ids=["missing", "rank", "alpha", "text-encoder", "extra-layer", "shape"],
+    ids=["missing", "rank", "alpha", "conv-rank", "text-encoder", "extra-layer", "shape"],
 )  # fmt: skip
 def test_init_lora_that_does_not_fit_is_one_line(tiny_sd, a1111_lora, tmp_path, flags, message):
     _, a1111 = a1111_lora

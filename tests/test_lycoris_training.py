@@ -27,6 +27,9 @@ RUNS = {
     "lokr": ["--lora_type", "lokr", "--lora_rank", "2", "--lora_alpha", "3", "--learning_rate", "1e-2"],
     "lokr-full": ["--lora_type", "lokr", "--lora_rank", "4", "--lora_alpha", "2", "--learning_rate", "1e-2"],
 }
+# LoHa on the ResNet blocks' 3x3 convolutions too, at a rank and alpha of their own.
+RUNS["loha-conv"] = [*RUNS["loha"], "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
+                     "--lora_conv_rank", "2", "--lora_conv_alpha", "1"]  # fmt: skip
 
 
 def keep_the_models(monkeypatch):
@@ -50,13 +53,13 @@ def outputs(unet, text_encoder, tokenizer):
         return unet(latents, torch.tensor([500]), text_encoder(ids)[0]).sample
 
 
-@pytest.mark.parametrize("run", ["loha", "lokr", "lokr-full"])
+@pytest.mark.parametrize("run", ["loha", "lokr", "lokr-full", "loha-conv"])
 def test_the_adapter_trained_is_the_one_the_server_and_the_export_apply(tiny_sd, tmp_path, monkeypatch, caplog, run):
     models = keep_the_models(monkeypatch)
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
         train(tiny_sd, out, *RUNS[run], "--train_text_encoder", "--max_train_steps", "3")
-    kind = run.removesuffix("-full")
+    kind = run.removesuffix("-full").removesuffix("-conv")
     name = {"loha": "LoHa", "lokr": "LoKr"}[kind]
     assert f"Saved the {name} adapter to {out}" in caplog.text
     unet, text_encoder = (model.eval() for model in models)
@@ -75,10 +78,15 @@ def test_the_adapter_trained_is_the_one_the_server_and_the_export_apply(tiny_sd,
         layers = {key.split(".")[0] for key in state}
         assert all(f"{layer}.{factor}" in state for layer in layers)
         assert all(state[f"{layer}.alpha"].item() == (4 if run == "lokr-full" else 3) for layer in layers)
+    if run == "loha-conv":
+        convolutions = {key.split(".")[0] for key in state if "_conv1." in key or "_conv2." in key}
+        assert convolutions and all(state[f"{layer}.hada_w1_b"].shape[0] == 2 for layer in convolutions)
+        assert all(state[f"{layer}.alpha"].item() == 1 for layer in convolutions)
     assert load_file(out / WEIGHTS_NAME).keys() == state.keys()
     with safe_open(str(out / KOHYA_WEIGHTS_NAME), "pt") as f:
         header = f.metadata()
-    assert header["ss_network_module"] == "lycoris.kohya" and json.loads(header["ss_network_args"]) == {"algo": kind}
+    network_args = {"algo": kind, **({"conv_dim": "2", "conv_alpha": "1.0"} if run == "loha-conv" else {})}
+    assert header["ss_network_module"] == "lycoris.kohya" and json.loads(header["ss_network_args"]) == network_args
     assert header["ss_network_dim"] == RUNS[run][3]
 
     # gradio_app.py and metrics.py load the run's folder (its base model from the header) and its kohya file:
