@@ -54,8 +54,8 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
 from PIL import ImageOps
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -154,6 +154,7 @@ from sdtoolkit.lora import (
     kohya_state_dict,
     load_lora,
     load_lora_ema,
+    lora_location,
     max_norm_regularize,
     read_lora,
     save_lora,
@@ -170,7 +171,16 @@ from sdtoolkit.losses import (
     loss_per_element,
     snr_scale,
 )
-from sdtoolkit.lycoris import add_lycoris, load_lycoris_weights, lycoris_kind, save_lycoris
+from sdtoolkit.lycoris import (
+    add_lycoris,
+    add_lycoris_from_file,
+    load_lycoris_weights,
+    lycoris_kind,
+    lycoris_layers,
+    lycoris_ranks,
+    read_lycoris,
+    save_lycoris,
+)
 from sdtoolkit.output_dir import (
     check_fresh_run,
     check_output_dir,
@@ -424,9 +434,9 @@ def parse_args(argv=None):
         default=None,
         help=(
             "Go on training an existing LoRA instead of a new one (kohya-ss's --network_weights): a LoRA run's"
-            " folder or checkpoint, or one .safetensors file in diffusers' or kohya-ss keys (as AUTOMATIC1111 loads)."
-            " Its rank, alpha and layers are kept, so it implies --lora_rank; a text encoder adapter in it needs"
-            " --train_text_encoder."
+            " folder or checkpoint, or one .safetensors file in diffusers' or kohya-ss keys (as AUTOMATIC1111 loads),"
+            " a LoHa or LoKr file too. Its kind, rank, alpha and layers are kept, so it implies --lora_type and"
+            " --lora_rank; a text encoder adapter in it needs --train_text_encoder."
         ),
     )
     parser.add_argument(
@@ -1381,7 +1391,7 @@ def parse_args(argv=None):
         kind = {"loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
         if not args.lora_rank:
             raise UserError(f"--lora_type {args.lora_type} trains a {kind} adapter of --lora_rank N: give its rank")
-        refused = [flag for flag, given in (("--init_lora", args.init_lora), ("--lora_dropout", args.lora_dropout),
+        refused = [flag for flag, given in (("--lora_dropout", args.lora_dropout),
                                             ("--scale_weight_norms", args.scale_weight_norms)) if given]  # fmt: skip
         if refused:
             raise UserError(
@@ -2285,30 +2295,47 @@ def out_of_memory_message(args, err):
 
 
 def check_init_lora(args):
-    """--init_lora: the file must hold a UNet adapter that the other flags agree with. Its rank becomes the run's
-    --lora_rank (the rank of most of its layers, when they differ)."""
+    """--init_lora: the file must hold a UNet adapter that the other flags agree with: a LoRA, or LyCORIS's LoHa or
+    LoKr. Its kind becomes the run's --lora_type, and its rank the run's --lora_rank (the rank of most of its
+    layers, when they differ)."""
     check_lora_path(args.init_lora, "--init_lora")
+    folder, name = lora_location(args.init_lora)
     try:
-        state, _, _ = read_lora(args.init_lora)
-    except (OSError, ValueError, KeyError) as err:
+        with safe_open(os.path.join(folder, name), "pt") as f:
+            kind = lycoris_kind(f.keys())
+        if kind:  # LyCORIS's LoHa or LoKr, in kohya-ss keys (see sdtoolkit/lycoris.py)
+            layers = {}
+            for key, tensor in load_file(os.path.join(folder, name)).items():
+                module, _, tensor_name = key.partition(".")
+                layers.setdefault(module, {})[tensor_name] = tensor
+            ranks = {part: lycoris_ranks({m: t for m, t in layers.items() if m.startswith(prefix)})
+                     for part, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_"))}  # fmt: skip
+        else:
+            state, _, _ = read_lora(args.init_lora)
+            ranks = {part: adapter_ranks(state, part) for part in ("unet", "text_encoder")}
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise UserError(f"--init_lora {args.init_lora} is not a LoRA diffusers can read: {first_line(err)}") from err
-    ranks = adapter_ranks(state, "unet")
-    if not ranks:
+    described, wanted = kind or "LoRA", (kind or "LoRA").lower()
+    if not ranks["unet"]:
         raise UserError(f"--init_lora {args.init_lora} holds no adapter for the UNet")
-    rank = Counter(ranks).most_common(1)[0][0]
+    if args.lora_type not in ("lora", wanted):
+        raise UserError(f"--init_lora {args.init_lora} is a {described}; leave --lora_type out or give {wanted}")
+    rank = Counter(ranks["unet"]).most_common(1)[0][0]
     if args.lora_rank not in (None, rank):
-        raise UserError(f"--init_lora {args.init_lora} is a LoRA of rank {rank}; leave --lora_rank out or give {rank}")
+        raise UserError(
+            f"--init_lora {args.init_lora} is a {described} of rank {rank}; leave --lora_rank out or give {rank}"
+        )
     if args.lora_alpha is not None or args.lora_target_modules != LORA_TARGETS or args.lora_conv_rank is not None:
         raise UserError(
             "--init_lora keeps the adapter's own alphas, ranks and layers; leave --lora_alpha, --lora_target_modules"
             " and --lora_conv_rank out"
         )
-    if adapter_ranks(state, "text_encoder") and not args.train_text_encoder:
+    if ranks["text_encoder"] and not args.train_text_encoder:
         raise UserError(
-            f"--init_lora {args.init_lora} holds a LoRA on the text encoder too; add --train_text_encoder to go on"
-            " training both"
+            f"--init_lora {args.init_lora} holds a {described} on the text encoder too; add --train_text_encoder to"
+            " go on training both"
         )
-    args.lora_rank = rank
+    args.lora_type, args.lora_rank = wanted, rank
 
 
 def main(argv=None):
@@ -2576,7 +2603,14 @@ def fine_tune(args):
     text_encoder.requires_grad_(False)
     # With LoRA, the UNet is frozen too and only adapters on its attention layers train (see sdtoolkit/lora.py).
     # With --init_lora the adapter is the file's, with its alpha and layers (which the model card then shows).
-    init_lora = read_lora(args.init_lora) if args.init_lora else None
+    lycoris = args.lora_rank and args.lora_type != "lora"  # LyCORIS's LoHa or LoKr (see sdtoolkit/lycoris.py)
+    init_lora = read_lora(args.init_lora) if args.init_lora and not lycoris else None
+    init_lycoris = None  # a LoHa or LoKr file's (kind, its layers of each part)
+    if args.init_lora and lycoris:
+        try:
+            init_lycoris = read_lycoris(os.path.join(*lora_location(args.init_lora)), unet, text_encoder)
+        except ValueError as err:
+            raise UserError(f"could not load --init_lora {args.init_lora} onto this model: {first_line(err)}") from err
 
     def start_from_init_lora(model, part, name):
         try:
@@ -2593,9 +2627,20 @@ def fine_tune(args):
             f"--init_lora: training on from {args.init_lora} (rank {args.lora_rank}, alpha {args.lora_alpha}, on"
             f" {' '.join(args.lora_target_modules)})"
         )
+    if init_lycoris:
+        kind, parts = init_lycoris
+        try:
+            add_lycoris_from_file(unet, kind, parts["unet"])
+        except ValueError as err:
+            raise UserError(f"could not load --init_lora {args.init_lora} onto this UNet: {first_line(err)}") from err
+        alphas = Counter(layer.alpha["default"] for layer in lycoris_layers(unet).values())
+        args.lora_alpha, args.lora_target_modules = alphas.most_common(1)[0][0], adapted_layer_names(unet)
+        logger.info(
+            f"--init_lora: training on from {args.init_lora} ({kind}, rank {args.lora_rank}, alpha {args.lora_alpha},"
+            f" on {' '.join(args.lora_target_modules)})"
+        )
     lora_alpha = args.lora_alpha or args.lora_rank
-    lycoris = args.lora_rank and args.lora_type != "lora"  # LyCORIS's LoHa or LoKr (see sdtoolkit/lycoris.py)
-    if lycoris:
+    if lycoris and not init_lycoris:
         add_lycoris(unet, args.lora_type, rank=args.lora_rank, alpha=lora_alpha, target_modules=args.lora_target_modules,
                     conv_rank=args.lora_conv_rank, conv_alpha=args.lora_conv_alpha)  # fmt: skip
     elif args.lora_rank and not args.init_lora:
@@ -2611,7 +2656,15 @@ def fine_tune(args):
     text_encoder_trained, adapted_text_encoder = [], None
     if args.train_text_encoder:
         text_encoder.to(dtype=half or torch.float32)
-        if lycoris:
+        if init_lycoris and init_lycoris[1]["text_encoder"]:
+            kind, parts = init_lycoris
+            try:
+                text_encoder_trained = add_lycoris_from_file(text_encoder, kind, parts["text_encoder"])
+            except ValueError as err:
+                raise UserError(
+                    f"could not load --init_lora {args.init_lora} onto this text encoder: {first_line(err)}"
+                ) from err
+        elif lycoris:  # a new adapter, also when the --init_lora file has none for the text encoder
             text_encoder_trained = add_lycoris(text_encoder, args.lora_type, rank=args.lora_rank, alpha=lora_alpha,
                                                target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
         elif init_lora and adapter_ranks(init_lora[0], "text_encoder"):

@@ -154,8 +154,8 @@ def read_lora(path):
         kind = lycoris_kind(f.keys())
     if kind:
         raise ValueError(
-            f"it is a LyCORIS {kind} file, not a LoRA: gradio_app.py and metrics.py apply it (--lora, --lora_dir), and"
-            " training goes on from LoRAs only"
+            f"it is a LyCORIS {kind} file, not a LoRA: sdtoolkit/lycoris.py reads it (gradio_app.py and metrics.py"
+            " apply it, and --init_lora trains on from it)"
         )
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
         folder, weight_name=name, return_lora_metadata=True

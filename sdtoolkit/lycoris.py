@@ -50,14 +50,14 @@ def lycoris_kind(keys):
     return None
 
 
-def kohya_names(pipeline):
+def kohya_names(unet, text_encoder):
     """{kohya-ss module name: (component, module path)}: kohya-ss names a layer by its path with '_' for '.', under
     lora_unet_ (the UNet's diffusers paths) or lora_te_ (the text encoder's, text_model.encoder..., a prefix
     transformers 5.6 and later leave out of the module paths)."""
     names = {}
-    for name, _ in pipeline.unet.named_modules():
+    for name, _ in unet.named_modules():
         names["lora_unet_" + name.replace(".", "_")] = ("unet", name)
-    for name, _ in pipeline.text_encoder.named_modules():
+    for name, _ in text_encoder.named_modules():
         full = name if name.startswith("text_model.") else f"text_model.{name}"
         names["lora_te_" + full.replace(".", "_")] = ("text_encoder", name)
     return names
@@ -92,13 +92,13 @@ def lokr_config(layers):
     return _create_lokr_config(flat, None), dict(baked)
 
 
-def load_lycoris(pipeline, path, adapter_name):
-    """Load the LoHa or LoKr file at `path` onto the pipeline's UNet and text encoder as the adapter `adapter_name`,
-    active at weight 1. ValueError, saying what does not fit, for a file this model can't take."""
+def read_lycoris(path, unet, text_encoder):
+    """(kind, {"unet": layers, "text_encoder": layers}) of the LoHa or LoKr file at `path`, each part's layers as
+    {module path: {tensor name: tensor}}; ValueError, saying what does not fit, for a file these models can't take."""
     state = load_file(path)
     kind = lycoris_kind(state)
     known = set(LOHA if kind == "LoHa" else LOKR) | {"alpha"}
-    names = kohya_names(pipeline)
+    names = kohya_names(unet, text_encoder)
     parts = {"unet": {}, "text_encoder": {}}
     for key, tensor in state.items():
         name, _, tensor_name = key.partition(".")
@@ -110,36 +110,84 @@ def load_lycoris(pipeline, path, adapter_name):
             raise ValueError(f"{name} is no layer of this model (is the file made for another one, such as SDXL?)")
         part, module_path = names[name]
         parts[part].setdefault(module_path, {})[tensor_name] = tensor
+    return kind, parts
+
+
+def inject_lycoris(model, kind, layers, adapter_name):
+    """Add to the model (the UNet or the text encoder) the LoHa or LoKr adapter `adapter_name` that `layers` (one
+    part of read_lycoris's) describe, with their weights, active at weight 1; returns the layers as copied (a
+    LoKr's alpha folded in). ValueError, saying what does not fit, for layers this model can't take."""
+    if kind == "LoHa":
+        config = loha_config(layers)
+    else:
+        config, layers = lokr_config(layers)
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    model._hf_peft_config_loaded = True  # what diffusers and transformers mark a model holding adapters with
+    copy_lycoris_weights(model, kind, layers, adapter_name)
+    return layers
+
+
+def copy_lycoris_weights(model, kind, layers, adapter_name):
+    """Copy the weights of `layers` (as inject_lycoris takes them, a LoKr's alpha folded in) into the model's
+    adapter `adapter_name`, in the adapter's dtype; ValueError for a layer that does not fit."""
+    for module_path, tensors in layers.items():
+        module = model.get_submodule(module_path)
+        # Every tensor PEFT made for the layer must come from the file: one left out would stay random.
+        made = {name for name in LOHA + LOKR + ("lokr_t2",) if adapter_name in getattr(module, name, {})}
+        if made - set(tensors):
+            raise ValueError(f"its {module_path} lacks {', '.join(sorted(made - set(tensors)))}")
+        for tensor_name, tensor in tensors.items():
+            if tensor_name == "alpha":
+                continue
+            parameters = getattr(module, tensor_name)
+            if adapter_name not in parameters:  # a full factor where PEFT made a low-rank one, or the reverse
+                raise ValueError(f"its {module_path} holds {tensor_name}, which this model's {kind} layer lacks")
+            parameter = parameters[adapter_name]
+            if parameter.numel() != tensor.numel():
+                raise ValueError(
+                    f"its {module_path}.{tensor_name} is {tuple(tensor.shape)}, and this model's layer takes"
+                    f" {tuple(parameter.shape)}"
+                )
+            with torch.no_grad():
+                parameter.copy_(tensor.reshape(parameter.shape))
+
+
+def add_lycoris_from_file(model, kind, layers):
+    """Add to the model the LoHa or LoKr adapter a file holds for it (one part of read_lycoris's), ready to go on
+    training as add_lycoris's would be: the model frozen, the adapter trainable, float32, with the file's layers,
+    ranks and alphas. (A LoKr layer with a low-rank factor comes with its alpha / rank folded into its first factor,
+    as diffusers reads LoKr files, and is not scaled: the same update.) Returns its parameters."""
+    model.requires_grad_(False)
+    layers = inject_lycoris(model, kind, layers, "default")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.data = parameter.data.float()
+    # PEFT made the adapter in the model's dtype, half under mixed precision: the weights again, into float32.
+    copy_lycoris_weights(model, kind, layers, "default")
+    return parameters
+
+
+def lycoris_ranks(layers):
+    """The rank of each layer of one part of read_lycoris's: LoHa's hada_w1_b rows; LoKr's low-rank factor's inner
+    size, or for two full factors the second one's longer side (the least rank for which PEFT makes it full)."""
+    ranks = []
+    for tensors in layers.values():
+        if "hada_w1_b" in tensors:
+            ranks.append(tensors["hada_w1_b"].shape[0])
+        elif "lokr_w1_b" in tensors or "lokr_w2_b" in tensors:
+            ranks.append(tensors["lokr_w1_b" if "lokr_w1_b" in tensors else "lokr_w2_b"].shape[0])
+        elif "lokr_w2" in tensors:
+            ranks.append(max(tensors["lokr_w2"].shape[:2]))
+    return ranks
+
+
+def load_lycoris(pipeline, path, adapter_name):
+    """Load the LoHa or LoKr file at `path` onto the pipeline's UNet and text encoder as the adapter `adapter_name`,
+    active at weight 1. ValueError, saying what does not fit, for a file this model can't take."""
+    kind, parts = read_lycoris(path, pipeline.unet, pipeline.text_encoder)
     for part, layers in parts.items():
-        if not layers:
-            continue
-        model = getattr(pipeline, part)
-        if kind == "LoHa":
-            config = loha_config(layers)
-        else:
-            config, layers = lokr_config(layers)
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
-        model._hf_peft_config_loaded = True  # what diffusers and transformers mark a model holding adapters with
-        for module_path, tensors in layers.items():
-            module = model.get_submodule(module_path)
-            # Every tensor PEFT made for the layer must come from the file: one left out would stay random.
-            made = {name for name in LOHA + LOKR + ("lokr_t2",) if adapter_name in getattr(module, name, {})}
-            if made - set(tensors):
-                raise ValueError(f"its {module_path} lacks {', '.join(sorted(made - set(tensors)))}")
-            for tensor_name, tensor in tensors.items():
-                if tensor_name == "alpha":
-                    continue
-                parameters = getattr(module, tensor_name)
-                if adapter_name not in parameters:  # a full factor where PEFT made a low-rank one, or the reverse
-                    raise ValueError(f"its {module_path} holds {tensor_name}, which this model's {kind} layer lacks")
-                parameter = parameters[adapter_name]
-                if parameter.numel() != tensor.numel():
-                    raise ValueError(
-                        f"its {module_path}.{tensor_name} is {tuple(tensor.shape)}, and this model's layer takes"
-                        f" {tuple(parameter.shape)}"
-                    )
-                with torch.no_grad():
-                    parameter.copy_(tensor.reshape(parameter.shape))
+        if layers:
+            inject_lycoris(getattr(pipeline, part), kind, layers, adapter_name)
     return kind
 
 

@@ -144,7 +144,13 @@ def test_what_a_lycoris_file_cant_be_used_for_is_one_line(tiny_sd, tmp_path):
         "lora_unet_input_blocks_1_" in reasons["sdxl.safetensors"]
         and "no layer of this model" in reasons["sdxl.safetensors"]
     )
-    # Training goes on from a LoRA only.
-    with pytest.raises(UserError, match="is not a LoRA diffusers can read: it is a LyCORIS LoHa file, not a LoRA"):
+    # Training goes on from such a file too (tests/test_lycoris_training.py), at its own rank.
+    with pytest.raises(UserError, match="good.safetensors is a LoHa of rank 2; leave --lora_rank out or give 2"):
         train(tiny_sd, tmp_path / "out", "--lora_rank", "4", "--init_lora", str(tmp_path / "good.safetensors"),
               "--max_train_steps", "1")  # fmt: skip
+    train(tiny_sd, tmp_path / "out", "--init_lora", str(tmp_path / "good.safetensors"), "--train_text_encoder",
+          "--max_train_steps", "1")  # fmt: skip
+    assert (
+        load_file(tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors").keys()
+        == load_file(tmp_path / "good.safetensors").keys()
+    )

@@ -17,7 +17,8 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
-from tests.conftest import train, unet_weights
+from sdtoolkit.lycoris import lycoris_ranks
+from tests.conftest import reset_accelerate_state, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly. On the tiny models
 # every LoKr layer's second factor is 8 x 8: at rank 2 it is a low-rank product (the layer scaled by alpha / rank),
@@ -159,3 +160,71 @@ def test_a_checkpoint_resumes_only_as_the_kind_it_holds(tiny_sd, tmp_path):
 def test_what_loha_and_lokr_do_not_take_is_one_line(tiny_sd, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         train(tiny_sd, tmp_path / "out", *flags, "--max_train_steps", "1")
+
+
+@pytest.fixture(scope="module")
+def lycoris_files(tiny_sd, tmp_path_factory):
+    """{kind: the kohya file of a short LoHa or LoKr run on the UNet and the text encoder}, as a user downloads one."""
+    root = tmp_path_factory.mktemp("lycoris-files")
+    for kind in ("loha", "lokr"):
+        train(tiny_sd, root / kind, *RUNS[kind], "--train_text_encoder", "--max_train_steps", "2")
+    return {kind: root / kind / KOHYA_WEIGHTS_NAME for kind in ("loha", "lokr")}
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_init_lora_goes_on_training_a_loha_or_lokr_file(tiny_sd, lycoris_files, tmp_path, caplog, kind):
+    source = lycoris_files[kind]
+    # A step this small moves no weight: what is saved is what training started from. Its kind and rank are the
+    # file's; under bf16 the adapter is float32, the file's weights as they are.
+    still = ["--learning_rate", "1e-30", "--max_train_steps", "1", "--train_text_encoder"]
+    reset_accelerate_state()
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "on", "--init_lora", str(source), *still, "--mixed_precision", "bf16")
+    name = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    alpha = " alpha 2.0, on to_k to_out.0 to_q to_v" if kind == "loha" else ""
+    assert f"--init_lora: training on from {source} ({name}, rank {RUNS[kind][3]},{alpha}" in caplog.text
+    started, original = load_file(tmp_path / "on" / KOHYA_WEIGHTS_NAME), load_file(source)
+    if kind == "loha":
+        assert started.keys() == original.keys()
+        assert all(started[k].dtype == torch.float32 and torch.equal(started[k], original[k]) for k in original)
+    else:  # diffusers' reading of a LoKr file folds a low-rank layer's alpha / rank into its first factor
+        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+        a, b = (load_pipeline(str(path), torch.device("cpu"), torch.float32) for path in (source, tmp_path / "on"))
+        difference = outputs(a.unet, a.text_encoder, tokenizer) - outputs(b.unet, b.text_encoder, tokenizer)
+        assert difference.abs().max() <= 1e-6
+    # It trains on, and resumes bit for bit.
+    reset_accelerate_state()
+    flags = [
+        "--init_lora",
+        str(source),
+        "--train_text_encoder",
+        "--learning_rate",
+        "1e-2",
+        "--checkpointing_steps",
+        "2",
+    ]
+    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    whole, parts = (load_file(tmp_path / run / KOHYA_WEIGHTS_NAME) for run in ("whole", "parts"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert any(not torch.equal(whole[k], started[k]) for k in whole if not k.endswith(".alpha"))
+    # Another kind, a rank of its own, or its text encoder adapter left out: one line each.
+    other = "lokr" if kind == "loha" else "loha"
+    for flags, message in ((["--lora_type", other], f"is a {name}; leave --lora_type out or give {kind}"),
+                           (["--lora_rank", "7"], f"is a {name} of rank {RUNS[kind][3]}; leave --lora_rank out"),
+                           ([], f"holds a {name} on the text encoder too; add --train_text_encoder")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            train(tiny_sd, tmp_path / "refused", "--init_lora", str(source), *flags, "--max_train_steps", "1")
+
+
+def test_the_rank_of_a_lycoris_file_is_read_from_its_layers():
+    # LoHa: hada_w1_b's rows; LoKr: a low-rank factor's inner size, or for two full factors the second one's longer
+    # side, the least rank at which PEFT makes that factor full again.
+    zeros = torch.zeros
+    layers = {
+        "loha": {"hada_w1_a": zeros(8, 3), "hada_w1_b": zeros(3, 8)},
+        "lokr-low-rank": {"lokr_w1": zeros(4, 4), "lokr_w2_a": zeros(8, 2), "lokr_w2_b": zeros(2, 8)},
+        "lokr-full": {"lokr_w1": zeros(4, 4), "lokr_w2": zeros(6, 8)},
+    }
+    assert lycoris_ranks(layers) == [3, 2, 8]
