@@ -70,6 +70,8 @@ LORA_CONFIGS = [
     ("LoRA rank 4, bf16 mixed precision", ["--lora_rank", "4", "--mixed_precision", "bf16"]),
     ("LoRA rank 4, --fp8_base", ["--lora_rank", "4", "--fp8_base"]),
     ("LoRA rank 4, --fp8_base, bf16 mixed precision", ["--lora_rank", "4", "--fp8_base", "--mixed_precision", "bf16"]),
+    ("LoHa rank 4", ["--lora_type", "loha", "--lora_rank", "4"]),
+    ("LoKr rank 4", ["--lora_type", "lokr", "--lora_rank", "4"]),
 ]
 
 
