@@ -25,6 +25,10 @@ from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from sdtoolkit.errors import UserError
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# The images a folder is read for: those a datasets imagefolder reads, and phones' AVIF and HEIC photos, so that
+# none is left out unsaid (Pillow reads AVIF; HEIC it can't, and the check of every image before training names
+# them).
+IMAGE_FILES = set(IMAGE_EXTENSIONS) | {".avif", ".heic", ".heif"}
 
 
 def repeat_folder(relative_dir):
@@ -47,7 +51,7 @@ def find_images_and_captions(folder, caption_extension, recursive=True):
             path = os.path.relpath(os.path.join(root, name), folder)
             if name.endswith(caption_extension):
                 captions.add(path)
-            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            elif os.path.splitext(name)[1].lower() in IMAGE_FILES:
                 images.append(path)
     images.sort()
     stems = {os.path.splitext(path)[0] for path in images}

@@ -260,7 +260,10 @@ def scan_images(dataset, image_column, *, prepare=None, keep_bytes=0):
             size, alpha = image.size, has_alpha(image)
             kept = prepare(image) if prepare is not None else None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-            problem = (index, name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if name.lower().endswith((".heic", ".heif")):
+                reason = "HEIC, which Pillow reads only with a plugin: convert it to JPEG or PNG"
+            problem = (index, name, reason)
         return problem, hashlib.sha256(data or b"").digest(), size, kept, alpha
 
     bad, digests, sizes, kept, kept_total, transparent = [], [], [], [] if prepare else None, 0, 0

@@ -25,8 +25,8 @@ import os
 
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 
+from sdtoolkit.caption_folders import IMAGE_FILES
 from sdtoolkit.errors import UserError
 
 CAPTION_SEPARATOR = ","  # sd-scripts' default --caption_separator, between an image's caption and its tags
@@ -88,7 +88,7 @@ class ImageFinder:
             if os.path.isdir(folder):
                 for name in sorted(os.listdir(folder)):
                     stem, extension = os.path.splitext(name)
-                    if extension.lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(folder, name)):
+                    if extension.lower() in IMAGE_FILES and os.path.isfile(os.path.join(folder, name)):
                         names[name] = name
                         names.setdefault(stem, name)
             self.folders[folder] = names

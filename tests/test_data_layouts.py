@@ -467,6 +467,22 @@ def test_bad_values_are_one_line(tmp_path):
                                             str(DEMO_DATA), *flags])  # fmt: skip
 
 
+def test_phone_photos_in_avif_train_and_those_in_heic_are_named(tiny_sd, tmp_path, caplog):
+    # A caption folder of a phone's photos: AVIF, which Pillow reads, trains; HEIC, which it can't, is named as
+    # any unreadable image is, with what to do (it used to be left out without a word, as a non-image file).
+    data = caption_folder(tmp_path / "data", [("a.png", 0, "a creature")])
+    demo_image(1).convert("RGB").save(data / "b.avif")
+    (data / "b.txt").write_text("an avif creature")
+    (data / "c.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))  # an HEIC file's first bytes
+    (data / "c.txt").write_text("a phone photo")
+    heic = r"1 of 3 images can't be read: .*c\.heic \(HEIC, which Pillow reads only with a plugin: convert it to JPEG"
+    with pytest.raises(UserError, match=heic):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--skip_invalid_images", data=data)
+    assert "dropped 1 of 3 images that can't be read" in caplog.text and "Num examples = 2" in caplog.text
+
+
 def test_a_photo_stored_sideways_trains_upright(tmp_path):
     # A phone photo: pixels stored 40 wide x 20 high, with EXIF orientation 6 (rotate 90 degrees to view).
     from PIL import Image

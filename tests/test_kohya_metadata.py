@@ -40,7 +40,7 @@ def test_keys_are_found_with_or_without_extension_relative_or_absolute(tmp_path)
     demo_image(2).save(images / "sub" / "c.jpg")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    demo_image(3).save(elsewhere / "d.webp")
+    demo_image(3).convert("RGB").save(elsewhere / "d.avif")  # a phone's photo format, found from its stem too
     metadata = {
         "a": entry(*CAPTIONS[0]),  # merge_captions_to_metadata.py's default key: the file name without extension
         "b": entry(*CAPTIONS[1]),
@@ -56,7 +56,7 @@ def test_keys_are_found_with_or_without_extension_relative_or_absolute(tmp_path)
         str(images / "a.png"),
         str(images / "b.PNG"),
         str(images / "sub" / "c.jpg"),
-        str(elsewhere / "d.webp"),
+        str(elsewhere / "d.avif"),
     ]
     assert dataset["repeats"] == [1, 1, 1, 1]
     assert notes == [
