@@ -2139,13 +2139,21 @@ image = pipeline("{prompt}").images[0]
 image.save("my_image.png")
 ```"""
     if args.lora_rank and args.lora_type != "lora":
-        # diffusers' load_lora_weights reads no LyCORIS adapter (see sdtoolkit/lycoris.py).
+        # diffusers' load_lora_weights reads no LyCORIS adapter (see sdtoolkit/lycoris.py). A local run's folder
+        # names its base model; from the hub, the file is fetched and given on top of the base.
+        serve = f"python gradio_app.py --model_path {load_from}"
+        if args.push_to_hub:
+            local = Path(args.output_dir).name
+            serve = (
+                f"hf download {load_from} {KOHYA_WEIGHTS_NAME} --local-dir {local}\n"
+                f"python gradio_app.py --model_path {base} --lora {local}/{KOHYA_WEIGHTS_NAME}"
+            )
         usage = f"""A {kind} adapter is LyCORIS's, which diffusers' `load_lora_weights` does not read. This toolkit's
 `gradio_app.py` and `metrics.py` load it on its base model, and AUTOMATIC1111 and ComfyUI load
 `{KOHYA_WEIGHTS_NAME}` from their `models/Lora` and `models/loras` folders:
 
 ```bash
-python gradio_app.py --model_path {load_from}
+{serve}
 ```"""
     lora = "no (all UNet weights trained)"
     if args.lora_rank:

@@ -18,7 +18,7 @@ from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
 from sdtoolkit.lycoris import lycoris_ranks
-from tests.conftest import reset_accelerate_state, train, unet_weights
+from tests.conftest import example_args, reset_accelerate_state, train, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly. On the tiny models
 # every LoKr layer's second factor is 8 x 8: at rank 2 it is a low-rank product (the layer scaled by alpha / rank),
@@ -228,3 +228,18 @@ def test_the_rank_of_a_lycoris_file_is_read_from_its_layers():
         "lokr-full": {"lokr_w1": zeros(4, 4), "lokr_w2": zeros(6, 8)},
     }
     assert lycoris_ranks(layers) == [3, 2, 8]
+
+
+def test_a_pushed_loha_cards_usage_fetches_the_file_and_serves_it_on_its_base(tmp_path):
+    # diffusers' load_lora_weights reads no LoHa: the card shows how this toolkit's server loads it from the hub.
+    out = tmp_path / "sd-loha"
+    out.mkdir()
+    args = example_args(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4", lora_rank=4, lora_type="loha",
+                        push_to_hub=True, output_dir=str(out))  # fmt: skip
+    train_text_to_image.save_model_card(args, "me/sd-loha", images=[])
+    card = (out / "README.md").read_text()
+    assert f"hf download me/sd-loha {KOHYA_WEIGHTS_NAME} --local-dir sd-loha\n" in card
+    assert (
+        f"python gradio_app.py --model_path CompVis/stable-diffusion-v1-4 --lora sd-loha/{KOHYA_WEIGHTS_NAME}" in card
+    )
+    assert "load_lora_weights(" not in card
