@@ -3477,7 +3477,7 @@ def fine_tune(args):
         if args.export_single_file:
             single_file = os.path.join(args.output_dir, single_file_name(args.output_dir))
             export_single_file(args.output_dir, single_file, training=facts)
-            merged = ", the LoRA merged into its base model" if args.lora_rank else ""
+            merged = f", the {kind} merged into its base model" if args.lora_rank else ""
             logger.info(f"Exported it as one file (float16, SD 1.x keys{merged}) to {single_file}")
             if os.path.isfile(ldm_config_path(single_file)):
                 logger.info(f"... and {ldm_config_path(single_file)}, which tells AUTOMATIC1111 that it predicts v")
