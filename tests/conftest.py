@@ -234,6 +234,14 @@ def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
     train_text_to_image.main(train_args(tiny_sd, output_dir, *extra, data=data))
 
 
+def train_whole_and_resumed(tiny_sd, tmp_path, *flags):
+    """Train 4 steps in one run (tmp_path/whole), and in two (tmp_path/parts: 2 steps, then resumed from its
+    checkpoint-2 to 4), for a test to compare; `flags` must save a checkpoint at step 2."""
+    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
+    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+
+
 # accelerate launch options for train.sh's LAUNCH_ARGS: one CPU process, or two (DDP over gloo).
 SINGLE = "--num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
 TWO_CPU_PROCESSES = "--multi_gpu --num_processes=2 --num_machines=1 --mixed_precision=no --dynamo_backend=no"

@@ -28,6 +28,7 @@ from tests.conftest import (
     train,
     train_args,
     train_sh,
+    train_whole_and_resumed,
     unet_weights,
 )
 
@@ -113,9 +114,7 @@ def test_regularization_images_train_beside_the_images_at_their_loss_weight(tiny
 def test_a_run_with_regularization_images_resumes_bit_for_bit(tiny_sd, tmp_path):
     reg = caption_folder(tmp_path / "reg", [(f"1_creature/{i}.png", i, None) for i in range(5)])
     flags = ["--reg_data_dir", str(reg), "--prior_loss_weight", "0.5", "--checkpointing_steps", "2"]
-    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     whole, parts = unet_weights(tmp_path / "whole" / "unet"), unet_weights(tmp_path / "parts" / "unet")
     assert all(torch.equal(whole[key], parts[key]) for key in whole)
 

@@ -29,7 +29,15 @@ from sdtoolkit.lora import (
     max_norm_regularize,
     store_in_float8,
 )
-from tests.conftest import DEMO_DATA, generated_image, logged_losses, reset_accelerate_state, train, unet_weights
+from tests.conftest import (
+    DEMO_DATA,
+    generated_image,
+    logged_losses,
+    reset_accelerate_state,
+    train,
+    train_whole_and_resumed,
+    unet_weights,
+)
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly.
 LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
@@ -173,9 +181,7 @@ def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
     flags = (
         [*LORA, "--checkpointing_steps", "2", *extra] + ["--use_ema"] * ema + ["--train_text_encoder"] * text_encoder
     )
-    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     for folder in (".", "checkpoint-4"):
         whole = load_file(tmp_path / "whole" / folder / WEIGHTS_NAME)
         parts = load_file(tmp_path / "parts" / folder / WEIGHTS_NAME)
@@ -336,9 +342,7 @@ def test_init_lora_trains_every_layer_of_the_file_and_resumes_bitwise(tiny_sd, a
         "--checkpointing_steps",
         "2",
     ]
-    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     whole, parts = (
         load_file(tmp_path / "whole" / KOHYA_WEIGHTS_NAME),
         load_file(tmp_path / "parts" / KOHYA_WEIGHTS_NAME),

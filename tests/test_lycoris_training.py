@@ -18,7 +18,7 @@ from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
 from sdtoolkit.lycoris import lycoris_ranks
-from tests.conftest import example_args, reset_accelerate_state, train, unet_weights
+from tests.conftest import example_args, reset_accelerate_state, train, train_whole_and_resumed, unet_weights
 
 # alpha differs from the rank, so a file that stores the wrong alpha scales the update wrongly. On the tiny models
 # every LoKr layer's second factor is 8 x 8: at rank 2 it is a low-rank product (the layer scaled by alpha / rank),
@@ -124,9 +124,7 @@ def test_only_the_adapter_trains(tiny_sd, tmp_path, monkeypatch):
                          ids=["loha", "lokr", "loha-fp8-base"])  # fmt: skip
 def test_resume_is_bitwise(tiny_sd, tmp_path, kind, extra):
     flags = [*RUNS[kind], "--checkpointing_steps", "2", "--train_text_encoder", *extra]
-    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     for folder in (".", "checkpoint-4"):
         whole = load_file(tmp_path / "whole" / folder / WEIGHTS_NAME)
         parts = load_file(tmp_path / "parts" / folder / WEIGHTS_NAME)
@@ -203,9 +201,7 @@ def test_init_lora_goes_on_training_a_loha_or_lokr_file(tiny_sd, lycoris_files, 
         "--checkpointing_steps",
         "2",
     ]
-    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     whole, parts = (load_file(tmp_path / run / KOHYA_WEIGHTS_NAME) for run in ("whole", "parts"))
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
     assert any(not torch.equal(whole[k], started[k]) for k in whole if not k.endswith(".alpha"))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sdtoolkit.errors import UserError
 from sdtoolkit.fixtures import PRESETS
-from tests.conftest import logged_losses, train
+from tests.conftest import logged_losses, train, train_whole_and_resumed
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -39,9 +39,7 @@ def expected_state_bytes(weights, optimizer):
 )  # fmt: skip
 def test_each_optimizer_trains_keeps_its_state_and_resumes_bitwise(tiny_sd, tmp_path, optimizer, extra):
     flags = ["--optimizer", optimizer.capitalize(), "--learning_rate", "1e-4", *extra, "--checkpointing_steps", "2"]
-    train(tiny_sd, tmp_path / "whole", *flags, "--max_train_steps", "4")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "2")
-    train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     base, whole, parts = (
         load_file(Path(folder) / UNET) for folder in (tiny_sd, tmp_path / "whole", tmp_path / "parts")
     )
