@@ -50,14 +50,14 @@ def lycoris_kind(keys):
     return None
 
 
-def kohya_names(unet, text_encoder):
+def kohya_names(unet, text_encoder=None):
     """{kohya-ss module name: (component, module path)}: kohya-ss names a layer by its path with '_' for '.', under
     lora_unet_ (the UNet's diffusers paths) or lora_te_ (the text encoder's, text_model.encoder..., a prefix
     transformers 5.6 and later leave out of the module paths)."""
     names = {}
     for name, _ in unet.named_modules():
         names["lora_unet_" + name.replace(".", "_")] = ("unet", name)
-    for name, _ in text_encoder.named_modules():
+    for name, _ in text_encoder.named_modules() if text_encoder is not None else []:
         full = name if name.startswith("text_model.") else f"text_model.{name}"
         names["lora_te_" + full.replace(".", "_")] = ("text_encoder", name)
     return names
@@ -154,10 +154,10 @@ def copy_lycoris_weights(model, kind, layers, adapter_name):
 
 def add_lycoris_from_file(model, kind, layers):
     """Add to the model the LoHa or LoKr adapter a file holds for it (one part of read_lycoris's), ready to go on
-    training as add_lycoris's would be: the model frozen, the adapter trainable, float32, with the file's layers,
-    ranks and alphas. (A LoKr layer with a low-rank factor comes with its alpha / rank folded into its first factor,
-    as diffusers reads LoKr files, and is not scaled: the same update.) Returns its parameters."""
-    model.requires_grad_(False)
+    training as add_lycoris's would be: the model's own weights frozen (PEFT freezes them), the adapter trainable,
+    float32, with the file's layers, ranks and alphas. (A LoKr layer with a low-rank factor comes with its alpha /
+    rank folded into its first factor, as diffusers reads LoKr files, and is not scaled: the same update.) Returns
+    its parameters."""
     layers = inject_lycoris(model, kind, layers, "default")
     parameters = [p for p in model.parameters() if p.requires_grad]
     for parameter in parameters:
@@ -239,14 +239,11 @@ def add_lycoris(model, kind, *, rank, alpha, target_modules, conv_rank=None, con
 
 def lycoris_layers(unet, text_encoder=None):
     """{kohya-ss module name: PEFT LoHa or LoKr layer} of the models' adapters (see kohya_names for the names)."""
-    layers = {}
-    models = [("lora_unet_", unet)] + [("lora_te_", text_encoder)] * (text_encoder is not None)
-    for prefix, model in models:
-        for name, module in model.named_modules():
-            if isinstance(module, LycorisLayer):
-                if prefix == "lora_te_" and not name.startswith("text_model."):
-                    name = f"text_model.{name}"
-                layers[prefix + name.replace(".", "_")] = module
+    models, layers = {"unet": unet, "text_encoder": text_encoder}, {}
+    for name, (part, path) in kohya_names(unet, text_encoder).items():
+        module = models[part].get_submodule(path)
+        if isinstance(module, LycorisLayer):
+            layers[name] = module
     return layers
 
 
