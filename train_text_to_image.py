@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
+from sdtoolkit.atomic_files import written_atomically
 from sdtoolkit.buckets import BucketBatchSampler, assign_buckets, make_buckets
 from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.checkpoints import (
@@ -201,6 +202,9 @@ INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMod
 
 # Flags of kohya-ss's sd-scripts and of diffusers' other training scripts, and what does their work here: an
 # error that names one of them says so.
+# --lora_type's adapters, as their authors name them.
+ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
 KNOWN_ELSEWHERE = {
     "--shuffle_caption": "--shuffle_tags here",
     "--keep_tokens": "--keep_tags here",
@@ -1388,7 +1392,7 @@ def parse_args(argv=None):
     if args.lora_conv_rank is not None and (not args.lora_rank or args.lora_conv_rank < 1):
         raise UserError(f"--lora_conv_rank must be at least 1, with --lora_rank; got {args.lora_conv_rank}")
     if args.lora_type != "lora":  # LyCORIS's LoHa and LoKr (see sdtoolkit/lycoris.py)
-        kind = {"loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
+        kind = ADAPTER_NAMES[args.lora_type]
         if not args.lora_rank:
             raise UserError(f"--lora_type {args.lora_type} trains a {kind} adapter of --lora_rank N: give its rank")
         refused = [flag for flag, given in (("--lora_dropout", args.lora_dropout),
@@ -2129,7 +2133,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
-    kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
+    kind = ADAPTER_NAMES[args.lora_type]
     usage = f"""```python
 import torch
 from diffusers import StableDiffusionPipeline
@@ -3465,9 +3469,9 @@ def fine_tune(args):
                     save_lycoris(os.path.join(args.output_dir, name), unet, adapted_text_encoder, metadata=header)
             else:
                 adapters = kohya_state_dict(unet, adapted_text_encoder)
-                save_file(adapters, kohya + ".partial", metadata=header)
-                os.replace(kohya + ".partial", kohya)
-            kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[args.lora_type]
+                with written_atomically(kohya) as partial:
+                    save_file(adapters, partial, metadata=header)
+            kind = ADAPTER_NAMES[args.lora_type]
             logger.info(f"Saved the {kind} adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
         else:
             save_pipeline(pipeline, args.output_dir)
