@@ -1717,14 +1717,14 @@ def load_training_dataset(args):
     # kohya-ss's captions of several lines and {a|b} wildcards: read with --enable_wildcard, named without it.
     captions = all_captions(train, caption_column)
     num_wildcards = sum(map(has_wildcards, captions))
+    num_lines = sum(len(caption_lines(caption)) > 1 for caption in captions)
     if args.enable_wildcard:
         logger.info(
             f"--enable_wildcard: {sum(len(row) > 1 for row in train[caption_column])} images have several captions"
             f" (a caption's lines), one drawn per example; {num_wildcards} captions hold {{a|b}} wildcards, one"
             " option drawn per example"
         )
-    elif num_wildcards or any(len(caption_lines(caption)) > 1 for caption in captions):
-        num_lines = sum(len(caption_lines(caption)) > 1 for caption in captions)
+    elif num_wildcards or num_lines:
         logger.warning(
             f"{num_lines} captions have several lines, read as one caption each, and {num_wildcards} hold {{a|b}}"
             " wildcards, read as text; --enable_wildcard draws one line and one option per example, as kohya-ss"

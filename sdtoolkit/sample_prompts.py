@@ -163,8 +163,15 @@ def table_settings(table, where):
         if name not in KEYS:
             raise UserError(f"{where}: {name} is not a setting; give prompt, {', '.join(KEYS)}")
         key, kind = KEYS[name]
-        numeric = kind is not str and isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (isinstance(value, str) if kind is str else numeric and (kind is float or value == int(value))):
+        if kind is str:
+            fits = isinstance(value, str)
+        else:  # a number, not a bool (which Python counts as one); an int only when whole
+            fits = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and (kind is float or value == int(value))
+            )
+        if not fits:
             raise UserError(f"{where}: {name} takes a {kind.__name__}, got {value!r}")
         settings[key] = kind(value)
     if not isinstance(table.get("prompt"), str):
