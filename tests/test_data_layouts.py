@@ -401,6 +401,11 @@ def test_a_caption_files_lines_train_as_a_list_of_captions_with_enable_wildcard(
     train(tiny_sd, tmp_path / "from-lists", *flags, data=listed)
     a, b = unet_weights(tmp_path / "from-files" / "unet"), unet_weights(tmp_path / "from-lists" / "unet")
     assert all(torch.equal(a[key], b[key]) for key in a)
+    # Without the flag, captions of several lines (and no wildcards) are named too.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(tiny_sd, tmp_path / "joined", "--max_train_steps", "1", data=files)
+    assert "4 captions have several lines, read as one caption each, and 0 hold {a|b} wildcards" in caplog.text
     # A regularization image's caption lines are its captions too, with --caption_prefix on each.
     from accelerate import PartialState
 
