@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import runpy
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,18 +48,19 @@ DATA = REPO / "data" / "creatures"
 RECIPE = [*benchmark.RECIPE, "--seed", "0"]
 UPSTREAM_PATH = benchmark.OFF
 
-# (name, flags added to the recipe, flags taken out of it, mixed precision, extra environment)
+# (name, flags added to the recipe, flags taken out of it, mixed precision, extra environment), in the order they
+# run: the targets' configurations first, the ones a time budget (--minutes) may leave out last.
 CONFIGS = [
     ("upstream path, fp16", UPSTREAM_PATH, [], "fp16", {}),
     ("defaults, fp16", [], [], "fp16", {}),
+    ("defaults + 8-bit AdamW + --offload_ema, fp16", ["--use_8bit_adam", "--offload_ema"], [], "fp16", {}),
     ("defaults, bf16", [], [], "bf16", {}),
     ("defaults + 8-bit AdamW, fp16", ["--use_8bit_adam"], [], "fp16", {}),
     ("defaults + --offload_ema, fp16", ["--offload_ema"], [], "fp16", {}),
-    ("defaults + 8-bit AdamW + --offload_ema, fp16", ["--use_8bit_adam", "--offload_ema"], [], "fp16", {}),
-    ("defaults + Adafactor, fp16", ["--optimizer", "adafactor"], [], "fp16", {}),
     ("defaults without gradient checkpointing, fp16", [], ["--gradient_checkpointing"], "fp16", {}),
-    ("defaults + torch.compile (inductor), fp16", [], [], "fp16", {"ACCELERATE_DYNAMO_BACKEND": "inductor"}),
     ("LoRA rank 4, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4"], [], "fp16", {}),
+    ("defaults + torch.compile (inductor), fp16", [], [], "fp16", {"ACCELERATE_DYNAMO_BACKEND": "inductor"}),
+    ("defaults + Adafactor, fp16", ["--optimizer", "adafactor"], [], "fp16", {}),
     ("LoRA rank 4 + --fp8_base, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4", "--fp8_base"], [], "fp16", {}),
 ]
 # The shipped accelerate configs, on one process (--distributed). FSDP refuses EMA, so it trains without it.
@@ -158,9 +160,11 @@ def child_inference(spec):
     return {"status": "ok", "seconds": result, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def run_child(kind, spec, launch=None, env=None):
+def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=None):
     """Run a child in its own process: a fresh one (through `accelerate launch` with a config file when `launch` is
-    given), or, for training without a GPU (the dry run), a fork of this one (see fork_child)."""
+    given), or, for training without a GPU (the dry run), a fork of this one (see fork_child). A fresh child still
+    running after `timeout` seconds is stopped, and its row says so. Its output is added to the file `log`, if
+    given, under `name`."""
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
         spec = {**spec, "kind": kind, "result": str(result_file)}
@@ -169,13 +173,26 @@ def run_child(kind, spec, launch=None, env=None):
                        "--num_processes", "1", "--main_process_port", "0", __file__, "--child", json.dumps(spec)]  # fmt: skip
         else:
             command = [sys.executable, __file__, "--child", json.dumps(spec)]
-        started = time.perf_counter()
+        started, timed_out = time.perf_counter(), False
         if kind == "train" and not launch and not torch.cuda.is_available():
             returncode, stderr = fork_child(spec, env, Path(scratch) / "output.txt")
         else:
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
-            returncode, stderr = done.returncode, done.stderr
+            # In a session of its own, so that a timeout stops `accelerate launch`'s training process too.
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                  env={**os.environ, **(env or {})}, start_new_session=True) as child:  # fmt: skip
+                try:
+                    stderr = child.communicate(timeout=timeout)[1]
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    stderr, timed_out = child.communicate()[1], True
+            returncode = child.returncode
         wall = time.perf_counter() - started
+        if log:
+            with open(log, "a") as file:
+                file.write(f"===== {name or kind}: exit code {returncode}, {wall:.1f} s\n{stderr}\n")
+        if timed_out:
+            error = f"stopped after {timeout:.0f} s, at the end of the time budget (--minutes)"
+            return {"status": "timed out", "error": error, "wall_s": wall}
         if returncode != 0 or not result_file.exists():
             lines = [line for line in stderr.splitlines() if line.strip()]
             error = next(
@@ -274,6 +291,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="Steps before timing (default 2; 1 dry).")
     parser.add_argument("--upstream", default=None, help="Path to upstream's train_text_to_image.py: run it too.")
     parser.add_argument("--distributed", action="store_true", help="Also the DeepSpeed and FSDP configs.")
+    parser.add_argument("--minutes", type=float, default=8.0,
+                        help="Time budget, the model's build included: a configuration still running then is stopped,"
+                             " and the ones after it are reported as skipped (default 8).")  # fmt: skip
     parser.add_argument("--models", default="build/gpu-check", help="Where the fixture pipeline is built.")
     parser.add_argument("--out", default=None, help="Default: GPU_CHECK.md, or build/gpu-check/ in a dry run.")
     parser.add_argument("--json", default=None, help="Default: gpu_check.json beside --out.")
@@ -292,75 +312,22 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.child:
-        return child_main(json.loads(args.child))
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU here; gpu_check.py --dry-run runs the same code path on the CPU")
-    started = time.perf_counter()
-    info = machine()
-    preset = "tiny" if args.dry_run else "sd-v1-4"
-
-    # The pipeline, with random weights, built here (a few minutes for SD v1-4's 1.07 B weights, once).
-    model = Path(args.models, preset)  # absolute (parse_args)
-    if not model.exists():
-        print(f"building the {preset} pipeline in {model} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "sdtoolkit.fixtures", "--out", str(model), "--preset", preset],
-                       check=True, cwd=REPO)  # fmt: skip
-
-    def train(name, flags, precision=None, launch=None, env=None, upstream=None):
-        print(f"{name} ...", flush=True)
-        with tempfile.TemporaryDirectory() as out:
-            argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(DATA),
-                    "--output_dir", out, "--resolution", str(args.resolution),
-                    "--max_train_steps", str(args.warmup + args.steps), *flags]  # fmt: skip
-            # On a CPU (the dry run) fp16 cannot run: float32 takes its place; bf16 runs as bf16.
-            if precision == "fp16" and not torch.cuda.is_available():
-                precision = "no"
-            # And torch.compile traces the UNet with dynamo but leaves out inductor's code generation, which costs
-            # a fresh machine about 50 s of compiling on a CPU, and on a GPU compiles other kernels anyway.
-            if (env or {}).get("ACCELERATE_DYNAMO_BACKEND") == "inductor" and not torch.cuda.is_available():
-                env = {**env, "ACCELERATE_DYNAMO_BACKEND": "eager"}
-            if precision:
-                argv += ["--mixed_precision", precision]
-            if not upstream:
-                argv += ["--checkpointing_steps", "1000000"]
-            result = run_child("train", {"argv": argv, "steps": args.steps, "upstream": upstream}, launch, env)
-        print(f"    {result['status']}" + (f", {statistics.median(result['step_seconds']):.3f} s/step"
-                                          if result.get("step_seconds") else f": {result.get('error', '')}"), flush=True)  # fmt: skip
-        return name, {**result, "mixed_precision": precision or "config"}
-
-    rows = [train(name, recipe(add, remove), precision, env=env) for name, add, remove, precision, env in CONFIGS]
-    if args.upstream:
-        rows.append(train("upstream's script, fp16", recipe(), "fp16", upstream=args.upstream))
-    if args.distributed:
-        for name, config, remove in DISTRIBUTED:
-            if not torch.cuda.is_available():
-                rows.append((name, {"status": "skipped", "error": "needs a CUDA GPU"}))
-                continue
-            config_file = str(REPO / "configs" / "accelerate" / config)
-            rows.append(train(name, recipe(remove=remove), launch=config_file))
-
-    print("inference ...", flush=True)
-    repeats = 1 if args.dry_run else 3
-    inference = run_child("inference", {"model": str(model), "resolution": args.resolution, "repeats": repeats})
+def write_report(args, command, info, preset, rows, inference, seconds):
+    """GPU_CHECK.md and gpu_check.json as they stand: written after every row, so a check stopped part-way leaves
+    the rows it has."""
     verdicts = judge(rows)
-    total = time.perf_counter() - started
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"machine": info, "preset": preset, "resolution": args.resolution,
                                            "steps": args.steps, "warmup": args.warmup, "dry_run": args.dry_run,
                                            "train": dict(rows), "inference": inference,
-                                           "targets": dict(verdicts), "seconds": total}, indent=2))  # fmt: skip
+                                           "targets": dict(verdicts), "seconds": seconds}, indent=2))  # fmt: skip
     gpu = f"{info['gpu']} ({info['gpu_memory_gb']:.0f} GB), driver {info['driver']}" if info["gpu"] else "none (CPU)"
     lines = [
         "# GPU check" + (" (dry run: the tiny preset on the CPU, not a measurement of a GPU)" if args.dry_run else ""),
         "",
         f"Machine: {gpu}; Python {info['python']}, torch {info['torch']}, CUDA {info['cuda']}.",
         "",
-        f"Command: `python gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {total / 60:.1f} min"
-        " in all.",
+        f"Command: `python gpu_check.py {command}`, {seconds / 60:.1f} min in all.",
         "",
         f"The seed's recipe on the `{preset}` preset at {args.resolution} px: batch 1, gradient accumulation 4, EMA,"
         f" gradient checkpointing, lr 1e-5, center crop and flips on the bundled images; {args.warmup} warm-up and"
@@ -384,7 +351,81 @@ def main(argv=None):
     else:
         lines.append(f"Inference: {inference['status']}: {inference.get('error', '')}")
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out} and {args.json} ({total / 60:.1f} min)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU here; gpu_check.py --dry-run runs the same code path on the CPU")
+    started = time.perf_counter()
+    deadline = started + args.minutes * 60
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine()
+    preset = "tiny" if args.dry_run else "sd-v1-4"
+    rows, inference = [], {"status": "not run yet"}
+    # Each child's output goes to this log, for a row that failed.
+    log = Path(args.out).with_name("gpu_check.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+
+    # The pipeline, with random weights, built here (about half a minute for SD v1-4's 1.07 B weights, once).
+    model = Path(args.models, preset)  # absolute (parse_args)
+    if not model.exists():
+        print(f"building the {preset} pipeline in {model} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "sdtoolkit.fixtures", "--out", str(model), "--preset", preset],
+                       check=True, cwd=REPO)  # fmt: skip
+
+    def run(kind, name, spec, launch=None, env=None):
+        """One child within the time budget, or a 'skipped' row once the budget is spent."""
+        print(f"{name} ...", flush=True)
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            result = {"status": "skipped", "error": f"the {args.minutes:g}-minute budget (--minutes) was spent"}
+        else:
+            result = run_child(kind, spec, launch, env, timeout=left, log=log, name=name)
+        print(f"    {result['status']}" + (f", {statistics.median(result['step_seconds']):.3f} s/step"
+                                          if result.get("step_seconds") else f": {result.get('error', '')}"), flush=True)  # fmt: skip
+        return result
+
+    def train(name, flags, precision=None, launch=None, env=None, upstream=None):
+        with tempfile.TemporaryDirectory() as out:
+            argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(DATA),
+                    "--output_dir", out, "--resolution", str(args.resolution),
+                    "--max_train_steps", str(args.warmup + args.steps), *flags]  # fmt: skip
+            # On a CPU (the dry run) fp16 cannot run: float32 takes its place; bf16 runs as bf16.
+            if precision == "fp16" and not torch.cuda.is_available():
+                precision = "no"
+            # And torch.compile traces the UNet with dynamo but leaves out inductor's code generation, which costs
+            # a fresh machine about 50 s of compiling on a CPU, and on a GPU compiles other kernels anyway.
+            if (env or {}).get("ACCELERATE_DYNAMO_BACKEND") == "inductor" and not torch.cuda.is_available():
+                env = {**env, "ACCELERATE_DYNAMO_BACKEND": "eager"}
+            if precision:
+                argv += ["--mixed_precision", precision]
+            if not upstream:
+                argv += ["--checkpointing_steps", "1000000"]
+            result = run("train", name, {"argv": argv, "steps": args.steps, "upstream": upstream}, launch, env)
+        rows.append((name, {**result, "mixed_precision": precision or "config"}))
+        write_report(args, command, info, preset, rows, inference, time.perf_counter() - started)
+
+    # Inference and upstream's script first, as they are short; then the configurations in CONFIGS's order.
+    repeats = 1 if args.dry_run else 3
+    inference = run("inference", "inference", {"model": str(model), "resolution": args.resolution, "repeats": repeats})
+    if args.upstream:
+        train("upstream's script, fp16", recipe(), "fp16", upstream=args.upstream)
+    for name, add, remove, precision, env in CONFIGS:
+        train(name, recipe(add, remove), precision, env=env)
+    if args.distributed:
+        for name, config, remove in DISTRIBUTED:
+            if not torch.cuda.is_available():
+                rows.append((name, {"status": "skipped", "error": "needs a CUDA GPU"}))
+                continue
+            train(name, recipe(remove=remove), launch=str(REPO / "configs" / "accelerate" / config))
+
+    total = time.perf_counter() - started
+    write_report(args, command, info, preset, rows, inference, total)
+    print(f"wrote {args.out} and {args.json} ({total / 60:.1f} min); each child's output is in {log}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradio_client import Client
 from PIL import Image
 
-import gradio_app
 import metrics
+from sdtoolkit.inference import load_pipeline
+from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import cutout_folder, logged_losses, train, unet_weights
 
 pytestmark = pytest.mark.gpu
@@ -49,14 +49,6 @@ def test_the_held_out_loss_is_measured_in_fp16(tiny_sd, tmp_path, lora):
     assert [step for step, _ in losses] == [0, 2] and all(torch.isfinite(torch.tensor([v for _, v in losses])))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None and importlib.util.find_spec("torchao") is None,
-    reason="needs bitsandbytes or torchao",
-)
-def test_8bit_adamw_trains_on_the_gpu(tiny_sd, tmp_path):
-    trains(tiny_sd, tmp_path, "--mixed_precision", "fp16", "--use_8bit_adam")
-
-
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="xformers is not installed")
 def test_xformers_attention_trains(tiny_sd, tmp_path):
     trains(tiny_sd, tmp_path, "--mixed_precision", "fp16", "--enable_xformers_memory_efficient_attention")
@@ -72,7 +64,22 @@ def test_metrics_scores_in_fp16_on_cuda(tiny_sd, tiny_clip, tmp_path):
     assert half["models"][0]["clip_score"] == pytest.approx(full["models"][0]["clip_score"], abs=1.0)
 
 
+def test_the_demos_image_service_generates_in_fp16_on_cuda(tiny_sd):
+    # What the demo's page and its APIs call, without Gradio (which a GPU machine without network may lack: its
+    # wheels are too big to carry there).
+    pipeline = load_pipeline(tiny_sd, torch.device("cuda"), torch.float16)
+    service = ImageService(pipeline, model_name="tiny-sd", queue=RequestQueue(concurrency=1, max_queue=1))
+    images = service.generate(prompt="pikachu", negative_prompt="", steps=3, guidance_scale=7.5, seed=7,
+                              scheduler="DPM-Solver++", width=64, height=64, num_images=2)  # fmt: skip
+    assert [image.size for image in images] == [(64, 64)] * 2 and all(len(set(i.getdata())) > 1 for i in images)
+
+
 def test_the_demo_generates_in_fp16_on_cuda(tiny_sd):
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    import gradio_app
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -86,3 +93,12 @@ def test_the_demo_generates_in_fp16_on_cuda(tiny_sd):
         assert image.size == (64, 64) and len(set(image.getdata())) > 1
     finally:
         app.close()
+
+
+# Last: torchao's 8-bit AdamW compiles its step the first time, which takes a while on a fresh machine.
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None and importlib.util.find_spec("torchao") is None,
+    reason="needs bitsandbytes or torchao",
+)
+def test_8bit_adamw_trains_on_the_gpu(tiny_sd, tmp_path):
+    trains(tiny_sd, tmp_path, "--mixed_precision", "fp16", "--use_8bit_adam")

@@ -84,3 +84,25 @@ def test_targets_are_met_not_met_or_not_measured():
     assert list(verdicts.values()) == ["met", "not measured", "met"]
     rows[1] = ("defaults, fp16", ok(1.8, 21.0))
     assert list(dict(gpu_check.judge(rows)).values()) == ["not met", "not measured", "not met"]
+
+
+def test_a_child_past_the_time_budget_is_stopped_and_the_rest_are_skipped(tiny_sd, tmp_path, monkeypatch):
+    # As on a GPU, the child is a fresh process: one second is too little for it even to import the libraries.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    log = tmp_path / "gpu_check.log"
+    argv = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", str(REPO / "data" / "creatures"),
+            "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--max_train_steps", "1"]  # fmt: skip
+    result = gpu_check.run_child("train", {"argv": argv, "steps": 1}, timeout=1, log=log, name="slow one")
+    assert result["status"] == "timed out" and 1 <= result["wall_s"] < 10
+    assert log.read_text().startswith("===== slow one: exit code -9")
+
+    # With the budget spent before the first row, every row is a skipped one, and the table is still written.
+    monkeypatch.undo()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_sd)
+    out = tmp_path / "GPU_CHECK.md"
+    gpu_check.main(["--dry-run", "--minutes", "0", "--models", str(tmp_path / "models"), "--out", str(out)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["inference"]["status"] == "skipped"
+    assert [row["status"] for row in report["train"].values()] == ["skipped"] * len(gpu_check.CONFIGS)
+    assert "| defaults, fp16 | skipped: the 0-minute budget (--minutes) was spent | – |" in out.read_text()
