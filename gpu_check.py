@@ -68,6 +68,7 @@ DISTRIBUTED = [
     ("DeepSpeed ZeRO-2, optimizer state on the CPU (config's fp16)", "deepspeed_zero2_offload.yaml", []),
     ("FSDP, full shard (config's bf16, no EMA)", "fsdp.yaml", ["--use_ema"]),
 ]
+UPSTREAM_SCRIPT = "upstream's script, fp16"  # its row, with --upstream
 CARDS_GB = [24, 16, 12]
 CUDA_CONTEXT_GB = 0.5  # what the CUDA context takes beside PyTorch's allocations, roughly
 # The targets, judged on the full run (not the dry run).
@@ -294,6 +295,9 @@ def parse_args(argv=None):
     parser.add_argument("--minutes", type=float, default=8.0,
                         help="Time budget, the model's build included: a configuration still running then is stopped,"
                              " and the ones after it are reported as skipped (default 8).")  # fmt: skip
+    parser.add_argument("--only", action="append", default=None, metavar="NAME",
+                        help="Run only this configuration (its name in the table, or 'inference'); repeat for more,"
+                             " in the order given.")  # fmt: skip
     parser.add_argument("--models", default="build/gpu-check", help="Where the fixture pipeline is built.")
     parser.add_argument("--out", default=None, help="Default: GPU_CHECK.md, or build/gpu-check/ in a dry run.")
     parser.add_argument("--json", default=None, help="Default: gpu_check.json beside --out.")
@@ -309,6 +313,12 @@ def parse_args(argv=None):
     args.models, args.out, args.json = (str(Path(path).resolve()) for path in (args.models, args.out, args.json))
     if args.upstream:
         args.upstream = str(Path(args.upstream).resolve())
+    names = ["inference", UPSTREAM_SCRIPT, *(c[0] for c in CONFIGS), *(d[0] for d in DISTRIBUTED)]
+    for name in args.only or []:
+        if name not in names:
+            parser.error(f"--only {name!r} is none of: " + "; ".join(names))
+        if name == UPSTREAM_SCRIPT and not args.upstream:
+            parser.error(f"--only {name!r} needs --upstream, the path to upstream's train_text_to_image.py")
     return args
 
 
@@ -385,8 +395,13 @@ def main(argv=None):
             result = {"status": "skipped", "error": f"the {args.minutes:g}-minute budget (--minutes) was spent"}
         else:
             result = run_child(kind, spec, launch, env, timeout=left, log=log, name=name)
-        print(f"    {result['status']}" + (f", {statistics.median(result['step_seconds']):.3f} s/step"
-                                          if result.get("step_seconds") else f": {result.get('error', '')}"), flush=True)  # fmt: skip
+        if result.get("step_seconds"):
+            print(f"    {result['status']}, {statistics.median(result['step_seconds']):.3f} s/step", flush=True)
+        else:
+            print(
+                f"    {result['status']}" + (f": {result.get('error')}" if result["status"] != "ok" else ""),
+                flush=True,
+            )
         return result
 
     def train(name, flags, precision=None, launch=None, env=None, upstream=None):
@@ -409,19 +424,31 @@ def main(argv=None):
         rows.append((name, {**result, "mixed_precision": precision or "config"}))
         write_report(args, command, info, preset, rows, inference, time.perf_counter() - started)
 
-    # Inference and upstream's script first, as they are short; then the configurations in CONFIGS's order.
-    repeats = 1 if args.dry_run else 3
-    inference = run("inference", "inference", {"model": str(model), "resolution": args.resolution, "repeats": repeats})
-    if args.upstream:
-        train("upstream's script, fp16", recipe(), "fp16", upstream=args.upstream)
-    for name, add, remove, precision, env in CONFIGS:
-        train(name, recipe(add, remove), precision, env=env)
-    if args.distributed:
-        for name, config, remove in DISTRIBUTED:
-            if not torch.cuda.is_available():
-                rows.append((name, {"status": "skipped", "error": "needs a CUDA GPU"}))
-                continue
+    # Inference and upstream's script first, as they are short, then the configurations in CONFIGS's order; or
+    # the ones --only names, in its order.
+    configs, distributed = {c[0]: c for c in CONFIGS}, {d[0]: d for d in DISTRIBUTED}
+    plan = args.only or [
+        "inference",
+        *([UPSTREAM_SCRIPT] if args.upstream else []),
+        *configs,
+        *(distributed if args.distributed else []),
+    ]
+    for name in plan:
+        if name == "inference":
+            repeats = 1 if args.dry_run else 3
+            inference = run(
+                "inference", name, {"model": str(model), "resolution": args.resolution, "repeats": repeats}
+            )
+        elif name == UPSTREAM_SCRIPT:
+            train(name, recipe(), "fp16", upstream=args.upstream)
+        elif name in configs:
+            _, add, remove, precision, env = configs[name]
+            train(name, recipe(add, remove), precision, env=env)
+        elif torch.cuda.is_available():
+            _, config, remove = distributed[name]
             train(name, recipe(remove=remove), launch=str(REPO / "configs" / "accelerate" / config))
+        else:
+            rows.append((name, {"status": "skipped", "error": "needs a CUDA GPU"}))
 
     total = time.perf_counter() - started
     write_report(args, command, info, preset, rows, inference, total)
