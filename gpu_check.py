@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import runpy
+import shlex
 import signal
 import statistics
 import subprocess
@@ -68,7 +69,7 @@ DISTRIBUTED = [
     ("DeepSpeed ZeRO-2, optimizer state on the CPU (config's fp16)", "deepspeed_zero2_offload.yaml", []),
     ("FSDP, full shard (config's bf16, no EMA)", "fsdp.yaml", ["--use_ema"]),
 ]
-UPSTREAM_SCRIPT = "upstream's script, fp16"  # its row, with --upstream
+UPSTREAM_SCRIPT = "upstream script, fp16"  # its row, with --upstream (a name without quotes, for --only)
 CARDS_GB = [24, 16, 12]
 CUDA_CONTEXT_GB = 0.5  # what the CUDA context takes beside PyTorch's allocations, roughly
 # The issue's targets, judged on the full run (not the dry run).
@@ -327,10 +328,10 @@ def write_report(args, command, info, preset, rows, inference, seconds):
     the rows it has."""
     verdicts = judge(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": info, "preset": preset, "resolution": args.resolution,
-                                           "steps": args.steps, "warmup": args.warmup, "dry_run": args.dry_run,
-                                           "train": dict(rows), "inference": inference,
-                                           "targets": dict(verdicts), "seconds": seconds}, indent=2))  # fmt: skip
+    report = {"command": command, "machine": info, "preset": preset, "resolution": args.resolution,
+              "steps": args.steps, "warmup": args.warmup, "dry_run": args.dry_run, "train": dict(rows),
+              "inference": inference, "targets": dict(verdicts), "seconds": seconds}  # fmt: skip
+    Path(args.json).write_text(json.dumps(report, indent=2))
     gpu = f"{info['gpu']} ({info['gpu_memory_gb']:.0f} GB), driver {info['driver']}" if info["gpu"] else "none (CPU)"
     lines = [
         "# GPU check" + (" (dry run: the tiny preset on the CPU, not a measurement of a GPU)" if args.dry_run else ""),
@@ -371,7 +372,7 @@ def main(argv=None):
         sys.exit("error: no CUDA GPU here; gpu_check.py --dry-run runs the same code path on the CPU")
     started = time.perf_counter()
     deadline = started + args.minutes * 60
-    command = " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
     info = machine()
     preset = "tiny" if args.dry_run else "sd-v1-4"
     rows, inference = [], {"status": "not run yet"}

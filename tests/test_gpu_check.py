@@ -106,3 +106,23 @@ def test_a_child_past_the_time_budget_is_stopped_and_the_rest_are_skipped(tiny_s
     assert report["inference"]["status"] == "skipped"
     assert [row["status"] for row in report["train"].values()] == ["skipped"] * len(gpu_check.CONFIGS)
     assert "| defaults, fp16 | skipped: the 0-minute budget (--minutes) was spent | – |" in out.read_text()
+
+
+def test_only_runs_the_named_configurations_in_its_order(tiny_sd, tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_sd)
+    only = ["--only", "LoRA rank 4, fp16", "--only", "inference", "--only", "upstream path, fp16"]
+    gpu_check.main(["--dry-run", "--minutes", "0", "--models", str(tmp_path / "models"), "--out",
+                    str(tmp_path / "GPU_CHECK.md"), *only])  # fmt: skip
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["train"]) == ["LoRA rank 4, fp16", "upstream path, fp16"]
+    assert report["command"].endswith("--only 'LoRA rank 4, fp16' --only inference --only 'upstream path, fp16'")
+    assert [line for line in capsys.readouterr().out.splitlines() if line.endswith(" ...")] == [
+        "LoRA rank 4, fp16 ...", "inference ...", "upstream path, fp16 ..."
+    ]  # fmt: skip
+    # A name that is no configuration's, or the upstream script's without --upstream, is refused by name.
+    for name, says in (("defaults fp16", "is none of: inference; upstream script, fp16; upstream path, fp16;"),
+                       (gpu_check.UPSTREAM_SCRIPT, "needs --upstream")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(["--only", name])
+        assert says in capsys.readouterr().err
