@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""Measure the seed's recipe on one CUDA GPU in one short run, and write GPU_CHECK.md and gpu_check.json.
+"""Measure the seed's recipe on one CUDA GPU in one run, and write GPU_CHECK.md and gpu_check.json.
 
     python gpu_check.py                                # on a GPU: the full SD v1-4 architecture at 512 px
     python gpu_check.py --dry-run                      # anywhere: the tiny preset at 64 px, two steps each
     python gpu_check.py --upstream path/to/upstream/train_text_to_image.py   # upstream's script too, same recipe
     python gpu_check.py --distributed                  # the shipped DeepSpeed and FSDP configs too, one process
+    python gpu_check.py --only 'defaults, fp16' --only inference   # just these, in this order
+    python gpu_check.py --minutes 5                    # the time budget (default 8): later rows are skipped
 
 It builds the SD v1-4 architecture with random weights on the machine it runs on (nothing large travels),
 then trains each configuration of the seed's recipe (batch 1, gradient accumulation 4, EMA, gradient
 checkpointing, center crop, flips, on the bundled images) in its own process, so each one's peak CUDA
 memory is its own and one that runs out of memory is reported as such while the others go on. For each it
 reports seconds per optimizer step (median and range over the timed steps, after warm-up),
-torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Then
-inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16.
+torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Before
+them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration takes about 45 s
+on an H200, most of it starting, loading and saving; the table is rewritten after each one.
 
 Without a GPU (the dry run), the training children are forks of this process rather than fresh ones, which
 saves each the time of importing the libraries again (see fork_child).

@@ -2845,8 +2845,13 @@ def fine_tune(args):
             elif importlib.util.find_spec("torchao") is not None:
                 from torchao.optim import AdamW8bit
 
-                reason = " (bitsandbytes is not installed)" if accelerator.device.type == "cuda" else ""
-                logger.info(f"--use_8bit_adam: torchao's AdamW8bit{reason}")
+                if accelerator.device.type == "cuda":
+                    # Its step is compiled on first use: on a fresh GPU machine, a test of it had not ended after 6
+                    # minutes (docs/speed-and-memory.md).
+                    logger.warning("--use_8bit_adam: bitsandbytes is not installed, so torchao's AdamW8bit, whose"
+                                   " first steps compile (this can take minutes); pip install bitsandbytes")  # fmt: skip
+                else:
+                    logger.info("--use_8bit_adam: torchao's AdamW8bit")
                 optimizer_cls, extra = AdamW8bit, {}
             else:
                 raise UserError("--use_8bit_adam needs bitsandbytes on a GPU: pip install bitsandbytes (or torchao)")
