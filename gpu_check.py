@@ -14,7 +14,7 @@ checkpointing, center crop, flips, on the bundled images) in its own process, so
 memory is its own and one that runs out of memory is reported as such while the others go on. For each it
 reports seconds per optimizer step (median and range over the timed steps, after warm-up),
 torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Before
-them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration takes about 45 s
+them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration took about 45 s
 on an H200, most of it starting, loading and saving; the table is rewritten after each one.
 
 Without a GPU (the dry run), the training children are forks of this process rather than fresh ones, which
