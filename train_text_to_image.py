@@ -55,7 +55,7 @@ from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
 from PIL import ImageOps
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -180,6 +180,7 @@ from sdtoolkit.lycoris import (
     lycoris_layers,
     lycoris_ranks,
     read_lycoris,
+    read_lycoris_file,
     save_lycoris,
 )
 from sdtoolkit.output_dir import (
@@ -200,11 +201,11 @@ logger = get_logger(__name__, log_level="INFO")
 
 INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMode]
 
-# Flags of kohya-ss's sd-scripts and of diffusers' other training scripts, and what does their work here: an
-# error that names one of them says so.
 # --lora_type's adapters, as their authors name them.
 ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
+# Flags of kohya-ss's sd-scripts and of diffusers' other training scripts, and what does their work here: an
+# error that names one of them says so.
 KNOWN_ELSEWHERE = {
     "--shuffle_caption": "--shuffle_tags here",
     "--keep_tokens": "--keep_tags here",
@@ -2316,10 +2317,7 @@ def check_init_lora(args):
         with safe_open(os.path.join(folder, name), "pt") as f:
             kind = lycoris_kind(f.keys())
         if kind:  # LyCORIS's LoHa or LoKr, in kohya-ss keys (see sdtoolkit/lycoris.py)
-            layers = {}
-            for key, tensor in load_file(os.path.join(folder, name)).items():
-                module, _, tensor_name = key.partition(".")
-                layers.setdefault(module, {})[tensor_name] = tensor
+            _, layers = read_lycoris_file(os.path.join(folder, name))
             ranks = {part: lycoris_ranks({m: t for m, t in layers.items() if m.startswith(prefix)})
                      for part, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_"))}  # fmt: skip
         else:

@@ -92,24 +92,34 @@ def lokr_config(layers):
     return _create_lokr_config(flat, None), dict(baked)
 
 
+def read_lycoris_file(path):
+    """(kind, {kohya-ss layer name: {tensor name: tensor}}) of the LoHa or LoKr file at `path`, for no model."""
+    state = load_file(path)
+    layers = {}
+    for key, tensor in state.items():
+        name, _, tensor_name = key.partition(".")
+        layers.setdefault(name, {})[tensor_name] = tensor
+    return lycoris_kind(state), layers
+
+
 def read_lycoris(path, unet, text_encoder):
     """(kind, {"unet": layers, "text_encoder": layers}) of the LoHa or LoKr file at `path`, each part's layers as
     {module path: {tensor name: tensor}}; ValueError, saying what does not fit, for a file these models can't take."""
-    state = load_file(path)
-    kind = lycoris_kind(state)
+    kind, layers = read_lycoris_file(path)
     known = set(LOHA if kind == "LoHa" else LOKR) | {"alpha"}
     names = kohya_names(unet, text_encoder)
     parts = {"unet": {}, "text_encoder": {}}
-    for key, tensor in state.items():
-        name, _, tensor_name = key.partition(".")
-        if tensor_name not in known:
-            raise ValueError(
-                f"it holds {key}, which this server can't apply (a {kind} file holds {', '.join(sorted(known))})"
-            )
+    for name, tensors in layers.items():
+        for tensor_name in tensors:
+            if tensor_name not in known:
+                raise ValueError(
+                    f"it holds {name}.{tensor_name}, which this server can't apply (a {kind} file holds"
+                    f" {', '.join(sorted(known))})"
+                )
         if name not in names:
             raise ValueError(f"{name} is no layer of this model (is the file made for another one, such as SDXL?)")
         part, module_path = names[name]
-        parts[part].setdefault(module_path, {})[tensor_name] = tensor
+        parts[part][module_path] = tensors
     return kind, parts
 
 

@@ -333,15 +333,7 @@ def test_init_lora_starts_from_the_adapters_of_the_file_as_they_are(tiny_sd, a11
 
 def test_init_lora_trains_every_layer_of_the_file_and_resumes_bitwise(tiny_sd, a1111_lora, tmp_path):
     _, a1111 = a1111_lora
-    flags = [
-        "--init_lora",
-        str(a1111),
-        "--train_text_encoder",
-        "--learning_rate",
-        "1e-2",
-        "--checkpointing_steps",
-        "2",
-    ]
+    flags = ["--init_lora", str(a1111), "--train_text_encoder", "--learning_rate", "1e-2", "--checkpointing_steps", "2"]  # fmt: skip
     train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     whole, parts = (
         load_file(tmp_path / "whole" / KOHYA_WEIGHTS_NAME),

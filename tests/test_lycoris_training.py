@@ -192,15 +192,7 @@ def test_init_lora_goes_on_training_a_loha_or_lokr_file(tiny_sd, lycoris_files, 
         assert difference.abs().max() <= 1e-6
     # It trains on, and resumes bit for bit.
     reset_accelerate_state()
-    flags = [
-        "--init_lora",
-        str(source),
-        "--train_text_encoder",
-        "--learning_rate",
-        "1e-2",
-        "--checkpointing_steps",
-        "2",
-    ]
+    flags = ["--init_lora", str(source), "--train_text_encoder", "--learning_rate", "1e-2", "--checkpointing_steps", "2"]  # fmt: skip
     train_whole_and_resumed(tiny_sd, tmp_path, *flags)
     whole, parts = (load_file(tmp_path / run / KOHYA_WEIGHTS_NAME) for run in ("whole", "parts"))
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
