@@ -1585,8 +1585,9 @@ def load_training_dataset(args):
         if args.in_json is not None:
             # Images captioned by kohya-ss's fine-tuning metadata file (see sdtoolkit/kohya_metadata.py).
             train, notes = read_kohya_metadata(
-                args.in_json, args.train_data_dir, allow_missing_captions=args.allow_missing_captions
-            )
+                args.in_json, args.train_data_dir, allow_missing_captions=args.allow_missing_captions,
+                wildcard=args.enable_wildcard,
+            )  # fmt: skip
             logger.info(notes[0])
             for note in notes[1:]:
                 logger.warning(note)
@@ -1781,7 +1782,7 @@ def read_config_folders(args, folders):
             # A fine-tuning subset: its metadata file captions its images (see sdtoolkit/kohya_metadata.py).
             part, notes = read_kohya_metadata(
                 folder.metadata_file, folder.image_dir, allow_missing_captions=args.allow_missing_captions,
-                repeats=folder.num_repeats, subset=folder.name,
+                repeats=folder.num_repeats, subset=folder.name, wildcard=args.enable_wildcard,
             )  # fmt: skip
         else:
             if not os.path.isdir(folder.image_dir):

@@ -12,7 +12,9 @@ A key is an image's path, absolute or relative to the images' folder (--train_da
 with its extension or without it (sd-scripts' merge_captions_to_metadata.py writes the file name without it, or
 the whole path with --full_path).
 An image's caption is its "caption", then its "tags" after a comma, as sd-scripts joins them with its default
-caption separator. Other fields (image_size, train_resolution) are sizes for sd-scripts' buckets: the images are
+caption separator; with --enable_wildcard, each line of a caption of several lines gets the tags, as sd-scripts
+does, since one line is drawn per example (a caption with no lines is then the tags alone, where sd-scripts drops
+them). Other fields (image_size, train_resolution) are sizes for sd-scripts' buckets: the images are
 read here, so they are not needed.
 
 `read_kohya_metadata` returns the images and captions as a `datasets.Dataset` with the columns a caption-file
@@ -67,12 +69,17 @@ def read_metadata_file(path, name):
     return metadata
 
 
-def caption_of(entry):
-    """An entry's caption as sd-scripts makes it: its caption, then its tags after a comma."""
+def caption_of(entry, wildcard=False):
+    """An entry's caption as sd-scripts makes it: its caption, then its tags after a comma; with wildcard
+    (--enable_wildcard), each non-empty line of the caption, then the tags made one line."""
     caption, tags = entry.get("caption") or "", entry.get("tags") or ""
-    if tags:
-        caption = caption + CAPTION_SEPARATOR + tags if caption else tags
-    return caption
+    if not tags:
+        return caption
+    if wildcard:
+        tags = tags.replace("\n", CAPTION_SEPARATOR)
+        lines = [line for line in caption.split("\n") if line.strip()]
+        return "\n".join(line + CAPTION_SEPARATOR + tags for line in lines) if lines else tags
+    return caption + CAPTION_SEPARATOR + tags if caption else tags
 
 
 class ImageFinder:
@@ -100,10 +107,11 @@ class ImageFinder:
         return None if found is None else os.path.join(folder, found)
 
 
-def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False, repeats=1, subset=None):
+def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False, repeats=1, subset=None, wildcard=False):
     """The images and captions of the metadata file `path` as a Dataset (image, text, repeats), and what to tell
     the user, as read_caption_folder returns them. Relative keys are looked up in image_dir. An entry whose image is
-    not found is an error listing the first few; so is an empty caption, unless allow_missing_captions.
+    not found is an error listing the first few; so is an empty caption, unless allow_missing_captions. wildcard:
+    --enable_wildcard, which puts the tags on each line of a caption (caption_of).
 
     subset: where a --dataset_config names the file ("[[datasets.subsets]] 1 of [[datasets]] 1"), for messages;
     None for --in_json."""
@@ -125,7 +133,7 @@ def read_kohya_metadata(path, image_dir=None, *, allow_missing_captions=False, r
             if glob.glob(glob.escape(os.path.splitext(where)[0]) + "*.npz"):  # <stem>.npz, or <stem>_<size>_sd.npz
                 cached.append(key)
             continue
-        caption = caption_of(entry)
+        caption = caption_of(entry, wildcard)
         if not caption:
             empty.append(key)
         rows.append((image, caption))

@@ -8,11 +8,21 @@ import shutil
 
 import pytest
 import torch
+from accelerate import PartialState
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
 from sdtoolkit.kohya_metadata import read_kohya_metadata
-from tests.conftest import SMALL, caption_folder, demo_image, train, train_args, train_sh, unet_weights
+from tests.conftest import (
+    SMALL,
+    caption_folder,
+    demo_image,
+    reset_accelerate_state,
+    train,
+    train_args,
+    train_sh,
+    unet_weights,
+)
 
 CAPTIONS = [("a green creature", "round, small"), ("a red creature", ""), ("", "blue, tall"), ("a yellow one", None)]
 
@@ -100,6 +110,41 @@ def test_what_is_wrong_with_the_file_is_one_line(tmp_path):
     (tmp_path / "empty.json").write_text(json.dumps({"a": {"caption": ""}}))
     dataset, notes = read_kohya_metadata(str(tmp_path / "empty.json"), str(images), allow_missing_captions=True)
     assert dataset["text"] == [""] and "1 images train with an empty caption" in notes[1]
+
+
+def test_with_enable_wildcard_each_line_of_a_caption_gets_the_tags(tiny_sd, tmp_path):
+    # sd-scripts' fine-tuning dataset under --enable_wildcard: the tags go after every non-empty line of the caption
+    # (tags of several lines made one), since one line is drawn per example; a caption without lines is the tags.
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(3):
+        demo_image(i).save(images / f"{i}.png")
+    meta = write_json(tmp_path / "meta_cap.json", {
+        "0": entry("a green creature\n\na drawing of a creature", "round,\nsmall"),
+        "1": entry("a red creature", None),
+        "2": entry("", "blue, tall"),
+    })  # fmt: skip
+    wild, _ = read_kohya_metadata(str(meta), str(images), wildcard=True)
+    assert wild["text"] == ["a green creature,round,,small\na drawing of a creature,round,,small", "a red creature",
+                            "blue, tall"]  # fmt: skip
+    plain, _ = read_kohya_metadata(str(meta), str(images))  # without it, sd-scripts' one caption then the tags
+    assert plain["text"][0] == "a green creature\n\na drawing of a creature,round,\nsmall"
+    # The flag reaches the reading: each image's captions are its lines, each with the tags.
+    args = train_text_to_image.parse_args(
+        train_args(tiny_sd, "unused", "--in_json", str(meta), "--enable_wildcard", data=images)
+    )
+    PartialState()  # for the lines reading the data logs
+    rows = train_text_to_image.load_training_dataset(args)[0]
+    assert rows["text"][0] == ["a green creature,round,,small", "a drawing of a creature,round,,small"]
+    # And so does a dataset config's: a fine-tuning subset, with the flag as its [general] key.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[general]\nenable_wildcard = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images}"\n'
+                      f'metadata_file = "{meta}"\n')  # fmt: skip
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--dataset_config",
+                                           str(config), "--output_dir", "unused"])  # fmt: skip
+    rows = train_text_to_image.load_training_dataset(args)[0]
+    reset_accelerate_state()
+    assert rows["text"][0] == ["a green creature,round,,small", "a drawing of a creature,round,,small"]
 
 
 def captioned_both_ways(tmp_path, count):
