@@ -81,14 +81,15 @@ bench: $(STAMP)
 gpu-check:
 	$(PYTHON) gpu_check.py
 
-# What a GPU machine with torch, accelerate, huggingface_hub, tensorboard and pyarrow still lacks, for its
-# Python (GPU_PYTHON); torchao stands in for bitsandbytes (43 MB) in --use_8bit_adam. DeepSpeed (for
-# gpu_check.py --distributed) and its needs go to .whl/distributed/, to install only for that: accelerate
-# imports DeepSpeed whenever transformers saves a model. DeepSpeed is built here as a pure-Python wheel; its
-# ops compile there with nvcc. About 31 MB in all.
+# What a GPU machine with torch, accelerate, transformers, huggingface_hub, tensorboard and pyarrow still lacks,
+# for its Python (GPU_PYTHON): bitsandbytes (43 MB) for --use_8bit_adam, as upstream (torchao, the CPU's 8-bit
+# AdamW, compiles for minutes there). transformers is left to the machine's own (5.17 there, which the tests pass
+# with): with it, the wheels would not fit a 64 MiB transfer. DeepSpeed (for gpu_check.py --distributed) and its
+# needs go to .whl/distributed/, to install only for that: accelerate imports DeepSpeed whenever transformers
+# saves a model. DeepSpeed is built here as a pure-Python wheel; its ops compile there with nvcc. About 59 MB.
 GPU_PYTHON ?= 3.12
-GPU_WHEELS := diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0 \
-	peft==0.21.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 torchao==0.18.0
+GPU_WHEELS := diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.0 \
+	open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 bitsandbytes==0.50.2
 GPU_DISTRIBUTED_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 	typing-inspection==0.4.5 typing-extensions==4.16.0
 GPU_PLATFORMS := --python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \

@@ -7,6 +7,7 @@
     python gpu_check.py --distributed                  # the shipped DeepSpeed and FSDP configs too, one process
     python gpu_check.py --only 'defaults, fp16' --only inference   # just these, in this order
     python gpu_check.py --minutes 5                    # the time budget (default 8): later rows are skipped
+    python gpu_check.py --keep                         # run only the rows gpu_check.json has not measured here
 
 It builds the SD v1-4 architecture with random weights on the machine it runs on (nothing large travels),
 then trains each configuration of the seed's recipe (batch 1, gradient accumulation 4, EMA, gradient
@@ -16,6 +17,9 @@ reports seconds per optimizer step (median and range over the timed steps, after
 torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Before
 them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration took about 45 s
 on an H200, most of it starting, loading and saving; the table is rewritten after each one.
+
+GPU visits can be short: with --keep, the rows that the last report measured on the same GPU model, torch and
+settings are kept and not run again, and the report holds both runs' rows, each saying which run measured it.
 
 Without a GPU (the dry run), the training children are forks of this process rather than fresh ones, which
 saves each the time of importing the libraries again (see fork_child).
@@ -270,7 +274,7 @@ def fits(result):
     return " ".join(f"{card}:{'yes' if need <= card else 'no'}" for card in CARDS_GB)
 
 
-def train_table(rows):
+def train_table(rows, several_runs=False):
     lines = ["| configuration | status | s / optimizer step (median) | range | max allocated (GB) | max reserved (GB)"
              " | fits 24 / 16 / 12 GB |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     for name, result in rows:
@@ -279,8 +283,9 @@ def train_table(rows):
             lines.append(f"| {name} | {result['status']}: {reason} | – | – | – | – | – |".replace("\n", " "))
             continue
         seconds = result["step_seconds"]
+        status = f"ok, run {result['run']}" if several_runs else "ok"
         gb = lambda key: f"{result[key]:.2f}" if result.get(key) is not None else "–"  # noqa: E731
-        lines.append(f"| {name} | ok | {statistics.median(seconds):.3f} | {min(seconds):.3f}–{max(seconds):.3f} |"
+        lines.append(f"| {name} | {status} | {statistics.median(seconds):.3f} | {min(seconds):.3f}–{max(seconds):.3f} |"
                      f" {gb('max_allocated_gb')} | {gb('max_reserved_gb')} | {fits(result)} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -315,6 +320,9 @@ def parse_args(argv=None):
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="Run only this configuration (its name in the table, or 'inference'); repeat for more,"
                              " in the order given.")  # fmt: skip
+    parser.add_argument("--keep", action="store_true",
+                        help="Keep the rows the report at --json measured on the same GPU model, torch and settings,"
+                             " and run only the others (and those --only names); the report holds both.")  # fmt: skip
     parser.add_argument("--models", default="build/gpu-check", help="Where the fixture pipeline is built.")
     parser.add_argument("--out", default=None, help="Default: GPU_CHECK.md, or build/gpu-check/ in a dry run.")
     parser.add_argument("--json", default=None, help="Default: gpu_check.json beside --out.")
@@ -339,29 +347,69 @@ def parse_args(argv=None):
     return args
 
 
-def write_report(args, command, info, preset, rows, inference, seconds):
+def kept_rows(args, info, preset):
+    """--keep: (rows, inference, runs) of the report at args.json that this run can keep: its rows measured ("ok") on
+    the same GPU model and torch, at the same settings, each with the number of the run that measured it; and that
+    report's runs (command, machine, seconds). Nothing, with a line saying why, when there are none."""
+    path = Path(args.json)
+    if not path.exists():
+        print(f"--keep: no earlier report at {path}: every row runs", flush=True)
+        return [], None, []
+    earlier = json.loads(path.read_text())
+    settings = ("preset", "resolution", "steps", "warmup", "dry_run")
+    ours = {"preset": preset, **{key: getattr(args, key) for key in settings[1:]}}
+    differs = [
+        f"{key} {earlier.get(key)} (this run: {ours[key]})" for key in settings if earlier.get(key) != ours[key]
+    ]
+    for key in ("gpu", "torch"):
+        if earlier["machine"][key] != info[key]:
+            differs.append(f"{key} {earlier['machine'][key]} (this run: {info[key]})")
+    if differs:
+        print(f"--keep: {path} was measured with another {', '.join(differs)}: its rows are not kept", flush=True)
+        return [], None, []
+    runs = earlier.get("runs") or [{"command": earlier["command"], "machine": earlier["machine"],
+                                    "seconds": earlier["seconds"]}]  # fmt: skip
+    rows = [(name, {"run": 1, **row}) for name, row in earlier["train"].items() if row["status"] == "ok"]
+    inference = {"run": 1, **earlier["inference"]} if earlier["inference"]["status"] == "ok" else None
+    print(f"--keep: {len(rows) + (inference is not None)} rows of {path} are kept", flush=True)
+    return rows, inference, runs
+
+
+def write_report(args, command, info, preset, rows, inference, seconds, runs=()):
     """GPU_CHECK.md and gpu_check.json as they stand: written after every row, so a check stopped part-way leaves
-    the rows it has."""
+    the rows it has. runs: the earlier runs whose rows are kept (--keep)."""
     verdicts = judge(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    runs = [*runs, {"command": command, "machine": info, "seconds": seconds}]
     report = {"command": command, "machine": info, "preset": preset, "resolution": args.resolution,
               "steps": args.steps, "warmup": args.warmup, "dry_run": args.dry_run, "train": dict(rows),
-              "inference": inference, "targets": dict(verdicts), "seconds": seconds}  # fmt: skip
+              "inference": inference, "targets": dict(verdicts), "seconds": seconds, "runs": runs}  # fmt: skip
     Path(args.json).write_text(json.dumps(report, indent=2))
-    gpu = f"{info['gpu']} ({info['gpu_memory_gb']:.0f} GB), driver {info['driver']}" if info["gpu"] else "none (CPU)"
+
+    def gpu(info):
+        if not info["gpu"]:
+            return "none (CPU)"
+        return f"{info['gpu']} ({info['gpu_memory_gb']:.0f} GB), driver {info['driver']}"
+
+    if len(runs) == 1:
+        how = [f"Command: `python gpu_check.py {command}`, {seconds / 60:.1f} min in all."]
+    else:
+        how = ["Runs (their rows are kept with --keep, on the same GPU model and torch; each row says its run):", ""]
+        how += [f"{i}. `python gpu_check.py {run['command']}` on {gpu(run['machine'])}, {run['seconds'] / 60:.1f} min"
+                for i, run in enumerate(runs, 1)]  # fmt: skip
     lines = [
         "# GPU check" + (" (dry run: the tiny preset on the CPU, not a measurement of a GPU)" if args.dry_run else ""),
         "",
-        f"Machine: {gpu}; Python {info['python']}, torch {info['torch']}, CUDA {info['cuda']}.",
+        f"Machine: {gpu(info)}; Python {info['python']}, torch {info['torch']}, CUDA {info['cuda']}.",
         "",
-        f"Command: `python gpu_check.py {command}`, {seconds / 60:.1f} min in all.",
+        *how,
         "",
         f"The seed's recipe on the `{preset}` preset at {args.resolution} px: batch 1, gradient accumulation 4, EMA,"
         f" gradient checkpointing, lr 1e-5, center crop and flips on the bundled images; {args.warmup} warm-up and"
         f" {args.steps} timed optimizer steps per configuration, each in its own process. 'Fits' adds"
         f" {CUDA_CONTEXT_GB} GB for the CUDA context to the peak reserved memory.",
         "",
-        train_table(rows),
+        train_table(rows, several_runs=len(runs) > 1),
         "",
         "Targets (judged on the full run):",
         "",
@@ -372,7 +420,8 @@ def write_report(args, command, info, preset, rows, inference, seconds):
         "",
     ]
     if inference["status"] == "ok":
-        lines += [f"Inference, one {args.resolution} px image, guidance 7.5, {inference['dtype']}:", "",
+        by = f" (run {inference['run']})" if len(runs) > 1 else ""
+        lines += [f"Inference{by}, one {args.resolution} px image, guidance 7.5, {inference['dtype']}:", "",
                   "| scheduler and steps | seconds per image |", "| --- | ---: |"]  # fmt: skip
         lines += [f"| {name} | {seconds:.2f} |" for name, seconds in inference["seconds"].items()]
     else:
@@ -393,7 +442,11 @@ def main(argv=None):
     command = shlex.join(argv if argv is not None else sys.argv[1:])
     info = machine()
     preset = "tiny" if args.dry_run else "sd-v1-4"
-    rows, inference = [], {"status": "not run"}
+    rows, inference, runs = [], {"status": "not run"}, []
+    if args.keep:
+        rows, kept_inference, runs = kept_rows(args, info, preset)
+        inference = kept_inference or inference
+    this_run = len(runs) + 1
     # Each child's output goes to this log, for a row that failed.
     log = Path(args.out).with_name("gpu_check.log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -440,11 +493,22 @@ def main(argv=None):
             if not upstream:
                 argv += ["--checkpointing_steps", "1000000"]
             result = run("train", name, {"argv": argv, "steps": args.steps, "upstream": upstream}, launch, env)
-        rows.append((name, {**result, "mixed_precision": precision or "config"}))
-        write_report(args, command, info, preset, rows, inference, time.perf_counter() - started)
+        put(name, {**result, "mixed_precision": precision or "config"})
+
+    def put(name, result):
+        """This run's row: in place of a kept row of that name (unless it was not measured: skipped or stopped by the
+        budget), else after the others; then the report."""
+        row = (name, {**result, "run": this_run})
+        names = [kept for kept, _ in rows]
+        if name in names:
+            if result["status"] not in ("skipped", "timed out"):
+                rows[names.index(name)] = row
+        else:
+            rows.append(row)
+        write_report(args, command, info, preset, rows, inference, time.perf_counter() - started, runs)
 
     # Inference and upstream's script first, as they are short, then the configurations in CONFIGS's order; or
-    # the ones --only names, in its order.
+    # the ones --only names, in its order. With --keep, a row measured already runs only if --only names it.
     configs, distributed = {c[0]: c for c in CONFIGS}, {d[0]: d for d in DISTRIBUTED}
     plan = args.only or [
         "inference",
@@ -452,12 +516,16 @@ def main(argv=None):
         *configs,
         *(distributed if args.distributed else []),
     ]
+    measured = {name for name, _ in rows} | ({"inference"} if inference["status"] == "ok" else set())
     for name in plan:
+        if name in measured and not args.only:
+            print(f"{name}: kept (run {dict(rows).get(name, inference)['run']})", flush=True)
+            continue
         if name == "inference":
             repeats = 1 if args.dry_run else 3
-            inference = run(
-                "inference", name, {"model": str(model), "resolution": args.resolution, "repeats": repeats}
-            )
+            result = run("inference", name, {"model": str(model), "resolution": args.resolution, "repeats": repeats})
+            if inference["status"] != "ok" or result["status"] not in ("skipped", "timed out"):
+                inference = {**result, "run": this_run}
         elif name == UPSTREAM_SCRIPT:
             train(name, recipe(), "fp16", upstream=args.upstream)
         elif name in configs:
@@ -467,10 +535,10 @@ def main(argv=None):
             _, config, remove = distributed[name]
             train(name, recipe(remove=remove), launch=str(REPO / "configs" / "accelerate" / config))
         else:
-            rows.append((name, {"status": "skipped", "error": "needs a CUDA GPU"}))
+            put(name, {"status": "skipped", "error": "needs a CUDA GPU"})
 
     total = time.perf_counter() - started
-    write_report(args, command, info, preset, rows, inference, total)
+    write_report(args, command, info, preset, rows, inference, total, runs)
     print(f"wrote {args.out} and {args.json} ({total / 60:.1f} min); each child's output is in {log}")
 
 

@@ -137,3 +137,40 @@ def test_a_training_child_builds_the_final_pipeline_but_does_not_write_it(tiny_s
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Saved the fine-tuned pipeline" in result.stderr and (tmp_path / "README.md").exists()  # the run ended
     assert not (tmp_path / "model_index.json").exists() and not (tmp_path / "unet").exists()
+
+
+def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(tiny_sd, tmp_path, capsys):
+    # A short GPU visit measures one row; the next, with --keep, keeps it and runs the rest (here with no time left:
+    # skipped), and the report names both runs. A report from another GPU keeps nothing.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_sd)
+    common = ["--dry-run", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "GPU_CHECK.md")]
+    # The measuring run in a process of its own, as the dry-run test: a fork of this test process can hang.
+    result = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), *common, "--only", "defaults, fp16"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert first["train"]["defaults, fp16"]["status"] == "ok"
+    gpu_check.main([*common, "--keep", "--minutes", "0"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    kept = report["train"]["defaults, fp16"]
+    assert kept["run"] == 1 and kept["step_seconds"] == first["train"]["defaults, fp16"]["step_seconds"]
+    others = [row for name, row in report["train"].items() if name != "defaults, fp16"]
+    assert len(others) == len(gpu_check.CONFIGS) - 1
+    assert all(row["status"] == "skipped" and row["run"] == 2 for row in others)
+    assert [run["command"] for run in report["runs"]] == ["--dry-run --models {0}/models --out {0}/GPU_CHECK.md"
+                                                          " --only 'defaults, fp16'".format(tmp_path),
+                                                          report["command"]]  # fmt: skip
+    table = (tmp_path / "GPU_CHECK.md").read_text()
+    assert "| defaults, fp16 | ok, run 1 |" in table and "2. `python gpu_check.py --dry-run" in table
+    assert "defaults, fp16: kept (run 1)" in capsys.readouterr().out
+    # Named by --only, a kept row runs again; a run that is not a measurement (out of time) leaves the kept one.
+    gpu_check.main([*common, "--keep", "--minutes", "0", "--only", "defaults, fp16"])
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["train"]["defaults, fp16"] == kept
+    # Measured on another GPU, nothing is kept.
+    report["machine"]["gpu"] = "NVIDIA H200"
+    (tmp_path / "gpu_check.json").write_text(json.dumps(report))
+    gpu_check.main([*common, "--keep", "--minutes", "0"])
+    assert "gpu NVIDIA H200 (this run: None): its rows are not kept" in capsys.readouterr().out
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {row["status"] for row in report["train"].values()} == {"skipped"} and len(report["runs"]) == 1
