@@ -1182,6 +1182,14 @@ def parse_args(argv=None):
             " kohya-ss's --sample_every_n_steps): for data sets whose epochs are long."
         ),
     )
+    parser.add_argument(
+        "--sample_at_first",
+        action="store_true",
+        help=(
+            "Also draw the validation images before the first step, from the base model, to compare the later ones"
+            " with (not upstream; kohya-ss's flag)."
+        ),
+    )
     # kohya-ss's config files (not upstream): see sdtoolkit/config_file.py.
     parser.add_argument(
         "--config_file",
@@ -1364,8 +1372,9 @@ def parse_args(argv=None):
         prompts = read_sample_prompts(args.sample_prompts)
         args.validation_prompts = [prompt for prompt, _ in prompts]
         args.validation_settings = [settings for _, settings in prompts]
-    if args.validation_steps is not None and args.validation_prompts is None:
-        raise UserError("--validation_steps draws the --validation_prompts, which this run does not give")
+    for flag in ("validation_steps", "sample_at_first"):
+        if getattr(args, flag) not in (None, False) and args.validation_prompts is None:
+            raise UserError(f"--{flag} draws the --validation_prompts, which this run does not give")
     for prompt in args.validation_prompts or []:  # read as gradio_app.py reads prompts, so refused as it refuses
         problem = unsupported_syntax(prompt)
         if problem:
@@ -3189,10 +3198,6 @@ def fine_tune(args):
         disable=not accelerator.is_local_main_process,
     )
 
-    # The base model's held-out loss, the reference for every later one.
-    if held_out is not None and global_step == 0:
-        measure_held_out()
-
     def validate():
         """The validation images, drawn on the main process with the EMA weights when there are some."""
         if not accelerator.is_main_process:
@@ -3205,6 +3210,13 @@ def fine_tune(args):
         if args.use_ema:
             # Switch back to the original UNet parameters.
             ema_unet.restore(trained)
+
+    # The base model's held-out loss and, with --sample_at_first, its validation images (validation/step-0): the
+    # references for every later one. A resumed run has them already.
+    if held_out is not None and global_step == 0:
+        measure_held_out()
+    if args.sample_at_first and global_step == 0:
+        validate()
 
     saved_at_step = None
     # Upstream's loss is the squared error's mean over the batch; these options weigh it per element or example.

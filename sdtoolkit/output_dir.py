@@ -226,7 +226,7 @@ NOT_TRAINING_FLAGS = {
     "checkpointing_steps", "save_every_n_epochs", "checkpoints_total_limit", "resume_from_checkpoint",
     "export_single_file",
     "push_to_hub", "hub_model_id", "validation_prompts", "sample_prompts", "validation_settings", "validation_epochs",
-    "validation_steps",
+    "validation_steps", "sample_at_first",
     "cache_dir", "latent_cache_dir", "dataloader_num_workers",
     # Speed and memory: the same training, done another way (tests/test_speed.py checks the cache gives the same
     # losses). A resume on another GPU may well need other ones.

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -65,6 +66,23 @@ def test_validation_steps_draw_every_n_steps_instead_of_every_epoch(tiny_sd, tmp
     with pytest.raises(UserError, match=r"--validation_prompts: '\[cat\|dog\]' is AUTOMATIC1111's alternation"):
         train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x",
                                         "--validation_prompts", "a creature", "a [cat|dog]"])  # fmt: skip
+
+
+def test_sample_at_first_draws_the_base_models_images_and_trains_the_same(tiny_sd, tmp_path):
+    # kohya-ss's --sample_at_first: validation/step-0 holds the base model's images, and training is unchanged.
+    flags = ["--max_train_steps", "2", "--validation_steps", "2", "--validation_prompts", "a creature"]
+    train(tiny_sd, tmp_path / "first", *flags, "--sample_at_first")
+    assert sorted(p.name for p in (tmp_path / "first" / "validation").iterdir()) == ["final", "step-0", "step-2"]
+    train(tiny_sd, tmp_path / "plain", *flags)
+    a, b = unet_weights(tmp_path / "first" / "unet"), unet_weights(tmp_path / "plain" / "unet")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    # The base model's image is not the trained one's.
+    base, trained = (np.asarray(Image.open(tmp_path / "first" / "validation" / step / "00.png")) for step in
+                     ("step-0", "step-2"))  # fmt: skip
+    assert not np.array_equal(base, trained)
+    with pytest.raises(UserError, match="--sample_at_first draws the --validation_prompts"):
+        train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x",
+                                        "--sample_at_first"])  # fmt: skip
 
 
 def test_model_card_is_written_without_validation_prompts(tiny_sd, tmp_path):
