@@ -11,7 +11,6 @@ All three share one model and one bounded queue (sdtoolkit/serving.py) that runs
 a time, so a few users at once can't knock the GPU over; the /v1 routes are in sdtoolkit/images_api.py.
 """
 
-import argparse
 import os
 import socket
 from contextlib import asynccontextmanager
@@ -24,7 +23,7 @@ from PIL import Image
 
 from sdtoolkit.a1111_api import a1111_api
 from sdtoolkit.embeddings import load_embeddings
-from sdtoolkit.errors import UserError, run_main
+from sdtoolkit.errors import ArgumentParser, UserError, run_main
 from sdtoolkit.images_api import ImageFiles, images_api
 from sdtoolkit.inference import (
     add_device_arguments,
@@ -68,7 +67,7 @@ FINE_TUNED_FROM = ("This pipeline was fine-tuned from", "This LoRA adapter was f
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Serve a Stable Diffusion pipeline as a web page, a Gradio API and an OpenAI-compatible API."
     )
     parser.add_argument(

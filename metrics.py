@@ -21,7 +21,6 @@ scores.csv, report.md and image grids (rows are prompts, columns seeds x images)
     python metrics.py --doc_protocol --model_path CompVis/stable-diffusion-v1-4 stable-diffusion-v1-5/stable-diffusion-v1-5
 """
 
-import argparse
 import csv
 import json
 import os
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
 from sdtoolkit.clip_windows import encode_prompts, plain_text, unsupported_syntax
 from sdtoolkit.embeddings import load_embeddings
-from sdtoolkit.errors import UserError, first_line, run_main
+from sdtoolkit.errors import ArgumentParser, UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
 from sdtoolkit.inference import (
     add_device_arguments,
@@ -68,7 +67,7 @@ PROMPTS = [
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="CLIP score of Stable Diffusion pipelines on a set of prompts.")
+    parser = ArgumentParser(description="CLIP score of Stable Diffusion pipelines on a set of prompts.")
     parser.add_argument(
         "--model_path",
         nargs="+",

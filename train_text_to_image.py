@@ -271,6 +271,32 @@ KNOWN_ELSEWHERE = {
     "--resume": "--resume_from_checkpoint here (a checkpoint folder, or latest)",
     "--save_last_n_epochs": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
     "--huggingface_repo_id": "--hub_model_id here, with --push_to_hub",
+    "--huggingface_token": (
+        "not here: log in with `hf auth login` (or set HF_TOKEN) for --push_to_hub; --hub_token works too, and is never"
+        " written to the run's files"
+    ),
+    "--wandb_api_key": "not here: log in with `wandb login` (or set WANDB_API_KEY) for --report_to wandb",
+    "--resize_interpolation": "--image_interpolation_mode here",
+    "--dim_from_weights": "what --init_lora does here: the file's ranks and alphas become the run's",
+    "--network_train_text_encoder_only": (
+        "not here: a LoRA trains the UNet's adapter, and the text encoder's too with --train_text_encoder"
+    ),
+    "--no_half_vae": (
+        "not here: the VAE runs in --mixed_precision's dtype, as in upstream's script (SD 1.x's VAE works in"
+        " float16; SDXL's is the one that needs float32)"
+    ),
+    "--v2": "not needed here: a diffusers model's config says which it is (SD 2's 768 px model with --resolution 768)",
+    "--vae_batch_size": "not here: the latents are cached in batches of --train_batch_size",
+    "--caption_separator": (
+        "not here: --in_json joins a caption and its tags with a comma, and --shuffle_tags splits the tags at commas"
+    ),
+    "--torch_compile": "accelerate's here: `accelerate launch --dynamo_backend inductor` (train.sh's LAUNCH_ARGS)",
+    "--dynamo_backend": "accelerate's here: `accelerate launch --dynamo_backend inductor` (train.sh's LAUNCH_ARGS)",
+    "--deepspeed": (
+        "accelerate's here: `accelerate launch --config_file configs/accelerate/deepspeed_zero2_offload.yaml`"
+        " (train.sh's LAUNCH_ARGS; docs/scaling-out.md)"
+    ),
+    "--zero_stage": "the zero_stage of an accelerate DeepSpeed config here, given to `accelerate launch --config_file`",
 }
 
 

@@ -19,9 +19,12 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 
 LAST_LINE_FILE = "SDTOOLKIT_LAST_LINE_FILE"
+# An unknown flag whose value may be a secret (--huggingface_token, --wandb_api_key, ...): its value is not repeated.
+SECRET_FLAG = re.compile(r"^--[\w-]*(token|api[_-]?key|password|secret)$", re.IGNORECASE)
 
 
 class UserError(Exception):
@@ -33,7 +36,9 @@ class ArgumentParser(argparse.ArgumentParser):
     the one `error:` line with exit code 2, which the launcher repeats last like any other bad input.
 
     An unknown flag that another trainer has (known_elsewhere: {"--flag": "what it is here"}) is named with what
-    does its work here, and one that is a near miss of a flag of this parser with that flag."""
+    does its work here, and one that is a near miss of a flag of this parser with that flag. The value of an
+    unknown flag named like a secret (a token, an API key, a password) is shown as *** (SECRET_FLAG): the line is
+    printed and kept by the launcher."""
 
     def __init__(self, *args, known_elsewhere=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,7 +48,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            flags = [word.split("=")[0] for word in message[len(prefix) :].split() if word.startswith("--")]
+            words = message[len(prefix) :].split(" ")
+            for i, word in enumerate(words):
+                name, equals, _ = word.partition("=")
+                if SECRET_FLAG.match(name):
+                    if equals:
+                        words[i] = f"{name}=***"
+                    elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+                        words[i + 1] = "***"
+            message = prefix + " ".join(words)
+            flags = [word.split("=")[0] for word in words if word.startswith("--")]
             ours = [flag for action in self._actions for flag in action.option_strings]
             hints = []
             for flag in dict.fromkeys(flags):

@@ -30,7 +30,7 @@ from sdtoolkit.clip_windows import encode_prompts, parse_emphasis, token_windows
 from sdtoolkit.images_api import edit_size
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import REPO, example_args, free_port, generate, literal_windows, start, train
+from tests.conftest import REPO, example_args, free_port, generate, literal_windows, run_entry_point, start, train
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -751,3 +751,13 @@ def test_served_from_the_users_own_folder_it_writes_only_to_its_temp_dir(tiny_sd
     assert "Traceback" not in output, output
     assert files_under(work) == [] and files_under(home) == []
     assert files_under(temp) == [], files_under(temp)  # both caches are emptied when the server stops
+
+
+def test_a_mistyped_api_key_flag_is_one_line_without_the_key(capsys):
+    # The server's flags are read as the training script's: a near miss is named, and a secret is not repeated.
+    result = run_entry_point(gradio_app.main, "--api-key", "sk-do-not-show", capsys=capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unrecognized arguments: --api-key *** -- did you mean --api_key?"
+    )
+    assert "sk-do-not-show" not in result.stderr + result.stdout

@@ -375,6 +375,18 @@ def test_incompatible_or_impossible_flags(tmp_path, flags, message):
         preflight(tmp_path, *flags)
 
 
+def test_an_unknown_flag_named_like_a_secret_is_refused_without_its_value(tmp_path):
+    # kohya-ss's --huggingface_token and --wandb_api_key are not flags here: the line names them, and what does
+    # their work, but not the tokens, which would be printed and kept by the launcher.
+    flags = ["--huggingface_token", "hf_secret_do_not_show", "--wandb_api_key=wandb_secret", "--hub-token", "hf_x2"]
+    with pytest.raises(UserError) as err:
+        preflight(tmp_path, *flags)
+    line = str(err.value)
+    assert line.startswith("unrecognized arguments: --huggingface_token *** --wandb_api_key=*** --hub-token *** --")
+    assert "log in with `hf auth login`" in line and "did you mean --hub_token?" in line
+    assert "secret" not in line and "hf_x2" not in line
+
+
 def test_the_hub_failing_is_one_line_and_never_loses_the_model(tiny_sd, tmp_path, monkeypatch):
     secret = ["--hub_token", "hf_secret_do_not_show"]
     # Before training: the repository cannot be created (tests run with HF_HUB_OFFLINE=1).
