@@ -1128,6 +1128,14 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
+        "--save_state_on_train_end",
+        action="store_true",
+        help=(
+            "Also save a checkpoint at the last step when it is not a --checkpointing_steps one, to go on from with a"
+            " longer --max_train_steps (not upstream; kohya-ss's flag)."
+        ),
+    )
+    parser.add_argument(
         "--checkpoints_total_limit",
         type=int,
         default=None,
@@ -3475,6 +3483,12 @@ def fine_tune(args):
     finally:
         progress_bar.close()  # ends the bar's line, so a message after it starts on its own
         stop.uninstall()
+    # kohya-ss's --save_state_on_train_end: the last step's checkpoint, unless it was just saved (or resumed from).
+    if args.save_state_on_train_end and saved_at_step != global_step and global_step > initial_global_step:
+        if held_out is not None:
+            measure_held_out()
+        save_path = checkpoint(epoch)
+        logger.info(f"Saved state to {save_path} at the end of training")
     # The held-out loss at the end, and whether it changed beyond chance since the first measurement.
     held_out_change = None
     if held_out is not None:

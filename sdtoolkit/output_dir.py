@@ -224,6 +224,7 @@ NOT_TRAINING_FLAGS = {
     "in_json", "optimizer", "use_8bit_adam", "hub_token", "config_file", "output_config",
     "output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name", "local_rank",
     "checkpointing_steps", "save_every_n_epochs", "checkpoints_total_limit", "resume_from_checkpoint",
+    "save_state_on_train_end",
     "export_single_file",
     "push_to_hub", "hub_model_id", "validation_prompts", "sample_prompts", "validation_settings", "validation_epochs",
     "validation_steps", "sample_at_first",

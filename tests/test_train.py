@@ -1,5 +1,6 @@
 """train_text_to_image.py end to end on the tiny offline pipeline and the bundled data."""
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,29 @@ def test_save_every_n_epochs_checkpoints_each_epochs_end_and_resumes_from_it_bit
     train(tiny_sd, tmp_path / "two", *run, "--save_every_n_epochs", "2", "--checkpointing_steps", "3")
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "two").glob("checkpoint-*"))
     assert steps == [3, 6, 8, 9, 12]
+
+
+def test_save_state_on_train_end_checkpoints_the_last_step_to_go_on_from_bitwise(tiny_sd, tmp_path, caplog):
+    # kohya-ss's flag: 3 steps with a checkpoint every 2 also end in checkpoint-3, and going on from it to step 5
+    # trains as 5 steps in one run. A last step that was just saved, or resumed from, is not saved again.
+    run = ["--checkpointing_steps", "2", "--learning_rate", "1e-3", "--use_ema", "--save_state_on_train_end"]
+    parts = tmp_path / "parts"
+
+    def saved(*flags):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            train(tiny_sd, parts, *run, *flags)
+        return sorted(
+            int(p.name.split("-")[1]) for p in parts.glob("checkpoint-*")
+        ), "at the end of training" in caplog.text
+
+    assert saved("--max_train_steps", "3") == ([2, 3], True)
+    assert saved("--max_train_steps", "5", "--resume_from_checkpoint", "latest") == ([2, 3, 4, 5], True)
+    train(tiny_sd, tmp_path / "whole", *run, "--max_train_steps", "5")
+    a, b = unet_weights(parts / "unet"), unet_weights(tmp_path / "whole" / "unet")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert saved("--max_train_steps", "5", "--resume_from_checkpoint", "latest") == ([2, 3, 4, 5], False)
+    assert saved("--max_train_steps", "6", "--resume_from_checkpoint", "latest") == ([2, 3, 4, 5, 6], False)
 
 
 def test_resume_from_a_named_checkpoint_loads_its_weights(tiny_sd, tmp_path):
