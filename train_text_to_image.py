@@ -297,6 +297,15 @@ KNOWN_ELSEWHERE = {
         " (train.sh's LAUNCH_ARGS; docs/scaling-out.md)"
     ),
     "--zero_stage": "the zero_stage of an accelerate DeepSpeed config here, given to `accelerate launch --config_file`",
+    "--validate_every_n_epochs": "not here: the held-out loss of --validation_split is measured at every checkpoint",
+    "--max_validation_steps": "not here: the held-out loss of --validation_split is measured on every held-out image",
+    "--lr_scheduler_type": "--lr_scheduler here, one of diffusers' schedules (with --lr_warmup_steps, --lr_num_cycles)",
+    "--lr_scheduler_args": "not here: --lr_scheduler's schedules take --lr_warmup_steps, --lr_num_cycles and --lr_power",
+    "--log_config": "what --report_to does here: the run's flags are logged to its trackers (not --hub_token)",
+    "--wandb_run_name": "not here: --tracker_project_name names the project in wandb (--report_to wandb)",
+    "--text_encoder_batch_size": "not here: the captions are encoded in batches of --train_batch_size",
+    "--cache_text_encoder_outputs_to_disk": "--latent_cache_dir DIR here, which keeps the encoded captions too",
+    "--use_lion_optimizer": "not here: --optimizer offers AdamW, Adafactor and prodigy",
 }
 
 
