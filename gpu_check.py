@@ -355,7 +355,11 @@ def kept_rows(args, info, preset):
     if not path.exists():
         print(f"--keep: no earlier report at {path}: every row runs", flush=True)
         return [], None, []
-    earlier = json.loads(path.read_text())
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError as err:  # cut off while it was written
+        print(f"--keep: {path} is not a whole report ({err}): every row runs", flush=True)
+        return [], None, []
     settings = ("preset", "resolution", "steps", "warmup", "dry_run")
     ours = {"preset": preset, **{key: getattr(args, key) for key in settings[1:]}}
     differs = [

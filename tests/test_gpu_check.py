@@ -174,3 +174,7 @@ def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(tiny_sd, tmp_path,
     assert "gpu NVIDIA H200 (this run: None): its rows are not kept" in capsys.readouterr().out
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {row["status"] for row in report["train"].values()} == {"skipped"} and len(report["runs"]) == 1
+    # A report cut off while it was written keeps nothing either.
+    (tmp_path / "gpu_check.json").write_text('{"command": "--dry-run", "train": {"defaults, fp16": {"stat')
+    gpu_check.main([*common, "--keep", "--minutes", "0"])
+    assert "is not a whole report" in capsys.readouterr().out
