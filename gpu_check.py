@@ -16,7 +16,9 @@ memory is its own and one that runs out of memory is reported as such while the 
 reports seconds per optimizer step (median and range over the timed steps, after warm-up),
 torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Before
 them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration took about 45 s
-on an H200, most of it starting, loading and saving; the table is rewritten after each one.
+on an H200, of which about 10 s were training steps and 20 s came before the script's first log line (Python's
+start, the imports, accelerate); the table now splits each row's seconds into those phases. It is rewritten
+after each row.
 
 GPU visits can be short: with --keep, the rows that the last report measured on the same GPU model, torch and
 settings are kept and not run again, and the report holds both runs' rows, each saying which run measured it.
@@ -48,6 +50,7 @@ import torch
 
 import benchmark
 
+STARTED = time.time()  # in a child: when Python had started and imported torch
 REPO = Path(__file__).resolve().parent
 DATA = REPO / "data" / "creatures"
 
@@ -77,6 +80,7 @@ DISTRIBUTED = [
     ("FSDP, full shard (config's bf16, no EMA)", "fsdp.yaml", ["--use_ema"]),
 ]
 UPSTREAM_SCRIPT = "upstream script, fp16"  # its row, with --upstream (a name without quotes, for --only)
+PHASES = ["start and torch", "imports", "to the first step", "steps", "end"]  # of a child's time (child_train)
 CARDS_GB = [24, 16, 12]
 CUDA_CONTEXT_GB = 0.5  # what the CUDA context takes beside PyTorch's allocations, roughly
 # The issue's targets, judged on the full run (not the dry run).
@@ -114,6 +118,10 @@ def child_train(spec):
     accelerate.Accelerator.log = timed_log
     from sdtoolkit.errors import TrainingStopped, UserError
 
+    if not spec.get("upstream"):
+        import train_text_to_image  # noqa: F401 (timed: the libraries' imports)
+    imported = time.time()
+
     status, error = "ok", None
     try:
         if spec.get("upstream"):
@@ -134,13 +142,21 @@ def child_train(spec):
         status, error = "failed", str(err)
     seconds = [b - a for a, b in zip(stamps, stamps[1:])][-spec["steps"] :]
     cuda = torch.cuda.is_available()
-    return {
+    result = {
         "status": status,
         "error": error,
         "step_seconds": seconds,
         "max_allocated_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
         "max_reserved_gb": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
     }
+    # Where a fresh child's time went (a fork's start is its parent's): Python's start with torch's import, the
+    # other libraries' imports, from there to the end of the first optimizer step (models, data, cache, the first
+    # step), the steps after it, and the end (the final pipeline, built but not written).
+    if spec.get("spawned") and stamps:
+        ends = [spec["spawned"], STARTED, imported, stamps[0] - time.perf_counter() + time.time()]
+        ends += [ends[-1] + stamps[-1] - stamps[0], time.time()]
+        result["phases_s"] = dict(zip(PHASES, (b - a for a, b in zip(ends, ends[1:]))))
+    return result
 
 
 def child_inference(spec):
@@ -176,7 +192,7 @@ def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=No
     given, under `name`."""
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
-        spec = {**spec, "kind": kind, "result": str(result_file)}
+        spec = {**spec, "kind": kind, "result": str(result_file), "spawned": None}
         if launch:
             command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch,
                        "--num_processes", "1", "--main_process_port", "0", __file__, "--child", json.dumps(spec)]  # fmt: skip
@@ -187,6 +203,8 @@ def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=No
             returncode, stderr = fork_child(spec, env, Path(scratch) / "output.txt")
         else:
             # In a session of its own, so that a timeout stops `accelerate launch`'s training process too.
+            spec["spawned"] = time.time()
+            command[-1] = json.dumps(spec)
             with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                   env={**os.environ, **(env or {})}, start_new_session=True) as child:  # fmt: skip
                 try:
@@ -288,6 +306,20 @@ def train_table(rows, several_runs=False):
         lines.append(f"| {name} | {status} | {statistics.median(seconds):.3f} | {min(seconds):.3f}–{max(seconds):.3f} |"
                      f" {gb('max_allocated_gb')} | {gb('max_reserved_gb')} | {fits(result)} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def phase_table(rows):
+    """Where each fresh child's seconds went (see child_train), and the rest of its wall time (its exit, the
+    result's hand-over); empty when no row has them (a dry run's children are forks)."""
+    timed = [(name, result) for name, result in rows if result.get("phases_s") and result.get("wall_s")]
+    if not timed:
+        return []
+    lines = ["| configuration | " + " | ".join(PHASES) + " | exit | wall |", "| --- |" + " ---: |" * (len(PHASES) + 2)]
+    for name, result in timed:
+        phases = [result["phases_s"][phase] for phase in PHASES]
+        cells = [*phases, result["wall_s"] - sum(phases), result["wall_s"]]
+        lines.append(f"| {name} | " + " | ".join(f"{seconds:.1f}" for seconds in cells) + " |")
+    return ["Where each row's seconds went:", "", *lines, ""]
 
 
 def judge(rows):
@@ -415,6 +447,7 @@ def write_report(args, command, info, preset, rows, inference, seconds, runs=())
         "",
         train_table(rows, several_runs=len(runs) > 1),
         "",
+        *phase_table(rows),
         "Targets (judged on the full run):",
         "",
         *[

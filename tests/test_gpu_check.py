@@ -178,3 +178,20 @@ def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(tiny_sd, tmp_path,
     (tmp_path / "gpu_check.json").write_text('{"command": "--dry-run", "train": {"defaults, fp16": {"stat')
     gpu_check.main([*common, "--keep", "--minutes", "0"])
     assert "is not a whole report" in capsys.readouterr().out
+
+
+def test_a_fresh_childs_seconds_are_split_into_phases(tiny_sd, tmp_path, monkeypatch):
+    # As on a GPU, the child is a fresh process (it trains on the CPU): its row says where its time went.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", str(REPO / "data" / "creatures"),
+            "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--max_train_steps", "3"]  # fmt: skip
+    result = gpu_check.run_child("train", {"argv": argv, "steps": 2})
+    assert result["status"] == "ok", result
+    phases = result["phases_s"]
+    assert list(phases) == gpu_check.PHASES and all(seconds >= 0 for seconds in phases.values())
+    assert phases["imports"] > 0.5  # diffusers, transformers and the script, in a process of its own
+    assert abs(phases["steps"] - sum(result["step_seconds"])) < 0.01
+    assert sum(phases.values()) <= result["wall_s"] < sum(phases.values()) + 10
+    table = gpu_check.phase_table([("defaults, fp16", result), ("forked", {"status": "ok", "wall_s": 1.0})])
+    assert table[2].startswith("| configuration | start and torch | imports | to the first step | steps | end |")
+    assert len(table) == 6 and table[4].startswith("| defaults, fp16 | ")
