@@ -62,13 +62,27 @@ SEED_HELP = (
     " prompt, seed and settings, so a picture can be made again."
 )
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# AUTOMATIC1111's launch flags, and what does their work here: an error that names one of them says so.
+KNOWN_ELSEWHERE = {
+    "--ckpt": "--model_path here (one .safetensors file, a pipeline folder or a hub id)",
+    "--api": "not needed here: AUTOMATIC1111's API (/sdapi/v1) is always served, protected by --auth or --api_key",
+    "--nowebui": "not here: the page is served beside the APIs (--auth protects both)",
+    "--gradio-auth": "--auth here (user:password)",
+    "--api-auth": "--auth here: /sdapi/v1 asks for its user:password, as AUTOMATIC1111 does with that flag",
+    "--server-name": "--host here (--listen for every interface)",
+    "--vae-path": "not here: a model is served with the VAE its training run recorded (--model_path a run's folder)",
+    "--no-half": "--dtype float32 here",
+    "--precision": "--dtype here (float16, bfloat16 or float32)",
+    "--device-id": "--device here (cuda:1, ...)",
+}
 # How the model card training writes names the base model and the data, for a full fine-tune and for a LoRA.
 FINE_TUNED_FROM = ("This pipeline was fine-tuned from", "This LoRA adapter was fine-tuned from")
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(
-        description="Serve a Stable Diffusion pipeline as a web page, a Gradio API and an OpenAI-compatible API."
+        description="Serve a Stable Diffusion pipeline as a web page, a Gradio API and an OpenAI-compatible API.",
+        known_elsewhere=KNOWN_ELSEWHERE,
     )
     parser.add_argument(
         "--model_path", default="sd-pokemon-model", help="Pipeline folder, hub id, or SD 1.x .safetensors file."

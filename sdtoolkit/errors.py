@@ -23,8 +23,9 @@ import re
 import sys
 
 LAST_LINE_FILE = "SDTOOLKIT_LAST_LINE_FILE"
-# An unknown flag whose value may be a secret (--huggingface_token, --wandb_api_key, ...): its value is not repeated.
-SECRET_FLAG = re.compile(r"^--[\w-]*(token|api[_-]?key|password|secret)$", re.IGNORECASE)
+# An unknown flag whose value may be a secret (--huggingface_token, --wandb_api_key, AUTOMATIC1111's --api-auth
+# user:password, ...): its value is not repeated.
+SECRET_FLAG = re.compile(r"^--[\w-]*(token|api[_-]?key|password|secret|auth)$", re.IGNORECASE)
 
 
 class UserError(Exception):

@@ -753,11 +753,23 @@ def test_served_from_the_users_own_folder_it_writes_only_to_its_temp_dir(tiny_sd
     assert files_under(temp) == [], files_under(temp)  # both caches are emptied when the server stops
 
 
-def test_a_mistyped_api_key_flag_is_one_line_without_the_key(capsys):
+def test_automatic1111s_launch_flags_and_near_misses_are_named_and_secrets_are_not(capsys):
     # The server's flags are read as the training script's: a near miss is named, and a secret is not repeated.
-    result = run_entry_point(gradio_app.main, "--api-key", "sk-do-not-show", capsys=capsys)
+    # AUTOMATIC1111's launch flags are named with what does their work here.
+    result = run_entry_point(gradio_app.main, "--api-key", "sk-do-not-show", "--gradio-auth", "me:pw-do-not-show",
+                             "--ckpt", "model.safetensors", capsys=capsys)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: unrecognized arguments: --api-key *** -- did you mean --api_key?"
+        "error: unrecognized arguments: --api-key *** --gradio-auth *** --ckpt model.safetensors -- did you mean"
+        " --api_key?; --gradio-auth is --auth here (user:password); --ckpt is --model_path here (one .safetensors"
+        " file, a pipeline folder or a hub id)"
     )
-    assert "sk-do-not-show" not in result.stderr + result.stdout
+    assert "do-not-show" not in result.stderr + result.stdout
+    # Each of those hints names flags the server has, and none of the flags it stands for.
+    with pytest.raises(SystemExit):
+        gradio_app.parse_args(["--help"])
+    ours = set(re.findall(r"^  (--[\w-]+)", capsys.readouterr().out, flags=re.MULTILINE))
+    assert {"--model_path", "--auth", "--dtype", "--host"} <= ours
+    for theirs, here in gradio_app.KNOWN_ELSEWHERE.items():
+        named = re.findall(r"--[\w-]+", here)
+        assert theirs not in ours and named and all(flag in ours for flag in named), (theirs, here)
