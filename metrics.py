@@ -66,8 +66,23 @@ PROMPTS = [
 ]
 
 
+# The training script's flags people type here, and what does their work: an error that names one says so.
+KNOWN_ELSEWHERE = {
+    "--pretrained_model_name_or_path": "--model_path here (several, to score them side by side)",
+    "--validation_prompts": "--prompts_file here (one prompt a line)",
+    "--sample_prompts": "--prompts_file here (one prompt a line)",
+    "--train_data_dir": (
+        "--caption_data here for an imagefolder (caption accuracy), --reference_data for any folder of images"
+        " (distances to it)"
+    ),
+    "--dataset_name": "not here: give a local copy as --caption_data (an imagefolder) or --reference_data",
+}
+
+
 def parse_args(argv=None):
-    parser = ArgumentParser(description="CLIP score of Stable Diffusion pipelines on a set of prompts.")
+    parser = ArgumentParser(
+        description="CLIP score of Stable Diffusion pipelines on a set of prompts.", known_elsewhere=KNOWN_ELSEWHERE
+    )
     parser.add_argument(
         "--model_path",
         nargs="+",

@@ -1,6 +1,7 @@
 """metrics.py: torchmetrics' CLIP score, reproducible, side by side, with its images and reports."""
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -179,6 +180,25 @@ def test_empty_prompts_file(tiny_sd, tiny_clip, tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(UserError, match="has no prompts"):
         score(tiny_sd, tiny_clip, tmp_path, prompts_file=str(empty))
+
+
+def test_the_training_scripts_flags_are_named_with_what_does_their_work_here(capsys):
+    # As the training script's parser: the usage, then one error line, exit code 2.
+    result = run_entry_point(metrics.main, "--pretrained_model_name_or_path", "sd-pokemon-model", "--clip-model",
+                             "x", capsys=capsys)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unrecognized arguments: --pretrained_model_name_or_path sd-pokemon-model --clip-model x --"
+        " --pretrained_model_name_or_path is --model_path here (several, to score them side by side); did you mean"
+        " --clip_model?"
+    )
+    with pytest.raises(SystemExit):
+        metrics.parse_args(["--help"])
+    ours = set(re.findall(r"^  (--[\w-]+)", capsys.readouterr().out, flags=re.MULTILINE))
+    assert {"--model_path", "--seeds", "--prompts_file"} <= ours
+    for theirs, here in metrics.KNOWN_ELSEWHERE.items():
+        named = re.findall(r"--[\w-]+", here)
+        assert theirs not in ours and named and all(flag in ours for flag in named), (theirs, here)
 
 
 def test_resolution_not_divisible_by_8():
