@@ -158,9 +158,8 @@ def test_save_state_on_train_end_checkpoints_the_last_step_to_go_on_from_bitwise
         caplog.clear()
         with caplog.at_level(logging.INFO):
             train(tiny_sd, parts, *run, *flags)
-        return sorted(
-            int(p.name.split("-")[1]) for p in parts.glob("checkpoint-*")
-        ), "at the end of training" in caplog.text
+        steps = sorted(int(p.name.split("-")[1]) for p in parts.glob("checkpoint-*"))
+        return steps, "at the end of training" in caplog.text
 
     assert saved("--max_train_steps", "3") == ([2, 3], True)
     assert saved("--max_train_steps", "5", "--resume_from_checkpoint", "latest") == ([2, 3, 4, 5], True)
