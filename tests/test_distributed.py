@@ -317,12 +317,13 @@ def test_two_processes_train_with_aspect_ratio_buckets_and_a_disk_cache(tiny_sd,
     assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
 
 
-@pytest.mark.parametrize("extra", [[], ["--fp8_base"]], ids=["lora", "lora-fp8-base"])
+@pytest.mark.parametrize("extra", [[], ["--fp8_base"], ["--lora_type", "loha"]], ids=["lora", "lora-fp8-base", "loha"])
 def test_two_processes_train_a_lora_on_the_unet_and_the_text_encoder(tiny_sd, tmp_path, extra):
     # DDP over the adapters' parameters only, the text encoder's too; the main process saves the adapters and
     # their EMA. Both adapters move as in one process with the same global batch (a text encoder left out of DDP
     # would move by each process's half of the batch). With --fp8_base, DDP starts with the base weights still
-    # in their own precision: it cannot send float8 ones from the main process to the other.
+    # in their own precision: it cannot send float8 ones from the main process to the other. A LoHa (LyCORIS's
+    # kohya-ss keys) trains the same way.
     out, one = tmp_path / "out", tmp_path / "one"
     lora = ["--lora_rank", "4", "--train_text_encoder", *extra]
     launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", *lora)
@@ -332,9 +333,9 @@ def test_two_processes_train_a_lora_on_the_unet_and_the_text_encoder(tiny_sd, tm
                               "--train_batch_size", "4", *lora])  # fmt: skip
     for folder in ("checkpoint-4", "."):  # the last weights, then their EMA
         ddp, single = (load_file(run / folder / "pytorch_lora_weights.safetensors") for run in (out, one))
-        for model in ("unet.", "text_encoder."):
-            # The B matrices start at zero: what they hold is what training moved.
-            up = [key for key in single if key.startswith(model) and ".lora_B." in key]
+        for model in (("unet.", "lora_unet_"), ("text_encoder.", "lora_te_")):  # diffusers' and kohya-ss's names
+            # The B matrices (a LoHa's second one) start at zero: what they hold is what training moved.
+            up = [key for key in single if key.startswith(model) and (".lora_B." in key or key.endswith(".hada_w2_b"))]
             assert up and ddp.keys() == single.keys()
             moved = torch.cat([single[key].flatten() for key in up])
             apart = torch.cat([(ddp[key] - single[key]).flatten() for key in up])
