@@ -81,6 +81,7 @@ DISTRIBUTED = [
 ]
 UPSTREAM_SCRIPT = "upstream script, fp16"  # its row, with --upstream (a name without quotes, for --only)
 PHASES = ["start and torch", "imports", "to the first step", "steps", "end"]  # of a child's time (child_train)
+NOT_MEASURED = ("skipped", "timed out")  # a row's statuses that leave a kept measurement in place (--keep)
 CARDS_GB = [24, 16, 12]
 CUDA_CONTEXT_GB = 0.5  # what the CUDA context takes beside PyTorch's allocations, roughly
 # The issue's targets, judged on the full run (not the dry run).
@@ -193,20 +194,18 @@ def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=No
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
         spec = {**spec, "kind": kind, "result": str(result_file), "spawned": None}
-        if launch:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch,
-                       "--num_processes", "1", "--main_process_port", "0", __file__, "--child", json.dumps(spec)]  # fmt: skip
-        else:
-            command = [sys.executable, __file__, "--child", json.dumps(spec)]
         started, timed_out = time.perf_counter(), False
         if kind == "train" and not launch and not torch.cuda.is_available():
             returncode, stderr = fork_child(spec, env, Path(scratch) / "output.txt")
         else:
+            spec["spawned"] = time.time()  # for the child's phases (see child_train)
+            command = [__file__, "--child", json.dumps(spec)]
+            if launch:
+                command = ["-m", "accelerate.commands.launch", "--config_file", launch, "--num_processes", "1",
+                           "--main_process_port", "0", *command]  # fmt: skip
             # In a session of its own, so that a timeout stops `accelerate launch`'s training process too.
-            spec["spawned"] = time.time()
-            command[-1] = json.dumps(spec)
-            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                  env={**os.environ, **(env or {})}, start_new_session=True) as child:  # fmt: skip
+            with subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True) as child:  # fmt: skip
                 try:
                     stderr = child.communicate(timeout=timeout)[1]
                 except subprocess.TimeoutExpired:
@@ -513,6 +512,18 @@ def main(argv=None):
         print(f"    {result['status']}{detail}", flush=True)
         return result
 
+    def put(name, result):
+        """This run's row: in place of a kept row of that name (unless it was not measured: skipped or stopped by the
+        budget), else after the others; then the report."""
+        row = (name, {**result, "run": this_run})
+        names = [kept for kept, _ in rows]
+        if name in names:
+            if result["status"] not in NOT_MEASURED:
+                rows[names.index(name)] = row
+        else:
+            rows.append(row)
+        write_report(args, command, info, preset, rows, inference, time.perf_counter() - started, runs)
+
     def train(name, flags, precision=None, launch=None, env=None, upstream=None):
         with tempfile.TemporaryDirectory() as out:
             argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(DATA),
@@ -532,18 +543,6 @@ def main(argv=None):
             result = run("train", name, {"argv": argv, "steps": args.steps, "upstream": upstream}, launch, env)
         put(name, {**result, "mixed_precision": precision or "config"})
 
-    def put(name, result):
-        """This run's row: in place of a kept row of that name (unless it was not measured: skipped or stopped by the
-        budget), else after the others; then the report."""
-        row = (name, {**result, "run": this_run})
-        names = [kept for kept, _ in rows]
-        if name in names:
-            if result["status"] not in ("skipped", "timed out"):
-                rows[names.index(name)] = row
-        else:
-            rows.append(row)
-        write_report(args, command, info, preset, rows, inference, time.perf_counter() - started, runs)
-
     # Inference and upstream's script first, as they are short, then the configurations in CONFIGS's order; or
     # the ones --only names, in its order. With --keep, a row measured already runs only if --only names it.
     configs, distributed = {c[0]: c for c in CONFIGS}, {d[0]: d for d in DISTRIBUTED}
@@ -561,7 +560,7 @@ def main(argv=None):
         if name == "inference":
             repeats = 1 if args.dry_run else 3
             result = run("inference", name, {"model": str(model), "resolution": args.resolution, "repeats": repeats})
-            if inference["status"] != "ok" or result["status"] not in ("skipped", "timed out"):
+            if inference["status"] != "ok" or result["status"] not in NOT_MEASURED:
                 inference = {**result, "run": this_run}
         elif name == UPSTREAM_SCRIPT:
             train(name, recipe(), "fp16", upstream=args.upstream)
