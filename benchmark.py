@@ -654,6 +654,9 @@ def main(argv=None):
             f"Command: `{command.strip()}` (what `make bench` runs).",
             "Made by `benchmark.py`; every number below is from that run. Each configuration trains in its own"
             " process on the bundled `data/creatures` images.",
+            "On a GPU, the seed's recipe at 512 px is measured by `gpu_check.py` instead: see"
+            " [GPU_CHECK.md](GPU_CHECK.md), and the table made from it in"
+            " [docs/speed-and-memory.md](docs/speed-and-memory.md#which-flags-for-which-gpu).",
             *sections,
         ]  # fmt: skip
     )

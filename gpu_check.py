@@ -15,10 +15,9 @@ checkpointing, center crop, flips, on the bundled images) in its own process, so
 memory is its own and one that runs out of memory is reported as such while the others go on. For each it
 reports seconds per optimizer step (median and range over the timed steps, after warm-up),
 torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Before
-them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration took about 45 s
-on an H200, of which about 10 s were training steps and 20 s came before the script's first log line (Python's
-start, the imports, accelerate); the table now splits each row's seconds into those phases. It is rewritten
-after each row.
+them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration took 30 to 50 s
+on an H200, of which 4 to 9 s were training steps and 12 to 19 s the imports; a table splits each row's seconds
+into such phases. The report is rewritten after each row.
 
 GPU visits can be short: with --keep, the rows that the last report measured on the same GPU model, torch and
 settings are kept and not run again, and the report holds both runs' rows, each saying which run measured it.
