@@ -102,17 +102,29 @@ def recipe(add=(), remove=()):
 
 
 def child_train(spec):
-    """Train as spec says; time each optimizer step by the script's accelerator.log calls; report memory."""
+    """Train as spec says; time each optimizer step by the script's accelerator.log calls; report memory: the peak
+    over the whole run, and over the steps after the first (the training itself, without the models' loading and
+    the latents' caching). With spec["profile"], one more step after the timed ones runs under torch.profiler."""
     import accelerate
 
-    stamps = []
+    stamps, first_peak, profiler = [], {}, []
+    cuda = torch.cuda.is_available()
     log = accelerate.Accelerator.log
 
     def timed_log(self, values, *args, **kwargs):
         if "train_loss" in values:
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            if len(stamps) == 1 and cuda:
+                first_peak.update(
+                    allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved()
+                )
+                torch.cuda.reset_peak_memory_stats()
+            if spec.get("profile") and len(stamps) == spec["warmup"] + spec["steps"]:
+                profiler.append(start_profiler())
+            elif profiler and len(stamps) == spec["warmup"] + spec["steps"] + 1:
+                profiler[0].stop()
         return log(self, values, *args, **kwargs)
 
     accelerate.Accelerator.log = timed_log
@@ -140,15 +152,21 @@ def child_train(spec):
             status, error = "failed", str(err)
     except UserError as err:  # the script's one-line errors
         status, error = "failed", str(err)
+    if profiler:  # its step is not one of the timed ones
+        stamps.pop()
     seconds = [b - a for a, b in zip(stamps, stamps[1:])][-spec["steps"] :]
-    cuda = torch.cuda.is_available()
+    peak = lambda key, later: max(first_peak.get(key, 0), later) / 1024**3 if cuda else None  # noqa: E731
     result = {
         "status": status,
         "error": error,
         "step_seconds": seconds,
-        "max_allocated_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
-        "max_reserved_gb": torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
+        "max_allocated_gb": peak("allocated", torch.cuda.max_memory_allocated() if cuda else 0),
+        "max_reserved_gb": peak("reserved", torch.cuda.max_memory_reserved() if cuda else 0),
+        # After the first step's log: the steady training state, without what loading and caching took at once.
+        "later_max_allocated_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda and first_peak else None,
     }
+    if profiler:
+        result["profile"] = profile_summary(profiler[0])
     # Where a fresh child's time went (a fork's start is its parent's): Python's start with torch's import, the
     # other libraries' imports, from there to the end of the first optimizer step (models, data, cache, the first
     # step), the steps after it, and the end (the final pipeline, built but not written).
@@ -157,6 +175,36 @@ def child_train(spec):
         ends += [ends[-1] + stamps[-1] - stamps[0], time.time()]
         result["phases_s"] = dict(zip(PHASES, (b - a for a, b in zip(ends, ends[1:]))))
     return result
+
+
+def start_profiler():
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def profile_summary(profiler, top=8):
+    """One optimizer step under torch.profiler: the time its GPU kernels ran, how many were launched, and the
+    operations that took the most CPU time and the most GPU time (milliseconds, summed over their calls)."""
+    events = profiler.events()
+    kernels = [event for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
+    cpu_events = [event for event in events if event.device_type == torch.autograd.DeviceType.CPU]
+    averages = profiler.key_averages()
+
+    def ranked(key):
+        rows = sorted(averages, key=lambda event: -getattr(event, key))[:top]
+        return [[event.key, event.count, getattr(event, key) / 1000] for event in rows if getattr(event, key) > 0]
+
+    return {
+        "kernel_ms": sum(event.time_range.elapsed_us() for event in kernels) / 1000,
+        "kernel_launches": sum(1 for event in cpu_events if event.name.startswith(("cudaLaunch", "cuLaunch"))),
+        "operations": sum(1 for event in cpu_events if event.name.startswith("aten::")),
+        "top_cpu": ranked("self_cpu_time_total"),
+        "top_gpu": ranked("self_device_time_total"),
+    }
 
 
 def child_inference(spec):
@@ -291,18 +339,20 @@ def fits(result):
 
 
 def train_table(rows, several_runs=False):
-    lines = ["| configuration | status | s / optimizer step (median) | range | max allocated (GB) | max reserved (GB)"
-             " | fits 24 / 16 / 12 GB |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = ["| configuration | status | s / optimizer step (median) | range | max allocated (GiB)"
+             " | after step 1 (GiB) | max reserved (GiB) | fits 24 / 16 / 12 GB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     for name, result in rows:
         if result["status"] != "ok" or not result.get("step_seconds"):
             reason = result.get("error") or "no timed steps"
-            lines.append(f"| {name} | {result['status']}: {reason} | – | – | – | – | – |".replace("\n", " "))
+            lines.append((f"| {name} | {result['status']}: {reason} |" + " – |" * 6).replace("\n", " "))
             continue
         seconds = result["step_seconds"]
         status = f"ok, run {result['run']}" if several_runs else "ok"
         gb = lambda key: f"{result[key]:.2f}" if result.get(key) is not None else "–"  # noqa: E731
         lines.append(f"| {name} | {status} | {statistics.median(seconds):.3f} | {min(seconds):.3f}–{max(seconds):.3f} |"
-                     f" {gb('max_allocated_gb')} | {gb('max_reserved_gb')} | {fits(result)} |")  # fmt: skip
+                     f" {gb('max_allocated_gb')} | {gb('later_max_allocated_gb')} | {gb('max_reserved_gb')} |"
+                     f" {fits(result)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -318,6 +368,30 @@ def phase_table(rows):
         cells = [*phases, result["wall_s"] - sum(phases), result["wall_s"]]
         lines.append(f"| {name} | " + " | ".join(f"{seconds:.1f}" for seconds in cells) + " |")
     return ["Where each row's seconds went:", "", *lines, ""]
+
+
+def profile_section(rows):
+    """The rows --profile ran one more step of under torch.profiler (see profile_summary); empty when none did."""
+    profiled = [(name, result) for name, result in rows if result.get("profile")]
+    if not profiled:
+        return []
+    lines = ["One optimizer step under torch.profiler (--profile), after the timed ones; the profiler slows the step",
+             "it watches, so compare its kernel time with the row's step time above:", ""]  # fmt: skip
+    for name, result in profiled:
+        summary = result["profile"]
+        step = statistics.median(result["step_seconds"]) * 1000 if result.get("step_seconds") else None
+        busy = f" ({summary['kernel_ms'] / step:.0%} of the median step)" if step and summary["kernel_ms"] else ""
+        lines += [f"**{name}**: GPU kernels ran {summary['kernel_ms']:.0f} ms{busy}; {summary['kernel_launches']}"
+                  f" kernel launches, {summary['operations']} aten operations.", "",
+                  "| most CPU time (self) | calls | ms | most GPU time (self) | calls | ms |",
+                  "| --- | ---: | ---: | --- | ---: | ---: |"]  # fmt: skip
+        cpu, gpu = summary["top_cpu"], summary["top_gpu"]
+        for i in range(max(len(cpu), len(gpu))):
+            cells = [row[i] if i < len(row) else ["", "", None] for row in (cpu, gpu)]
+            lines.append("| " + " | ".join(f"`{key}` | {count} | {ms:.1f}" if ms is not None else " |  | "
+                                          for key, count, ms in cells) + " |")  # fmt: skip
+        lines.append("")
+    return lines
 
 
 def judge(rows):
@@ -350,6 +424,9 @@ def parse_args(argv=None):
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="Run only this configuration (its name in the table, or 'inference'); repeat for more,"
                              " in the order given.")  # fmt: skip
+    parser.add_argument("--profile", action="append", default=None, metavar="NAME",
+                        help="Run one more step of this configuration under torch.profiler, after the timed ones,"
+                             " and report its GPU kernel time, kernel launches and top operations; repeat for more.")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="Keep the rows the report at --json measured on the same GPU model, torch and settings,"
                              " and run only the others (and those --only names); the report holds both.")  # fmt: skip
@@ -374,6 +451,12 @@ def parse_args(argv=None):
             parser.error(f"--only {name!r} is none of: " + "; ".join(names))
         if name == UPSTREAM_SCRIPT and not args.upstream:
             parser.error(f"--only {name!r} needs --upstream, the path to upstream's train_text_to_image.py")
+    trained = names[1:]  # all but inference
+    for name in args.profile or []:
+        if name not in trained:
+            parser.error(f"--profile {name!r} is none of: " + "; ".join(trained))
+        if args.only and name not in args.only:
+            parser.error(f"--profile {name!r} is not one of the configurations --only runs")
     return args
 
 
@@ -441,11 +524,13 @@ def write_report(args, command, info, preset, rows, inference, seconds, runs=())
         f"The seed's recipe on the `{preset}` preset at {args.resolution} px: batch 1, gradient accumulation 4, EMA,"
         f" gradient checkpointing, lr 1e-5, center crop and flips on the bundled images; {args.warmup} warm-up and"
         f" {args.steps} timed optimizer steps per configuration, each in its own process. 'Fits' adds"
-        f" {CUDA_CONTEXT_GB} GB for the CUDA context to the peak reserved memory.",
+        f" {CUDA_CONTEXT_GB} GiB for the CUDA context to the peak reserved memory (memory in GiB, as torch.cuda"
+        " counts it).",
         "",
         train_table(rows, several_runs=len(runs) > 1),
         "",
         *phase_table(rows),
+        *profile_section(rows),
         "Targets (judged on the full run):",
         "",
         *[
@@ -498,7 +583,7 @@ def main(argv=None):
         """One child within the time budget, or a 'skipped' row once the budget is spent."""
         print(f"{name} ...", flush=True)
         left = deadline - time.perf_counter()
-        if left <= 0:
+        if left < 10:  # too little to start a child: it would only be stopped
             result = {"status": "skipped", "error": f"the {args.minutes:g}-minute budget (--minutes) was spent"}
         else:
             result = run_child(kind, spec, launch, env, timeout=left, log=log, name=name)
@@ -524,10 +609,11 @@ def main(argv=None):
         write_report(args, command, info, preset, rows, inference, time.perf_counter() - started, runs)
 
     def train(name, flags, precision=None, launch=None, env=None, upstream=None):
+        profile = name in (args.profile or [])  # one more step, under torch.profiler (see child_train)
         with tempfile.TemporaryDirectory() as out:
             argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(DATA),
                     "--output_dir", out, "--resolution", str(args.resolution),
-                    "--max_train_steps", str(args.warmup + args.steps), *flags]  # fmt: skip
+                    "--max_train_steps", str(args.warmup + args.steps + profile), *flags]  # fmt: skip
             # On a CPU (the dry run) fp16 cannot run: float32 takes its place; bf16 runs as bf16.
             if precision == "fp16" and not torch.cuda.is_available():
                 precision = "no"
@@ -539,7 +625,8 @@ def main(argv=None):
                 argv += ["--mixed_precision", precision]
             if not upstream:
                 argv += ["--checkpointing_steps", "1000000"]
-            result = run("train", name, {"argv": argv, "steps": args.steps, "upstream": upstream}, launch, env)
+            spec = {"argv": argv, "steps": args.steps, "warmup": args.warmup, "profile": profile, "upstream": upstream}
+            result = run("train", name, spec, launch, env)
         put(name, {**result, "mixed_precision": precision or "config"})
 
     # Inference and upstream's script first, as they are short, then the configurations in CONFIGS's order; or
@@ -553,7 +640,7 @@ def main(argv=None):
     ]
     measured = {name for name, _ in rows} | ({"inference"} if inference["status"] == "ok" else set())
     for name in plan:
-        if name in measured and not args.only:
+        if name in measured and not args.only and name not in (args.profile or []):
             print(f"{name}: kept (run {dict(rows).get(name, inference)['run']})", flush=True)
             continue
         if name == "inference":

@@ -50,7 +50,7 @@ def test_out_of_memory_is_a_status_not_a_crash(monkeypatch, tmp_path, script):
     table = gpu_check.train_table([("defaults, fp16", result), ("next", {"status": "ok", "step_seconds": [1.0, 3.0],
                                    "max_allocated_gb": 10.0, "max_reserved_gb": 14.0})])  # fmt: skip
     assert "| defaults, fp16 | out of memory: no timed steps |" in table
-    assert "| next | ok | 2.000 | 1.000–3.000 | 10.00 | 14.00 | 24:yes 16:yes 12:no |" in table
+    assert "| next | ok | 2.000 | 1.000–3.000 | 10.00 | – | 14.00 | 24:yes 16:yes 12:no |" in table
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["forked (no GPU)", "fresh process (as on a GPU)"])
@@ -195,3 +195,69 @@ def test_a_fresh_childs_seconds_are_split_into_phases(tiny_sd, tmp_path, monkeyp
     table = gpu_check.phase_table([("defaults, fp16", result), ("forked", {"status": "ok", "wall_s": 1.0})])
     assert table[2].startswith("| configuration | start and torch | imports | to the first step | steps | end |")
     assert len(table) == 6 and table[4].startswith("| defaults, fp16 | ")
+
+
+def test_the_first_step_and_the_profiled_one_are_kept_apart(monkeypatch):
+    # A fake GPU and clock, set by a fake training: loading, caching and the first step peak at 9 GiB, the later
+    # steps at 6; the steps take 1, 2 and 3 s, and the profiled one after them 100 s.
+    import accelerate
+
+    gib, memory, clock = 1024**3, {"peak": 0}, {"now": 0.0}
+    monkeypatch.setattr(accelerate.Accelerator, "log", lambda self, values, *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: memory["peak"] * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: (memory["peak"] + 1) * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: memory.update(peak=0))
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock["now"])
+    profiled = []  # the clock when the profiler started and stopped
+
+    def start_profiler():
+        profiled.append(clock["now"])
+        return type("Profiler", (), {"stop": lambda self: profiled.append(clock["now"])})()
+
+    monkeypatch.setattr(gpu_check, "start_profiler", start_profiler)
+    monkeypatch.setattr(gpu_check, "profile_summary", lambda profiler: {"watched": profiled[-1] - profiled[0]})
+
+    def train(argv):
+        for peak, seconds in ((9, 1), (5, 2), (6, 3), (6, 100)):  # each optimizer step, then its log
+            memory["peak"], clock["now"] = max(memory["peak"], peak), clock["now"] + seconds
+            accelerate.Accelerator.log(None, {"train_loss": 0.1})
+
+    monkeypatch.setattr(train_text_to_image, "main", train)
+    result = gpu_check.child_train({"argv": [], "steps": 2, "warmup": 1, "profile": True})
+    assert result["step_seconds"] == [2, 3] and result["profile"] == {"watched": 100} and len(profiled) == 2
+    assert result["max_allocated_gb"] == 9 and result["max_reserved_gb"] == 10
+    assert result["later_max_allocated_gb"] == 6
+    table = gpu_check.train_table([("defaults, fp16", result)])
+    assert "| 9.00 | 6.00 | 10.00 | 24:yes 16:yes 12:yes |" in table
+
+
+def test_profile_runs_one_more_step_under_the_profiler(tiny_sd, tmp_path, monkeypatch):
+    import accelerate
+
+    monkeypatch.setattr(accelerate.Accelerator, "log", accelerate.Accelerator.log)  # child_train wraps it
+    # One warm-up, one timed step, and the profiled one after them (the parent adds it to --max_train_steps).
+    argv = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", str(REPO / "data" / "creatures"),
+            "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--max_train_steps", "4"]  # fmt: skip
+    result = gpu_check.child_train({"argv": argv, "steps": 1, "warmup": 2, "profile": True})
+    assert result["status"] == "ok" and len(result["step_seconds"]) == 1
+    profile = result["profile"]
+    # One optimizer step is 4 micro-batches of the UNet's forward, recomputed forward and backward.
+    assert profile["operations"] > 4 * 1000
+    assert profile["kernel_ms"] == 0 and profile["kernel_launches"] == 0  # no GPU here
+    assert 0 < len(profile["top_cpu"]) <= 8 and profile["top_gpu"] == []
+    section = gpu_check.profile_section([("defaults, fp16", result), ("not profiled", {"status": "ok"})])
+    assert section[3].startswith(
+        f"**defaults, fp16**: GPU kernels ran 0 ms; 0 kernel launches, {profile['operations']}"
+    )
+    assert len(section) == 3 + 1 + 1 + 2 + len(profile["top_cpu"]) + 1 and "not profiled" not in "".join(section)
+
+
+def test_profile_names_a_training_configuration_that_runs(capsys):
+    for argv, error in [(["--profile", "inference"], "--profile 'inference' is none of: upstream script, fp16;"),
+                        (["--only", "defaults, fp16", "--profile", "defaults, bf16"],
+                         "--profile 'defaults, bf16' is not one of the configurations --only runs")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(["--dry-run", *argv])
+        assert error in capsys.readouterr().err
