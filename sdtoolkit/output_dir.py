@@ -231,7 +231,7 @@ NOT_TRAINING_FLAGS = {
     "cache_dir", "latent_cache_dir", "dataloader_num_workers",
     # Speed and memory: the same training, done another way (tests/test_speed.py checks the cache gives the same
     # losses). A resume on another GPU may well need other ones.
-    "cache_latents", "fused_adam", "inplace_ema", "foreach_ema", "offload_ema", "channels_last",
+    "cache_latents", "vae_batch_size", "fused_adam", "inplace_ema", "foreach_ema", "offload_ema", "channels_last",
     "enable_xformers_memory_efficient_attention", "allow_tf32", "gradient_checkpointing",
     # The run's length is --max_train_steps (--num_train_epochs decides it or is worked out from it), and going on
     # past the first run's end is what a resume is often for; see flag_changes.

@@ -1,7 +1,6 @@
 """Data as people keep it: caption-file folders (nested, with kohya's N_name repeat folders), WebDataset shards,
 --dataset_repeats, caption dropout and tag shuffling, all drawn per example so they are reproducible."""
 
-import functools
 import io
 import json
 import logging
@@ -15,7 +14,7 @@ from transformers import CLIPTokenizer
 
 from sdtoolkit.data import TrainingExamples
 from sdtoolkit.errors import UserError
-from sdtoolkit.latent_cache import cache_bytes, encode_cache
+from sdtoolkit.latent_cache import cache_bytes
 from tests.conftest import (
     DEMO_DATA,
     SMALL,
@@ -208,13 +207,10 @@ def test_a_repeated_row_is_the_same_examples_as_the_row_listed_again(tokenizer):
             assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_a_repeat_folder_trains_as_its_images_copied_and_encodes_each_once(tiny_sd, tmp_path, caplog, monkeypatch):
+def test_a_repeat_folder_trains_as_its_images_copied_and_encodes_each_once(tiny_sd, tmp_path, caplog):
     # kohya's 2_name folder against the same images each saved twice, side by side: the same examples in the
     # same order, so the same weights bit for bit. Buckets and the latent cache go by image; the batches by example.
     # The VAE encodes one image at a time here: its float rounding depends on how many images share a batch.
-    import train_text_to_image
-
-    monkeypatch.setattr(train_text_to_image, "encode_cache", functools.partial(encode_cache, batch_size=1))
     repeated, copied = tmp_path / "repeated" / "2_creatures", tmp_path / "copied" / "creatures"
     for i, size in enumerate([(80, 120), (20, 20), (100, 100), (160, 90)]):  # 20x20 is too small for a bucket
         image = demo_image(i).convert("RGB").resize(size)
@@ -224,7 +220,7 @@ def test_a_repeat_folder_trains_as_its_images_copied_and_encodes_each_once(tiny_
             path.with_suffix(".txt").write_text(f"creature {i}")
     flags = ["--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--min_bucket_side", "32",
              "--max_bucket_side", "128", "--bucket_no_upscale", "--center_crop", "--random_flip",
-             "--max_train_steps", "4"]  # fmt: skip
+             "--max_train_steps", "4", "--vae_batch_size", "1"]  # fmt: skip
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path / "out-repeated", *flags, data=repeated.parent)
     assert "Repeats: 4 images make 8 examples per epoch" in caplog.text and "are left out" in caplog.text

@@ -284,6 +284,24 @@ def test_out_of_gpu_memory_offers_only_what_the_run_does_not_use_yet(tiny_sd, tm
     assert str(stopped.value).endswith("; no checkpoint was saved. To fit, try --mixed_precision fp16 (or bf16)")
 
 
+def test_out_of_gpu_memory_while_caching_suggests_a_smaller_vae_batch(tiny_sd, tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+
+    monkeypatch.setattr(train_text_to_image, "encode_cache", out_of_memory)
+    for flags, advice in (([], "--vae_batch_size 1"), (["--vae_batch_size", "1"], "a lower --resolution")):
+        argv = train_args(tiny_sd, tmp_path, "--max_train_steps", "2", "--center_crop", *flags)
+        with pytest.raises(SystemExit) as exit:
+            run_main(lambda: train_text_to_image.main(argv))
+        assert exit.value.code == 1
+        stderr = capsys.readouterr().err
+        assert "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == (
+            "stopped: out of GPU memory while caching the latents, before the first step (CUDA out of memory. Tried"
+            f" to allocate 3.00 GiB.); try {advice}"
+        )
+
+
 # Preflight ------------------------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,32 @@ def test_training_on_the_cache_gives_the_same_losses_as_encoding_every_step(tiny
     assert relative_update(base, tmp_path / "cached" / "unet", tmp_path / "online" / "unet") < 0.01
 
 
+def test_vae_batch_size_is_how_many_images_the_vae_encodes_at_once(tiny_sd, tmp_path, monkeypatch):
+    # kohya-ss's flag: 5 images, each also flipped, in batches of 3 (and the captions the same way).
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    encode, text_forward, images, captions = AutoencoderKL.encode, CLIPTextModel.forward, [], []
+
+    def encode_counted(self, x, *args, **kwargs):
+        images.append(len(x))
+        return encode(self, x, *args, **kwargs)
+
+    def text_counted(self, input_ids=None, *args, **kwargs):
+        captions.append(len(input_ids))
+        return text_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode_counted)
+    monkeypatch.setattr(CLIPTextModel, "forward", text_counted)
+    data = image_folder(tmp_path / "data", [(f"{i}.png", demo_image(i), f"creature {i}") for i in range(5)])
+    flags = ["--max_train_steps", "1", "--center_crop", "--random_flip"]
+    train(tiny_sd, tmp_path / "three", *flags, "--vae_batch_size", "3", data=data)
+    assert images == [3, 3, 2, 2] and captions == [3, 2, 1]  # the last one: the empty caption, for dropout
+    images.clear(), captions.clear()
+    train(tiny_sd, tmp_path / "default", *flags, data=data)
+    assert images == [5, 5] and captions == [5, 1]
+
+
 def test_cached_losses_differ_with_another_seed(tiny_sd, tmp_path):
     # So the equality above is not the losses being insensitive to what was drawn.
     data = caption_list_folder(tmp_path)
