@@ -349,6 +349,9 @@ def train_table(rows, several_runs=False):
             continue
         seconds = result["step_seconds"]
         status = f"ok, run {result['run']}" if several_runs else "ok"
+        if result.get("process_medians"):
+            medians = ", ".join(f"{median:.3f}" for median in result["process_medians"])
+            status += f", {len(result['process_medians'])} processes (medians {medians})"
         gb = lambda key: f"{result[key]:.2f}" if result.get(key) is not None else "–"  # noqa: E731
         lines.append(f"| {name} | {status} | {statistics.median(seconds):.3f} | {min(seconds):.3f}–{max(seconds):.3f} |"
                      f" {gb('max_allocated_gb')} | {gb('later_max_allocated_gb')} | {gb('max_reserved_gb')} |"
@@ -427,6 +430,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="append", default=None, metavar="NAME",
                         help="Run one more step of this configuration under torch.profiler, after the timed ones,"
                              " and report its GPU kernel time, kernel launches and top operations; repeat for more.")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="Run each training configuration N times, in turn (A B A B), each in a process of its own,"
+                             " and pool their timed steps (default 1).")  # fmt: skip
     parser.add_argument("--keep", action="store_true",
                         help="Keep the rows the report at --json measured on the same GPU model, torch and settings,"
                              " and run only the others (and those --only names); the report holds both.")  # fmt: skip
@@ -451,6 +457,8 @@ def parse_args(argv=None):
             parser.error(f"--only {name!r} is none of: " + "; ".join(names))
         if name == UPSTREAM_SCRIPT and not args.upstream:
             parser.error(f"--only {name!r} needs --upstream, the path to upstream's train_text_to_image.py")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     trained = names[1:]  # all but inference
     for name in args.profile or []:
         if name not in trained:
@@ -490,6 +498,18 @@ def kept_rows(args, info, preset):
     inference = {"run": 1, **earlier["inference"]} if earlier["inference"]["status"] == "ok" else None
     print(f"--keep: {len(rows) + (inference is not None)} rows of {path} are kept", flush=True)
     return rows, inference, runs
+
+
+def pooled(first, then):
+    """One row from two processes of the same configuration (--repeat): all their timed steps, each process's
+    median, the higher memory peaks; the first's phases."""
+    medians = first.get("process_medians") or [statistics.median(first["step_seconds"])]
+    row = {**first, "step_seconds": first["step_seconds"] + then["step_seconds"],
+           "process_medians": [*medians, statistics.median(then["step_seconds"])]}  # fmt: skip
+    for key in ("max_allocated_gb", "max_reserved_gb", "later_max_allocated_gb"):
+        peaks = [peak for peak in (first.get(key), then.get(key)) if peak is not None]
+        row[key] = max(peaks) if peaks else None
+    return row
 
 
 def write_report(args, command, info, preset, rows, inference, seconds, runs=()):
@@ -598,10 +618,14 @@ def main(argv=None):
 
     def put(name, result):
         """This run's row: in place of a kept row of that name (unless it was not measured: skipped or stopped by the
-        budget), else after the others; then the report."""
+        budget), else after the others; then the report. A repeat (--repeat) of a row this run measured adds its
+        timed steps to the row's, and its memory peaks count if higher."""
         row = (name, {**result, "run": this_run})
         names = [kept for kept, _ in rows]
         if name in names:
+            before = rows[names.index(name)][1]
+            if before["run"] == this_run and before["status"] == result["status"] == "ok":
+                row = (name, pooled(before, result))
             if result["status"] not in NOT_MEASURED:
                 rows[names.index(name)] = row
         else:
@@ -631,6 +655,7 @@ def main(argv=None):
 
     # Inference and upstream's script first, as they are short, then the configurations in CONFIGS's order; or
     # the ones --only names, in its order. With --keep, a row measured already runs only if --only names it.
+    # --repeat N goes through the training rows N times, so that the repeats of two rows alternate.
     configs, distributed = {c[0]: c for c in CONFIGS}, {d[0]: d for d in DISTRIBUTED}
     plan = args.only or [
         "inference",
@@ -638,6 +663,7 @@ def main(argv=None):
         *configs,
         *(distributed if args.distributed else []),
     ]
+    plan += [name for _ in range(args.repeat - 1) for name in plan if name != "inference"]
     measured = {name for name, _ in rows} | ({"inference"} if inference["status"] == "ok" else set())
     for name in plan:
         if name in measured and not args.only and name not in (args.profile or []):

@@ -261,3 +261,37 @@ def test_profile_names_a_training_configuration_that_runs(capsys):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(["--dry-run", *argv])
         assert error in capsys.readouterr().err
+
+
+def test_repeat_runs_the_rows_in_turn_and_pools_their_steps(tiny_sd, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--repeat", "0"])
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
+    # In a process of its own (its children are forks of it, which a test process must not be).
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_sd)
+    only = ["--only", "defaults, fp16", "--only", "upstream path, fp16"]
+    result = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry-run", "--repeat", "2", "--models",
+                             str(tmp_path / "models"), "--out", str(tmp_path / "GPU_CHECK.md"), *only],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    started = [line.removesuffix(" ...") for line in result.stdout.splitlines() if line.endswith(" ...")]
+    assert started == ["defaults, fp16", "upstream path, fp16"] * 2
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    for name in ("defaults, fp16", "upstream path, fp16"):
+        row = report["train"][name]
+        assert len(row["step_seconds"]) == 2 and row["process_medians"] == row["step_seconds"]  # one step each
+    table = (tmp_path / "GPU_CHECK.md").read_text()
+    medians = ", ".join(f"{median:.3f}" for median in report["train"]["defaults, fp16"]["process_medians"])
+    assert f"| defaults, fp16 | ok, 2 processes (medians {medians}) |" in table
+
+
+def test_pooled_rows_keep_the_higher_memory_peaks():
+    first = {"status": "ok", "step_seconds": [1.0, 3.0], "max_allocated_gb": 9.0, "max_reserved_gb": 10.0,
+             "later_max_allocated_gb": None, "phases_s": {"steps": 4.0}}  # fmt: skip
+    then = {"status": "ok", "step_seconds": [5.0], "max_allocated_gb": 8.0, "max_reserved_gb": 11.0,
+            "later_max_allocated_gb": 6.0, "phases_s": {"steps": 5.0}}  # fmt: skip
+    row = gpu_check.pooled(gpu_check.pooled(first, then), {**then, "step_seconds": [7.0]})
+    assert row["step_seconds"] == [1.0, 3.0, 5.0, 7.0] and row["process_medians"] == [2.0, 5.0, 7.0]
+    assert (row["max_allocated_gb"], row["max_reserved_gb"], row["later_max_allocated_gb"]) == (9.0, 11.0, 6.0)
+    assert row["phases_s"] == {"steps": 4.0}
