@@ -478,24 +478,28 @@ def kept_rows(args, info, preset):
         return [], None, []
     try:
         earlier = json.loads(path.read_text())
+        settings = ("preset", "resolution", "steps", "warmup", "dry_run")
+        ours = {"preset": preset, **{key: getattr(args, key) for key in settings[1:]}}
+        differs = [
+            f"{key} {earlier.get(key)} (this run: {ours[key]})" for key in settings if earlier.get(key) != ours[key]
+        ]
+        for key in ("gpu", "torch"):
+            if earlier["machine"][key] != info[key]:
+                differs.append(f"{key} {earlier['machine'][key]} (this run: {info[key]})")
+        if differs:
+            print(f"--keep: {path} was measured with another {', '.join(differs)}: its rows are not kept", flush=True)
+            return [], None, []
+        runs = earlier.get("runs") or [{"command": earlier["command"], "machine": earlier["machine"],
+                                        "seconds": earlier["seconds"]}]  # fmt: skip
+        rows = [(name, {"run": 1, **row}) for name, row in earlier["train"].items() if row["status"] == "ok"]
+        inference = {"run": 1, **earlier["inference"]} if earlier["inference"]["status"] == "ok" else None
     except json.JSONDecodeError as err:  # cut off while it was written
         print(f"--keep: {path} is not a whole report ({err}): every row runs", flush=True)
         return [], None, []
-    settings = ("preset", "resolution", "steps", "warmup", "dry_run")
-    ours = {"preset": preset, **{key: getattr(args, key) for key in settings[1:]}}
-    differs = [
-        f"{key} {earlier.get(key)} (this run: {ours[key]})" for key in settings if earlier.get(key) != ours[key]
-    ]
-    for key in ("gpu", "torch"):
-        if earlier["machine"][key] != info[key]:
-            differs.append(f"{key} {earlier['machine'][key]} (this run: {info[key]})")
-    if differs:
-        print(f"--keep: {path} was measured with another {', '.join(differs)}: its rows are not kept", flush=True)
+    except (KeyError, TypeError, AttributeError) as err:  # edited by hand, or not this script's
+        print(f"--keep: {path} lacks what a report of gpu_check.py holds ({type(err).__name__}: {err}): every row"
+              " runs", flush=True)  # fmt: skip
         return [], None, []
-    runs = earlier.get("runs") or [{"command": earlier["command"], "machine": earlier["machine"],
-                                    "seconds": earlier["seconds"]}]  # fmt: skip
-    rows = [(name, {"run": 1, **row}) for name, row in earlier["train"].items() if row["status"] == "ok"]
-    inference = {"run": 1, **earlier["inference"]} if earlier["inference"]["status"] == "ok" else None
     print(f"--keep: {len(rows) + (inference is not None)} rows of {path} are kept", flush=True)
     return rows, inference, runs
 

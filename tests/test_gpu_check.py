@@ -178,6 +178,11 @@ def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(tiny_sd, tmp_path,
     (tmp_path / "gpu_check.json").write_text('{"command": "--dry-run", "train": {"defaults, fp16": {"stat')
     gpu_check.main([*common, "--keep", "--minutes", "0"])
     assert "is not a whole report" in capsys.readouterr().out
+    # So does JSON that is not such a report: one line says what it lacks.
+    for text, lacks in (('{"preset": "tiny"}', "(KeyError: 'machine')"), ("[1, 2]", "(AttributeError: 'list'")):
+        (tmp_path / "gpu_check.json").write_text(text)
+        gpu_check.main([*common, "--keep", "--minutes", "0"])
+        assert f"lacks what a report of gpu_check.py holds {lacks}" in capsys.readouterr().out
 
 
 def test_a_fresh_childs_seconds_are_split_into_phases(tiny_sd, tmp_path, monkeypatch):
