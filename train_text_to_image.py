@@ -2455,8 +2455,9 @@ def fine_tune(args):
             # exactly the batches already seen.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
-    except ValueError as err:  # e.g. fp16 from an accelerate config on a machine without a GPU
-        raise UserError(f"accelerate could not start: {first_line(err)}") from err
+    except (ValueError, RuntimeError) as err:  # e.g. fp16 or FSDP from an accelerate config on a machine without a GPU
+        needs = " (FSDP runs on GPUs only)" if fsdp and not torch.cuda.is_available() else ""
+        raise UserError(f"accelerate could not start{needs}: {first_line(err)}") from err
 
     # Disable AMP for MPS.
     if torch.backends.mps.is_available():

@@ -9,7 +9,9 @@ the script's code (2 for an error) instead of accelerate's traceback. train.sh l
     python -m sdtoolkit.launch [accelerate launch options] train_text_to_image.py [script options]
 
 A script that crashed with a traceback of its own (a bug, not bad input) leaves no such line, and gets
-accelerate's full report as usual.
+accelerate's full report as usual. What accelerate refuses before it starts the script (a config file that is
+not there or holds a value it does not know, DeepSpeed's config without DeepSpeed installed) is bad input too:
+one `error:` line and exit code 2.
 """
 
 import json
@@ -20,7 +22,7 @@ import tempfile
 
 from accelerate.commands.launch import launch_command, launch_command_parser
 
-from sdtoolkit.errors import LAST_LINE_FILE
+from sdtoolkit.errors import LAST_LINE_FILE, first_line
 
 
 def main(argv=None):
@@ -33,6 +35,10 @@ def main(argv=None):
         except (Exception, SystemExit) as err:
             # The first process to fail says why; the others were stopped because of it.
             if not os.path.exists(record):
+                # No process has run: accelerate's own checks of its options and config file failed.
+                if isinstance(err, (FileNotFoundError, ImportError, ValueError)):
+                    print(f"error: {first_line(err)}", file=sys.stderr)
+                    sys.exit(2)
                 raise
             with open(record) as f:
                 first = json.loads(f.readline())

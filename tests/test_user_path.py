@@ -4,6 +4,7 @@ These tests run train.sh (and through it `python -m sdtoolkit.launch`, which is 
 folder outside the toolkit, with relative paths, as a user would.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -84,6 +85,40 @@ def test_an_error_through_train_sh_is_the_last_line_with_exit_code_2(user_folder
     # With one process nothing is printed after the script's line, so it is not repeated.
     if launch_args == SINGLE:
         assert sum(line.startswith("error:") for line in lines) == 1, output
+
+
+def test_what_accelerate_refuses_is_one_error_line_with_exit_code_2(user_folder):
+    # Before the script starts (the launcher's own checks), and in the script (accelerate's setup).
+    (user_folder / "bad.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: BOGUS\n")
+    cases = [
+        ("--config_file no-such.yaml", "error: The passed configuration file `no-such.yaml` does not exist."),
+        ("--config_file bad.yaml", "error: 'BOGUS' is not a valid DistributedType"),
+        # train.sh's recipe has EMA, which FSDP can't shard: said before accelerate is set up.
+        (f"--config_file {REPO}/configs/accelerate/fsdp.yaml --num_processes=1 --mixed_precision=no",
+         "error: --use_ema is not supported with FSDP"),
+    ]  # fmt: skip
+    if importlib.util.find_spec("deepspeed") is None:
+        cases.append((f"--config_file {REPO}/configs/accelerate/deepspeed_zero2_offload.yaml --num_processes=1",
+                      "error: DeepSpeed is not installed"))  # fmt: skip
+    for launch_args, says in cases:
+        code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=1", model="my-model", data="my-data",
+                               output_dir="out", launch_args=launch_args, timeout=120)  # fmt: skip
+        output = "\n".join(lines)
+        assert code == 2 and lines[-1].startswith(says), output[-3000:]
+        assert "Traceback" not in output
+
+    # Without EMA, the FSDP config reaches accelerate's setup, which needs a GPU per process.
+    command = [sys.executable, "-m", "sdtoolkit.launch", "--config_file", f"{REPO}/configs/accelerate/fsdp.yaml",
+               "--num_processes=1", "--mixed_precision=no", f"{REPO}/train_text_to_image.py",
+               "--pretrained_model_name_or_path=my-model", "--train_data_dir=my-data", "--output_dir=out",
+               "--resolution=32", "--max_train_steps=1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=user_folder, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2 and lines[-1].startswith(
+        "error: accelerate could not start (FSDP runs on GPUs only): There are currently no available devices found"
+    ), "\n".join(lines[-20:])
+    assert "Traceback" not in "\n".join(lines)
 
 
 def test_a_mistyped_flag_through_train_sh_is_one_error_line(user_folder):
