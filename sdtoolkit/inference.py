@@ -218,9 +218,18 @@ def pick_device_and_dtype(device="auto", dtype="auto"):
     """Resolve the --device and --dtype options to a torch.device and a torch.dtype."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {device} is no device torch knows; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+        raise UserError(f"--device {device} was asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(
+            f"--device {device} was asked for, but this machine has {count} CUDA GPU{'s' * (count > 1)}"
+            f" (cuda:0 to cuda:{count - 1})"
+        )
     if dtype == "auto":
         # Half precision is fast on GPUs; on a CPU it is slow or unsupported for some ops.
         dtype = "float16" if device.type == "cuda" else "float32"

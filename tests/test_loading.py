@@ -19,10 +19,10 @@ import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.images_api import BadRequest, parse_generation_request
-from sdtoolkit.inference import load_lora_dir, load_pipeline
+from sdtoolkit.inference import load_lora_dir, load_pipeline, pick_device_and_dtype
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, tag_frequency
 from sdtoolkit.serving import SCHEDULERS, ImageService, LoraMix, RequestQueue, RequestRefused, sampler
-from tests.conftest import DEMO_DATA, demo_image, generated_image, image_folder, train
+from tests.conftest import DEMO_DATA, demo_image, generated_image, image_folder, run_entry_point, train
 
 CPU = torch.device("cpu")
 # Two checkpoints of an EMA run: the last one's EMA weights are what the final save holds; the raw weights differ.
@@ -273,6 +273,26 @@ def test_a_run_with_its_own_vae_trains_and_is_sampled_with_it_wherever_it_loads(
         )
     with pytest.raises(UserError, match="could not load the VAE '.*nowhere': .* give a diffusers VAE folder"):
         train(tiny_sd, tmp_path / "bad", *steps, "--pretrained_vae_model_name_or_path", str(tmp_path / "nowhere"))
+
+
+def test_a_device_that_is_not_there_is_one_error_line(tiny_sd, tiny_clip, monkeypatch, capsys):
+    # From metrics.py and gradio_app.py, as their entry points run them: a device torch does not know...
+    for main, extra in ((metrics.main, ["--clip_model", tiny_clip]), (gradio_app.main, [])):
+        result = run_entry_point(main, "--model_path", tiny_sd, *extra, "--device", "tpu", capsys=capsys)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            "error: --device tpu is no device torch knows; use auto, cpu, cuda or cuda:N"
+        )
+    # ... CUDA where there is none, and a GPU the machine does not have.
+    with pytest.raises(UserError, match=r"^--device cuda:1 was asked for, but no CUDA GPU is available; use --device"):
+        pick_device_and_dtype("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(
+        UserError, match=r"^--device cuda:3 was asked for, but this machine has 2 CUDA GPUs \(cuda:0 to"
+    ):
+        pick_device_and_dtype("cuda:3")
+    assert pick_device_and_dtype("cuda:1") == (torch.device("cuda:1"), torch.float16)
 
 
 def test_tags_are_counted_as_kohya_counts_them():
