@@ -103,11 +103,12 @@ def recipe(add=(), remove=()):
 
 def child_train(spec):
     """Train as spec says; time each optimizer step by the script's accelerator.log calls; report memory: the peak
-    over the whole run, and over the steps after the first (the training itself, without the models' loading and
-    the latents' caching). With spec["profile"], one more step after the timed ones runs under torch.profiler."""
+    over the whole run, and over the steps after the first (the training itself, without the models' loading, the
+    latents' caching and the end's pipeline). With spec["profile"], one more step after the timed ones runs under
+    torch.profiler."""
     import accelerate
 
-    stamps, first_peak, profiler = [], {}, []
+    stamps, first_peak, later_peak, profiler = [], {}, {}, []
     cuda = torch.cuda.is_available()
     log = accelerate.Accelerator.log
 
@@ -121,6 +122,8 @@ def child_train(spec):
                     allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved()
                 )
                 torch.cuda.reset_peak_memory_stats()
+            elif cuda:  # the peak since the first step's log, up to this one
+                later_peak["allocated"] = torch.cuda.max_memory_allocated()
             if spec.get("profile") and len(stamps) == spec["warmup"] + spec["steps"]:
                 profiler.append(start_profiler())
             elif profiler and len(stamps) == spec["warmup"] + spec["steps"] + 1:
@@ -162,8 +165,8 @@ def child_train(spec):
         "step_seconds": seconds,
         "max_allocated_gb": peak("allocated", torch.cuda.max_memory_allocated() if cuda else 0),
         "max_reserved_gb": peak("reserved", torch.cuda.max_memory_reserved() if cuda else 0),
-        # After the first step's log: the steady training state, without what loading and caching took at once.
-        "later_max_allocated_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda and first_peak else None,
+        # Between the first step's log and the last's: training, without what loading, caching and the end took.
+        "later_max_allocated_gb": later_peak["allocated"] / 1024**3 if later_peak else None,
     }
     if profiler:
         result["profile"] = profile_summary(profiler[0])
@@ -628,7 +631,7 @@ def main(argv=None):
         names = [kept for kept, _ in rows]
         if name in names:
             before = rows[names.index(name)][1]
-            if before["run"] == this_run and before["status"] == result["status"] == "ok":
+            if before["run"] == this_run and before.get("step_seconds") and result.get("step_seconds"):
                 row = (name, pooled(before, result))
             if result["status"] not in NOT_MEASURED:
                 rows[names.index(name)] = row

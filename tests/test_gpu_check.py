@@ -228,12 +228,13 @@ def test_the_first_step_and_the_profiled_one_are_kept_apart(monkeypatch):
         for peak, seconds in ((9, 1), (5, 2), (6, 3), (6, 100)):  # each optimizer step, then its log
             memory["peak"], clock["now"] = max(memory["peak"], peak), clock["now"] + seconds
             accelerate.Accelerator.log(None, {"train_loss": 0.1})
+        memory["peak"] = max(memory["peak"], 7)  # the end: the final pipeline
 
     monkeypatch.setattr(train_text_to_image, "main", train)
     result = gpu_check.child_train({"argv": [], "steps": 2, "warmup": 1, "profile": True})
     assert result["step_seconds"] == [2, 3] and result["profile"] == {"watched": 100} and len(profiled) == 2
     assert result["max_allocated_gb"] == 9 and result["max_reserved_gb"] == 10
-    assert result["later_max_allocated_gb"] == 6
+    assert result["later_max_allocated_gb"] == 6  # not the end's 7
     table = gpu_check.train_table([("defaults, fp16", result)])
     assert "| 9.00 | 6.00 | 10.00 | 24:yes 16:yes 12:yes |" in table
 
