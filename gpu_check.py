@@ -199,7 +199,9 @@ def profile_summary(profiler, top=8):
 
     def ranked(key):
         rows = sorted(averages, key=lambda event: -getattr(event, key))[:top]
-        return [[event.key, event.count, getattr(event, key) / 1000] for event in rows if getattr(event, key) > 0]
+        return [
+            [cell(event.key), event.count, getattr(event, key) / 1000] for event in rows if getattr(event, key) > 0
+        ]
 
     return {
         "kernel_ms": sum(event.time_range.elapsed_us() for event in kernels) / 1000,
@@ -208,6 +210,12 @@ def profile_summary(profiler, top=8):
         "top_cpu": ranked("self_cpu_time_total"),
         "top_gpu": ranked("self_device_time_total"),
     }
+
+
+def cell(name, width=80):
+    """An operation's name for a table cell: CUDA kernels' names can be C++ templates of hundreds of characters."""
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def child_inference(spec):

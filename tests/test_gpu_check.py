@@ -301,3 +301,34 @@ def test_pooled_rows_keep_the_higher_memory_peaks():
     assert row["step_seconds"] == [1.0, 3.0, 5.0, 7.0] and row["process_medians"] == [2.0, 5.0, 7.0]
     assert (row["max_allocated_gb"], row["max_reserved_gb"], row["later_max_allocated_gb"]) == (9.0, 11.0, 6.0)
     assert row["phases_s"] == {"steps": 4.0}
+
+
+def test_a_profiled_step_is_summed_as_on_a_gpu():
+    # What torch.profiler gives on CUDA, made up: two kernels (3 ms and 5 ms), launched by two CPU calls, under
+    # three aten operations; the summary adds them up and ranks the operations.
+    from types import SimpleNamespace as Event
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    kernel = "void cutlass::Kernel2<cutlass_80_tensorop_f16_s16816gemm_relu_f16_256x128_32x3_nn_align8>" * 2
+
+    def event(name, device, ms=0.5):  # a CPU event's time is CPU time, not the GPU's
+        return Event(name=name, device_type=device, time_range=Event(elapsed_us=lambda: ms * 1000))
+
+    events = [event("aten::mm", cpu), event("aten::add", cpu), event("aten::mm", cpu), event("cudaLaunchKernel", cpu),
+              event("cuLaunchKernel", cpu), event(kernel, cuda, 3.0), event("elementwise", cuda, 5.0)]  # fmt: skip
+    averages = [Event(key="aten::mm", count=2, self_cpu_time_total=900.0, self_device_time_total=0.0),
+                Event(key=kernel, count=1, self_cpu_time_total=0.0, self_device_time_total=3000.0),
+                Event(key="elementwise", count=1, self_cpu_time_total=0.0, self_device_time_total=5000.0)]  # fmt: skip
+    profiler = Event(events=lambda: events, key_averages=lambda: averages)
+    summary = gpu_check.profile_summary(profiler)
+    assert (summary["kernel_ms"], summary["kernel_launches"], summary["operations"]) == (8.0, 2, 3)
+    assert summary["top_cpu"] == [["aten::mm", 2, 0.9]]
+    assert summary["top_gpu"] == [["elementwise", 1, 5.0], [gpu_check.cell(kernel), 1, 3.0]]
+    section = gpu_check.profile_section([("defaults, fp16", {"step_seconds": [0.016], "profile": summary})])
+    assert section[3].startswith("**defaults, fp16**: GPU kernels ran 8 ms (50% of the median step); 2 kernel")
+
+
+def test_a_long_kernel_name_fits_its_table_cell():
+    kernel = "void cutlass::Kernel2<cutlass_80_tensorop_f16_s16816gemm_relu_f16_256x128_32x3_nn_align8>(Params)" * 3
+    assert len(gpu_check.cell(kernel)) == 80 and gpu_check.cell(kernel).endswith("…")
+    assert gpu_check.cell("aten::mm") == "aten::mm" and gpu_check.cell("a|b") == "a/b"  # no cell break
