@@ -2101,7 +2101,7 @@ def log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight
         dtype=weight_dtype,
         **frozen,
         tokenizer=tokenizer,
-        unet=accelerator.unwrap_model(unet),
+        unet=accelerator.unwrap_model(unet, keep_torch_compile=False),
         safety_checker=None,
     )
     images = generate_validation_images(pipeline, args, accelerator)
@@ -2459,6 +2459,11 @@ def fine_tune(args):
         needs = " (FSDP runs on GPUs only)" if fsdp and not torch.cuda.is_available() else ""
         raise UserError(f"accelerate could not start{needs}: {first_line(err)}") from err
 
+    def unwrap(model):
+        """The model itself, without accelerate's wrappers (DDP, mixed precision) and torch.compile's: its weights
+        keep their own names (a compiled model's start with _orig_mod.), as files for other tools need them."""
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
     # Disable AMP for MPS.
     if torch.backends.mps.is_available():
         accelerator.native_amp = False
@@ -2780,7 +2785,7 @@ def fine_tune(args):
     def unet_for_saving(model):
         """The whole UNet on the main process (None elsewhere). Under DeepSpeed and FSDP its weights are spread
         over the processes and are gathered first: every process must call this."""
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = unwrap(model)
         if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             return unwrapped if accelerator.is_main_process else None
         state_dict = accelerator.get_state_dict(model)
@@ -2796,10 +2801,10 @@ def fine_tune(args):
     # (sharded) model files, which accelerate's load_state reads back.
     def save_model_hook(models, weights, output_dir):
         if lycoris and accelerator.is_main_process:
-            save_lycoris(os.path.join(output_dir, WEIGHTS_NAME), accelerator.unwrap_model(unet), adapted_text_encoder)
+            save_lycoris(os.path.join(output_dir, WEIGHTS_NAME), unwrap(unet), adapted_text_encoder)
         elif args.lora_rank and accelerator.is_main_process:
             # The adapters only (a LoRA trains under DDP or on one process, so the main process has them whole).
-            save_lora(accelerator.unwrap_model(unet), output_dir, adapted_text_encoder)
+            save_lora(unwrap(unet), output_dir, adapted_text_encoder)
         elif not args.lora_rank:
             for model in models:
                 unet_to_save = unet_for_saving(model)
@@ -2817,9 +2822,9 @@ def fine_tune(args):
                 load_lora_ema(ema_unet, input_dir)
             if lycoris:
                 weights = os.path.join(input_dir, WEIGHTS_NAME)
-                load_lycoris_weights(weights, accelerator.unwrap_model(unet), adapted_text_encoder)
+                load_lycoris_weights(weights, unwrap(unet), adapted_text_encoder)
             else:
-                load_lora(accelerator.unwrap_model(unet), input_dir, adapted_text_encoder)
+                load_lora(unwrap(unet), input_dir, adapted_text_encoder)
             models.clear()  # so that accelerate does not load them again
             return
         if args.use_ema:
@@ -2838,7 +2843,7 @@ def fine_tune(args):
             model = models.pop()
             # load diffusers style into model
             load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
-            model = accelerator.unwrap_model(model)
+            model = unwrap(model)
             model.register_to_config(**load_model.config)
             model.load_state_dict(load_model.state_dict())
             del load_model
@@ -3019,7 +3024,7 @@ def fine_tune(args):
     # --fp8_base: the frozen weights go to float8 once the models are prepared, since DDP first makes every process
     # hold the main process's weights, and cannot send float8 ones.
     if args.fp8_base:
-        store_in_float8(accelerator.unwrap_model(unet), half or torch.float32)
+        store_in_float8(unwrap(unet), half or torch.float32)
         if not args.gradient_checkpointing:
             logger.warning(
                 "--fp8_base without --gradient_checkpointing: the backward pass needs each layer's weights as they"
@@ -3234,7 +3239,7 @@ def fine_tune(args):
             ema_unet.copy_to(trained)
         nonlocal held_out_first, held_out_last
         losses, held_out_last = held_out(
-            accelerator.unwrap_model(unet), noise_scheduler, accelerator.autocast, accelerator,
+            unwrap(unet), noise_scheduler, accelerator.autocast, accelerator,
             text_encoder=adapted_text_encoder,
         )  # fmt: skip
         if args.use_ema:

@@ -194,6 +194,25 @@ def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
         assert any(not torch.equal(final[k], last[k]) for k in final)
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-with-ema"])
+def test_a_compiled_unet_is_saved_and_resumed_under_its_own_names(tiny_sd, tmp_path, monkeypatch, caplog, lora):
+    # torch.compile through accelerate (its eager backend: dynamo, without inductor's compiling) wraps the UNet, whose
+    # weights are then named _orig_mod.*. What the run writes keeps the UNet's own names, which other tools read.
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
+    flags = ([*LORA] if lora else ["--use_ema"]) + ["--validation_prompts", "a creature", "--validation_steps", "2"]
+    with caplog.at_level(logging.WARNING):
+        train_whole_and_resumed(tiny_sd, tmp_path, *flags, "--checkpointing_steps", "2")
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) >= (6 if lora else 8)  # the final files and checkpoint-2 and -4's, of both runs
+    for path in files:
+        with safe_open(path, "pt") as f:
+            assert not any("orig_mod" in key for key in f.keys()), path
+    assert "OptimizedModule" not in caplog.text  # validation's and the final pipeline are built on the UNet itself
+    whole, parts = (load_file(tmp_path / run / "checkpoint-4" / (WEIGHTS_NAME if lora else "unet/diffusion_pytorch_model.safetensors"))
+                    for run in ("whole", "parts"))  # fmt: skip
+    assert whole.keys() == parts.keys()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
