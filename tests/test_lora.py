@@ -199,7 +199,7 @@ def test_a_compiled_unet_is_saved_and_resumed_under_its_own_names(tiny_sd, tmp_p
     # torch.compile through accelerate (its eager backend: dynamo, without inductor's compiling) wraps the UNet, whose
     # weights are then named _orig_mod.*. What the run writes keeps the UNet's own names, which other tools read.
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
-    flags = ([*LORA] if lora else ["--use_ema"]) + ["--validation_prompts", "a creature", "--validation_steps", "2"]
+    flags = [*LORA] if lora else ["--use_ema", "--validation_prompts", "a creature", "--validation_steps", "2"]
     with caplog.at_level(logging.WARNING):
         train_whole_and_resumed(tiny_sd, tmp_path, *flags, "--checkpointing_steps", "2")
     files = sorted(tmp_path.rglob("*.safetensors"))
