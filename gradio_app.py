@@ -62,7 +62,8 @@ SEED_HELP = (
     " prompt, seed and settings, so a picture can be made again."
 )
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# AUTOMATIC1111's launch flags (and the training script's model flag), and what does their work here: an error that names one of them says so.
+# AUTOMATIC1111's launch flags (and the training script's model flag), and what does their work here: an error
+# that names one of them says so.
 KNOWN_ELSEWHERE = {
     "--ckpt": "--model_path here (one .safetensors file, a pipeline folder or a hub id)",
     "--pretrained_model_name_or_path": "--model_path here (a training run's folder, one .safetensors file, a hub id)",

@@ -302,7 +302,7 @@ KNOWN_ELSEWHERE = {
     "--lr_scheduler_args": "not here: --lr_scheduler's schedules take --lr_warmup_steps, --lr_num_cycles and --lr_power",
     "--log_config": "what --report_to does here: the run's flags are logged to its trackers (not --hub_token)",
     "--wandb_run_name": "not here: --tracker_project_name names the project in wandb (--report_to wandb)",
-    "--text_encoder_batch_size": "not here: the captions are encoded in batches of --train_batch_size",
+    "--text_encoder_batch_size": "--vae_batch_size here, which sets the captions' batch too when they are cached",
     "--cache_text_encoder_outputs_to_disk": "--latent_cache_dir DIR here, which keeps the encoded captions too",
     "--use_lion_optimizer": "not here: --optimizer offers AdamW, Adafactor and prodigy",
 }
