@@ -151,6 +151,24 @@ def test_in_place_ema_matches_diffusers_ema():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_in_place_ema_averages_half_precision_weights_in_float32():
+    # DeepSpeed's fp16 mode trains the model in float16; the EMA, made from the float32 weights, stays float32.
+    # foreach_lerp_ refuses the mix, so the GPU check's DeepSpeed row failed at its first EMA step.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    reference, in_place = EMAModel(model.parameters()), InPlaceEMAModel(model.parameters())
+    model.half()
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        reference.step(model.parameters())
+        in_place.step(model.parameters())
+    for a, b in zip(reference.shadow_params, in_place.shadow_params):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_channels_last_trains_in_that_layout(tiny_sd, tmp_path, monkeypatch):
     layouts = []
     forward = UNet2DConditionModel.forward
