@@ -356,7 +356,8 @@ def train_table(rows, several_runs=False):
     for name, result in rows:
         if result["status"] != "ok" or not result.get("step_seconds"):
             reason = result.get("error") or "no timed steps"
-            lines.append((f"| {name} | {result['status']}: {reason} |" + " – |" * 6).replace("\n", " "))
+            run = f", run {result['run']}" if several_runs and "run" in result else ""
+            lines.append((f"| {name} | {result['status']}: {reason}{run} |" + " – |" * 6).replace("\n", " "))
             continue
         seconds = result["step_seconds"]
         status = f"ok, run {result['run']}" if several_runs else "ok"
@@ -480,9 +481,10 @@ def parse_args(argv=None):
 
 
 def kept_rows(args, info, preset):
-    """--keep: (rows, inference, runs) of the report at args.json that this run can keep: its rows measured ("ok") on
-    the same GPU model and torch, at the same settings, each with the number of the run that measured it; and that
-    report's runs (command, machine, seconds). Nothing, with a line saying why, when there are none."""
+    """--keep: (rows, inference, runs) of the report at args.json that this run can keep: its rows from the same GPU
+    model and torch, at the same settings, each with the number of the run that measured it; and that report's runs
+    (command, machine, seconds). Nothing, with a line saying why, when there are none. A row that ran but did not
+    pass (failed, out of memory, timed out) is kept as a result too, and runs again; a skipped one is dropped."""
     path = Path(args.json)
     if not path.exists():
         print(f"--keep: no earlier report at {path}: every row runs", flush=True)
@@ -502,7 +504,7 @@ def kept_rows(args, info, preset):
             return [], None, []
         runs = earlier.get("runs") or [{"command": earlier["command"], "machine": earlier["machine"],
                                         "seconds": earlier["seconds"]}]  # fmt: skip
-        rows = [(name, {"run": 1, **row}) for name, row in earlier["train"].items() if row["status"] == "ok"]
+        rows = [(name, {"run": 1, **row}) for name, row in earlier["train"].items() if row["status"] != "skipped"]
         inference = {"run": 1, **earlier["inference"]} if earlier["inference"]["status"] == "ok" else None
     except json.JSONDecodeError as err:  # cut off while it was written
         print(f"--keep: {path} is not a whole report ({err}): every row runs", flush=True)
@@ -641,7 +643,8 @@ def main(argv=None):
             before = rows[names.index(name)][1]
             if before["run"] == this_run and before.get("step_seconds") and result.get("step_seconds"):
                 row = (name, pooled(before, result))
-            if result["status"] not in NOT_MEASURED:
+            # A measurement replaces the kept row; so does any outcome but a skip, where the kept row did not pass.
+            if result["status"] not in NOT_MEASURED or (before["status"] != "ok" and result["status"] != "skipped"):
                 rows[names.index(name)] = row
         else:
             rows.append(row)
@@ -679,7 +682,8 @@ def main(argv=None):
         *(distributed if args.distributed else []),
     ]
     plan += [name for _ in range(args.repeat - 1) for name in plan if name != "inference"]
-    measured = {name for name, _ in rows} | ({"inference"} if inference["status"] == "ok" else set())
+    measured = {name for name, row in rows if row["status"] == "ok"}
+    measured |= {"inference"} if inference["status"] == "ok" else set()
     for name in plan:
         if name in measured and not args.only and name not in (args.profile or []):
             print(f"{name}: kept (run {dict(rows).get(name, inference)['run']})", flush=True)

@@ -185,6 +185,34 @@ def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(tiny_sd, tmp_path,
         assert f"lacks what a report of gpu_check.py holds {lacks}" in capsys.readouterr().out
 
 
+def test_keep_shows_a_row_that_did_not_pass_until_a_later_run_has_an_outcome(tiny_sd, tmp_path, monkeypatch, capsys):
+    # A timed-out or failed row is a result too (torch.compile ran past its time; DeepSpeed failed): --keep keeps it
+    # in the table, runs it again, and a skip in the later run does not erase it; any other outcome does.
+    outcomes = iter([{"status": "timed out", "error": "stopped after 60 s", "wall_s": 60.0}])
+    monkeypatch.setattr(gpu_check, "run_child", lambda *args, **kwargs: next(outcomes))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_sd)
+    common = ["--dry-run", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "GPU_CHECK.md"), "--keep"]
+    gpu_check.main([*common, "--minutes", "0"])  # every row skipped: a report to start from
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    report["train"]["defaults, bf16"] = {"status": "failed", "error": "RuntimeError: expected dtype float", "run": 1}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(report))
+
+    gpu_check.main([*common, "--minutes", "0"])
+    train = json.loads((tmp_path / "gpu_check.json").read_text())["train"]
+    assert train["defaults, bf16"] == {"status": "failed", "error": "RuntimeError: expected dtype float", "run": 1}
+    assert (
+        "| defaults, bf16 | failed: RuntimeError: expected dtype float, run 1 |"
+        in (tmp_path / "GPU_CHECK.md").read_text()
+    )
+    out = capsys.readouterr().out
+    assert "--keep: 1 rows of" in out and "defaults, bf16: kept" not in out  # kept in the table, tried again
+
+    gpu_check.main([*common, "--minutes", "1", "--only", "defaults, bf16"])
+    row = json.loads((tmp_path / "gpu_check.json").read_text())["train"]["defaults, bf16"]
+    assert row["status"] == "timed out" and row["run"] == 3
+
+
 def test_a_fresh_childs_seconds_are_split_into_phases(tiny_sd, tmp_path, monkeypatch):
     # As on a GPU, the child is a fresh process (it trains on the CPU): its row says where its time went.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
