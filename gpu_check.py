@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import runpy
 import shlex
 import signal
@@ -278,13 +279,18 @@ def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=No
             error = f"stopped after {timeout:.0f} s, at the end of the time budget (--minutes)"
             return {"status": "timed out", "error": error, "wall_s": wall}
         if returncode != 0 or not result_file.exists():
-            lines = [line for line in stderr.splitlines() if line.strip()]
-            error = next(
-                (line for line in reversed(lines) if "Error" in line or "error:" in line), lines[-1] if lines else ""
-            )
             status = "out of memory" if "OutOfMemoryError" in stderr or "out of memory" in stderr else "failed"
-            return {"status": status, "error": error.strip()[:300], "wall_s": wall}
+            return {"status": status, "error": error_line(stderr)[:300], "wall_s": wall}
         return {**json.loads(result_file.read_text()), "wall_s": wall}
+
+
+def error_line(stderr):
+    """The line of a failed child's output that says what went wrong: the last exception with a message, or error
+    line. Under `accelerate launch` the training process's exception comes before the launcher's own, which has
+    none ("ChildFailedError: "), and each of its lines starts with its rank ("[rank0]: "), which is dropped."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in stderr.splitlines() if line.strip()]
+    said = [line for line in lines if re.search(r"\w(Error|Exception): \S", line) or "error:" in line]
+    return said[-1] if said else lines[-1] if lines else ""
 
 
 def fork_child(spec, env, output):

@@ -74,6 +74,27 @@ def test_a_forked_child_that_crashes_is_a_failed_row(monkeypatch):
     assert result["status"] == "failed" and result["error"] == "RuntimeError: something nobody foresaw"
 
 
+def test_a_launched_childs_error_is_its_own_not_the_launchers():
+    # The end of the GPU check's DeepSpeed row: the training process's exception, then accelerate's launcher's.
+    stderr = """[rank0]:     torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1 - decay)
+[rank0]: RuntimeError: expected dtype float for `end` but got dtype c10::Half
+E1128 05:54:45.840000 2573 torch/distributed/elastic/multiprocessing/api.py:986] failed (exitcode: 1) local_rank: 0
+Traceback (most recent call last):
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+    assert gpu_check.error_line(stderr) == "RuntimeError: expected dtype float for `end` but got dtype c10::Half"
+    assert (
+        gpu_check.error_line("loading\nerror: the training dataset is empty\n")
+        == "error: the training dataset is empty"
+    )
+    assert gpu_check.error_line("Killed\n") == "Killed"
+
+
 def test_targets_are_met_not_met_or_not_measured():
     def ok(seconds, allocated):
         return {"status": "ok", "step_seconds": [seconds], "max_allocated_gb": allocated, "max_reserved_gb": allocated}
