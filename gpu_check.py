@@ -76,7 +76,7 @@ CONFIGS = [
     ("LoRA rank 4 + --fp8_base, fp16", ["--lora_rank", "4", "--learning_rate", "1e-4", "--fp8_base"], [], "fp16", {}),
     # A step of the defaults kept the GPU busy for 13% of its time (the profile of the second visit): the rest is
     # the CPU launching some 26,000 kernels per optimizer step. The same optimizer step (4 images) as one batch of 4
-    # launches a quarter of them; channels-last convolutions skip cuDNN's layout copies (a quarter of kernel time).
+    # runs a third of the operations; channels-last convolutions skip cuDNN's layout copies (a quarter of kernel time).
     ("defaults, batch 4 without accumulation, fp16", ONE_BATCH_OF_4, [], "fp16", {}),
     ("defaults + --channels_last, fp16", ["--channels_last"], [], "fp16", {}),
 ]
