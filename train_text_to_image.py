@@ -3537,7 +3537,8 @@ def fine_tune(args):
             ema_unet.copy_to(trained if args.lora_rank else unet.parameters())
 
         frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
-        pipeline = base_pipeline(args, **frozen, unet=unet)  # those freed after caching are loaded again
+        # Those freed after caching are loaded again; the tokenizer is the one trained with (not read again).
+        pipeline = base_pipeline(args, **frozen, tokenizer=tokenizer, unet=unet)
         facts = {**identity, "global_step": global_step, "resolution": args.resolution,
                  "learning_rate": args.learning_rate}  # fmt: skip
         if args.lora_rank:
