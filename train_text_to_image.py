@@ -2435,6 +2435,17 @@ def fine_tune(args):
             "--lora_rank is not supported with DeepSpeed or FSDP yet (a LoRA is small enough for DDP); use a DDP"
             " config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
         )
+    # accelerate's regional compilation (accelerate launch --dynamo_use_regional_compilation) wraps each of the UNet's
+    # modules outside its repeated blocks, conv_norm_out included, and SD's UNet asks `if self.conv_norm_out:`, which
+    # a compiled module answers with a TypeError: the first step would stop there.
+    compiled = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no"
+    regional = os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "false").lower() in ("1", "true")
+    if compiled and regional:
+        raise UserError(
+            "accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run SD's UNet: its forward"
+            " tests a module that a compiled one refuses (TypeError: GroupNorm does not support len()); compile the"
+            " whole UNet (--dynamo_backend inductor without it)"
+        )
     # DeepSpeed's offload brings an AdamW of its own, and FSDP flattens the weights that Adafactor factors: neither is
     # tried with the other optimizers.
     if args.optimizer != "adamw" and (fsdp or deepspeed):

@@ -194,6 +194,20 @@ def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
         assert any(not torch.equal(final[k], last[k]) for k in final)
 
 
+def test_regional_compilation_is_refused_before_loading_anything(tmp_path, monkeypatch):
+    # accelerate's --dynamo_use_regional_compilation compiles SD's conv_norm_out on its own, and the UNet's forward
+    # then stops at `if self.conv_norm_out:` (found by gpu_check.py's dry run, before it went to a GPU).
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--train_data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserError, match=r"regional compilation \(--dynamo_use_regional_compilation\) cannot run"):
+        train_text_to_image.main(argv)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # without a backend the flag compiles nothing
+    with pytest.raises(UserError, match="the training dataset is empty"):
+        train_text_to_image.main(argv)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-with-ema"])
 def test_a_compiled_unet_is_saved_and_resumed_under_its_own_names(tiny_sd, tmp_path, monkeypatch, caplog, lora):
     # torch.compile through accelerate (its eager backend: dynamo, without inductor's compiling) wraps the UNet, whose
