@@ -10,8 +10,6 @@ image sets in CLIP's image-feature space (Fréchet and kernel distances, nearest
 
 import numpy as np
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -73,6 +71,11 @@ def image_features(images, clip, device, batch_size=32):
 def set_distances(features, reference, kid_subsets=100, seed=BOOTSTRAP_SEED):
     """Fréchet distance, and kernel distance with its standard deviation over subsets, between two feature
     sets (torchmetrics' FID and KID formulas on CLIP features instead of Inception's)."""
+    # Imported here: the training script imports this module for its statistics alone, and torchmetrics took 1.2 s of
+    # its start on a GPU machine.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     fid = FrechetInceptionDistance(feature=Precomputed(features.shape[1]), normalize=False)
     fid.update(reference, real=True)
     fid.update(features, real=False)
