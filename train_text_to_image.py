@@ -44,6 +44,7 @@ from accelerate.utils import (
     DistributedType,
     ProjectConfiguration,
     broadcast_object_list,
+    parse_flag_from_env,
     set_seed,
 )
 from datasets import load_dataset
@@ -2422,14 +2423,14 @@ def main(argv=None):
 def fine_tune(args):
     """The whole run, as parse_args read its flags."""
     # `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP for the processes it starts.
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
     if args.use_ema and fsdp:
         raise UserError(
             "--use_ema is not supported with FSDP (the EMA copy would need the same sharding); use DDP or"
             " DeepSpeed ZeRO-2/3 (configs/accelerate/) for EMA, or drop --use_ema"
         )
     # The same for DeepSpeed, which accelerate launch announces the same way.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if args.lora_rank and (fsdp or deepspeed):
         raise UserError(
             "--lora_rank is not supported with DeepSpeed or FSDP yet (a LoRA is small enough for DDP); use a DDP"
@@ -2439,7 +2440,7 @@ def fine_tune(args):
     # modules outside its repeated blocks, conv_norm_out included, and SD's UNet asks `if self.conv_norm_out:`, which
     # a compiled module answers with a TypeError: the first step would stop there.
     compiled = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no"
-    regional = os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "false").lower() in ("1", "true")
+    regional = parse_flag_from_env("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")
     if compiled and regional:
         raise UserError(
             "accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run SD's UNet: its forward"
