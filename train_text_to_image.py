@@ -2418,6 +2418,10 @@ def main(argv=None):
     except torch.OutOfMemoryError as err:
         # run_main prints the line alone; the cause stays attached for callers that tell the stops apart.
         raise TrainingStopped(out_of_memory_message(args, err), 1) from err
+    finally:
+        # A run that ends with an error lets go of its folder as it ends, not when its process exits: inside another
+        # program (a notebook, a test), that program's later runs and other processes may use the folder at once.
+        unlock_output_dir(args.output_dir)
 
 
 def fine_tune(args):

@@ -2,6 +2,7 @@
 GPU visits; out-of-memory and failed configurations become rows, not a crash."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -24,15 +25,27 @@ DRY_RUN_ROWS = [
 ]
 
 
-@pytest.mark.slow
-def test_the_dry_run_writes_a_row_for_each_configuration_it_runs(tmp_path):
-    # From the user's own folder, as `python path/to/gpu_check.py --dry-run`.
-    only = [arg for name in DRY_RUN_ROWS for arg in ("--only", name)]
-    result = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), "--dry-run", *only, "--only", "inference"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+@pytest.fixture(scope="module")
+def dry_run(tiny_sd, tmp_path_factory):
+    """`python path/to/gpu_check.py --dry-run` of DRY_RUN_ROWS and inference, from a folder of its own (with the
+    tests' tiny pipeline in --models, where it would otherwise build its own: `make demo` builds it the same way):
+    that folder, and the command's arguments."""
+    folder = tmp_path_factory.mktemp("dry-run")
+    (folder / "models").mkdir()
+    (folder / "models" / "tiny").symlink_to(tiny_sd)
+    only = [arg for name in [*DRY_RUN_ROWS, "inference"] for arg in ("--only", name)]
+    argv = ["--dry-run", "--models", str(folder / "models"), *only]
+    result = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), *argv], cwd=folder, capture_output=True,
+                            text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    table = (tmp_path / "build" / "gpu-check" / "GPU_CHECK.dry-run.md").read_text()
-    report = json.loads((tmp_path / "build" / "gpu-check" / "gpu_check.json").read_text())
+    return folder, argv
+
+
+@pytest.mark.slow
+def test_the_dry_run_writes_a_row_for_each_configuration_it_runs(dry_run):
+    folder, _ = dry_run
+    table = (folder / "build" / "gpu-check" / "GPU_CHECK.dry-run.md").read_text()
+    report = json.loads((folder / "build" / "gpu-check" / "gpu_check.json").read_text())
     assert "dry run" in table.splitlines()[0]
     assert list(report["train"]) == DRY_RUN_ROWS
     for name in DRY_RUN_ROWS:
@@ -43,7 +56,7 @@ def test_the_dry_run_writes_a_row_for_each_configuration_it_runs(tmp_path):
     for target, _ in gpu_check.TARGETS:
         assert f"- {target}: **not judged (dry run)**" in table
     assert set(report["inference"]["seconds"]) == {"DPM-Solver++, 25 steps", "PNDM, 50 steps"}
-    assert not (tmp_path / "GPU_CHECK.md").exists()  # a dry run never replaces a GPU's table
+    assert not (folder / "GPU_CHECK.md").exists()  # a dry run never replaces a GPU's table
 
 
 def test_every_configuration_is_one_the_training_script_reads(tmp_path):
@@ -184,28 +197,23 @@ def test_a_training_child_builds_the_final_pipeline_but_does_not_write_it(tiny_s
     assert not (tmp_path / "model_index.json").exists() and not (tmp_path / "unet").exists()
 
 
-def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(tiny_sd, tmp_path, capsys):
-    # A short GPU visit measures one row; the next, with --keep, keeps it and runs the rest (here with no time left:
-    # skipped), and the report names both runs. A report from another GPU keeps nothing.
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny").symlink_to(tiny_sd)
-    common = ["--dry-run", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "GPU_CHECK.md")]
-    # The measuring run in a process of its own, as the dry-run test: a fork of this test process can hang.
-    result = subprocess.run([sys.executable, str(REPO / "gpu_check.py"), *common, "--only", "defaults, fp16"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    first = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert first["train"]["defaults, fp16"]["status"] == "ok"
+@pytest.mark.slow
+def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(dry_run, tmp_path, capsys):
+    # A short GPU visit measures some rows (the dry run's); the next, with --keep, keeps them and runs the rest (here
+    # with no time left: skipped), and the report names both runs. A report from another GPU keeps nothing.
+    folder, argv = dry_run
+    first = json.loads((folder / "build" / "gpu-check" / "gpu_check.json").read_text())
+    (tmp_path / "gpu_check.json").write_text(json.dumps(first))
+    common = ["--dry-run", "--models", str(folder / "models"), "--out", str(tmp_path / "GPU_CHECK.md")]
     gpu_check.main([*common, "--keep", "--minutes", "0"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     kept = report["train"]["defaults, fp16"]
     assert kept["run"] == 1 and kept["step_seconds"] == first["train"]["defaults, fp16"]["step_seconds"]
-    others = [row for name, row in report["train"].items() if name != "defaults, fp16"]
-    assert len(others) == len(gpu_check.CONFIGS) - 1
+    assert report["inference"]["run"] == 1 and report["inference"]["seconds"] == first["inference"]["seconds"]
+    others = [row for name, row in report["train"].items() if name not in DRY_RUN_ROWS]
+    assert len(others) == len(gpu_check.CONFIGS) - len(DRY_RUN_ROWS)
     assert all(row["status"] == "skipped" and row["run"] == 2 for row in others)
-    assert [run["command"] for run in report["runs"]] == ["--dry-run --models {0}/models --out {0}/GPU_CHECK.md"
-                                                          " --only 'defaults, fp16'".format(tmp_path),
-                                                          report["command"]]  # fmt: skip
+    assert [run["command"] for run in report["runs"]] == [shlex.join(argv), report["command"]]
     table = (tmp_path / "GPU_CHECK.md").read_text()
     assert "| defaults, fp16 | ok, run 1 |" in table and "2. `python gpu_check.py --dry-run" in table
     assert "defaults, fp16: kept (run 1)" in capsys.readouterr().out

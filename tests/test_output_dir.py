@@ -244,8 +244,13 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tiny
 # The lock, in-process ---------------------------------------------------------------------------------------------
 
 
-def test_the_lock_is_released_at_the_end_of_a_run(tiny_sd, tmp_path):
-    train(tiny_sd, tmp_path, "--max_train_steps", "1")
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+def test_the_lock_is_released_at_the_end_of_a_run(tiny_sd, tmp_path, fails):
+    if fails:  # after it took the folder: the checkpoint is looked for there
+        with pytest.raises(UserError, match="checkpoint-9"):
+            train(tiny_sd, tmp_path, "--max_train_steps", "1", "--resume_from_checkpoint", "checkpoint-9")
+    else:
+        train(tiny_sd, tmp_path, "--max_train_steps", "1")
     assert not (tmp_path / ".lock.json").exists()
     # Another process can take the folder while this one still runs (a lock still held here would refuse it).
     code = f"from filelock import FileLock; FileLock({str(tmp_path / '.lock')!r}, timeout=0).acquire(); print('taken')"

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.conftest import DEMO_DATA, REPO, SINGLE, SMALL, TWO_CPU_PROCESSES, train_args, train_sh
+import train_text_to_image
+from tests.conftest import DEMO_DATA, REPO, SINGLE, SMALL, TWO_CPU_PROCESSES, run_entry_point, train_args, train_sh
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def user_folder(tmp_path, tiny_sd):
     return home
 
 
-def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
+def test_train_sh_from_another_folder_reads_and_writes_there(user_folder, monkeypatch, capsys):
     # Regularization images in DreamBooth's layout: no caption files, the folder's name is their caption.
     (user_folder / "my-reg" / "1_creature").mkdir(parents=True)
     for i in range(3):
@@ -45,11 +46,16 @@ def test_train_sh_from_another_folder_reads_and_writes_there(user_folder):
     # The lock is released at the end: nothing says a run holds the folder.
     assert not (user_folder / "my-output" / ".lock.json").exists()
 
-    # The same command again is a new run into a folder holding the first: refused, nothing of it touched.
+    # A new run into the folder holding the first: refused, nothing of it touched. (The script run as train.sh runs
+    # it, in this process and from the user's folder: an error's way through train.sh is tested above and below.)
     before = {p: p.stat().st_mtime_ns for p in (user_folder / "my-output").rglob("*") if p.is_file()}
-    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", model="my-model", data="my-data",
-                           output_dir="my-output")  # fmt: skip
-    assert code == 2
+    monkeypatch.chdir(user_folder)
+    result = run_entry_point(train_text_to_image.main, "--pretrained_model_name_or_path=my-model",
+                             "--dataset_name=my-data", "--output_dir=my-output", *SMALL, "--max_train_steps=2",
+                             capsys=capsys)  # fmt: skip
+    monkeypatch.chdir(REPO)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2
     assert lines[-1].startswith("error: --output_dir my-output holds an earlier run (checkpoint-1, checkpoint-2, a")
     assert "--overwrite_output_dir" in lines[-1]
     after = {p: p.stat().st_mtime_ns for p in (user_folder / "my-output").rglob("*") if p.is_file()}
@@ -137,8 +143,6 @@ def test_a_mistyped_flag_through_train_sh_is_one_error_line(user_folder):
 def test_every_flag_named_for_another_trainers_is_a_flag_here_and_theirs_is_not(capsys):
     from accelerate.commands.launch import launch_command_parser
 
-    import train_text_to_image
-
     with pytest.raises(SystemExit):
         train_text_to_image.parse_args(["--help"])
     # The flags --help lists, one per option line (their help texts name other trainers' flags too).
@@ -169,8 +173,6 @@ def start_holder(tiny_sd, output_dir):
 
 def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(user_folder, tiny_sd, caplog):
     import logging
-
-    import train_text_to_image
 
     out = user_folder / "out"
     first = start_holder(tiny_sd, out)
