@@ -222,7 +222,16 @@ def test_each_config_loads_with_accelerates_own_loader(name, distributed_type, n
 
 
 def test_fsdp_with_ema_is_refused_with_a_reason(monkeypatch, tmp_path):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    # In the environment `accelerate launch --config_file configs/accelerate/fsdp.yaml` gives the script (its own
+    # function builds it), as train.sh's recipe with EMA would run.
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    launch = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes=1",
+                                                 "--mixed_precision=no", "train_text_to_image.py"])  # fmt: skip
+    for name, value in prepare_multi_gpu_env(_validate_launch_command(launch)[0]).items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(train_text_to_image.UserError, match="--use_ema is not supported with FSDP"):
         train_text_to_image.main(["--pretrained_model_name_or_path", "/nonexistent", "--train_data_dir",
                                   str(DEMO_DATA), "--output_dir", str(tmp_path), "--use_ema"])  # fmt: skip
@@ -255,7 +264,11 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tiny_sd, one_process_
     assert relative_difference_of_updates(base, ddp / "unet", resumed / "unet") < 0.01
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_sd, tmp_path):
+def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_stops_both(tiny_sd, tmp_path):
+    # Every batch stacks one bucket's images; a batch mixing two shapes could not be stacked. Each process gets
+    # whole batches from accelerate's batch-sampler sharding. The latent cache, one array per bucket, is written
+    # to disk by the main process and read by the other. Then SIGTERM to the second process: both stop at the same
+    # step, with a checkpoint that holds both processes' random states.
     import signal
 
     import psutil
@@ -267,13 +280,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
         f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + step_marker(step_file)
         + "import train_text_to_image\ntrain_text_to_image.run_main(train_text_to_image.main)\n"
     )  # fmt: skip
-    out = tmp_path / "out"
+    data = mixed_aspect_folder(tmp_path / "data")
+    out, cache = tmp_path / "out", tmp_path / "cache"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(script), "--pretrained_model_name_or_path", str(tiny_sd),
-        "--output_dir", str(out), "--train_data_dir", str(DEMO_DATA), "--resolution", "32",
-        "--train_batch_size", "1", "--seed", "0", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
+        str(script), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out),
+        "--train_data_dir", str(data), "--resolution", "64", "--aspect_buckets", "--bucket_step", "16",
+        "--min_bucket_side", "32", "--max_bucket_side", "128", "--center_crop", "--latent_cache_dir", str(cache),
+        "--train_batch_size", "2", "--seed", "0", "--max_train_steps", "100000", "--checkpointing_steps", "100000",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -289,32 +304,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ti
     rank1[0].send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=120)
 
+    assert "[RANK 0] Cached latents and text embeddings" in stderr
+    assert "[RANK 1] Read latents and text embeddings" in stderr
+    [key] = list(cache.iterdir())
+    assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM at step ")]
     assert len(stopped) == 2, stderr[-3000:]  # both processes, each with its line
     steps = {int(line.split(" at step ")[1].split()[0]) for line in stopped}
     assert len(steps) == 1
     (step,) = steps
+    assert [logged for logged, _ in logged_losses(out)] == list(range(1, step + 1))
     checkpoint = out / f"checkpoint-{step}"
     assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
     assert not (out / "model_index.json").exists()
-
-
-def test_two_processes_train_with_aspect_ratio_buckets_and_a_disk_cache(tiny_sd, tmp_path):
-    # Every batch stacks one bucket's images; a batch mixing two shapes could not be stacked. Each process gets
-    # whole batches from accelerate's batch-sampler sharding. The latent cache, one array per bucket, is written
-    # to disk by the main process and read by the other.
-    data = mixed_aspect_folder(tmp_path / "data")
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    result = launch(tiny_sd, out, "--train_data_dir", str(data), "--resolution", "64", "--aspect_buckets",
-                    "--bucket_step", "16", "--min_bucket_side", "32", "--max_bucket_side", "128", "--train_batch_size",
-                    "2", "--max_train_steps", "3", "--seed", "0", "--mixed_precision", "no", "--center_crop",
-                    "--latent_cache_dir", str(cache))  # fmt: skip
-    assert [step for step, _ in logged_losses(out)] == [1, 2, 3]
-    assert (out / "model_index.json").exists()
-    assert "[RANK 0] Cached latents and text embeddings" in result.stderr
-    assert "[RANK 1] Read latents and text embeddings" in result.stderr
-    [key] = list(cache.iterdir())
-    assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora_type", "loha", "--fp8_base"]], ids=["lora", "loha-fp8-base"])
