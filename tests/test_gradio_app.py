@@ -13,7 +13,7 @@ from PIL import Image
 import gradio_app
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import DEMO_DATA, free_port, generate, run_entry_point, run_script, start
+from tests.conftest import DEMO_DATA, free_port, generate, run_entry_point, start
 
 pytestmark = pytest.mark.usefixtures("client_downloads")
 
@@ -135,8 +135,10 @@ def test_auth_requires_the_login(tiny_sd):
         app.close()
 
 
-def test_missing_model_is_one_clear_line(tmp_path):
-    result = run_script("gradio_app.py", "--model_path", tmp_path / "nope")
+def test_missing_model_is_one_clear_line(tmp_path, capsys):
+    # In this process, as the script's entry point runs it (its own command line: tests/test_images_api.py's server
+    # run from the user's folder).
+    result = run_entry_point(gradio_app.main, "--model_path", tmp_path / "nope", capsys=capsys)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no model folder") and "make demo" in last and "bash train.sh" in last
