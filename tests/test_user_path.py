@@ -53,7 +53,6 @@ def test_train_sh_from_another_folder_reads_and_writes_there(user_folder, monkey
     result = run_entry_point(train_text_to_image.main, "--pretrained_model_name_or_path=my-model",
                              "--dataset_name=my-data", "--output_dir=my-output", *SMALL, "--max_train_steps=2",
                              capsys=capsys)  # fmt: skip
-    monkeypatch.chdir(REPO)
     lines = result.stderr.splitlines()
     assert result.returncode == 2
     assert lines[-1].startswith("error: --output_dir my-output holds an earlier run (checkpoint-1, checkpoint-2, a")
