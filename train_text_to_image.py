@@ -2419,7 +2419,7 @@ def main(argv=None):
         # run_main prints the line alone; the cause stays attached for callers that tell the stops apart.
         raise TrainingStopped(out_of_memory_message(args, err), 1) from err
     finally:
-        # A run that ends with an error lets go of its folder as it ends, not when its process exits: inside another
+        # The run lets go of its folder as it ends, with an error too, not when its process exits: inside another
         # program (a notebook, a test), that program's later runs and other processes may use the folder at once.
         unlock_output_dir(args.output_dir)
 
@@ -3626,8 +3626,6 @@ def fine_tune(args):
                 ) from err
 
     accelerator.end_training()
-    if accelerator.is_main_process:
-        unlock_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,19 @@ def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=3
     return result.returncode, lines
 
 
+def as_train_sh_runs_it(cwd, *extra, model, data, output_dir, monkeypatch, capsys):
+    """The training script in this process, from `cwd`, with the flags train.sh gives it for MODEL_NAME, DATASET_NAME
+    (--dataset_config for a .toml or .json file) and OUTPUT_DIR, then `extra` (its recipe's own flags are left out):
+    for an error that comes before training, seconds sooner than train_sh. What an error line does on its way
+    through train.sh and the launcher, tests/test_user_path.py tests with train_sh. A CompletedProcess."""
+    import train_text_to_image
+
+    data_flag = "--dataset_config" if str(data).endswith((".toml", ".json")) else "--dataset_name"
+    monkeypatch.chdir(cwd)
+    return run_entry_point(train_text_to_image.main, f"--pretrained_model_name_or_path={model}", f"{data_flag}={data}",
+                           f"--output_dir={output_dir}", *extra, capsys=capsys)  # fmt: skip
+
+
 def logged_losses(output_dir, tag="train_loss"):
     """(step, value) pairs of a logged scalar (train_loss unless told) from a run's newest TensorBoard file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

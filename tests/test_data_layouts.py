@@ -18,13 +18,13 @@ from sdtoolkit.latent_cache import cache_bytes
 from tests.conftest import (
     DEMO_DATA,
     SMALL,
+    as_train_sh_runs_it,
     caption_folder,
     demo_image,
     example_args,
     image_folder,
     logged_losses,
     reset_accelerate_state,
-    run_entry_point,
     train,
     train_args,
     train_sh,
@@ -542,18 +542,13 @@ def test_a_folder_of_webdataset_shards_trains_on_its_jpg_and_txt_files(tiny_sd, 
 def test_caption_files_of_another_extension_are_named_with_the_flag_that_reads_them(
     tiny_sd, tmp_path, monkeypatch, capsys
 ):
-    import train_text_to_image
-
-    # sd-scripts' default extension is .caption; this script's is .txt. From the user's folder, with the flags
-    # train.sh gives it for `DATASET_NAME=img` (an error line's way through train.sh is tests/test_user_path.py's).
+    # sd-scripts' default extension is .caption; this script's is .txt. From the user's folder.
     user = tmp_path / "user"
     caption_folder(user / "img", [(f"{i}.png", i, f"a creature {i}") for i in range(3)])
     for i in range(3):
         (user / "img" / f"{i}.txt").rename(user / "img" / f"{i}.caption")
-    monkeypatch.chdir(user)
-    result = run_entry_point(train_text_to_image.main, f"--pretrained_model_name_or_path={tiny_sd}",
-                             "--dataset_name=img", "--output_dir=out", *SMALL, "--max_train_steps=1",
-                             capsys=capsys)  # fmt: skip
+    result = as_train_sh_runs_it(user, *SMALL, "--max_train_steps=1", model=tiny_sd, data="img", output_dir="out",
+                                 monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
         "error: img has images with .caption caption files beside them, and this run reads .txt ones: pass"
         " --caption_extension .caption"

@@ -9,7 +9,7 @@ import pytest
 import train_text_to_image
 from sdtoolkit.dataset_config import read_dataset_config
 from sdtoolkit.errors import UserError
-from tests.conftest import SMALL, caption_folder, run_entry_point, train_args, train_sh, unet_weights
+from tests.conftest import SMALL, as_train_sh_runs_it, caption_folder, train_args, train_sh, unet_weights
 
 # Two image folders in kohya's N_name layout (2 and 3 repeats; the first image has no caption file, so its
 # folder's name captions it) and a folder of regularization images captioned by their folder's name.
@@ -52,7 +52,6 @@ def without_data_dir(argv):
 
 
 def test_a_kohya_config_trains_as_the_same_folders_given_by_flags(tiny_sd, tmp_path, caplog):
-    import train_text_to_image
 
     data, reg = caption_folder(tmp_path / "data", IMAGES), caption_folder(tmp_path / "reg", REG)
     config = tmp_path / "my-data.toml"
@@ -102,16 +101,12 @@ def test_train_sh_reads_a_config_from_the_users_folder_and_its_values_win_over_t
     assert any("Num examples = 6" in line for line in lines)
     assert (home / "out" / "model_index.json").exists()
 
-    # An option this toolkit does not have: one line, exit code 2, nothing trained. (The script as train.sh runs it
-    # for that file, in this process: what an error line does on its way through train.sh, tests/test_user_path.py
-    # tests.)
+    # An option this toolkit does not have: one line, exit code 2, nothing trained.
     (home / "kohya.toml").write_text(
         '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img/3_others"\ncolor_aug = true\n'
     )
-    monkeypatch.chdir(home)
-    result = run_entry_point(train_text_to_image.main, f"--pretrained_model_name_or_path={tiny_sd}",
-                             "--dataset_config=kohya.toml", "--output_dir=out2", *SMALL, "--max_train_steps=1",
-                             capsys=capsys)  # fmt: skip
+    result = as_train_sh_runs_it(home, *SMALL, "--max_train_steps=1", model=tiny_sd, data="kohya.toml",
+                                 output_dir="out2", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         "error: --dataset_config kohya.toml: [[datasets.subsets]] 1 of [[datasets]] 1 sets color_aug = True, which"
@@ -228,7 +223,6 @@ network_multiplier = 1
 
 
 def test_a_subsets_caption_prefix_stands_for_the_flags(tiny_sd, tmp_path):
-    import train_text_to_image
 
     # sd-scripts' way: a subset's caption_prefix, else --caption_prefix; --caption_suffix for both here.
     caption_folder(tmp_path / "a", [("one.png", 0, "a creature, round")])
@@ -258,7 +252,6 @@ def test_a_subsets_caption_prefix_stands_for_the_flags(tiny_sd, tmp_path):
 
 
 def test_a_subset_reads_its_own_folder_only_and_names_a_missing_one(tiny_sd, tmp_path):
-    import train_text_to_image
 
     # Images only in a sub-folder of image_dir: sd-scripts finds none there, and neither does this toolkit.
     caption_folder(tmp_path / "img", [("10_dragons/one.png", 0, "a dragon")])

@@ -15,10 +15,10 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.kohya_metadata import read_kohya_metadata
 from tests.conftest import (
     SMALL,
+    as_train_sh_runs_it,
     caption_folder,
     demo_image,
     reset_accelerate_state,
-    run_entry_point,
     train,
     train_args,
     train_sh,
@@ -225,11 +225,9 @@ def test_train_sh_reads_it_from_the_users_folder(tiny_sd, tmp_path, monkeypatch,
     assert (user / "out" / "model_index.json").is_file()
 
     # A metadata file given where a dataset config goes (train.sh's DATASET_NAME=meta_cap.json) is named for what it
-    # is. (The script as train.sh runs it, in this process: an error line's way through train.sh is
-    # tests/test_user_path.py's.)
-    monkeypatch.chdir(user)
-    result = run_entry_point(train_text_to_image.main, f"--pretrained_model_name_or_path={tiny_sd}",
-                             "--dataset_config=meta_cap.json", "--output_dir=out2", *SMALL, capsys=capsys)  # fmt: skip
+    # is.
+    result = as_train_sh_runs_it(user, *SMALL, model=tiny_sd, data="meta_cap.json", output_dir="out2",
+                                 monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
         "error: --dataset_config meta_cap.json is kohya-ss's fine-tuning metadata (each image's caption), not a"
         " dataset config: give it as --in_json, with the folder of its images as --train_data_dir"

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import train_text_to_image
-from tests.conftest import DEMO_DATA, REPO, SMALL, TWO_CPU_PROCESSES, run_entry_point, train_args, train_sh
+from tests.conftest import DEMO_DATA, REPO, SMALL, TWO_CPU_PROCESSES, as_train_sh_runs_it, train_args, train_sh
 
 
 @pytest.fixture
@@ -46,13 +46,10 @@ def test_train_sh_from_another_folder_reads_and_writes_there(user_folder, monkey
     # The lock is released at the end: nothing says a run holds the folder.
     assert not (user_folder / "my-output" / ".lock.json").exists()
 
-    # A new run into the folder holding the first: refused, nothing of it touched. (The script run as train.sh runs
-    # it, in this process and from the user's folder: an error's way through train.sh is tested above and below.)
+    # A new run into the folder holding the first: refused, nothing of it touched.
     before = {p: p.stat().st_mtime_ns for p in (user_folder / "my-output").rglob("*") if p.is_file()}
-    monkeypatch.chdir(user_folder)
-    result = run_entry_point(train_text_to_image.main, "--pretrained_model_name_or_path=my-model",
-                             "--dataset_name=my-data", "--output_dir=my-output", *SMALL, "--max_train_steps=2",
-                             capsys=capsys)  # fmt: skip
+    result = as_train_sh_runs_it(user_folder, *SMALL, "--max_train_steps=2", model="my-model", data="my-data",
+                                 output_dir="my-output", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
     lines = result.stderr.splitlines()
     assert result.returncode == 2
     assert lines[-1].startswith("error: --output_dir my-output holds an earlier run (checkpoint-1, checkpoint-2, a")
