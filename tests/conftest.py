@@ -270,17 +270,42 @@ def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=3
     return result.returncode, lines
 
 
+def train_sh_flags(cwd, *extra, model=None, data=None, output_dir=None, launch_args=SINGLE):
+    """The training script's flags as train.sh builds them, run from `cwd` (MODEL_NAME, DATASET_NAME and OUTPUT_DIR
+    unset where not given): train.sh itself runs, with PYTHON a stand-in that writes down what it was given instead
+    of starting Python (milliseconds, where train_sh's launcher and script take 10 s or more). Checks that train.sh
+    starts the launcher on the toolkit's script."""
+    record = pathlib.Path(tempfile.mkdtemp(dir=SCRATCH))
+    stand_in = record / "python"
+    stand_in.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$(dirname "$0")/argv"\n')
+    stand_in.chmod(0o755)
+    env = {
+        name: value for name, value in os.environ.items() if name not in ("MODEL_NAME", "DATASET_NAME", "OUTPUT_DIR")
+    }
+    env.update(PYTHON=str(stand_in), LAUNCH_ARGS=launch_args)
+    for name, value in (("MODEL_NAME", model), ("DATASET_NAME", data), ("OUTPUT_DIR", output_dir)):
+        if value is not None:
+            env[name] = str(value)
+    subprocess.run(["bash", str(REPO / "train.sh"), *map(str, extra)], cwd=cwd, env=env, check=True, timeout=30)
+    argv = (record / "argv").read_text().split("\0")[:-1]
+    shutil.rmtree(record)
+    script = next(i for i, arg in enumerate(argv) if arg.endswith("/train_text_to_image.py"))
+    assert os.path.samefile(argv[script], REPO / "train_text_to_image.py"), argv
+    assert argv[:2] == ["-m", "sdtoolkit.launch"] and argv[2:script] == launch_args.split(), argv
+    return argv[script + 1 :]
+
+
 def as_train_sh_runs_it(cwd, *extra, model, data, output_dir, monkeypatch, capsys):
-    """The training script in this process, from `cwd`, with the flags train.sh gives it for MODEL_NAME, DATASET_NAME
-    (--dataset_config for a .toml or .json file) and OUTPUT_DIR, then `extra` (its recipe's own flags are left out):
-    for an error that comes before training, seconds sooner than train_sh. What an error line does on its way
-    through train.sh and the launcher, tests/test_user_path.py tests with train_sh. A CompletedProcess."""
+    """The training script in this process, from `cwd`, with the flags train.sh gives it (train_sh_flags): train.sh's
+    own way of building a run (its recipe, MODEL_NAME, DATASET_NAME, OUTPUT_DIR, a --config_file or
+    --dataset_config in place of them) and the user's relative paths, seconds sooner than train_sh. What the
+    launcher adds (its error line, several processes, the toolkit found from another folder), tests/test_user_path.py
+    tests with train_sh. A CompletedProcess; the run's log lines are caplog's."""
     import train_text_to_image
 
-    data_flag = "--dataset_config" if str(data).endswith((".toml", ".json")) else "--dataset_name"
+    flags = train_sh_flags(cwd, *extra, model=model, data=data, output_dir=output_dir)
     monkeypatch.chdir(cwd)
-    return run_entry_point(train_text_to_image.main, f"--pretrained_model_name_or_path={model}", f"{data_flag}={data}",
-                           f"--output_dir={output_dir}", *extra, capsys=capsys)  # fmt: skip
+    return run_entry_point(train_text_to_image.main, *flags, capsys=capsys)
 
 
 def logged_losses(output_dir, tag="train_loss"):

@@ -5,7 +5,7 @@ import pytest
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
-from tests.conftest import DEMO_DATA, SMALL, train_sh
+from tests.conftest import DEMO_DATA, SMALL, as_train_sh_runs_it
 
 FLAGS = ["--pretrained_model_name_or_path", "some/model", "--train_data_dir", str(DEMO_DATA), "--learning_rate",
          "2e-4", "--use_ema", "--no-fused_adam", "--validation_prompts", "a red creature", "-a blue one",
@@ -75,7 +75,9 @@ def test_a_missing_file_is_one_line(tmp_path):
         train_text_to_image.parse_args(["--config_file", str(tmp_path / "nothing")])
 
 
-def test_train_sh_runs_a_config_file_from_the_users_folder_in_place_of_its_recipe(tiny_sd, tmp_path):
+def test_train_sh_runs_a_config_file_from_the_users_folder_in_place_of_its_recipe(
+    tiny_sd, tmp_path, monkeypatch, capsys
+):
     user = tmp_path / "user"
     user.mkdir()
     flags = [flag.removeprefix("--").split("=") for flag in SMALL]
@@ -84,9 +86,9 @@ def test_train_sh_runs_a_config_file_from_the_users_folder_in_place_of_its_recip
         "max_train_steps = 2\ncheckpointing_steps = 2\n" + "".join(f"{key} = {value!r}\n" for key, value in flags)
         .replace("'", '"')
     )  # fmt: skip
-    code, lines = train_sh(user, "--config_file=run.toml", model="unused/model", data="unused/data",
-                           output_dir="unused-output")  # fmt: skip
-    assert code == 0, "\n".join(lines[-20:])
+    result = as_train_sh_runs_it(user, "--config_file=run.toml", model="unused/model", data="unused/data",
+                                 output_dir="unused-output", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (user / "from-config" / "model_index.json").is_file() and not (user / "unused-output").exists()
     # The recipe's flags are not passed: no EMA (train.sh's --use_ema), the file's resolution.
     assert not (user / "from-config" / "checkpoint-2" / "unet_ema").exists()

@@ -27,7 +27,6 @@ from tests.conftest import (
     reset_accelerate_state,
     train,
     train_args,
-    train_sh,
     train_whole_and_resumed,
     unet_weights,
 )
@@ -430,15 +429,20 @@ def test_held_out_images_are_measured_on_their_first_line_and_first_options(tiny
     assert a[0] == b[0] and a[0][0] == 0
 
 
-def test_wildcards_train_from_a_dataset_config_through_train_sh_and_are_named_without_it(tiny_sd, tmp_path, caplog):
+def test_wildcards_train_from_a_dataset_config_through_train_sh_and_are_named_without_it(
+    tiny_sd, tmp_path, caplog, monkeypatch, capsys
+):
     data = caption_folder(tmp_path / "data", [("0.png", 0, "a {pink|green} creature\nsks, {round|square}"),
                                               ("1.png", 1, "a creature {{sks}}")])  # fmt: skip
     config = tmp_path / "data.toml"
     config.write_text(f'[general]\nenable_wildcard = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{data}"\n')
-    code, lines = train_sh(tmp_path, *SMALL, "--max_train_steps=2", "--dataset_config", str(config),
-                           "--validation_split", "0.5", model=tiny_sd, data=data, output_dir="out")  # fmt: skip
-    output = "\n".join(lines)
-    assert code == 0, output[-3000:]
+    with caplog.at_level(logging.INFO):
+        result = as_train_sh_runs_it(tmp_path, *SMALL, "--max_train_steps=2", "--dataset_config", str(config),
+                                     "--validation_split", "0.5", model=tiny_sd, data=data, output_dir="out",
+                                     monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    output = caplog.text
+    assert result.returncode == 0, result.stderr[-3000:]
+    caplog.clear()
     read = "--enable_wildcard: 1 images have several captions (a caption's lines), one drawn per example; 2 captions"
     assert read in output
     assert "captions are not cached" in output and "it sets --enable_wildcard" in output

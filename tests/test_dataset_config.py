@@ -9,7 +9,7 @@ import pytest
 import train_text_to_image
 from sdtoolkit.dataset_config import read_dataset_config
 from sdtoolkit.errors import UserError
-from tests.conftest import SMALL, as_train_sh_runs_it, caption_folder, train_args, train_sh, unet_weights
+from tests.conftest import SMALL, as_train_sh_runs_it, caption_folder, train_args, unet_weights
 
 # Two image folders in kohya's N_name layout (2 and 3 repeats; the first image has no caption file, so its
 # folder's name captions it) and a folder of regularization images captioned by their folder's name.
@@ -83,7 +83,7 @@ def test_a_kohya_config_trains_as_the_same_folders_given_by_flags(tiny_sd, tmp_p
 
 
 def test_train_sh_reads_a_config_from_the_users_folder_and_its_values_win_over_the_recipes(
-    tmp_path, tiny_sd, monkeypatch, capsys
+    tmp_path, tiny_sd, monkeypatch, capsys, caplog
 ):
     home = tmp_path / "me"
     caption_folder(home / "img", IMAGES)
@@ -92,13 +92,15 @@ def test_train_sh_reads_a_config_from_the_users_folder_and_its_values_win_over_t
         '[[datasets.subsets]]\nimage_dir = "img/2_sks creature"\nclass_tokens = "sks creature"\nnum_repeats = 2\n'
         '[[datasets.subsets]]\nimage_dir = "img/3_others"\n'
     )
-    code, lines = train_sh(home, *SMALL, "--max_train_steps=1", model=tiny_sd, data="kohya.toml", output_dir="out")
-    assert code == 0, "\n".join(lines[-20:])
+    with caplog.at_level(logging.INFO):
+        result = as_train_sh_runs_it(home, *SMALL, "--max_train_steps=1", model=tiny_sd, data="kohya.toml",
+                                     output_dir="out", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     # Relative image folders are the user's folder's; the file's batch size wins over the recipe's and SMALL's 2.
-    assert any("Read img/2_sks creature ([[datasets.subsets]] 1 of [[datasets]] 1): 2 images, 1 with a .txt caption,"
-               " 1 captioned by class_tokens, each 2 times per epoch" in line for line in lines)  # fmt: skip
-    assert any("Instantaneous batch size per device = 3" in line for line in lines)
-    assert any("Num examples = 6" in line for line in lines)
+    assert ("Read img/2_sks creature ([[datasets.subsets]] 1 of [[datasets]] 1): 2 images, 1 with a .txt caption,"
+            " 1 captioned by class_tokens, each 2 times per epoch") in caplog.text  # fmt: skip
+    assert "Instantaneous batch size per device = 3" in caplog.text
+    assert "Num examples = 6" in caplog.text
     assert (home / "out" / "model_index.json").exists()
 
     # An option this toolkit does not have: one line, exit code 2, nothing trained.

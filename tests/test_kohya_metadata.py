@@ -3,6 +3,7 @@ images as sd-scripts' fine_tune.py reads it: keys with or without their extensio
 caption then its tags after a comma."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -21,7 +22,6 @@ from tests.conftest import (
     reset_accelerate_state,
     train,
     train_args,
-    train_sh,
     unet_weights,
 )
 
@@ -210,18 +210,18 @@ def without_data_dir(argv):
     return argv[:i] + argv[i + 2 :]
 
 
-def test_train_sh_reads_it_from_the_users_folder(tiny_sd, tmp_path, monkeypatch, capsys):
+def test_train_sh_reads_it_from_the_users_folder(tiny_sd, tmp_path, monkeypatch, capsys, caplog):
     user = tmp_path / "user"
     (user / "img").mkdir(parents=True)
     for i in range(4):
         demo_image(i).save(user / "img" / f"{i}.png")
     write_json(user / "meta_cap.json", {str(i): entry(*CAPTIONS[i]) for i in range(4)})
-    code, lines = train_sh(user, *SMALL, "--max_train_steps=1", "--in_json=meta_cap.json", "--train_data_dir=img",
-                           model=tiny_sd, data="unused-hub-id", output_dir="out")  # fmt: skip
-    assert code == 0, "\n".join(lines[-20:])
-    assert any(
-        "Read --in_json meta_cap.json: 4 images in img, 2 with tags after their caption" in line for line in lines
-    )
+    with caplog.at_level(logging.INFO):
+        result = as_train_sh_runs_it(user, *SMALL, "--max_train_steps=1", "--in_json=meta_cap.json",
+                                     "--train_data_dir=img", model=tiny_sd, data="unused-hub-id", output_dir="out",
+                                     monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Read --in_json meta_cap.json: 4 images in img, 2 with tags after their caption" in caplog.text
     assert (user / "out" / "model_index.json").is_file()
 
     # A metadata file given where a dataset config goes (train.sh's DATASET_NAME=meta_cap.json) is named for what it

@@ -15,7 +15,7 @@ import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
-from tests.conftest import DEMO_DATA, SMALL, train, train_sh
+from tests.conftest import DEMO_DATA, SMALL, as_train_sh_runs_it, train
 
 RUN = ["--use_ema", "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", "a red disc",
        "--learning_rate", "1e-3"]  # fmt: skip
@@ -66,15 +66,17 @@ def test_training_from_one_file_is_training_from_its_folder(tiny_sd, base_file, 
     assert same(exported["from-folder"], exported["from-file"])
 
 
-def test_a_lora_on_a_file_trains_through_train_sh_and_loads_everywhere(tiny_sd, base_file, tiny_clip, tmp_path):
+def test_a_lora_on_a_file_trains_through_train_sh_and_loads_everywhere(
+    tiny_sd, base_file, tiny_clip, tmp_path, monkeypatch, capsys
+):
     # A user's folder: the downloaded file, their data, a relative path to each; the configs from --model_config.
     home = tmp_path / "me"
     shutil.copytree(DEMO_DATA, home / "my-data")
     shutil.copy(base_file, home / "model.safetensors")
-    code, lines = train_sh(home, *SMALL, "--max_train_steps=4", "--checkpointing_steps=2", "--lora_rank=4",
-                           "--learning_rate=1e-2", f"--model_config={tiny_sd}",
-                           model="model.safetensors", data="my-data", output_dir="my-lora")  # fmt: skip
-    assert code == 0, "\n".join(lines[-20:])
+    result = as_train_sh_runs_it(home, *SMALL, "--max_train_steps=4", "--checkpointing_steps=2", "--lora_rank=4",
+                                 "--learning_rate=1e-2", f"--model_config={tiny_sd}", model="model.safetensors",
+                                 data="my-data", output_dir="my-lora", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     lora = home / "my-lora"
     with safe_open(lora / KOHYA_WEIGHTS_NAME, "pt") as f:
         header = f.metadata()

@@ -5,6 +5,7 @@ folder outside the toolkit, with relative paths, as a user would.
 """
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -14,9 +15,19 @@ import sys
 import time
 
 import pytest
+import torch
 
 import train_text_to_image
-from tests.conftest import DEMO_DATA, REPO, SMALL, TWO_CPU_PROCESSES, as_train_sh_runs_it, train_args, train_sh
+from tests.conftest import (
+    DEMO_DATA,
+    REPO,
+    SMALL,
+    TWO_CPU_PROCESSES,
+    as_train_sh_runs_it,
+    train_args,
+    train_sh,
+    train_sh_flags,
+)
 
 
 @pytest.fixture
@@ -28,7 +39,7 @@ def user_folder(tmp_path, tiny_sd):
     return home
 
 
-def test_train_sh_from_another_folder_reads_and_writes_there(user_folder, monkeypatch, capsys):
+def test_train_sh_from_another_folder_reads_and_writes_there(user_folder, monkeypatch, capsys, caplog):
     # Regularization images in DreamBooth's layout: no caption files, the folder's name is their caption.
     (user_folder / "my-reg" / "1_creature").mkdir(parents=True)
     for i in range(3):
@@ -61,11 +72,13 @@ def test_train_sh_from_another_folder_reads_and_writes_there(user_folder, monkey
 
     # The first command resumed, to a later step: it continues with nothing to report (the same recipe, flags and
     # relative paths), and a changed learning rate is named.
-    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=3", "--checkpointing_steps=1",
-                           "--validation_split=0.25", "--reg_data_dir=my-reg", "--resume_from_checkpoint=latest",
-                           "--learning_rate=2e-3", model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
-    assert code == 0, "\n".join(lines[-20:])
-    changed = [line for line in lines if "other flags" in line or "other settings" in line]
+    with caplog.at_level(logging.INFO):
+        result = as_train_sh_runs_it(user_folder, *SMALL, "--max_train_steps=3", "--checkpointing_steps=1",
+                                     "--validation_split=0.25", "--reg_data_dir=my-reg", "--resume_from_checkpoint=latest",
+                                     "--learning_rate=2e-3", model="my-model", data="my-data", output_dir="my-output",
+                                     monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    changed = [line for line in caplog.messages if "other flags" in line or "other settings" in line]
     assert len(changed) == 1 and "(--learning_rate 0.001 -> 0.002): training continues from step 2" in changed[0]
     assert (user_folder / "my-output" / "checkpoint-3").is_dir()
 
@@ -132,6 +145,25 @@ def test_a_mistyped_flag_through_train_sh_is_one_error_line(user_folder):
     assert sum(line.startswith("error:") for line in lines) == 1, output
 
 
+def test_train_sh_runs_the_seeds_recipe(tmp_path, monkeypatch):
+    # Upstream's text_to_image example as the seed runs it, on its model and data, into sd-pokemon-model. (Read as
+    # on a GPU: on this CPU, the recipe's fp16 is refused.)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = train_text_to_image.parse_args(train_sh_flags(tmp_path))
+    assert (args.pretrained_model_name_or_path, args.dataset_name, args.output_dir) == (
+        "CompVis/stable-diffusion-v1-4",
+        "lambdalabs/pokemon-blip-captions",
+        "sd-pokemon-model",
+    )
+    recipe = dict(resolution=512, center_crop=True, random_flip=True, train_batch_size=1, gradient_accumulation_steps=4,
+                  gradient_checkpointing=True, mixed_precision="fp16", use_ema=True, learning_rate=1e-5,
+                  max_grad_norm=1.0, lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=15000)  # fmt: skip
+    assert {name: getattr(args, name) for name in recipe} == recipe
+    # Flags after it win; a --config_file takes its place.
+    assert train_text_to_image.parse_args(train_sh_flags(tmp_path, "--learning_rate=1e-4")).learning_rate == 1e-4
+    assert train_sh_flags(tmp_path, "--config_file=run.toml") == ["--config_file=run.toml"]
+
+
 def test_every_flag_named_for_another_trainers_is_a_flag_here_and_theirs_is_not(capsys):
     from accelerate.commands.launch import launch_command_parser
 
@@ -165,16 +197,17 @@ def start_holder(tiny_sd, output_dir):
     return process
 
 
-def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(user_folder, tiny_sd, caplog):
-    import logging
-
+def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(
+    user_folder, tiny_sd, caplog, monkeypatch, capsys
+):
     out = user_folder / "out"
     first = start_holder(tiny_sd, out)
     try:
         started = time.time()
-        code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=2", model="my-model", data="my-data",
-                               output_dir="out")  # fmt: skip
-        assert code == 2, "\n".join(lines[-20:])
+        result = as_train_sh_runs_it(user_folder, *SMALL, "--max_train_steps=2", model="my-model", data="my-data",
+                                     output_dir="out", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2, "\n".join(lines[-20:])
         assert lines[-1].startswith(f"error: --output_dir out is in use by another training run (process {first.pid} ")
         assert time.time() - started < 60
         assert first.poll() is None  # the first run goes on

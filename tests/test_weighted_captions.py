@@ -13,7 +13,7 @@ from sdtoolkit.clip_windows import caption_windows, emphasize, encode_prompts
 from sdtoolkit.data import count_long_captions
 from sdtoolkit.errors import UserError
 from sdtoolkit.learning_check import caption_errors
-from tests.conftest import SMALL, demo_image, image_folder, train, train_sh
+from tests.conftest import SMALL, as_train_sh_runs_it, demo_image, image_folder, train
 
 CAPTION = "a ((red)) creature, [white] background, (detailed:1.4)"
 BROKEN = "a (red:1.3) creature BREAK on a white background"  # two windows
@@ -143,7 +143,9 @@ def test_caption_accuracy_reads_weighted_captions_when_told(tiny_sd):
         metrics.parse_args(["--model_path", str(tiny_sd), "--weighted_captions"])
 
 
-def test_train_sh_trains_a_caption_folder_on_weighted_captions_from_the_users_folder(tmp_path, tiny_sd):
+def test_train_sh_trains_a_caption_folder_on_weighted_captions_from_the_users_folder(
+    tmp_path, tiny_sd, monkeypatch, capsys
+):
     # kohya-ss's layout, from the user's own folder: images with .txt captions in a repeats folder.
     home = tmp_path / "me"
     (home / "my-data" / "2_creature").mkdir(parents=True)
@@ -151,9 +153,10 @@ def test_train_sh_trains_a_caption_folder_on_weighted_captions_from_the_users_fo
     for i in range(4):
         demo_image(i).save(home / "my-data" / "2_creature" / f"{i}.png")
         (home / "my-data" / "2_creature" / f"{i}.txt").write_text(f"({i} red:1.3) creature, BREAK white background")
-    code, lines = train_sh(home, *SMALL, "--max_train_steps=2", "--weighted_captions", "--max_token_length=150",
-                           model="my-model", data="my-data", output_dir="my-output")  # fmt: skip
-    assert code == 0, "\n".join(lines[-20:])
+    result = as_train_sh_runs_it(home, *SMALL, "--max_train_steps=2", "--weighted_captions", "--max_token_length=150",
+                                 model="my-model", data="my-data", output_dir="my-output", monkeypatch=monkeypatch,
+                                 capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "Captions: read for AUTOMATIC1111's emphasis and BREAK" in (home / "my-output" / "README.md").read_text()
 
 
