@@ -22,8 +22,8 @@ into such phases. The report is rewritten after each row.
 GPU visits can be short: with --keep, the rows that the last report measured on the same GPU model, torch and
 settings are kept and not run again, and the report holds both runs' rows, each saying which run measured it.
 
-Without a GPU (the dry run), the training children are forks of this process rather than fresh ones, which
-saves each the time of importing the libraries again (see fork_child).
+Without a GPU (the dry run), the children are forks of this process rather than fresh ones, which saves each
+the time of importing the libraries again (see fork_child).
 
 Step times are the wall-clock time between the script's once-per-optimizer-step `accelerator.log` calls, so
 upstream's script is timed the same way as this one's. The parent process imports only the standard library
@@ -256,14 +256,14 @@ def child_inference(spec):
 
 def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=None):
     """Run a child in its own process: a fresh one (through `accelerate launch` with a config file when `launch` is
-    given), or, for training without a GPU (the dry run), a fork of this one (see fork_child). A fresh child still
-    running after `timeout` seconds is stopped, and its row says so. Its output is added to the file `log`, if
-    given, under `name`."""
+    given), or, without a GPU (the dry run), a fork of this one (see fork_child). A fresh child still running
+    after `timeout` seconds is stopped, and its row says so. Its output is added to the file `log`, if given,
+    under `name`."""
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
         spec = {**spec, "kind": kind, "result": str(result_file), "spawned": None}
         started, timed_out = time.perf_counter(), False
-        if kind == "train" and not launch and not torch.cuda.is_available():
+        if not launch and not torch.cuda.is_available():
             returncode, stderr = fork_child(spec, env, Path(scratch) / "output.txt")
         else:
             spec["spawned"] = time.time()  # for the child's phases (see child_train)
@@ -306,10 +306,10 @@ def fork_child(spec, env, output):
     """child_main(spec) in a fork of this process (see benchmark.forked), its output written to `output`; (exit
     code, output).
 
-    Without a GPU, each training child forks from this process, which has imported the training script once,
-    instead of importing torch, diffusers and the script afresh. It is the same function in a process of its own.
-    On a GPU every child starts fresh, so that no CUDA state is shared, and the inference child always does, so
-    the dry run also goes through the `--child` command line.
+    Without a GPU, each child forks from this process, which has imported the training script once, instead of
+    importing torch, diffusers and the script afresh. It is the same function in a process of its own. On a GPU
+    every child starts fresh, so that no CUDA state is shared (tests/test_gpu_check.py runs a fresh child on the
+    CPU, through the `--child` command line).
     """
     import train_text_to_image  # noqa: F401 (imported here once, for every fork)
 

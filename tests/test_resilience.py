@@ -195,6 +195,8 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, s
     step = int(last.split(" at step ")[1].split()[0])
     assert step >= 3 and checkpoints.checkpoint_dirs(tmp_path) == [f"checkpoint-{step}"]
     assert not (tmp_path / "model_index.json").exists()
+    # The folder is released: the next run is not told of a run that was "killed" (tests/test_output_dir.py).
+    assert not (tmp_path / ".lock.json").exists()
 
     train_text_to_image.main(base + ["--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"])
     assert [s for s, _ in logged_losses(tmp_path)] == [step + 1]
