@@ -24,6 +24,7 @@ from tests.conftest import (
     SMALL,
     TWO_CPU_PROCESSES,
     as_train_sh_runs_it,
+    run_entry_point,
     train_args,
     train_sh,
     train_sh_flags,
@@ -96,24 +97,35 @@ def test_an_error_through_train_sh_on_two_processes_is_the_last_line_with_exit_c
     assert "Traceback" not in output, output
 
 
-def test_what_accelerate_refuses_is_one_error_line_with_exit_code_2(user_folder):
-    # Before the script starts (the launcher's own checks), and in the script (accelerate's setup).
+def test_what_accelerate_refuses_is_one_error_line_with_exit_code_2(user_folder, monkeypatch, capsys):
+    # Before the script starts (the launcher's own checks), and in the script (accelerate's setup). Through train.sh:
+    code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=1", model="my-model", data="my-data",
+                           output_dir="out", launch_args="--config_file no-such.yaml", timeout=120)  # fmt: skip
+    output = "\n".join(lines)
+    assert code == 2 and lines[-1].startswith("error: The passed configuration file `no-such.yaml` does not exist.")
+    assert "Traceback" not in output, output[-3000:]
+    # The launcher's other refusals in this process, with what train.sh gives it (train_sh_flags checks that its
+    # LAUNCH_ARGS come first).
+    from sdtoolkit import launch
+    from sdtoolkit.errors import LAST_LINE_FILE
+
     (user_folder / "bad.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: BOGUS\n")
-    cases = [
-        ("--config_file no-such.yaml", "error: The passed configuration file `no-such.yaml` does not exist."),
-        ("--config_file bad.yaml", "error: 'BOGUS' is not a valid DistributedType"),
-        # (train.sh's recipe has EMA, which FSDP can't shard: said before accelerate is set up, in the environment
-        # accelerate launch gives the script; tests/test_distributed.py.)
-    ]  # fmt: skip
+    cases = [("--config_file bad.yaml", "error: 'BOGUS' is not a valid DistributedType")]
+    # (train.sh's recipe has EMA, which FSDP can't shard: said before accelerate is set up, in the environment
+    # accelerate launch gives the script; tests/test_distributed.py.)
     if importlib.util.find_spec("deepspeed") is None:
         cases.append((f"--config_file {REPO}/configs/accelerate/deepspeed_zero2_offload.yaml --num_processes=1",
                       "error: DeepSpeed is not installed"))  # fmt: skip
+    monkeypatch.chdir(user_folder)
+    monkeypatch.setenv(LAST_LINE_FILE, "")  # the launcher sets it for its processes: put back after
     for launch_args, says in cases:
-        code, lines = train_sh(user_folder, *SMALL, "--max_train_steps=1", model="my-model", data="my-data",
-                               output_dir="out", launch_args=launch_args, timeout=120)  # fmt: skip
-        output = "\n".join(lines)
-        assert code == 2 and lines[-1].startswith(says), output[-3000:]
-        assert "Traceback" not in output
+        flags = train_sh_flags(user_folder, *SMALL, "--max_train_steps=1", model="my-model", data="my-data",
+                               output_dir="out", launch_args=launch_args)  # fmt: skip
+        result = run_entry_point(launch.main, *launch_args.split(), REPO / "train_text_to_image.py", *flags,
+                                 capsys=capsys)  # fmt: skip
+        assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith(says), result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+    assert not (user_folder / "out").exists()
 
     # Without EMA, the FSDP config reaches accelerate's setup, which needs a GPU per process.
     command = [sys.executable, "-m", "sdtoolkit.launch", "--config_file", f"{REPO}/configs/accelerate/fsdp.yaml",
