@@ -62,11 +62,12 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "a near-copy: mechanics, not quality."
 
 # Everything this machine can run, the slow tests included (plain `pytest` skips those for quick runs), in
-# TEST_WORKERS processes (pytest-xdist; a test file stays in one) with one torch thread each: on 2 cores, 9 min
-# instead of 16 in one process with two threads.
+# TEST_WORKERS processes (pytest-xdist; a test file stays in one, the longest files first: tests/conftest.py) with
+# one torch thread each: on 2 cores, 10 to 12 min; one process with two threads took 16 min at 434 tests.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
