@@ -1,7 +1,9 @@
 """The path users take: `bash train.sh` from their own folder, errors through the launcher, one run per folder.
 
 These tests run train.sh (and through it `python -m sdtoolkit.launch`, which is `accelerate launch`) from a
-folder outside the toolkit, with relative paths, as a user would.
+folder outside the toolkit, with relative paths, as a user would. Where what a test checks comes after the
+launcher (a resumed run, a busy folder), the script runs in the test's process with the flags train.sh builds
+(tests/conftest.py's train_sh_flags), from the same folder.
 """
 
 import importlib.util
