@@ -6,6 +6,7 @@ writes, to show that only the main process writes.
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -256,9 +257,8 @@ def test_two_gpu_ddp_fp16_config_trains(tiny_sd, tmp_path):
 def test_a_two_process_checkpoint_resumes_on_one_process(tiny_sd, one_process_run, two_process_run, tmp_path, caplog):
     # Same total batch (2 x 2 and 1 x 4), so the data position carries over and the runs stay together; the learning
     # rate schedule, which counts steps per process, is recounted for one. (In this process: a launch costs a CI
-    # machine 20 s or more, and the other way round, one process to two, is the same code.)
-    import logging
-
+    # machine 20 s or more. The other way round, one process to two, runs the same resume code; only accelerate
+    # leaves the second process's random state as seeded, its checkpoint having none.)
     resumed = tmp_path / "out"
     shutil.copytree(two_process_run[0] / "out" / "checkpoint-2", resumed / "checkpoint-2")
     with caplog.at_level(logging.WARNING):
