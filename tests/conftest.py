@@ -291,13 +291,10 @@ def train_sh_flags(cwd, *extra, model=None, data=None, output_dir=None, launch_a
     stand_in = record / "python"
     stand_in.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$(dirname "$0")/argv"\n')
     stand_in.chmod(0o755)
-    env = {
-        name: value for name, value in os.environ.items() if name not in ("MODEL_NAME", "DATASET_NAME", "OUTPUT_DIR")
-    }
+    given = {"MODEL_NAME": model, "DATASET_NAME": data, "OUTPUT_DIR": output_dir}
+    env = {name: value for name, value in os.environ.items() if name not in given}
+    env.update({name: str(value) for name, value in given.items() if value is not None})
     env.update(PYTHON=str(stand_in), LAUNCH_ARGS=launch_args)
-    for name, value in (("MODEL_NAME", model), ("DATASET_NAME", data), ("OUTPUT_DIR", output_dir)):
-        if value is not None:
-            env[name] = str(value)
     subprocess.run(["bash", str(REPO / "train.sh"), *map(str, extra)], cwd=cwd, env=env, check=True, timeout=30)
     argv = (record / "argv").read_text().split("\0")[:-1]
     shutil.rmtree(record)
