@@ -42,7 +42,9 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
+    DynamoBackend,
     ProjectConfiguration,
+    TorchDynamoPlugin,
     broadcast_object_list,
     parse_flag_from_env,
     set_seed,
@@ -2440,17 +2442,6 @@ def fine_tune(args):
             "--lora_rank is not supported with DeepSpeed or FSDP yet (a LoRA is small enough for DDP); use a DDP"
             " config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
         )
-    # accelerate's regional compilation (accelerate launch --dynamo_use_regional_compilation) wraps each of the UNet's
-    # modules outside its repeated blocks, conv_norm_out included, and SD's UNet asks `if self.conv_norm_out:`, which
-    # a compiled module answers with a TypeError: the first step would stop there.
-    compiled = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no"
-    regional = parse_flag_from_env("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")
-    if compiled and regional:
-        raise UserError(
-            "accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run SD's UNet: its forward"
-            " tests a module that a compiled one refuses (TypeError: GroupNorm does not support len()); compile the"
-            " whole UNet (--dynamo_backend inductor without it)"
-        )
     # DeepSpeed's offload brings an AdamW of its own, and FSDP flattens the weights that Adafactor factors: neither is
     # tried with the other optimizers.
     if args.optimizer != "adamw" and (fsdp or deepspeed):
@@ -2462,6 +2453,14 @@ def fine_tune(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     try:
+        # torch.compile comes from accelerate's launcher (--dynamo_backend and its options). Its regional
+        # compilation (--dynamo_use_regional_compilation) would also compile each of the UNet's modules outside its
+        # repeated blocks on its own, conv_norm_out included, and SD's UNet asks `if self.conv_norm_out:`, which a
+        # compiled module answers with a TypeError. So for that flag the script compiles the regions itself, as
+        # diffusers does: the UNet's transformer blocks, in place, with accelerate's backend and options, and
+        # accelerate compiles nothing.
+        dynamo = TorchDynamoPlugin()
+        compile_blocks = dynamo.backend != DynamoBackend.NO and dynamo.use_regional_compilation
         accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
@@ -2470,6 +2469,7 @@ def fine_tune(args):
             # The data order of an epoch depends on the seed and the epoch only, so a resumed run can skip
             # exactly the batches already seen.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            dynamo_plugin=TorchDynamoPlugin(backend="no") if compile_blocks else None,
         )
     except (ValueError, RuntimeError) as err:  # e.g. fp16 or FSDP from an accelerate config on a machine without a GPU
         needs = " (FSDP runs on GPUs only)" if fsdp and not torch.cuda.is_available() else ""
@@ -2871,6 +2871,11 @@ def fine_tune(args):
         unet.enable_gradient_checkpointing()
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
+    if compile_blocks:
+        # Each block keeps its weights' names (no _orig_mod.), so checkpoints, LoRA files and the EMA are as without.
+        unet.compile_repeated_blocks(**dynamo.to_kwargs())
+        blocks = sum(type(module).__name__ in unet._repeated_blocks for module in unet.modules())
+        logger.info(f"torch.compile ({dynamo.backend.value.lower()}) of the UNet's {blocks} transformer blocks")
 
     # Enable TF32 for faster training on Ampere GPUs,
     # cf https://pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-devices

@@ -240,9 +240,11 @@ def train_args(tiny_sd, output_dir, *extra, data=DEMO_DATA):
 
 
 def train(tiny_sd, output_dir, *extra, data=DEMO_DATA):
-    """Run the training script in-process with train_args."""
+    """Run the training script in-process with train_args, from accelerate's clean slate as in a process of its own
+    (its state would otherwise keep the first run's settings: mixed precision, torch.compile)."""
     import train_text_to_image
 
+    reset_accelerate_state()
     train_text_to_image.main(train_args(tiny_sd, output_dir, *extra, data=data))
 
 

@@ -15,14 +15,16 @@ import train_text_to_image
 from sdtoolkit.errors import UserError
 from tests.conftest import REPO
 
-# The rows the dry run trains in `make test`: the targets' two, LoRA (another saving path) and torch.compile (the
-# compile wrapper is where a traced UNet differs). Each row costs a CI machine about 5 s; the others' flags are
-# each trained by their own feature's tests, and here they are read by the training script's parser.
+# The rows the dry run trains in `make test`: the targets' two, LoRA (another saving path) and torch.compile, whole
+# (the compile wrapper is where a traced UNet differs) and regional (the script compiles, not accelerate). Each row
+# costs a CI machine about 5 s; the others' flags are each trained by their own feature's tests, and here they are
+# read by the training script's parser.
 DRY_RUN_ROWS = [
     "upstream path, fp16",
     "defaults, fp16",
     "LoRA rank 4, fp16",
     "defaults + torch.compile (inductor), fp16",
+    "defaults + regional torch.compile (inductor), fp16",
 ]
 
 

@@ -194,18 +194,26 @@ def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
         assert any(not torch.equal(final[k], last[k]) for k in final)
 
 
-def test_regional_compilation_is_refused_before_loading_anything(tmp_path, monkeypatch):
-    # accelerate's --dynamo_use_regional_compilation compiles SD's conv_norm_out on its own, and the UNet's forward
-    # then stops at `if self.conv_norm_out:` (found by gpu_check.py's dry run, before it went to a GPU).
+def test_regional_compilation_compiles_the_unets_transformer_blocks_and_trains_as_without(
+    tiny_sd, tmp_path, monkeypatch, caplog
+):
+    # accelerate's own --dynamo_use_regional_compilation would also compile SD's conv_norm_out on its own, and the
+    # UNet's forward then stops at `if self.conv_norm_out:` (found by gpu_check.py's dry run). The script compiles the
+    # transformer blocks in place instead: with dynamo's eager backend (no code generation), the same weights.
+    flags = ["--use_ema", "--gradient_checkpointing", "--max_train_steps", "2"]
+    train(tiny_sd, tmp_path / "plain", *flags)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
     monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
-    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--train_data_dir", str(tmp_path),
-            "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    with pytest.raises(UserError, match=r"regional compilation \(--dynamo_use_regional_compilation\) cannot run"):
-        train_text_to_image.main(argv)
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # without a backend the flag compiles nothing
-    with pytest.raises(UserError, match="the training dataset is empty"):
-        train_text_to_image.main(argv)
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "regional", *flags)
+    assert "torch.compile (eager) of the UNet's 6 transformer blocks" in caplog.text
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2  # the blocks' forward, traced (and run) by dynamo
+    name = "unet/diffusion_pytorch_model.safetensors"
+    plain, regional = load_file(tmp_path / "plain" / name), load_file(tmp_path / "regional" / name)
+    assert plain.keys() == regional.keys()  # the UNet's own names: nothing compiled it whole
+    assert all(torch.equal(plain[key], regional[key]) for key in plain)
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-with-ema"])
