@@ -59,7 +59,9 @@ DATA = REPO / "data" / "creatures"
 RECIPE = [*benchmark.RECIPE, "--seed", "0"]
 UPSTREAM_PATH = benchmark.OFF
 LORA_4 = ["--lora_rank", "4", "--learning_rate", "1e-4"]
-REGIONAL_COMPILE = {"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true"}
+# As `accelerate launch --dynamo_backend inductor --dynamo_use_regional_compilation` sets it (dynamic shapes off).
+REGIONAL_COMPILE = {"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "True",
+                    "ACCELERATE_DYNAMO_USE_DYNAMIC": "False"}  # fmt: skip
 ONE_BATCH_OF_4 = ["--train_batch_size", "4", "--gradient_accumulation_steps", "1"]  # the recipe's 4 images at once
 
 # (name, flags added to the recipe, flags taken out of it, mixed precision, extra environment), in the order they

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors import safe_open
@@ -207,8 +209,13 @@ def test_regional_compilation_compiles_the_unets_transformer_blocks_and_trains_a
     train(tiny_sd, tmp_path / "plain", *flags)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
-    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+    # The settings `accelerate launch --dynamo_backend eager --dynamo_use_regional_compilation` gives the script.
+    launch = launch_command_parser().parse_args(["--num_processes=1", "--num_machines=1", "--mixed_precision=no",
+                                                 "--dynamo_backend=eager", "--dynamo_use_regional_compilation",
+                                                 "train_text_to_image.py"])  # fmt: skip
+    _, env = prepare_simple_launcher_cmd_env(_validate_launch_command(launch)[0])
+    for name in [name for name in env if name.startswith("ACCELERATE_DYNAMO_")]:  # backend, mode, dynamic: off, ...
+        monkeypatch.setenv(name, env[name])
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path / "regional", *flags)
     assert "torch.compile (eager) of the UNet's 6 transformer blocks" in caplog.text
