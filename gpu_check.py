@@ -186,6 +186,11 @@ def child_train(spec):
     }
     if profiler:
         result["profile"] = profile_summary(profiler[0])
+    # What torch.compile did, in a row that compiles: the graphs dynamo built, and the functions it was asked to run
+    # (frames) and ran compiled (a frame past its recompile limit runs uncompiled).
+    graphs, frames = torch._dynamo.utils.counters["stats"]["unique_graphs"], torch._dynamo.utils.counters["frames"]
+    if graphs:
+        result["compile"] = {"graphs": graphs, "frames": frames["total"], "compiled_frames": frames["ok"]}
     # Where a fresh child's time went (a fork's start is its parent's): Python's start with torch's import, the
     # other libraries' imports, from there to the end of the first optimizer step (models, data, cache, the first
     # step), the steps after it, and the end (the final pipeline, built but not written).
@@ -406,6 +411,16 @@ def phase_table(rows):
     return ["Where each row's seconds went:", "", *lines, ""]
 
 
+def compile_section(rows):
+    """The rows that ran torch.compile: what dynamo built (see child_train); empty when none did."""
+    compiled = [(name, result["compile"]) for name, result in rows if result.get("compile")]
+    if not compiled:
+        return []
+    lines = [f"- {name}: graphs {c['graphs']}, frames compiled {c['compiled_frames']} of {c['frames']}"
+             for name, c in compiled]  # fmt: skip
+    return ["What torch.compile built (dynamo's counts in the training process):", "", *lines, ""]
+
+
 def profile_section(rows):
     """The rows --profile ran one more step of under torch.profiler (see profile_summary); empty when none did."""
     profiled = [(name, result) for name, result in rows if result.get("profile")]
@@ -588,6 +603,7 @@ def write_report(args, command, info, preset, rows, inference, seconds, runs=())
         train_table(rows, several_runs=len(runs) > 1),
         "",
         *phase_table(rows),
+        *compile_section(rows),
         *profile_section(rows),
         "Targets (judged on the full run):",
         "",

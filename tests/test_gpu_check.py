@@ -56,6 +56,13 @@ def test_the_dry_run_writes_a_row_for_each_configuration_it_runs(dry_run):
         outcome = report["train"][name]
         assert outcome["status"] == "ok", (name, outcome)
         assert len(outcome["step_seconds"]) == 1 and outcome["step_seconds"][0] > 0
+    # What dynamo built, in the rows that compile (the whole UNet is one graph; its blocks, one per width here).
+    for name in DRY_RUN_ROWS:
+        built = report["train"][name].get("compile")
+        assert (built is not None) == ("torch.compile" in name), name
+        if built:
+            assert built["graphs"] >= 1 and built["compiled_frames"] == built["frames"], (name, built)
+            assert f"- {name}: graphs {built['graphs']}, frames compiled" in table
     for target, _ in gpu_check.TARGETS:
         assert f"- {target}: **not judged (dry run)**" in table
     assert set(report["inference"]["seconds"]) == {"DPM-Solver++, 25 steps", "PNDM, 50 steps"}
