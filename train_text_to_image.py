@@ -2582,6 +2582,13 @@ def fine_tune(args):
         loss_weights = [loss_weights[row] for row in kept] if loss_weights is not None else None
         cache_crops = [cache_crops[row] for row in kept] if cache_crops is not None else None
         buckets_used = ", ".join(sorted({f"{w}x{h}" for w, h in bucket_sizes}))
+        # torch.compile specializes on shapes unless told otherwise, and accelerate launch tells it so by default.
+        if dynamo.backend != DynamoBackend.NO and dynamo.dynamic is False and len(set(bucket_sizes)) > 1:
+            logger.warning(
+                f"torch.compile with {len(set(bucket_sizes))} aspect-ratio buckets and dynamic shapes off (accelerate"
+                " launch without --dynamo_use_dynamic): every bucket compiles anew, and past dynamo's limit of"
+                f" {torch._dynamo.config.recompile_limit} compiles the rest train uncompiled; add --dynamo_use_dynamic"
+            )
         if held_out_rows is not None:
             # The held-out images are measured at the buckets they would train at; none is left out (one smaller
             # than every bucket is enlarged, whatever --bucket_no_upscale says).

@@ -256,6 +256,19 @@ def train_whole_and_resumed(tiny_sd, tmp_path, *flags):
     train(tiny_sd, tmp_path / "parts", *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
 
 
+def launched_with(monkeypatch, *options):
+    """The torch.compile settings (ACCELERATE_DYNAMO_*) that `accelerate launch <options> script.py` gives the
+    script, set in this process, from accelerate's own launcher code."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    launch = launch_command_parser().parse_args(["--num_processes=1", "--num_machines=1", "--mixed_precision=no",
+                                                 *options, "train_text_to_image.py"])  # fmt: skip
+    _, env = prepare_simple_launcher_cmd_env(_validate_launch_command(launch)[0])
+    for name in [name for name in env if name.startswith("ACCELERATE_DYNAMO_")]:  # backend, mode, dynamic, ...
+        monkeypatch.setenv(name, env[name])
+
+
 # accelerate launch options for train.sh's LAUNCH_ARGS: one CPU process, or two (DDP over gloo).
 SINGLE = "--num_processes=1 --num_machines=1 --mixed_precision=no --dynamo_backend=no"
 TWO_CPU_PROCESSES = "--multi_gpu --num_processes=2 --num_machines=1 --mixed_precision=no --dynamo_backend=no"

@@ -13,8 +13,18 @@ import torch
 import train_text_to_image
 from sdtoolkit.buckets import BucketBatchSampler, assign_buckets, make_buckets
 from sdtoolkit.data import TrainingExamples
+from sdtoolkit.errors import UserError
 from tests.conftest import MIXED_SHAPES as SHAPES
-from tests.conftest import demo_image, example_args, logged_losses, mixed_aspect_folder, train, unet_weights
+from tests.conftest import (
+    demo_image,
+    example_args,
+    launched_with,
+    logged_losses,
+    mixed_aspect_folder,
+    train,
+    train_args,
+    unet_weights,
+)
 
 # The tiny pipeline's settings: 64 px, sides multiples of 16 (its UNet halves the 8x smaller latents once).
 BUCKETS = ["--resolution", "64", "--aspect_buckets", "--bucket_step", "16", "--min_bucket_side", "32",
@@ -93,6 +103,27 @@ def test_a_bucketed_run_trains_logs_its_buckets_and_notes_them(tiny_sd, tmp_path
     assert "2 images are smaller than every bucket and are enlarged to fit" in caplog.text
     assert "* Aspect-ratio buckets: " in (tmp_path / "out" / "README.md").read_text()
     assert [step for step, _ in logged_losses(tmp_path / "out")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "launch, warns",
+    [(["--dynamo_use_dynamic"], False), ([], True), (None, False)],
+    ids=["dynamic-shapes", "dynamic-shapes-off", "without-accelerate-launch"],
+)
+def test_compiling_several_buckets_with_dynamic_shapes_off_says_each_compiles_anew(tmp_path, monkeypatch, caplog,
+                                                                                   launch, warns):  # fmt: skip
+    # accelerate launch turns dynamic shapes off unless told --dynamo_use_dynamic; without its launcher, dynamo
+    # decides (a second shape makes it compile for any size). The warning comes with the data, before the model
+    # (missing here) loads.
+    if launch is None:
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    else:
+        launched_with(monkeypatch, "--dynamo_backend=inductor", *launch)
+    data = mixed_aspect_folder(tmp_path / "data")
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="no-model"):
+        train_text_to_image.main(train_args(tmp_path / "no-model", tmp_path / "out", *BUCKETS, data=data))
+    warned = "4 aspect-ratio buckets and dynamic shapes off (accelerate launch without --dynamo_use_dynamic): every"
+    assert (warned in caplog.text) == warns
 
 
 def test_no_upscale_leaves_out_the_images_smaller_than_every_bucket(tiny_sd, tmp_path, caplog):

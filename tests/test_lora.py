@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors import safe_open
@@ -34,6 +32,7 @@ from sdtoolkit.lora import (
 from tests.conftest import (
     DEMO_DATA,
     generated_image,
+    launched_with,
     logged_losses,
     reset_accelerate_state,
     train,
@@ -209,13 +208,7 @@ def test_regional_compilation_compiles_the_unets_transformer_blocks_and_trains_a
     train(tiny_sd, tmp_path / "plain", *flags)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    # The settings `accelerate launch --dynamo_backend eager --dynamo_use_regional_compilation` gives the script.
-    launch = launch_command_parser().parse_args(["--num_processes=1", "--num_machines=1", "--mixed_precision=no",
-                                                 "--dynamo_backend=eager", "--dynamo_use_regional_compilation",
-                                                 "train_text_to_image.py"])  # fmt: skip
-    _, env = prepare_simple_launcher_cmd_env(_validate_launch_command(launch)[0])
-    for name in [name for name in env if name.startswith("ACCELERATE_DYNAMO_")]:  # backend, mode, dynamic: off, ...
-        monkeypatch.setenv(name, env[name])
+    launched_with(monkeypatch, "--dynamo_backend=eager", "--dynamo_use_regional_compilation")
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path / "regional", *flags)
     assert "torch.compile (eager) of the UNet's 6 transformer blocks" in caplog.text
