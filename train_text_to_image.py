@@ -128,6 +128,7 @@ from sdtoolkit.inference import (
     looks_like_local_path,
     safetensors_metadata,
     sample_as_trained,
+    supports_zero_terminal_snr,
 )
 from sdtoolkit.kohya_metadata import read_kohya_metadata
 from sdtoolkit.latent_cache import (
@@ -198,7 +199,7 @@ from sdtoolkit.output_dir import (
     training_flags,
     unlock_output_dir,
 )
-from sdtoolkit.sample_prompts import read_sample_prompts
+from sdtoolkit.sample_prompts import SAMPLERS, read_sample_prompts, sampler_scheduler
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -266,7 +267,6 @@ KNOWN_ELSEWHERE = {
     "--persistent_data_loader_workers": (
         "not here: the --dataloader_num_workers start anew each epoch, which the examples' draws for it rely on"
     ),
-    "--sample_sampler": "not here: validation images use the model's own scheduler (--sample_prompts sets steps)",
     "--network_args": (
         "not read here: --lora_type loha or lokr picks LyCORIS's algo, --lora_target_modules the layers, --lora_rank"
         " and --lora_alpha their size, --lora_conv_rank and --lora_conv_alpha the convolutions' (conv_dim, conv_alpha)"
@@ -606,7 +606,17 @@ def parse_args(argv=None):
         help=(
             "The validation prompts from kohya-ss's prompt file instead: a .txt file, one a line, each with its own"
             " settings after it (--n negative prompt, --w width, --h height, --d seed, --l guidance scale, --s"
-            " steps), or a .toml or .json file that names them (see sdtoolkit/sample_prompts.py)."
+            " steps, --ss sampler), or a .toml or .json file that names them (see sdtoolkit/sample_prompts.py)."
+        ),
+    )
+    parser.add_argument(
+        "--sample_sampler",
+        type=str.lower,
+        default=None,
+        choices=list(SAMPLERS),
+        help=(
+            "kohya-ss's: the sampler of the validation images, by sd-scripts' name (a --sample_prompts line's --ss"
+            " wins). Default: the model's own scheduler, as upstream."
         ),
     )
     parser.add_argument(
@@ -2025,8 +2035,11 @@ def generate_validation_images(pipeline, args, accelerator):
     for model in models:
         model.eval()
     images = []
+    own = pipeline.scheduler  # the model's, sampling as it was trained
     for i, prompt in enumerate(args.validation_prompts):
         settings = args.validation_settings[i] if args.validation_settings else {}
+        sampler = settings.get("sampler", args.sample_sampler)  # kohya-ss's, made from the model's config
+        pipeline.scheduler = sampler_scheduler(sampler, own.config) if sampler else own
         seeded = generator
         if "seed" in settings:
             seeded = torch.Generator(device=accelerator.device).manual_seed(settings["seed"])
@@ -2048,6 +2061,7 @@ def generate_validation_images(pipeline, args, accelerator):
                 generator=seeded,
             ).images[0]
         images.append(image)
+    pipeline.scheduler = own
     for model, was_training in zip(models, training):
         model.train(was_training)
     return images
@@ -2619,6 +2633,15 @@ def fine_tune(args):
         raise UserError(
             "zero terminal SNR (--zero_terminal_snr, or a base model trained with it) needs --prediction_type"
             " v_prediction: at the last timestep the input is the noise itself, so predicting the noise learns nothing"
+        )
+    # Validation samples as the model trains, and some of kohya-ss's samplers cannot rescale their betas so.
+    samplers = {args.sample_sampler, *(settings.get("sampler") for settings in args.validation_settings or [])}
+    unable = sorted(name for name in samplers - {None} if not supports_zero_terminal_snr(SAMPLERS[name][0]))
+    if zero_terminal_snr and unable:
+        able = [name for name, (kind, _) in SAMPLERS.items() if supports_zero_terminal_snr(kind)]
+        raise UserError(
+            f"the sampler {', '.join(unable)} (--sample_sampler, or a prompt's --ss) cannot sample with zero terminal"
+            f" SNR, as this model trains; choose one of {', '.join(able)}"
         )
     # kohya-ss's loss weights between the two objectives, each for the one it is not (see sdtoolkit/losses.py).
     prediction_type = noise_scheduler.config.prediction_type

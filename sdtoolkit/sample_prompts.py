@@ -8,7 +8,7 @@ A .txt file holds a prompt a line, its settings after it:
     a charmander on a beach
 
 After each prompt, ` --n` is its negative prompt, `--w` and `--h` its size, `--d` its seed, `--l` its guidance
-scale and `--s` its steps. A .toml file holds them by name, a [prompt] table's values standing for every prompt's
+scale, `--s` its steps and `--ss` its sampler (sd-scripts' names: euler_a, dpmsolver++, ...; see SAMPLERS). A .toml file holds them by name, a [prompt] table's values standing for every prompt's
 (a prompt's own win):
 
     [prompt]
@@ -19,13 +19,14 @@ scale and `--s` its steps. A .toml file holds them by name, a [prompt] table's v
     width = 512
     height = 768
 
-and a .json file a list of such tables (prompt, negative_prompt, width, height, seed, scale, sample_steps), or of
-lines as a .txt file writes them. A prompt without a setting takes the script's (--resolution, 20 steps, guidance
-7.5, the run's seed). sd-scripts' settings for other models and samplers (--ss or sample_sampler, --cn, ...) are
-refused by name rather than ignored.
+and a .json file a list of such tables (prompt, negative_prompt, width, height, seed, scale, sample_steps,
+sample_sampler), or of lines as a .txt file writes them. A prompt without a setting takes the script's
+(--resolution, 20 steps, guidance 7.5, the run's seed, --sample_sampler or else the model's own scheduler).
+sd-scripts' settings for other models (--cn, --g, ...) are refused by name rather than ignored.
 
     read_sample_prompts(path) -> [(prompt, {"negative_prompt", "width", "height", "seed", "guidance_scale",
-                                            "num_inference_steps"}: those the file sets)]
+                                            "num_inference_steps", "sampler"}: those the file sets)]
+    sampler_scheduler("euler_a", pipeline.scheduler.config)   # the scheduler that sampler draws with
 """
 
 import json
@@ -33,7 +34,37 @@ import os
 import re
 import tomllib
 
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
+
 from sdtoolkit.errors import UserError
+
+# sd-scripts' sampler names (its --sample_sampler's choices, and a prompt's --ss), each as the diffusers scheduler
+# it samples with: (class, settings). The "k_" names are the same schedulers as the others.
+SAMPLERS = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm_2": (KDPM2DiscreteScheduler, {}),
+    "dpm_2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpmsolver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": (DPMSolverSinglestepScheduler, {}),
+}
+SAMPLERS.update({f"k_{name}": SAMPLERS[name] for name in ("lms", "euler", "euler_a", "dpm_2", "dpm_2_a")})
 
 # sd-scripts' options for SD 1.x, each as (what it sets, how its value is read).
 OPTIONS = {
@@ -43,10 +74,10 @@ OPTIONS = {
     "d": ("seed", int),
     "l": ("guidance_scale", float),
     "s": ("num_inference_steps", int),
+    "ss": ("sampler", str),
 }
 # The others sd-scripts reads, which mean nothing for validation here.
 OTHER_OPTIONS = {
-    "ss": "a sampler of its own (validation images use the pipeline's scheduler)",
     "cn": "a ControlNet image",
     "g": "another model's guidance scale (--l is SD's)",
     "ctr": "a CFG truncation ratio",
@@ -63,9 +94,9 @@ KEYS = {
     "seed": ("seed", int),
     "scale": ("guidance_scale", float),
     "sample_steps": ("num_inference_steps", int),
+    "sample_sampler": ("sampler", str),
 }
 OTHER_KEYS = {
-    "sample_sampler": OTHER_OPTIONS["ss"],
     "controlnet_image": OTHER_OPTIONS["cn"],
     "guidance_scale": OTHER_OPTIONS["g"],
     "cfg_trunc_ratio": OTHER_OPTIONS["ctr"],
@@ -125,6 +156,8 @@ def read_sample_prompts(path):
                 raise UserError(f"{where}: its {side} must be a positive multiple of 8, got {settings[side]}")
         if settings.get("num_inference_steps", 1) < 1 or settings.get("guidance_scale", 0) < 0:
             raise UserError(f"{where}: its steps must be at least 1 and its guidance scale at least 0")
+        if "sampler" in settings:
+            settings["sampler"] = checked_sampler(settings["sampler"], f"{where}: its sampler")
         if not prompt.strip():
             raise UserError(f"{where}: it has settings but no prompt")
         prompts.append((prompt.strip(), settings))
@@ -134,7 +167,7 @@ def read_sample_prompts(path):
 
 
 def line_settings(line, where):
-    """(prompt, settings) of a prompt line: the prompt, then --n, --w, --h, --d, --l and --s options."""
+    """(prompt, settings) of a prompt line: the prompt, then --n, --w, --h, --d, --l, --s and --ss options."""
     prompt, *options = line.split(" --")  # sd-scripts splits a line as this
     settings = {}
     for option in options:
@@ -143,7 +176,7 @@ def line_settings(line, where):
         if name in OTHER_OPTIONS:
             raise UserError(f"{where}: --{name} is {OTHER_OPTIONS[name]}, which this toolkit does not use")
         if name not in OPTIONS or not match:
-            raise UserError(f"{where}: --{option.strip()} is not an option; give --n, --w, --h, --d, --l or --s")
+            raise UserError(f"{where}: --{option.strip()} is not an option; give --n, --w, --h, --d, --l, --s or --ss")
         key, kind = OPTIONS[name]
         try:
             settings[key] = kind(match.group(2).strip())
@@ -177,3 +210,18 @@ def table_settings(table, where):
     if not isinstance(table.get("prompt"), str):
         raise UserError(f"{where}: it has no prompt (a string)")
     return table["prompt"], settings
+
+
+def checked_sampler(name, what):
+    """sd-scripts' sampler `name`, in lower case; UserError listing the names for one it does not offer (where
+    sd-scripts would quietly draw with DDIM)."""
+    if name.strip().lower() not in SAMPLERS:
+        raise UserError(f"{what} {name!r} is not one of sd-scripts' samplers: {', '.join(SAMPLERS)}")
+    return name.strip().lower()
+
+
+def sampler_scheduler(name, config):
+    """The scheduler sd-scripts' sampler `name` draws with, made from the model's scheduler config: its betas and
+    prediction type, as the model was trained (sd-scripts builds it from SD's defaults instead)."""
+    kind, settings = SAMPLERS[name]
+    return kind.from_config(config, **settings)
