@@ -8,8 +8,8 @@ A .txt file holds a prompt a line, its settings after it:
     a charmander on a beach
 
 After each prompt, ` --n` is its negative prompt, `--w` and `--h` its size, `--d` its seed, `--l` its guidance
-scale, `--s` its steps and `--ss` its sampler (sd-scripts' names: euler_a, dpmsolver++, ...; see SAMPLERS). A .toml file holds them by name, a [prompt] table's values standing for every prompt's
-(a prompt's own win):
+scale, `--s` its steps and `--ss` its sampler (sd-scripts' names: euler_a, dpmsolver++, ...; see SAMPLERS). A .toml
+file holds them by name, a [prompt] table's values standing for every prompt's (a prompt's own win):
 
     [prompt]
     sample_steps = 28

@@ -70,9 +70,9 @@ def test_toml_and_json_prompt_files_are_read_as_sd_scripts_reads_them(tmp_path):
         ("[3]", "p.json", "prompt 1: a prompt is a table of its settings or a line, got 3"),
         ("a cat\n", "p.yaml", "give one of sd-scripts' prompt files, .txt, .toml or .json"),
     ],
-    ids=["unknown-sampler", "controlnet", "unknown", "not-a-number", "not-multiple-of-8", "no-steps", "empty", "toml-no-subset",
-         "toml-sampler", "toml-not-a-number", "json-unknown", "json-no-prompt", "json-fraction", "json-not-a-list", "json-not-a-prompt",
-         "yaml"],
+    ids=["unknown-sampler", "controlnet", "unknown", "not-a-number", "not-multiple-of-8", "no-steps", "empty",
+         "toml-no-subset", "toml-sampler", "toml-not-a-number", "json-unknown", "json-no-prompt", "json-fraction",
+         "json-not-a-list", "json-not-a-prompt", "yaml"],
 )  # fmt: skip
 def test_what_cannot_be_read_is_one_line(tmp_path, text, name, message):
     path = tmp_path / name
@@ -109,8 +109,10 @@ def test_validation_draws_each_prompt_with_its_settings(tiny_sd, tmp_path, monke
                "sampler": ("DPMSolverMultistepScheduler", "dpmsolver++")}  # fmt: skip
     assert calls == [default, own] * 2 and negatives == [None, "blurry, dark"] * 2
     # The saved pipeline keeps the model's own scheduler.
-    assert (json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-            == json.loads((Path(tiny_sd) / "scheduler" / "scheduler_config.json").read_text())["_class_name"])  # fmt: skip
+    saved, base = (
+        json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text()) for folder in (out, tiny_sd)
+    )
+    assert saved["_class_name"] == base["_class_name"]
     assert Image.open(out / "validation" / "final" / "00.png").size == (32, 32)
     assert Image.open(out / "validation" / "final" / "01.png").size == (48, 32)
     assert Image.open(out / "val_imgs_grid.png").size == (96, 32)  # two cells the size of the largest
