@@ -56,7 +56,7 @@ def test_the_dry_run_writes_a_row_for_each_configuration_it_runs(dry_run):
         outcome = report["train"][name]
         assert outcome["status"] == "ok", (name, outcome)
         assert len(outcome["step_seconds"]) == 1 and outcome["step_seconds"][0] > 0
-    # What dynamo built, in the rows that compile (the whole UNet is one graph; its blocks, one per width here).
+    # What dynamo built, in the rows that compile, all of it compiled (today the whole UNet is 1 graph, its blocks 2).
     for name in DRY_RUN_ROWS:
         built = report["train"][name].get("compile")
         assert (built is not None) == ("torch.compile" in name), name
