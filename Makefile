@@ -57,7 +57,8 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "What the numbers mean: caption accuracy is the share of the 32 training images for which the model,"
 	@echo "used as a diffusion classifier, picks the image's own caption out of all 32 (chance 1/32); its rise from"
 	@echo "base to checkpoint-300 (half way, with its EMA weights) to fine-tuned shows the model learned its"
-	@echo "captions. It does not show image quality or any skill beyond the training images. The CLIP scores, the"
+	@echo "captions, and each 'Paired caption accuracy' line says whether its rise over the base is more than 32"
+	@echo "images can show by chance. It does not show image quality or any skill beyond the training images. The CLIP scores, the"
 	@echo "distances to the data and the near-copy share come from a random CLIP model, which sees every image as"
 	@echo "a near-copy: mechanics, not quality."
 

@@ -13,8 +13,10 @@ Every model sees the same seeds, so the same starting noise for the same prompt:
 is compared with the first prompt by prompt and seed, and the mean paired difference gets a bootstrap 95%
 interval and a verdict (better, worse, or no difference this run can detect). With --reference_data (the
 training images) it also reports each model's Fréchet and kernel distances to them in CLIP's image-feature
-space, and each generated image's nearest training image, flagging near-copies. It writes scores.json,
-scores.csv, report.md and image grids (rows are prompts, columns seeds x images) to --output_dir.
+space, and each generated image's nearest training image, flagging near-copies. With --caption_data (a folder
+of captioned images as training reads one) it reports each model's caption accuracy, as a diffusion classifier,
+on them, compared image by image with the first model's. It writes scores.json, scores.csv, report.md and image
+grids (rows are prompts, columns seeds x images) to --output_dir.
 
     python metrics.py --model_path CompVis/stable-diffusion-v1-4 sd-pokemon-model --seeds 0 1 2 3 \
         --reference_data my-training-images
@@ -51,7 +53,7 @@ from sdtoolkit.inference import (
     pick_device_and_dtype,
     recorded_weighted_captions,
 )
-from sdtoolkit.learning_check import caption_accuracy, read_imagefolder
+from sdtoolkit.learning_check import caption_hits, read_caption_data, read_imagefolder
 from sdtoolkit.output_dir import check_output_dir
 from sdtoolkit.serving import LORA_TAG
 
@@ -72,10 +74,10 @@ KNOWN_ELSEWHERE = {
     "--validation_prompts": "--prompts_file here (one prompt a line)",
     "--sample_prompts": "--prompts_file here (one prompt a line)",
     "--train_data_dir": (
-        "--caption_data here for an imagefolder (caption accuracy), --reference_data for any folder of images"
-        " (distances to it)"
+        "--caption_data here for an imagefolder or caption-file folder (caption accuracy), --reference_data for any"
+        " folder of images (distances to it)"
     ),
-    "--dataset_name": "not here: give a local copy as --caption_data (an imagefolder) or --reference_data",
+    "--dataset_name": "not here: give a local copy as --caption_data (a folder) or --reference_data",
 }
 
 
@@ -171,9 +173,31 @@ def parse_args(argv=None):
         "--caption_data",
         default=None,
         help=(
-            "An imagefolder (images and a metadata.jsonl with file_name, text), e.g. the training data: also report"
+            "A folder of captioned images as the training script reads one, e.g. the training data (an imagefolder"
+            " with a metadata.jsonl, .csv or .parquet, or images with same-named .txt caption files): also report"
             " each model's caption accuracy on it, the share of its images whose own caption the model picks among"
-            " all the folder's captions when used as a diffusion classifier (see sdtoolkit/learning_check.py)."
+            " their captions when used as a diffusion classifier (see sdtoolkit/learning_check.py), and compare it"
+            " image by image with the first model's."
+        ),
+    )
+    parser.add_argument(
+        "--caption_column",
+        default="text",
+        help="The column of --caption_data's metadata file that holds the captions (default: text), as in training.",
+    )
+    parser.add_argument(
+        "--caption_extension",
+        default=".txt",
+        help="The extension of --caption_data's caption files (default: .txt), as in training.",
+    )
+    parser.add_argument(
+        "--max_caption_images",
+        type=int,
+        default=64,
+        help=(
+            "Caption accuracy on at most this many of --caption_data's images, a seeded sample that is the same for"
+            " every model (default 64; 0 for all): its cost grows with the square of the number, as each image is"
+            " tried with every caption."
         ),
     )
     parser.add_argument(
@@ -218,6 +242,8 @@ def parse_args(argv=None):
         )
     if args.guidance_rescale is not None and not 0 <= args.guidance_rescale <= 1:
         raise UserError(f"--guidance_rescale must be from 0 (off) to 1, got {args.guidance_rescale}")
+    if args.max_caption_images < 0 or args.max_caption_images == 1:
+        raise UserError(f"--max_caption_images must be 0 (all) or at least 2, got {args.max_caption_images}")
     if args.weighted_captions and args.caption_data is None:
         raise UserError("--weighted_captions reads --caption_data's captions: give --caption_data too, or drop it")
     if not 0 < args.memorisation_threshold <= 1:
@@ -501,7 +527,7 @@ def score_model(images, prompts, clip, device):
     return per_prompt, overall
 
 
-def write_reports(results, prompts, comparisons, reference_images, args):
+def write_reports(results, prompts, comparisons, caption_set, reference_images, args):
     """scores.json, scores.csv, report.md, and per model an image grid and (with --reference_data) a grid of
     its images closest to the reference set, in args.output_dir; returns the report and the paths written."""
     os.makedirs(args.output_dir, exist_ok=True)
@@ -510,6 +536,9 @@ def write_reports(results, prompts, comparisons, reference_images, args):
         "reference_data": args.reference_data,
         "memorisation_threshold": args.memorisation_threshold,
         "caption_data": args.caption_data,
+        "caption_images": len(caption_set["labels"]) if caption_set else None,
+        "caption_rows": caption_set["rows"] if caption_set else None,
+        "caption_candidates": len(caption_set["candidates"]) if caption_set else None,
         "weighted_captions": args.weighted_captions,
         "clip_backend": args.clip_backend,
         "clip_model": args.clip_model,
@@ -532,6 +561,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
                 "clip_skip": result["clip_skip"],
                 "guidance_rescale": result["guidance_rescale"],
                 "caption_accuracy": result.get("caption_accuracy"),
+                "caption_hits": result.get("caption_hits"),
                 "caption_accuracy_weighted_captions": result.get("weighted_captions"),
                 "doc_protocol_clip_score": result.get("doc_protocol_clip_score"),
                 "training_set": result.get("training_set"),
@@ -554,6 +584,7 @@ def write_reports(results, prompts, comparisons, reference_images, args):
             "clip_score": results[1]["overall"] - results[0]["overall"],
         }
     report["comparisons"] = comparisons
+    report["caption_comparisons"] = caption_comparisons(results) if caption_set else []
 
     paths = []
     json_path = os.path.join(args.output_dir, "scores.json")
@@ -672,6 +703,23 @@ def report_markdown(report, grids, nearest_grids):
             low, high = c["ci95"]
             lines.append(f"| {c['model']} | {c['baseline']} | {c['units']} | {c['mean_difference']:+.4f} |"
                          f" {low:+.4f} to {high:+.4f} | {c['verdict']} |")  # fmt: skip
+    if settings["caption_data"]:
+        sample = (f"a seeded sample of {settings['caption_images']} of its {settings['caption_rows']} captioned images"
+                  if settings["caption_rows"] > settings["caption_images"] else f"its {settings['caption_images']}"
+                  " captioned images")  # fmt: skip
+        lines += ["", f"Caption accuracy on {settings['caption_data']}: {sample}, each tried with the"
+                  f" {settings['caption_candidates']} captions among them (chance"
+                  f" {1 / settings['caption_candidates']:.4f}); the share whose own caption the model picks as a"
+                  " diffusion classifier."]  # fmt: skip
+    if report["caption_comparisons"]:
+        lines += ["", "Paired differences of caption accuracy, each model against the first, image by image (95%"
+                  " percentile bootstrap interval, 10,000 resamples, seeded):", "",
+                  "| model | minus | images | mean difference | 95% interval | verdict |",
+                  "| --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
+        for c in report["caption_comparisons"]:
+            low, high = c["ci95"]
+            lines.append(f"| {c['model']} | {c['baseline']} | {c['units']} | {c['mean_difference']:+.4f} |"
+                         f" {low:+.4f} to {high:+.4f} | {c['verdict']} |")  # fmt: skip
     if settings["reference_data"]:
         lines += ["", f"Distances to {settings['reference_data']} in CLIP image-feature space (lower is closer);"
                   f" near-copies: images whose nearest reference image has a cosine similarity of at least"
@@ -722,6 +770,20 @@ def paired_comparisons(results, args):
     return comparisons
 
 
+def caption_comparisons(results):
+    """Each model after the first against the first on caption accuracy, image by image: the mean paired
+    difference of hits (1 where the model picks the image's own caption, 0 where not), its bootstrap 95% interval
+    over the images, and a verdict."""
+    baseline = results[0]["caption_hits"]
+    comparisons = []
+    for result in results[1:]:
+        differences = [b - a for a, b in zip(baseline, result["caption_hits"])]
+        mean, low, high = paired_bootstrap(differences)
+        comparisons.append({"model": result["label"], "baseline": results[0]["label"], "units": len(differences),
+                            "mean_difference": mean, "ci95": [low, high], "verdict": verdict(low, high)})  # fmt: skip
+    return comparisons
+
+
 def training_set_check(images, reference, clip, device, threshold):
     """Distances of a model's images to the reference set, and each image's nearest reference image."""
     flat = [image for row in images for image in row]
@@ -761,17 +823,26 @@ def evaluate(args):
         raise UserError("--lora_scale is for LoRAs: give them with --lora, or a LoRA run's folder as a --model_path")
     # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
     check_output_dir(args.output_dir)
-    if args.caption_data is not None and not os.path.isfile(os.path.join(args.caption_data, "metadata.jsonl")):
-        raise UserError(
-            f"--caption_data {args.caption_data} must be a folder of images with a metadata.jsonl (file_name, text)"
+    caption_set = None
+    if args.caption_data is not None:
+        # Before the models load, so that a folder it can't read fails at once. Each image's label is its own
+        # caption's place among the sample's distinct captions.
+        caption_images, captions, rows, uncaptioned = read_caption_data(
+            args.caption_data, caption_column=args.caption_column, caption_extension=args.caption_extension,
+            max_images=args.max_caption_images or None,
+        )  # fmt: skip
+        candidates = sorted(set(captions))
+        labels = [candidates.index(caption) for caption in captions]
+        caption_set = {"images": caption_images, "labels": labels, "candidates": candidates, "rows": rows}
+        shown = len(caption_images)
+        sample = f"a sample of {shown} of its {rows} captioned images" if rows > shown else "all its images"
+        print(
+            f"Caption accuracy on {args.caption_data}: {sample}, each tried with {len(candidates)} captions"
+            + (f" ({uncaptioned} images with no caption left out)" if uncaptioned else "")
         )
     reference_images = read_reference_images(args.reference_data) if args.reference_data is not None else None
     clip_model, clip_processor = load_clip(args.clip_backend, args.clip_model)
     clip = (clip_model.to(device), clip_processor)
-    if args.caption_data is not None:
-        caption_images, captions = read_imagefolder(args.caption_data)
-        candidates = sorted(set(captions))
-        labels = [candidates.index(caption) for caption in captions]
     reference = None
     if reference_images is not None:
         # The reference set's CLIP features, once for all the models.
@@ -832,10 +903,12 @@ def evaluate(args):
                 recorded_weighted_captions(path) for path in (lora, base) if path
             )
             resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-            result["caption_accuracy"] = caption_accuracy(
-                pipeline, caption_images, labels, candidates, resolution=resolution, clip_skip=result["clip_skip"],
-                weighted=result["weighted_captions"],
+            hits = caption_hits(
+                pipeline, caption_set["images"], caption_set["labels"], caption_set["candidates"],
+                resolution=resolution, clip_skip=result["clip_skip"], weighted=result["weighted_captions"],
             )  # fmt: skip
+            result["caption_hits"] = hits.int().tolist()
+            result["caption_accuracy"] = hits.float().mean().item()
         del pipeline
         result["per_prompt"], result["overall"] = score_model(images, prompts, clip, device)
         if reference is not None:
@@ -846,7 +919,7 @@ def evaluate(args):
     # its images are not paired, and no paired interval is given for them.
     comparisons = paired_comparisons(results, args) if len(results) >= 2 and not args.doc_protocol else []
     try:
-        report, paths = write_reports(results, prompts, comparisons, reference_images, args)
+        report, paths = write_reports(results, prompts, comparisons, caption_set, reference_images, args)
     except OSError as err:
         raise UserError(f"could not write the reports to --output_dir {args.output_dir}: {first_line(err)}") from err
     print()
@@ -872,16 +945,19 @@ def evaluate(args):
             print(f"Against {args.reference_data} ({result['label']}): Fréchet distance {t['frechet_distance']:.4f},"
                   f" kernel distance {t['kernel_distance']:.4f} ± {t['kernel_distance_std']:.4f},"
                   f" near-copies (similarity >= {args.memorisation_threshold}) {t['near_copies']:.1%}")  # fmt: skip
-    if args.caption_data is not None:
+    if caption_set is not None:
         print()
-        chance = 1 / len(candidates)
+        chance = 1 / len(caption_set["candidates"])
         for result in results:
-            right = round(result["caption_accuracy"] * len(labels))
             print(
                 f"Caption accuracy on {args.caption_data} ({result['label']}): {result['caption_accuracy']:.4f}"
-                f" ({right} of {len(labels)} images; chance {chance:.4f})"
+                f" ({sum(result['caption_hits'])} of {len(caption_set['labels'])} images; chance {chance:.4f})"
                 + ("; captions read for emphasis" if result["weighted_captions"] else "")
             )
+        for c in report["caption_comparisons"]:
+            low, high = c["ci95"]
+            print(f"Paired caption accuracy ({c['model']} - {c['baseline']}, {c['units']} images):"
+                  f" {c['mean_difference']:+.4f}, 95% interval {low:+.4f} to {high:+.4f}: {c['verdict']}")  # fmt: skip
     print()
     for path in paths:
         print(f"wrote {path}")

@@ -7,19 +7,26 @@ prediction. A model that ignores its captions picks at chance; one that learned 
 No sampling and no CLIP model are involved, so it works on the toolkit's random-weight fixtures.
 
     caption_accuracy(pipeline, images, labels, candidates, resolution=32)   # share of images classified right
+    caption_hits(pipeline, images, labels, candidates, resolution=32)       # which images, one bool each
     write_two_class_dataset(folder, per_class=8)   # red discs and blue squares, captioned by their class
+    read_caption_data(folder, max_images=64)       # a training folder's images and captions, or a sample of them
 """
 
 import json
 import os
+import random
 
 import torch
 import torch.nn.functional as F
+from datasets import load_dataset
 from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 from torchvision.transforms import functional as TF
 
+from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text
+from sdtoolkit.data import has_metadata_file, to_rgb
+from sdtoolkit.errors import UserError, first_line
 
 # The two classes of the learning check: visibly different, captioned by what they show.
 TWO_CLASSES = ["a red disc on a white background", "a blue square on a white background"]
@@ -61,10 +68,52 @@ def read_imagefolder(folder):
     ]
 
 
+def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", max_images=None, seed=0):
+    """A training folder's images and captions, read as train_text_to_image.py reads the folder: an imagefolder
+    (a metadata.jsonl, .csv or .parquet naming each image's file and caption, in `caption_column`) or a caption-file
+    folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py).
+
+    Returns (images, captions, rows, uncaptioned): with more than `max_images` captioned rows, a sample of them
+    drawn with `seed` (the same whichever model is scored), in the folder's order. An image is captioned by its
+    first caption when it has a list of them. Rows with no caption are left out (a classifier has nothing to pick
+    for them); `rows` is the number of captioned rows and `uncaptioned` the number left out.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"--caption_data {folder} is not a folder")
+    if has_metadata_file(folder):
+        try:
+            dataset = load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
+        except Exception as err:  # datasets raises many types for a folder it can't read
+            raise UserError(f"could not read --caption_data {folder}: {first_line(err)}") from err
+        if caption_column not in dataset.column_names:
+            raise UserError(
+                f"--caption_column '{caption_column}' is not a column of {folder}'s metadata; it has:"
+                f" {', '.join(name for name in dataset.column_names if name != 'image')}"
+            )
+    elif has_captioned_images(folder, caption_extension):
+        dataset, _ = read_caption_folder(folder, caption_extension=caption_extension, allow_missing_captions=True)
+        caption_column = "text"
+    else:
+        raise UserError(
+            f"--caption_data {folder} has no metadata file (metadata.jsonl, .csv or .parquet) and no images with"
+            f" {caption_extension} caption files (another extension: --caption_extension)"
+        )
+    captions = [caption if isinstance(caption, str) else (caption or [""])[0] for caption in dataset[caption_column]]
+    captioned = [index for index, caption in enumerate(captions) if caption.strip()]
+    if len(captioned) < 2:
+        raise UserError(f"--caption_data {folder} needs at least 2 captioned images, found {len(captioned)}")
+    chosen = captioned
+    if max_images is not None and len(captioned) > max_images:
+        chosen = sorted(random.Random(seed).sample(captioned, max_images))
+    images = [to_rgb(image) for image in dataset.select(chosen)["image"]]
+    return images, [captions[index].strip() for index in chosen], len(captioned), len(captions) - len(captioned)
+
+
 @torch.no_grad()
 def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1,
-                   weighted=False):  # fmt: skip
-    """[images, candidates] mean squared error of the UNet's noise prediction, summed over `timesteps`.
+                   weighted=False, batch_size=16):  # fmt: skip
+    """[images, candidates] mean squared error of the UNet's noise prediction, summed over `timesteps`. The VAE and
+    the UNet see `batch_size` images at a time (a few dozen images at 512 px at once would not fit a GPU).
 
     Every image gets the same noise for every candidate, so the candidates are compared on equal terms. The
     captions are read from the text encoder's layer `clip_skip` from the end, and with `weighted` for emphasis
@@ -80,7 +129,12 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
             for im in images
         ]
     )
-    latents = pipeline.vae.encode(pixels.to(device, dtype)).latent_dist.mean * pipeline.vae.config.scaling_factor
+    latents = torch.cat(
+        [
+            pipeline.vae.encode(chunk.to(device, dtype)).latent_dist.mean * pipeline.vae.config.scaling_factor
+            for chunk in pixels.split(batch_size)
+        ]
+    )
 
     if weighted:  # --weighted_captions: read as training read them
         read = [caption_windows(pipeline.tokenizer, candidate, 1, weighted=True) for candidate in candidates]
@@ -105,18 +159,21 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
         else:
             target = noise
         for c in range(len(candidates)):
-            states = embeddings[c : c + 1].expand(len(images), -1, -1)
-            prediction = pipeline.unet(noisy, step, states, return_dict=False)[0]
-            errors[:, c] += F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).cpu()
+            for start in range(0, len(images), batch_size):
+                part = slice(start, start + batch_size)
+                states = embeddings[c : c + 1].expand(len(noisy[part]), -1, -1)
+                prediction = pipeline.unet(noisy[part], step[part], states, return_dict=False)[0]
+                error = F.mse_loss(prediction.float(), target[part].float(), reduction="none").mean(dim=(1, 2, 3))
+                errors[part, c] += error.cpu()
     return errors
 
 
-def caption_accuracy(pipeline, images, labels, candidates, *, resolution, timesteps=TIMESTEPS, seed=0, clip_skip=1,
-                     weighted=False):  # fmt: skip
-    """The share of images whose own caption (candidates[label]) has the lowest noise-prediction error."""
-    errors = caption_errors(
-        pipeline, images, candidates, resolution=resolution, timesteps=timesteps, seed=seed, clip_skip=clip_skip,
-        weighted=weighted,
-    )  # fmt: skip
-    predictions = errors.argmin(dim=1)
-    return (predictions == torch.tensor(labels)).float().mean().item()
+def caption_hits(pipeline, images, labels, candidates, **kwargs):
+    """For each image, whether its own caption (candidates[label]) has the lowest noise-prediction error; kwargs
+    are caption_errors'."""
+    return caption_errors(pipeline, images, candidates, **kwargs).argmin(dim=1) == torch.tensor(labels)
+
+
+def caption_accuracy(pipeline, images, labels, candidates, **kwargs):
+    """The share of images whose own caption is picked (caption_hits); kwargs are caption_errors'."""
+    return caption_hits(pipeline, images, labels, candidates, **kwargs).float().mean().item()

@@ -1,5 +1,6 @@
 """metrics.py: torchmetrics' CLIP score, reproducible, side by side, with its images and reports."""
 
+import csv
 import json
 import re
 import shutil
@@ -17,7 +18,8 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTextModel
 import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
-from tests.conftest import recorded_model, run_entry_point, run_script
+from sdtoolkit.learning_check import caption_errors, read_caption_data
+from tests.conftest import DEMO_DATA, demo_image, image_folder, recorded_model, run_entry_point, run_script
 
 FAST = ["--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"]
 TWO_PROMPTS = ["a round green creature", "a tall red creature with a long tail"]
@@ -334,3 +336,86 @@ def test_each_model_is_prompted_as_its_run_recorded_with_the_embeddings_asked_fo
         scores()
     with pytest.raises(UserError, match="--doc_protocol samples as the page did: drop --clip_skip"):
         metrics.parse_args(["--doc_protocol", "--clip_skip", "2"])
+
+
+# Caption accuracy on a training folder in each layout the training script reads.
+
+
+def caption_layouts(root, count):
+    """The first `count` bundled images and captions in three layouts: an imagefolder (metadata.jsonl), the same
+    with a metadata.csv whose caption column is 'caption', and kohya-ss's caption-file folder (an N_name folder of
+    images with .txt files). Each lists the images in the same order."""
+    captions = [json.loads(line)["text"] for line in (DEMO_DATA / "metadata.jsonl").read_text().splitlines()[:count]]
+    names = [f"{i:04d}.png" for i in range(count)]
+    jsonl = image_folder(root / "jsonl", [(name, demo_image(i), captions[i]) for i, name in enumerate(names)])
+    csv_folder, kohya = root / "csv" / "images", root / "kohya" / "10_creatures"
+    for folder in (csv_folder, kohya):
+        folder.mkdir(parents=True)
+        for name in names:
+            shutil.copy(jsonl / name, folder / name)
+    rows = [{"file_name": f"images/{name}", "caption": caption} for name, caption in zip(names, captions)]
+    with open(root / "csv" / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["file_name", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for name, caption in zip(names, captions):
+        (kohya / name).with_suffix(".txt").write_text(caption + "\n")
+    return jsonl, root / "csv", kohya.parent, captions
+
+
+def test_caption_data_is_read_alike_in_each_layout_training_reads(tiny_sd, tiny_clip, prompts_file, tmp_path, capsys):
+    jsonl, csv_folder, kohya, captions = caption_layouts(tmp_path / "data", 6)
+    read = [read_caption_data(str(jsonl)), read_caption_data(str(csv_folder), caption_column="caption"),
+            read_caption_data(str(kohya))]  # fmt: skip
+    for images, texts, rows, uncaptioned in read:
+        assert (texts, rows, uncaptioned) == (captions, 6, 0)
+        assert [np.asarray(image).tolist() for image in images] == [
+            np.asarray(demo_image(i)).tolist() for i in range(6)
+        ]
+    report = score(tiny_sd, tiny_clip, tmp_path, "--caption_data", str(kohya), prompts_file=prompts_file)
+    model, settings = report["models"][0], report["settings"]
+    assert len(model["caption_hits"]) == 6 and model["caption_accuracy"] == pytest.approx(
+        sum(model["caption_hits"]) / 6
+    )
+    assert (settings["caption_images"], settings["caption_rows"], settings["caption_candidates"]) == (6, 6, 6)
+    assert f"Caption accuracy on {kohya}: all its images, each tried with 6 captions" in capsys.readouterr().out
+    # The column is the training script's --caption_column: a metadata file without it is one line naming theirs.
+    with pytest.raises(UserError, match="--caption_column 'text' is not a column of .*; it has: caption"):
+        score(tiny_sd, tiny_clip, tmp_path, "--caption_data", str(csv_folder), prompts_file=prompts_file)
+    flags = ["--caption_data", str(csv_folder), "--caption_column", "caption"]
+    assert score(tiny_sd, tiny_clip, tmp_path, *flags, prompts_file=prompts_file)["models"][0] == model
+
+
+def test_a_large_caption_folder_is_sampled_with_a_seed_and_uncaptioned_images_are_left_out(tmp_path):
+    jsonl, _, _, captions = caption_layouts(tmp_path / "data", 8)
+    images, sampled, rows, uncaptioned = read_caption_data(str(jsonl), max_images=5)
+    assert (len(images), rows, uncaptioned) == (5, 8, 0)
+    assert sampled == [caption for caption in captions if caption in sampled]  # in the folder's order
+    assert sampled != captions[:5] and read_caption_data(str(jsonl), max_images=5)[1] == sampled
+    assert read_caption_data(str(jsonl), max_images=8)[1] == captions  # a sample only of more than asked
+
+    # Images without a caption are left out and counted; a folder with no captions at all is one line.
+    kohya = tmp_path / "kohya"
+    kohya.mkdir()
+    for i in range(3):
+        demo_image(i).save(kohya / f"{i}.png")
+    (kohya / "0.txt").write_text("a creature")
+    (kohya / "1.txt").write_text("another creature")
+    assert read_caption_data(str(kohya))[1:] == (["a creature", "another creature"], 2, 1)
+    (kohya / "0.txt").unlink()
+    with pytest.raises(UserError, match="needs at least 2 captioned images, found 1"):
+        read_caption_data(str(kohya))
+    (kohya / "1.txt").unlink()
+    with pytest.raises(UserError, match="no metadata file .* and no images with .txt caption files"):
+        read_caption_data(str(kohya))
+    with pytest.raises(UserError, match="--max_caption_images must be 0 .all. or at least 2, got 1"):
+        metrics.parse_args(["--caption_data", str(jsonl), "--max_caption_images", "1"])
+
+
+def test_caption_errors_do_not_depend_on_how_many_images_go_through_at_once(tiny_sd):
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    images, candidates = [demo_image(i) for i in range(5)], ["a red creature", "a green creature", "a blue one"]
+    whole = caption_errors(pipeline, images, candidates, resolution=32, timesteps=(300, 700))
+    parts = caption_errors(pipeline, images, candidates, resolution=32, timesteps=(300, 700), batch_size=2)
+    assert torch.allclose(parts, whole, rtol=1e-5, atol=1e-6) and whole.shape == (5, 3)
+    assert len(set(whole.flatten().tolist())) == 15  # every image and caption its own error

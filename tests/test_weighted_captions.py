@@ -170,13 +170,13 @@ def test_caption_accuracy_reads_the_captions_as_the_run_recorded(tiny_sd, tiny_c
     train(tiny_sd, tmp_path / "literal", "--max_train_steps", "2", data=data)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a creature\n")
-    asked, measure = [], metrics.caption_accuracy  # how each model's captions were asked to be read
+    asked, measure = [], metrics.caption_hits  # how each model's captions were asked to be read
 
     def recorded_call(*args, **kwargs):
         asked.append(kwargs["weighted"])
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, "caption_accuracy", recorded_call)
+    monkeypatch.setattr(metrics, "caption_hits", recorded_call)
 
     def scores(*models, flags=()):
         report = metrics.main(["--model_path", *map(str, models), "--clip_model", tiny_clip, "--prompts_file",
