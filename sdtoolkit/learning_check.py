@@ -98,15 +98,22 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
             f"--caption_data {folder} has no metadata file (metadata.jsonl, .csv or .parquet) and no images with"
             f" {caption_extension} caption files (another extension: --caption_extension)"
         )
-    captions = [caption if isinstance(caption, str) else (caption or [""])[0] for caption in dataset[caption_column]]
-    captioned = [index for index, caption in enumerate(captions) if caption.strip()]
+    captions = [first_caption(caption) for caption in dataset[caption_column]]
+    captioned = [index for index, caption in enumerate(captions) if caption]
     if len(captioned) < 2:
         raise UserError(f"--caption_data {folder} needs at least 2 captioned images, found {len(captioned)}")
     chosen = captioned
     if max_images is not None and len(captioned) > max_images:
         chosen = sorted(random.Random(seed).sample(captioned, max_images))
     images = [to_rgb(image) for image in dataset.select(chosen)["image"]]
-    return images, [captions[index].strip() for index in chosen], len(captioned), len(captions) - len(captioned)
+    return images, [captions[index] for index in chosen], len(captioned), len(captions) - len(captioned)
+
+
+def first_caption(caption):
+    """A metadata cell as one caption: a list's first, a number's digits, nothing for an empty cell."""
+    if isinstance(caption, (list, tuple)):
+        caption = caption[0] if caption else None
+    return "" if caption is None else str(caption).strip()
 
 
 @torch.no_grad()

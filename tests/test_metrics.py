@@ -402,6 +402,9 @@ def test_a_large_caption_folder_is_sampled_with_a_seed_and_uncaptioned_images_ar
     (kohya / "0.txt").write_text("a creature")
     (kohya / "1.txt").write_text("another creature")
     assert read_caption_data(str(kohya))[1:] == (["a creature", "another creature"], 2, 1)
+    lists = image_folder(tmp_path / "lists", [(f"{i}.png", demo_image(i), [] if i == 1 else ["first", "second"])
+                                              for i in range(3)])  # fmt: skip
+    assert read_caption_data(str(lists))[1:] == (["first", "first"], 2, 1)  # a list's first caption
     (kohya / "0.txt").unlink()
     with pytest.raises(UserError, match="needs at least 2 captioned images, found 1"):
         read_caption_data(str(kohya))
