@@ -15,7 +15,8 @@ checkpointing, center crop, flips, on the bundled images) in its own process, so
 memory is its own and one that runs out of memory is reported as such while the others go on. For each it
 reports seconds per optimizer step (median and range over the timed steps, after warm-up),
 torch.cuda.max_memory_allocated and max_memory_reserved, and whether it fits 24, 16 and 12 GB cards. Before
-them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16. Each configuration took 30 to 50 s
+them, inference at 512 px: DPM-Solver++ 25 steps against PNDM 50, fp16, and caption accuracy's classifier
+(metrics.py --caption_data) on 16 images. Each configuration took 30 to 50 s
 on an H200, of which 4 to 9 s were training steps and 12 to 19 s the imports; a table splits each row's seconds
 into such phases. The report is rewritten after each row.
 
@@ -262,7 +263,24 @@ def child_inference(spec):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         result[name] = statistics.median(times[1:])
-    return {"status": "ok", "seconds": result, "dtype": str(dtype).removeprefix("torch.")}
+    return {"status": "ok", "seconds": result, "dtype": str(dtype).removeprefix("torch."),
+            "caption_accuracy": time_caption_accuracy(pipeline, size)}  # fmt: skip
+
+
+def time_caption_accuracy(pipeline, size, count=16):
+    """Seconds for metrics.py --caption_data's classifier on `count` bundled images, each tried with their `count`
+    captions, after a warm-up on two: its cost grows with the square of the number of images."""
+    from sdtoolkit.learning_check import caption_errors, read_caption_data
+
+    images, captions, _, _ = read_caption_data(str(DATA), max_images=count)
+    caption_errors(pipeline, images[:2], captions[:2], resolution=size)
+    if pipeline.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    caption_errors(pipeline, images, captions, resolution=size)
+    if pipeline.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"images": len(images), "seconds": time.perf_counter() - started}
 
 
 def run_child(kind, spec, launch=None, env=None, timeout=None, log=None, name=None):
@@ -618,6 +636,12 @@ def write_report(args, command, info, preset, rows, inference, seconds, runs=())
         lines += [f"Inference{by}, one {args.resolution} px image, guidance 7.5, {inference['dtype']}:", "",
                   "| scheduler and steps | seconds per image |", "| --- | ---: |"]  # fmt: skip
         lines += [f"| {name} | {seconds:.2f} |" for name, seconds in inference["seconds"].items()]
+        timed = inference.get("caption_accuracy")  # (not in the reports of runs before it was measured)
+        if timed:
+            n, seconds = timed["images"], timed["seconds"]
+            lines += ["", f"Caption accuracy (`metrics.py --caption_data`), {n} images each tried with their {n} captions"
+                      f" at 5 timesteps: {seconds:.2f} s per model; its default sample of 64 images costs"
+                      f" {(64 / n) ** 2:g} times that, about {seconds * (64 / n) ** 2:.0f} s."]  # fmt: skip
     else:
         lines.append(
             f"Inference: {inference['status']}" + (f": {inference['error']}" if inference.get("error") else "")

@@ -66,6 +66,11 @@ def test_the_dry_run_writes_a_row_for_each_configuration_it_runs(dry_run):
     for target, _ in gpu_check.TARGETS:
         assert f"- {target}: **not judged (dry run)**" in table
     assert set(report["inference"]["seconds"]) == {"DPM-Solver++, 25 steps", "PNDM, 50 steps"}
+    assert (
+        report["inference"]["caption_accuracy"]["images"] == 16
+        and report["inference"]["caption_accuracy"]["seconds"] > 0
+    )
+    assert "Caption accuracy (`metrics.py --caption_data`), 16 images each tried with their 16 captions" in table
     assert not (folder / "GPU_CHECK.md").exists()  # a dry run never replaces a GPU's table
 
 
