@@ -559,7 +559,9 @@ def kept_rows(args, info, preset):
         runs = earlier.get("runs") or [{"command": earlier["command"], "machine": earlier["machine"],
                                         "seconds": earlier["seconds"]}]  # fmt: skip
         rows = [(name, {"run": 1, **row}) for name, row in earlier["train"].items() if row["status"] != "skipped"]
-        inference = {"run": 1, **earlier["inference"]} if earlier["inference"]["status"] == "ok" else None
+        # (An inference timed before caption accuracy was runs again, for it.)
+        measured = earlier["inference"]["status"] == "ok" and "caption_accuracy" in earlier["inference"]
+        inference = {"run": 1, **earlier["inference"]} if measured else None
     except json.JSONDecodeError as err:  # cut off while it was written
         print(f"--keep: {path} is not a whole report ({err}): every row runs", flush=True)
         return [], None, []

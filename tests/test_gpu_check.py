@@ -240,6 +240,11 @@ def test_keep_runs_only_the_rows_not_measured_on_this_gpu_yet(dry_run, tmp_path,
     # Named by --only, a kept row runs again; a run that is not a measurement (out of time) leaves the kept one.
     gpu_check.main([*common, "--keep", "--minutes", "0", "--only", "defaults, fp16"])
     assert json.loads((tmp_path / "gpu_check.json").read_text())["train"]["defaults, fp16"] == kept
+    # An inference timed before caption accuracy was is not kept: it runs again (here: no time, skipped).
+    del first["inference"]["caption_accuracy"]
+    (tmp_path / "gpu_check.json").write_text(json.dumps(first))
+    gpu_check.main([*common, "--keep", "--minutes", "0"])
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["inference"]["status"] == "skipped"
     # Measured on another GPU, nothing is kept.
     report["machine"]["gpu"] = "NVIDIA H200"
     (tmp_path / "gpu_check.json").write_text(json.dumps(report))
