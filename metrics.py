@@ -584,7 +584,8 @@ def write_reports(results, prompts, comparisons, caption_set, reference_images, 
             "clip_score": results[1]["overall"] - results[0]["overall"],
         }
     report["comparisons"] = comparisons
-    report["caption_comparisons"] = caption_comparisons(results) if caption_set else []
+    # Caption accuracy image by image: 1 where the model picks the image's own caption, 0 where not.
+    report["caption_comparisons"] = compared_with_first(results, lambda r: r["caption_hits"]) if caption_set else []
 
     paths = []
     json_path = os.path.join(args.output_dir, "scores.json")
@@ -649,6 +650,19 @@ def lora_scales_text(scales):
     return f", LoRAs at scale{'s' * (len(scales) > 1)} {', '.join(f'{scale:g}' for scale in scales)}"
 
 
+def comparison_table(measure, over, units, comparisons):
+    """report.md's lines for the paired comparisons of one measure (see compared_with_first)."""
+    lines = ["", f"Paired differences of {measure}, each model against the first, {over} (95% percentile bootstrap"
+             " interval, 10,000 resamples, seeded):", "",
+             f"| model | minus | {units} | mean difference | 95% interval | verdict |",
+             "| --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
+    for c in comparisons:
+        low, high = c["ci95"]
+        lines.append(f"| {c['model']} | {c['baseline']} | {c['units']} | {c['mean_difference']:+.4f} |"
+                     f" {low:+.4f} to {high:+.4f} | {c['verdict']} |")  # fmt: skip
+    return lines
+
+
 def report_markdown(report, grids, nearest_grids):
     """report.md: the scores, the paired comparisons with their intervals, the distances, and the grids."""
     settings, models = report["settings"], report["models"]
@@ -695,14 +709,7 @@ def report_markdown(report, grids, nearest_grids):
             row += f" {model['guidance_rescale']:g} |"
         lines.append(row)
     if report["comparisons"]:
-        lines += ["", "Paired differences of CLIP score, each model against the first, over prompt-seed pairs (95%"
-                  " percentile bootstrap interval, 10,000 resamples, seeded):", "",
-                  "| model | minus | pairs | mean difference | 95% interval | verdict |",
-                  "| --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
-        for c in report["comparisons"]:
-            low, high = c["ci95"]
-            lines.append(f"| {c['model']} | {c['baseline']} | {c['units']} | {c['mean_difference']:+.4f} |"
-                         f" {low:+.4f} to {high:+.4f} | {c['verdict']} |")  # fmt: skip
+        lines += comparison_table("CLIP score", "over prompt-seed pairs", "pairs", report["comparisons"])
     if settings["caption_data"]:
         sample = (f"a seeded sample of {settings['caption_images']} of its {settings['caption_rows']} captioned images"
                   if settings["caption_rows"] > settings["caption_images"] else f"its {settings['caption_images']}"
@@ -712,14 +719,7 @@ def report_markdown(report, grids, nearest_grids):
                   f" {1 / settings['caption_candidates']:.4f}); the share whose own caption the model picks as a"
                   " diffusion classifier."]  # fmt: skip
     if report["caption_comparisons"]:
-        lines += ["", "Paired differences of caption accuracy, each model against the first, image by image (95%"
-                  " percentile bootstrap interval, 10,000 resamples, seeded):", "",
-                  "| model | minus | images | mean difference | 95% interval | verdict |",
-                  "| --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
-        for c in report["caption_comparisons"]:
-            low, high = c["ci95"]
-            lines.append(f"| {c['model']} | {c['baseline']} | {c['units']} | {c['mean_difference']:+.4f} |"
-                         f" {low:+.4f} to {high:+.4f} | {c['verdict']} |")  # fmt: skip
+        lines += comparison_table("caption accuracy", "image by image", "images", report["caption_comparisons"])
     if settings["reference_data"]:
         lines += ["", f"Distances to {settings['reference_data']} in CLIP image-feature space (lower is closer);"
                   f" near-copies: images whose nearest reference image has a cosine similarity of at least"
@@ -750,16 +750,9 @@ def print_table(report, prompts):
     print()
 
 
-def paired_comparisons(results, args):
-    """Each model after the first against the first, on the same (prompt, seed) units: the mean paired
-    difference of CLIP scores (a unit's score is the mean over its images), its bootstrap 95% interval over
-    units, and a verdict."""
-    n = args.num_images_per_prompt
-
-    def units(result):
-        return [statistics.fmean(scores[k * n : (k + 1) * n]) for scores in result["per_prompt"]
-                for k in range(len(args.seeds))]  # fmt: skip
-
+def compared_with_first(results, units):
+    """Each model after the first against the first, on the same units (units(result): one number per unit): the
+    mean paired difference, its bootstrap 95% interval over the units, and a verdict."""
     baseline = units(results[0])
     comparisons = []
     for result in results[1:]:
@@ -770,18 +763,16 @@ def paired_comparisons(results, args):
     return comparisons
 
 
-def caption_comparisons(results):
-    """Each model after the first against the first on caption accuracy, image by image: the mean paired
-    difference of hits (1 where the model picks the image's own caption, 0 where not), its bootstrap 95% interval
-    over the images, and a verdict."""
-    baseline = results[0]["caption_hits"]
-    comparisons = []
-    for result in results[1:]:
-        differences = [b - a for a, b in zip(baseline, result["caption_hits"])]
-        mean, low, high = paired_bootstrap(differences)
-        comparisons.append({"model": result["label"], "baseline": results[0]["label"], "units": len(differences),
-                            "mean_difference": mean, "ci95": [low, high], "verdict": verdict(low, high)})  # fmt: skip
-    return comparisons
+def paired_comparisons(results, args):
+    """CLIP scores compared with the first model's on the same (prompt, seed) units, a unit's score being the mean
+    over its images (see compared_with_first)."""
+    n = args.num_images_per_prompt
+
+    def units(result):
+        return [statistics.fmean(scores[k * n : (k + 1) * n]) for scores in result["per_prompt"]
+                for k in range(len(args.seeds))]  # fmt: skip
+
+    return compared_with_first(results, units)
 
 
 def training_set_check(images, reference, clip, device, threshold):
