@@ -174,7 +174,8 @@ def parse_args(argv=None):
         default=None,
         help=(
             "A folder of captioned images as the training script reads one, e.g. the training data (an imagefolder"
-            " with a metadata.jsonl, .csv or .parquet, or images with same-named .txt caption files): also report"
+            " with a metadata.jsonl, .csv or .parquet, or images with same-named .txt caption files), or a kohya-ss"
+            " dataset config (.toml, .json) for its training folders: also report"
             " each model's caption accuracy on it, the share of its images whose own caption the model picks among"
             " their captions when used as a diffusion classifier (see sdtoolkit/learning_check.py), and compare it"
             " image by image with the first model's."

@@ -113,7 +113,7 @@ from sdtoolkit.data import (
     with_affixes,
     with_caption_lines,
 )
-from sdtoolkit.dataset_config import describe_flag, read_dataset_config
+from sdtoolkit.dataset_config import describe_flag, read_dataset_config, read_folders
 from sdtoolkit.ema import InPlaceEMAModel
 from sdtoolkit.errors import ArgumentParser, TrainingStopped, UserError, first_line, run_main
 from sdtoolkit.export import check_sd1, export_single_file, ldm_config_path, single_file_name, training_metadata
@@ -1847,39 +1847,17 @@ def load_training_dataset(args):
 
 
 def read_config_folders(args, folders):
-    """A --dataset_config's folders (sdtoolkit/dataset_config.Folder) as one caption-file dataset (image, text,
-    repeats), in the file's order; a folder that is missing or holds no images is an error naming it. A fine-tuning
-    subset's images are those its metadata_file lists."""
-    parts = []
-    for folder in folders:
-        if folder.metadata_file is not None:
-            # A fine-tuning subset: its metadata file captions its images (see sdtoolkit/kohya_metadata.py).
-            part, notes = read_kohya_metadata(
-                folder.metadata_file, folder.image_dir, allow_missing_captions=args.allow_missing_captions,
-                repeats=folder.num_repeats, subset=folder.name, wildcard=args.enable_wildcard,
-            )  # fmt: skip
-        else:
-            if not os.path.isdir(folder.image_dir):
-                raise UserError(f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} is not a folder")
-            part, notes = read_caption_folder(
-                folder.image_dir, caption_extension=folder.caption_extension,
-                allow_missing_captions=args.allow_missing_captions, subset=folder,
-            )  # fmt: skip
-            if len(part) == 0:
-                raise UserError(
-                    f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} holds no images (its"
-                    " sub-folders' are not read, as in sd-scripts: give each its own subset)"
-                )
-        logger.info(notes[0])
-        for note in notes[1:]:
+    """A --dataset_config's folders as one caption-file dataset (see sdtoolkit/dataset_config.read_folders), with
+    what each folder's reading has to tell the user logged."""
+    dataset, notes = read_folders(
+        folders, allow_missing_captions=args.allow_missing_captions, wildcard=args.enable_wildcard,
+        caption_prefix=args.caption_prefix, caption_suffix=args.caption_suffix,
+    )  # fmt: skip
+    for folder_notes in notes:
+        logger.info(folder_notes[0])
+        for note in folder_notes[1:]:
             logger.warning(note)
-        # A subset's caption_prefix and caption_suffix, else --caption_prefix and --caption_suffix (sd-scripts' way).
-        prefix = folder.caption_prefix if folder.caption_prefix is not None else args.caption_prefix
-        suffix = folder.caption_suffix if folder.caption_suffix is not None else args.caption_suffix
-        if args.enable_wildcard:  # each line of a caption gets them
-            part = with_caption_lines(part, "text")
-        parts.append(with_affixes(part, "text", prefix, suffix))
-    return datasets.concatenate_datasets(parts)
+    return dataset
 
 
 def read_regularization_images(args, config_folders, features, image_column, caption_column, num_examples, *,

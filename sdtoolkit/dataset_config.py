@@ -39,7 +39,12 @@ import os
 import tomllib
 from dataclasses import dataclass
 
+from datasets import concatenate_datasets
+
+from sdtoolkit.caption_folders import read_caption_folder
+from sdtoolkit.data import with_affixes, with_caption_lines
 from sdtoolkit.errors import UserError
+from sdtoolkit.kohya_metadata import read_kohya_metadata
 
 # sd-scripts' option -> (this script's flag, the value the flag takes from the option's). random_crop is the
 # opposite of --center_crop: sd-scripts center-crops unless told to crop at random.
@@ -271,3 +276,38 @@ def describe_flag(flag, value):
     if isinstance(value, bool):
         return f"--{flag}" if value else f"no --{flag}"
     return f"--{flag} {value}"
+
+
+def read_folders(folders, *, allow_missing_captions=False, wildcard=False, caption_prefix=None, caption_suffix=None):
+    """The folders (Folder) as one caption-file dataset (image, text, repeats), in the file's order, and per folder
+    the lines its reading has to tell the user (the first a summary, the others warnings). A folder that is missing
+    or holds no images is an error naming it. A fine-tuning subset's images are those its metadata_file lists.
+    A subset's caption_prefix and caption_suffix stand for caption_prefix's and caption_suffix's (the command
+    line's), as in sd-scripts; with wildcard (--enable_wildcard), each line of a caption gets them."""
+    parts, notes = [], []
+    for folder in folders:
+        if folder.metadata_file is not None:
+            # A fine-tuning subset: its metadata file captions its images (see sdtoolkit/kohya_metadata.py).
+            part, folder_notes = read_kohya_metadata(
+                folder.metadata_file, folder.image_dir, allow_missing_captions=allow_missing_captions,
+                repeats=folder.num_repeats, subset=folder.name, wildcard=wildcard,
+            )  # fmt: skip
+        else:
+            if not os.path.isdir(folder.image_dir):
+                raise UserError(f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} is not a folder")
+            part, folder_notes = read_caption_folder(
+                folder.image_dir, caption_extension=folder.caption_extension,
+                allow_missing_captions=allow_missing_captions, subset=folder,
+            )  # fmt: skip
+            if len(part) == 0:
+                raise UserError(
+                    f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} holds no images (its"
+                    " sub-folders' are not read, as in sd-scripts: give each its own subset)"
+                )
+        notes.append(folder_notes)
+        prefix = folder.caption_prefix if folder.caption_prefix is not None else caption_prefix
+        suffix = folder.caption_suffix if folder.caption_suffix is not None else caption_suffix
+        if wildcard:
+            part = with_caption_lines(part, "text")
+        parts.append(with_affixes(part, "text", prefix, suffix))
+    return concatenate_datasets(parts), notes

@@ -26,6 +26,7 @@ from torchvision.transforms import functional as TF
 from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text
 from sdtoolkit.data import has_metadata_file, to_rgb
+from sdtoolkit.dataset_config import read_dataset_config, read_folders
 from sdtoolkit.errors import UserError, first_line
 
 # The two classes of the learning check: visibly different, captioned by what they show.
@@ -71,16 +72,22 @@ def read_imagefolder(folder):
 def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", max_images=None, seed=0):
     """A training folder's images and captions, read as train_text_to_image.py reads the folder: an imagefolder
     (a metadata.jsonl, .csv or .parquet naming each image's file and caption, in `caption_column`) or a caption-file
-    folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py).
+    folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py); or
+    the folders of a kohya-ss dataset config file (.toml or .json; its regularization folders left out), read as
+    --dataset_config reads them, with their subsets' caption_prefix and caption_suffix.
 
     Returns (images, captions, rows, uncaptioned): with more than `max_images` captioned rows, a sample of them
     drawn with `seed` (the same whichever model is scored), in the folder's order. An image is captioned by its
     first caption when it has a list of them. Rows with no caption are left out (a classifier has nothing to pick
     for them); `rows` is the number of captioned rows and `uncaptioned` the number left out.
     """
-    if not os.path.isdir(folder):
-        raise UserError(f"--caption_data {folder} is not a folder")
-    if has_metadata_file(folder):
+    if os.path.isfile(folder) and folder.lower().endswith((".toml", ".json")):
+        _, subsets = read_dataset_config(folder, caption_extension=caption_extension)
+        dataset, _ = read_folders([subset for subset in subsets if not subset.is_reg], allow_missing_captions=True)
+        caption_column = "text"
+    elif not os.path.isdir(folder):
+        raise UserError(f"--caption_data {folder} is not a folder or a kohya-ss dataset config (.toml, .json)")
+    elif has_metadata_file(folder):
         try:
             dataset = load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
         except Exception as err:  # datasets raises many types for a folder it can't read

@@ -4,12 +4,14 @@ win over the command line's (train.sh's recipe too), and what this toolkit does 
 import json
 import logging
 
+import numpy as np
 import pytest
 
 import train_text_to_image
 from sdtoolkit.dataset_config import read_dataset_config
 from sdtoolkit.errors import UserError
-from tests.conftest import SMALL, as_train_sh_runs_it, caption_folder, train_args, unet_weights
+from sdtoolkit.learning_check import read_caption_data
+from tests.conftest import SMALL, as_train_sh_runs_it, caption_folder, demo_image, train_args, unet_weights
 
 # Two image folders in kohya's N_name layout (2 and 3 repeats; the first image has no caption file, so its
 # folder's name captions it) and a folder of regularization images captioned by their folder's name.
@@ -271,3 +273,20 @@ def test_a_subset_reads_its_own_folder_only_and_names_a_missing_one(tiny_sd, tmp
         train_text_to_image.main(argv + ["--dataset_config", path])
     with pytest.raises(UserError, match="--train_data_dir and --dataset_config both name training data"):
         train_text_to_image.main(train_args(tiny_sd, tmp_path / "out", "--dataset_config", path))
+
+
+def test_caption_accuracy_reads_a_configs_training_folders_as_training_does(tmp_path):
+    # metrics.py --caption_data my-data.toml: the training subsets' images, class tokens and caption_prefix, in the
+    # file's order; not the regularization images.
+    data, reg = caption_folder(tmp_path / "data", IMAGES), caption_folder(tmp_path / "reg", REG)
+    config = tmp_path / "my-data.toml"
+    config.write_text(
+        CONFIG.format(data=data, reg=reg).replace("num_repeats = 3", 'num_repeats = 3\ncaption_prefix = "art,"')
+    )
+    images, captions, rows, uncaptioned = read_caption_data(str(config))
+    assert captions == ["sks creature", "sks creature, blue, round", "art, a purple creature, wide",
+                        "art, a pink creature, tall, smiling"]  # fmt: skip
+    assert (rows, uncaptioned) == (4, 0)
+    assert [np.asarray(image).tolist() for image in images] == [
+        np.asarray(demo_image(i)).tolist() for i in (0, 1, 3, 2)
+    ]
