@@ -78,6 +78,7 @@ KNOWN_ELSEWHERE = {
         " folder of images (distances to it)"
     ),
     "--dataset_name": "not here: give a local copy as --caption_data (a folder) or --reference_data",
+    "--dataset_config": "--caption_data here, for caption accuracy on the file's training folders",
 }
 
 
