@@ -269,11 +269,12 @@ def child_inference(spec):
 
 def time_caption_accuracy(pipeline, size, count=16):
     """Seconds for metrics.py --caption_data's classifier on `count` bundled images, each tried with their `count`
-    captions, after a warm-up on two: its cost grows with the square of the number of images."""
+    captions, after a warm-up with one caption (the same shapes): its cost grows with the square of the number of
+    images."""
     from sdtoolkit.learning_check import caption_errors, read_caption_data
 
     images, captions, _, _ = read_caption_data(str(DATA), max_images=count)
-    caption_errors(pipeline, images[:2], captions[:2], resolution=size)
+    caption_errors(pipeline, images, captions[:1], resolution=size)
     if pipeline.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
