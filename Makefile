@@ -58,9 +58,9 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 	@echo "used as a diffusion classifier, picks the image's own caption out of all 32 (chance 1/32); its rise from"
 	@echo "base to checkpoint-300 (half way, with its EMA weights) to fine-tuned shows the model learned its"
 	@echo "captions, and each 'Paired caption accuracy' line says whether its rise over the base is more than 32"
-	@echo "images can show by chance. It does not show image quality or any skill beyond the training images. The CLIP scores, the"
-	@echo "distances to the data and the near-copy share come from a random CLIP model, which sees every image as"
-	@echo "a near-copy: mechanics, not quality."
+	@echo "images can show by chance. It does not show image quality or any skill beyond the training images. The"
+	@echo "CLIP scores, the distances to the data and the near-copy share come from a random CLIP model, which sees"
+	@echo "every image as a near-copy: mechanics, not quality."
 
 # Everything this machine can run, the slow tests included (plain `pytest` skips those for quick runs), in
 # TEST_WORKERS processes (pytest-xdist; a test file stays in one, the longest files first: tests/conftest.py) with

@@ -642,8 +642,8 @@ def write_report(args, command, info, preset, rows, inference, seconds, runs=())
         timed = inference.get("caption_accuracy")  # (not in the reports of runs before it was measured)
         if timed:
             n, seconds = timed["images"], timed["seconds"]
-            lines += ["", f"Caption accuracy (`metrics.py --caption_data`), {n} images each tried with their {n} captions"
-                      f" at 5 timesteps: {seconds:.2f} s per model; its default sample of 64 images costs"
+            lines += ["", f"Caption accuracy (`metrics.py --caption_data`), {n} images each tried with their {n}"
+                      f" captions at 5 timesteps: {seconds:.2f} s per model; its default sample of 64 images costs"
                       f" {(64 / n) ** 2:g} times that, about {seconds * (64 / n) ** 2:.0f} s."]  # fmt: skip
     else:
         lines.append(

@@ -48,7 +48,8 @@ def test_fine_tuning_learns_the_captions_and_metrics_says_better(tiny_sd, tiny_c
         image.with_suffix(".txt").write_text(TWO_CLASSES[label])
     report = metrics.main(["--model_path", str(tiny_sd), str(tmp_path / "out"), "--clip_model", tiny_clip,
                            "--caption_data", str(folder.parent), "--output_dir", str(tmp_path / "scores"),
-                           "--seeds", "0", "--num_inference_steps", "2", "--resolution", "32", "--device", "cpu"])  # fmt: skip
+                           "--seeds", "0", "--num_inference_steps", "2", "--resolution", "32",
+                           "--device", "cpu"])  # fmt: skip
     base, tuned = (model["caption_accuracy"] for model in report["models"])
     assert base == pytest.approx(accuracy(tiny_sd, two_classes)) and tuned == pytest.approx(learned)
     [comparison] = report["caption_comparisons"]
