@@ -31,7 +31,8 @@ of this script's flags (`FLAGS`) and must come out the same for every subset, si
 other value, in one line, as is any key sd-scripts does not know either.
 
 `read_dataset_config` returns the flags' values and the folders. The file's values win over the command line's, as
-in sd-scripts (so train.sh's recipe gives way to them), and the log lists them.
+in sd-scripts (so train.sh's recipe gives way to them), and the log lists them. `read_folders` reads the folders'
+images and captions into one dataset, for training and for metrics.py's caption accuracy alike.
 """
 
 import json

@@ -175,8 +175,9 @@ def caption_errors(pipeline, images, candidates, *, resolution, timesteps=TIMEST
         for c in range(len(candidates)):
             for start in range(0, len(images), batch_size):
                 part = slice(start, start + batch_size)
-                states = embeddings[c : c + 1].expand(len(noisy[part]), -1, -1)
-                prediction = pipeline.unet(noisy[part], step[part], states, return_dict=False)[0]
+                chunk = noisy[part]
+                states = embeddings[c : c + 1].expand(len(chunk), -1, -1)
+                prediction = pipeline.unet(chunk, step[part], states, return_dict=False)[0]
                 error = F.mse_loss(prediction.float(), target[part].float(), reduction="none").mean(dim=(1, 2, 3))
                 errors[part, c] += error.cpu()
     return errors
