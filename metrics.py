@@ -53,7 +53,7 @@ from sdtoolkit.inference import (
     pick_device_and_dtype,
     recorded_weighted_captions,
 )
-from sdtoolkit.learning_check import caption_hits, read_caption_data, read_imagefolder
+from sdtoolkit.learning_check import caption_hits, read_caption_data, read_images
 from sdtoolkit.output_dir import check_output_dir
 from sdtoolkit.serving import LORA_TAG
 
@@ -305,21 +305,36 @@ def load_prompts(prompts_file):
     return prompts, (negatives if any(negatives) else None)
 
 
+def say_unreadable(unreadable, folder):
+    """One line naming the images of `folder` left out because they can't be decoded (the first five)."""
+    if unreadable:
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        count = f"{len(unreadable)} image" + ("s" if len(unreadable) > 1 else "")
+        print(f"Left out {count} of {folder} that can't be read: {', '.join(unreadable[:5])}{more}")
+
+
 def read_reference_images(folder):
-    """Every image under `folder` (an imagefolder's metadata order when it has a metadata.jsonl)."""
+    """Every image under `folder` (an imagefolder's metadata order when it has a metadata.jsonl), decoded as
+    training decodes them, and the ones that can't be, as 'file (reason)'."""
     if not os.path.isdir(folder):
         raise UserError(f"--reference_data {folder} is not a folder")
     if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
-        return read_imagefolder(folder)[0]
-    paths = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-    )
-    if len(paths) < 2:
-        raise UserError(f"--reference_data {folder} needs at least 2 images, found {len(paths)}")
-    return [Image.open(path).convert("RGB") for path in paths]
+        with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8-sig") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not all(isinstance(row, dict) and isinstance(row.get("file_name"), str) for row in rows):
+            raise UserError(f"--reference_data {folder}: every line of its metadata.jsonl needs a file_name")
+        paths = [os.path.join(folder, row["file_name"]) for row in rows]
+    else:
+        paths = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(folder)
+            for name in names
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        )
+    images, unreadable = read_images(paths)
+    if len(images) < 2:
+        raise UserError(f"--reference_data {folder} needs at least 2 images that can be read, found {len(images)}")
+    return images, unreadable
 
 
 # CLIP models, presented to torchmetrics' clip_score as the (model, processor) pair it expects.
@@ -529,9 +544,10 @@ def score_model(images, prompts, clip, device):
     return per_prompt, overall
 
 
-def write_reports(results, prompts, comparisons, caption_set, reference_images, args):
+def write_reports(results, prompts, comparisons, caption_set, reference_images, unreadable, args):
     """scores.json, scores.csv, report.md, and per model an image grid and (with --reference_data) a grid of
-    its images closest to the reference set, in args.output_dir; returns the report and the paths written."""
+    its images closest to the reference set, in args.output_dir; returns the report and the paths written.
+    `unreadable`: for --caption_data and --reference_data, the images left out because they can't be read."""
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {
         "doc_protocol": args.doc_protocol,
@@ -541,6 +557,7 @@ def write_reports(results, prompts, comparisons, caption_set, reference_images, 
         "caption_images": len(caption_set["labels"]) if caption_set else None,
         "caption_rows": caption_set["rows"] if caption_set else None,
         "caption_candidates": len(caption_set["candidates"]) if caption_set else None,
+        "unreadable_images": unreadable,
         "weighted_captions": args.weighted_captions,
         "clip_backend": args.clip_backend,
         "clip_model": args.clip_model,
@@ -713,19 +730,21 @@ def report_markdown(report, grids, nearest_grids):
     if report["comparisons"]:
         lines += comparison_table("CLIP score", "over prompt-seed pairs", "pairs", report["comparisons"])
     if settings["caption_data"]:
-        sample = (f"a seeded sample of {settings['caption_images']} of its {settings['caption_rows']} captioned images"
-                  if settings["caption_rows"] > settings["caption_images"] else f"its {settings['caption_images']}"
-                  " captioned images")  # fmt: skip
+        drawn = settings["caption_images"] + len(settings["unreadable_images"]["caption_data"])
+        sample = (f"a seeded sample of {drawn} of its {settings['caption_rows']} captioned images"
+                  if settings["caption_rows"] > drawn else f"its {drawn} captioned images")  # fmt: skip
         lines += ["", f"Caption accuracy on {settings['caption_data']}: {sample}, each tried with the"
                   f" {settings['caption_candidates']} captions among them (chance"
                   f" {1 / settings['caption_candidates']:.4f}); the share whose own caption the model picks as a"
                   " diffusion classifier."]  # fmt: skip
+        lines += left_out_lines(settings["unreadable_images"]["caption_data"])
     if report["caption_comparisons"]:
         lines += comparison_table("caption accuracy", "image by image", "images", report["caption_comparisons"])
     if settings["reference_data"]:
         lines += ["", f"Distances to {settings['reference_data']} in CLIP image-feature space (lower is closer);"
                   f" near-copies: images whose nearest reference image has a cosine similarity of at least"
                   f" {settings['memorisation_threshold']}. Fréchet distance is biased upwards for small sets."]  # fmt: skip
+        lines += left_out_lines(settings["unreadable_images"]["reference_data"])
     lines += ["", "## Images", ""]
     for label, grid in grids.items():
         lines += [f"{label} (rows are prompts):", "", f"![{label}]({grid})", ""]
@@ -733,6 +752,11 @@ def report_markdown(report, grids, nearest_grids):
             lines += [f"{label}, its images closest to the reference set, each beside its nearest reference image:",
                       "", f"![nearest: {label}]({nearest_grids[label]})", ""]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def left_out_lines(unreadable):
+    """report.md's line naming the images left out because they can't be read, if any."""
+    return [f"Left out, as they can't be read: {', '.join(unreadable)}."] if unreadable else []
 
 
 def print_table(report, prompts):
@@ -817,23 +841,28 @@ def evaluate(args):
     # Check where the reports go and load the CLIP model first: both should fail before minutes of generation.
     check_output_dir(args.output_dir)
     caption_set = None
+    unreadable = {"caption_data": [], "reference_data": []}  # images left out because they can't be decoded
     if args.caption_data is not None:
         # Before the models load, so that a folder it can't read fails at once. Each image's label is its own
         # caption's place among the sample's distinct captions.
-        caption_images, captions, rows, uncaptioned = read_caption_data(
+        caption_images, captions, rows, uncaptioned, unreadable["caption_data"] = read_caption_data(
             args.caption_data, caption_column=args.caption_column, caption_extension=args.caption_extension,
             max_images=args.max_caption_images or None,
         )  # fmt: skip
         candidates = sorted(set(captions))
         labels = [candidates.index(caption) for caption in captions]
         caption_set = {"images": caption_images, "labels": labels, "candidates": candidates, "rows": rows}
-        shown = len(caption_images)
-        sample = f"a sample of {shown} of its {rows} captioned images" if rows > shown else "all its images"
+        drawn = len(caption_images) + len(unreadable["caption_data"])
+        sample = f"a sample of {drawn} of its {rows} captioned images" if rows > drawn else "all its images"
         print(
             f"Caption accuracy on {args.caption_data}: {sample}, each tried with {len(candidates)} captions"
             + (f" ({uncaptioned} images with no caption left out)" if uncaptioned else "")
         )
-    reference_images = read_reference_images(args.reference_data) if args.reference_data is not None else None
+        say_unreadable(unreadable["caption_data"], args.caption_data)
+    reference_images = None
+    if args.reference_data is not None:
+        reference_images, unreadable["reference_data"] = read_reference_images(args.reference_data)
+        say_unreadable(unreadable["reference_data"], args.reference_data)
     clip_model, clip_processor = load_clip(args.clip_backend, args.clip_model)
     clip = (clip_model.to(device), clip_processor)
     reference = None
@@ -912,7 +941,7 @@ def evaluate(args):
     # its images are not paired, and no paired interval is given for them.
     comparisons = paired_comparisons(results, args) if len(results) >= 2 and not args.doc_protocol else []
     try:
-        report, paths = write_reports(results, prompts, comparisons, caption_set, reference_images, args)
+        report, paths = write_reports(results, prompts, comparisons, caption_set, reference_images, unreadable, args)
     except OSError as err:
         raise UserError(f"could not write the reports to --output_dir {args.output_dir}: {first_line(err)}") from err
     print()

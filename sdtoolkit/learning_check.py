@@ -10,22 +10,25 @@ No sampling and no CLIP model are involved, so it works on the toolkit's random-
     caption_hits(pipeline, images, labels, candidates, resolution=32)       # which images, one bool each
     write_two_class_dataset(folder, per_class=8)   # red discs and blue squares, captioned by their class
     read_caption_data(folder, max_images=64)       # a training folder's images and captions, or a sample of them
+    read_images(paths)                             # image files decoded as training decodes them
 """
 
 import json
+import math
 import os
 import random
 
 import torch
 import torch.nn.functional as F
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
+from datasets import Image as ImageFeature
 from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 from torchvision.transforms import functional as TF
 
 from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text
-from sdtoolkit.data import has_metadata_file, to_rgb
+from sdtoolkit.data import has_metadata_file, scan_images, to_rgb
 from sdtoolkit.dataset_config import read_dataset_config, read_folders
 from sdtoolkit.errors import UserError, first_line
 
@@ -76,10 +79,12 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
     the folders of a kohya-ss dataset config file (.toml or .json; its regularization folders left out), read as
     --dataset_config reads them, with their subsets' caption_prefix and caption_suffix.
 
-    Returns (images, captions, rows, uncaptioned): with more than `max_images` captioned rows, a sample of them
-    drawn with `seed` (the same whichever model is scored), in the folder's order. An image is captioned by its
-    first caption when it has a list of them. Rows with no caption are left out (a classifier has nothing to pick
-    for them); `rows` is the number of captioned rows and `uncaptioned` the number left out.
+    Returns (images, captions, rows, uncaptioned, unreadable): with more than `max_images` captioned rows, a sample
+    of them drawn with `seed` (the same whichever model is scored), in the folder's order. An image is captioned by
+    its first caption when it has a list of them. Rows with no caption are left out (a classifier has nothing to
+    pick for them); `rows` is the number of captioned rows and `uncaptioned` the number left out. Images that can't
+    be decoded are left out too (training refuses them, or with --skip_invalid_images trains without them), named
+    in `unreadable` as 'file (reason)'.
     """
     if os.path.isfile(folder) and folder.lower().endswith((".toml", ".json")):
         _, subsets = read_dataset_config(folder, caption_extension=caption_extension)
@@ -112,8 +117,25 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
     chosen = captioned
     if max_images is not None and len(captioned) > max_images:
         chosen = sorted(random.Random(seed).sample(captioned, max_images))
-    images = [to_rgb(image) for image in dataset.select(chosen)["image"]]
-    return images, [captions[index] for index in chosen], len(captioned), len(captions) - len(captioned)
+    decoded, unreadable = decode_images(dataset.select(chosen))
+    images = [image for image in decoded if image is not None]
+    if len(images) < 2:
+        raise UserError(f"--caption_data {folder}: fewer than 2 of its images can be read ({', '.join(unreadable)})")
+    kept = [captions[index] for index, image in zip(chosen, decoded) if image is not None]
+    return images, kept, len(captioned), len(captions) - len(captioned), unreadable
+
+
+def read_images(paths):
+    """Image files decoded as training decodes them, and the ones that can't be: (images, ['file (reason)'])."""
+    decoded, unreadable = decode_images(Dataset.from_dict({"image": paths}).cast_column("image", ImageFeature()))
+    return [image for image in decoded if image is not None], unreadable
+
+
+def decode_images(dataset):
+    """Each row's image as training sees it (EXIF orientation applied, 8-bit RGB, transparency on white), None
+    for one that can't be decoded; and those, as 'file (reason)'."""
+    bad, _, _, decoded, _ = scan_images(dataset, "image", prepare=to_rgb, keep_bytes=math.inf)
+    return decoded, [f"{name} ({reason})" for _, name, reason in bad]
 
 
 def first_caption(caption):

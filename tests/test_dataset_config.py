@@ -283,7 +283,7 @@ def test_caption_accuracy_reads_a_configs_training_folders_as_training_does(tmp_
     config.write_text(
         CONFIG.format(data=data, reg=reg).replace("num_repeats = 3", 'num_repeats = 3\ncaption_prefix = "art,"')
     )
-    images, captions, rows, uncaptioned = read_caption_data(str(config))
+    images, captions, rows, uncaptioned, _ = read_caption_data(str(config))
     assert captions == ["sks creature", "sks creature, blue, round", "art, a purple creature, wide",
                         "art, a pink creature, tall, smiling"]  # fmt: skip
     assert (rows, uncaptioned) == (4, 0)

@@ -64,7 +64,7 @@ def test_set_distances_are_zero_for_the_same_set_and_grow_with_a_shift():
 
 def test_a_training_image_fed_back_is_flagged_as_a_near_copy(tiny_clip):
     clip_model, processor = metrics.load_clip("transformers", tiny_clip)
-    reference_images = metrics.read_reference_images(str(DEMO_DATA))
+    reference_images, _ = metrics.read_reference_images(str(DEMO_DATA))
     reference = metrics.image_features(reference_images, (clip_model, processor), "cpu")
     generated = [[reference_images[5]], [reference_images[17]]]
     check = metrics.training_set_check(generated, reference, (clip_model, processor), "cpu", threshold=0.95)

@@ -367,8 +367,8 @@ def test_caption_data_is_read_alike_in_each_layout_training_reads(tiny_sd, tiny_
     jsonl, csv_folder, kohya, captions = caption_layouts(tmp_path / "data", 6)
     read = [read_caption_data(str(jsonl)), read_caption_data(str(csv_folder), caption_column="caption"),
             read_caption_data(str(kohya))]  # fmt: skip
-    for images, texts, rows, uncaptioned in read:
-        assert (texts, rows, uncaptioned) == (captions, 6, 0)
+    for images, texts, rows, uncaptioned, unreadable in read:
+        assert (texts, rows, uncaptioned, unreadable) == (captions, 6, 0, [])
         assert [np.asarray(image).tolist() for image in images] == [
             np.asarray(demo_image(i)).tolist() for i in range(6)
         ]
@@ -386,9 +386,44 @@ def test_caption_data_is_read_alike_in_each_layout_training_reads(tiny_sd, tiny_
     assert score(tiny_sd, tiny_clip, tmp_path, *flags, prompts_file=prompts_file)["models"][0] == model
 
 
+def test_images_that_cant_be_read_are_left_out_and_named_and_photos_stand_as_training_sees_them(
+    tiny_sd, tiny_clip, prompts_file, tmp_path, capsys
+):
+    # A caption-file folder as phones and scrapers leave it: a portrait photo stored sideways with an EXIF
+    # orientation tag, and a JPEG cut short by a failed download.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        demo_image(i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"creature {i}")
+    sideways = demo_image(3).resize((64, 48))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    sideways.save(folder / "3.jpg", exif=exif)
+    (folder / "3.txt").write_text("creature 3")
+    (folder / "4.jpg").write_bytes((folder / "3.jpg").read_bytes()[:300])
+    (folder / "4.txt").write_text("creature 4")
+
+    images, captions, rows, uncaptioned, unreadable = read_caption_data(str(folder))
+    assert (captions, rows, uncaptioned) == (["creature 0", "creature 1", "creature 2", "creature 3"], 5, 0)
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{folder / '4.jpg'} (")
+    assert images[3].size == (48, 64)  # upright, as training decodes it
+    references, unreadable = metrics.read_reference_images(str(folder))
+    assert [image.size for image in references][3] == (48, 64) and unreadable[0].startswith(str(folder / "4.jpg"))
+
+    report = score(tiny_sd, tiny_clip, tmp_path, "--caption_data", str(folder), "--reference_data", str(folder),
+                   prompts_file=prompts_file)  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"Left out 1 image of {folder} that can't be read: {folder / '4.jpg'}" in out
+    assert report["settings"]["caption_images"] == 4 and len(report["models"][0]["caption_hits"]) == 4
+    assert report["settings"]["unreadable_images"] == {"caption_data": unreadable, "reference_data": unreadable}
+    left_out = f"Left out, as they can't be read: {unreadable[0]}."
+    assert (tmp_path / "scores" / "report.md").read_text().count(left_out) == 2  # under each of the two sections
+
+
 def test_a_large_caption_folder_is_sampled_with_a_seed_and_uncaptioned_images_are_left_out(tmp_path):
     jsonl, _, _, captions = caption_layouts(tmp_path / "data", 8)
-    images, sampled, rows, uncaptioned = read_caption_data(str(jsonl), max_images=5)
+    images, sampled, rows, uncaptioned, _ = read_caption_data(str(jsonl), max_images=5)
     assert (len(images), rows, uncaptioned) == (5, 8, 0)
     assert sampled == [caption for caption in captions if caption in sampled]  # in the folder's order
     assert sampled != captions[:5] and read_caption_data(str(jsonl), max_images=5)[1] == sampled
@@ -401,10 +436,10 @@ def test_a_large_caption_folder_is_sampled_with_a_seed_and_uncaptioned_images_ar
         demo_image(i).save(kohya / f"{i}.png")
     (kohya / "0.txt").write_text("a creature")
     (kohya / "1.txt").write_text("another creature")
-    assert read_caption_data(str(kohya))[1:] == (["a creature", "another creature"], 2, 1)
+    assert read_caption_data(str(kohya))[1:] == (["a creature", "another creature"], 2, 1, [])
     lists = image_folder(tmp_path / "lists", [(f"{i}.png", demo_image(i), [] if i == 1 else ["first", "second"])
                                               for i in range(3)])  # fmt: skip
-    assert read_caption_data(str(lists))[1:] == (["first", "first"], 2, 1)  # a list's first caption
+    assert read_caption_data(str(lists))[1:] == (["first", "first"], 2, 1, [])  # a list's first caption
     (kohya / "0.txt").unlink()
     with pytest.raises(UserError, match="needs at least 2 captioned images, found 1"):
         read_caption_data(str(kohya))
