@@ -61,6 +61,7 @@ CONFIGS = [
     ("all on (defaults)", []),
     ("all on + 8-bit AdamW", ["--use_8bit_adam"]),
     ("all on + Adafactor", ["--optimizer", "adafactor"]),
+    ("all on + the whole text encoder trained", ["--train_text_encoder"]),
 ]
 
 # LoRA runs compared with the full fine-tune. bf16 autocast also keeps the frozen UNet in bf16.

@@ -13,6 +13,7 @@ defaults, same checkpoint layout. The VAE and the CLIP text encoder stay frozen;
 """
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -485,16 +486,17 @@ def parse_args(argv=None):
         "--train_text_encoder",
         action="store_true",
         help=(
-            "With --lora_rank, also train a LoRA of the same rank and alpha on the text encoder's attention"
-            " projections (q_proj, k_proj, v_proj, out_proj), as kohya-ss does by default; it is saved in the same"
-            " files. Captions are then encoded at every step, not cached."
+            "Train the text encoder too. With --lora_rank, a LoRA of the same rank and alpha on its attention"
+            " projections (q_proj, k_proj, v_proj, out_proj), as kohya-ss does by default, saved in the same files;"
+            " without, all of its weights, as kohya-ss's fine_tune.py does (saved in the pipeline's text_encoder/,"
+            " averaged too with --use_ema). Captions are then encoded at every step, not cached."
         ),
     )
     parser.add_argument(
         "--text_encoder_lr",
         type=float,
         default=None,
-        help="The learning rate of the text encoder's LoRA (--train_text_encoder). Default: --learning_rate.",
+        help="The learning rate of the text encoder (--train_text_encoder). Default: --learning_rate.",
     )
     parser.add_argument(
         "--fp8_base",
@@ -1450,11 +1452,6 @@ def parse_args(argv=None):
         raise UserError(f"--lora_rank must be at least 1, got {args.lora_rank}")
     if args.init_lora is not None:
         check_init_lora(args)
-    if args.train_text_encoder and not args.lora_rank:
-        raise UserError(
-            "--train_text_encoder trains a LoRA on the text encoder, so it needs --lora_rank (training all of the"
-            " text encoder's weights is not supported)"
-        )
     if args.fp8_base and not args.lora_rank:
         raise UserError(
             "--fp8_base keeps the frozen base model's weights in float8, so it needs --lora_rank (a full fine-tune"
@@ -2218,6 +2215,9 @@ image.save("my_image.png")
 {serve}
 ```"""
     lora = "no (all UNet weights trained)"
+    if args.train_text_encoder and not args.lora_rank:
+        lr = f" at learning rate {args.text_encoder_lr:g}" if args.text_encoder_lr else ""
+        lora = f"no (all UNet weights trained, and all the text encoder's{lr})"
     if args.lora_rank:
         lora = f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}"
         if args.lora_conv_rank:
@@ -2433,6 +2433,11 @@ def fine_tune(args):
         raise UserError(
             "--lora_rank is not supported with DeepSpeed or FSDP yet (a LoRA is small enough for DDP); use a DDP"
             " config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
+        )
+    if args.train_text_encoder and (fsdp or deepspeed):
+        raise UserError(
+            "--train_text_encoder is not supported with DeepSpeed or FSDP yet (accelerate's DeepSpeed takes one trained"
+            " model); use a DDP config (configs/accelerate/multi_gpu_ddp.yaml) or one GPU"
         )
     # DeepSpeed's offload brings an AdamW of its own, and FSDP flattens the weights that Adafactor factors: neither is
     # tried with the other optimizers.
@@ -2674,6 +2679,12 @@ def fine_tune(args):
             )
     if resume_path is not None and not args.lora_rank:
         check_same_architecture(unet, resume_path, resumed_state)
+        holds = os.path.isdir(os.path.join(resume_path, "text_encoder"))
+        if holds != args.train_text_encoder:
+            raise UserError(
+                f"{resume_path} {'holds a trained text encoder' if holds else 'has no text encoder trained'}; resume it"
+                f" {'with' if holds else 'without'} --train_text_encoder"
+            )
     if args.export_single_file:  # say it now, not after training
         check_sd1(args.pretrained_model_name_or_path, unet.config, vae.config, text_encoder.config.to_dict())
 
@@ -2752,11 +2763,17 @@ def fine_tune(args):
     unet_trained = [p for p in unet.parameters() if p.requires_grad]
     unet.train()
     logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet_trained):,}")
-    # With --train_text_encoder the text encoder gets an adapter of its own, trained with the UNet's. Its frozen
-    # weights are cast to the precision of the other frozen models first, so the float32 adapter stays float32.
-    # `adapted_text_encoder` is that text encoder (None without the flag), for saving, loading and measuring.
+    # With --train_text_encoder and a LoRA the text encoder gets an adapter of its own, trained with the UNet's. Its
+    # frozen weights are cast to the precision of the other frozen models first, so the float32 adapter stays
+    # float32. `adapted_text_encoder` is that text encoder (None without the flag), for saving and loading the adapter.
+    # In a full fine-tune the flag trains all of the text encoder's weights, in float32 like the UNet's.
     text_encoder_trained, adapted_text_encoder = [], None
-    if args.train_text_encoder:
+    if args.train_text_encoder and not args.lora_rank:
+        text_encoder.to(dtype=torch.float32).requires_grad_(True)
+        text_encoder_trained = list(text_encoder.parameters())
+        text_encoder.train()
+        logger.info(f"Text encoder trainable parameters: {sum(p.numel() for p in text_encoder_trained):,}")
+    elif args.train_text_encoder:
         text_encoder.to(dtype=half or torch.float32)
         if init_lycoris and init_lycoris[1]["text_encoder"]:
             kind, parts = init_lycoris
@@ -2777,7 +2794,7 @@ def fine_tune(args):
         text_encoder.train()
         adapted_text_encoder = text_encoder
         logger.info(f"Text encoder trainable parameters: {sum(p.numel() for p in text_encoder_trained):,}")
-    trained = unet_trained + text_encoder_trained  # what the optimizer, clipping and EMA see
+    trained = unet_trained + text_encoder_trained  # what the optimizer and clipping see
 
     # Create EMA for the unet: a second copy of the weights, updated as an exponential moving average.
     ema_cls = InPlaceEMAModel if args.inplace_ema else EMAModel
@@ -2802,6 +2819,27 @@ def fine_tune(args):
             model_config=ema_unet.config,
             foreach=args.foreach_ema,
         )
+
+    # A fully trained text encoder has an average of its own, beside the UNet's; each EMA with the weights it averages.
+    ema_text_encoder = None
+    if args.use_ema and text_encoder_trained and not args.lora_rank:
+        ema_text_encoder = ema_cls(text_encoder_trained, foreach=args.foreach_ema)
+    averages = []
+    if args.use_ema:
+        averages = [(ema_unet, trained if args.lora_rank else unet_trained)]
+        averages += [(ema_text_encoder, text_encoder_trained)] if ema_text_encoder is not None else []
+
+    @contextlib.contextmanager
+    def ema_weights():
+        """Inside the block the trained weights are their averages (with --use_ema), as the final save holds them."""
+        for ema, weights in averages:
+            ema.store(weights)
+            ema.copy_to(weights)
+        try:
+            yield
+        finally:
+            for ema, weights in averages:
+                ema.restore(weights)
 
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -2831,6 +2869,10 @@ def fine_tune(args):
             save_lora(unwrap(unet), output_dir, adapted_text_encoder)
         elif not args.lora_rank:
             for model in models:
+                if isinstance(unwrap(model), CLIPTextModel):  # --train_text_encoder (DDP or one process: whole)
+                    if accelerator.is_main_process:
+                        unwrap(model).save_pretrained(os.path.join(output_dir, "text_encoder"))
+                    continue
                 unet_to_save = unet_for_saving(model)
                 if accelerator.is_main_process:
                     unet_to_save.save_pretrained(os.path.join(output_dir, "unet"))
@@ -2838,7 +2880,13 @@ def fine_tune(args):
             save_lora_ema(ema_unet, output_dir)
         elif accelerator.is_main_process and args.use_ema:
             ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-        weights.clear()  # so that accelerate does not save the UNet a second time as model.safetensors
+            if ema_text_encoder is not None:
+                # The text encoder's average as a text encoder folder; its step count is the UNet EMA's.
+                ema_text_encoder.store(text_encoder_trained)
+                ema_text_encoder.copy_to(text_encoder_trained)
+                text_encoder.save_pretrained(os.path.join(output_dir, "text_encoder_ema"))
+                ema_text_encoder.restore(text_encoder_trained)
+        weights.clear()  # so that accelerate does not save the models a second time as model.safetensors
 
     def load_model_hook(models, input_dir):
         if args.lora_rank:
@@ -2856,15 +2904,27 @@ def fine_tune(args):
                 os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
             )
             ema_unet.load_state_dict(load_model.state_dict())
-            if args.offload_ema:
-                ema_unet.pin_memory() if accelerator.device.type == "cuda" else None
-            else:
-                ema_unet.to(accelerator.device)
             del load_model
+            if ema_text_encoder is not None:
+                average = CLIPTextModel.from_pretrained(os.path.join(input_dir, "text_encoder_ema"))
+                for shadow, weight in zip(ema_text_encoder.shadow_params, average.parameters(), strict=True):
+                    shadow.copy_(weight)
+                ema_text_encoder.optimization_step = ema_unet.optimization_step
+                del average
+            for ema, _ in averages:
+                if args.offload_ema:
+                    ema.pin_memory() if accelerator.device.type == "cuda" else None
+                else:
+                    ema.to(accelerator.device)
 
         for _ in range(len(models)):
             # pop models so that they are not loaded again
             model = models.pop()
+            if isinstance(unwrap(model), CLIPTextModel):
+                load_model = CLIPTextModel.from_pretrained(input_dir, subfolder="text_encoder")
+                unwrap(model).load_state_dict(load_model.state_dict())
+                del load_model
+                continue
             # load diffusers style into model
             load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
             model = unwrap(model)
@@ -2877,6 +2937,8 @@ def fine_tune(args):
 
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if args.train_text_encoder and not args.lora_rank:
+            text_encoder.gradient_checkpointing_enable()
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
     if compile_blocks:
@@ -2895,7 +2957,7 @@ def fine_tune(args):
             args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         )
 
-    # The text encoder's adapter is a group of its own, at its own learning rate.
+    # The trained text encoder (or its adapter) is a group of its own, at its own learning rate.
     parameters = trained
     if args.train_text_encoder:
         text_encoder_lr = args.text_encoder_lr or args.learning_rate
@@ -3063,11 +3125,11 @@ def fine_tune(args):
         if args.train_text_encoder:
             store_in_float8(text_encoder, half or torch.float32)
 
-    if args.use_ema:
+    for ema, _ in averages:
         if args.offload_ema and accelerator.device.type == "cuda":
-            ema_unet.pin_memory()
+            ema.pin_memory()
         else:
-            ema_unet.to(accelerator.device)
+            ema.to(accelerator.device)
 
     # Move text_encode and vae to gpu and cast to weight_dtype (a trained text encoder already is: see above)
     if not args.train_text_encoder:
@@ -3265,16 +3327,12 @@ def fine_tune(args):
     def measure_held_out():
         """The held-out loss of the weights the run would save now (the EMA weights with --use_ema), logged and
         kept. Every process measures (under DeepSpeed ZeRO-3 and FSDP the UNet's forward needs them all)."""
-        if args.use_ema:
-            ema_unet.store(trained)
-            ema_unet.copy_to(trained)
         nonlocal held_out_first, held_out_last
-        losses, held_out_last = held_out(
-            unwrap(unet), noise_scheduler, accelerator.autocast, accelerator,
-            text_encoder=adapted_text_encoder,
-        )  # fmt: skip
-        if args.use_ema:
-            ema_unet.restore(trained)
+        with ema_weights():
+            losses, held_out_last = held_out(
+                unwrap(unet), noise_scheduler, accelerator.autocast, accelerator,
+                text_encoder=text_encoder if args.train_text_encoder else None,
+            )  # fmt: skip
         if held_out_first is None or len(held_out_first) != len(held_out_last):  # the first, or another split
             held_out_first = held_out_last
         if held_out_losses and held_out_losses[-1][0] == global_step:
@@ -3300,14 +3358,8 @@ def fine_tune(args):
         """The validation images, drawn on the main process with the EMA weights when there are some."""
         if not accelerator.is_main_process:
             return
-        if args.use_ema:
-            # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-            ema_unet.store(trained)
-            ema_unet.copy_to(trained)
-        log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
-        if args.use_ema:
-            # Switch back to the original UNet parameters.
-            ema_unet.restore(trained)
+        with ema_weights():
+            log_validation(vae, text_encoder, tokenizer, unet, args, accelerator, weight_dtype, global_step)
 
     # The base model's held-out loss and, with --sample_at_first, its validation images (validation/step-0): the
     # references for every later one. A resumed run has them already.
@@ -3484,12 +3536,12 @@ def fine_tune(args):
                         # kohya-ss's max-norm regularization of the adapters' updates (see sdtoolkit/lora.py).
                         adapted = [unet] + ([adapted_text_encoder] if adapted_text_encoder is not None else [])
                         norm_stats = max_norm_regularize(adapted, args.scale_weight_norms)
-                    if args.use_ema:
+                    for ema, weights in averages:
                         if args.offload_ema:
-                            ema_unet.to(device=accelerator.device, non_blocking=True)
-                        ema_unet.step(trained)
+                            ema.to(device=accelerator.device, non_blocking=True)
+                        ema.step(weights)
                         if args.offload_ema:
-                            ema_unet.to(device="cpu", non_blocking=True)
+                            ema.to(device="cpu", non_blocking=True)
                     progress_bar.update(1)
                     global_step += 1
                     now = time.perf_counter()
@@ -3566,6 +3618,8 @@ def fine_tune(args):
     if accelerator.is_main_process:
         if args.use_ema:
             ema_unet.copy_to(trained if args.lora_rank else unet.parameters())
+        if ema_text_encoder is not None:
+            ema_text_encoder.copy_to(text_encoder_trained)
 
         frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
         # Those freed after caching are loaded again; the tokenizer is the one trained with (not read again).

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from sdtoolkit.atomic_files import written_atomically
 from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.inference import (
+    checkpoint_text_encoder,
     checkpoint_unet,
     is_single_file,
     load_base_model,
@@ -202,6 +203,7 @@ def sources(path, ema):
     unet = checkpoint_unet(path, ema)
     if not os.path.isdir(unet):
         raise UserError(f"{path} has no {os.path.basename(unet)}/" + (" (the run had no --use_ema)" if ema else ""))
+    text_encoder = checkpoint_text_encoder(path, ema)  # a text encoder the run trained (--train_text_encoder)
     state = os.path.join(path, "training_state.json")
     if is_single_file(base) or not looks_like_local_path(base):
         # A base model in one file, or on the hub (or in its local cache): its VAE and text encoder as diffusers
@@ -214,13 +216,15 @@ def sources(path, ema):
         pipeline = load_base_model(base, torch.float32, trained["revision"], trained["config"], unet=None, **vae)
         weights = [read_weights(unet), pipeline.vae.state_dict(), pipeline.text_encoder.state_dict()]
         configs = [read_config(unet), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
+        if text_encoder is not None:
+            weights[2], configs[2] = read_weights(text_encoder), read_config(text_encoder)
         return weights, configs, state
     if not os.path.isfile(os.path.join(base, "model_index.json")):
         raise UserError(
             f"the checkpoint's base model {base} is no longer there (no model_index.json); put it back, or export"
             " the run's saved pipeline instead"
         )
-    folders = [unet, os.path.join(base, "vae"), os.path.join(base, "text_encoder")]
+    folders = [unet, os.path.join(base, "vae"), text_encoder or os.path.join(base, "text_encoder")]
     weights, configs = [read_weights(d) for d in folders], [read_config(d) for d in folders]
     if trained["vae"] is not None:  # the VAE the run trained with (--pretrained_vae_model_name_or_path)
         vae = load_vae(trained["vae"], torch.float32, base=base, config=trained["config"])

@@ -7,7 +7,8 @@ to do. It also loads what a training run wrote that is not a whole pipeline, on 
 names (a folder, a hub id or one file; see trained_model):
 
     sd-model/checkpoint-500      a checkpoint: the base model with the checkpoint's UNet (its EMA weights when
-                                 the run had EMA, as the run's final save would hold)
+                                 the run had EMA, as the run's final save would hold), and its text encoder
+                                 when the run trained one (--train_text_encoder)
     lora-model                   a LoRA run's output: the base model with the adapter on top
     lora-model/checkpoint-500    a LoRA checkpoint: the same, with the adapter's EMA weights when it has them
     lora-model/pytorch_lora_weights_kohya.safetensors   the LoRA file alone
@@ -24,6 +25,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.utils.peft_utils import get_adapter_name
 from huggingface_hub import metadata_load
 from safetensors import SafetensorError, safe_open
+from transformers import CLIPTextModel
 from transformers.utils import logging as transformers_logging
 
 from sdtoolkit.embeddings import safetensors_files
@@ -482,6 +484,16 @@ def checkpoint_unet(path, ema=None):
     return os.path.join(path, "unet_ema" if ema else "unet")
 
 
+def checkpoint_text_encoder(path, ema=None):
+    """A full checkpoint's text encoder folder when the run trained it (--train_text_encoder), else None: its
+    text_encoder_ema/ or text_encoder/, chosen as checkpoint_unet chooses."""
+    if not os.path.isdir(os.path.join(path, "text_encoder")):
+        return None
+    if ema is None:
+        ema = os.path.isdir(os.path.join(path, "unet_ema"))
+    return os.path.join(path, "text_encoder_ema" if ema else "text_encoder")
+
+
 def load_trained(path, trained, dtype, config=None):
     """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model). config: for a base
     model that is one file, the pipeline whose configs describe it, if not the one the run used."""
@@ -500,8 +512,18 @@ def load_trained(path, trained, dtype, config=None):
             unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError) as err:
             raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
-        print(f"{path}: a checkpoint, its {os.path.basename(folder)}/ on its base model {base}")
-        pipeline = load_base_model(base, dtype, trained["revision"], config, unet=unet, **vae)
+        components, parts = {"unet": unet, **vae}, f"{os.path.basename(folder)}/"
+        text_folder = checkpoint_text_encoder(path)
+        if text_folder is not None:  # the run trained the text encoder too
+            try:
+                components["text_encoder"] = CLIPTextModel.from_pretrained(
+                    text_folder, dtype=dtype, use_safetensors=True
+                )
+            except (OSError, ValueError) as err:
+                raise UserError(f"could not load the checkpoint's {text_folder}: {first_line(err)}") from err
+            parts += f" and {os.path.basename(text_folder)}/"
+        print(f"{path}: a checkpoint, its {parts} on its base model {base}")
+        pipeline = load_base_model(base, dtype, trained["revision"], config, **components)
         return sample_as_trained(pipeline, path, **trained_sampling(trained))
     pipeline = load_base_model(base, dtype, trained["revision"], config, **vae)
     pipeline = sample_as_trained(pipeline, path, **trained_sampling(trained))

@@ -222,7 +222,7 @@ def test_each_config_loads_with_accelerates_own_loader(name, distributed_type, n
         assert config.num_machines == 2 and "main_process_ip" in raw and "machine_rank" in raw
 
 
-def test_fsdp_with_ema_is_refused_with_a_reason(monkeypatch, tmp_path):
+def test_fsdp_with_ema_or_a_trained_text_encoder_is_refused_with_a_reason(monkeypatch, tmp_path):
     # In the environment `accelerate launch --config_file configs/accelerate/fsdp.yaml` gives the script (its own
     # function builds it), as train.sh's recipe with EMA would run.
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -233,9 +233,14 @@ def test_fsdp_with_ema_is_refused_with_a_reason(monkeypatch, tmp_path):
                                                  "--mixed_precision=no", "train_text_to_image.py"])  # fmt: skip
     for name, value in prepare_multi_gpu_env(_validate_launch_command(launch)[0]).items():
         monkeypatch.setenv(name, value)
+    run = ["--pretrained_model_name_or_path", "/nonexistent", "--train_data_dir", str(DEMO_DATA), "--output_dir",
+           str(tmp_path)]  # fmt: skip
     with pytest.raises(train_text_to_image.UserError, match="--use_ema is not supported with FSDP"):
-        train_text_to_image.main(["--pretrained_model_name_or_path", "/nonexistent", "--train_data_dir",
-                                  str(DEMO_DATA), "--output_dir", str(tmp_path), "--use_ema"])  # fmt: skip
+        train_text_to_image.main([*run, "--use_ema"])
+    with pytest.raises(
+        train_text_to_image.UserError, match="--train_text_encoder is not supported with DeepSpeed or FSDP"
+    ):
+        train_text_to_image.main([*run, "--train_text_encoder"])
 
 
 @pytest.mark.gpu
@@ -324,6 +329,22 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
     checkpoint = out / f"checkpoint-{step}"
     assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
     assert not (out / "model_index.json").exists()
+
+
+def test_two_processes_train_the_whole_text_encoder_like_one(tiny_sd, tmp_path):
+    # --train_text_encoder in a full fine-tune: DDP over both models; the main process saves the text encoder and
+    # its average in each checkpoint, and both move as in one process with the same global batch.
+    out, one = tmp_path / "out", tmp_path / "one"
+    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", "--train_text_encoder")
+    train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(one), *FLAGS,
+                              "--train_batch_size", "4", "--train_text_encoder"])  # fmt: skip
+    base = load_file(str(Path(tiny_sd) / "text_encoder" / "model.safetensors"))
+    for sub in ("checkpoint-4/text_encoder", "checkpoint-4/text_encoder_ema", "text_encoder"):
+        ddp, single = (load_file(str(run / sub / "model.safetensors")) for run in (out, one))
+        moved = torch.cat([(single[key] - base[key]).flatten() for key in base])
+        apart = torch.cat([(ddp[key] - single[key]).flatten() for key in base])
+        assert moved.norm() > 0 and (apart.norm() / moved.norm()).item() < 0.01, sub
+    assert relative_difference_of_updates(Path(tiny_sd) / "unet", out / "unet", one / "unet") < 0.01
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora_type", "loha", "--fp8_base"]], ids=["lora", "loha-fp8-base"])

@@ -177,12 +177,13 @@ def test_a_lora_run_measures_its_adapter(tiny_sd, tmp_path):
     assert losses[-1][1] < 0.95 * losses[0][1]  # a rank-4 adapter's EMA moves less in 20 steps
 
 
-def test_a_text_encoder_that_trains_is_measured_as_it_is_at_each_measurement(tiny_sd, tmp_path):
-    # Only the text encoder's adapter moves (the UNet's learning rate is next to nothing): the held-out loss
-    # changes only if each measurement encodes the captions with the text encoder as it is then.
+@pytest.mark.parametrize("lora", [["--lora_rank", "4"], []], ids=["lora", "whole"])
+def test_a_text_encoder_that_trains_is_measured_as_it_is_at_each_measurement(tiny_sd, tmp_path, lora):
+    # Only the text encoder (its adapter, or all its weights) moves (the UNet's learning rate is next to nothing):
+    # the held-out loss changes only if each measurement encodes the captions with the text encoder as it is then.
     out = tmp_path / "out"
-    train(tiny_sd, out, "--validation_split", "0.25", "--max_train_steps", "4", "--checkpointing_steps", "4",
-          "--lora_rank", "4", "--learning_rate", "1e-12", "--train_text_encoder", "--text_encoder_lr", "1e-1")  # fmt: skip
+    train(tiny_sd, out, "--validation_split", "0.25", "--max_train_steps", "4", "--checkpointing_steps", "4", *lora,
+          "--learning_rate", "1e-12", "--train_text_encoder", "--text_encoder_lr", "1e-1")  # fmt: skip
     losses = json.loads((out / "checkpoint-4" / "training_state.json").read_text())["validation_losses"]
     assert [step for step, _ in losses] == [0, 4]
     assert abs(losses[1][1] - losses[0][1]) > 1e-3, losses

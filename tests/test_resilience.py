@@ -347,7 +347,6 @@ def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
         (["--noise_offset", "-1"], "--noise_offset must be a number >= 0"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
         (["--snr_gamma", "0"], "--snr_gamma must be a positive number"),
-        (["--train_text_encoder"], "--train_text_encoder trains a LoRA on the text encoder, so it needs --lora_rank"),
         (["--reg_data_dir", "/nonexistent"], "--reg_data_dir /nonexistent is not a folder"),
         (["--reg_data_dir", str(DEMO_DATA), "--prior_loss_weight", "-1"], "--prior_loss_weight must be a number >= 0"),
         # The bundled data is an imagefolder with a metadata file: no caption files, no N_name folders.

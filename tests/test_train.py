@@ -12,9 +12,11 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
+from safetensors.torch import load_file
 
 import train_text_to_image
 from sdtoolkit.errors import UserError
+from sdtoolkit.inference import load_pipeline
 from tests.conftest import (
     DEMO_DATA,
     REPO,
@@ -22,6 +24,7 @@ from tests.conftest import (
     logged_losses,
     run_entry_point,
     train,
+    train_whole_and_resumed,
     unet_weights,
 )
 
@@ -126,6 +129,40 @@ def test_use_ema_writes_unet_ema_and_saves_the_ema_weights(tiny_sd, tmp_path):
     # The final pipeline carries the EMA weights, which differ from the raw trained ones.
     assert torch.equal(final["conv_in.weight"], ema.conv_in.weight.detach())
     assert not torch.equal(ema.conv_in.weight, raw.conv_in.weight)
+
+
+def test_train_text_encoder_trains_all_its_weights_averages_them_and_resumes_bitwise(tiny_sd, tmp_path):
+    # kohya-ss's fine_tune.py --train_text_encoder: every text encoder weight trains with the UNet's, here with its
+    # own EMA and gradient checkpointing, saved whole in checkpoints and in the pipeline.
+    common = ["--use_ema", "--gradient_checkpointing", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+    flags = ["--train_text_encoder", "--text_encoder_lr", "5e-4", *common]
+    train_whole_and_resumed(tiny_sd, tmp_path, *flags)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+
+    def text_encoder(folder):
+        return load_file(str(folder / "model.safetensors"))
+
+    base, final = text_encoder(Path(tiny_sd) / "text_encoder"), text_encoder(whole / "text_encoder")
+    assert all(not torch.equal(base[key], final[key]) for key in base)  # every weight moved, the embeddings too
+    # Resumed at step 2 (its text encoder, its average and their optimizer state), it ends where one run does.
+    for name, weights in (("text_encoder", text_encoder), ("unet", unet_weights)):
+        one, two = weights(whole / name), weights(parts / name)
+        assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+    # The pipeline holds the average; the checkpoint both, and metrics.py and gradio_app.py load its average.
+    checkpoint = whole / "checkpoint-4"
+    average, raw = text_encoder(checkpoint / "text_encoder_ema"), text_encoder(checkpoint / "text_encoder")
+    assert all(torch.equal(final[key], average[key]) for key in final)
+    assert not all(torch.equal(raw[key], average[key]) for key in raw)
+    loaded = load_pipeline(str(checkpoint), "cpu", torch.float32).text_encoder.state_dict()
+    assert all(torch.equal(loaded[key], final[key]) for key in final)
+    assert "all the text encoder's at learning rate 0.0005" in (whole / "README.md").read_text()
+    # A checkpoint with a trained text encoder goes on only with it, and one without only without.
+    resume = ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(UserError, match="holds a trained text encoder; resume it with --train_text_encoder"):
+        train(tiny_sd, parts, *common, *resume)
+    train(tiny_sd, tmp_path / "unet-only", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    with pytest.raises(UserError, match="has no text encoder trained; resume it without --train_text_encoder"):
+        train(tiny_sd, tmp_path / "unet-only", "--train_text_encoder", *resume)
 
 
 def test_save_every_n_epochs_checkpoints_each_epochs_end_and_resumes_from_it_bitwise(tiny_sd, tmp_path):
