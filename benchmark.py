@@ -331,7 +331,7 @@ def child_evaluation():
         projection_dim=512,
     )  # fmt: skip
     clip = (metrics.TransformersCLIPFeatures(CLIPModel(config)).eval(), CLIPImageProcessor())
-    images = metrics.read_reference_images(str(DATA))
+    images, _ = metrics.read_reference_images(str(DATA))
     image_features(images[:2], clip, "cpu")  # warm-up
     features = torch.from_numpy(np.random.default_rng(0).normal(size=(1000, 512)))
     reference = torch.from_numpy(np.random.default_rng(1).normal(size=(800, 512)))
