@@ -319,8 +319,11 @@ def read_reference_images(folder):
     if not os.path.isdir(folder):
         raise UserError(f"--reference_data {folder} is not a folder")
     if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
-        with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8-sig") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8-sig") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except ValueError as err:  # not JSON, or not UTF-8
+            raise UserError(f"--reference_data {folder}: its metadata.jsonl can't be read: {first_line(err)}") from err
         if not all(isinstance(row, dict) and isinstance(row.get("file_name"), str) for row in rows):
             raise UserError(f"--reference_data {folder}: every line of its metadata.jsonl needs a file_name")
         paths = [os.path.join(folder, row["file_name"]) for row in rows]

@@ -3,7 +3,8 @@
 
 The command line is the one of diffusers' examples/text_to_image/train_text_to_image.py: same flags, same
 defaults, same checkpoint layout. The VAE and the CLIP text encoder stay frozen; only the UNet trains
-(859,520,964 parameters for SD v1-4). Run it with `python` or `accelerate launch`:
+(859,520,964 parameters for SD v1-4), unless --train_text_encoder trains the text encoder too (or --lora_rank
+trains adapters instead). Run it with `python` or `accelerate launch`:
 
     accelerate launch train_text_to_image.py \
         --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
@@ -3621,8 +3622,9 @@ def fine_tune(args):
         if ema_text_encoder is not None:
             ema_text_encoder.copy_to(text_encoder_trained)
 
+        # The VAE and the text encoder (trained, with --train_text_encoder) as the run holds them; those freed after
+        # caching are loaded again. The tokenizer is the one trained with (not read again).
         frozen = {name: model for name, model in (("vae", vae), ("text_encoder", text_encoder)) if model is not None}
-        # Those freed after caching are loaded again; the tokenizer is the one trained with (not read again).
         pipeline = base_pipeline(args, **frozen, tokenizer=tokenizer, unet=unet)
         facts = {**identity, "global_step": global_step, "resolution": args.resolution,
                  "learning_rate": args.learning_rate}  # fmt: skip

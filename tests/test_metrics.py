@@ -418,6 +418,12 @@ def test_images_that_cant_be_read_are_left_out_and_named_and_photos_stand_as_tra
     assert report["settings"]["caption_images"] == 4 and len(report["models"][0]["caption_hits"]) == 4
     assert report["settings"]["unreadable_images"] == {"caption_data": unreadable, "reference_data": unreadable}
     left_out = f"Left out, as they can't be read: {unreadable[0]}."
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png"}\n{"file": "1.png"}\n')
+    with pytest.raises(UserError, match="every line of its metadata.jsonl needs a file_name"):
+        metrics.read_reference_images(str(folder))
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png"\n')
+    with pytest.raises(UserError, match="its metadata.jsonl can't be read: "):
+        metrics.read_reference_images(str(folder))
     assert (tmp_path / "scores" / "report.md").read_text().count(left_out) == 2  # under each of the two sections
 
 
