@@ -193,6 +193,17 @@ def parse_args(argv=None):
         help="The extension of --caption_data's caption files (default: .txt), as in training.",
     )
     parser.add_argument(
+        "--caption_prefix",
+        default=None,
+        help=(
+            "Words put before every --caption_data caption, as the training run's --caption_prefix put them (a"
+            " dataset config's subsets' own win), so each image is tried with the captions the model learned."
+        ),
+    )
+    parser.add_argument(
+        "--caption_suffix", default=None, help="Words put after every --caption_data caption, as --caption_prefix."
+    )
+    parser.add_argument(
         "--max_caption_images",
         type=int,
         default=64,
@@ -246,8 +257,9 @@ def parse_args(argv=None):
         raise UserError(f"--guidance_rescale must be from 0 (off) to 1, got {args.guidance_rescale}")
     if args.max_caption_images < 0 or args.max_caption_images == 1:
         raise UserError(f"--max_caption_images must be 0 (all) or at least 2, got {args.max_caption_images}")
-    if args.weighted_captions and args.caption_data is None:
-        raise UserError("--weighted_captions reads --caption_data's captions: give --caption_data too, or drop it")
+    for flag in ("weighted_captions", "caption_prefix", "caption_suffix"):
+        if getattr(args, flag) and args.caption_data is None:
+            raise UserError(f"--{flag} is for --caption_data's captions: give --caption_data too, or drop it")
     if not 0 < args.memorisation_threshold <= 1:
         raise UserError(f"--memorisation_threshold must be in (0, 1], got {args.memorisation_threshold}")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8 != 0):
@@ -560,6 +572,8 @@ def write_reports(results, prompts, comparisons, caption_set, reference_images, 
         "caption_images": len(caption_set["labels"]) if caption_set else None,
         "caption_rows": caption_set["rows"] if caption_set else None,
         "caption_candidates": len(caption_set["candidates"]) if caption_set else None,
+        "caption_prefix": args.caption_prefix,
+        "caption_suffix": args.caption_suffix,
         "unreadable_images": unreadable,
         "weighted_captions": args.weighted_captions,
         "clip_backend": args.clip_backend,
@@ -850,6 +864,7 @@ def evaluate(args):
         # caption's place among the sample's distinct captions.
         caption_images, captions, rows, uncaptioned, unreadable["caption_data"] = read_caption_data(
             args.caption_data, caption_column=args.caption_column, caption_extension=args.caption_extension,
+            caption_prefix=args.caption_prefix, caption_suffix=args.caption_suffix,
             max_images=args.max_caption_images or None,
         )  # fmt: skip
         candidates = sorted(set(captions))

@@ -28,7 +28,7 @@ from torchvision.transforms import functional as TF
 
 from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text
-from sdtoolkit.data import has_metadata_file, scan_images, to_rgb
+from sdtoolkit.data import affix_caption, has_metadata_file, scan_images, to_rgb
 from sdtoolkit.dataset_config import read_dataset_config, read_folders
 from sdtoolkit.errors import UserError, first_line
 
@@ -72,12 +72,15 @@ def read_imagefolder(folder):
     ]
 
 
-def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", max_images=None, seed=0):
+def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", caption_prefix=None,
+                      caption_suffix=None, max_images=None, seed=0):  # fmt: skip
     """A training folder's images and captions, read as train_text_to_image.py reads the folder: an imagefolder
     (a metadata.jsonl, .csv or .parquet naming each image's file and caption, in `caption_column`) or a caption-file
     folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py); or
     the folders of a kohya-ss dataset config file (.toml or .json; its regularization folders left out), read as
-    --dataset_config reads them, with their subsets' caption_prefix and caption_suffix.
+    --dataset_config reads them, with their subsets' caption_prefix and caption_suffix. `caption_prefix` and
+    `caption_suffix` are the training run's flags: words put around every caption as training put them (a config's
+    subsets' own win).
 
     Returns (images, captions, rows, uncaptioned, unreadable): with more than `max_images` captioned rows, a sample
     of them drawn with `seed` (the same whichever model is scored), in the folder's order. An image is captioned by
@@ -88,7 +91,9 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
     """
     if os.path.isfile(folder) and folder.lower().endswith((".toml", ".json")):
         _, subsets = read_dataset_config(folder, caption_extension=caption_extension)
-        dataset, _ = read_folders([subset for subset in subsets if not subset.is_reg], allow_missing_captions=True)
+        dataset, _ = read_folders([subset for subset in subsets if not subset.is_reg], allow_missing_captions=True,
+                                  caption_prefix=caption_prefix, caption_suffix=caption_suffix)  # fmt: skip
+        caption_prefix = caption_suffix = None  # given to each subset that has none of its own
         caption_column = "text"
     elif not os.path.isdir(folder):
         raise UserError(f"--caption_data {folder} is not a folder or a kohya-ss dataset config (.toml, .json)")
@@ -112,6 +117,7 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
         )
     captions = [first_caption(caption) for caption in dataset[caption_column]]
     captioned = [index for index, caption in enumerate(captions) if caption]
+    captions = [affix_caption(caption, caption_prefix, caption_suffix) for caption in captions]
     if len(captioned) < 2:
         raise UserError(f"--caption_data {folder} needs at least 2 captioned images, found {len(captioned)}")
     chosen = captioned

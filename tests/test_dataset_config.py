@@ -290,3 +290,5 @@ def test_caption_accuracy_reads_a_configs_training_folders_as_training_does(tmp_
     assert [np.asarray(image).tolist() for image in images] == [
         np.asarray(demo_image(i)).tolist() for i in (0, 1, 3, 2)
     ]
+    # The run's --caption_prefix goes to the subsets without one of their own, as in training.
+    assert read_caption_data(str(config), caption_prefix="x,")[1] == ["x, " + c for c in captions[:2]] + captions[2:]

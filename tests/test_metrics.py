@@ -363,7 +363,9 @@ def caption_layouts(root, count):
     return jsonl, root / "csv", kohya.parent, captions
 
 
-def test_caption_data_is_read_alike_in_each_layout_training_reads(tiny_sd, tiny_clip, prompts_file, tmp_path, capsys):
+def test_caption_data_is_read_alike_in_each_layout_training_reads(
+    tiny_sd, tiny_clip, prompts_file, tmp_path, capsys, monkeypatch
+):
     jsonl, csv_folder, kohya, captions = caption_layouts(tmp_path / "data", 6)
     read = [read_caption_data(str(jsonl)), read_caption_data(str(csv_folder), caption_column="caption"),
             read_caption_data(str(kohya))]  # fmt: skip
@@ -384,6 +386,13 @@ def test_caption_data_is_read_alike_in_each_layout_training_reads(tiny_sd, tiny_
         score(tiny_sd, tiny_clip, tmp_path, "--caption_data", str(csv_folder), prompts_file=prompts_file)
     flags = ["--caption_data", str(csv_folder), "--caption_column", "caption"]
     assert score(tiny_sd, tiny_clip, tmp_path, *flags, prompts_file=prompts_file)["models"][0] == model
+    # With the run's --caption_prefix: the classifier tries the captions the model was trained on, and it is recorded.
+    tried, real = [], metrics.caption_hits
+    monkeypatch.setattr(metrics, "caption_hits", lambda *a, **k: tried.append(a[3]) or real(*a, **k))
+    report = score(tiny_sd, tiny_clip, tmp_path, *flags, "--caption_prefix", "sks,", prompts_file=prompts_file)
+    assert report["settings"]["caption_prefix"] == "sks," and tried == [sorted(f"sks, {c}" for c in captions)]
+    with pytest.raises(UserError, match="--caption_suffix is for --caption_data's captions"):
+        score(tiny_sd, tiny_clip, tmp_path, "--caption_suffix", "style", prompts_file=prompts_file)
 
 
 def test_images_that_cant_be_read_are_left_out_and_named_and_photos_stand_as_training_sees_them(
@@ -443,6 +452,9 @@ def test_a_large_caption_folder_is_sampled_with_a_seed_and_uncaptioned_images_ar
     (kohya / "0.txt").write_text("a creature")
     (kohya / "1.txt").write_text("another creature")
     assert read_caption_data(str(kohya))[1:] == (["a creature", "another creature"], 2, 1, [])
+    # The training run's --caption_prefix and --caption_suffix, around each caption as training put them.
+    affixed = read_caption_data(str(kohya), caption_prefix="sks,", caption_suffix=", style")[1]
+    assert affixed == ["sks, a creature , style", "sks, another creature , style"]
     lists = image_folder(tmp_path / "lists", [(f"{i}.png", demo_image(i), [] if i == 1 else ["first", "second"])
                                               for i in range(3)])  # fmt: skip
     assert read_caption_data(str(lists))[1:] == (["first", "first"], 2, 1, [])  # a list's first caption

@@ -139,7 +139,7 @@ def test_caption_accuracy_reads_weighted_captions_when_told(tiny_sd):
     torch.testing.assert_close(errors(["a (red:1) creature"], weighted=True), plain)  # weight 1: the words alone
     assert not torch.allclose(errors(["a (red:1.5) creature"], weighted=True), plain)
     assert not torch.allclose(errors(["a (red:1) creature"], weighted=False), plain)  # brackets read as words
-    with pytest.raises(UserError, match="--weighted_captions reads --caption_data's captions"):
+    with pytest.raises(UserError, match="--weighted_captions is for --caption_data's captions"):
         metrics.parse_args(["--model_path", str(tiny_sd), "--weighted_captions"])
 
 
