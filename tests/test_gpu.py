@@ -1,5 +1,6 @@
-"""On a CUDA GPU (marked `gpu`, skipped elsewhere): half-precision training, the held-out loss in fp16, 8-bit
-AdamW, xformers, and metrics.py and gradio_app.py in fp16. `pytest -m gpu` runs these and the other files' gpu tests."""
+"""On a CUDA GPU (marked `gpu`, skipped elsewhere): half-precision training (the text encoder's too), the held-out
+loss in fp16, 8-bit AdamW, xformers, and metrics.py and gradio_app.py in fp16. `pytest -m gpu` runs these and the
+other files' gpu tests."""
 
 import importlib.util
 import socket
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import metrics
 from sdtoolkit.inference import load_pipeline
@@ -33,6 +35,18 @@ def test_a_half_precision_step_trains_and_validates(tiny_sd, tmp_path, precision
     trains(tiny_sd, tmp_path, "--mixed_precision", precision, "--validation_prompts", "a creature")
     image = Image.open(tmp_path / "validation" / "final" / "00.png")
     assert image.size == (32, 32) and len(set(image.getdata())) > 1  # a picture, not a blank (NaN) one
+
+
+def test_the_whole_text_encoder_trains_in_fp16(tiny_sd, tmp_path):
+    # float32 weights under fp16 autocast and the gradient scaler, with its EMA and gradient checkpointing.
+    trains(
+        tiny_sd, tmp_path, "--mixed_precision", "fp16", "--train_text_encoder", "--validation_prompts", "a creature"
+    )
+    base, tuned = (
+        load_file(str(Path(folder) / "text_encoder" / "model.safetensors")) for folder in (tiny_sd, tmp_path)
+    )
+    assert all(torch.isfinite(tuned[key]).all() and tuned[key].dtype == torch.float32 for key in tuned)
+    assert not all(torch.equal(base[key], tuned[key]) for key in base)
 
 
 def test_masked_loss_trains_in_fp16_from_the_cache(tiny_sd, tmp_path):
