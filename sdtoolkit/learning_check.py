@@ -63,15 +63,6 @@ def write_two_class_dataset(folder, *, per_class=8, size=64, seed=0):
     return folder
 
 
-def read_imagefolder(folder):
-    """(images, captions) of an imagefolder with a metadata.jsonl, in its order."""
-    with open(os.path.join(folder, "metadata.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [Image.open(os.path.join(folder, row["file_name"])).convert("RGB") for row in rows], [
-        row["text"] for row in rows
-    ]
-
-
 def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", caption_prefix=None,
                       caption_suffix=None, max_images=None, seed=0):  # fmt: skip
     """A training folder's images and captions, read as train_text_to_image.py reads the folder: an imagefolder
