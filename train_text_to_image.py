@@ -494,6 +494,15 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
+        "--stop_text_encoder_training",
+        type=int,
+        default=None,
+        help=(
+            "With --train_text_encoder, train the text encoder (or its LoRA) for this many optimizer steps only; the"
+            " UNet goes on (kohya-ss's train_db.py flag). Default: to the end."
+        ),
+    )
+    parser.add_argument(
         "--text_encoder_lr",
         type=float,
         default=None,
@@ -1453,6 +1462,16 @@ def parse_args(argv=None):
         raise UserError(f"--lora_rank must be at least 1, got {args.lora_rank}")
     if args.init_lora is not None:
         check_init_lora(args)
+    if args.stop_text_encoder_training is not None and not args.train_text_encoder:
+        raise UserError(
+            "--stop_text_encoder_training stops --train_text_encoder's training of the text encoder, which this run"
+            " does not use (kohya-ss's -1, no text encoder training, is the default here)"
+        )
+    if args.stop_text_encoder_training is not None and args.stop_text_encoder_training < 1:
+        raise UserError(
+            f"--stop_text_encoder_training must be at least 1 step, got {args.stop_text_encoder_training} (to train"
+            " no text encoder, leave out --train_text_encoder)"
+        )
     if args.fp8_base and not args.lora_rank:
         raise UserError(
             "--fp8_base keeps the frozen base model's weights in float8, so it needs --lora_rank (a full fine-tune"
@@ -2216,9 +2235,11 @@ image.save("my_image.png")
 {serve}
 ```"""
     lora = "no (all UNet weights trained)"
+    # A text encoder that trained: at its own learning rate, for the first N steps only (--stop_text_encoder_training).
+    text_lr = f" at learning rate {args.text_encoder_lr:g}" if args.text_encoder_lr else ""
+    text_steps = f" for the first {args.stop_text_encoder_training} steps" if args.stop_text_encoder_training else ""
     if args.train_text_encoder and not args.lora_rank:
-        lr = f" at learning rate {args.text_encoder_lr:g}" if args.text_encoder_lr else ""
-        lora = f"no (all UNet weights trained, and all the text encoder's{lr})"
+        lora = f"no (all UNet weights trained, and all the text encoder's{text_lr}{text_steps})"
     if args.lora_rank:
         lora = f"rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank}, on {' '.join(args.lora_target_modules)}"
         if args.lora_conv_rank:
@@ -2226,7 +2247,7 @@ image.save("my_image.png")
         if args.lora_type != "lora":
             lora = f"{kind} (LyCORIS), {lora}"
         if text_encoder_targets:
-            lora += f" and the text encoder's {' '.join(text_encoder_targets)}"
+            lora += f" and the text encoder's {' '.join(text_encoder_targets)}{text_lr}{text_steps}"
         if args.init_lora:
             lora += f", trained on from {shown(args.init_lora)}"
         if args.fp8_base:
@@ -3387,6 +3408,7 @@ def fine_tune(args):
     )
     on = dict(device=accelerator.device, dtype=torch.float32)
     loss_sum, micro_steps, last = torch.zeros((), **on), 0, time.perf_counter()
+    text_encoder_steps = args.stop_text_encoder_training or math.inf  # the optimizer steps a trained one trains
     stop = StopRequest()
     stop.install()
     try:
@@ -3434,13 +3456,17 @@ def fine_tune(args):
                     else:
                         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-                    # Get the text embedding for conditioning
+                    # Get the text embedding for conditioning. A text encoder that trains stops getting gradients
+                    # at --stop_text_encoder_training, so its weights stay as they are from then on.
+                    text_trains = global_step < text_encoder_steps
                     if "encoder_hidden_states" in batch:
                         encoder_hidden_states = batch["encoder_hidden_states"]
                     elif windows > 1:
-                        encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"], args.clip_skip)
+                        with torch.set_grad_enabled(text_trains):
+                            encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"], args.clip_skip)
                     else:
-                        encoder_hidden_states = encode_text(caption_encoder, batch["input_ids"], args.clip_skip)
+                        with torch.set_grad_enabled(text_trains):
+                            encoder_hidden_states = encode_text(caption_encoder, batch["input_ids"], args.clip_skip)
                     if "token_weights" in batch:  # --weighted_captions: the words' emphasis (see emphasize)
                         encoder_hidden_states = emphasize(encoder_hidden_states, batch["token_weights"])
                     # With captions in windows, the empty windows a caption is padded with are masked out.
@@ -3551,6 +3577,10 @@ def fine_tune(args):
                             ema.to(device="cpu", non_blocking=True)
                     progress_bar.update(1)
                     global_step += 1
+                    if global_step == text_encoder_steps:
+                        logger.info(
+                            f"Step {global_step}: the text encoder stops training (--stop_text_encoder_training)"
+                        )
                     now = time.perf_counter()
                     logs = {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], "step_seconds": now - last}
                     if args.scale_weight_norms:

@@ -352,6 +352,8 @@ def test_resuming_from_a_checkpoint_that_does_not_exist(tmp_path):
         # The bundled data is an imagefolder with a metadata file: no caption files, no N_name folders.
         (["--reg_data_dir", str(DEMO_DATA)], "--reg_data_dir .* holds no captioned images"),
         (["--text_encoder_lr", "1e-5"], "--text_encoder_lr is the learning rate of --train_text_encoder"),
+        (["--stop_text_encoder_training", "5"], "--stop_text_encoder_training stops --train_text_encoder's"),
+        (["--train_text_encoder", "--stop_text_encoder_training", "-1"], "must be at least 1 step, got -1"),
         (["--fp8_base"], "--fp8_base keeps the frozen base model's weights in float8, so it needs --lora_rank"),
         (["--resolution", "0"], "--resolution must be a positive multiple of 8"),
         (["--resolution", "60"], "--resolution must be a positive multiple of 8"),

@@ -165,6 +165,29 @@ def test_train_text_encoder_trains_all_its_weights_averages_them_and_resumes_bit
         train(tiny_sd, tmp_path / "unet-only", "--train_text_encoder", *resume)
 
 
+def test_stop_text_encoder_training_keeps_it_from_that_step_on_and_resumes_across_it(tiny_sd, tmp_path, caplog):
+    # kohya-ss's train_db.py flag: the text encoder trains for the first 3 optimizer steps, the UNet for all 4. A run
+    # resumed at step 2 stops it at the same step.
+    flags = ["--train_text_encoder", "--stop_text_encoder_training", "3", "--checkpointing_steps", "1",
+             "--learning_rate", "1e-3"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        train_whole_and_resumed(tiny_sd, tmp_path, *flags)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+
+    def text_encoder(folder):
+        return load_file(str(folder / "text_encoder" / "model.safetensors"))
+
+    step_2, step_3, final = (text_encoder(whole / sub) for sub in ("checkpoint-2", "checkpoint-3", "."))
+    assert not all(torch.equal(step_2[key], step_3[key]) for key in final)  # it trained at step 3
+    assert all(torch.equal(step_3[key], final[key]) for key in final)  # and not at step 4
+    unet_3, unet_4 = unet_weights(whole / "checkpoint-3" / "unet"), unet_weights(whole / "unet")
+    assert not all(torch.equal(unet_3[key], unet_4[key]) for key in unet_4)
+    resumed = text_encoder(parts)
+    assert all(torch.equal(resumed[key], final[key]) for key in final)
+    assert caplog.text.count("Step 3: the text encoder stops training (--stop_text_encoder_training)") == 2
+    assert "all the text encoder's for the first 3 steps" in (whole / "README.md").read_text()
+
+
 def test_save_every_n_epochs_checkpoints_each_epochs_end_and_resumes_from_it_bitwise(tiny_sd, tmp_path):
     # 8 images at batch 2: 4 steps an epoch, 3 epochs. The first two epochs end in checkpoints; the last in the
     # final save.
