@@ -3458,14 +3458,12 @@ def fine_tune(args):
 
                     # Get the text embedding for conditioning. A text encoder that trains stops getting gradients
                     # at --stop_text_encoder_training, so its weights stay as they are from then on.
-                    text_trains = global_step < text_encoder_steps
-                    if "encoder_hidden_states" in batch:
-                        encoder_hidden_states = batch["encoder_hidden_states"]
-                    elif windows > 1:
-                        with torch.set_grad_enabled(text_trains):
+                    with torch.set_grad_enabled(global_step < text_encoder_steps):
+                        if "encoder_hidden_states" in batch:
+                            encoder_hidden_states = batch["encoder_hidden_states"]
+                        elif windows > 1:
                             encoder_hidden_states = encode_windows(caption_encoder, batch["input_ids"], args.clip_skip)
-                    else:
-                        with torch.set_grad_enabled(text_trains):
+                        else:
                             encoder_hidden_states = encode_text(caption_encoder, batch["input_ids"], args.clip_skip)
                     if "token_weights" in batch:  # --weighted_captions: the words' emphasis (see emphasize)
                         encoder_hidden_states = emphasize(encoder_hidden_states, batch["token_weights"])

@@ -486,12 +486,11 @@ def checkpoint_unet(path, ema=None):
 
 def checkpoint_text_encoder(path, ema=None):
     """A full checkpoint's text encoder folder when the run trained it (--train_text_encoder), else None: its
-    text_encoder_ema/ or text_encoder/, chosen as checkpoint_unet chooses."""
+    text_encoder_ema/ or text_encoder/, as checkpoint_unet chooses the UNet's."""
     if not os.path.isdir(os.path.join(path, "text_encoder")):
         return None
-    if ema is None:
-        ema = os.path.isdir(os.path.join(path, "unet_ema"))
-    return os.path.join(path, "text_encoder_ema" if ema else "text_encoder")
+    averaged = os.path.basename(checkpoint_unet(path, ema)) == "unet_ema"
+    return os.path.join(path, "text_encoder_ema" if averaged else "text_encoder")
 
 
 def load_trained(path, trained, dtype, config=None):
