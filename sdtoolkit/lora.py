@@ -300,14 +300,22 @@ def has_text_encoder_lora(folder):
         return any(key.startswith(("text_encoder.", "lora_te_")) for key in f.keys())
 
 
+def kohya_name(prefix, module):
+    """kohya-ss's name for the adapter of the layer at path `module` of the UNet (prefix lora_unet_) or the text
+    encoder (lora_te_): the path with '_' for '.'. kohya's text encoder paths begin text_model.encoder..., a prefix
+    that transformers 5.6 and later no longer have in CLIPTextModel's module names: it is put back."""
+    if prefix == "lora_te_" and not module.startswith("text_model."):
+        module = "text_model." + module
+    return prefix + module.replace(".", "_")
+
+
 def kohya_state_dict(unet, text_encoder=None):
     """The adapters in kohya-ss keys, as AUTOMATIC1111, ComfyUI and diffusers' load_lora_weights read them.
 
     kohya names each module by its path in the model with '_' for '.', under lora_unet_ (the UNet's diffusers
     names) or lora_te_ (the text encoder's transformers names, text_model.encoder.layers...), with lora_down (A)
     and lora_up (B), and stores alpha per module: the update is scaled by alpha / rank, so alpha must be the
-    layer's lora_alpha, not its rank (an adapter from --init_lora may have several). (transformers 5.6 and later
-    name CLIPTextModel's modules without the text_model. prefix that kohya's names have: it is put back.)
+    layer's lora_alpha, not its rank (an adapter from --init_lora may have several).
     """
     state = {}
     models = [("lora_unet_", unet)] + [("lora_te_", text_encoder)] * (text_encoder is not None)
@@ -316,9 +324,7 @@ def kohya_state_dict(unet, text_encoder=None):
         for key, tensor in adapter_weights(model).items():
             module, _, rest = key.partition(".lora_")  # "down_blocks.0....to_q", "A.weight"
             alpha = alphas[module]
-            if prefix == "lora_te_" and not module.startswith("text_model."):
-                module = "text_model." + module
-            name = prefix + module.replace(".", "_")
+            name = kohya_name(prefix, module)
             part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
             state[f"{name}.{part}"] = tensor.contiguous()
             if part == "lora_down.weight":
@@ -352,14 +358,13 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip
     the LoRA.
 
     facts: the run's identity (model, revision, data, data_rows, seed) with global_step, resolution and
-    learning_rate. tags: the captions' tag_frequency. clip_skip: the text encoder's layer the captions were read
-    from (ss_clip_skip, which the UIs show so that the LoRA is prompted the same way). algo: "loha" or "lokr" for
-    LyCORIS's adapters, named as kohya-ss names a LyCORIS run's (ss_network_module lycoris.kohya, its algo in
-    ss_network_args). conv_rank and conv_alpha: the 3x3 convolutions' (--lora_conv_rank), kohya-ss's conv_dim and
-    conv_alpha in ss_network_args.
+    learning_rate; only the model for a LoRA extracted from two models (sdtoolkit/extract_lora.py). tags: the
+    captions' tag_frequency. clip_skip: the text encoder's layer the captions were read from (ss_clip_skip, which
+    the UIs show so that the LoRA is prompted the same way). algo: "loha" or "lokr" for LyCORIS's adapters, named
+    as kohya-ss names a LyCORIS run's (ss_network_module lycoris.kohya, its algo in ss_network_args). conv_rank and
+    conv_alpha: the 3x3 convolutions' (--lora_conv_rank), kohya-ss's conv_dim and conv_alpha in ss_network_args.
     """
     model = str(facts["model"])
-    resolution = facts["resolution"]
     metadata = {
         "ss_output_name": name,
         "ss_sd_model_name": os.path.basename(model.rstrip("/")) if os.path.isabs(model) else model,
@@ -368,20 +373,24 @@ def kohya_metadata(facts, *, name, rank, alpha, prediction_type, tags=None, clip
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
-        "ss_resolution": str((resolution, resolution)),
-        "ss_num_train_images": str(facts["data_rows"]),
-        "ss_steps": str(facts["global_step"]),
-        "ss_learning_rate": str(facts["learning_rate"]),
-        "ss_seed": str(facts["seed"]),
         "ss_clip_skip": str(clip_skip),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.date": datetime.date.today().isoformat(),
     }
+    if "resolution" in facts:  # a training run's (a LoRA extracted from two models has no data or schedule)
+        resolution = facts["resolution"]
+        metadata.update({
+            "ss_resolution": str((resolution, resolution)),
+            "ss_num_train_images": str(facts["data_rows"]),
+            "ss_steps": str(facts["global_step"]),
+            "ss_learning_rate": str(facts["learning_rate"]),
+            "ss_seed": str(facts["seed"]),
+            "modelspec.resolution": f"{resolution}x{resolution}",
+        })  # fmt: skip
     network_args = {}
     if algo:
         metadata["ss_network_module"] = "lycoris.kohya"

@@ -12,9 +12,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import metrics
+from sdtoolkit.extract_lora import main as extract_lora
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
 from tests.conftest import cutout_folder, logged_losses, train, unet_weights
+from tests.test_extract_lora import rank_two_change, tuned_copy
 
 pytestmark = pytest.mark.gpu
 
@@ -116,3 +118,20 @@ def test_the_demo_generates_in_fp16_on_cuda(tiny_sd):
 )
 def test_8bit_adamw_trains_on_the_gpu(tiny_sd, tmp_path):
     trains(tiny_sd, tmp_path, "--mixed_precision", "fp16", "--use_8bit_adam")
+
+
+def test_a_lora_is_extracted_on_cuda_as_on_the_cpu(tiny_sd, tmp_path):
+    """sdtoolkit/extract_lora.py's decompositions on the GPU (--device cuda) give the CPU's adapters."""
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", rank_two_change)
+    for device in ("cpu", "cuda"):
+        extract_lora(
+            [str(tiny_sd), str(tuned), str(tmp_path / f"{device}.safetensors"), "--rank", "2", "--device", device]
+        )
+    on_cpu, on_cuda = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "cuda.safetensors")
+    # Each direction's sign is the decomposition's choice: compare the products up @ down.
+    for key in (k for k in on_cpu if k.endswith("lora_up.weight")):
+        down = key.replace("lora_up", "lora_down")
+        torch.testing.assert_close(
+            on_cuda[key].flatten(1) @ on_cuda[down].flatten(1), on_cpu[key].flatten(1) @ on_cpu[down].flatten(1),
+            atol=1e-4, rtol=1e-3,
+        )  # fmt: skip

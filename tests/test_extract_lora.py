@@ -1,0 +1,201 @@
+"""A LoRA extracted from a full fine-tune (sdtoolkit/extract_lora.py): loaded on its base model, it gives the
+tuned model's outputs back as far as its rank allows, and says what it can't hold.
+
+The tuned models here are the tiny pipeline with known changes: a change of every adapted layer, which a LoRA of
+full rank must give back exactly; a change of rank 2, which rank 2 gives back and rank 1 does not; changes that a
+LoRA has no place for. One test extracts from a real training run's checkpoint, as a user runs it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextModel
+
+from sdtoolkit.errors import UserError
+from sdtoolkit.extract_lora import TEXT_ENCODER_BLOCKS, UNET_BLOCKS, UNET_CONV_BLOCKS, main, target_layers
+from sdtoolkit.inference import load_pipeline, lora_sampling
+from tests.conftest import REPO, train
+
+CPU = torch.device("cpu")
+
+
+def tuned_copy(tiny_sd, folder, unet_change=None, text_encoder_change=None):
+    """A copy of the tiny pipeline at `folder`, its UNet and text encoder changed by unet_change(unet) and
+    text_encoder_change(text_encoder), which edit the weights in place."""
+    shutil.copytree(tiny_sd, folder)
+    torch.manual_seed(1)
+    for part, kind, change in (("unet", UNet2DConditionModel, unet_change),
+                               ("text_encoder", CLIPTextModel, text_encoder_change)):  # fmt: skip
+        if change is not None:
+            model = kind.from_pretrained(folder / part)
+            with torch.no_grad():
+                change(model)
+            model.save_pretrained(folder / part)
+    return folder
+
+
+def shift_layers(blocks, size=0.05):
+    """A change of every weight of the layers a LoRA adapts in these blocks."""
+
+    def change(model):
+        for layer in target_layers(model, blocks).values():
+            layer.weight += size * torch.randn_like(layer.weight)
+
+    return change
+
+
+def outputs(pipeline):
+    """The UNet's prediction and the text encoder's hidden states for one fixed input."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    ids = pipeline.tokenizer(["a red creature"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = pipeline.text_encoder(ids)[0]
+        return pipeline.unet(latents, torch.tensor([500]), text).sample, text
+
+
+def header(path):
+    with safe_open(path, "pt") as f:
+        return f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+
+
+def test_a_lora_of_full_rank_gives_the_tuned_model_back(tiny_sd, tmp_path, capsys):
+    tuned = tuned_copy(
+        tiny_sd, tmp_path / "tuned", shift_layers(UNET_BLOCKS + UNET_CONV_BLOCKS), shift_layers(TEXT_ENCODER_BLOCKS)
+    )
+    out = tmp_path / "extracted.safetensors"
+    # 64 is at least the rank of every layer's change in the tiny model (the widest is 64 channels).
+    main([str(tiny_sd), str(tuned), str(out), "--rank", "64", "--conv_rank", "64", "--clamp_quantile", "1"])
+    printed = capsys.readouterr().out
+    assert "the LoRA keeps 100.0% of their change" in printed
+    assert "Left out" not in printed
+
+    # Given alone, the file loads on the base model its header names, as metrics.py and gradio_app.py load it.
+    (unet, text), (tuned_unet, tuned_text) = (
+        outputs(load_pipeline(str(out), CPU, torch.float32)),
+        outputs(load_pipeline(str(tuned), CPU, torch.float32)),
+    )
+    base_unet, base_text = outputs(load_pipeline(str(tiny_sd), CPU, torch.float32))
+    assert (base_unet - tuned_unet).abs().max() > 0.1 and (base_text - tuned_text).abs().max() > 0.1
+    torch.testing.assert_close(unet, tuned_unet, atol=1e-4, rtol=0)
+    torch.testing.assert_close(text, tuned_text, atol=1e-4, rtol=0)
+
+    metadata, tensors = header(out)
+    assert metadata["sdtoolkit.model"] == str(tiny_sd)
+    assert metadata["ss_network_dim"] == "64" and metadata["ss_network_alpha"] == "64.0"
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "64", "conv_alpha": "64.0"}
+    # Layers named as kohya-ss names them, which AUTOMATIC1111 and ComfyUI look up.
+    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_down_blocks_0_resnets_0_conv1", "lora_te_text_model_encoder_layers_0_mlp_fc1"):  # fmt: skip
+        assert f"{name}.lora_down.weight" in tensors and f"{name}.alpha" in tensors
+    # Every layer has the file's one rank and alpha, narrower layers padded with zeros (see low_rank).
+    assert {tensor.shape[0] for key, tensor in tensors.items() if key.endswith("lora_down.weight")} == {64}
+    assert {tensor.item() for key, tensor in tensors.items() if key.endswith(".alpha")} == {64.0}
+
+
+def rank_two_change(model):
+    """A change of rank 2 in each layer of the UNet's transformer blocks."""
+    for layer in target_layers(model, UNET_BLOCKS).values():
+        out, inputs = layer.weight.shape[0], layer.weight[0].numel()
+        change = torch.randn(out, 2) @ torch.randn(2, inputs) / inputs**0.5
+        layer.weight += change.reshape(layer.weight.shape)
+
+
+def test_the_rank_keeps_the_largest_directions_and_says_how_much(tiny_sd, tmp_path, capsys):
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", rank_two_change)
+    tuned_unet = outputs(load_pipeline(str(tuned), CPU, torch.float32))[0]
+
+    for rank, clamp in (("2", "1"), ("1", "1"), ("2", "0.99")):
+        out = tmp_path / f"rank{rank}-{clamp}.safetensors"
+        main([str(tiny_sd), str(tuned), str(out), "--rank", rank, "--clamp_quantile", clamp])
+        kept = float(capsys.readouterr().out.split("the LoRA keeps ")[1].split("%")[0])
+        unet = outputs(load_pipeline(str(out), CPU, torch.float32))[0]
+        if (rank, clamp) == ("2", "1"):
+            assert kept == 100.0
+            torch.testing.assert_close(unet, tuned_unet, atol=1e-4, rtol=0)
+        else:  # one direction of two, or kohya-ss's clamping, keeps less
+            assert 40 < kept < 99.9, (rank, clamp, kept)
+            assert (unet - tuned_unet).abs().max() > 1e-3
+        assert {t.shape[0] for k, t in header(out)[1].items() if k.endswith("lora_down.weight")} == {int(rank)}
+
+
+def test_what_a_lora_cannot_hold_is_named(tiny_sd, tmp_path, capsys):
+    def unet_change(unet):
+        rank_two_change(unet)
+        unet.conv_in.bias += 0.1  # no LoRA layer has a bias
+
+    def text_encoder_change(text_encoder):
+        layer = next(iter(target_layers(text_encoder, TEXT_ENCODER_BLOCKS).values()))
+        layer.weight += 0.005  # within --min_diff 0.01
+
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", unet_change, text_encoder_change)
+    scheduler = tuned / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    out = tmp_path / "lora.safetensors"
+    main([str(tiny_sd), str(tuned), str(out)])
+    printed = capsys.readouterr().out
+    assert "Text encoder: unchanged (its largest change, 0.005, is within --min_diff 0.01)" in printed
+    assert "Left out: 2 other changed tensors that a LoRA has no place for (the most changed: conv_in.bias)" in printed
+    metadata, tensors = header(out)
+    assert not any(key.startswith("lora_te_") for key in tensors)
+    assert metadata["ss_network_dim"] == "4" and metadata["modelspec.prediction_type"] == "v"
+    # Loaded on the base model, it samples as the tuned model does: it predicts v.
+    assert lora_sampling(str(out))["prediction_type"] == "v_prediction"
+
+    # A smaller --min_diff takes the text encoder's change in.
+    main([str(tiny_sd), str(tuned), str(out), "--min_diff", "0.001"])
+    assert "Text encoder: 1 changed layers of" in capsys.readouterr().out
+    assert any(key.startswith("lora_te_") for key in header(out)[1])
+
+
+def test_bad_input_is_one_line(tiny_sd, tmp_path):
+    out = str(tmp_path / "lora.safetensors")
+    with pytest.raises(UserError, match="same weights .* nothing to extract"):
+        main([str(tiny_sd), str(tiny_sd), out])
+    assert not os.path.exists(out)
+    with pytest.raises(UserError, match="must end in .safetensors"):
+        main([str(tiny_sd), str(tiny_sd), str(tmp_path / "lora.pt")])
+    with pytest.raises(UserError, match="--rank and --conv_rank must be at least 1"):
+        main([str(tiny_sd), str(tiny_sd), out, "--rank", "0"])
+    with pytest.raises(UserError, match="--model_org .* the first argument here"):
+        main(["--model_org", str(tiny_sd), "--model_tuned", str(tiny_sd), "--save_to", out])
+
+    # A model of another architecture: the tiny UNet with one ResNet block per level, not two.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_sd, other)
+    config = UNet2DConditionModel.load_config(other / "unet")
+    UNet2DConditionModel.from_config({**config, "layers_per_block": 1}).save_pretrained(other / "unet")
+    with pytest.raises(UserError, match="the two models' UNets differ in architecture"):
+        main([str(tiny_sd), str(other), out])
+
+    # A LoRA is no tuned model to extract from.
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", rank_two_change)
+    main([str(tiny_sd), str(tuned), out])
+    with pytest.raises(UserError, match="is a LoRA already"):
+        main([str(tiny_sd), out, str(tmp_path / "again.safetensors")])
+
+
+def test_from_a_training_runs_checkpoint_in_the_users_folder(tiny_sd, tmp_path):
+    """The user path: a full fine-tune, then the extraction run from the user's own folder with the toolkit on
+    PYTHONPATH, given relative paths, and its LoRA served as a model of its own."""
+    train(tiny_sd, tmp_path / "run", "--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "1e-3")
+    shutil.copytree(tiny_sd, tmp_path / "base")
+    result = subprocess.run(
+        [sys.executable, "-m", "sdtoolkit.extract_lora", "base", "run/checkpoint-2", "run-lora.safetensors",
+         "--dim", "8"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "UNet: 72 changed layers of 72 at rank 8" in result.stdout
+    assert "Wrote run-lora.safetensors" in result.stdout
+    # The header names the base model by its absolute path, so the file loads from anywhere.
+    assert header(tmp_path / "run-lora.safetensors")[0]["sdtoolkit.model"] == str(tmp_path / "base")
+    pipeline = load_pipeline(str(tmp_path / "run-lora.safetensors"), CPU, torch.float32)
+    assert pipeline.get_active_adapters()
