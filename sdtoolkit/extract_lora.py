@@ -20,6 +20,11 @@ the --clamp_quantile quantile of their values (0.99), which trims rare outliers;
 What a LoRA can't hold is said, not hidden: the share of those layers' change that the rank keeps, and the
 changed tensors that have no place in a LoRA (biases, norms, the UNet's first and last convolutions, embeddings).
 
+The tuned model may be a LoRA itself (or LyCORIS's LoHa or LoKr): merged into the base model, its update is taken
+apart in the same way, which gives it at another rank (kohya-ss's resize_lora.py) or a LyCORIS file as a LoRA.
+
+    python -m sdtoolkit.extract_lora CompVis/stable-diffusion-v1-4 big-lora.safetensors small-lora.safetensors --rank 8
+
 The file is in kohya-ss keys, with a header that names its base model, so metrics.py and gradio_app.py take it as a
 --model_path of its own, as they take a LoRA run's file.
 """
@@ -27,6 +32,7 @@ The file is in kohya-ss keys, with a header that names its base model, so metric
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -38,9 +44,8 @@ from sdtoolkit.inference import (
     load_pipeline,
     pick_device_and_dtype,
     recorded_clip_skip,
-    trained_model,
 )
-from sdtoolkit.lora import kohya_metadata, kohya_name
+from sdtoolkit.lora import has_lora_weights, kohya_metadata, kohya_name
 from sdtoolkit.output_dir import local_path_or_name
 
 # The blocks whose linear layers and convolutions kohya-ss's LoRA adapts (networks/lora.py).
@@ -133,14 +138,30 @@ def check_same_architecture(base, tuned, what):
         )
 
 
-def load(path, role, config):
-    """The pipeline at `path` on the CPU in float32 (see load_pipeline), not a LoRA."""
-    trained = trained_model(path)
-    if trained is not None and "LoRA" in trained["kind"]:
-        raise UserError(
-            f"the {role} model '{path}' is a LoRA already; give a whole model (a pipeline folder, a checkpoint or one file)"
-        )
-    return load_pipeline(path, torch.device("cpu"), torch.float32, config)
+def holds_lora(path):
+    """Whether `path` is a LoRA's (or LyCORIS's) file, or a folder holding one, rather than a whole model."""
+    if os.path.isdir(path):
+        return has_lora_weights(path)
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return False
+    try:
+        with safe_open(path, "pt") as f:
+            return any("lora_" in key for key in f.keys())  # kohya-ss's and LyCORIS's lora_unet_, PEFT's lora_A
+    except Exception:  # not safetensors: load_pipeline says so
+        return False
+
+
+def load_tuned(path, base, config):
+    """The tuned model on the CPU in float32 (see load_pipeline), or, for a LoRA, LoHa or LoKr, the base model with
+    it merged into the weights: what is extracted from it then is its update at another rank (kohya-ss's
+    resize_lora.py), or a LyCORIS file's as a LoRA."""
+    if not holds_lora(path):
+        return load_pipeline(path, torch.device("cpu"), torch.float32, config)
+    pipeline = load_pipeline(base, torch.device("cpu"), torch.float32, config, lora=path)
+    pipeline.fuse_lora(components=["unet", "text_encoder"])
+    pipeline.unload_lora_weights()  # the adapter's layers go, its update stays in the fused weights
+    print(f"{path}: a LoRA, merged into {base} to be taken apart again")
+    return pipeline
 
 
 def share(part, whole):
@@ -160,7 +181,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "tuned",
         help="The fine-tuned model: a run's output folder, a checkpoint-N folder (its EMA weights when it has"
-        " them), or one file.",
+        " them), or one file. Or a LoRA, LoHa or LoKr (a file, or a LoRA run's folder), merged into the base model"
+        " and extracted again: a LoRA at another rank, a LyCORIS file as a LoRA.",
     )
     parser.add_argument("out", help="The LoRA file to write (.safetensors, kohya-ss keys).")
     parser.add_argument(
@@ -205,8 +227,13 @@ def main(argv=None):
         raise UserError(f"--clamp_quantile must be above 0 and at most 1, got {args.clamp_quantile}")
     device, _ = pick_device_and_dtype(args.device)
 
-    base = load(args.base, "base", args.model_config)
-    tuned = load(args.tuned, "tuned", args.model_config)
+    if holds_lora(args.base):
+        raise UserError(f"the base model '{args.base}' is a LoRA; give the model it applies to")
+    base = load_pipeline(args.base, torch.device("cpu"), torch.float32, args.model_config)
+    tuned = load_tuned(args.tuned, args.base, args.model_config)
+    # A full fine-tune's text encoder may differ from its base's by rounding alone (kohya-ss's reason for
+    # --min_diff); a LoRA's changes it only where it has an adapter.
+    min_diff = 0.0 if holds_lora(args.tuned) else args.min_diff
     check_same_architecture(base.unet, tuned.unet, "UNet")
     check_same_architecture(base.text_encoder, tuned.text_encoder, "text encoder")
 
@@ -234,7 +261,7 @@ def main(argv=None):
         (tuned_text_layers[path].weight.float() - layer.weight.float()).abs().max().item()
         for path, layer in text_layers.items()
     )
-    if largest > args.min_diff:
+    if largest > min_diff:
         text_state, text_change, text_left = extract(
             base.text_encoder, tuned.text_encoder, "lora_te_", text_layers, dict.fromkeys(text_layers, args.rank),
             args.clamp_quantile, device,
@@ -248,8 +275,8 @@ def main(argv=None):
         text_left_out = left_out_changes(base.text_encoder, tuned.text_encoder, text_layers)
     else:
         print(
-            f"Text encoder: unchanged (its largest change, {largest:.3g}, is within --min_diff {args.min_diff}): the"
-            " LoRA adapts the UNet only"
+            f"Text encoder: unchanged (its largest change, {largest:.3g}, is within --min_diff {min_diff}): the LoRA"
+            " adapts the UNet only"
         )
         text_left_out = left_out_changes(base.text_encoder, tuned.text_encoder, {})
     left_out.update({f"text_encoder.{name}": norm for name, norm in text_left_out.items()})

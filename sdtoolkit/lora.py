@@ -31,6 +31,7 @@ from diffusers.utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
+from diffusers.utils.state_dict_utils import StateDictType
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -141,13 +142,21 @@ def check_lora_path(path, flag):
         raise UserError(f"{flag} {path}: no LoRA there (a .safetensors file, or a folder with {WEIGHTS_NAME})")
 
 
+# diffusers' older names of the UNet's attention projections, as it names their alphas in a kohya-ss file.
+OLDER_ATTENTION_ALPHA = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.down\.weight\.alpha$")
+LAYER_OF = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
+
 def read_lora(path):
     """The adapters saved at `path` as diffusers reads them, kohya-ss keys converted to diffusers':
     (state dict with unet. and text_encoder. keys, kohya-ss's alphas or None, diffusers' metadata or None).
 
-    diffusers names a kohya-ss file's text encoder alphas by their transformers 4 paths (text_model.encoder...),
-    which the text encoder of transformers 5 does not have: a layer whose alpha differs from the file's usual one
-    would be loaded with the usual one. Without the text_model. part the name matches either version's layer.
+    diffusers names some of a kohya-ss file's alphas by paths that name no layer, and PEFT then gives such a layer
+    the file's most common alpha: one with an alpha of its own would apply at another scale. They are renamed:
+    - the text encoder's, named by their transformers 4 paths (text_model.encoder...), which transformers 5's text
+      encoder does not have: without the text_model. part the name matches either version's layer;
+    - the UNet's attention projections', named in diffusers' older names (...attn1.processor.to_q_lora.down.weight
+      .alpha): named by their layers' paths (...attn1.to_q.alpha).
     """
     folder, name = lora_location(path)
     with safe_open(os.path.join(folder, name), "pt") as f:
@@ -161,13 +170,21 @@ def read_lora(path):
         folder, weight_name=name, return_lora_metadata=True
     )
     if alphas:
-        alphas = {key.replace("text_encoder.text_model.", "text_encoder.", 1): alpha for key, alpha in alphas.items()}
+        alphas = {
+            OLDER_ATTENTION_ALPHA.sub(lambda m: f".{LAYER_OF[m[1]]}.alpha", key).replace(
+                "text_encoder.text_model.", "text_encoder.", 1
+            ): alpha
+            for key, alpha in alphas.items()
+        }
     # Every key in PEFT's names, as save_lora writes them: diffusers converts a UNet's only when the first key is
     # in its older names (see save_lora), and files from elsewhere, or from earlier runs, may mix both.
     unet = {key: value for key, value in state.items() if key.startswith("unet.")}
     text_encoder = {key: value for key, value in state.items() if key.startswith("text_encoder.")}
     if any("lora_linear_layer" in key or "_lora." in key for key in text_encoder):
-        text_encoder = convert_state_dict_to_peft(text_encoder)
+        # diffusers tells its older names (to_q_lora) from its newer ones (lora_linear_layer) by an out_proj adapter
+        # (to_out_lora), and refuses a file without one: a text encoder LoRA on q_proj alone would not load. The
+        # older names' mapping reads both.
+        text_encoder = convert_state_dict_to_peft(text_encoder, original_type=StateDictType.DIFFUSERS_OLD)
     return {**convert_unet_state_dict_to_peft(unet), **text_encoder}, alphas, metadata
 
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextModel
 
@@ -22,6 +22,7 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.extract_lora import TEXT_ENCODER_BLOCKS, UNET_BLOCKS, UNET_CONV_BLOCKS, main, target_layers
 from sdtoolkit.inference import load_pipeline, lora_sampling
 from tests.conftest import REPO, train
+from tests.test_lycoris import lycoris_file
 
 CPU = torch.device("cpu")
 
@@ -86,6 +87,11 @@ def test_a_lora_of_full_rank_gives_the_tuned_model_back(tiny_sd, tmp_path, capsy
     assert (base_unet - tuned_unet).abs().max() > 0.1 and (base_text - tuned_text).abs().max() > 0.1
     torch.testing.assert_close(unet, tuned_unet, atol=1e-4, rtol=0)
     torch.testing.assert_close(text, tuned_text, atol=1e-4, rtol=0)
+    # And by diffusers' own loader, as a user's script loads it: every layer at scale 1 (see low_rank's padding).
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    plain.load_lora_weights(str(out))
+    for ours, theirs in zip(outputs(plain), (tuned_unet, tuned_text)):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
     metadata, tensors = header(out)
     assert metadata["sdtoolkit.model"] == str(tiny_sd)
@@ -175,11 +181,46 @@ def test_bad_input_is_one_line(tiny_sd, tmp_path):
     with pytest.raises(UserError, match="the two models' UNets differ in architecture"):
         main([str(tiny_sd), str(other), out])
 
-    # A LoRA is no tuned model to extract from.
+    # A LoRA is no base model.
     tuned = tuned_copy(tiny_sd, tmp_path / "tuned", rank_two_change)
     main([str(tiny_sd), str(tuned), out])
-    with pytest.raises(UserError, match="is a LoRA already"):
-        main([str(tiny_sd), out, str(tmp_path / "again.safetensors")])
+    with pytest.raises(UserError, match="the base model .* is a LoRA; give the model it applies to"):
+        main([out, str(tuned), str(tmp_path / "again.safetensors")])
+
+
+def test_a_lora_at_another_rank_and_a_loha_as_a_lora(tiny_sd, tmp_path, capsys):
+    """A LoRA (or a LoHa) as the tuned model: merged into the base model and taken apart again."""
+
+    def small_text_encoder_change(text_encoder):  # of rank 1, within --min_diff's 0.01
+        layer = next(iter(target_layers(text_encoder, TEXT_ENCODER_BLOCKS).values()))
+        layer.weight += 0.005 * torch.outer(torch.rand(layer.weight.shape[0]), torch.rand(layer.weight.shape[1]))
+
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", rank_two_change, small_text_encoder_change)
+    tuned_outputs = outputs(load_pipeline(str(tuned), CPU, torch.float32))
+    wide, narrow = tmp_path / "rank8.safetensors", tmp_path / "rank2.safetensors"
+    main([str(tiny_sd), str(tuned), str(wide), "--rank", "8", "--clamp_quantile", "1", "--min_diff", "0.001"])
+    capsys.readouterr()
+    main([str(tiny_sd), str(wide), str(narrow), "--rank", "2", "--clamp_quantile", "1"])
+    printed = capsys.readouterr().out
+    assert "a LoRA, merged into" in printed
+    # The LoRA's text encoder adapter is taken in, though its change is within --min_diff: a LoRA's change is no
+    # rounding.
+    assert "Text encoder: 1 changed layers of" in printed
+    assert {t.shape[0] for k, t in header(narrow)[1].items() if k.endswith("lora_down.weight")} == {2}
+    for ours, theirs in zip(outputs(load_pipeline(str(narrow), CPU, torch.float32)), tuned_outputs):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+    # A LoHa's update, (w1_a @ w1_b) * (w2_a @ w2_b), has rank up to 16 at rank 4: a LoRA of rank 64 holds it.
+    base = load_pipeline(str(tiny_sd), CPU, torch.float32)
+    deltas = lycoris_file(base, "LoHa", tmp_path / "loha.safetensors")
+    main([str(tiny_sd), str(tmp_path / "loha.safetensors"), str(tmp_path / "from-loha.safetensors"), "--rank", "64",
+          "--conv_rank", "64", "--clamp_quantile", "1"])  # fmt: skip
+    with torch.no_grad():
+        for (part, module_path), delta in deltas.items():
+            getattr(base, part).get_submodule(module_path).weight += delta
+    converted = load_pipeline(str(tmp_path / "from-loha.safetensors"), CPU, torch.float32)
+    for ours, theirs in zip(outputs(converted), outputs(base)):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_from_a_training_runs_checkpoint_in_the_users_folder(tiny_sd, tmp_path):

@@ -397,21 +397,71 @@ def test_init_lora_trains_every_layer_of_the_file_and_resumes_bitwise(tiny_sd, a
     assert len(moved) == sum(k.endswith(".weight") for k in source)  # the text encoder's MLP layers too
 
 
-def test_a_kohya_file_with_an_alpha_per_layer_loads_as_written(tiny_sd, a1111_lora):
-    # diffusers names the text encoder's per-layer alphas by transformers 4's paths; they must still apply.
-    _, a1111 = a1111_lora
-    pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(a1111))
+def text_encoder_by_hand(tiny_sd, kohya_file):
+    """The tiny text encoder with the kohya file's text encoder updates added by hand: alpha / rank * up @ down."""
     by_hand = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
     modules = {"lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_"): module
                for name, module in by_hand.named_modules()}  # fmt: skip
-    kohya = load_file(a1111)
+    kohya = load_file(kohya_file)
     for key in kohya:
         if key.startswith("lora_te_") and key.endswith(".alpha"):
             name = key.removesuffix(".alpha")
             down, up = kohya[name + ".lora_down.weight"].float(), kohya[name + ".lora_up.weight"].float()
             modules[name].weight.data += kohya[key].item() / down.shape[0] * up @ down
+    return by_hand
+
+
+def test_a_kohya_file_with_an_alpha_per_layer_loads_as_written(tiny_sd, a1111_lora):
+    # diffusers names the text encoder's per-layer alphas by transformers 4's paths; they must still apply.
+    _, a1111 = a1111_lora
+    pipeline = load_pipeline(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(a1111))
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    by_hand = text_encoder_by_hand(tiny_sd, a1111)
     assert (embeddings(pipeline.text_encoder, tokenizer) - embeddings(by_hand, tokenizer)).abs().max() <= 1e-5
+
+
+def test_a_text_encoder_lora_without_out_proj_loads(tiny_sd, a1111_lora, tmp_path):
+    # diffusers infers the kind of a kohya file's text encoder names from an out_proj adapter, and without one
+    # refused the file ("Could not automatically infer state dict type"): q_proj alone, as some trainers adapt.
+    _, a1111 = a1111_lora
+    kohya = {key: value for key, value in load_file(a1111).items() if "lora_te_" not in key or "_q_proj" in key}
+    save_file(kohya, tmp_path / "q-only.safetensors")
+    pipeline = load_pipeline(
+        str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(tmp_path / "q-only.safetensors")
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    by_hand = text_encoder_by_hand(tiny_sd, tmp_path / "q-only.safetensors")
+    assert (embeddings(pipeline.text_encoder, tokenizer) - embeddings(by_hand, tokenizer)).abs().max() <= 1e-5
+    base = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    assert (embeddings(by_hand, tokenizer) - embeddings(base, tokenizer)).abs().max() > 1e-3  # the adapters show
+
+
+def test_a_kohya_file_whose_attention_layers_have_alphas_of_their_own_applies_each_as_written(
+    tiny_sd, a1111_lora, tmp_path
+):
+    # diffusers names such alphas by its older attention names (...processor.to_q_lora...), which name no layer:
+    # those layers were loaded with the file's most common alpha instead.
+    _, a1111 = a1111_lora
+    kohya = load_file(a1111)
+    kohya.update({key: torch.tensor(2.0) for key in kohya if key.endswith(("_to_q.alpha", "_to_out_0.alpha"))})
+    save_file(kohya, tmp_path / "alphas.safetensors")
+    pipeline = load_pipeline(
+        str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(tmp_path / "alphas.safetensors")
+    )
+    by_hand = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    modules = {"lora_unet_" + name.replace(".", "_"): module for name, module in by_hand.named_modules()}
+    with torch.no_grad():
+        for key in (k for k in kohya if k.startswith("lora_unet_") and k.endswith(".alpha")):
+            name = key.removesuffix(".alpha")
+            down, up = kohya[name + ".lora_down.weight"].float(), kohya[name + ".lora_up.weight"].float()
+            module = modules[name]
+            module.weight += (kohya[key].item() / down.shape[0] * up.flatten(1) @ down.flatten(1)).reshape(
+                module.weight.shape
+            )
+    latents, text = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        ours, theirs = pipeline.unet(latents, 500, text).sample, by_hand(latents, 500, text).sample
+    assert (ours - theirs).abs().max() <= 1e-5
 
 
 def misfit(a1111, out, change):
