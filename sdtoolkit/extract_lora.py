@@ -15,7 +15,8 @@ The layers are kohya-ss's: every linear layer and 1x1 convolution in the UNet's 
 attention, feed-forward, proj_in and proj_out), and with --conv_rank the ResNet blocks' and the samplers' layers
 too, their 3x3 convolutions at that rank; the text encoder's attention and MLP layers when it changed by more than
 --min_diff (a run that did not train it left it as it was). As kohya-ss does, the factors' values are clamped to
-the --clamp_quantile quantile of their values (0.99), which trims rare outliers; 1 keeps them as they are.
+the --clamp_quantile quantile of their values (0.99), which trims rare outliers; 1 keeps them as they are. With
+--dynamic_method each layer gets the rank its singular values call for (kohya-ss's resize_lora.py).
 
 What a LoRA can't hold is said, not hidden: the share of those layers' change that the rank keeps, and the
 changed tensors that have no place in a LoRA (biases, norms, the UNet's first and last convolutions, embeddings).
@@ -66,47 +67,63 @@ def target_layers(model, blocks):
     return layers
 
 
-def low_rank(change, rank, clamp_quantile):
+def dynamic_rank(S, method, param, most):
+    """The rank kohya-ss's --dynamic_method picks for a layer from its change's singular values S (largest first),
+    at most `most`: sv_ratio, those within a factor `param` of the largest; sv_cumulative, the fewest whose sum is
+    that fraction of the sum of all; sv_fro, the fewest that keep that fraction of the change's Frobenius norm."""
+    if method == "sv_ratio":
+        rank = int((S > S[0] / param).sum())
+    else:
+        kept = S.cumsum(0) if method == "sv_cumulative" else S.square().cumsum(0)
+        target = param if method == "sv_cumulative" else param**2
+        rank = int((kept / kept[-1] < target).sum()) + 1
+    return max(1, min(rank, most))
+
+
+def low_rank(change, rank, clamp_quantile, dynamic=None):
     """(up, down): the best approximation of this rank of a layer's change (out x in, or a convolution's
     out x in x kh x kw), up @ down, shaped as kohya-ss stores them (a convolution's down keeps its kernel, its up
     is 1x1), their values clamped to the clamp_quantile quantile of both (the nearest value) unless it is 1.
+    dynamic: (method, param) to pick the layer's rank from its singular values, `rank` at most (see dynamic_rank).
 
-    A layer narrower than the rank has fewer directions than that: the factors are padded with zeros to the rank, so
-    that every layer has the one rank and alpha of the file's header. (diffusers 0.42 misreads a kohya-ss file's
-    alphas of attention projections, to_q_lora...alpha for to_q, and gives such a layer the file's most common
-    alpha: a layer of another rank would apply at another scale.)
+    A layer narrower than a fixed rank has fewer directions than that: the factors are padded with zeros to the
+    rank, so that every layer has the one rank and alpha of the file's header. (diffusers 0.42's load_lora_weights
+    misreads a kohya-ss file's alphas of attention projections, to_q_lora...alpha for to_q, and gives such a layer
+    the file's most common alpha: a layer of another rank would apply at another scale.)
     """
     matrix = change.flatten(1).float()  # (out, in * kh * kw)
-    kept = min(rank, *matrix.shape)
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    kept = dynamic_rank(S, *dynamic, min(rank, len(S))) if dynamic else min(rank, len(S))
     up, down = U[:, :kept] * S[:kept], Vh[:kept]  # (out, kept), (kept, in * kh * kw)
     if clamp_quantile < 1:
         values = torch.cat([up.flatten(), down.flatten()])
         limit = values.kthvalue(1 + round(clamp_quantile * (len(values) - 1))).values
         up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
-    up = torch.nn.functional.pad(up, (0, rank - kept))  # (out, rank)
-    down = torch.nn.functional.pad(down, (0, 0, 0, rank - kept))  # (rank, in * kh * kw)
+    if not dynamic:
+        up = torch.nn.functional.pad(up, (0, rank - kept))  # (out, rank)
+        down = torch.nn.functional.pad(down, (0, 0, 0, rank - kept))  # (rank, in * kh * kw)
     if change.dim() == 4:
-        up, down = up[:, :, None, None], down.reshape(rank, *change.shape[1:])
+        up, down = up[:, :, None, None], down.reshape(len(down), *change.shape[1:])
     return up, down
 
 
-def extract(base, tuned, prefix, layers, ranks, clamp_quantile, device):
-    """The adapters, in kohya-ss keys, of the layers (paths) of `base` that `tuned` changed, at their `ranks`, and
-    (squared norm of the change in those layers, squared norm of what the adapters leave of it)."""
+def extract(base, tuned, prefix, layers, ranks, clamp_quantile, dynamic, device):
+    """The adapters, in kohya-ss keys, of the layers (paths) of `base` that `tuned` changed, at their `ranks` (at
+    most, with `dynamic`), each with its rank as its alpha, and (squared norm of the change in those layers,
+    squared norm of what the adapters leave of it)."""
     base_layers, tuned_layers = dict(base.named_modules()), dict(tuned.named_modules())
     state, change_norm, left_norm = {}, 0.0, 0.0
     for path in tqdm(layers, desc=f"{type(base).__name__}'s layers", leave=False):
         change = (tuned_layers[path].weight.detach().float() - base_layers[path].weight.detach().float()).to(device)
         if not change.any():  # a layer the run kept frozen
             continue
-        up, down = low_rank(change, ranks[path], clamp_quantile)
+        up, down = low_rank(change, ranks[path], clamp_quantile, dynamic)
         change_norm += change.square().sum().item()
         left_norm += (change.flatten(1) - up.flatten(1) @ down.flatten(1)).square().sum().item()
         name = kohya_name(prefix, path)
         state[f"{name}.lora_up.weight"] = up.cpu().contiguous()
         state[f"{name}.lora_down.weight"] = down.cpu().contiguous()
-        state[f"{name}.alpha"] = torch.tensor(float(ranks[path]))
+        state[f"{name}.alpha"] = torch.tensor(float(len(down)))
     return state, change_norm, left_norm
 
 
@@ -164,6 +181,15 @@ def load_tuned(path, base, config):
     return pipeline
 
 
+def ranks_said(state, args, convolutions=True):
+    """The adapters' ranks in words: the rank asked for, or with --dynamic_method the ones it picked."""
+    if not args.dynamic_method:
+        conv = f" ({args.conv_rank} for 3x3 convolutions)" if args.conv_rank and convolutions else ""
+        return f"at rank {args.rank}{conv}"
+    ranks = [len(tensor) for key, tensor in state.items() if key.endswith("lora_down.weight")]
+    return f"at ranks {min(ranks, default=0)} to {max(ranks, default=0)} ({args.dynamic_method} {args.dynamic_param})"
+
+
 def share(part, whole):
     return 100 * part / whole if whole else 0.0
 
@@ -198,9 +224,19 @@ def parse_args(argv=None):
     parser.add_argument(
         "--clamp_quantile",
         type=float,
-        default=0.99,
-        help="Clamp the factors' values to this quantile of them, as kohya-ss does (0.99); 1 keeps them as they are.",
+        default=None,
+        help="Clamp the factors' values to this quantile of them; 1 keeps them as they are. Default: 0.99 from a"
+        " fine-tune (kohya-ss's extraction), 1 from a LoRA (its resize_lora.py).",
     )
+    parser.add_argument(
+        "--dynamic_method",
+        choices=["sv_ratio", "sv_fro", "sv_cumulative"],
+        default=None,
+        help="Pick each layer's rank from its singular values, --rank (--conv_rank) at most, as kohya-ss's"
+        " resize_lora.py: sv_fro keeps --dynamic_param of each change's Frobenius norm (e.g. 0.9), sv_cumulative"
+        " that fraction of the singular values' sum, sv_ratio those within a factor --dynamic_param of the largest.",
+    )
+    parser.add_argument("--dynamic_param", type=float, default=None, help="The target of --dynamic_method.")
     parser.add_argument(
         "--min_diff",
         type=float,
@@ -223,8 +259,15 @@ def main(argv=None):
         raise UserError(f"{args.out}: the LoRA file must end in .safetensors")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError("--rank and --conv_rank must be at least 1")
-    if not 0 < args.clamp_quantile <= 1:
+    if args.clamp_quantile is not None and not 0 < args.clamp_quantile <= 1:
         raise UserError(f"--clamp_quantile must be above 0 and at most 1, got {args.clamp_quantile}")
+    if (args.dynamic_method is None) != (args.dynamic_param is None):
+        raise UserError("--dynamic_method and --dynamic_param go together")
+    if args.dynamic_method == "sv_ratio" and not args.dynamic_param >= 1:
+        raise UserError(f"--dynamic_method sv_ratio takes a --dynamic_param of 1 or more, got {args.dynamic_param}")
+    if args.dynamic_method in ("sv_fro", "sv_cumulative") and not 0 < args.dynamic_param <= 1:
+        raise UserError(f"--dynamic_method {args.dynamic_method} takes a --dynamic_param above 0 and at most 1")
+    dynamic = (args.dynamic_method, args.dynamic_param) if args.dynamic_method else None
     device, _ = pick_device_and_dtype(args.device)
 
     if holds_lora(args.base):
@@ -232,8 +275,12 @@ def main(argv=None):
     base = load_pipeline(args.base, torch.device("cpu"), torch.float32, args.model_config)
     tuned = load_tuned(args.tuned, args.base, args.model_config)
     # A full fine-tune's text encoder may differ from its base's by rounding alone (kohya-ss's reason for
-    # --min_diff); a LoRA's changes it only where it has an adapter.
+    # --min_diff); a LoRA's changes it only where it has an adapter. kohya-ss clamps what it extracts from a
+    # fine-tune, and not what it resizes.
     min_diff = 0.0 if holds_lora(args.tuned) else args.min_diff
+    clamp_quantile = (
+        args.clamp_quantile if args.clamp_quantile is not None else 1.0 if holds_lora(args.tuned) else 0.99
+    )
     check_same_architecture(base.unet, tuned.unet, "UNet")
     check_same_architecture(base.text_encoder, tuned.text_encoder, "text encoder")
 
@@ -245,12 +292,11 @@ def main(argv=None):
         for path, layer in unet_layers.items()
     }
     state, change_norm, left_norm = extract(
-        base.unet, tuned.unet, "lora_unet_", unet_layers, ranks, args.clamp_quantile, device
+        base.unet, tuned.unet, "lora_unet_", unet_layers, ranks, clamp_quantile, dynamic, device
     )
     print(
-        f"UNet: {len(state) // 3} changed layers of {len(unet_layers)} at rank {args.rank}"
-        + (f" ({args.conv_rank} for 3x3 convolutions)" if args.conv_rank else "")
-        + f": the LoRA keeps {share(change_norm - left_norm, change_norm):.1f}% of their change (squared norm)"
+        f"UNet: {len(state) // 3} changed layers of {len(unet_layers)} {ranks_said(state, args)}: the LoRA keeps"
+        f" {share(change_norm - left_norm, change_norm):.1f}% of their change (squared norm)"
     )
     left_out = left_out_changes(base.unet, tuned.unet, unet_layers)
 
@@ -264,12 +310,12 @@ def main(argv=None):
     if largest > min_diff:
         text_state, text_change, text_left = extract(
             base.text_encoder, tuned.text_encoder, "lora_te_", text_layers, dict.fromkeys(text_layers, args.rank),
-            args.clamp_quantile, device,
+            clamp_quantile, dynamic, device,
         )  # fmt: skip
         state.update(text_state)
         print(
-            f"Text encoder: {len(text_state) // 3} changed layers of {len(text_layers)} at rank {args.rank}: the LoRA"
-            f" keeps {share(text_change - text_left, text_change):.1f}% of their change"
+            f"Text encoder: {len(text_state) // 3} changed layers of {len(text_layers)} {ranks_said(text_state, args, convolutions=False)}:"
+            f" the LoRA keeps {share(text_change - text_left, text_change):.1f}% of their change"
         )
         change_norm, left_norm = change_norm + text_change, left_norm + text_left
         text_left_out = left_out_changes(base.text_encoder, tuned.text_encoder, text_layers)
@@ -307,6 +353,8 @@ def main(argv=None):
         facts, name=name, rank=args.rank, alpha=args.rank, prediction_type=scheduler.prediction_type,
         clip_skip=facts["clip_skip"] or 1, conv_rank=args.conv_rank, conv_alpha=args.conv_rank,
     )  # fmt: skip
+    if dynamic:  # each layer has a rank of its own, and that rank as its alpha: kohya-ss's header says so
+        metadata.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     metadata.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
     metadata["sdtoolkit.extracted_from"] = str(local_path_or_name(args.tuned))
     dtype = PRECISIONS[args.save_precision]

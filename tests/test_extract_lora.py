@@ -19,7 +19,14 @@ from safetensors import safe_open
 from transformers import CLIPTextModel
 
 from sdtoolkit.errors import UserError
-from sdtoolkit.extract_lora import TEXT_ENCODER_BLOCKS, UNET_BLOCKS, UNET_CONV_BLOCKS, main, target_layers
+from sdtoolkit.extract_lora import (
+    TEXT_ENCODER_BLOCKS,
+    UNET_BLOCKS,
+    UNET_CONV_BLOCKS,
+    dynamic_rank,
+    main,
+    target_layers,
+)
 from sdtoolkit.inference import load_pipeline, lora_sampling
 from tests.conftest import REPO, train
 from tests.test_lycoris import lycoris_file
@@ -132,6 +139,50 @@ def test_the_rank_keeps_the_largest_directions_and_says_how_much(tiny_sd, tmp_pa
         assert {t.shape[0] for k, t in header(out)[1].items() if k.endswith("lora_down.weight")} == {int(rank)}
 
 
+def test_dynamic_ranks_follow_each_layers_singular_values(tiny_sd, tmp_path, capsys):
+    """--dynamic_method (kohya-ss's resize_lora.py): each layer gets the rank its change needs, --rank at most."""
+    first = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+    def unet_change(unet):
+        rank_two_change(unet)
+        layer = unet.get_submodule(first)  # one layer changed at rank 6
+        layer.weight += torch.randn(layer.weight.shape[0], 4) @ torch.randn(4, layer.weight.shape[1]) / 10
+
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", unet_change)
+    out = tmp_path / "dynamic.safetensors"
+    main([str(tiny_sd), str(tuned), str(out), "--rank", "16", "--dynamic_method", "sv_fro", "--dynamic_param",
+          "0.9999", "--clamp_quantile", "1"])  # fmt: skip
+    assert "at ranks 2 to 6 (sv_fro 0.9999): the LoRA keeps 100.0%" in capsys.readouterr().out
+    metadata, tensors = header(out)
+    ranks = {key.removesuffix(".lora_down.weight"): t.shape[0] for key, t in tensors.items() if "lora_down" in key}
+    name = "lora_unet_" + first.replace(".", "_")
+    assert ranks.pop(name) == 6 and set(ranks.values()) == {2}
+    assert all(tensors[f"{key}.alpha"].item() == rank for key, rank in ranks.items())  # each at scale 1
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "Dynamic"
+    # Each layer at its own rank and alpha, loaded as the server loads it: the tuned model's output.
+    tuned_unet = outputs(load_pipeline(str(tuned), CPU, torch.float32))[0]
+    torch.testing.assert_close(outputs(load_pipeline(str(out), CPU, torch.float32))[0], tuned_unet, atol=1e-4, rtol=0)
+
+    # The three methods on singular values 3, 2, 1, 1 (squares 9, 4, 1, 1 of 15; sums 3, 5, 6, 7 of 7), by hand:
+    S = torch.tensor([3.0, 2.0, 1.0, 1.0])
+    assert dynamic_rank(S, "sv_fro", 0.9, 4) == 2  # 13/15 of the squares: a norm of 0.93 of the whole
+    assert dynamic_rank(S, "sv_fro", 0.95, 4) == 3  # 14/15: 0.966
+    assert dynamic_rank(S, "sv_cumulative", 0.8, 4) == 3  # 6/7 = 0.857
+    assert dynamic_rank(S, "sv_ratio", 2.5, 4) == 2  # above 3 / 2.5 = 1.2
+    assert dynamic_rank(S, "sv_cumulative", 1.0, 3) == 3  # at most 3
+
+    # --rank is the most any layer gets; sv_ratio keeps the directions within a factor of the largest.
+    main(
+        [str(tiny_sd), str(tuned), str(out), "--rank", "3", "--dynamic_method", "sv_ratio", "--dynamic_param", "1000"]
+    )
+    ranks = {key: t.shape[0] for key, t in header(out)[1].items() if "lora_down" in key}
+    assert ranks.pop(f"{name}.lora_down.weight") == 3 and set(ranks.values()) == {2}
+    with pytest.raises(UserError, match="--dynamic_method and --dynamic_param go together"):
+        main([str(tiny_sd), str(tuned), str(out), "--dynamic_method", "sv_fro"])
+    with pytest.raises(UserError, match="sv_fro takes a --dynamic_param above 0 and at most 1"):
+        main([str(tiny_sd), str(tuned), str(out), "--dynamic_method", "sv_fro", "--dynamic_param", "90"])
+
+
 def test_what_a_lora_cannot_hold_is_named(tiny_sd, tmp_path, capsys):
     def unet_change(unet):
         rank_two_change(unet)
@@ -200,7 +251,7 @@ def test_a_lora_at_another_rank_and_a_loha_as_a_lora(tiny_sd, tmp_path, capsys):
     wide, narrow = tmp_path / "rank8.safetensors", tmp_path / "rank2.safetensors"
     main([str(tiny_sd), str(tuned), str(wide), "--rank", "8", "--clamp_quantile", "1", "--min_diff", "0.001"])
     capsys.readouterr()
-    main([str(tiny_sd), str(wide), str(narrow), "--rank", "2", "--clamp_quantile", "1"])
+    main([str(tiny_sd), str(wide), str(narrow), "--rank", "2"])  # a LoRA is not clamped by default
     printed = capsys.readouterr().out
     assert "a LoRA, merged into" in printed
     # The LoRA's text encoder adapter is taken in, though its change is within --min_diff: a LoRA's change is no
