@@ -142,9 +142,21 @@ def check_lora_path(path, flag):
         raise UserError(f"{flag} {path}: no LoRA there (a .safetensors file, or a folder with {WEIGHTS_NAME})")
 
 
-# diffusers' older names of the UNet's attention projections, as it names their alphas in a kohya-ss file.
-OLDER_ATTENTION_ALPHA = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.down\.weight\.alpha$")
-LAYER_OF = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+# diffusers' older names of the attention projections, as it names their alphas in a kohya-ss file: the UNet's
+# (...attn1.processor.to_q_lora.down.weight.alpha) and the text encoder's (...self_attn.to_q_lora.down.weight.alpha).
+OLDER_ATTENTION_ALPHA = re.compile(r"\.(processor\.)?(to_q|to_k|to_v|to_out)_lora\.down\.weight\.alpha$")
+UNET_LAYER = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+TEXT_ENCODER_LAYER = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def alpha_name(key):
+    """The name by which diffusers' loader finds the layer of a kohya-ss file's alpha it named `key` (see read_lora):
+    a UNet layer's path and .alpha; a text encoder layer's path and one part more, as it names its MLP layers'
+    (...mlp.fc1.lora_linear_layer.down.weight.alpha), without transformers 4's text_model. part."""
+    if key.startswith("unet."):
+        return OLDER_ATTENTION_ALPHA.sub(lambda m: f".{UNET_LAYER[m[2]]}.alpha", key)
+    key = OLDER_ATTENTION_ALPHA.sub(lambda m: f".{TEXT_ENCODER_LAYER[m[2]]}.lora_linear_layer.down.weight.alpha", key)
+    return key.replace("text_encoder.text_model.", "text_encoder.", 1)
 
 
 def read_lora(path):
@@ -152,11 +164,10 @@ def read_lora(path):
     (state dict with unet. and text_encoder. keys, kohya-ss's alphas or None, diffusers' metadata or None).
 
     diffusers names some of a kohya-ss file's alphas by paths that name no layer, and PEFT then gives such a layer
-    the file's most common alpha: one with an alpha of its own would apply at another scale. They are renamed:
-    - the text encoder's, named by their transformers 4 paths (text_model.encoder...), which transformers 5's text
-      encoder does not have: without the text_model. part the name matches either version's layer;
-    - the UNet's attention projections', named in diffusers' older names (...attn1.processor.to_q_lora.down.weight
-      .alpha): named by their layers' paths (...attn1.to_q.alpha).
+    the file's most common alpha: one with an alpha of its own would apply at another scale. They are renamed
+    (alpha_name): the attention projections', which it names by its older names (to_q_lora), and the text encoder's,
+    which it names by their transformers 4 paths (text_model.encoder...), which transformers 5's text encoder does
+    not have: without the text_model. part the name matches either version's layer.
     """
     folder, name = lora_location(path)
     with safe_open(os.path.join(folder, name), "pt") as f:
@@ -170,12 +181,7 @@ def read_lora(path):
         folder, weight_name=name, return_lora_metadata=True
     )
     if alphas:
-        alphas = {
-            OLDER_ATTENTION_ALPHA.sub(lambda m: f".{LAYER_OF[m[1]]}.alpha", key).replace(
-                "text_encoder.text_model.", "text_encoder.", 1
-            ): alpha
-            for key, alpha in alphas.items()
-        }
+        alphas = {alpha_name(key): alpha for key, alpha in alphas.items()}
     # Every key in PEFT's names, as save_lora writes them: diffusers converts a UNet's only when the first key is
     # in its older names (see save_lora), and files from elsewhere, or from earlier runs, may mix both.
     unet = {key: value for key, value in state.items() if key.startswith("unet.")}

@@ -439,11 +439,12 @@ def test_a_text_encoder_lora_without_out_proj_loads(tiny_sd, a1111_lora, tmp_pat
 def test_a_kohya_file_whose_attention_layers_have_alphas_of_their_own_applies_each_as_written(
     tiny_sd, a1111_lora, tmp_path
 ):
-    # diffusers names such alphas by its older attention names (...processor.to_q_lora...), which name no layer:
-    # those layers were loaded with the file's most common alpha instead.
+    # diffusers names such alphas by its older attention names (...processor.to_q_lora..., ...self_attn.to_q_lora...),
+    # which name no layer: those layers were loaded with the file's most common alpha instead.
     _, a1111 = a1111_lora
     kohya = load_file(a1111)
-    kohya.update({key: torch.tensor(2.0) for key in kohya if key.endswith(("_to_q.alpha", "_to_out_0.alpha"))})
+    own = ("_to_q.alpha", "_to_out_0.alpha", "_q_proj.alpha", "_out_proj.alpha")
+    kohya.update({key: torch.tensor(2.0) for key in kohya if key.endswith(own)})
     save_file(kohya, tmp_path / "alphas.safetensors")
     pipeline = load_pipeline(
         str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(tmp_path / "alphas.safetensors")
@@ -462,6 +463,9 @@ def test_a_kohya_file_whose_attention_layers_have_alphas_of_their_own_applies_ea
     with torch.no_grad():
         ours, theirs = pipeline.unet(latents, 500, text).sample, by_hand(latents, 500, text).sample
     assert (ours - theirs).abs().max() <= 1e-5
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    text_encoder = text_encoder_by_hand(tiny_sd, tmp_path / "alphas.safetensors")
+    assert (embeddings(pipeline.text_encoder, tokenizer) - embeddings(text_encoder, tokenizer)).abs().max() <= 1e-5
 
 
 def misfit(a1111, out, change):
