@@ -196,7 +196,8 @@ def share(part, whole):
 
 def parse_args(argv=None):
     parser = ArgumentParser(
-        description="Extract a LoRA from a full fine-tune: its change from the base model, at a low rank.",
+        description="Extract a LoRA from a full fine-tune (its change from the base model, at a low rank), or write a"
+        " LoRA, LoHa or LoKr again as a LoRA at another rank.",
         known_elsewhere={
             "--model_org": "the first argument here (the base model)",
             "--model_tuned": "the second argument here (the tuned model)",
@@ -212,11 +213,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("out", help="The LoRA file to write (.safetensors, kohya-ss keys).")
     parser.add_argument(
-        "--rank", "--dim", type=int, default=4, help="The LoRA's rank for linear layers and 1x1 convolutions (4)."
+        "--rank",
+        "--dim",
+        "--new_rank",
+        type=int,
+        default=4,
+        help="The LoRA's rank for linear layers and 1x1 convolutions (4).",
     )
     parser.add_argument(
         "--conv_rank",
         "--conv_dim",
+        "--new_conv_rank",
         type=int,
         default=None,
         help="Adapt the ResNet blocks' and samplers' layers too, their 3x3 convolutions at this rank (LoCon).",

@@ -251,7 +251,7 @@ def test_a_lora_at_another_rank_and_a_loha_as_a_lora(tiny_sd, tmp_path, capsys):
     wide, narrow = tmp_path / "rank8.safetensors", tmp_path / "rank2.safetensors"
     main([str(tiny_sd), str(tuned), str(wide), "--rank", "8", "--clamp_quantile", "1", "--min_diff", "0.001"])
     capsys.readouterr()
-    main([str(tiny_sd), str(wide), str(narrow), "--rank", "2"])  # a LoRA is not clamped by default
+    main([str(tiny_sd), str(wide), str(narrow), "--new_rank", "2"])  # kohya-ss's resize flag; no clamping
     printed = capsys.readouterr().out
     assert "a LoRA, merged into" in printed
     # The LoRA's text encoder adapter is taken in, though its change is within --min_diff: a LoRA's change is no
