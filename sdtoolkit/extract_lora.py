@@ -281,13 +281,13 @@ def main(argv=None):
         raise UserError(f"the base model '{args.base}' is a LoRA; give the model it applies to")
     base = load_pipeline(args.base, torch.device("cpu"), torch.float32, args.model_config)
     tuned = load_tuned(args.tuned, args.base, args.model_config)
+
     # A full fine-tune's text encoder may differ from its base's by rounding alone (kohya-ss's reason for
     # --min_diff); a LoRA's changes it only where it has an adapter. kohya-ss clamps what it extracts from a
     # fine-tune, and not what it resizes.
-    min_diff = 0.0 if holds_lora(args.tuned) else args.min_diff
-    clamp_quantile = (
-        args.clamp_quantile if args.clamp_quantile is not None else 1.0 if holds_lora(args.tuned) else 0.99
-    )
+    from_lora = holds_lora(args.tuned)
+    min_diff = 0.0 if from_lora else args.min_diff
+    clamp_quantile = args.clamp_quantile if args.clamp_quantile is not None else 1.0 if from_lora else 0.99
     check_same_architecture(base.unet, tuned.unet, "UNet")
     check_same_architecture(base.text_encoder, tuned.text_encoder, "text encoder")
 
@@ -320,17 +320,16 @@ def main(argv=None):
             clamp_quantile, dynamic, device,
         )  # fmt: skip
         state.update(text_state)
+        said = ranks_said(text_state, args, convolutions=False)
         print(
-            f"Text encoder: {len(text_state) // 3} changed layers of {len(text_layers)} {ranks_said(text_state, args, convolutions=False)}:"
-            f" the LoRA keeps {share(text_change - text_left, text_change):.1f}% of their change"
+            f"Text encoder: {len(text_state) // 3} changed layers of {len(text_layers)} {said}: the LoRA keeps"
+            f" {share(text_change - text_left, text_change):.1f}% of their change"
         )
         change_norm, left_norm = change_norm + text_change, left_norm + text_left
         text_left_out = left_out_changes(base.text_encoder, tuned.text_encoder, text_layers)
     else:
-        print(
-            f"Text encoder: unchanged (its largest change, {largest:.3g}, is within --min_diff {min_diff}): the LoRA"
-            " adapts the UNet only"
-        )
+        within = f" (its largest change, {largest:.3g}, is within --min_diff {min_diff})" if largest else ""
+        print(f"Text encoder: unchanged{within}: the LoRA adapts the UNet only")
         text_left_out = left_out_changes(base.text_encoder, tuned.text_encoder, {})
     left_out.update({f"text_encoder.{name}": norm for name, norm in text_left_out.items()})
     if not state:

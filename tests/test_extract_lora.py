@@ -105,8 +105,12 @@ def test_a_lora_of_full_rank_gives_the_tuned_model_back(tiny_sd, tmp_path, capsy
     assert metadata["ss_network_dim"] == "64" and metadata["ss_network_alpha"] == "64.0"
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "64", "conv_alpha": "64.0"}
     # Layers named as kohya-ss names them, which AUTOMATIC1111 and ComfyUI look up.
-    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-                 "lora_unet_down_blocks_0_resnets_0_conv1", "lora_te_text_model_encoder_layers_0_mlp_fc1"):  # fmt: skip
+    kohya_names = (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_down_blocks_0_resnets_0_conv1",
+        "lora_te_text_model_encoder_layers_0_mlp_fc1",
+    )
+    for name in kohya_names:
         assert f"{name}.lora_down.weight" in tensors and f"{name}.alpha" in tensors
     # Every layer has the file's one rank and alpha, narrower layers padded with zeros (see low_rank).
     assert {tensor.shape[0] for key, tensor in tensors.items() if key.endswith("lora_down.weight")} == {64}
