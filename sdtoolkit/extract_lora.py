@@ -26,6 +26,8 @@ apart in the same way, which gives it at another rank (kohya-ss's resize_lora.py
 
     python -m sdtoolkit.extract_lora CompVis/stable-diffusion-v1-4 big-lora.safetensors small-lora.safetensors --rank 8
 
+Several LoRAs, at --ratios, are merged as one (kohya-ss's svd_merge_lora.py).
+
 The file is in kohya-ss keys, with a header that names its base model, so metrics.py and gradio_app.py take it as a
 --model_path of its own, as they take a LoRA run's file.
 """
@@ -42,9 +44,12 @@ from sdtoolkit.errors import ArgumentParser, UserError, run_main
 from sdtoolkit.export import training_metadata
 from sdtoolkit.inference import (
     add_model_config_argument,
+    load_lora,
     load_pipeline,
+    lora_sampling,
     pick_device_and_dtype,
     recorded_clip_skip,
+    sample_as_trained,
 )
 from sdtoolkit.lora import has_lora_weights, kohya_metadata, kohya_name
 from sdtoolkit.output_dir import local_path_or_name
@@ -168,16 +173,22 @@ def holds_lora(path):
         return False
 
 
-def load_tuned(path, base, config):
-    """The tuned model on the CPU in float32 (see load_pipeline), or, for a LoRA, LoHa or LoKr, the base model with
-    it merged into the weights: what is extracted from it then is its update at another rank (kohya-ss's
-    resize_lora.py), or a LyCORIS file's as a LoRA."""
-    if not holds_lora(path):
-        return load_pipeline(path, torch.device("cpu"), torch.float32, config)
-    pipeline = load_pipeline(base, torch.device("cpu"), torch.float32, config, lora=path)
-    pipeline.fuse_lora(components=["unet", "text_encoder"])
-    pipeline.unload_lora_weights()  # the adapter's layers go, its update stays in the fused weights
-    print(f"{path}: a LoRA, merged into {base} to be taken apart again")
+def load_tuned(paths, ratios, base, config):
+    """The tuned model on the CPU in float32 (see load_pipeline), or, for LoRAs, LoHas or LoKrs, the base model with
+    them merged into its weights, each at its ratio: what is extracted from it then is their update at another rank
+    (kohya-ss's resize_lora.py), several LoRAs' as one (its svd_merge_lora.py), or a LyCORIS file's as a LoRA."""
+    if not holds_lora(paths[0]):
+        return load_pipeline(paths[0], torch.device("cpu"), torch.float32, config)
+    pipeline = load_pipeline(base, torch.device("cpu"), torch.float32, config)
+    names = [f"tuned_{i}" for i in range(len(paths))]
+    for path, name in zip(paths, names):
+        pipeline = sample_as_trained(pipeline, path, **lora_sampling(path))
+        load_lora(pipeline, path, adapter_name=name)
+    pipeline.set_adapters(names, adapter_weights=ratios)
+    pipeline.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
+    pipeline.unload_lora_weights()  # the adapters' layers go, their updates stay in the fused weights
+    merged = ", ".join(f"{path} at {ratio:g}" for path, ratio in zip(paths, ratios))
+    print(f"Merged into {base}, to be taken apart again: {merged}")
     return pipeline
 
 
@@ -207,9 +218,11 @@ def parse_args(argv=None):
     parser.add_argument("base", help="The base model the tuned one was trained from: a folder, a hub id or one file.")
     parser.add_argument(
         "tuned",
+        nargs="+",
         help="The fine-tuned model: a run's output folder, a checkpoint-N folder (its EMA weights when it has"
-        " them), or one file. Or a LoRA, LoHa or LoKr (a file, or a LoRA run's folder), merged into the base model"
-        " and extracted again: a LoRA at another rank, a LyCORIS file as a LoRA.",
+        " them), or one file. Or one or more LoRAs, LoHas or LoKrs (files, or LoRA runs' folders), merged into the"
+        " base model (at --ratios) and extracted again: a LoRA at another rank, several as one, a LyCORIS file as a"
+        " LoRA.",
     )
     parser.add_argument("out", help="The LoRA file to write (.safetensors, kohya-ss keys).")
     parser.add_argument(
@@ -245,6 +258,14 @@ def parse_args(argv=None):
     )
     parser.add_argument("--dynamic_param", type=float, default=None, help="The target of --dynamic_method.")
     parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help="With LoRAs as the tuned model: the strength of each, in their order (1 each by default), as"
+        " kohya-ss's svd_merge_lora.py and AUTOMATIC1111's <lora:NAME:ratio>.",
+    )
+    parser.add_argument(
         "--min_diff",
         type=float,
         default=0.01,
@@ -275,17 +296,27 @@ def main(argv=None):
     if args.dynamic_method in ("sv_fro", "sv_cumulative") and not 0 < args.dynamic_param <= 1:
         raise UserError(f"--dynamic_method {args.dynamic_method} takes a --dynamic_param above 0 and at most 1")
     dynamic = (args.dynamic_method, args.dynamic_param) if args.dynamic_method else None
+    from_lora = holds_lora(args.tuned[0])
+    if len(args.tuned) > 1 or args.ratios is not None:
+        whole = [path for path in args.tuned if not holds_lora(path)]
+        if whole:
+            raise UserError(
+                f"'{whole[0]}' is a whole model: several tuned models, and --ratios, are for LoRAs, merged into the"
+                " base model; extract from one fine-tune at a time"
+            )
+        if args.ratios is not None and len(args.ratios) != len(args.tuned):
+            raise UserError(f"--ratios gives {len(args.ratios)} strengths for {len(args.tuned)} LoRAs; give one each")
+    ratios = args.ratios or [1.0] * len(args.tuned)
     device, _ = pick_device_and_dtype(args.device)
 
     if holds_lora(args.base):
         raise UserError(f"the base model '{args.base}' is a LoRA; give the model it applies to")
     base = load_pipeline(args.base, torch.device("cpu"), torch.float32, args.model_config)
-    tuned = load_tuned(args.tuned, args.base, args.model_config)
+    tuned = load_tuned(args.tuned, ratios, args.base, args.model_config)
 
     # A full fine-tune's text encoder may differ from its base's by rounding alone (kohya-ss's reason for
     # --min_diff); a LoRA's changes it only where it has an adapter. kohya-ss clamps what it extracts from a
     # fine-tune, and not what it resizes.
-    from_lora = holds_lora(args.tuned)
     min_diff = 0.0 if from_lora else args.min_diff
     clamp_quantile = args.clamp_quantile if args.clamp_quantile is not None else 1.0 if from_lora else 0.99
     check_same_architecture(base.unet, tuned.unet, "UNet")
@@ -334,7 +365,8 @@ def main(argv=None):
     left_out.update({f"text_encoder.{name}": norm for name, norm in text_left_out.items()})
     if not state:
         raise UserError(
-            f"'{args.tuned}' has the same weights as '{args.base}' in every layer a LoRA adapts: nothing to extract"
+            f"'{' '.join(args.tuned)}' has the same weights as '{args.base}' in every layer a LoRA adapts: nothing to"
+            " extract"
         )
     if left_out:
         other_norm = sum(left_out.values())
@@ -352,7 +384,7 @@ def main(argv=None):
         "model_config": local_path_or_name(args.model_config),
         "prediction_type": scheduler.prediction_type,
         "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr")),
-        "clip_skip": recorded_clip_skip(args.tuned),
+        "clip_skip": recorded_clip_skip(args.tuned[0]),
     }
     name = os.path.splitext(os.path.basename(args.out))[0]
     metadata = kohya_metadata(
@@ -362,7 +394,7 @@ def main(argv=None):
     if dynamic:  # each layer has a rank of its own, and that rank as its alpha: kohya-ss's header says so
         metadata.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     metadata.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
-    metadata["sdtoolkit.extracted_from"] = str(local_path_or_name(args.tuned))
+    metadata["sdtoolkit.extracted_from"] = " ".join(str(local_path_or_name(path)) for path in args.tuned)
     dtype = PRECISIONS[args.save_precision]
     tensors = {key: tensor.to(dtype) for key, tensor in state.items()}
     try:
@@ -374,7 +406,7 @@ def main(argv=None):
     print(
         f"Wrote {args.out}: {len(tensors) // 3} adapted layers, {size:.1f} MB, {args.save_precision}, on the base"
         f" model {args.base}. To see what it kept, score it beside the tuned model on the same seeds:"
-        f" python metrics.py --model_path {args.base} {args.tuned} {args.out}"
+        f" python metrics.py --model_path {args.base} {' '.join(args.tuned)} {args.out}"
     )
 
 

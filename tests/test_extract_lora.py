@@ -34,11 +34,11 @@ from tests.test_lycoris import lycoris_file
 CPU = torch.device("cpu")
 
 
-def tuned_copy(tiny_sd, folder, unet_change=None, text_encoder_change=None):
+def tuned_copy(tiny_sd, folder, unet_change=None, text_encoder_change=None, seed=1):
     """A copy of the tiny pipeline at `folder`, its UNet and text encoder changed by unet_change(unet) and
-    text_encoder_change(text_encoder), which edit the weights in place."""
+    text_encoder_change(text_encoder), which edit the weights in place (drawing from torch's generator at `seed`)."""
     shutil.copytree(tiny_sd, folder)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for part, kind, change in (("unet", UNet2DConditionModel, unet_change),
                                ("text_encoder", CLIPTextModel, text_encoder_change)):  # fmt: skip
         if change is not None:
@@ -141,6 +141,35 @@ def test_the_rank_keeps_the_largest_directions_and_says_how_much(tiny_sd, tmp_pa
             assert 40 < kept < 99.9, (rank, clamp, kept)
             assert (unet - tuned_unet).abs().max() > 1e-3
         assert {t.shape[0] for k, t in header(out)[1].items() if k.endswith("lora_down.weight")} == {int(rank)}
+
+
+def test_several_loras_merge_into_one_at_their_ratios(tiny_sd, tmp_path, capsys):
+    """kohya-ss's svd_merge_lora.py: two LoRAs at ratios 0.7 and 0.5, as one LoRA of the rank their sum needs."""
+    loras, tuned_unets = [], []
+    for seed in (1, 2):
+        tuned = tuned_copy(tiny_sd, tmp_path / f"tuned{seed}", rank_two_change, seed=seed)
+        tuned_unets.append(UNet2DConditionModel.from_pretrained(tuned / "unet"))
+        loras.append(str(tmp_path / f"lora{seed}.safetensors"))
+        main([str(tiny_sd), str(tuned), loras[-1], "--rank", "2", "--clamp_quantile", "1"])
+    out = tmp_path / "merged.safetensors"
+    main([str(tiny_sd), *loras, str(out), "--rank", "4", "--ratios", "0.7", "0.5"])
+    assert "lora1.safetensors at 0.7" in capsys.readouterr().out
+
+    # By hand: the base's weights plus 0.7 and 0.5 of the two changes.
+    pipeline = load_pipeline(str(tiny_sd), CPU, torch.float32)
+    with torch.no_grad():
+        for (name, weight), first, second in zip(
+            pipeline.unet.named_parameters(), tuned_unets[0].parameters(), tuned_unets[1].parameters()
+        ):
+            weight += 0.7 * (first - weight) + 0.5 * (second - weight)
+    torch.testing.assert_close(
+        outputs(load_pipeline(str(out), CPU, torch.float32))[0], outputs(pipeline)[0], atol=1e-4, rtol=0
+    )
+
+    with pytest.raises(UserError, match="--ratios gives 1 strengths for 2 LoRAs"):
+        main([str(tiny_sd), *loras, str(out), "--ratios", "0.7"])
+    with pytest.raises(UserError, match="is a whole model: several tuned models, and --ratios, are for LoRAs"):
+        main([str(tiny_sd), loras[0], str(tmp_path / "tuned1"), str(out)])
 
 
 def test_dynamic_ranks_follow_each_layers_singular_values(tiny_sd, tmp_path, capsys):
@@ -257,7 +286,7 @@ def test_a_lora_at_another_rank_and_a_loha_as_a_lora(tiny_sd, tmp_path, capsys):
     capsys.readouterr()
     main([str(tiny_sd), str(wide), str(narrow), "--new_rank", "2"])  # kohya-ss's resize flag; no clamping
     printed = capsys.readouterr().out
-    assert "a LoRA, merged into" in printed
+    assert "to be taken apart again: " in printed and "rank8.safetensors at 1" in printed
     # The LoRA's text encoder adapter is taken in, though its change is within --min_diff: a LoRA's change is no
     # rounding.
     assert "Text encoder: 1 changed layers of" in printed
