@@ -128,6 +128,7 @@ from sdtoolkit.inference import (
     load_single_file,
     load_vae,
     looks_like_local_path,
+    quiet_empty_float32_warning,
     safetensors_metadata,
     sample_as_trained,
     supports_zero_terminal_snr,
@@ -2518,12 +2519,7 @@ def fine_tune(args):
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    # diffusers 0.42 warns at every cast of a model to another precision, even when the list of its modules to keep
-    # in float32 is empty, as the frozen VAE's is: "... should be kept in float32: []". With nothing to keep, the
-    # warning says nothing, so it is left out of the log (a model with modules to keep still warns).
-    diffusers.utils.logging.get_logger("diffusers.models.modeling_utils").addFilter(
-        lambda record: "should be kept in float32: []" not in record.getMessage()
-    )
+    quiet_empty_float32_warning()  # diffusers' warning at each cast of the frozen VAE, which has nothing to keep
 
     if args.non_ema_revision != args.revision:
         logger.warning("Loading 'non_ema' weights from a revision branch is deprecated; prefer --variant non_ema.")

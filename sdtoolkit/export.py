@@ -38,6 +38,7 @@ from sdtoolkit.inference import (
     load_pipeline,
     load_vae,
     looks_like_local_path,
+    quiet_empty_float32_warning,
     trained_model,
 )
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
@@ -471,6 +472,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_empty_float32_warning()
     if not args.out.endswith(".safetensors"):
         raise UserError(f"{args.out}: the output file must end in .safetensors")
     count = export_single_file(args.path, args.out, half=args.half, ema=args.ema)

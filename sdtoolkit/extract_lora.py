@@ -48,6 +48,7 @@ from sdtoolkit.inference import (
     load_pipeline,
     lora_sampling,
     pick_device_and_dtype,
+    quiet_empty_float32_warning,
     recorded_clip_skip,
     sample_as_trained,
 )
@@ -283,6 +284,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_empty_float32_warning()
     if not args.out.endswith(".safetensors"):
         raise UserError(f"{args.out}: the LoRA file must end in .safetensors")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):

@@ -19,6 +19,7 @@ import json
 import os
 import warnings
 
+import diffusers
 import torch
 import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -42,6 +43,17 @@ from sdtoolkit.lora import (
 from sdtoolkit.lycoris import load_lycoris, lycoris_kind
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def says_something(record):
+    return "should be kept in float32: []" not in record.getMessage()
+
+
+def quiet_empty_float32_warning():
+    """Leave out diffusers 0.42's warning at every cast of a model to another precision when its list of modules to
+    keep in float32 is empty, as a VAE's is ("... should be kept in float32: []"): it says nothing. A model with
+    modules to keep still warns. (The logger keeps one such filter however often this is called.)"""
+    diffusers.utils.logging.get_logger("diffusers.models.modeling_utils").addFilter(says_something)
 
 
 def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
