@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from sdtoolkit.atomic_files import written_atomically
 from sdtoolkit.errors import UserError, run_main
 from sdtoolkit.inference import (
+    add_model_config_argument,
     checkpoint_text_encoder,
     checkpoint_unet,
     is_single_file,
@@ -38,6 +39,7 @@ from sdtoolkit.inference import (
     load_pipeline,
     load_vae,
     looks_like_local_path,
+    merge_loras,
     quiet_empty_float32_warning,
     trained_model,
 )
@@ -356,7 +358,7 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     if state:
         for key in ("model", "revision", "model_config", "data", "data_rows", "global_step", "seed", "total_batch_size",
                     "resolution", "learning_rate", "clip_skip", "prediction_type", "vae",
-                    "zero_terminal_snr"):  # fmt: skip
+                    "zero_terminal_snr", "merged_loras"):  # fmt: skip
             if state.get(key) is not None:
                 metadata[f"sdtoolkit.{key}"] = str(state[key])
     # What the UNet predicts, in the ModelSpec key that kohya-ss writes and other tools read (one file holds no
@@ -364,6 +366,25 @@ def training_metadata(state_path, training=None, layout="stable-diffusion-v1 (Co
     if state.get("prediction_type") in ("epsilon", "v_prediction"):
         metadata["modelspec.prediction_type"] = "v" if state["prediction_type"] == "v_prediction" else "epsilon"
     return metadata
+
+
+def pipeline_weights(pipeline):
+    """(weights, configs) of the pipeline's UNet, VAE and text encoder."""
+    models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    weights = [model.state_dict() for model in models]
+    configs = [dict(pipeline.unet.config), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
+    return weights, configs
+
+
+def with_loras(path, loras, ratios, config=None):
+    """(weights, configs, scheduler config) of the model at `path` (a pipeline folder, a checkpoint, one file, a hub
+    id) with other LoRAs (LoHas, LoKrs) merged into it, each at its ratio: kohya-ss's merge_lora.py."""
+    trained = trained_model(path)
+    if trained is not None and "LoRA" in trained["kind"]:
+        raise UserError(f"{path} is a LoRA; give the model to merge --lora into")
+    pipeline = merge_loras(load_pipeline(path, torch.device("cpu"), torch.float32, config), loras, ratios)
+    weights, configs = pipeline_weights(pipeline)
+    return weights, configs, dict(pipeline.scheduler.config)
 
 
 def lora_merged(path):
@@ -377,9 +398,7 @@ def lora_merged(path):
     pipeline = load_pipeline(path, torch.device("cpu"), torch.float32)
     pipeline.fuse_lora(components=["unet", "text_encoder"])
     pipeline.unload_lora_weights()  # the adapter's layers go, its update stays in the fused weights
-    models = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
-    weights = [model.state_dict() for model in models]
-    configs = [dict(pipeline.unet.config), dict(pipeline.vae.config), pipeline.text_encoder.config.to_dict()]
+    weights, configs = pipeline_weights(pipeline)
     kohya = path if os.path.isfile(path) else os.path.join(path, KOHYA_WEIGHTS_NAME)
     header = {}
     if os.path.isfile(kohya):
@@ -390,16 +409,31 @@ def lora_merged(path):
     return weights, configs, facts
 
 
-def export_single_file(path, out, *, half=True, ema=None, training=None):
+def export_single_file(path, out, *, half=True, ema=None, training=None, loras=(), ratios=None, config=None):
     """Write the pipeline, checkpoint or LoRA at `path` to `out` as one SD 1.x .safetensors file (a LoRA merged into
     its base model). Returns the tensor count.
 
     training: facts of the run for the file's metadata (model, data, global_step, seed, resolution, ...), over
-    those of the newest checkpoint's training_state.json.
+    those of the newest checkpoint's training_state.json. loras: LoRAs to merge into the model at `path` first, at
+    their `ratios` (1 each by default); config: for a model that is one file, the pipeline whose configs describe it.
     """
     scheduler = {}  # a pipeline folder's scheduler config, for the betas of a v-prediction model's .yaml
-    merged = lora_merged(path)
-    if merged is not None:
+    merged = lora_merged(path) if not loras else None
+    if loras:
+        if ema is not None:
+            raise UserError(
+                "--ema and --no-ema can't go with --lora: a checkpoint gives its EMA weights when it has them"
+            )
+        (unet, vae, text), configs, scheduler = with_loras(path, loras, ratios or [1.0] * len(loras), config)
+        state = None
+        training = {
+            "model": os.path.abspath(path) if os.path.exists(path) else path,
+            "merged_loras": " ".join(os.path.abspath(lora) for lora in loras),
+            "prediction_type": scheduler.get("prediction_type"),
+            "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr")),
+            **(training or {}),
+        }
+    elif merged is not None:
         if ema is not None:
             raise UserError(
                 "--ema and --no-ema are for full fine-tuning checkpoints; a LoRA checkpoint's EMA weights are used by itself"
@@ -467,6 +501,17 @@ def parse_args(argv=None):
         help="From a checkpoint folder: its EMA weights (unet_ema/), or with --no-ema its trained weights (unet/)."
         " Default: the EMA weights when it has them, as the run's final save would hold.",
     )
+    parser.add_argument(
+        "--lora",
+        nargs="+",
+        default=(),
+        help="LoRAs (LoHas, LoKrs: files, or LoRA runs' folders) to merge into the model first, as kohya-ss's"
+        " merge_lora.py: one file with them in its weights. The model may then be one file or a hub id too.",
+    )
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", default=None, help="With --lora: the strength of each (1 each)."
+    )
+    add_model_config_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -475,7 +520,19 @@ def main(argv=None):
     quiet_empty_float32_warning()
     if not args.out.endswith(".safetensors"):
         raise UserError(f"{args.out}: the output file must end in .safetensors")
-    count = export_single_file(args.path, args.out, half=args.half, ema=args.ema)
+    if args.ratios is not None and len(args.ratios) != len(args.lora):
+        raise UserError(f"--ratios gives {len(args.ratios)} strengths for {len(args.lora)} LoRAs; give one each")
+    if args.model_config is not None and not args.lora:
+        raise UserError("--model_config is for a model that is one file, which only --lora makes sense with")
+    count = export_single_file(
+        args.path,
+        args.out,
+        half=args.half,
+        ema=args.ema,
+        loras=args.lora,
+        ratios=args.ratios,
+        config=args.model_config,
+    )
     size = os.path.getsize(args.out) / 1024**2
     print(f"Wrote {args.out}: {count} tensors, {size:.1f} MB, {'float16' if args.half else 'float32'}")
     if os.path.isfile(ldm_config_path(args.out)):

@@ -44,13 +44,11 @@ from sdtoolkit.errors import ArgumentParser, UserError, run_main
 from sdtoolkit.export import training_metadata
 from sdtoolkit.inference import (
     add_model_config_argument,
-    load_lora,
     load_pipeline,
-    lora_sampling,
+    merge_loras,
     pick_device_and_dtype,
     quiet_empty_float32_warning,
     recorded_clip_skip,
-    sample_as_trained,
 )
 from sdtoolkit.lora import has_lora_weights, kohya_metadata, kohya_name
 from sdtoolkit.output_dir import local_path_or_name
@@ -180,14 +178,7 @@ def load_tuned(paths, ratios, base, config):
     (kohya-ss's resize_lora.py), several LoRAs' as one (its svd_merge_lora.py), or a LyCORIS file's as a LoRA."""
     if not holds_lora(paths[0]):
         return load_pipeline(paths[0], torch.device("cpu"), torch.float32, config)
-    pipeline = load_pipeline(base, torch.device("cpu"), torch.float32, config)
-    names = [f"tuned_{i}" for i in range(len(paths))]
-    for path, name in zip(paths, names):
-        pipeline = sample_as_trained(pipeline, path, **lora_sampling(path))
-        load_lora(pipeline, path, adapter_name=name)
-    pipeline.set_adapters(names, adapter_weights=ratios)
-    pipeline.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
-    pipeline.unload_lora_weights()  # the adapters' layers go, their updates stay in the fused weights
+    pipeline = merge_loras(load_pipeline(base, torch.device("cpu"), torch.float32, config), paths, ratios)
     merged = ", ".join(f"{path} at {ratio:g}" for path, ratio in zip(paths, ratios))
     print(f"Merged into {base}, to be taken apart again: {merged}")
     return pipeline

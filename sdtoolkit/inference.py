@@ -87,6 +87,20 @@ def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
         raise UserError(f"could not load the LoRA {path} onto this pipeline: {first_line(err)}") from err
 
 
+def merge_loras(pipeline, paths, ratios):
+    """Merge the LoRAs (LoHas, LoKrs) at `paths` into the pipeline's UNet and text encoder weights, each at its ratio
+    (as AUTOMATIC1111's <lora:NAME:ratio>), and take their layers away; the pipeline samples as they were trained
+    (see lora_sampling). What sdtoolkit.export --lora and sdtoolkit.extract_lora do with LoRAs."""
+    names = [f"merged_{i}" for i in range(len(paths))]
+    for path, name in zip(paths, names):
+        pipeline = sample_as_trained(pipeline, path, **lora_sampling(path))
+        load_lora(pipeline, path, adapter_name=name)
+    pipeline.set_adapters(names, adapter_weights=list(ratios))
+    pipeline.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
+    pipeline.unload_lora_weights()  # the adapters' layers go, their updates stay in the fused weights
+    return pipeline
+
+
 def load_lora_dir(pipeline, folder, loaded=None):
     """Load every LoRA file in `folder` (searched recursively, as AUTOMATIC1111's models/Lora) as an adapter of
     its own, for prompts' <lora:name:weight> tags, name being the file's name without .safetensors; with `loaded`

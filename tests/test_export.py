@@ -21,10 +21,12 @@ import metrics
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file, ldm_config
 from sdtoolkit.export import main as export_main
+from sdtoolkit.extract_lora import main as extract_lora
 from sdtoolkit.fixtures import PRESETS, sd_scheduler
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
 from tests.conftest import REPO, generated_image, train, unet_weights
+from tests.test_extract_lora import rank_two_change, tuned_copy
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,35 @@ def test_a_lora_exports_merged_into_its_base_model(tiny_sd, tmp_path):
         assert f.metadata()["sdtoolkit.global_step"] == "2" and f.metadata()["sdtoolkit.model"] == str(tiny_sd)
     with pytest.raises(UserError, match="--ema and --no-ema are for full fine-tuning checkpoints"):
         export_single_file(str(out / "checkpoint-2"), str(tmp_path / "x.safetensors"), ema=False)
+
+
+def test_loras_from_elsewhere_merge_into_a_model_at_their_ratios(tiny_sd, tmp_path):
+    """--lora (kohya-ss's merge_lora.py): a LoRA that names no base model, merged at 0.5 into the model given."""
+    tuned = tuned_copy(tiny_sd, tmp_path / "tuned", rank_two_change)
+    lora = str(tmp_path / "lora.safetensors")
+    extract_lora([str(tiny_sd), str(tuned), lora, "--rank", "2", "--clamp_quantile", "1"])  # exactly the change
+    out = tmp_path / "merged.safetensors"
+    export_main([str(tiny_sd), str(out), "--no-half", "--lora", lora, "--ratios", "0.5"])
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["sdtoolkit.merged_loras"] == lora and f.metadata()["sdtoolkit.model"] == str(tiny_sd)
+    merged = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_sd), local_files_only=True,
+                                                      torch_dtype=torch.float32, safety_checker=None)  # fmt: skip
+    # By hand: the base's weights and half of the tuned model's change.
+    base, changed = (
+        UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"),
+        UNet2DConditionModel.from_pretrained(tuned / "unet"),
+    )
+    for (name, ours), theirs, tuned_weight in zip(
+        merged.unet.named_parameters(), base.parameters(), changed.parameters()
+    ):
+        torch.testing.assert_close(ours, theirs + 0.5 * (tuned_weight - theirs), atol=1e-5, rtol=0, msg=name)
+
+    with pytest.raises(UserError, match="--ratios gives 2 strengths for 1 LoRAs"):
+        export_main([str(tiny_sd), str(out), "--lora", lora, "--ratios", "0.5", "1"])
+    with pytest.raises(UserError, match="is a LoRA; give the model to merge --lora into"):
+        export_main([lora, str(out), "--lora", lora])
+    with pytest.raises(UserError, match="--model_config is for a model that is one file, which only --lora"):
+        export_main([str(tiny_sd), str(out), "--model_config", str(tiny_sd)])
 
 
 def test_export_single_file_with_a_base_that_is_not_sd1_stops_before_training(sd1_layout, tmp_path):
