@@ -7,6 +7,7 @@ CLIP text encoder under `cond_stage_model.transformer.` (its keys keep transform
     python -m sdtoolkit.export sd-pokemon-model sd-pokemon.safetensors            # fp16 (the default)
     python -m sdtoolkit.export sd-pokemon-model/checkpoint-1500 out.safetensors --no-half   # its EMA weights if any
     python -m sdtoolkit.export sd-pokemon-lora merged.safetensors                 # a LoRA merged into its base
+    python -m sdtoolkit.export base.safetensors out.safetensors --lora a.safetensors --ratios 0.8   # any LoRA, merged
 
 The mapping below is built from each model's config: the UNet's blocks are numbered in one sequence in the
 original layout (input_blocks, middle_block, output_blocks), where diffusers nests them (down_blocks.i.resnets.j),
