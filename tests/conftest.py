@@ -36,9 +36,12 @@ os.environ.setdefault(
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
+from sdtoolkit.extract_lora import UNET_BLOCKS, target_layers  # noqa: E402
 from sdtoolkit.fixtures import build_sd_pipeline, build_tiny_clip, build_tiny_open_clip  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -212,6 +215,91 @@ def literal_windows(tokenizer, text):
     from sdtoolkit.clip_windows import token_windows
 
     return [ids for ids, _ in token_windows(tokenizer, [(text, 1.0)])]
+
+
+# Tuned models and LoRA files with known changes, for sdtoolkit/extract_lora.py, the export and the LyCORIS loader.
+
+
+def tuned_copy(tiny_sd, folder, unet_change=None, text_encoder_change=None, seed=1):
+    """A copy of the tiny pipeline at `folder`, its UNet and text encoder changed by unet_change(unet) and
+    text_encoder_change(text_encoder), which edit the weights in place (drawing from torch's generator at `seed`)."""
+    shutil.copytree(tiny_sd, folder)
+    torch.manual_seed(seed)
+    for part, kind, change in (("unet", UNet2DConditionModel, unet_change),
+                               ("text_encoder", CLIPTextModel, text_encoder_change)):  # fmt: skip
+        if change is not None:
+            model = kind.from_pretrained(folder / part)
+            with torch.no_grad():
+                change(model)
+            model.save_pretrained(folder / part)
+    return folder
+
+
+def rank_two_change(model):
+    """A change of rank 2 in each layer of the UNet's transformer blocks."""
+    for layer in target_layers(model, UNET_BLOCKS).values():
+        out, inputs = layer.weight.shape[0], layer.weight[0].numel()
+        change = torch.randn(out, 2) @ torch.randn(2, inputs) / inputs**0.5
+        layer.weight += change.reshape(layer.weight.shape)
+
+
+RANK = 2  # the LyCORIS files' usual rank
+
+
+def lycoris_layers(pipeline):
+    """The layers lycoris_file's files adapt: two UNet attention projections, a 3x3 UNet convolution, a CLIP projection;
+    as (component, module path, kohya-ss name, module)."""
+    unet, text_encoder = dict(pipeline.unet.named_modules()), dict(pipeline.text_encoder.named_modules())
+    chosen = [("unet", n) for n in unet if n.endswith(("attn1.to_q", "attn2.to_v"))][:2]
+    chosen += [("unet", next(n for n in unet if n.endswith("resnets.0.conv1")))]
+    chosen += [("text_encoder", next(n for n in text_encoder if n.endswith("layers.0.self_attn.q_proj")))]
+    found = []
+    for part, path in chosen:
+        full = path if part == "unet" or path.startswith("text_model.") else f"text_model.{path}"
+        prefix = "lora_unet_" if part == "unet" else "lora_te_"
+        found.append((part, path, prefix + full.replace(".", "_"), (unet if part == "unet" else text_encoder)[path]))
+    return found
+
+
+def lycoris_file(pipeline, kind, path, seed=0):
+    """A random LoHa or LoKr file in kohya-ss keys for `pipeline`, and each layer's update by LyCORIS's formula:
+    {(component, module path): delta W}."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator) * 0.3
+
+    tensors, deltas = {}, {}
+    for i, (part, module_path, name, module) in enumerate(lycoris_layers(pipeline)):
+        out, inner = module.weight.shape[0], module.weight[0].numel()  # a convolution's kernel flattened
+        alpha = 1.0 + i
+        if kind == "LoHa Tucker" and module.weight.ndim == 4:  # a convolution's LoHa with Tucker cores t1, t2
+            t1, w1_a, w1_b = randn(RANK, RANK, 3, 3), randn(RANK, out), randn(RANK, module.in_channels)
+            t2, w2_a, w2_b = randn(RANK, RANK, 3, 3), randn(RANK, out), randn(RANK, module.in_channels)
+            tensors.update({f"{name}.hada_t1": t1, f"{name}.hada_w1_a": w1_a, f"{name}.hada_w1_b": w1_b,
+                            f"{name}.hada_t2": t2, f"{name}.hada_w2_a": w2_a, f"{name}.hada_w2_b": w2_b})  # fmt: skip
+            # Each core contracted with its factors, as AUTOMATIC1111's make_weight_cp: (out, in, 3, 3).
+            rebuild = [torch.einsum("i j k l, i o, j n -> o n k l", t, a, b) for t, a, b in ((t1, w1_a, w1_b),
+                       (t2, w2_a, w2_b))]  # fmt: skip
+            delta = rebuild[0] * rebuild[1] * alpha / RANK
+        elif kind.startswith("LoHa"):  # (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, one layer at another rank
+            rank = RANK + 2 * (i == 1)
+            w1_a, w1_b, w2_a, w2_b = randn(out, rank), randn(rank, inner), randn(out, rank), randn(rank, inner)
+            tensors.update({f"{name}.hada_w1_a": w1_a, f"{name}.hada_w1_b": w1_b, f"{name}.hada_w2_a": w2_a,
+                            f"{name}.hada_w2_b": w2_b})  # fmt: skip
+            delta = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
+        elif i % 2:  # LoKr, both factors full: kron(w1, w2), no scaling
+            w1, w2 = randn(4, 4), randn(out // 4, inner // 4)
+            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2})
+            delta = torch.kron(w1, w2)
+        else:  # LoKr, the second factor of rank 2: kron(w1, w2_a @ w2_b) * alpha / rank
+            w1, w2_a, w2_b = randn(4, 4), randn(out // 4, RANK), randn(RANK, inner // 4)
+            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2_a, f"{name}.lokr_w2_b": w2_b})
+            delta = torch.kron(w1, w2_a @ w2_b) * alpha / RANK
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+        deltas[(part, module_path)] = delta.reshape(module.weight.shape)
+    save_file(tensors, path)
+    return deltas
 
 
 def example_args(**settings):

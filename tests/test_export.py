@@ -25,8 +25,7 @@ from sdtoolkit.extract_lora import main as extract_lora
 from sdtoolkit.fixtures import PRESETS, sd_scheduler
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
-from tests.conftest import REPO, generated_image, train, unet_weights
-from tests.test_extract_lora import rank_two_change, tuned_copy
+from tests.conftest import REPO, generated_image, rank_two_change, train, tuned_copy, unet_weights
 
 
 @pytest.fixture(scope="module")

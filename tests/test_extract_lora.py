@@ -16,7 +16,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
-from transformers import CLIPTextModel
 
 from sdtoolkit.errors import UserError
 from sdtoolkit.extract_lora import (
@@ -28,25 +27,9 @@ from sdtoolkit.extract_lora import (
     target_layers,
 )
 from sdtoolkit.inference import load_pipeline, lora_sampling
-from tests.conftest import REPO, train
-from tests.test_lycoris import lycoris_file
+from tests.conftest import REPO, lycoris_file, rank_two_change, train, tuned_copy
 
 CPU = torch.device("cpu")
-
-
-def tuned_copy(tiny_sd, folder, unet_change=None, text_encoder_change=None, seed=1):
-    """A copy of the tiny pipeline at `folder`, its UNet and text encoder changed by unet_change(unet) and
-    text_encoder_change(text_encoder), which edit the weights in place (drawing from torch's generator at `seed`)."""
-    shutil.copytree(tiny_sd, folder)
-    torch.manual_seed(seed)
-    for part, kind, change in (("unet", UNet2DConditionModel, unet_change),
-                               ("text_encoder", CLIPTextModel, text_encoder_change)):  # fmt: skip
-        if change is not None:
-            model = kind.from_pretrained(folder / part)
-            with torch.no_grad():
-                change(model)
-            model.save_pretrained(folder / part)
-    return folder
 
 
 def shift_layers(blocks, size=0.05):
@@ -115,14 +98,6 @@ def test_a_lora_of_full_rank_gives_the_tuned_model_back(tiny_sd, tmp_path, capsy
     # Every layer has the file's one rank and alpha, narrower layers padded with zeros (see low_rank).
     assert {tensor.shape[0] for key, tensor in tensors.items() if key.endswith("lora_down.weight")} == {64}
     assert {tensor.item() for key, tensor in tensors.items() if key.endswith(".alpha")} == {64.0}
-
-
-def rank_two_change(model):
-    """A change of rank 2 in each layer of the UNet's transformer blocks."""
-    for layer in target_layers(model, UNET_BLOCKS).values():
-        out, inputs = layer.weight.shape[0], layer.weight[0].numel()
-        change = torch.randn(out, 2) @ torch.randn(2, inputs) / inputs**0.5
-        layer.weight += change.reshape(layer.weight.shape)
 
 
 def test_the_rank_keeps_the_largest_directions_and_says_how_much(tiny_sd, tmp_path, capsys):

@@ -15,8 +15,7 @@ import metrics
 from sdtoolkit.extract_lora import main as extract_lora
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import cutout_folder, logged_losses, train, unet_weights
-from tests.test_extract_lora import rank_two_change, tuned_copy
+from tests.conftest import cutout_folder, logged_losses, rank_two_change, train, tuned_copy, unet_weights
 
 pytestmark = pytest.mark.gpu
 

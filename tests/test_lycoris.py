@@ -10,65 +10,7 @@ from safetensors.torch import load_file, save_file
 from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_lora_dir, load_pipeline
 from sdtoolkit.serving import ImageService, RequestQueue
-from tests.conftest import train
-
-RANK = 2
-
-
-def layers(pipeline):
-    """The layers the files below adapt: two UNet attention projections, a 3x3 UNet convolution, a CLIP projection;
-    as (component, module path, kohya-ss name, module)."""
-    unet, text_encoder = dict(pipeline.unet.named_modules()), dict(pipeline.text_encoder.named_modules())
-    chosen = [("unet", n) for n in unet if n.endswith(("attn1.to_q", "attn2.to_v"))][:2]
-    chosen += [("unet", next(n for n in unet if n.endswith("resnets.0.conv1")))]
-    chosen += [("text_encoder", next(n for n in text_encoder if n.endswith("layers.0.self_attn.q_proj")))]
-    found = []
-    for part, path in chosen:
-        full = path if part == "unet" or path.startswith("text_model.") else f"text_model.{path}"
-        prefix = "lora_unet_" if part == "unet" else "lora_te_"
-        found.append((part, path, prefix + full.replace(".", "_"), (unet if part == "unet" else text_encoder)[path]))
-    return found
-
-
-def lycoris_file(pipeline, kind, path, seed=0):
-    """A random LoHa or LoKr file in kohya-ss keys for `pipeline`, and each layer's update by LyCORIS's formula:
-    {(component, module path): delta W}."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator) * 0.3
-
-    tensors, deltas = {}, {}
-    for i, (part, module_path, name, module) in enumerate(layers(pipeline)):
-        out, inner = module.weight.shape[0], module.weight[0].numel()  # a convolution's kernel flattened
-        alpha = 1.0 + i
-        if kind == "LoHa Tucker" and module.weight.ndim == 4:  # a convolution's LoHa with Tucker cores t1, t2
-            t1, w1_a, w1_b = randn(RANK, RANK, 3, 3), randn(RANK, out), randn(RANK, module.in_channels)
-            t2, w2_a, w2_b = randn(RANK, RANK, 3, 3), randn(RANK, out), randn(RANK, module.in_channels)
-            tensors.update({f"{name}.hada_t1": t1, f"{name}.hada_w1_a": w1_a, f"{name}.hada_w1_b": w1_b,
-                            f"{name}.hada_t2": t2, f"{name}.hada_w2_a": w2_a, f"{name}.hada_w2_b": w2_b})  # fmt: skip
-            # Each core contracted with its factors, as AUTOMATIC1111's make_weight_cp: (out, in, 3, 3).
-            rebuild = [torch.einsum("i j k l, i o, j n -> o n k l", t, a, b) for t, a, b in ((t1, w1_a, w1_b),
-                       (t2, w2_a, w2_b))]  # fmt: skip
-            delta = rebuild[0] * rebuild[1] * alpha / RANK
-        elif kind.startswith("LoHa"):  # (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, one layer at another rank
-            rank = RANK + 2 * (i == 1)
-            w1_a, w1_b, w2_a, w2_b = randn(out, rank), randn(rank, inner), randn(out, rank), randn(rank, inner)
-            tensors.update({f"{name}.hada_w1_a": w1_a, f"{name}.hada_w1_b": w1_b, f"{name}.hada_w2_a": w2_a,
-                            f"{name}.hada_w2_b": w2_b})  # fmt: skip
-            delta = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
-        elif i % 2:  # LoKr, both factors full: kron(w1, w2), no scaling
-            w1, w2 = randn(4, 4), randn(out // 4, inner // 4)
-            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2})
-            delta = torch.kron(w1, w2)
-        else:  # LoKr, the second factor of rank 2: kron(w1, w2_a @ w2_b) * alpha / rank
-            w1, w2_a, w2_b = randn(4, 4), randn(out // 4, RANK), randn(RANK, inner // 4)
-            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2_a, f"{name}.lokr_w2_b": w2_b})
-            delta = torch.kron(w1, w2_a @ w2_b) * alpha / RANK
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-        deltas[(part, module_path)] = delta.reshape(module.weight.shape)
-    save_file(tensors, path)
-    return deltas
+from tests.conftest import lycoris_file, train
 
 
 def pixels(pipeline):
