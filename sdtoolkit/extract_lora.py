@@ -212,7 +212,7 @@ def parse_args(argv=None):
         "tuned",
         nargs="+",
         help="The fine-tuned model: a run's output folder, a checkpoint-N folder (its EMA weights when it has"
-        " them), or one file. Or one or more LoRAs, LoHas or LoKrs (files, or LoRA runs' folders), merged into the"
+        " them), or one file. Or one or more LoRAs, LoHas or LoKrs (files, LoRA runs' folders or checkpoints), merged into the"
         " base model (at --ratios) and extracted again: a LoRA at another rank, several as one, a LyCORIS file as a"
         " LoRA.",
     )

@@ -90,11 +90,13 @@ def load_lora(pipeline, path, adapter_name=None, flag="--lora"):
 def merge_loras(pipeline, paths, ratios):
     """Merge the LoRAs (LoHas, LoKrs) at `paths` into the pipeline's UNet and text encoder weights, each at its ratio
     (as AUTOMATIC1111's <lora:NAME:ratio>), and take their layers away; the pipeline samples as they were trained
-    (see lora_sampling). What sdtoolkit.export --lora and sdtoolkit.extract_lora do with LoRAs."""
+    (see lora_sampling), a LoRA checkpoint with its EMA weights. What sdtoolkit.export --lora and
+    sdtoolkit.extract_lora do with LoRAs."""
     names = [f"merged_{i}" for i in range(len(paths))]
     for path, name in zip(paths, names):
         pipeline = sample_as_trained(pipeline, path, **lora_sampling(path))
         load_lora(pipeline, path, adapter_name=name)
+        load_lora_checkpoint_ema(pipeline, path, adapter=name)  # a LoRA checkpoint's EMA weights, when it has them
     pipeline.set_adapters(names, adapter_weights=list(ratios))
     pipeline.fuse_lora(components=["unet", "text_encoder"], adapter_names=names)
     pipeline.unload_lora_weights()  # the adapters' layers go, their updates stay in the fused weights
@@ -553,19 +555,24 @@ def load_trained(path, trained, dtype, config=None):
     pipeline = load_base_model(base, dtype, trained["revision"], config, **vae)
     pipeline = sample_as_trained(pipeline, path, **trained_sampling(trained))
     load_lora(pipeline, path)
-    weights = "adapter"
-    if kind == "LoRA checkpoint" and has_lora_ema(path):
-        # The adapter's EMA weights, as the run's final save would hold them, in the order training kept them.
-        # (The UNet's adapter, then the text encoder's when the run trained one.)
-        named = [*pipeline.unet.named_parameters(), *pipeline.text_encoder.named_parameters()]
-        adapter = [p for name, p in named if ".lora_" in name]
-        try:
-            load_lora_ema_weights(adapter, path)
-        except ValueError as err:
-            raise UserError(f"could not load the LoRA checkpoint's EMA weights: {err}") from err
-        weights = "adapter's EMA weights"
+    weights = "adapter's EMA weights" if load_lora_checkpoint_ema(pipeline, path) else "adapter"
     print(f"{path}: a {kind}, its {weights} on its base model {base}")
     return pipeline
+
+
+def load_lora_checkpoint_ema(pipeline, path, adapter=None):
+    """Put a LoRA checkpoint's EMA weights into its adapter loaded on the pipeline (`adapter`: its name, when the
+    pipeline holds others), as the run's final save would hold them; whether `path` is a checkpoint that has them.
+    They are in the order training kept them: the UNet's adapter, then the text encoder's when the run trained one."""
+    if not (os.path.isfile(os.path.join(path, "training_state.json")) and has_lora_ema(path)):
+        return False
+    named = [*pipeline.unet.named_parameters(), *pipeline.text_encoder.named_parameters()]
+    weights = [p for name, p in named if ".lora_" in name and (adapter is None or f".{adapter}." in name)]
+    try:
+        load_lora_ema_weights(weights, path)
+    except ValueError as err:
+        raise UserError(f"could not load the LoRA checkpoint's EMA weights: {err}") from err
+    return True
 
 
 def trained_sampling(trained):

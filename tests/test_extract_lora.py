@@ -282,6 +282,19 @@ def test_a_lora_at_another_rank_and_a_loha_as_a_lora(tiny_sd, tmp_path, capsys):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_a_lora_checkpoint_gives_its_ema_weights(tiny_sd, tmp_path):
+    """A LoRA checkpoint as the tuned model: its adapter's EMA weights, as metrics.py and the server load it."""
+    run = tmp_path / "run"
+    train(tiny_sd, run, "--lora_rank", "4", "--use_ema", "--learning_rate", "1e-2", "--max_train_steps", "2",
+          "--checkpointing_steps", "2")  # fmt: skip
+    out = tmp_path / "from-checkpoint.safetensors"
+    main([str(tiny_sd), str(run / "checkpoint-2"), str(out), "--rank", "4"])
+    averaged = outputs(load_pipeline(str(run / "checkpoint-2"), CPU, torch.float32))[0]  # the EMA weights
+    trained = outputs(load_pipeline(str(tiny_sd), CPU, torch.float32, lora=str(run / "checkpoint-2")))[0]
+    assert (averaged - trained).abs().max() > 1e-3  # the average is not the last step's weights
+    torch.testing.assert_close(outputs(load_pipeline(str(out), CPU, torch.float32))[0], averaged, atol=1e-4, rtol=0)
+
+
 def test_from_a_training_runs_checkpoint_in_the_users_folder(tiny_sd, tmp_path):
     """The user path: a full fine-tune, then the extraction run from the user's own folder with the toolkit on
     PYTHONPATH, given relative paths, and its LoRA served as a model of its own."""
