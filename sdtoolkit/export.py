@@ -44,7 +44,7 @@ from sdtoolkit.inference import (
     quiet_empty_float32_warning,
     trained_model,
 )
-from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, holds_lora
 
 # The names that differ inside one UNet resnet, and inside one VAE resnet or attention block.
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -380,8 +380,7 @@ def pipeline_weights(pipeline):
 def with_loras(path, loras, ratios, config=None):
     """(weights, configs, scheduler config) of the model at `path` (a pipeline folder, a checkpoint, one file, a hub
     id) with other LoRAs (LoHas, LoKrs) merged into it, each at its ratio: kohya-ss's merge_lora.py."""
-    trained = trained_model(path)
-    if trained is not None and "LoRA" in trained["kind"]:
+    if holds_lora(path):
         raise UserError(f"{path} is a LoRA; give the model to merge --lora into")
     pipeline = merge_loras(load_pipeline(path, torch.device("cpu"), torch.float32, config), loras, ratios)
     weights, configs = pipeline_weights(pipeline)

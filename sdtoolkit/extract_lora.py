@@ -35,7 +35,6 @@ The file is in kohya-ss keys, with a header that names its base model, so metric
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -50,7 +49,7 @@ from sdtoolkit.inference import (
     quiet_empty_float32_warning,
     recorded_clip_skip,
 )
-from sdtoolkit.lora import has_lora_weights, kohya_metadata, kohya_name
+from sdtoolkit.lora import holds_lora, kohya_metadata, kohya_name
 from sdtoolkit.output_dir import local_path_or_name
 
 # The blocks whose linear layers and convolutions kohya-ss's LoRA adapts (networks/lora.py).
@@ -157,19 +156,6 @@ def check_same_architecture(base, tuned, what):
             f" {tuned_shapes.get(key, 'absent')} in the tuned model); a LoRA is the difference of two models of one"
             " architecture, the tuned one trained from the base"
         )
-
-
-def holds_lora(path):
-    """Whether `path` is a LoRA's (or LyCORIS's) file, or a folder holding one, rather than a whole model."""
-    if os.path.isdir(path):
-        return has_lora_weights(path)
-    if not (os.path.isfile(path) and path.endswith(".safetensors")):
-        return False
-    try:
-        with safe_open(path, "pt") as f:
-            return any("lora_" in key for key in f.keys())  # kohya-ss's and LyCORIS's lora_unet_, PEFT's lora_A
-    except Exception:  # not safetensors: load_pipeline says so
-        return False
 
 
 def load_tuned(paths, ratios, base, config):

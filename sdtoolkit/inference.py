@@ -36,6 +36,7 @@ from sdtoolkit.lora import (
     check_lora_path,
     has_lora_ema,
     has_lora_weights,
+    holds_lora,
     load_lora_ema_weights,
     lora_location,
     read_lora,
@@ -318,13 +319,10 @@ def trained_model(path):
     kohya-ss file a LoRA run writes (sdtoolkit.model, see sdtoolkit/lora.py).
     """
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        try:
-            with safe_open(path, "pt") as f:
-                if not any("lora_" in key for key in f.keys()):
-                    return None  # a whole pipeline in one file
-                metadata = f.metadata() or {}
-        except Exception:  # not safetensors: load_single_file says so
-            return None
+        if not holds_lora(path):
+            return None  # a whole pipeline in one file, or no safetensors file: load_single_file says so
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
         kind, folder = "LoRA", os.path.dirname(path) or "."
     elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         folder, metadata = path, {}

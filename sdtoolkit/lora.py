@@ -461,5 +461,18 @@ def has_lora_weights(folder):
     return os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
 
 
+def holds_lora(path):
+    """Whether `path` is a LoRA's (or LyCORIS's) file, or a folder holding one, rather than a whole model."""
+    if os.path.isdir(path):
+        return has_lora_weights(path)
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return False
+    try:
+        with safe_open(path, "pt") as f:
+            return any("lora_" in key for key in f.keys())  # kohya-ss's and LyCORIS's lora_unet_, PEFT's lora_A
+    except Exception:  # not safetensors: load_pipeline says so
+        return False
+
+
 def has_lora_ema(folder):
     return os.path.isfile(os.path.join(folder, EMA_NAME))
