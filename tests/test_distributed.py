@@ -333,11 +333,19 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
 
 def test_two_processes_train_the_whole_text_encoder_like_one(tiny_sd, tmp_path):
     # --train_text_encoder in a full fine-tune: DDP over both models; the main process saves the text encoder and
-    # its average in each checkpoint, and both move as in one process with the same global batch.
+    # its average in each checkpoint, and both move as in one process with the same global batch. The text encoder
+    # stops training after step 2 (--stop_text_encoder_training): DDP, built over its weights, must go on without
+    # their gradients (a reducer still waiting for them would fail at step 3), and they stay as they were.
     out, one = tmp_path / "out", tmp_path / "one"
-    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", "--train_text_encoder")
+    text_encoder = ["--train_text_encoder", "--stop_text_encoder_training", "2"]
+    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", *text_encoder)
     train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(one), *FLAGS,
-                              "--train_batch_size", "4", "--train_text_encoder"])  # fmt: skip
+                              "--train_batch_size", "4", *text_encoder])  # fmt: skip
+    assert [step for step, _ in logged_losses(out)] == [1, 2, 3, 4]
+    stopped, last = (
+        load_file(str(out / sub / "text_encoder" / "model.safetensors")) for sub in ("checkpoint-2", "checkpoint-4")
+    )
+    assert all(torch.equal(stopped[key], last[key]) for key in stopped)
     base = load_file(str(Path(tiny_sd) / "text_encoder" / "model.safetensors"))
     for sub in ("checkpoint-4/text_encoder", "checkpoint-4/text_encoder_ema", "text_encoder"):
         ddp, single = (load_file(str(run / sub / "model.safetensors")) for run in (out, one))
