@@ -68,6 +68,7 @@ CONFIGS = [
 LORA_CONFIGS = [
     ("LoRA rank 4", ["--lora_rank", "4"]),
     ("LoRA rank 64", ["--lora_rank", "64"]),
+    ("DoRA rank 4", ["--lora_rank", "4", "--use_dora"]),
     ("LoRA rank 4, bf16 mixed precision", ["--lora_rank", "4", "--mixed_precision", "bf16"]),
     ("LoRA rank 4, --fp8_base", ["--lora_rank", "4", "--fp8_base"]),
     ("LoRA rank 4, --fp8_base, bf16 mixed precision", ["--lora_rank", "4", "--fp8_base", "--mixed_precision", "bf16"]),

@@ -272,7 +272,8 @@ KNOWN_ELSEWHERE = {
     ),
     "--network_args": (
         "not read here: --lora_type loha or lokr picks LyCORIS's algo, --lora_target_modules the layers, --lora_rank"
-        " and --lora_alpha their size, --lora_conv_rank and --lora_conv_alpha the convolutions' (conv_dim, conv_alpha)"
+        " and --lora_alpha their size, --lora_conv_rank and --lora_conv_alpha the convolutions' (conv_dim, conv_alpha),"
+        " --use_dora LyCORIS's dora_wd"
     ),
     "--resume": "--resume_from_checkpoint here (a checkpoint folder, or latest)",
     "--save_last_n_epochs": "--checkpoints_total_limit N here, which keeps the last N checkpoints",
@@ -466,6 +467,16 @@ def parse_args(argv=None):
             " of two low-rank products) and LoKr (a Kronecker product of two small factors), saved in LyCORIS's"
             " keys, which AUTOMATIC1111, ComfyUI, gradio_app.py and metrics.py load (diffusers' load_lora_weights"
             " does not)."
+        ),
+    )
+    parser.add_argument(
+        "--use_dora",
+        action="store_true",
+        help=(
+            "With --lora_rank: train DoRA adapters (arXiv 2402.09353, as diffusers' DreamBooth LoRA scripts do): each"
+            " adapted weight's magnitude per output trains apart from its direction, which the LoRA changes. Saved"
+            " in diffusers' keys only (pytorch_lora_weights.safetensors); no kohya-ss file, since AUTOMATIC1111"
+            " reads DoRA magnitudes per input (--export_single_file merges it into a model it loads)."
         ),
     )
     parser.add_argument(
@@ -1484,6 +1495,14 @@ def parse_args(argv=None):
         raise UserError("--lora_conv_alpha is the alpha of --lora_conv_rank's adapters, which is not given")
     if args.lora_conv_rank is not None and (not args.lora_rank or args.lora_conv_rank < 1):
         raise UserError(f"--lora_conv_rank must be at least 1, with --lora_rank; got {args.lora_conv_rank}")
+    if args.use_dora and not args.lora_rank:
+        raise UserError("--use_dora trains DoRA adapters of --lora_rank N in place of LoRA ones: give their rank")
+    if args.use_dora and args.lora_type != "lora":
+        raise UserError(f"--use_dora makes LoRA adapters DoRA ones, not --lora_type {args.lora_type}'s: drop one")
+    if args.use_dora and args.scale_weight_norms is not None:
+        raise UserError(
+            "--scale_weight_norms bounds a LoRA's update B @ A, which DoRA rescales to its trained magnitudes: drop one"
+        )
     if args.lora_type != "lora":  # LyCORIS's LoHa and LoKr (see sdtoolkit/lycoris.py)
         kind = ADAPTER_NAMES[args.lora_type]
         if not args.lora_rank:
@@ -2209,7 +2228,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
-    kind = ADAPTER_NAMES[args.lora_type]
+    kind = "DoRA" if args.use_dora else ADAPTER_NAMES[args.lora_type]
     usage = f"""```python
 import torch
 from diffusers import StableDiffusionPipeline
@@ -2247,6 +2266,8 @@ image.save("my_image.png")
             lora += f", its 3x3 convolutions at rank {args.lora_conv_rank}, alpha {args.lora_conv_alpha or args.lora_conv_rank}"
         if args.lora_type != "lora":
             lora = f"{kind} (LyCORIS), {lora}"
+        if args.use_dora:
+            lora = f"DoRA (--use_dora), {lora}"
         if text_encoder_targets:
             lora += f" and the text encoder's {' '.join(text_encoder_targets)}{text_lr}{text_steps}"
         if args.init_lora:
@@ -2388,11 +2409,12 @@ def out_of_memory_message(args, err):
 
 
 def check_init_lora(args):
-    """--init_lora: the file must hold a UNet adapter that the other flags agree with: a LoRA, or LyCORIS's LoHa or
-    LoKr. Its kind becomes the run's --lora_type, and its rank the run's --lora_rank (the rank of most of its
-    layers, when they differ)."""
+    """--init_lora: the file must hold a UNet adapter that the other flags agree with: a LoRA (or DoRA), or LyCORIS's
+    LoHa or LoKr. Its kind becomes the run's --lora_type (and --use_dora), and its rank the run's --lora_rank (the
+    rank of most of its layers, when they differ)."""
     check_lora_path(args.init_lora, "--init_lora")
     folder, name = lora_location(args.init_lora)
+    dora = False  # a DoRA's file holds the magnitudes of its layers too
     try:
         with safe_open(os.path.join(folder, name), "pt") as f:
             kind = lycoris_kind(f.keys())
@@ -2403,9 +2425,12 @@ def check_init_lora(args):
         else:
             state, _, _ = read_lora(args.init_lora)
             ranks = {part: adapter_ranks(state, part) for part in ("unet", "text_encoder")}
+            dora = any("lora_magnitude_vector" in key for key in state)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise UserError(f"--init_lora {args.init_lora} is not a LoRA diffusers can read: {first_line(err)}") from err
-    described, wanted = kind or "LoRA", (kind or "LoRA").lower()
+    if args.use_dora and (kind or not dora):
+        raise UserError(f"--init_lora {args.init_lora} is a {kind or 'LoRA'}, not a DoRA: leave --use_dora out")
+    described, wanted = kind or ("DoRA" if dora else "LoRA"), (kind or "LoRA").lower()
     if not ranks["unet"]:
         raise UserError(f"--init_lora {args.init_lora} holds no adapter for the UNet")
     if args.lora_type not in ("lora", wanted):
@@ -2425,7 +2450,7 @@ def check_init_lora(args):
             f"--init_lora {args.init_lora} holds a {described} on the text encoder too; add --train_text_encoder to"
             " go on training both"
         )
-    args.lora_type, args.lora_rank = wanted, rank
+    args.lora_type, args.lora_rank, args.use_dora = wanted, rank, not kind and dora
 
 
 def main(argv=None):
@@ -2783,7 +2808,7 @@ def fine_tune(args):
     elif args.lora_rank and not args.init_lora:
         add_lora(unet, rank=args.lora_rank, alpha=lora_alpha, dropout=args.lora_dropout,
                  target_modules=args.lora_target_modules, conv_rank=args.lora_conv_rank,
-                 conv_alpha=args.lora_conv_alpha)  # fmt: skip
+                 conv_alpha=args.lora_conv_alpha, use_dora=args.use_dora)  # fmt: skip
     unet_trained = [p for p in unet.parameters() if p.requires_grad]
     unet.train()
     logger.info(f"UNet trainable parameters: {sum(p.numel() for p in unet_trained):,}")
@@ -2814,7 +2839,8 @@ def fine_tune(args):
             text_encoder_trained = start_from_init_lora(text_encoder, "text_encoder", "text encoder")
         else:  # a new adapter, also when the --init_lora file has none for the text encoder
             text_encoder_trained = add_lora(text_encoder, rank=args.lora_rank, alpha=lora_alpha,
-                                            dropout=args.lora_dropout, target_modules=TEXT_ENCODER_TARGETS)  # fmt: skip
+                                            dropout=args.lora_dropout, target_modules=TEXT_ENCODER_TARGETS,
+                                            use_dora=args.use_dora)  # fmt: skip
         text_encoder.train()
         adapted_text_encoder = text_encoder
         logger.info(f"Text encoder trainable parameters: {sum(p.numel() for p in text_encoder_trained):,}")
@@ -3659,10 +3685,12 @@ def fine_tune(args):
         facts = {**identity, "global_step": global_step, "resolution": args.resolution,
                  "learning_rate": args.learning_rate}  # fmt: skip
         if args.lora_rank:
-            # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py). The kohya file's
-            # header names the run and its base model, for A1111 and for metrics.py and gradio_app.py.
+            # The adapter only, in diffusers' and in kohya-ss keys (see sdtoolkit/lora.py). Each file's header
+            # names the run and its base model, for A1111 and for metrics.py and gradio_app.py. A DoRA is saved in
+            # diffusers' keys only: AUTOMATIC1111 would read its magnitudes as another model's.
             if not lycoris:
-                save_lora(unet, args.output_dir, adapted_text_encoder)
+                record = training_metadata(None, facts, layout="LoRA (diffusers keys)")
+                save_lora(unet, args.output_dir, adapted_text_encoder, header=record)
             kohya = os.path.join(args.output_dir, KOHYA_WEIGHTS_NAME)
             header = kohya_metadata(
                 facts, name=Path(args.output_dir).resolve().name, rank=args.lora_rank, alpha=lora_alpha,
@@ -3674,12 +3702,13 @@ def fine_tune(args):
             if lycoris:  # one format, LyCORIS's in kohya-ss keys, in both files (see sdtoolkit/lycoris.py)
                 for name in (WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
                     save_lycoris(os.path.join(args.output_dir, name), unet, adapted_text_encoder, metadata=header)
-            else:
+            elif not args.use_dora:
                 adapters = kohya_state_dict(unet, adapted_text_encoder)
                 with written_atomically(kohya) as partial:
                     save_file(adapters, partial, metadata=header)
-            kind = ADAPTER_NAMES[args.lora_type]
-            logger.info(f"Saved the {kind} adapter to {args.output_dir} ({WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME})")
+            kind = "DoRA" if args.use_dora else ADAPTER_NAMES[args.lora_type]
+            files = WEIGHTS_NAME if args.use_dora else f"{WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME}"
+            logger.info(f"Saved the {kind} adapter to {args.output_dir} ({files})")
         else:
             save_pipeline(pipeline, args.output_dir)
             logger.info(f"Saved the fine-tuned pipeline to {args.output_dir}")

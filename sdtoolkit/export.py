@@ -42,9 +42,10 @@ from sdtoolkit.inference import (
     looks_like_local_path,
     merge_loras,
     quiet_empty_float32_warning,
+    run_record,
     trained_model,
 )
-from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, holds_lora
+from sdtoolkit.lora import holds_lora
 
 # The names that differ inside one UNet resnet, and inside one VAE resnet or attention block.
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -390,8 +391,8 @@ def with_loras(path, loras, ratios, config=None):
 def lora_merged(path):
     """For a LoRA run's output, kohya file or LoRA checkpoint at `path` (see sdtoolkit/inference.py): its base
     model with the adapters merged into the UNet's weights (and the text encoder's, when it has one), as
-    (weights, configs) of the UNet, VAE and text encoder, and the run's facts from its kohya file's header. None
-    for anything else."""
+    (weights, configs) of the UNet, VAE and text encoder, and the run's facts from its files' headers (see
+    inference.run_record). None for anything else."""
     trained = trained_model(path)
     if trained is None or "LoRA" not in trained["kind"]:
         return None
@@ -399,13 +400,12 @@ def lora_merged(path):
     pipeline.fuse_lora(components=["unet", "text_encoder"])
     pipeline.unload_lora_weights()  # the adapter's layers go, its update stays in the fused weights
     weights, configs = pipeline_weights(pipeline)
-    kohya = path if os.path.isfile(path) else os.path.join(path, KOHYA_WEIGHTS_NAME)
     header = {}
-    if os.path.isfile(kohya):
-        with safe_open(kohya, "pt") as f:
+    if os.path.isfile(path):
+        with safe_open(path, "pt") as f:
             header = f.metadata() or {}
-    facts = {k.removeprefix("sdtoolkit."): v for k, v in header.items() if k.startswith("sdtoolkit.")}
-    facts.pop("layout", None)
+    record = run_record(path if os.path.isdir(path) else os.path.dirname(path) or ".", header)
+    facts = {key: value for key, value in record.items() if key != "layout"}
     return weights, configs, facts
 
 

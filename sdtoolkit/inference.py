@@ -33,6 +33,7 @@ from sdtoolkit.embeddings import safetensors_files
 from sdtoolkit.errors import UserError, first_line
 from sdtoolkit.lora import (
     KOHYA_WEIGHTS_NAME,
+    WEIGHTS_NAME,
     check_lora_path,
     has_lora_ema,
     has_lora_weights,
@@ -350,13 +351,14 @@ def trained_model(path):
 
 def run_record(folder, metadata):
     """What the training run recorded of what it wrote in `folder`: the header `metadata` of the file given (without
-    its "sdtoolkit." prefixes) if it is this toolkit's, else the header of the kohya-ss file beside it, else the
-    folder's training_state.json; the header given, when none of them is this toolkit's."""
+    its "sdtoolkit." prefixes) if it is this toolkit's, else the header of the kohya-ss file beside it or of the
+    diffusers one (a DoRA run writes no kohya-ss file), else the folder's training_state.json; the header given,
+    when none of them is this toolkit's."""
     record = {key.removeprefix("sdtoolkit."): value for key, value in metadata.items()}
-    kohya = os.path.join(folder, KOHYA_WEIGHTS_NAME)
-    if "model" not in record and os.path.isfile(kohya):
-        with safe_open(kohya, "pt") as f:
-            record = {key.removeprefix("sdtoolkit."): value for key, value in (f.metadata() or {}).items()}
+    for name in (KOHYA_WEIGHTS_NAME, WEIGHTS_NAME):
+        if "model" not in record and os.path.isfile(os.path.join(folder, name)):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                record = {key.removeprefix("sdtoolkit."): value for key, value in (f.metadata() or {}).items()}
     if "model" not in record and os.path.isfile(os.path.join(folder, "training_state.json")):
         with open(os.path.join(folder, "training_state.json"), encoding="utf-8") as f:
             record = json.load(f)
@@ -462,14 +464,14 @@ def recorded_weighted_captions(path):
 def recorded_clip_skip(path):
     """The clip skip (see sdtoolkit/clip_windows.py) the model or LoRA at `path` was trained with, as training
     recorded it, or None: a checkpoint's training_state.json, a model card's `clip_skip`, or a .safetensors
-    header's sdtoolkit.clip_skip or kohya-ss's ss_clip_skip (a file, or a LoRA folder's kohya file). Hub models
-    are not looked up."""
+    header's sdtoolkit.clip_skip or kohya-ss's ss_clip_skip (a file, or a LoRA folder's files). Hub models are not
+    looked up."""
     found = []
     if os.path.isfile(path) and path.lower().endswith(".safetensors"):
         headers = [path]
     elif os.path.isdir(path):
         found = recorded_in_folder(path, "clip_skip")
-        headers = [os.path.join(path, KOHYA_WEIGHTS_NAME)]
+        headers = [os.path.join(path, name) for name in (KOHYA_WEIGHTS_NAME, WEIGHTS_NAME)]
     else:
         return None
     for file in headers:

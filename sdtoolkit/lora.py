@@ -7,7 +7,13 @@ half precision. What is saved is the adapter only: a few MB instead of 3.4 GB. W
 the CLIP text encoder gets an adapter of its own on its attention projections, trained alongside and saved in
 the same files (under text_encoder. and lora_te_ keys), as kohya-ss trains by default.
 
+With --use_dora the adapters are DoRA's (arXiv 2402.09353), PEFT's too: each adapted weight is split into a
+magnitude per output (lora_magnitude_vector, trained) and a direction W + B @ A, scaled back to unit norm per
+output before the magnitude multiplies it. diffusers' load_lora_weights reads them. No kohya-ss file is written:
+AUTOMATIC1111 reads a DoRA file's magnitudes as one per input, and would apply PEFT's as another model.
+
     add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=DEFAULT_TARGETS)   # or the text encoder
+    add_lora(unet, ..., use_dora=True)   # --use_dora
     add_lora_from_file(unet, read_lora("other.safetensors"), part="unet", dropout=0.0)   # --init_lora
     save_lora(unet, folder, text_encoder)   # folder/pytorch_lora_weights.safetensors, which load_lora_weights reads
     load_lora(unet, folder, text_encoder)   # the adapter weights back into the models, bit for bit
@@ -37,7 +43,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
 from sdtoolkit.errors import UserError
@@ -52,10 +58,11 @@ KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 EMA_NAME = "lora_ema.safetensors"
 
 
-def add_lora(model, *, rank, alpha, dropout, target_modules, conv_rank=None, conv_alpha=None):
+def add_lora(model, *, rank, alpha, dropout, target_modules, conv_rank=None, conv_alpha=None, use_dora=False):
     """Freeze the model (the UNet or the text encoder) and add a trainable LoRA adapter; returns its parameters,
     in float32. With conv_rank, the targeted 3x3 convolutions take that rank and conv_alpha (LoCon's conv_dim, see
-    sdtoolkit/lycoris.py's conv_patterns)."""
+    sdtoolkit/lycoris.py's conv_patterns). With use_dora, a DoRA adapter: PEFT starts each layer's magnitude at
+    the norms of its frozen weight, so the adapted model starts as the base model, as a LoRA does."""
     model.requires_grad_(False)
     rank_pattern, alpha_pattern = conv_patterns(model, target_modules, conv_rank, conv_alpha)
     model.add_adapter(
@@ -67,6 +74,7 @@ def add_lora(model, *, rank, alpha, dropout, target_modules, conv_rank=None, con
             target_modules=target_modules,
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
+            use_dora=use_dora,
         )  # fmt: skip
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -260,9 +268,10 @@ def adapter_weights(model):
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
-def save_lora(unet, folder, text_encoder=None):
+def save_lora(unet, folder, text_encoder=None, header=None):
     """folder/pytorch_lora_weights.safetensors: StableDiffusionPipeline.load_lora_weights(folder) reads it. With a
-    text encoder that has an adapter too (--train_text_encoder), the file holds both.
+    text encoder that has an adapter too (--train_text_encoder), the file holds both. `header`: more of the file's
+    metadata (strings), beside diffusers' own: the run's record, which metrics.py and gradio_app.py read.
 
     The weights keep PEFT's keys (<module>.lora_A.weight), which diffusers reads as they are. (Its converter to
     the older keys, which upstream's LoRA script saves with, renames only attention layers; given a file that
@@ -271,10 +280,18 @@ def save_lora(unet, folder, text_encoder=None):
     file's metadata: without them a loader assumes alpha = rank, and an adapter trained with another alpha would
     apply at the wrong scale. The file is written under another name and renamed into place, so a run killed
     while saving leaves the previous one whole.
+
+    A DoRA's magnitudes are saved as PEFT names them (<module>.lora_magnitude_vector), except the text encoder's:
+    diffusers hands those to transformers 5, which looks for <module>.lora_magnitude_vector.weight, PEFT's name for
+    the parameter, and would leave them at their starting values with only a warning. Under that name both
+    transformers and PEFT (the UNet's loader, and load_lora here) find them.
     """
     text_encoder_layers = text_encoder_config = None
     if text_encoder is not None:
-        text_encoder_layers = adapter_weights(text_encoder)
+        text_encoder_layers = {
+            key + ".weight" if key.endswith(".lora_magnitude_vector") else key: tensor
+            for key, tensor in adapter_weights(text_encoder).items()
+        }
         text_encoder_config = text_encoder.peft_config["default"].to_dict()
     partial = WEIGHTS_NAME + ".partial"
     # diffusers logs where it saved: the temporary name, which would mislead. The caller says where it is.
@@ -289,6 +306,11 @@ def save_lora(unet, folder, text_encoder=None):
         )  # fmt: skip
     finally:
         diffusers_logger.setLevel(level)
+    if header:
+        path = os.path.join(folder, partial)
+        with safe_open(path, "pt") as f:
+            metadata = {**header, **f.metadata()}  # diffusers' own keys as diffusers wrote them
+        save_file(load_file(path), path, metadata=metadata)
     os.replace(os.path.join(folder, partial), os.path.join(folder, WEIGHTS_NAME))
 
 
