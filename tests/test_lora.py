@@ -519,8 +519,9 @@ def assert_two_finite_steps_and_a_float32_adapter_that_moved(out):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, flags", [("fp16", LORA), ("bf16", LORA), ("fp16", TEXT_ENCODER),
-                                              ("fp16", [*TEXT_ENCODER, "--fp8_base"])],
-                         ids=["fp16", "bf16", "fp16-text-encoder", "fp16-fp8-base"])  # fmt: skip
+                                              ("fp16", [*TEXT_ENCODER, "--fp8_base"]),
+                                              ("fp16", [*TEXT_ENCODER, "--use_dora"])],
+                         ids=["fp16", "bf16", "fp16-text-encoder", "fp16-fp8-base", "fp16-dora"])  # fmt: skip
 def test_lora_trains_under_mixed_precision_on_gpu(tiny_sd, tmp_path, precision, flags):
     # The adapters stay float32 under autocast, so fp16's GradScaler can unscale their gradients (upstream's LoRA
     # script failed here: "Attempting to unscale FP16 gradients").
