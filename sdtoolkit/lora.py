@@ -167,9 +167,39 @@ def alpha_name(key):
     return key.replace("text_encoder.text_model.", "text_encoder.", 1)
 
 
+def dora_magnitudes(scales, state):
+    """A kohya-ss file's DoRA magnitudes (`scales`: its <layer>.dora_scale tensors) in PEFT's names, for the layers
+    of `state` (read_lora's, in PEFT's keys). LyCORIS writes one magnitude per output, (out, 1), as PEFT has them;
+    AUTOMATIC1111 reads them as one per input, (1, in), as OneTrainer writes them, which PEFT can't apply: refused.
+    The shape tells them apart, as ComfyUI tells them."""
+    magnitudes = {}
+    for key in [key for key in state if key.endswith(".lora_A.weight")]:
+        part, _, layer = key.removesuffix(".lora_A.weight").partition(".")
+        name = kohya_name("lora_unet_" if part == "unet" else "lora_te_", layer)
+        scale = scales.pop(f"{name}.dora_scale", None)
+        if scale is None:
+            continue
+        outputs = state[f"{part}.{layer}.lora_B.weight"].shape[0]
+        if scale.shape[0] != outputs or scale.numel() != outputs:
+            raise ValueError(
+                f"its {name}.dora_scale, of shape {tuple(scale.shape)}, is a DoRA magnitude per input (OneTrainer's"
+                " and AUTOMATIC1111's), which PEFT can't apply; one per output (LyCORIS's, and this toolkit's) loads"
+            )
+        if part == "unet":  # a convolution's is (1, out, 1, 1) in PEFT
+            shape = (outputs,) if state[key].ndim == 2 else (1, outputs, 1, 1)
+            magnitudes[f"unet.{layer}.lora_magnitude_vector"] = scale.reshape(shape)
+        else:  # under the name transformers finds (see save_lora)
+            magnitudes[f"text_encoder.{layer}.lora_magnitude_vector.weight"] = scale.reshape(outputs)
+    if scales:
+        raise ValueError(f"its {next(iter(scales))} is the DoRA magnitude of no LoRA layer in it")
+    return magnitudes
+
+
 def read_lora(path):
     """The adapters saved at `path` as diffusers reads them, kohya-ss keys converted to diffusers':
     (state dict with unet. and text_encoder. keys, kohya-ss's alphas or None, diffusers' metadata or None).
+    A kohya-ss file's DoRA magnitudes (dora_scale), which diffusers leaves out of SD 1.x files with a warning, are
+    read in PEFT's names (dora_magnitudes).
 
     diffusers names some of a kohya-ss file's alphas by paths that name no layer, and PEFT then gives such a layer
     the file's most common alpha: one with an alpha of its own would apply at another scale. They are renamed
@@ -180,14 +210,22 @@ def read_lora(path):
     folder, name = lora_location(path)
     with safe_open(os.path.join(folder, name), "pt") as f:
         kind = lycoris_kind(f.keys())
+        scales = {key: f.get_tensor(key) for key in f.keys() if key.endswith(".dora_scale") and not kind}
     if kind:
         raise ValueError(
             f"it is a LyCORIS {kind} file, not a LoRA: sdtoolkit/lycoris.py reads it (gradio_app.py and metrics.py"
             " apply it, and --init_lora trains on from it)"
         )
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        folder, weight_name=name, return_lora_metadata=True
-    )
+    diffusers_logger = logging.getLogger("diffusers.loaders.lora_pipeline")
+    level = diffusers_logger.level
+    if scales:  # its warning that it leaves the DoRA magnitudes out: they are read below
+        diffusers_logger.setLevel(logging.ERROR)
+    try:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            folder, weight_name=name, return_lora_metadata=True
+        )
+    finally:
+        diffusers_logger.setLevel(level)
     if alphas:
         alphas = {alpha_name(key): alpha for key, alpha in alphas.items()}
     # Every key in PEFT's names, as save_lora writes them: diffusers converts a UNet's only when the first key is
@@ -199,7 +237,10 @@ def read_lora(path):
         # (to_out_lora), and refuses a file without one: a text encoder LoRA on q_proj alone would not load. The
         # older names' mapping reads both.
         text_encoder = convert_state_dict_to_peft(text_encoder, original_type=StateDictType.DIFFUSERS_OLD)
-    return {**convert_unet_state_dict_to_peft(unet), **text_encoder}, alphas, metadata
+    state = {**convert_unet_state_dict_to_peft(unet), **text_encoder}
+    if scales:
+        state.update(dora_magnitudes(scales, state))
+    return state, alphas, metadata
 
 
 def adapter_ranks(state, part):

@@ -21,7 +21,7 @@ from sdtoolkit import extract_lora
 from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
-from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME
+from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, kohya_name
 from tests.conftest import train
 
 # alpha differs from the rank, so a loader that scales B @ A by anything but alpha / rank is caught; the ResNet
@@ -179,3 +179,38 @@ def test_init_lora_trains_on_from_a_dora_as_it_is(tiny_sd, dora_run, by_hand, tm
 def test_flags_that_do_not_go_with_dora_are_one_line(tiny_sd, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         train(tiny_sd, tmp_path / "out", *flags, "--max_train_steps", "1")
+
+
+def kohya_dora(adapters, per_input=False):
+    """The DoRA `adapters` (a run's file) in kohya-ss keys, as LyCORIS writes a DoRA: lora_down, lora_up, alpha and
+    dora_scale, one magnitude per output, (out, 1) or (out, 1, 1, 1). per_input: the magnitudes' shape as
+    OneTrainer writes them, (1, in), (1, in, 1, 1) (ones: such a file is refused)."""
+    state = {}
+    for key in [key for key in adapters if key.endswith(".lora_A.weight")]:
+        part, _, layer = key.removesuffix(".lora_A.weight").partition(".")
+        name = kohya_name("lora_unet_" if part == "unet" else "lora_te_", layer)
+        down, up = adapters[key], adapters[f"{part}.{layer}.lora_B.weight"]
+        magnitude = adapters.get(f"{part}.{layer}.lora_magnitude_vector")
+        if magnitude is None:
+            magnitude = adapters[f"{part}.{layer}.lora_magnitude_vector.weight"]
+        ones = [1] * (down.ndim - 2)
+        shape = (1, down.shape[1], *ones) if per_input else (up.shape[0], 1, *ones)
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
+        state[f"{name}.alpha"] = torch.tensor(SCALE[down.shape[0]] * down.shape[0])
+        state[f"{name}.dora_scale"] = torch.ones(shape) if per_input else magnitude.reshape(shape)
+    return state
+
+
+def test_a_lycoris_dora_file_loads_as_its_formula_and_one_per_input_is_one_line(tiny_sd, dora_run, by_hand, tmp_path):
+    # diffusers leaves a kohya-ss file's dora_scale out, with a warning, and would load the rest as a plain LoRA.
+    adapters = load_file(dora_run / WEIGHTS_NAME)
+    save_file(kohya_dora(adapters), tmp_path / "lycoris-dora.safetensors")
+    pipeline = load_pipeline(
+        str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(tmp_path / "lycoris-dora.safetensors")
+    )
+    assert_as_by_hand(pipeline, by_hand, "LyCORIS's keys")
+    save_file(kohya_dora(adapters, per_input=True), tmp_path / "onetrainer-dora.safetensors")
+    with pytest.raises(UserError, match=r"dora_scale, of shape \(1, 32\), is a DoRA magnitude per input"):
+        load_pipeline(
+            str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(tmp_path / "onetrainer-dora.safetensors")
+        )
