@@ -318,9 +318,18 @@ def test_metrics_scores_checkpoints_and_a_lora_folder_side_by_side(tiny_sd, tiny
 def test_a_lora_that_does_not_name_its_base_model_says_what_to_pass(tiny_sd, tmp_path):
     out = tmp_path / "out"
     train(tiny_sd, out, *LORA, "--max_train_steps", "1")
+    # The run's diffusers file names its base model in its header: copied alone, it still loads as a model.
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    shutil.copy(out / WEIGHTS_NAME, copied / WEIGHTS_NAME)
+    assert abs(image(copied) - image(out)).max() <= 1e-6
+    # A diffusers LoRA from elsewhere: diffusers' own header only.
     alone = tmp_path / "alone"
     alone.mkdir()
-    shutil.copy(out / WEIGHTS_NAME, alone / WEIGHTS_NAME)
+    with safe_open(out / WEIGHTS_NAME, "pt") as f:
+        diffusers_header = {key: value for key, value in f.metadata().items() if "." not in key}
+    save_file(load_file(out / WEIGHTS_NAME), alone / WEIGHTS_NAME, metadata=diffusers_header)
+    assert set(diffusers_header) == {"format", "lora_adapter_metadata"}
     with pytest.raises(UserError, match="does not name its base model; pass the base model as --model_path"):
         load_pipeline(str(alone), CPU, torch.float32)
     with pytest.raises(UserError, match="is already a LoRA or checkpoint on its base model; --lora needs a pipeline"):
