@@ -1,4 +1,4 @@
-# make setup  - create .venv and install requirements.txt (done by demo and test when missing or stale)
+# make setup  - create .venv, install requirements.txt and sdtoolkit (done by demo and test when missing or stale)
 # make demo   - fine-tune the tiny offline pipeline on the bundled data, score it, say where things are
 # make test   - the offline test suite (HF_HUB_OFFLINE=1), slow tests included
 # make lint   - ruff lint and format check
@@ -19,10 +19,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install -qq --no-deps -e .
 	touch $(STAMP)
 
 $(DEMO)/tiny-sd: | $(STAMP)

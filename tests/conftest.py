@@ -118,6 +118,12 @@ def client_downloads(tmp_path_factory):
     tempfile.tempdir = saved
 
 
+def installed_toolkit_env():
+    """This process's environment without PYTHONPATH: a `python -m sdtoolkit...` run from another folder then finds
+    the package as make setup installed it, as a user's does."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 def reset_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process training run starts from a clean slate."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

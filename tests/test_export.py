@@ -25,7 +25,14 @@ from sdtoolkit.extract_lora import main as extract_lora
 from sdtoolkit.fixtures import PRESETS, sd_scheduler
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME
-from tests.conftest import REPO, generated_image, rank_two_change, train, tuned_copy, unet_weights
+from tests.conftest import (
+    generated_image,
+    installed_toolkit_env,
+    rank_two_change,
+    train,
+    tuned_copy,
+    unet_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,7 @@ def test_a_trained_checkpoints_ema_weights_export_from_the_command_line(tiny_sd,
     # From the user's own folder, as a module of the installed toolkit.
     # The EMA weights by default, as the run's final save would hold them.
     done = subprocess.run([sys.executable, "-m", "sdtoolkit.export", str(out / "checkpoint-2"), "ema.safetensors"],
-                          cwd=target.parent, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                          cwd=target.parent, capture_output=True, text=True, env=installed_toolkit_env())  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Wrote ema.safetensors" in done.stdout
     ema = unet_weights(out / "checkpoint-2" / "unet_ema")

@@ -27,7 +27,7 @@ from sdtoolkit.extract_lora import (
     target_layers,
 )
 from sdtoolkit.inference import load_pipeline, lora_sampling
-from tests.conftest import REPO, lycoris_file, rank_two_change, train, tuned_copy
+from tests.conftest import installed_toolkit_env, lycoris_file, rank_two_change, train, tuned_copy
 
 CPU = torch.device("cpu")
 
@@ -296,14 +296,14 @@ def test_a_lora_checkpoint_gives_its_ema_weights(tiny_sd, tmp_path):
 
 
 def test_from_a_training_runs_checkpoint_in_the_users_folder(tiny_sd, tmp_path):
-    """The user path: a full fine-tune, then the extraction run from the user's own folder with the toolkit on
-    PYTHONPATH, given relative paths, and its LoRA served as a model of its own."""
+    """The user path: a full fine-tune, then the extraction run from the user's own folder as a module of the
+    toolkit make setup installed, given relative paths, and its LoRA served as a model of its own."""
     train(tiny_sd, tmp_path / "run", "--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "1e-3")
     shutil.copytree(tiny_sd, tmp_path / "base")
     result = subprocess.run(
         [sys.executable, "-m", "sdtoolkit.extract_lora", "base", "run/checkpoint-2", "run-lora.safetensors",
          "--dim", "8"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, cwd=tmp_path, env=installed_toolkit_env(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "UNet: 72 changed layers of 72 at rank 8" in result.stdout
