@@ -2709,9 +2709,15 @@ def fine_tune(args):
     if resume_path is not None and args.lora_rank:
         with safe_open(os.path.join(resume_path, WEIGHTS_NAME), "pt") as f:
             held = lycoris_kind(f.keys())  # "LoHa", "LoKr", or None for a LoRA
+            dora = any("lora_magnitude_vector" in key for key in f.keys())
         if (held or "LoRA").lower() != args.lora_type:
             raise UserError(
                 f"{resume_path} holds a {held or 'LoRA'} adapter; resume it with --lora_type {(held or 'LoRA').lower()}"
+            )
+        if dora != args.use_dora:
+            raise UserError(
+                f"{resume_path} holds a {'DoRA' if dora else 'LoRA'} adapter; resume it"
+                f" {'with' if dora else 'without'} --use_dora"
             )
     if resume_path is not None and resumed_state.get("optimizer", optimizer_flags(args)) != optimizer_flags(args):
         # Another optimizer's state would not load (or would load into the wrong moments): say it before training.

@@ -183,7 +183,7 @@ def dora_magnitudes(scales, state):
         if scale.shape[0] != outputs or scale.numel() != outputs:
             raise ValueError(
                 f"its {name}.dora_scale, of shape {tuple(scale.shape)}, is a DoRA magnitude per input (OneTrainer's"
-                " and AUTOMATIC1111's), which PEFT can't apply; one per output (LyCORIS's, and this toolkit's) loads"
+                " and AUTOMATIC1111's), which PEFT can't apply; one per output (LyCORIS's) loads"
             )
         if part == "unet":  # a convolution's is (1, out, 1, 1) in PEFT
             shape = (outputs,) if state[key].ndim == 2 else (1, outputs, 1, 1)

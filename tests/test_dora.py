@@ -214,3 +214,15 @@ def test_a_lycoris_dora_file_loads_as_its_formula_and_one_per_input_is_one_line(
         load_pipeline(
             str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(tmp_path / "onetrainer-dora.safetensors")
         )
+
+
+def test_a_checkpoint_resumes_only_as_the_kind_it_holds(tiny_sd, tmp_path):
+    flags = ["--lora_rank", "4", "--checkpointing_steps", "1"]
+    for run, trained, resumed, message in (
+        ("dora", ["--use_dora"], [], "holds a DoRA adapter; resume it with --use_dora"),
+        ("lora", [], ["--use_dora"], "holds a LoRA adapter; resume it without --use_dora"),
+    ):
+        train(tiny_sd, tmp_path / run, *flags, *trained, "--max_train_steps", "1")
+        with pytest.raises(UserError, match=message):
+            train(tiny_sd, tmp_path / run, *flags, *resumed, "--max_train_steps", "2", "--resume_from_checkpoint",
+                  "latest")  # fmt: skip
