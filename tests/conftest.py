@@ -492,6 +492,13 @@ def mixed_aspect_folder(root, copies=2):
     return root
 
 
+def embeddings(text_encoder, tokenizer):
+    """The text encoder's hidden states for "a creature" (padded to 77 tokens): for comparing text encoders."""
+    ids = tokenizer("a creature", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        return text_encoder(ids.input_ids, return_dict=False)[0]
+
+
 def generated_image(pipeline, size):
     """One image of `size` px from `pipeline`, 2 steps, seed 0, as a numpy array: for comparing two pipelines."""
     import torch

@@ -22,7 +22,7 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.export import export_single_file
 from sdtoolkit.inference import load_pipeline
 from sdtoolkit.lora import KOHYA_WEIGHTS_NAME, WEIGHTS_NAME, kohya_name
-from tests.conftest import train
+from tests.conftest import embeddings, train
 
 # alpha differs from the rank, so a loader that scales B @ A by anything but alpha / rank is caught; the ResNet
 # blocks' first 3x3 convolutions get adapters of rank 2 and alpha 1 (LoCon's).
@@ -68,12 +68,6 @@ def unet_output(unet):
     context = torch.randn(1, 77, config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         return unet(sample, 500, encoder_hidden_states=context).sample
-
-
-def embeddings(text_encoder, tokenizer):
-    ids = tokenizer("a creature", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        return text_encoder(ids.input_ids, return_dict=False)[0]
 
 
 @pytest.fixture(scope="module")

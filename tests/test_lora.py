@@ -31,6 +31,7 @@ from sdtoolkit.lora import (
 )
 from tests.conftest import (
     DEMO_DATA,
+    embeddings,
     generated_image,
     launched_with,
     logged_losses,
@@ -77,12 +78,6 @@ def test_only_the_adapter_trains(tiny_sd, tmp_path, monkeypatch):
     assert_only_the_adapter_moved(unet, unet_weights(Path(tiny_sd) / "unet"))
     assert (tmp_path / "out" / WEIGHTS_NAME).exists() and not (tmp_path / "out" / "unet").exists()
     assert not any(key.startswith("text_encoder.") for key in load_file(tmp_path / "out" / WEIGHTS_NAME))
-
-
-def embeddings(text_encoder, tokenizer):
-    ids = tokenizer("a creature", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        return text_encoder(ids.input_ids, return_dict=False)[0]
 
 
 def test_the_text_encoder_trains_an_adapter_that_every_loader_finds(tiny_sd, tmp_path, monkeypatch, caplog):
