@@ -211,6 +211,12 @@ INTERPOLATION_MODES = [mode.name.lower() for mode in transforms.InterpolationMod
 # --lora_type's adapters, as their authors name them.
 ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
+
+def adapter_name(args):
+    """The run's adapter as the model card and the log name it: a DoRA (--use_dora), or --lora_type's."""
+    return "DoRA" if args.use_dora else ADAPTER_NAMES[args.lora_type]
+
+
 # Flags of kohya-ss's sd-scripts and of diffusers' other training scripts, and what does their work here: an
 # error that names one of them says so.
 KNOWN_ELSEWHERE = {
@@ -2228,7 +2234,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         base = model if not looks_like_local_path(model) else f"path/to/{Path(model).name}"
         usage_source, lora_line = f'"{base}"', f'\npipeline.load_lora_weights("{load_from}")'
         loader = "from_single_file" if is_single_file(model) else loader
-    kind = "DoRA" if args.use_dora else ADAPTER_NAMES[args.lora_type]
+    kind = adapter_name(args)
     usage = f"""```python
 import torch
 from diffusers import StableDiffusionPipeline
@@ -3712,7 +3718,7 @@ def fine_tune(args):
                 adapters = kohya_state_dict(unet, adapted_text_encoder)
                 with written_atomically(kohya) as partial:
                     save_file(adapters, partial, metadata=header)
-            kind = "DoRA" if args.use_dora else ADAPTER_NAMES[args.lora_type]
+            kind = adapter_name(args)
             files = WEIGHTS_NAME if args.use_dora else f"{WEIGHTS_NAME}, and {KOHYA_WEIGHTS_NAME}"
             logger.info(f"Saved the {kind} adapter to {args.output_dir} ({files})")
         else:
