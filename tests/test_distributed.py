@@ -1,7 +1,7 @@
 """Two processes through `accelerate launch` (DDP over gloo on the CPU) against one process.
 
 One two-process run is shared by the tests: 2 processes x batch 2 against 1 process x batch 4, with EMA,
-gradient checkpointing, a warmup schedule and a held-out loss. Its second process runs under a recorder of every file it
+gradient checkpointing, a warmup schedule, a held-out loss and the whole text encoder trained for the first 2 steps. Its second process runs under a recorder of every file it
 writes, to show that only the main process writes.
 """
 
@@ -39,6 +39,10 @@ FLAGS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rat
          "--gradient_checkpointing", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--random_flip",
          "--resolution", "32", "--seed", "0", "--mixed_precision", "no", "--train_data_dir", str(DEMO_DATA),
          "--validation_split", "0.25"]  # fmt: skip
+# The shared runs train the whole text encoder too, for their first 2 steps only (--stop_text_encoder_training):
+# DDP, built over its weights, must go on without their gradients (a reducer still waiting for them would fail at
+# step 3).
+SHARED = [*FLAGS, "--train_text_encoder", "--stop_text_encoder_training", "2"]
 
 # Run in every process before the script: on processes other than the main one, note every file written.
 RECORDER = """
@@ -99,14 +103,14 @@ def two_process_run(tiny_sd, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     script = folder / "recorded_train.py"
     script.write_text(RECORDER.format(repo=str(REPO), log=str(folder / "writes")))
-    result = launch(tiny_sd, folder / "out", *FLAGS, "--train_batch_size", "2", script=script)
+    result = launch(tiny_sd, folder / "out", *SHARED, "--train_batch_size", "2", script=script)
     return folder, result
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *FLAGS,
+    train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *SHARED,
                               "--train_batch_size", "4"])  # fmt: skip
     reset_accelerate_state()
     return out
@@ -141,9 +145,21 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_sd, two_pr
     assert [step for step, _ in held_out_ddp] == [step for step, _ in held_out_one] == [0, 2, 4]
     assert held_out_ddp[0][1] == pytest.approx(held_out_one[0][1], rel=1e-6)  # the base model: same weights
     assert [v for _, v in held_out_ddp] == pytest.approx([v for _, v in held_out_one], rel=1e-3)
+    # The text encoder, trained in both models' DDP for 2 steps: saved with its average in each checkpoint by the main
+    # process, moved as in one process, and left as it was from step 2 on.
+    stopped, last = (
+        load_file(str(ddp / sub / "text_encoder" / "model.safetensors")) for sub in ("checkpoint-2", "checkpoint-4")
+    )
+    assert all(torch.equal(stopped[key], last[key]) for key in stopped)
+    base_text_encoder = load_file(str(Path(tiny_sd) / "text_encoder" / "model.safetensors"))
+    for sub in ("checkpoint-4/text_encoder", "checkpoint-4/text_encoder_ema", "text_encoder"):
+        two, one = (load_file(str(run / sub / "model.safetensors")) for run in (ddp, one_process_run))
+        moved = torch.cat([(one[key] - base_text_encoder[key]).flatten() for key in base_text_encoder])
+        apart = torch.cat([(two[key] - one[key]).flatten() for key in base_text_encoder])
+        assert moved.norm() > 0 and (apart.norm() / moved.norm()).item() < 0.01, sub
     other_seed = tmp_path / "seed-1"
     train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(other_seed),
-                              *FLAGS, "--train_batch_size", "4", "--seed", "1"])  # fmt: skip
+                              *SHARED, "--train_batch_size", "4", "--seed", "1"])  # fmt: skip
     assert relative_difference_of_updates(base, other_seed / "unet", one_process_run / "unet") > 0.5
 
 
@@ -179,11 +195,13 @@ def test_every_process_resumes_from_the_same_checkpoint(tiny_sd, two_process_run
     whole = two_process_run[0] / "out"
     resumed = tmp_path / "out"
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
-    result = launch(tiny_sd, resumed, *FLAGS, "--train_batch_size", "2", "--resume_from_checkpoint", "latest")
+    result = launch(tiny_sd, resumed, *SHARED, "--train_batch_size", "2", "--resume_from_checkpoint", "latest")
     for rank in (0, 1):
         assert f"[RANK {rank}] Resuming from checkpoint checkpoint-2" in result.stderr
     assert max_difference(whole / "unet", resumed / "unet") == 0.0
     assert max_difference(whole / "checkpoint-4" / "unet", resumed / "checkpoint-4" / "unet") == 0.0
+    text_encoders = [load_file(str(out / "text_encoder" / "model.safetensors")) for out in (whole, resumed)]
+    assert all(torch.equal(text_encoders[0][key], text_encoders[1][key]) for key in text_encoders[0])
     # The held-out losses measured before the checkpoint come with it, and those after it are the same.
     states = [json.loads((out / "checkpoint-4" / "training_state.json").read_text()) for out in (whole, resumed)]
     for key in ("validation_losses", "validation_first_per_image"):
@@ -268,7 +286,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tiny_sd, one_process_ru
     shutil.copytree(two_process_run[0] / "out" / "checkpoint-2", resumed / "checkpoint-2")
     with caplog.at_level(logging.WARNING):
         train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(resumed),
-                                  *FLAGS, "--train_batch_size", "4", "--resume_from_checkpoint", "latest"])  # fmt: skip
+                                  *SHARED, "--train_batch_size", "4", "--resume_from_checkpoint", "latest"])  # fmt: skip
     assert "not on the same data order" not in caplog.text
     lrs = [round(value, 10) for _, value in logged_losses(resumed, tag="lr")]
     assert lrs == [0.0005, 0.0]  # steps 3 and 4 of the one-process run's schedule
@@ -322,6 +340,8 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
     assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM at step ")]
     assert len(stopped) == 2, stderr[-3000:]  # both processes, each with its line
+    assert all("--resume_from_checkpoint latest" in line for line in stopped)
+    assert launcher.returncode != 0 and not (out / ".lock.json").exists()  # and the folder is released
     steps = {int(line.split(" at step ")[1].split()[0]) for line in stopped}
     assert len(steps) == 1
     (step,) = steps
@@ -331,50 +351,40 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
     assert not (out / "model_index.json").exists()
 
 
-def test_two_processes_train_the_whole_text_encoder_like_one(tiny_sd, tmp_path):
-    # --train_text_encoder in a full fine-tune: DDP over both models; the main process saves the text encoder and
-    # its average in each checkpoint, and both move as in one process with the same global batch. The text encoder
-    # stops training after step 2 (--stop_text_encoder_training): DDP, built over its weights, must go on without
-    # their gradients (a reducer still waiting for them would fail at step 3), and they stay as they were.
-    out, one = tmp_path / "out", tmp_path / "one"
-    text_encoder = ["--train_text_encoder", "--stop_text_encoder_training", "2"]
-    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", *text_encoder)
-    train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(one), *FLAGS,
-                              "--train_batch_size", "4", *text_encoder])  # fmt: skip
-    assert [step for step, _ in logged_losses(out)] == [1, 2, 3, 4]
-    stopped, last = (
-        load_file(str(out / sub / "text_encoder" / "model.safetensors")) for sub in ("checkpoint-2", "checkpoint-4")
-    )
-    assert all(torch.equal(stopped[key], last[key]) for key in stopped)
-    base = load_file(str(Path(tiny_sd) / "text_encoder" / "model.safetensors"))
-    for sub in ("checkpoint-4/text_encoder", "checkpoint-4/text_encoder_ema", "text_encoder"):
-        ddp, single = (load_file(str(run / sub / "model.safetensors")) for run in (out, one))
-        moved = torch.cat([(single[key] - base[key]).flatten() for key in base])
-        apart = torch.cat([(ddp[key] - single[key]).flatten() for key in base])
-        assert moved.norm() > 0 and (apart.norm() / moved.norm()).item() < 0.01, sub
-    assert relative_difference_of_updates(Path(tiny_sd) / "unet", out / "unet", one / "unet") < 0.01
-
-
-@pytest.mark.parametrize("extra", [[], ["--lora_type", "loha", "--fp8_base"]], ids=["lora", "loha-fp8-base"])
-def test_two_processes_train_a_lora_on_the_unet_and_the_text_encoder(tiny_sd, tmp_path, extra):
+def test_two_processes_train_a_dora_on_the_unet_and_the_text_encoder_over_a_float8_base(tiny_sd, tmp_path):
     # DDP over the adapters' parameters only, the text encoder's too; the main process saves the adapters and
     # their EMA. Both adapters move as in one process with the same global batch (a text encoder left out of DDP
     # would move by each process's half of the batch). With --fp8_base, DDP starts with the base weights still
-    # in their own precision: it cannot send float8 ones from the main process to the other. A LoHa (LyCORIS's
-    # kohya-ss keys) trains the same way; it runs with --fp8_base, one run for both (each costs a CI machine ~25 s).
+    # in their own precision: it cannot send float8 ones from the main process to the other. A DoRA is a LoRA's
+    # two matrices and a magnitude per output, all trained: one run for both kinds (each costs a CI machine ~25 s).
     out, one = tmp_path / "out", tmp_path / "one"
-    lora = ["--lora_rank", "4", "--train_text_encoder", *extra]
-    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", *lora)
+    dora = ["--lora_rank", "4", "--use_dora", "--train_text_encoder", "--fp8_base"]
+    launch(tiny_sd, out, *FLAGS, "--train_batch_size", "2", *dora)
     assert [step for step, _ in logged_losses(out)] == [1, 2, 3, 4]
     assert (out / "checkpoint-4" / "lora_ema.safetensors").exists()
     train_text_to_image.main(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(one), *FLAGS,
-                              "--train_batch_size", "4", *lora])  # fmt: skip
+                              "--train_batch_size", "4", *dora])  # fmt: skip
+
+    def weights(run, folder):
+        return load_file(run / folder / "pytorch_lora_weights.safetensors")
+
     for folder in ("checkpoint-4", "."):  # the last weights, then their EMA
-        ddp, single = (load_file(run / folder / "pytorch_lora_weights.safetensors") for run in (out, one))
-        for model in (("unet.", "lora_unet_"), ("text_encoder.", "lora_te_")):  # diffusers' and kohya-ss's names
-            # The B matrices (a LoHa's second one) start at zero: what they hold is what training moved.
-            up = [key for key in single if key.startswith(model) and (".lora_B." in key or key.endswith(".hada_w2_b"))]
-            assert up and ddp.keys() == single.keys()
+        ddp, single = weights(out, folder), weights(one, folder)
+        assert ddp.keys() == single.keys()
+        for model in ("unet.", "text_encoder."):
+            # The B matrices start at zero: what they hold is what training moved.
+            up = [key for key in single if key.startswith(model) and ".lora_B." in key]
+            assert up
             moved = torch.cat([single[key].flatten() for key in up])
             apart = torch.cat([(ddp[key] - single[key]).flatten() for key in up])
             assert (apart.norm() / moved.norm()).item() < 0.01, (folder, model)
+    # The magnitudes start at the base weights' norms: what moved them from step 2 to step 4 is the same too.
+    magnitudes = [key for key in weights(one, ".") if "lora_magnitude_vector" in key]
+    assert any(key.startswith("unet.") for key in magnitudes) and any(
+        key.startswith("text_encoder.") for key in magnitudes
+    )
+    moves = []
+    for run in (out, one):
+        then, now = weights(run, "checkpoint-2"), weights(run, "checkpoint-4")
+        moves.append(torch.cat([(now[key] - then[key]).flatten() for key in magnitudes]))
+    assert moves[1].norm() > 0 and ((moves[0] - moves[1]).norm() / moves[1].norm()).item() < 0.01

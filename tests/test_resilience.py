@@ -1,6 +1,7 @@
 """Training survives crashes, preemption and bad data: exact resume, atomic saves, preflight checks, NaN stops.
 
-The crash tests run the script in a subprocess and kill it for real (SIGKILL, SIGTERM, SIGINT).
+The crash tests run the script in a subprocess and kill it for real (SIGKILL, SIGINT; SIGTERM in
+tests/test_distributed.py).
 """
 
 import argparse
@@ -161,8 +162,10 @@ def test_a_crash_while_saving_the_pipeline_never_leaves_a_loadable_mix(tiny_sd, 
 # Preemption -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, signum):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
+    # SIGTERM (a scheduler's preemption) takes the same way out: tests/test_distributed.py sends it to one of two
+    # processes (each such run costs a CI machine 15 s).
+    signum = signal.SIGINT
     base = train_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
     steps = tmp_path / "steps.txt"
     process = start_script(base + ["--max_train_steps", "100000"], wrapper=step_marker(steps))
