@@ -167,12 +167,11 @@ def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(tiny_sd, tmp_
     "ema, text_encoder, extra",
     [
         (False, False, []),
-        (True, False, []),
         (True, True, []),
         (False, True, ["--fp8_base", "--gradient_checkpointing"]),
         (True, True, ["--use_dora", "--fp8_base", "--lora_target_modules", "to_q", "to_v", "conv1"]),
     ],
-    ids=["no-ema", "ema", "ema-text-encoder", "fp8-base", "dora-fp8-base-conv"],
+    ids=["no-ema", "ema-text-encoder", "fp8-base", "dora-fp8-base-conv"],
 )
 def test_resume_is_bitwise(tiny_sd, tmp_path, ema, text_encoder, extra):
     flags = (
