@@ -1,4 +1,6 @@
-"""Two processes through `accelerate launch` (DDP over gloo on the CPU) against one process.
+"""Two processes through `accelerate launch` (DDP over gloo on the CPU) against one process. They are also the
+tests of a plain `accelerate launch train_text_to_image.py`; one process through train.sh's launcher is
+tests/test_user_path.py's.
 
 One two-process run is shared by the tests: 2 processes x batch 2 against 1 process x batch 4, with EMA,
 gradient checkpointing, a warmup schedule, a held-out loss and the whole text encoder trained for the first 2 steps. Its second process runs under a recorder of every file it

@@ -2,8 +2,6 @@
 
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,6 @@ from sdtoolkit.errors import UserError
 from sdtoolkit.inference import load_pipeline
 from tests.conftest import (
     DEMO_DATA,
-    REPO,
     image_folder,
     logged_losses,
     run_entry_point,
@@ -422,15 +419,3 @@ def test_a_fraction_of_warmup_steps_is_that_share_of_the_training_steps(tiny_sd,
     for bad in ("1.5", "-0.1", "some"):
         with pytest.raises(UserError, match="give a whole number of steps, or a fraction below 1 of them"):
             train_text_to_image.parse_args(["--pretrained_model_name_or_path", "m", "--lr_warmup_steps", bad])
-
-
-def test_accelerate_launch_runs_the_script(tiny_sd, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
-         "--mixed_precision=no", "--dynamo_backend=no", str(REPO / "train_text_to_image.py"),
-         "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", str(DEMO_DATA), "--output_dir", str(tmp_path),
-         "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--seed", "0"],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "model_index.json").exists()
