@@ -15,15 +15,13 @@ import train_text_to_image
 from sdtoolkit.errors import UserError
 from tests.conftest import REPO
 
-# The rows the dry run trains in `make test`: the targets' two, LoRA (another saving path) and regional
-# torch.compile (the script compiles, not accelerate; the row reports what dynamo built). Each row costs a CI
-# machine about 5 s, the whole UNet's inductor compile 10 s more; the others' flags are each trained by their own
-# feature's tests (tests/test_lora.py compiles the whole UNet as accelerate does), and here they are read by the
-# training script's parser.
+# The rows the dry run trains in `make test`: the targets' two and regional torch.compile (the script compiles, not
+# accelerate; the row reports what dynamo built). Each row costs a CI machine about 5 s, the whole UNet's inductor
+# compile 10 s more; the others' flags are each trained by their own feature's tests (tests/test_lora.py compiles
+# the whole UNet as accelerate does), and here they are read by the training script's parser.
 DRY_RUN_ROWS = [
     "upstream path, fp16",
     "defaults, fp16",
-    "LoRA rank 4, fp16",
     "defaults + regional torch.compile (inductor), fp16",
 ]
 

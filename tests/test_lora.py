@@ -219,24 +219,24 @@ def test_regional_compilation_compiles_the_unets_transformer_blocks_and_trains_a
         assert image.read_bytes() == regional_image.read_bytes(), image.name
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-with-ema"])
-def test_a_compiled_unet_is_saved_and_resumed_under_its_own_names(tiny_sd, tmp_path, monkeypatch, caplog, lora):
+def test_a_compiled_unet_is_saved_and_resumed_under_its_own_names(tiny_sd, tmp_path, monkeypatch, caplog):
     # torch.compile through accelerate (its eager backend: dynamo, without inductor's compiling) wraps the UNet, whose
     # weights are then named _orig_mod.*. What the run writes keeps the UNet's own names, which other tools read.
+    # (A LoRA's files are written from the same unwrapped UNet; each trace costs a CI machine ~10 s.)
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
-    flags = [*LORA] if lora else ["--use_ema", "--validation_prompts", "a creature", "--validation_steps", "2"]
+    flags = ["--use_ema", "--validation_prompts", "a creature", "--validation_steps", "2"]
     # Two steps, then resumed from checkpoint-2 (loaded into a compiled UNet) to 4.
     with caplog.at_level(logging.WARNING):
         train(tiny_sd, tmp_path, *flags, "--checkpointing_steps", "2", "--max_train_steps", "2")
         train(tiny_sd, tmp_path, *flags, "--checkpointing_steps", "2", "--max_train_steps", "4",
               "--resume_from_checkpoint", "latest")  # fmt: skip
     files = sorted(tmp_path.rglob("*.safetensors"))
-    assert len(files) >= (3 if lora else 4)  # the final files and checkpoint-2 and -4's
+    assert len(files) >= 4  # the final files and checkpoint-2 and -4's
     for path in files:
         with safe_open(path, "pt") as f:
             assert not any("orig_mod" in key for key in f.keys()), path
     assert "OptimizedModule" not in caplog.text  # validation's and the final pipeline are built on the UNet itself
-    name = WEIGHTS_NAME if lora else "unet/diffusion_pytorch_model.safetensors"
+    name = "unet/diffusion_pytorch_model.safetensors"
     assert load_file(tmp_path / "checkpoint-2" / name).keys() == load_file(tmp_path / "checkpoint-4" / name).keys()
 
 
