@@ -16,6 +16,11 @@ import sys
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face library is imported
+# Under pytest-xdist, one torch thread per worker and per process it starts, as make test asks, unless told otherwise:
+# with torch's default of one per core, two workers and their forked children wait on each other's OpenMP threads
+# (gpu_check.py's dry run beside the benchmark took 3 min where it takes 30 s).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The caches a run writes (datasets' Arrow files, the default latent cache folder, Gradio's served files) go
 # to one scratch folder per test session instead of the user's home and /tmp, and are removed at the end.
