@@ -139,7 +139,7 @@ def test_what_accelerate_refuses_is_one_error_line_with_exit_code_2(user_folder,
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv(LAST_LINE_FILE, "")  # as the launcher left it, it names a record it has removed
     fsdp = launch_command_parser().parse_args(["--config_file", f"{REPO}/configs/accelerate/fsdp.yaml",
-                                                      "--num_processes=1", "--mixed_precision=no", "script.py"])  # fmt: skip
+                                               "--num_processes=1", "--mixed_precision=no", "script.py"])  # fmt: skip
     for name, value in prepare_multi_gpu_env(_validate_launch_command(fsdp)[0]).items():
         monkeypatch.setenv(name, value)
     result = run_entry_point(train_text_to_image.main, "--pretrained_model_name_or_path=my-model",
