@@ -446,9 +446,10 @@ def unet_weights(folder):
     return load_file(str(pathlib.Path(folder) / "diffusion_pytorch_model.safetensors"))
 
 
-def relative_difference_of_updates(base, a, b):
-    """|(a - base) - (b - base)| / |a - base| over all UNet weights: how differently two runs moved them."""
-    base, a, b = unet_weights(base), unet_weights(a), unet_weights(b)
+def relative_difference_of_updates(base, a, b, weights="diffusion_pytorch_model.safetensors"):
+    """|(a - base) - (b - base)| / |a - base| over all the weights of a model folder's `weights` file (the UNet's
+    unless told): how differently two runs moved them."""
+    base, a, b = (load_file(str(pathlib.Path(folder) / weights)) for folder in (base, a, b))
     delta_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
     delta_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
     return ((delta_a - delta_b).norm() / delta_a.norm()).item()
