@@ -1736,9 +1736,12 @@ def load_training_dataset(args):
                 )
             dataset = load_dataset(builder, data_files={"train": args.dataset_name}, cache_dir=args.cache_dir)
         elif args.dataset_name is not None:
-            # Downloading and loading a dataset from the hub (or a local copy of one).
+            # Downloading and loading a dataset from the hub (or a local copy of one). A local folder goes by its
+            # absolute path: datasets reads a bare name such as "text", "csv" or "eval" as its own builder of that
+            # name, not as the folder.
+            local = os.path.isdir(args.dataset_name)
             dataset = load_dataset(
-                args.dataset_name,
+                os.path.abspath(args.dataset_name) if local else args.dataset_name,
                 args.dataset_config_name,
                 cache_dir=args.cache_dir,
                 data_dir=args.train_data_dir,

@@ -52,6 +52,24 @@ def test_a_nested_caption_folder_with_a_repeat_folder_trains(tiny_sd, tmp_path, 
     assert (tmp_path / "out" / "model_index.json").exists()
 
 
+def test_a_folder_named_as_a_datasets_builder_trains_as_the_folder(tiny_sd, tmp_path, monkeypatch, caplog):
+    # datasets reads --dataset_name text (or csv, json, eval, ...) as its own builder of that name; train.sh passes
+    # the user's folder as a relative --dataset_name.
+    image_folder(
+        tmp_path / "text", [("one.png", demo_image(0), "a pink creature"), ("two.png", demo_image(1), "a purple one")]
+    )
+    monkeypatch.chdir(tmp_path)
+    argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data="text")
+    argv[argv.index("--train_data_dir")] = "--dataset_name"
+    reset_accelerate_state()
+    with caplog.at_level(logging.INFO):
+        import train_text_to_image
+
+        train_text_to_image.main(argv)
+    assert "Read text as a dataset folder (image, text): 2 rows" in caplog.text
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
 def test_an_image_in_a_repeat_folder_without_a_caption_file_is_captioned_by_the_folder_name(tiny_sd, tmp_path, caplog):
     # kohya-ss's DreamBooth layout: 10_sks creature/ holds images and no caption files, and "sks creature" (its
     # class tokens) is their caption. A caption file still wins.
