@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
 from sdtoolkit.clip_windows import encode_prompts, plain_text, unsupported_syntax
+from sdtoolkit.data import saved_train_split, saved_with_save_to_disk
 from sdtoolkit.embeddings import load_embeddings
 from sdtoolkit.errors import ArgumentParser, UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
@@ -54,7 +55,7 @@ from sdtoolkit.inference import (
     quiet_empty_float32_warning,
     recorded_weighted_captions,
 )
-from sdtoolkit.learning_check import caption_hits, read_caption_data, read_images
+from sdtoolkit.learning_check import caption_hits, decode_images, read_caption_data, read_images
 from sdtoolkit.output_dir import check_output_dir
 from sdtoolkit.serving import LORA_TAG
 
@@ -327,30 +328,38 @@ def say_unreadable(unreadable, folder):
 
 
 def read_reference_images(folder):
-    """Every image under `folder` (an imagefolder's metadata order when it has a metadata.jsonl), decoded as
-    training decodes them, and the ones that can't be, as 'file (reason)'."""
+    """Every image under `folder` (an imagefolder's metadata order when it has a metadata.jsonl; the train split's
+    when it was saved with datasets' save_to_disk), decoded as training decodes them, and the ones that can't be,
+    as 'file (reason)'."""
     if not os.path.isdir(folder):
         raise UserError(f"--reference_data {folder} is not a folder")
-    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
-        try:
-            with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8-sig") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        except ValueError as err:  # not JSON, or not UTF-8
-            raise UserError(f"--reference_data {folder}: its metadata.jsonl can't be read: {first_line(err)}") from err
-        if not all(isinstance(row, dict) and isinstance(row.get("file_name"), str) for row in rows):
-            raise UserError(f"--reference_data {folder}: every line of its metadata.jsonl needs a file_name")
-        paths = [os.path.join(folder, row["file_name"]) for row in rows]
+    if saved_with_save_to_disk(folder):
+        decoded, unreadable = decode_images(saved_train_split(folder, "--reference_data"))
+        images = [image for image in decoded if image is not None]
     else:
-        paths = sorted(
+        images, unreadable = read_images(reference_paths(folder))
+    if len(images) < 2:
+        raise UserError(f"--reference_data {folder} needs at least 2 images that can be read, found {len(images)}")
+    return images, unreadable
+
+
+def reference_paths(folder):
+    """The image files of a --reference_data folder: its metadata.jsonl's, in order, or else all of them."""
+    if not os.path.isfile(os.path.join(folder, "metadata.jsonl")):
+        return sorted(
             os.path.join(root, name)
             for root, _, names in os.walk(folder)
             for name in names
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
         )
-    images, unreadable = read_images(paths)
-    if len(images) < 2:
-        raise UserError(f"--reference_data {folder} needs at least 2 images that can be read, found {len(images)}")
-    return images, unreadable
+    try:
+        with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8-sig") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise UserError(f"--reference_data {folder}: its metadata.jsonl can't be read: {first_line(err)}") from err
+    if not all(isinstance(row, dict) and isinstance(row.get("file_name"), str) for row in rows):
+        raise UserError(f"--reference_data {folder}: every line of its metadata.jsonl needs a file_name")
+    return [os.path.join(folder, row["file_name"]) for row in rows]
 
 
 # CLIP models, presented to torchmetrics' clip_score as the (model, processor) pair it expects.

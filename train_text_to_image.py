@@ -108,6 +108,7 @@ from sdtoolkit.data import (
     load_parquet,
     parquet_files,
     parquet_splits,
+    saved_with_save_to_disk,
     scan_images,
     unlisted_images,
     webdataset_columns,
@@ -1698,6 +1699,8 @@ def load_training_dataset(args):
                     f"{source} has images with {extension} caption files beside them, and this run reads"
                     f" {args.caption_extension} ones: pass --caption_extension {extension}"
                 )
+    # A dataset written with datasets' save_to_disk is mapped where it is (load_dataset would refuse or copy it).
+    saved = saved_with_save_to_disk(source)
     try:
         if args.in_json is not None:
             # Images captioned by kohya-ss's fine-tuning metadata file (see sdtoolkit/kohya_metadata.py).
@@ -1722,6 +1725,10 @@ def load_training_dataset(args):
             dataset = {"train": train}
         elif shards:
             dataset = load_dataset("webdataset", data_files={"train": shards}, cache_dir=args.cache_dir)
+        elif saved:
+            # A DatasetDict, or one Dataset taken as the train split.
+            dataset = datasets.load_from_disk(source)
+            dataset = dataset if isinstance(dataset, datasets.DatasetDict) else {"train": dataset}
         elif parquet and args.dataset_config_name is None and args.train_data_dir is None:
             splits = parquet_splits(source)
             dataset = {name: load_parquet(files, args.cache_dir) for name, files in splits.items() if name == "train"}
@@ -1785,7 +1792,8 @@ def load_training_dataset(args):
     if len(train) == 0:
         raise UserError("the training dataset is empty")
     if not caption_folder and not shards and folder is not None:
-        logger.info(f"Read {folder} as a dataset folder ({', '.join(column_names)}): {len(train)} rows")
+        kind = "a dataset saved with save_to_disk" if saved else "a dataset folder"
+        logger.info(f"Read {folder} as {kind} ({', '.join(column_names)}): {len(train)} rows")
 
     # An imagefolder leaves out the images its metadata does not name: say so instead.
     unlisted = unlisted_images(folder) if folder is not None and not caption_folder else []

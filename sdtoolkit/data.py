@@ -17,6 +17,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -736,6 +737,28 @@ def metadata_file_names(path):
 
         rows = pq.read_table(path, columns=["file_name"]).to_pylist()
     return [str(row["file_name"]) for row in rows if isinstance(row, dict) and row.get("file_name")]
+
+
+def saved_with_save_to_disk(folder):
+    """Whether a folder holds a DatasetDict or a Dataset that `datasets` wrote with save_to_disk (which
+    load_dataset refuses or copies whole into its cache; load_from_disk maps it where it is)."""
+    if os.path.isfile(os.path.join(folder, datasets.config.DATASETDICT_JSON_FILENAME)):
+        return True
+    state = os.path.join(folder, datasets.config.DATASET_STATE_JSON_FILENAME)
+    return os.path.isfile(state) and os.path.isfile(os.path.join(folder, datasets.config.DATASET_INFO_FILENAME))
+
+
+def saved_train_split(folder, flag):
+    """The train split of a dataset saved with save_to_disk (a DatasetDict's, or the one Dataset), with an image
+    column named "image"; for metrics.py's `flag` (--caption_data, --reference_data)."""
+    dataset = datasets.load_from_disk(folder)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise UserError(f"{flag} {folder} has no 'train' split (it has: {', '.join(dataset)})")
+        dataset = dataset["train"]
+    if "image" not in dataset.column_names:
+        raise UserError(f"{flag} {folder} has no 'image' column; it has: {', '.join(dataset.column_names)}")
+    return dataset
 
 
 def has_metadata_file(folder):

@@ -28,7 +28,14 @@ from torchvision.transforms import functional as TF
 
 from sdtoolkit.caption_folders import has_captioned_images, read_caption_folder
 from sdtoolkit.clip_windows import caption_windows, emphasize, encode_text
-from sdtoolkit.data import affix_caption, has_metadata_file, scan_images, to_rgb
+from sdtoolkit.data import (
+    affix_caption,
+    has_metadata_file,
+    saved_train_split,
+    saved_with_save_to_disk,
+    scan_images,
+    to_rgb,
+)
 from sdtoolkit.dataset_config import read_dataset_config, read_folders
 from sdtoolkit.errors import UserError, first_line
 
@@ -66,8 +73,8 @@ def write_two_class_dataset(folder, *, per_class=8, size=64, seed=0):
 def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", caption_prefix=None,
                       caption_suffix=None, max_images=None, seed=0):  # fmt: skip
     """A training folder's images and captions, read as train_text_to_image.py reads the folder: an imagefolder
-    (a metadata.jsonl, .csv or .parquet naming each image's file and caption, in `caption_column`) or a caption-file
-    folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py); or
+    (a metadata.jsonl, .csv or .parquet naming each image's file and caption, in `caption_column`), a dataset saved
+    with save_to_disk (its train split's "image" and `caption_column`), or a caption-file folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py); or
     the folders of a kohya-ss dataset config file (.toml or .json; its regularization folders left out), read as
     --dataset_config reads them, with their subsets' caption_prefix and caption_suffix. `caption_prefix` and
     `caption_suffix` are the training run's flags: words put around every caption as training put them (a config's
@@ -88,16 +95,13 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
         caption_column = "text"
     elif not os.path.isdir(folder):
         raise UserError(f"--caption_data {folder} is not a folder or a kohya-ss dataset config (.toml, .json)")
+    elif saved_with_save_to_disk(folder):
+        dataset = saved_train_split(folder, "--caption_data")
     elif has_metadata_file(folder):
         try:
             dataset = load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
         except Exception as err:  # datasets raises many types for a folder it can't read
             raise UserError(f"could not read --caption_data {folder}: {first_line(err)}") from err
-        if caption_column not in dataset.column_names:
-            raise UserError(
-                f"--caption_column '{caption_column}' is not a column of {folder}'s metadata; it has:"
-                f" {', '.join(name for name in dataset.column_names if name != 'image')}"
-            )
     elif has_captioned_images(folder, caption_extension):
         dataset, _ = read_caption_folder(folder, caption_extension=caption_extension, allow_missing_captions=True)
         caption_column = "text"
@@ -105,6 +109,11 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
         raise UserError(
             f"--caption_data {folder} has no metadata file (metadata.jsonl, .csv or .parquet) and no images with"
             f" {caption_extension} caption files (another extension: --caption_extension)"
+        )
+    if caption_column not in dataset.column_names:
+        raise UserError(
+            f"--caption_column '{caption_column}' is not a column of --caption_data {folder}; it has:"
+            f" {', '.join(name for name in dataset.column_names if name != 'image')}"
         )
     captions = [first_caption(caption) for caption in dataset[caption_column]]
     captioned = [index for index, caption in enumerate(captions) if caption]

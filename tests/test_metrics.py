@@ -6,6 +6,7 @@ import re
 import shutil
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -393,6 +394,30 @@ def test_caption_data_is_read_alike_in_each_layout_training_reads(
     assert report["settings"]["caption_prefix"] == "sks," and tried == [sorted(f"sks, {c}" for c in captions)]
     with pytest.raises(UserError, match="--caption_suffix is for --caption_data's captions"):
         score(tiny_sd, tiny_clip, tmp_path, "--caption_suffix", "style", prompts_file=prompts_file)
+
+
+def test_caption_and_reference_data_saved_with_save_to_disk_read_as_their_folder(tmp_path):
+    jsonl, _, _, captions = caption_layouts(tmp_path / "data", 4)
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(jsonl), split="train")
+    dataset.save_to_disk(tmp_path / "one")
+    datasets.DatasetDict(train=dataset).save_to_disk(tmp_path / "dict")
+    images = [np.asarray(demo_image(i)).tolist() for i in range(4)]
+    for saved in (tmp_path / "one", tmp_path / "dict"):
+        read, texts, rows, uncaptioned, unreadable = read_caption_data(str(saved))
+        assert (texts, rows, uncaptioned, unreadable) == (captions, 4, 0, [])
+        assert [np.asarray(image).tolist() for image in read] == images
+        references, unreadable = metrics.read_reference_images(str(saved))
+        assert [np.asarray(image).tolist() for image in references] == images and unreadable == []
+    datasets.DatasetDict(test=dataset).save_to_disk(tmp_path / "no-train")
+    with pytest.raises(UserError, match="--reference_data .*no-train has no 'train' split \\(it has: test\\)"):
+        metrics.read_reference_images(str(tmp_path / "no-train"))
+    dataset.rename_column("image", "picture").save_to_disk(tmp_path / "picture")
+    with pytest.raises(UserError, match="--caption_data .*picture has no 'image' column; it has: picture, text"):
+        read_caption_data(str(tmp_path / "picture"))
+    with pytest.raises(
+        UserError, match="--caption_column 'caption' is not a column of --caption_data .*; it has: text"
+    ):
+        read_caption_data(str(tmp_path / "one"), caption_column="caption")
 
 
 def test_images_that_cant_be_read_are_left_out_and_named_and_photos_stand_as_training_sees_them(
