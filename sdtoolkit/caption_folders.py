@@ -110,6 +110,17 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
     def listed(paths):
         return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
+    # photo.jpg.txt, as some captioning tools name it, is not photo.jpg's caption file: photo.txt is.
+    listed_images = set(images)
+    named = [path for path in orphans if path[: -len(caption_extension)] in listed_images]
+    naming = ""
+    if named:
+        image = named[0][: -len(caption_extension)]
+        naming = (
+            f" (an image's caption file is named without the image's extension: {image} reads"
+            f" {os.path.splitext(image)[0] + caption_extension}, not {named[0]})"
+        )
+
     if (missing or empty) and not allow_missing_captions:
         problems = []
         if missing:
@@ -118,7 +129,7 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
             problems.append(f"{len(empty)} caption files are empty: {listed(empty)}")
         class_tokens = f", give its {subset.name} class_tokens" if subset is not None else ""
         raise UserError(
-            f"{'; '.join(problems)} (in {folder}) -- write their captions{class_tokens}, or pass"
+            f"{'; '.join(problems)} (in {folder}){naming} -- write their captions{class_tokens}, or pass"
             " --allow_missing_captions to train those images with an empty caption"
         )
 
@@ -140,7 +151,9 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
     if missing or empty:
         notes.append(f"--allow_missing_captions: {len(missing) + len(empty)} images train with an empty caption")
     if orphans:
-        notes.append(f"{len(orphans)} caption files have no image beside them and are not used: {listed(orphans)}")
+        notes.append(
+            f"{len(orphans)} caption files have no image beside them and are not used: {listed(orphans)}{naming}"
+        )
     dataset = Dataset.from_dict(
         {
             "image": [os.path.join(folder, path) for path, _, _ in rows],

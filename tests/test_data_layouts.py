@@ -171,6 +171,30 @@ def test_an_image_without_a_caption_file_is_an_error_unless_allowed(tiny_sd, tmp
     assert "--allow_missing_captions: 2 images train with an empty caption" in caplog.text
 
 
+def test_a_caption_file_named_with_the_images_extension_is_named_with_the_file_it_should_be(tmp_path):
+    # Some captioning tools write photo.jpg.txt; kohya-ss and this toolkit read photo.txt.
+    from sdtoolkit.caption_folders import read_caption_folder
+
+    data = caption_folder(tmp_path / "data", [("one.png", 0, "a creature"), ("two.png", 1, None)])
+    (data / "two.png.txt").write_text("a purple creature")
+    with pytest.raises(UserError) as error:
+        read_caption_folder(str(data))
+    assert str(error.value).startswith(
+        f"1 images have no .txt caption file: two.png (in {data}) (an image's caption file is named without the"
+        " image's extension: two.png reads two.txt, not two.png.txt) -- write their captions"
+    )
+    # In an N_name folder, the image trains on the folder's name, and the file is named among the unused ones.
+    (data / "3_creature").mkdir()
+    (data / "two.png").rename(data / "3_creature" / "two.png")
+    (data / "two.png.txt").rename(data / "3_creature" / "two.png.txt")
+    _, notes = read_caption_folder(str(data))
+    assert notes[1] == (
+        "1 caption files have no image beside them and are not used: 3_creature/two.png.txt (an image's caption"
+        " file is named without the image's extension: 3_creature/two.png reads 3_creature/two.txt, not"
+        " 3_creature/two.png.txt)"
+    )
+
+
 def test_a_caption_file_that_is_not_utf8_is_named(tiny_sd, tmp_path):
     data = caption_folder(tmp_path / "data", [("one.png", 0, "a creature")])
     (data / "one.txt").write_bytes("une créature".encode("latin-1"))
