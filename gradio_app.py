@@ -35,7 +35,7 @@ from sdtoolkit.inference import (
     looks_like_local_path,
     pick_clip_skip,
     pick_device_and_dtype,
-    quiet_empty_float32_warning,
+    quiet_diffusers_noise,
 )
 from sdtoolkit.serving import (
     DEFAULT_GUIDANCE,
@@ -581,7 +581,7 @@ def launch(args, block=True):
 
 def main(argv=None):
     args = parse_args(argv)
-    quiet_empty_float32_warning()
+    quiet_diffusers_noise()
     launch(args)
 
 

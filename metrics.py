@@ -52,7 +52,7 @@ from sdtoolkit.inference import (
     load_pipeline,
     pick_clip_skip,
     pick_device_and_dtype,
-    quiet_empty_float32_warning,
+    quiet_diffusers_noise,
     recorded_weighted_captions,
 )
 from sdtoolkit.learning_check import caption_hits, decode_images, read_caption_data, read_images
@@ -843,7 +843,7 @@ def training_set_check(images, reference, clip, device, threshold):
 
 def main(argv=None):
     args = parse_args(argv)
-    quiet_empty_float32_warning()
+    quiet_diffusers_noise()
     try:
         return evaluate(args)
     except torch.OutOfMemoryError as err:

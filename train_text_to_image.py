@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -129,7 +130,7 @@ from sdtoolkit.inference import (
     load_single_file,
     load_vae,
     looks_like_local_path,
-    quiet_empty_float32_warning,
+    quiet_diffusers_noise,
     safetensors_metadata,
     sample_as_trained,
     supports_zero_terminal_snr,
@@ -2561,7 +2562,7 @@ def fine_tune(args):
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    quiet_empty_float32_warning()  # diffusers' warning at each cast of the frozen VAE, which has nothing to keep
+    quiet_diffusers_noise()  # diffusers' warnings at each cast of the frozen VAE and each load of an EMA UNet
 
     if args.non_ema_revision != args.revision:
         logger.warning("Loading 'non_ema' weights from a revision branch is deprecated; prefer --variant non_ema.")
@@ -2973,9 +2974,11 @@ def fine_tune(args):
             models.clear()  # so that accelerate does not load them again
             return
         if args.use_ema:
-            load_model = ema_cls.from_pretrained(
-                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
-            )
+            with warnings.catch_warnings():  # diffusers' own EMAModel.from_pretrained calls what it deprecated
+                warnings.filterwarnings("ignore", message="It is deprecated to pass a pretrained model name or path")
+                load_model = ema_cls.from_pretrained(
+                    os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+                )
             ema_unet.load_state_dict(load_model.state_dict())
             del load_model
             if ema_text_encoder is not None:

@@ -41,7 +41,7 @@ from sdtoolkit.inference import (
     load_vae,
     looks_like_local_path,
     merge_loras,
-    quiet_empty_float32_warning,
+    quiet_diffusers_noise,
     run_record,
     trained_model,
 )
@@ -517,7 +517,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    quiet_empty_float32_warning()
+    quiet_diffusers_noise()
     if not args.out.endswith(".safetensors"):
         raise UserError(f"{args.out}: the output file must end in .safetensors")
     if args.ratios is not None and len(args.ratios) != len(args.lora):

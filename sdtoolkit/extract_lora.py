@@ -46,7 +46,7 @@ from sdtoolkit.inference import (
     load_pipeline,
     merge_loras,
     pick_device_and_dtype,
-    quiet_empty_float32_warning,
+    quiet_diffusers_noise,
     recorded_clip_skip,
 )
 from sdtoolkit.lora import holds_lora, kohya_metadata, kohya_name
@@ -261,7 +261,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    quiet_empty_float32_warning()
+    quiet_diffusers_noise()
     if not args.out.endswith(".safetensors"):
         raise UserError(f"{args.out}: the LoRA file must end in .safetensors")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):

@@ -14,9 +14,11 @@ names (a folder, a hub id or one file; see trained_model):
     lora-model/pytorch_lora_weights_kohya.safetensors   the LoRA file alone
 """
 
+import ast
 import inspect
 import json
 import os
+import re
 import warnings
 
 import diffusers
@@ -47,15 +49,32 @@ from sdtoolkit.lycoris import load_lycoris, lycoris_kind
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# What diffusers' EMAModel.save_pretrained writes into an averaged model's config.json.
+EMA_SETTINGS = {"decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power"}
+
+
 def says_something(record):
-    return "should be kept in float32: []" not in record.getMessage()
+    message = record.getMessage()
+    if "should be kept in float32: []" in message:
+        return False
+    unexpected = re.match(r"The config attributes (\{.*\}) were passed to ", message)
+    if unexpected:
+        try:
+            return not set(ast.literal_eval(unexpected.group(1))) <= EMA_SETTINGS
+        except (ValueError, SyntaxError):  # a value that is not a literal: not EMAModel's settings
+            return True
+    return True
 
 
-def quiet_empty_float32_warning():
-    """Leave out diffusers 0.42's warning at every cast of a model to another precision when its list of modules to
-    keep in float32 is empty, as a VAE's is ("... should be kept in float32: []"): it says nothing. A model with
-    modules to keep still warns. (The logger keeps one such filter however often this is called.)"""
-    diffusers.utils.logging.get_logger("diffusers.models.modeling_utils").addFilter(says_something)
+def quiet_diffusers_noise():
+    """Leave out two of diffusers 0.42's warnings that say nothing: the one at every cast of a model to another
+    precision when its list of modules to keep in float32 is empty, as a VAE's is ("... should be kept in float32:
+    []"), and the one at every load of an EMA UNet (a checkpoint's unet_ema/), whose config.json holds EMAModel's
+    settings (decay, optimization_step, ...) as diffusers saves it ("... are not expected and will be ignored.
+    Please verify your config.json"). A model with modules to keep still warns, and so does any other unexpected
+    config. (Each logger keeps one such filter however often this is called.)"""
+    for name in ("diffusers.models.modeling_utils", "diffusers.configuration_utils"):
+        diffusers.utils.logging.get_logger(name).addFilter(says_something)
 
 
 def load_lora(pipeline, path, adapter_name=None, flag="--lora"):

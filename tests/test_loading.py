@@ -2,9 +2,11 @@
 folder, its kohya file, a LoRA checkpoint, each on the base model the run's own records name."""
 
 import json
+import logging.handlers
 import shutil
 import threading
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -462,3 +464,34 @@ def test_requests_at_one_lora_scale_run_together_and_another_scale_waits_its_tur
     for thread in threads.values():
         thread.join(10)
     assert not any(mixed) and pipeline.scales == [1.0, 0.5, 1.0, 0.5]  # the first, as the server starts
+
+
+def test_an_ema_unets_settings_in_its_config_load_without_diffusers_warning_and_other_keys_still_warn(
+    tiny_sd, tmp_path
+):
+    # EMAModel.save_pretrained writes decay, optimization_step, ... into the averaged UNet's config.json, and
+    # diffusers warns at each load that they "are not expected ... Please verify your config.json".
+    from diffusers.training_utils import EMAModel
+
+    from sdtoolkit.inference import quiet_diffusers_noise
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config).save_pretrained(
+        tmp_path / "unet_ema"
+    )
+    quiet_diffusers_noise()
+    logger = diffusers.utils.logging.get_logger("diffusers.configuration_utils")
+    warned = logging.handlers.BufferingHandler(capacity=100)  # sees what the logger's filters let through
+    logger.addHandler(warned)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_warning()
+    try:
+        UNet2DConditionModel.from_pretrained(tmp_path / "unet_ema")
+        assert not any("were passed to" in record.getMessage() for record in warned.buffer)
+        config = json.loads((tmp_path / "unet_ema" / "config.json").read_text())
+        (tmp_path / "unet_ema" / "config.json").write_text(json.dumps({**config, "not_a_setting": 1}))
+        UNet2DConditionModel.from_pretrained(tmp_path / "unet_ema")
+        assert any("'not_a_setting': 1} were passed to" in record.getMessage() for record in warned.buffer)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+        logger.removeHandler(warned)
