@@ -972,6 +972,7 @@ def parse_args(argv=None):
         "--lr_scheduler",
         type=str,
         default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help=(
             'The scheduler type to use. Choose between ["linear", "cosine", "cosine_with_restarts", "polynomial",'
             ' "constant", "constant_with_warmup"]'
@@ -1129,6 +1130,7 @@ def parse_args(argv=None):
         "--prediction_type",
         type=str,
         default=None,
+        choices=["epsilon", "v_prediction"],
         help=(
             "The prediction_type that shall be used for training. Choose between 'epsilon' or 'v_prediction' or leave"
             " `None`. If left to `None` the default prediction type of the scheduler:"

@@ -327,11 +327,13 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
         ([], "need either --dataset_name"),
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         (["--vae_batch_size", "0"], "--vae_batch_size must be at least 1"),
+        (["--lr_scheduler", "cosine_restarts"], "argument --lr_scheduler: invalid choice: 'cosine_restarts'"),
+        (["--prediction_type", "v"], "argument --prediction_type: invalid choice: 'v'"),
     ],
 )
 def test_bad_flags_fail_before_loading_anything(flags, message):
     argv = ["--pretrained_model_name_or_path", "x", *flags]
-    if "--resolution" in flags or "--train_batch_size" in flags or "--vae_batch_size" in flags:
+    if flags:
         argv += ["--train_data_dir", "x"]
     with pytest.raises(UserError, match=message):
         train_text_to_image.parse_args(argv)
