@@ -16,7 +16,8 @@ attention, feed-forward, proj_in and proj_out), and with --conv_rank the ResNet 
 too, their 3x3 convolutions at that rank; the text encoder's attention and MLP layers when it changed by more than
 --min_diff (a run that did not train it left it as it was). As kohya-ss does, the factors' values are clamped to
 the --clamp_quantile quantile of their values (0.99), which trims rare outliers; 1 keeps them as they are. With
---dynamic_method each layer gets the rank its singular values call for (kohya-ss's resize_lora.py).
+--dynamic_method each layer gets the rank its singular values call for (kohya-ss's resize_lora.py), and every
+layer's alpha is 1 (see extract).
 
 What a LoRA can't hold is said, not hidden: the share of those layers' change that the rank keeps, and the
 changed tensors that have no place in a LoRA (biases, norms, the UNet's first and last convolutions, embeddings).
@@ -32,6 +33,7 @@ The file is in kohya-ss keys, with a header that names its base model, so metric
 --model_path of its own, as they take a LoRA run's file.
 """
 
+import json
 import os
 
 import torch
@@ -112,8 +114,13 @@ def low_rank(change, rank, clamp_quantile, dynamic=None):
 
 def extract(base, tuned, prefix, layers, ranks, clamp_quantile, dynamic, device):
     """The adapters, in kohya-ss keys, of the layers (paths) of `base` that `tuned` changed, at their `ranks` (at
-    most, with `dynamic`), each with its rank as its alpha, and (squared norm of the change in those layers,
-    squared norm of what the adapters leave of it)."""
+    most, with `dynamic`), each applying its change at a scale of 1, and (squared norm of the change in those
+    layers, squared norm of what the adapters leave of it).
+
+    Each layer's alpha is its rank; with `dynamic`, each layer's rank is its own and every layer's alpha is 1, with
+    lora_up multiplied by the rank to keep the scale at 1: diffusers 0.42's load_lora_weights gives an attention
+    projection the file's most common alpha (see low_rank), which is then every layer's own."""
+    shared_alpha = 1.0 if dynamic else None
     base_layers, tuned_layers = dict(base.named_modules()), dict(tuned.named_modules())
     state, change_norm, left_norm = {}, 0.0, 0.0
     for path in tqdm(layers, desc=f"{type(base).__name__}'s layers", leave=False):
@@ -123,10 +130,11 @@ def extract(base, tuned, prefix, layers, ranks, clamp_quantile, dynamic, device)
         up, down = low_rank(change, ranks[path], clamp_quantile, dynamic)
         change_norm += change.square().sum().item()
         left_norm += (change.flatten(1) - up.flatten(1) @ down.flatten(1)).square().sum().item()
+        alpha = shared_alpha or float(len(down))
         name = kohya_name(prefix, path)
-        state[f"{name}.lora_up.weight"] = up.cpu().contiguous()
+        state[f"{name}.lora_up.weight"] = (up * (len(down) / alpha)).cpu().contiguous()
         state[f"{name}.lora_down.weight"] = down.cpu().contiguous()
-        state[f"{name}.alpha"] = torch.tensor(float(len(down)))
+        state[f"{name}.alpha"] = torch.tensor(alpha)
     return state, change_norm, left_norm
 
 
@@ -370,8 +378,10 @@ def main(argv=None):
         facts, name=name, rank=args.rank, alpha=args.rank, prediction_type=scheduler.prediction_type,
         clip_skip=facts["clip_skip"] or 1, conv_rank=args.conv_rank, conv_alpha=args.conv_rank,
     )  # fmt: skip
-    if dynamic:  # each layer has a rank of its own, and that rank as its alpha: kohya-ss's header says so
-        metadata.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
+    if dynamic:  # each layer has a rank of its own (kohya-ss's header says so), and every alpha is 1 (see extract)
+        metadata.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "1.0"})
+        if args.conv_rank is not None:
+            metadata["ss_network_args"] = json.dumps({"conv_dim": "Dynamic", "conv_alpha": "1.0"})
     metadata.update(training_metadata(None, facts, layout="LoRA (kohya-ss keys)"))
     metadata["sdtoolkit.extracted_from"] = " ".join(str(local_path_or_name(path)) for path in args.tuned)
     dtype = PRECISIONS[args.save_precision]

@@ -165,11 +165,16 @@ def test_dynamic_ranks_follow_each_layers_singular_values(tiny_sd, tmp_path, cap
     ranks = {key.removesuffix(".lora_down.weight"): t.shape[0] for key, t in tensors.items() if "lora_down" in key}
     name = "lora_unet_" + first.replace(".", "_")
     assert ranks.pop(name) == 6 and set(ranks.values()) == {2}
-    assert all(tensors[f"{key}.alpha"].item() == rank for key, rank in ranks.items())  # each at scale 1
-    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "Dynamic"
-    # Each layer at its own rank and alpha, loaded as the server loads it: the tuned model's output.
+    # One alpha for every layer, so that every loader applies each at its own scale (see extract).
+    assert {tensors[f"{key}.alpha"].item() for key in ranks} == {1.0} and tensors[f"{name}.alpha"].item() == 1.0
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("Dynamic", "1.0")
+    # Each layer at its own rank, loaded as the server loads it: the tuned model's output.
     tuned_unet = outputs(load_pipeline(str(tuned), CPU, torch.float32))[0]
     torch.testing.assert_close(outputs(load_pipeline(str(out), CPU, torch.float32))[0], tuned_unet, atol=1e-4, rtol=0)
+    # And by diffusers' own loader, as a user's script loads it.
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    plain.load_lora_weights(str(out))
+    torch.testing.assert_close(outputs(plain)[0], tuned_unet, atol=1e-4, rtol=0)
 
     # The three methods on singular values 3, 2, 1, 1 (squares 9, 4, 1, 1 of 15; sums 3, 5, 6, 7 of 7), by hand:
     S = torch.tensor([3.0, 2.0, 1.0, 1.0])
