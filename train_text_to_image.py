@@ -2199,8 +2199,10 @@ def held_out_summary(losses, change):
     )
 
 
-def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=None, text_encoder_targets=None):
-    """Write output_dir/README.md: base model, data, hyperparameters and the final validation images.
+def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=None, text_encoder_targets=None,
+                    example_caption=None):  # fmt: skip
+    """Write output_dir/README.md: base model, data, hyperparameters and the final validation images. Its usage
+    example prompts the first validation prompt, or else `example_caption` (one the model trained on).
 
     Hub ids go into the card's metadata; local paths don't (they mean nothing elsewhere): the text names
     their folder instead.
@@ -2213,7 +2215,7 @@ def save_model_card(args, repo_id, images, buckets_used=None, held_out_report=No
         image_grid.save(os.path.join(args.output_dir, "val_imgs_grid.png"))
         img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
     model, dataset = args.pretrained_model_name_or_path, training_data(args)
-    prompt = args.validation_prompts[0] if args.validation_prompts else "a cartoon creature"
+    prompt = args.validation_prompts[0] if args.validation_prompts else example_caption or "a photo"
     # Pushed to the hub, the card loads the repository; kept locally, the folder it is in.
     load_from = repo_id if args.push_to_hub else args.output_dir
 
@@ -2254,7 +2256,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 pipeline = StableDiffusionPipeline.{loader}({usage_source}, torch_dtype=torch.float16).to("cuda"){lora_line}
-image = pipeline("{prompt}").images[0]
+image = pipeline({json.dumps(prompt, ensure_ascii=False)}).images[0]
 image.save("my_image.png")
 ```"""
     if args.lora_rank and args.lora_type != "lora":
@@ -3762,7 +3764,8 @@ def fine_tune(args):
         text_encoder_targets = None
         if adapted_text_encoder is not None:
             text_encoder_targets = adapted_layer_names(adapted_text_encoder)
-        save_model_card(args, repo_id, images, buckets_used, held_out_report, text_encoder_targets)
+        example_caption = next((caption for caption in all_captions(train_rows, caption_column) if caption), None)
+        save_model_card(args, repo_id, images, buckets_used, held_out_report, text_encoder_targets, example_caption)
         if held_out is not None:
             logger.info(f"Held-out loss ({len(held_out)} images, --validation_split): {held_out_report}")
 

@@ -86,10 +86,13 @@ def test_sample_at_first_draws_the_base_models_images_and_trains_the_same(tiny_s
 
 
 def test_model_card_is_written_without_validation_prompts(tiny_sd, tmp_path):
-    train(tiny_sd, tmp_path, "--max_train_steps", "1")
+    train(tiny_sd, tmp_path, "--max_train_steps", "1", "--caption_prefix", 'sks "toy",')
     card = (tmp_path / "README.md").read_text()
     assert "This pipeline was fine-tuned from" in card
     assert "None" not in card.split("## Training")[0]  # no "for the prompts None"
+    # Its usage example prompts a caption it trained on, as trained (prefixed), as a Python string.
+    first = 'sks \\"toy\\", a cartoon drawing of a tall pink creature with three eyes, pointy ears and a long tail'
+    assert f'image = pipeline("{first} on a light blue background").images[0]' in card
     assert not (tmp_path / "validation").exists()
 
 
