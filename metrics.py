@@ -195,6 +195,11 @@ def parse_args(argv=None):
         help="The extension of --caption_data's caption files (default: .txt), as in training.",
     )
     parser.add_argument(
+        "--caption_from_filename",
+        action="store_true",
+        help="Caption --caption_data's images without a caption file by their file name, as in training.",
+    )
+    parser.add_argument(
         "--caption_prefix",
         default=None,
         help=(
@@ -259,7 +264,7 @@ def parse_args(argv=None):
         raise UserError(f"--guidance_rescale must be from 0 (off) to 1, got {args.guidance_rescale}")
     if args.max_caption_images < 0 or args.max_caption_images == 1:
         raise UserError(f"--max_caption_images must be 0 (all) or at least 2, got {args.max_caption_images}")
-    for flag in ("weighted_captions", "caption_prefix", "caption_suffix"):
+    for flag in ("weighted_captions", "caption_prefix", "caption_suffix", "caption_from_filename"):
         if getattr(args, flag) and args.caption_data is None:
             raise UserError(f"--{flag} is for --caption_data's captions: give --caption_data too, or drop it")
     if not 0 < args.memorisation_threshold <= 1:
@@ -584,6 +589,7 @@ def write_reports(results, prompts, comparisons, caption_set, reference_images, 
         "caption_candidates": len(caption_set["candidates"]) if caption_set else None,
         "caption_prefix": args.caption_prefix,
         "caption_suffix": args.caption_suffix,
+        "caption_from_filename": args.caption_from_filename,
         "unreadable_images": unreadable,
         "weighted_captions": args.weighted_captions,
         "clip_backend": args.clip_backend,
@@ -876,7 +882,7 @@ def evaluate(args):
         caption_images, captions, rows, uncaptioned, unreadable["caption_data"] = read_caption_data(
             args.caption_data, caption_column=args.caption_column, caption_extension=args.caption_extension,
             caption_prefix=args.caption_prefix, caption_suffix=args.caption_suffix,
-            max_images=args.max_caption_images or None,
+            from_filename=args.caption_from_filename, max_images=args.max_caption_images or None,
         )  # fmt: skip
         candidates = sorted(set(captions))
         labels = [candidates.index(caption) for caption in captions]

@@ -718,6 +718,15 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
+        "--caption_from_filename",
+        action="store_true",
+        help=(
+            "In a caption-file folder, caption each image that has no caption file by its file name: its stem, with"
+            " underscores as spaces (a_red_dragon.png: 'a red dragon'), as SimpleTuner's caption_strategy filename."
+            " A caption file still wins."
+        ),
+    )
+    parser.add_argument(
         "--allow_missing_captions",
         action="store_true",
         help=(
@@ -1679,7 +1688,7 @@ def load_training_dataset(args):
         or (
             os.path.isdir(source)
             and not has_metadata_file(source)
-            and has_captioned_images(source, args.caption_extension)
+            and has_captioned_images(source, args.caption_extension, from_filename=args.caption_from_filename)
             and (args.dataset_name is None or args.train_data_dir is None)
         )
     )
@@ -1720,8 +1729,9 @@ def load_training_dataset(args):
         elif caption_folder:
             # Images with their captions in same-named text files (see sdtoolkit/caption_folders.py).
             train, notes = read_caption_folder(
-                source, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
-            )
+                source, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions,
+                from_filename=args.caption_from_filename,
+            )  # fmt: skip
             logger.info(notes[0])
             for note in notes[1:]:
                 logger.warning(note)
@@ -1909,6 +1919,7 @@ def read_config_folders(args, folders):
     dataset, notes = read_folders(
         folders, allow_missing_captions=args.allow_missing_captions, wildcard=args.enable_wildcard,
         caption_prefix=args.caption_prefix, caption_suffix=args.caption_suffix,
+        from_filename=args.caption_from_filename,
     )  # fmt: skip
     for folder_notes in notes:
         logger.info(folder_notes[0])
@@ -1927,14 +1938,15 @@ def read_regularization_images(args, config_folders, features, image_column, cap
     if config_folders:
         reg = read_config_folders(args, config_folders)
     else:
-        if not has_captioned_images(folder, args.caption_extension):
+        if not has_captioned_images(folder, args.caption_extension, from_filename=args.caption_from_filename):
             raise UserError(
                 f"--reg_data_dir {folder} holds no captioned images: give images with {args.caption_extension}"
                 " caption files, or in N_name folders, which caption them by their name"
             )
         reg, notes = read_caption_folder(
-            folder, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions
-        )
+            folder, caption_extension=args.caption_extension, allow_missing_captions=args.allow_missing_captions,
+            from_filename=args.caption_from_filename,
+        )  # fmt: skip
         for note in notes[1:]:
             logger.warning(f"--reg_data_dir: {note}")
     repeats = balance_regularization([n * args.dataset_repeats for n in reg["repeats"]], num_examples)

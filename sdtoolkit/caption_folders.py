@@ -10,6 +10,10 @@ SimpleTuner and EveryDream2 read:
       cats/photo.jpg
       cats/photo.txt
 
+With from_filename (--caption_from_filename), an image without a caption file is captioned by its file name
+instead, as SimpleTuner's caption_strategy "filename" and OneTrainer read a folder of images named by what they
+show: "a_red_dragon.png" is "a red dragon" (its stem, underscores as spaces).
+
 `read_caption_folder` turns such a folder (searched recursively) into a `datasets.Dataset` with an `image`
 column (decoded like any imagefolder's), a `text` column and a `repeats` column, so the rest of training
 treats it like any other dataset.
@@ -59,14 +63,21 @@ def find_images_and_captions(folder, caption_extension, recursive=True):
     return images, captions, orphans
 
 
-def has_captioned_images(folder, caption_extension=".txt"):
+def has_captioned_images(folder, caption_extension=".txt", from_filename=False):
     """Whether the folder (searched recursively) holds at least one image with a caption: a same-named caption
-    file, or the name of an N_name folder it is in."""
+    file, or the name of an N_name folder it is in, or with from_filename any image at all."""
     images, captions, _ = find_images_and_captions(folder, caption_extension)
     return any(
-        os.path.splitext(path)[0] + caption_extension in captions or repeat_folder(os.path.dirname(path))[1]
+        from_filename
+        or os.path.splitext(path)[0] + caption_extension in captions
+        or repeat_folder(os.path.dirname(path))[1]
         for path in images
     )
+
+
+def filename_caption(path):
+    """An image's file name as its caption: the stem, underscores as spaces ("a_red_dragon.png": "a red dragon")."""
+    return " ".join(os.path.splitext(os.path.basename(path))[0].replace("_", " ").split())
 
 
 def read_caption(path):
@@ -79,19 +90,20 @@ def read_caption(path):
         raise UserError(f"caption file {path} is not UTF-8 text ({err.reason}); save it as UTF-8") from err
 
 
-def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_captions=False, subset=None):
+def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_captions=False, subset=None,
+                        from_filename=False):  # fmt: skip
     """The folder's images and captions as a Dataset (image, text, repeats), and what to tell the user.
 
     Returns (dataset, notes): notes is a list of log lines (counts, orphan caption files, captions missing or
-    empty when allowed). An image with no caption file in an N_name folder is captioned by the name, as kohya-ss
-    does (its class tokens). Without allow_missing_captions, any other image with no caption file, or an empty
-    one, is an error listing the first few.
+    empty when allowed). An image with no caption file is captioned by its file name with from_filename, else in
+    an N_name folder by the name, as kohya-ss does (its class tokens). Without allow_missing_captions, any other
+    image with no caption file, or an empty one, is an error listing the first few.
 
     subset: a --dataset_config folder (sdtoolkit/dataset_config.Folder): then only the folder's own images are
     read, its num_repeats and class_tokens stand for the N_name folders', and folder names mean nothing.
     """
     images, captions, orphans = find_images_and_captions(folder, caption_extension, recursive=subset is None)
-    rows, missing, empty, by_folder = [], [], [], 0
+    rows, missing, empty, by_folder, by_filename = [], [], [], 0, 0
     for path in images:
         caption_path = os.path.splitext(path)[0] + caption_extension
         if subset is None:
@@ -99,6 +111,8 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
         else:
             repeats, folder_name = subset.num_repeats, subset.class_tokens
         text = read_caption(os.path.join(folder, caption_path)) if caption_path in captions else None
+        if text is None and from_filename:
+            text, by_filename = filename_caption(path), by_filename + 1
         if text is None and folder_name:
             text, by_folder = folder_name, by_folder + 1
         if text is None:
@@ -134,17 +148,20 @@ def read_caption_folder(folder, *, caption_extension=".txt", allow_missing_capti
         )
 
     repeated = sum(1 for _, _, n in rows if n > 1)
+    with_file = len(images) - len(missing) - by_folder - by_filename
+    by_name = f", {by_filename} captioned by their file name" if by_filename else ""
     if subset is None:
         notes = [
-            f"Read {folder} as a caption-file folder: {len(images)} images, {len(images) - len(missing) - by_folder}"
-            f" with a {caption_extension} caption"
+            f"Read {folder} as a caption-file folder: {len(images)} images, {with_file} with a {caption_extension}"
+            " caption"
+            + by_name
             + (f", {by_folder} captioned by their N_name folder's name" if by_folder else "")
             + (f", {repeated} in N_name repeat folders" if repeated else "")
         ]
     else:
         notes = [
-            f"Read {folder} ({subset.name}): {len(images)} images, {len(images) - len(missing) - by_folder} with a"
-            f" {caption_extension} caption"
+            f"Read {folder} ({subset.name}): {len(images)} images, {with_file} with a {caption_extension} caption"
+            + by_name
             + (f", {by_folder} captioned by class_tokens" if by_folder else "")
             + (f", each {subset.num_repeats} times per epoch" if subset.num_repeats > 1 else "")
         ]

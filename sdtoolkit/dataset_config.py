@@ -279,10 +279,13 @@ def describe_flag(flag, value):
     return f"--{flag} {value}"
 
 
-def read_folders(folders, *, allow_missing_captions=False, wildcard=False, caption_prefix=None, caption_suffix=None):
+def read_folders(folders, *, allow_missing_captions=False, wildcard=False, caption_prefix=None, caption_suffix=None,
+                 from_filename=False):  # fmt: skip
     """The folders (Folder) as one caption-file dataset (image, text, repeats), in the file's order, and per folder
     the lines its reading has to tell the user (the first a summary, the others warnings). A folder that is missing
     or holds no images is an error naming it. A fine-tuning subset's images are those its metadata_file lists.
+    from_filename (--caption_from_filename): an image folder's images without a caption file are captioned by their
+    file name.
     A subset's caption_prefix and caption_suffix stand for caption_prefix's and caption_suffix's (the command
     line's), as in sd-scripts; with wildcard (--enable_wildcard), each line of a caption gets them."""
     parts, notes = [], []
@@ -298,7 +301,7 @@ def read_folders(folders, *, allow_missing_captions=False, wildcard=False, capti
                 raise UserError(f"--dataset_config: the image_dir {folder.image_dir} of {folder.name} is not a folder")
             part, folder_notes = read_caption_folder(
                 folder.image_dir, caption_extension=folder.caption_extension,
-                allow_missing_captions=allow_missing_captions, subset=folder,
+                allow_missing_captions=allow_missing_captions, subset=folder, from_filename=from_filename,
             )  # fmt: skip
             if len(part) == 0:
                 raise UserError(

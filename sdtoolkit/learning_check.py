@@ -71,14 +71,14 @@ def write_two_class_dataset(folder, *, per_class=8, size=64, seed=0):
 
 
 def read_caption_data(folder, *, caption_column="text", caption_extension=".txt", caption_prefix=None,
-                      caption_suffix=None, max_images=None, seed=0):  # fmt: skip
+                      caption_suffix=None, from_filename=False, max_images=None, seed=0):  # fmt: skip
     """A training folder's images and captions, read as train_text_to_image.py reads the folder: an imagefolder
     (a metadata.jsonl, .csv or .parquet naming each image's file and caption, in `caption_column`), a dataset saved
     with save_to_disk (its train split's "image" and `caption_column`), or a caption-file folder (kohya-ss's layout: same-named `caption_extension` files, N_name folders; see caption_folders.py); or
     the folders of a kohya-ss dataset config file (.toml or .json; its regularization folders left out), read as
     --dataset_config reads them, with their subsets' caption_prefix and caption_suffix. `caption_prefix` and
     `caption_suffix` are the training run's flags: words put around every caption as training put them (a config's
-    subsets' own win).
+    subsets' own win). from_filename: the run's --caption_from_filename (see caption_folders.py).
 
     Returns (images, captions, rows, uncaptioned, unreadable): with more than `max_images` captioned rows, a sample
     of them drawn with `seed` (the same whichever model is scored), in the folder's order. An image is captioned by
@@ -90,7 +90,8 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
     if os.path.isfile(folder) and folder.lower().endswith((".toml", ".json")):
         _, subsets = read_dataset_config(folder, caption_extension=caption_extension)
         dataset, _ = read_folders([subset for subset in subsets if not subset.is_reg], allow_missing_captions=True,
-                                  caption_prefix=caption_prefix, caption_suffix=caption_suffix)  # fmt: skip
+                                  caption_prefix=caption_prefix, caption_suffix=caption_suffix,
+                                  from_filename=from_filename)  # fmt: skip
         caption_prefix = caption_suffix = None  # given to each subset that has none of its own
         caption_column = "text"
     elif not os.path.isdir(folder):
@@ -102,8 +103,10 @@ def read_caption_data(folder, *, caption_column="text", caption_extension=".txt"
             dataset = load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
         except Exception as err:  # datasets raises many types for a folder it can't read
             raise UserError(f"could not read --caption_data {folder}: {first_line(err)}") from err
-    elif has_captioned_images(folder, caption_extension):
-        dataset, _ = read_caption_folder(folder, caption_extension=caption_extension, allow_missing_captions=True)
+    elif has_captioned_images(folder, caption_extension, from_filename=from_filename):
+        dataset, _ = read_caption_folder(
+            folder, caption_extension=caption_extension, allow_missing_captions=True, from_filename=from_filename
+        )
         caption_column = "text"
     else:
         raise UserError(

@@ -195,6 +195,46 @@ def test_a_caption_file_named_with_the_images_extension_is_named_with_the_file_i
     )
 
 
+def test_caption_from_filename_captions_images_by_their_names_and_a_caption_file_still_wins(tiny_sd, tmp_path, caplog):
+    # SimpleTuner's caption_strategy "filename": a folder of images named by what they show, no caption files.
+    from sdtoolkit.caption_folders import read_caption_folder
+    from sdtoolkit.dataset_config import read_dataset_config, read_folders
+    from sdtoolkit.learning_check import read_caption_data
+
+    data = caption_folder(tmp_path / "data", [("a_pink_creature.png", 0, None), ("3_sks/a purple__one.png", 1, None),
+                                              ("two.png", 2, "a yellow creature")])  # fmt: skip
+    dataset, notes = read_caption_folder(str(data), from_filename=True)
+    assert dataset["text"] == ["a purple one", "a pink creature", "a yellow creature"]  # the folder's name loses
+    assert notes[0] == (
+        f"Read {data} as a caption-file folder: 3 images, 1 with a .txt caption, 2 captioned by their file name,"
+        " 1 in N_name repeat folders"
+    )
+    without = read_caption_folder(str(data), allow_missing_captions=True)[0]["text"]
+    assert without == ["sks", "", "a yellow creature"]  # without the flag, the N_name folder's name, or nothing
+    assert read_caption_data(str(data), from_filename=True)[1] == dataset["text"]  # metrics.py --caption_data
+    # A kohya-ss dataset config's image folder, whose class_tokens lose to the names as a folder's name does.
+    config = tmp_path / "data.toml"
+    config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{data / "3_sks"}"\nclass_tokens = "sks"\n')
+    _, subsets = read_dataset_config(str(config), caption_extension=".txt")
+    assert read_folders(subsets, from_filename=True)[0]["text"] == ["a purple one"]
+    assert read_folders(subsets)[0]["text"] == ["sks"]
+
+    # A folder with no caption file at all is a caption-file folder with the flag, through train.sh's --dataset_name.
+    (data / "two.txt").unlink()
+    (data / "3_sks" / "a purple__one.png").rename(data / "a_purple_one.png")
+    with caplog.at_level(logging.INFO):
+        argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--caption_from_filename", data=data)
+        argv[argv.index("--train_data_dir")] = "--dataset_name"
+        reset_accelerate_state()
+        import train_text_to_image
+
+        train_text_to_image.main(argv)
+    assert (
+        f"Read {data} as a caption-file folder: 3 images, 0 with a .txt caption, 3 captioned by their file name"
+        in (caplog.text)
+    )
+
+
 def test_a_caption_file_that_is_not_utf8_is_named(tiny_sd, tmp_path):
     data = caption_folder(tmp_path / "data", [("one.png", 0, "a creature")])
     (data / "one.txt").write_bytes("une créature".encode("latin-1"))

@@ -394,6 +394,8 @@ def test_caption_data_is_read_alike_in_each_layout_training_reads(
     assert report["settings"]["caption_prefix"] == "sks," and tried == [sorted(f"sks, {c}" for c in captions)]
     with pytest.raises(UserError, match="--caption_suffix is for --caption_data's captions"):
         score(tiny_sd, tiny_clip, tmp_path, "--caption_suffix", "style", prompts_file=prompts_file)
+    with pytest.raises(UserError, match="--caption_from_filename is for --caption_data's captions"):
+        score(tiny_sd, tiny_clip, tmp_path, "--caption_from_filename", prompts_file=prompts_file)
 
 
 def test_caption_and_reference_data_saved_with_save_to_disk_read_as_their_folder(tmp_path):
