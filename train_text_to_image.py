@@ -1815,7 +1815,11 @@ def load_training_dataset(args):
         logger.warning(f"{len(unlisted)} images in {folder} have no line in its metadata and are not used: {names}")
 
     if args.max_train_samples is not None:
-        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+        # The shuffle's indices stay in memory: datasets would write them to a file beside the data, which for a
+        # saved dataset is the user's folder (a read-only one would fail).
+        train = train.shuffle(seed=args.seed, keep_in_memory=True).select(
+            range(min(args.max_train_samples, len(train)))
+        )
 
     # Decode every image once now, as training will, so a broken file stops the run here and not hours in.
     # With cached latents, the crops that caching encodes are made now too and kept while they fit in a share

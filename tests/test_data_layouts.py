@@ -74,21 +74,23 @@ def test_a_folder_named_as_a_datasets_builder_trains_as_the_folder(tiny_sd, tmp_
 def test_a_dataset_saved_with_save_to_disk_trains_where_it_is(tiny_sd, tmp_path, monkeypatch, caplog, saved):
     # What a notebook leaves behind: dataset.save_to_disk("saved"). load_dataset refuses one Dataset and would copy
     # a DatasetDict whole into its cache; it is mapped where it is, and nothing is written beside it.
-    rows = {"image": [demo_image(0), demo_image(1)], "text": ["a pink creature", "a purple one"]}
+    rows = {"image": [demo_image(i) for i in range(4)], "text": ["a pink creature", "a purple one", "a", "b"]}
     dataset = datasets.Dataset.from_dict(
         rows, features=datasets.Features(image=datasets.Image(), text=datasets.Value("string"))
     )
     (datasets.DatasetDict(train=dataset) if saved == "a DatasetDict" else dataset).save_to_disk(tmp_path / "saved")
     files = sorted(tmp_path.joinpath("saved").rglob("*"))
     monkeypatch.chdir(tmp_path)
-    argv = train_args(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--cache_dir", "cache", data="saved")
+    # --max_train_samples shuffles it: datasets would write that shuffle's cache file beside it.
+    flags = ["--max_train_steps", "1", "--cache_dir", "cache", "--max_train_samples", "3"]
+    argv = train_args(tiny_sd, tmp_path / "out", *flags, data="saved")
     argv[argv.index("--train_data_dir")] = "--dataset_name"
     reset_accelerate_state()
     with caplog.at_level(logging.INFO):
         import train_text_to_image
 
         train_text_to_image.main(argv)
-    assert "Read saved as a dataset saved with save_to_disk (image, text): 2 rows" in caplog.text
+    assert "Read saved as a dataset saved with save_to_disk (image, text): 4 rows" in caplog.text
     assert (tmp_path / "out" / "model_index.json").exists() and sorted(tmp_path.joinpath("saved").rglob("*")) == files
     assert not any(tmp_path.joinpath("cache").rglob("*.arrow"))  # not copied into datasets' cache
 
