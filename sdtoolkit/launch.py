@@ -12,10 +12,23 @@ A script that crashed with a traceback of its own (a bug, not bad input) leaves 
 accelerate's full report as usual. What accelerate refuses before it starts the script (a config file that is
 not there or holds a value it does not know, DeepSpeed's config without DeepSpeed installed) is bad input too:
 one `error:` line and exit code 2.
+
+Ctrl-C stops the script after its current step with a checkpoint (see StopRequest in train_text_to_image.py), and
+the launcher waits for that, so that the script's `stopped:` line, with how to resume, is the last thing printed
+and the command does not return while the checkpoint is still being written:
+
+- One process: a terminal's Ctrl-C reaches the script as it reaches the launcher. The launcher leaves it to the
+  script and goes on waiting (accelerate's own launcher would end at once with a KeyboardInterrupt traceback,
+  the script still writing behind the prompt). A second Ctrl-C still interrupts the script.
+- Several processes: torch's elastic agent, in the launcher, starts each in a session of its own, which a
+  terminal's Ctrl-C does not reach; the agent passes the signal on (SIGTERM too), then kills the processes that
+  have not ended within TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds. Its default, 30, is shorter than writing SD v1-4's
+  checkpoint (about 14 GB with EMA and AdamW) takes on a slow disk: here it is 600 unless set.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +38,16 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from sdtoolkit.errors import LAST_LINE_FILE, first_line
 
 
+def leave_ctrl_c_to_the_script(signum, frame):
+    """The script's processes got the same Ctrl-C, and stop by themselves: keep waiting for them."""
+
+
 def main(argv=None):
     args = launch_command_parser().parse_args(argv)
+    # A handler, not SIG_IGN, which the script's process would inherit and Ctrl-C would then not reach it. (With
+    # several processes, torch's elastic agent puts its own in place.)
+    signal.signal(signal.SIGINT, leave_ctrl_c_to_the_script)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     with tempfile.TemporaryDirectory() as scratch:
         record = os.path.join(scratch, "last-lines.jsonl")
         os.environ[LAST_LINE_FILE] = record  # inherited by every process accelerate starts

@@ -376,9 +376,9 @@ SMALL = ["--mixed_precision=no", "--resolution=32", "--train_batch_size=2", "--g
          "--seed=0", "--learning_rate=1e-3"]  # fmt: skip
 
 
-def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=300):
-    """`bash <toolkit>/train.sh` run from `cwd`; returns (exit code, output lines without blank ones)."""
-    env = {
+def train_sh_env(model, data, output_dir, launch_args=SINGLE):
+    """The environment train_sh runs train.sh in: the model, data and output folder, and accelerate's options."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "PYTHON": sys.executable,
@@ -389,6 +389,11 @@ def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=3
         "ACCELERATE_USE_CPU": "true",
         "OMP_NUM_THREADS": "1",
     }
+
+
+def train_sh(cwd, *extra, model, data, output_dir, launch_args=SINGLE, timeout=300):
+    """`bash <toolkit>/train.sh` run from `cwd`; returns (exit code, output lines without blank ones)."""
+    env = train_sh_env(model, data, output_dir, launch_args)
     result = subprocess.run(
         ["bash", str(REPO / "train.sh"), *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import accelerate
 import numpy as np
@@ -30,15 +31,16 @@ from sdtoolkit.errors import TrainingStopped, UserError, run_main
 from tests.conftest import (
     DEMO_DATA,
     REPO,
+    SMALL,
+    as_train_sh_runs_it,
     demo_image,
     image_folder,
     logged_losses,
     run_script,
-    step_marker,
     train,
     train_args,
+    train_sh_env,
     unet_weights,
-    wait_for_step,
 )
 
 NO_MODEL = "/nonexistent/model"  # preflight errors must come before any model is loaded
@@ -162,33 +164,42 @@ def test_a_crash_while_saving_the_pipeline_never_leaves_a_loadable_mix(tiny_sd, 
 # Preemption -----------------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path):
-    # SIGTERM (a scheduler's preemption) takes the same way out: tests/test_distributed.py sends it to one of two
-    # processes (each such run costs a CI machine 15 s).
-    signum = signal.SIGINT
-    base = train_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
-    steps = tmp_path / "steps.txt"
-    process = start_script(base + ["--max_train_steps", "100000"], wrapper=step_marker(steps))
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, monkeypatch, capsys):
+    # As a terminal sends it: to every process of `bash train.sh` (bash, the launcher, the script). SIGTERM (a
+    # scheduler's preemption) takes the same way out: tests/test_distributed.py sends it to one of two processes.
+    # (Each such run costs a CI machine 15 s.)
+    flags = [*SMALL, "--train_batch_size=1", "--max_train_steps=100000", "--checkpointing_steps=2"]
+    env = train_sh_env(tiny_sd, DEMO_DATA, "out")
+    process = subprocess.Popen(["bash", str(REPO / "train.sh"), *flags], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     lines = []
-    reader = threading.Thread(target=collect, args=(process.stderr, lines), daemon=True)
+    reader = threading.Thread(target=collect, args=(process.stdout, lines), daemon=True)
     reader.start()
-    wait_for_step(steps, 3, process)  # a few steps in
-    process.send_signal(signum)
-    assert process.wait(timeout=120) == 128 + signum
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "checkpoint-2").exists():  # a few steps in
+        assert process.poll() is None and time.time() < deadline, "".join(lines[-20:])
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 128 + signal.SIGINT
     reader.join(timeout=10)
 
-    last = "".join(lines).strip().splitlines()[-1]
-    assert last.startswith(f"stopped: {signal.Signals(signum).name} at step ")
-    assert "--resume_from_checkpoint latest" in last
+    # The script's line is the last one: the launcher waited for it, and no traceback of its own came after.
+    output = "".join(lines)
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGINT at step ") and "--resume_from_checkpoint latest" in last, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
     step = int(last.split(" at step ")[1].split()[0])
-    assert step >= 3 and checkpoints.checkpoint_dirs(tmp_path) == [f"checkpoint-{step}"]
-    assert not (tmp_path / "model_index.json").exists()
+    assert step >= 2 and checkpoints.checkpoint_dirs(tmp_path / "out")[-1] == f"checkpoint-{step}"
+    assert not (tmp_path / "out" / "model_index.json").exists()
     # The folder is released: the next run is not told of a run that was "killed" (tests/test_output_dir.py).
-    assert not (tmp_path / ".lock.json").exists()
+    assert not (tmp_path / "out" / ".lock.json").exists()
 
-    train_text_to_image.main(base + ["--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"])
-    assert [s for s, _ in logged_losses(tmp_path)] == [step + 1]
-    StableDiffusionPipeline.from_pretrained(tmp_path)
+    flags[flags.index("--max_train_steps=100000")] = f"--max_train_steps={step + 1}"
+    result = as_train_sh_runs_it(tmp_path, *flags, "--resume_from_checkpoint=latest", model=tiny_sd, data=DEMO_DATA,
+                                 output_dir="out", monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s for s, _ in logged_losses(tmp_path / "out")] == [step + 1]
+    StableDiffusionPipeline.from_pretrained(tmp_path / "out")
 
 
 # Non-finite loss ------------------------------------------------------------------------------------------------

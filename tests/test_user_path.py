@@ -242,3 +242,22 @@ def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(
         train_text_to_image.main(train_args(tiny_sd, out, "--max_train_steps", "1"))
     assert f"took over --output_dir {out} from process {first.pid} " in caplog.text
     assert (out / "model_index.json").exists() and not (out / ".lock.json").exists()
+
+
+def test_the_launcher_gives_several_processes_time_to_write_their_ctrl_c_checkpoint(monkeypatch):
+    # torch's elastic agent passes a Ctrl-C on to the processes it started, then kills those still running after
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 unless set): less than SD v1-4's checkpoint can take to write.
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from sdtoolkit import launch
+    from sdtoolkit.errors import LAST_LINE_FILE
+
+    seen = []
+    monkeypatch.setattr(launch, "launch_command", lambda args: seen.append(LaunchConfig(1, 1, 2).shutdown_timeout))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest's own Ctrl-C stays as it is
+    monkeypatch.setenv(LAST_LINE_FILE, "")  # set by the launcher for its processes; put back after
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    launch.main(["--multi_gpu", "--num_processes=2", "train_text_to_image.py"])
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")  # the user's own setting stands
+    launch.main(["--multi_gpu", "--num_processes=2", "train_text_to_image.py"])
+    assert seen == [600, 45]
