@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from sdtoolkit.caption_folders import IMAGE_EXTENSIONS
 from sdtoolkit.clip_windows import encode_prompts, plain_text, unsupported_syntax
-from sdtoolkit.data import saved_train_split, saved_with_save_to_disk
+from sdtoolkit.data import read_large_photos, saved_train_split, saved_with_save_to_disk
 from sdtoolkit.embeddings import load_embeddings
 from sdtoolkit.errors import ArgumentParser, UserError, first_line, run_main
 from sdtoolkit.evaluation import image_features, nearest, paired_bootstrap, set_distances, verdict
@@ -850,6 +850,7 @@ def training_set_check(images, reference, clip, device, threshold):
 def main(argv=None):
     args = parse_args(argv)
     quiet_diffusers_noise()
+    read_large_photos()  # --caption_data and --reference_data: the user's own photos, up to 500 megapixels
     try:
         return evaluate(args)
     except torch.OutOfMemoryError as err:

@@ -109,6 +109,7 @@ from sdtoolkit.data import (
     load_parquet,
     parquet_files,
     parquet_splits,
+    read_large_photos,
     saved_with_save_to_disk,
     scan_images,
     unlisted_images,
@@ -2583,6 +2584,7 @@ def fine_tune(args):
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     quiet_diffusers_noise()  # diffusers' warnings at each cast of the frozen VAE and each load of an EMA UNet
+    read_large_photos()  # 200-megapixel phone photos, past Pillow's guard against images from strangers
 
     if args.non_ema_revision != args.revision:
         logger.warning("Loading 'non_ema' weights from a revision branch is deprecated; prefer --variant non_ema.")

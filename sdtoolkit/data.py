@@ -35,6 +35,16 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 # Transparent pixels are laid on white: the pokemon-blip-captions images are drawings on white.
 BACKGROUND = (255, 255, 255)
+# The most pixels an image of the user's own data may have without a warning; twice as many is an error.
+LARGEST_PHOTO = 500_000_000
+
+
+def read_large_photos():
+    """Let Pillow open the user's own photos of up to LARGEST_PHOTO pixels without a warning (twice that is an
+    error). Its own limit, a guard against "decompression bombs" from strangers, warns at 89 megapixels and refuses
+    179: less than phones take (200 megapixels, 16320 x 12240). Training and scoring read local data; the server,
+    which decodes images sent to it, keeps Pillow's limit."""
+    Image.MAX_IMAGE_PIXELS = LARGEST_PHOTO
 
 
 def to_rgb(image):

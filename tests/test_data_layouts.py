@@ -8,6 +8,7 @@ import pathlib
 import tarfile
 
 import datasets
+import PIL.Image
 import pytest
 import torch
 from transformers import CLIPTokenizer
@@ -593,6 +594,18 @@ def test_phone_photos_in_avif_train_and_those_in_heic_are_named(tiny_sd, tmp_pat
     with caplog.at_level(logging.INFO):
         train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", "--skip_invalid_images", data=data)
     assert "dropped 1 of 3 images that can't be read" in caplog.text and "Num examples = 2" in caplog.text
+
+
+def test_a_200_megapixel_phone_photo_trains(tiny_sd, tmp_path, monkeypatch, caplog):
+    # 16320 x 12240, as phones take them: past Pillow's guard against decompression bombs (179 MP refused), which
+    # is for images from strangers. (One bit per pixel, so that the test's file is small.)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", PIL.Image.MAX_IMAGE_PIXELS)  # put back after the run
+    data = caption_folder(tmp_path / "data", [("a.png", 0, "a creature")])
+    PIL.Image.new("1", (16320, 12240), 1).save(data / "b.png")
+    (data / "b.txt").write_text("a large photo")
+    with caplog.at_level(logging.INFO):
+        train(tiny_sd, tmp_path / "out", "--max_train_steps", "1", data=data)
+    assert "Num examples = 2" in caplog.text
 
 
 def test_a_photo_stored_sideways_trains_upright(tmp_path):
