@@ -284,10 +284,10 @@ def read_folders(folders, *, allow_missing_captions=False, wildcard=False, capti
     """The folders (Folder) as one caption-file dataset (image, text, repeats), in the file's order, and per folder
     the lines its reading has to tell the user (the first a summary, the others warnings). A folder that is missing
     or holds no images is an error naming it. A fine-tuning subset's images are those its metadata_file lists.
-    from_filename (--caption_from_filename): an image folder's images without a caption file are captioned by their
-    file name.
     A subset's caption_prefix and caption_suffix stand for caption_prefix's and caption_suffix's (the command
-    line's), as in sd-scripts; with wildcard (--enable_wildcard), each line of a caption gets them."""
+    line's), as in sd-scripts; with wildcard (--enable_wildcard), each line of a caption gets them. With
+    from_filename (--caption_from_filename), an image folder's images without a caption file are captioned by
+    their file name."""
     parts, notes = [], []
     for folder in folders:
         if folder.metadata_file is not None:
