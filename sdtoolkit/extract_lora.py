@@ -33,6 +33,7 @@ The file is in kohya-ss keys, with a header that names its base model, so metric
 --model_path of its own, as they take a LoRA run's file.
 """
 
+import argparse
 import json
 import os
 
@@ -166,12 +167,16 @@ def check_same_architecture(base, tuned, what):
         )
 
 
-def load_tuned(paths, ratios, base, config):
-    """The tuned model on the CPU in float32 (see load_pipeline), or, for LoRAs, LoHas or LoKrs, the base model with
-    them merged into its weights, each at its ratio: what is extracted from it then is their update at another rank
-    (kohya-ss's resize_lora.py), several LoRAs' as one (its svd_merge_lora.py), or a LyCORIS file's as a LoRA."""
+def load_tuned(paths, ratios, base, config, ema=None):
+    """The tuned model on the CPU in float32 (see load_pipeline; ema: a checkpoint's EMA weights or not), or, for
+    LoRAs, LoHas or LoKrs, the base model with them merged into its weights, each at its ratio: what is extracted
+    from it then is their update at another rank (kohya-ss's resize_lora.py), several LoRAs' as one (its
+    svd_merge_lora.py), or a LyCORIS file's as a LoRA."""
     if not holds_lora(paths[0]):
-        return load_pipeline(paths[0], torch.device("cpu"), torch.float32, config)
+        return load_pipeline(paths[0], torch.device("cpu"), torch.float32, config, ema=ema)
+    if ema is not None:
+        raise UserError("--ema and --no-ema are for a full fine-tune's checkpoint; a LoRA checkpoint gives its EMA"
+                        " weights when it has them")  # fmt: skip
     pipeline = merge_loras(load_pipeline(base, torch.device("cpu"), torch.float32, config), paths, ratios)
     merged = ", ".join(f"{path} at {ratio:g}" for path, ratio in zip(paths, ratios))
     print(f"Merged into {base}, to be taken apart again: {merged}")
@@ -252,6 +257,13 @@ def parse_args(argv=None):
         " kohya-ss's svd_merge_lora.py and AUTOMATIC1111's <lora:NAME:ratio>.",
     )
     parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="From a full fine-tune's checkpoint-N folder: its EMA weights (unet_ema/, the default when it has them),"
+        " or with --no-ema its trained weights (unet/).",
+    )
+    parser.add_argument(
         "--min_diff",
         type=float,
         default=0.01,
@@ -299,7 +311,7 @@ def main(argv=None):
     if holds_lora(args.base):
         raise UserError(f"the base model '{args.base}' is a LoRA; give the model it applies to")
     base = load_pipeline(args.base, torch.device("cpu"), torch.float32, args.model_config)
-    tuned = load_tuned(args.tuned, ratios, args.base, args.model_config)
+    tuned = load_tuned(args.tuned, ratios, args.base, args.model_config, args.ema)
 
     # A full fine-tune's text encoder may differ from its base's by rounding alone (kohya-ss's reason for
     # --min_diff); a LoRA's changes it only where it has an adapter. kohya-ss clamps what it extracts from a

@@ -304,18 +304,24 @@ def missing_components(folder):
     return [name for name in listed if not os.path.isdir(os.path.join(folder, name))]
 
 
-def load_pipeline(model_path, device, dtype, config=None, lora=None, lora_scale=1.0):
+def load_pipeline(model_path, device, dtype, config=None, lora=None, lora_scale=1.0, ema=None):
     """A StableDiffusionPipeline from a folder, a hub id, one .safetensors file in the original SD 1.x layout
     (configs from `config`, see single_file_config), or a training run's checkpoint or LoRA (see trained_model),
     with the LoRA at `lora` loaded on top, any LoRA applied at `lora_scale`, on `device` in `dtype`, progress
-    bars off."""
+    bars off. ema: a full fine-tune's checkpoint's unet_ema/ (True) or unet/ (False); None, its EMA weights when
+    it has them."""
     trained = trained_model(model_path)
+    if ema is not None and (trained is None or trained["kind"] != "checkpoint"):
+        raise UserError(
+            f"--ema and --no-ema are for a full fine-tune's checkpoint-N folder, and '{model_path}' is not one (a"
+            " saved pipeline already holds the EMA weights when the run had EMA)"
+        )
     if trained is not None:
         if lora is not None:
             raise UserError(
                 f"'{model_path}' is already a LoRA or checkpoint on its base model; --lora needs a pipeline"
             )
-        pipeline = load_trained(model_path, trained, dtype, config)
+        pipeline = load_trained(model_path, trained, dtype, config, ema)
     elif is_single_file(model_path):
         pipeline = load_single_file(model_path, dtype, config)
     else:
@@ -540,9 +546,10 @@ def checkpoint_text_encoder(path, ema=None):
     return os.path.join(path, "text_encoder_ema" if averaged else "text_encoder")
 
 
-def load_trained(path, trained, dtype, config=None):
+def load_trained(path, trained, dtype, config=None, ema=None):
     """The base model with the checkpoint's UNet, or with the LoRA on top (see trained_model). config: for a base
-    model that is one file, the pipeline whose configs describe it, if not the one the run used."""
+    model that is one file, the pipeline whose configs describe it, if not the one the run used. ema: a full
+    checkpoint's weights to load (see checkpoint_unet)."""
     base, kind = trained["base"], trained["kind"]
     config = config or trained["config"]
     if looks_like_local_path(base) and not os.path.exists(base):
@@ -553,13 +560,15 @@ def load_trained(path, trained, dtype, config=None):
         print(f"{path}: with the VAE it was trained with, {trained['vae']}")
     vae = {"vae": load_vae(trained["vae"], dtype, base=base, config=config)} if trained["vae"] is not None else {}
     if kind == "checkpoint":
-        folder = checkpoint_unet(path)
+        folder = checkpoint_unet(path, ema)
+        if not os.path.isdir(folder):
+            raise UserError(f"{path} has no {os.path.basename(folder)}/ (the run had no --use_ema): drop --ema")
         try:
             unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError) as err:
             raise UserError(f"could not load the checkpoint's UNet {folder}: {first_line(err)}") from err
         components, parts = {"unet": unet, **vae}, f"{os.path.basename(folder)}/"
-        text_folder = checkpoint_text_encoder(path)
+        text_folder = checkpoint_text_encoder(path, ema)
         if text_folder is not None:  # the run trained the text encoder too
             try:
                 components["text_encoder"] = CLIPTextModel.from_pretrained(

@@ -8,6 +8,7 @@ LoRA has no place for. One test extracts from a real training run's checkpoint, 
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdtoolkit.errors import UserError
 from sdtoolkit.extract_lora import (
@@ -298,6 +300,34 @@ def test_a_lora_checkpoint_gives_its_ema_weights(tiny_sd, tmp_path):
     trained = outputs(load_pipeline(str(tiny_sd), CPU, torch.float32, lora=str(run / "checkpoint-2")))[0]
     assert (averaged - trained).abs().max() > 1e-3  # the average is not the last step's weights
     torch.testing.assert_close(outputs(load_pipeline(str(out), CPU, torch.float32))[0], averaged, atol=1e-4, rtol=0)
+
+
+def test_a_full_checkpoint_gives_its_ema_weights_or_with_no_ema_its_trained_ones(tiny_sd, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_sd, run, "--use_ema", "--train_text_encoder", "--learning_rate", "1e-3", "--max_train_steps", "2",
+          "--checkpointing_steps", "2")  # fmt: skip
+    # One layer of each model: its LoRA's update is the change of the weights asked for (full rank, no clamping).
+    layers = [("unet", "diffusion_pytorch_model", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+              ("text_encoder", "model", "encoder.layers.0.self_attn.q_proj")]  # fmt: skip
+    for flags, kind in (([], "_ema"), (["--no-ema"], ""), (["--ema"], "_ema")):
+        out = tmp_path / f"lora{kind}.safetensors"
+        main([str(tiny_sd), str(run / "checkpoint-2"), str(out), "--rank", "64", "--clamp_quantile", "1",
+              "--min_diff", "0", *flags])  # fmt: skip
+        tensors = header(out)[1]
+        for model, weights, layer in layers:
+            name = ("lora_unet_" if model == "unet" else "lora_te_text_model_") + layer.replace(".", "_")
+            up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+            tuned = load_file(run / "checkpoint-2" / f"{model}{kind}" / f"{weights}.safetensors")[f"{layer}.weight"]
+            change = tuned - load_file(pathlib.Path(tiny_sd) / model / f"{weights}.safetensors")[f"{layer}.weight"]
+            torch.testing.assert_close(tensors[f"{name}.alpha"] / len(down) * up @ down, change, atol=1e-6, rtol=0)
+    assert not torch.equal(header(tmp_path / "lora.safetensors")[1][f"{name}.lora_up.weight"], up)  # they differ
+    with pytest.raises(UserError, match="--ema and --no-ema are for a full fine-tune's checkpoint-N folder"):
+        main([str(tiny_sd), str(run), str(out), "--no-ema"])  # the saved pipeline
+    with pytest.raises(UserError, match="--ema and --no-ema are for a full fine-tune's checkpoint; a LoRA checkpoint"):
+        main([str(tiny_sd), str(out), str(tmp_path / "resized.safetensors"), "--no-ema"])  # a LoRA
+    train(tiny_sd, tmp_path / "plain", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    with pytest.raises(UserError, match=r"checkpoint-1 has no unet_ema/ \(the run had no --use_ema\): drop --ema"):
+        main([str(tiny_sd), str(tmp_path / "plain" / "checkpoint-1"), str(out), "--ema"])
 
 
 def test_from_a_training_runs_checkpoint_in_the_users_folder(tiny_sd, tmp_path):
