@@ -2392,25 +2392,37 @@ image.save("my_image.png")
 
 
 class StopRequest:
-    """Remembers a SIGTERM or Ctrl-C, so training can stop after the current step with a checkpoint.
+    """Remembers a SIGTERM, a Ctrl-C or a hangup (SIGHUP: the terminal or ssh session the run was started from has
+    closed), so training can stop after the current step with a checkpoint.
 
-    A second Ctrl-C while the checkpoint is being written is left to Python (KeyboardInterrupt).
+    A second Ctrl-C while the checkpoint is being written is left to Python (KeyboardInterrupt). A hangup that is
+    ignored when training starts (`nohup`) stays ignored. After a hangup, what the script writes to a terminal
+    goes nowhere instead: the terminal is gone, and writing to it would fail.
     """
 
     def __init__(self):
         self.signal = None
+        self.signals = [signal.SIGTERM, signal.SIGINT]
 
     def install(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            self.signals.append(signal.SIGHUP)
+        for signum in self.signals:
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         self.signal = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGHUP:
+            for stream in (sys.stdout, sys.stderr):
+                if stream.isatty():
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, stream.fileno())
+                    os.close(devnull)
 
     def uninstall(self):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in self.signals:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
 def out_of_memory_message(args, err):
@@ -3667,7 +3679,7 @@ def fine_tune(args):
                     if args.validation_steps and global_step % args.validation_steps == 0:
                         validate()
 
-                    # A SIGTERM or Ctrl-C on any process stops all of them after this same step.
+                    # A SIGTERM, Ctrl-C or hangup on any process stops all of them after this same step.
                     if stop_now and global_step < args.max_train_steps:
                         if saved_at_step != global_step:
                             save_path = checkpoint(epoch)

@@ -24,6 +24,10 @@ and the command does not return while the checkpoint is still being written:
   terminal's Ctrl-C does not reach; the agent passes the signal on (SIGTERM too), then kills the processes that
   have not ended within TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds. Its default, 30, is shorter than writing SD v1-4's
   checkpoint (about 14 GB with EMA and AdamW) takes on a slow disk: here it is 600 unless set.
+
+A hangup (the terminal or ssh session closed) stops the script the same way. Under `nohup` it is ignored, and
+stays so: torch's agent, which would catch it even then (the "Received 1 death signal, shutting down workers" of
+`nohup accelerate launch` on several GPUs), is told to leave it alone.
 """
 
 import json
@@ -48,6 +52,10 @@ def main(argv=None):
     # several processes, torch's elastic agent puts its own in place.)
     signal.signal(signal.SIGINT, leave_ctrl_c_to_the_script)
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    # Under nohup, a hangup is ignored; torch's elastic agent would catch it anyway and stop every process. Its
+    # signals_to_handle option comes from accelerate's options (accelerate hands torch every option it knows).
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        args.signals_to_handle = "SIGTERM,SIGINT,SIGQUIT"
     with tempfile.TemporaryDirectory() as scratch:
         record = os.path.join(scratch, "last-lines.jsonl")
         os.environ[LAST_LINE_FILE] = record  # inherited by every process accelerate starts

@@ -298,8 +298,10 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tiny_sd, one_process_ru
 def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_stops_both(tiny_sd, tmp_path):
     # Every batch stacks one bucket's images; a batch mixing two shapes could not be stacked. Each process gets
     # whole batches from accelerate's batch-sampler sharding. The latent cache, one array per bucket, is written
-    # to disk by the main process and read by the other. Then SIGTERM to the second process: both stop at the same
-    # step, with a checkpoint that holds both processes' random states.
+    # to disk by the main process and read by the other. Run under nohup (a hangup ignored), through the toolkit's
+    # launcher: a hangup to the launcher, as a closed ssh session's shell sends it, and to the first process stops
+    # nothing. Then SIGTERM to the second process: both stop at the same step, with a checkpoint that holds both
+    # processes' random states.
     import signal
 
     import psutil
@@ -314,7 +316,7 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
     data = mixed_aspect_folder(tmp_path / "data")
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "sdtoolkit.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
         str(script), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out),
         "--train_data_dir", str(data), "--resolution", "64", "--aspect_buckets", "--bucket_step", "16",
@@ -323,15 +325,19 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
+                                text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # fmt: skip
     wait_for_step(step_file, 3, launcher)  # training steps are being taken
     workers = [
         p
         for p in psutil.Process(launcher.pid).children(recursive=True)
         if "train_text_to_image" in " ".join(p.cmdline())
     ]
-    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
-    assert len(rank1) == 1, [p.cmdline() for p in workers]
+    rank0, rank1 = ([p for p in workers if p.environ().get("RANK") == rank] for rank in ("0", "1"))
+    assert len(rank0) == len(rank1) == 1, [p.cmdline() for p in workers]
+    os.killpg(launcher.pid, signal.SIGHUP)
+    rank0[0].send_signal(signal.SIGHUP)
+    wait_for_step(step_file, len(step_file.read_text().split()) + 3, launcher)  # still training
     rank1[0].send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=120)
 
@@ -340,7 +346,7 @@ def test_two_processes_train_on_buckets_and_a_disk_cache_and_a_sigterm_to_one_st
     [key] = list(cache.iterdir())
     assert len(list(key.glob("latent-mean-*.npy"))) > 1  # one per bucket
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM at step ")]
-    assert len(stopped) == 2, stderr[-3000:]  # both processes, each with its line
+    assert len(stopped) == 3, stderr[-3000:]  # both processes, each with its line, and the launcher's last
     assert all("--resume_from_checkpoint latest" in line for line in stopped)
     assert launcher.returncode != 0 and not (out / ".lock.json").exists()  # and the folder is released
     steps = {int(line.split(" at step ")[1].split()[0]) for line in stopped}

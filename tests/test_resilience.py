@@ -37,10 +37,12 @@ from tests.conftest import (
     image_folder,
     logged_losses,
     run_script,
+    step_marker,
     train,
     train_args,
     train_sh_env,
     unet_weights,
+    wait_for_step,
 )
 
 NO_MODEL = "/nonexistent/model"  # preflight errors must come before any model is loaded
@@ -200,6 +202,22 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_sd, tmp_path, mon
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s for s, _ in logged_losses(tmp_path / "out")] == [step + 1]
     StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+
+
+def test_a_hangup_saves_a_checkpoint_too(tiny_sd, tmp_path):
+    # SIGHUP: the ssh session or terminal the run was started from closed. (Under nohup it is ignored and training
+    # goes on: tests/test_distributed.py.)
+    base = train_args(tiny_sd, tmp_path, "--train_batch_size", "1", "--checkpointing_steps", "100000")
+    steps = tmp_path / "steps.txt"
+    process = start_script(base + ["--max_train_steps", "100000"], wrapper=step_marker(steps))
+    wait_for_step(steps, 3, process)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGHUP at step ") and "--resume_from_checkpoint latest" in last
+    step = int(last.split(" at step ")[1].split()[0])
+    assert step >= 3 and checkpoints.checkpoint_dirs(tmp_path) == [f"checkpoint-{step}"]
 
 
 # Non-finite loss ------------------------------------------------------------------------------------------------
