@@ -68,7 +68,7 @@ demo: $(STAMP) $(DEMO)/tiny-sd $(DEMO)/tiny-clip
 
 # Everything this machine can run, the slow tests included (plain `pytest` skips those for quick runs), in
 # TEST_WORKERS processes (pytest-xdist; a test file stays in one, the longest files first: tests/conftest.py) with
-# one torch thread each: on 2 cores, 9.5 to 10.5 min (2026-11-29); one process with two threads took 16 min at 434
+# one torch thread each: on 2 cores, 10 to 11.5 min (2026-11-29); one process with two threads took 16 min at 434
 # tests.
 TEST_WORKERS ?= 2
 test: $(STAMP)
