@@ -107,6 +107,7 @@ from sdtoolkit.data import (
     has_wildcards,
     large_row_groups,
     load_parquet,
+    load_saved_dataset,
     parquet_files,
     parquet_splits,
     read_large_photos,
@@ -1740,9 +1741,7 @@ def load_training_dataset(args):
         elif shards:
             dataset = load_dataset("webdataset", data_files={"train": shards}, cache_dir=args.cache_dir)
         elif saved:
-            # A DatasetDict, or one Dataset taken as the train split.
-            dataset = datasets.load_from_disk(source)
-            dataset = dataset if isinstance(dataset, datasets.DatasetDict) else {"train": dataset}
+            dataset = load_saved_dataset(source)
         elif parquet and args.dataset_config_name is None and args.train_data_dir is None:
             splits = parquet_splits(source)
             dataset = {name: load_parquet(files, args.cache_dir) for name, files in splits.items() if name == "train"}
@@ -2402,11 +2401,11 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        self.signals = [signal.SIGTERM, signal.SIGINT]
+        self.signals = []
 
     def install(self):
-        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
-            self.signals.append(signal.SIGHUP)
+        hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else []
+        self.signals = [signal.SIGTERM, signal.SIGINT, *hangup]
         for signum in self.signals:
             signal.signal(signum, self.handle)
 

@@ -758,14 +758,20 @@ def saved_with_save_to_disk(folder):
     return os.path.isfile(state) and os.path.isfile(os.path.join(folder, datasets.config.DATASET_INFO_FILENAME))
 
 
-def saved_train_split(folder, flag):
-    """The train split of a dataset saved with save_to_disk (a DatasetDict's, or the one Dataset), with an image
-    column named "image"; for metrics.py's `flag` (--caption_data, --reference_data)."""
+def load_saved_dataset(folder):
+    """A dataset saved with save_to_disk, as its splits: a DatasetDict's, or the one Dataset as the train split.
+    Mapped where it is (see saved_with_save_to_disk)."""
     dataset = datasets.load_from_disk(folder)
-    if isinstance(dataset, datasets.DatasetDict):
-        if "train" not in dataset:
-            raise UserError(f"{flag} {folder} has no 'train' split (it has: {', '.join(dataset)})")
-        dataset = dataset["train"]
+    return dataset if isinstance(dataset, datasets.DatasetDict) else {"train": dataset}
+
+
+def saved_train_split(folder, flag):
+    """The train split of a dataset saved with save_to_disk (see load_saved_dataset), with an image column named
+    "image"; for metrics.py's `flag` (--caption_data, --reference_data)."""
+    splits = load_saved_dataset(folder)
+    if "train" not in splits:
+        raise UserError(f"{flag} {folder} has no 'train' split (it has: {', '.join(splits)})")
+    dataset = splits["train"]
     if "image" not in dataset.column_names:
         raise UserError(f"{flag} {folder} has no 'image' column; it has: {', '.join(dataset.column_names)}")
     return dataset

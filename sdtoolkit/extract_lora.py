@@ -121,7 +121,6 @@ def extract(base, tuned, prefix, layers, ranks, clamp_quantile, dynamic, device)
     Each layer's alpha is its rank; with `dynamic`, each layer's rank is its own and every layer's alpha is 1, with
     lora_up multiplied by the rank to keep the scale at 1: diffusers 0.42's load_lora_weights gives an attention
     projection the file's most common alpha (see low_rank), which is then every layer's own."""
-    shared_alpha = 1.0 if dynamic else None
     base_layers, tuned_layers = dict(base.named_modules()), dict(tuned.named_modules())
     state, change_norm, left_norm = {}, 0.0, 0.0
     for path in tqdm(layers, desc=f"{type(base).__name__}'s layers", leave=False):
@@ -131,9 +130,11 @@ def extract(base, tuned, prefix, layers, ranks, clamp_quantile, dynamic, device)
         up, down = low_rank(change, ranks[path], clamp_quantile, dynamic)
         change_norm += change.square().sum().item()
         left_norm += (change.flatten(1) - up.flatten(1) @ down.flatten(1)).square().sum().item()
-        alpha = shared_alpha or float(len(down))
+        alpha = float(len(down))
+        if dynamic:
+            up, alpha = up * alpha, 1.0
         name = kohya_name(prefix, path)
-        state[f"{name}.lora_up.weight"] = (up * (len(down) / alpha)).cpu().contiguous()
+        state[f"{name}.lora_up.weight"] = up.cpu().contiguous()
         state[f"{name}.lora_down.weight"] = down.cpu().contiguous()
         state[f"{name}.alpha"] = torch.tensor(alpha)
     return state, change_norm, left_norm
